@@ -1,0 +1,188 @@
+"""The ``medzip`` command: builds everything from the configuration and calls lower layers."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medzip_scp.config import EXAMPLE_CONFIG, Settings, load_settings, parse_destination
+
+app = typer.Typer(help="medzip: a lossless DICOM archive node.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration helpers.", no_args_is_help=True)
+db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
+keys_app = typer.Typer(help="Blob encryption keys.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML configuration file.", exists=True)
+]
+DataDirOption = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data directory (database, blobs, keys).")
+]
+
+
+def _settings(
+    config: Path | None,
+    data_dir: Path | None = None,
+    port: int | None = None,
+    aet: str | None = None,
+    move_destinations: list[str] | None = None,
+) -> Settings:
+    settings = load_settings(config)
+    if data_dir is not None:
+        settings.storage.data_dir = data_dir
+    if port is not None:
+        settings.node.port = port
+    if aet is not None:
+        settings.node.ae_title = aet
+    for text in move_destinations or []:
+        dest = parse_destination(text)
+        settings.retrieve.destinations = [
+            d for d in settings.retrieve.destinations if d.ae_title != dest.ae_title
+        ] + [dest]
+    return Settings.model_validate(settings.model_dump())
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    port: Annotated[int | None, typer.Option("--port", help="DICOM port.")] = None,
+    aet: Annotated[str | None, typer.Option("--aet", help="Our AE title.")] = None,
+    move_destination: Annotated[
+        list[str] | None,
+        typer.Option("--move-destination", help="C-MOVE destination AET=HOST:PORT (repeatable)."),
+    ] = None,
+) -> None:
+    """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
+    from medzip_scp.archive import Archive
+    from medzip_scp.net.server import describe_startup, start_server
+
+    settings = _settings(config, data_dir, port, aet, move_destination)
+    _logging(settings.log_level)
+    archive = Archive.open(settings)
+    server = start_server(archive, block=False)
+    assert server is not None
+    for line in describe_startup(archive):
+        typer.echo(line)
+    typer.echo("ready; Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    typer.echo("stopping: finishing open associations")
+    server.shutdown()
+
+
+@config_app.command("example")
+def config_example() -> None:
+    """Print a commented example configuration file."""
+    typer.echo(EXAMPLE_CONFIG, nl=False)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Print the effective configuration (file + environment + flags) as JSON."""
+    settings = _settings(config, data_dir)
+    typer.echo(settings.model_dump_json(indent=2))
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Bring the index database schema to the newest migration."""
+    from medzip_scp.index.db import current_revision, upgrade_database
+
+    settings = _settings(config, data_dir)
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.storage.resolved_database_url()
+    upgrade_database(url)
+    typer.echo(f"database at revision {current_revision(url)}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Print the schema revision of the index database."""
+    from medzip_scp.index.db import current_revision
+
+    settings = _settings(config, data_dir)
+    typer.echo(current_revision(settings.storage.resolved_database_url()) or "empty")
+
+
+@keys_app.command("show")
+def keys_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Print the id of the blob key (never the key itself), creating the key if absent."""
+    from medzip_scp.storage.envelope import BlobKey
+
+    settings = _settings(config, data_dir)
+    path = settings.storage.resolved_key_file()
+    key = BlobKey.load_or_create(path)
+    typer.echo(f"blob key id {key.key_id.hex()} in {path}")
+
+
+@app.command()
+def verify(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    sop_instance_uid: Annotated[
+        list[str] | None, typer.Option("--uid", help="Only these SOP Instance UIDs.")
+    ] = None,
+) -> None:
+    """Decode every stored instance and check it against the hashes in the index."""
+    from medzip_scp.archive import Archive
+    from medzip_scp.pipeline.verify import verify_archive
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    archive = Archive.open(settings)
+    report = verify_archive(archive, sop_instance_uid, progress=_progress_printer())
+    typer.echo(report.table())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _progress_printer():  # type: ignore[no-untyped-def]
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import Progress
+
+    progress = Progress(transient=True)
+    task = progress.add_task("verifying", total=None)
+    progress.start()
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+        if done >= total:
+            progress.stop()
+
+    return update
+
+
+def _mount_optional() -> None:
+    """Sub-apps that live with their layer (codec, bench) are mounted when present."""
+    try:
+        from medzip_scp.cli.codec import codec_app
+    except ImportError:
+        return
+    app.add_typer(codec_app, name="codec", help="Encode, decode and inspect .mzp blobs.")
+
+
+_mount_optional()
+
+
+if __name__ == "__main__":
+    app()

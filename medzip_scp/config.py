@@ -1,0 +1,242 @@
+"""Node configuration: the only reader of configuration files and the environment.
+
+Precedence, lowest first: built-in defaults (the embedded quick-start node), the TOML file
+given to ``medzip serve --config``, ``MEDZIP_*`` environment variables (nested fields with
+``__``, e.g. ``MEDZIP_NODE__PORT=104``), then command-line flags.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Right(StrEnum):
+    """What a calling AE may ask of the node (one per DIMSE service)."""
+
+    ECHO = "echo"
+    STORE = "store"
+    FIND = "find"
+    GET = "get"
+    MOVE = "move"
+
+
+ALL_RIGHTS = frozenset(Right)
+
+
+class DuplicatePolicyValues(StrEnum):
+    """What a C-STORE of an already stored SOP Instance UID with *different* content does.
+
+    Identical content is always an idempotent success.
+    """
+
+    REJECT = "reject"  # refuse with 0x0111 (Duplicate SOP Instance); the sender keeps its copy
+    REPLACE = "replace"  # store the new copy; the old one stays as a superseded version
+
+
+class NodeSettings(BaseModel):
+    ae_title: str = Field("MEDZIP", description="Called AE title of this node (1-16 chars).")
+    bind: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM port.")
+    max_pdu: int = Field(262144, ge=0, description="Maximum PDU size we accept (0: unlimited).")
+    max_associations: int = Field(32, ge=1, description="Concurrent associations.")
+    network_timeout: float = Field(60.0, description="Seconds without network traffic.")
+    dimse_timeout: float = Field(60.0, description="Seconds to wait for a DIMSE message.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_aet(cls, value: str) -> str:
+        value = value.strip()
+        if not 1 <= len(value) <= 16 or "\\" in value:
+            raise ValueError(f"AE title must be 1-16 characters without '\\', got {value!r}")
+        return value
+
+
+class StorageSettings(BaseModel):
+    data_dir: Path = Field(Path("medzip-data"), description="Holds database, blobs, keys.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite in data_dir.")
+    blob_dir: Path | None = Field(None, description="Blob folder; empty: data_dir/blobs.")
+    key_file: Path | None = Field(None, description="Blob encryption key; data_dir/keys.")
+    duplicate_policy: DuplicatePolicyValues = DuplicatePolicyValues.REJECT
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    def resolved_key_file(self) -> Path:
+        return (self.key_file or self.data_dir / "keys" / "blob.key").resolve()
+
+    def incoming_dir(self) -> Path:
+        """Where associations spool received datasets before they are stored."""
+        return (self.data_dir / "incoming").resolve()
+
+
+class PeerAE(BaseModel):
+    """A calling AE on the allow-list."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list, description="Empty: any host.")
+    rights: set[Right] = Field(default_factory=lambda: set(ALL_RIGHTS))
+
+
+class AccessSettings(BaseModel):
+    check_called_ae: bool = Field(True, description="Reject associations not called MEDZIP.")
+    allow_unknown_ae: bool = Field(
+        True, description="Accept calling AEs not on the allow-list (from unknown_ae_hosts)."
+    )
+    unknown_ae_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Networks unknown AEs may call from.",
+    )
+    unknown_ae_rights: set[Right] = Field(default_factory=lambda: set(ALL_RIGHTS))
+    peers: list[PeerAE] = Field(default_factory=list)
+
+    @field_validator("unknown_ae_hosts")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+
+class MoveDestination(BaseModel):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class RetrieveSettings(BaseModel):
+    get_without_role_selection: bool = Field(
+        True,
+        description="Send C-GET sub-operations on storage contexts the peer proposed without "
+        "SCP/SCU role selection (Horos/OsiriX behaviour).",
+    )
+    destinations: list[MoveDestination] = Field(default_factory=list)
+
+
+class TLSSettings(BaseModel):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+    private_key_password: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    """The whole node configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDZIP_", env_nested_delimiter="__")
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init kwargs); flags are applied afterwards.
+        return env_settings, init_settings
+
+    def move_destination(self, ae_title: str) -> MoveDestination | None:
+        for dest in self.retrieve.destinations:
+            if dest.ae_title == ae_title.strip():
+                return dest
+        return None
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Build the settings from an optional TOML file and the ``MEDZIP_*`` environment."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        with open(config_file, "rb") as fh:
+            data = tomllib.load(fh)
+    return Settings(**data)
+
+
+def parse_destination(text: str) -> MoveDestination:
+    """Parse ``AET=HOST:PORT`` (the ``--move-destination`` flag)."""
+    try:
+        aet, address = text.split("=", 1)
+        host, port = address.rsplit(":", 1)
+        return MoveDestination(ae_title=aet.strip(), host=host.strip("[] "), port=int(port))
+    except ValueError as exc:
+        raise ValueError(f"move destination must be AET=HOST:PORT, got {text!r}") from exc
+
+
+EXAMPLE_CONFIG = """\
+# medzip node configuration (TOML). Every key is optional; the values shown are the defaults.
+# Environment variables override the file: MEDZIP_<SECTION>__<KEY>, e.g. MEDZIP_NODE__PORT=104.
+# Command-line flags (--port, --aet, --data-dir, --move-destination) override both.
+
+log_level = "INFO"
+
+[node]
+ae_title = "MEDZIP"          # our AE title; associations calling another title are rejected
+bind = "0.0.0.0"
+port = 11112
+max_pdu = 262144
+max_associations = 32
+network_timeout = 60.0
+dimse_timeout = 60.0
+
+[storage]
+data_dir = "medzip-data"     # SQLite index, blobs, keys and the incoming spool live here
+database_url = ""            # e.g. "postgresql+psycopg://medzip@db.example/medzip"; empty: SQLite
+# blob_dir = "/srv/medzip/blobs"
+# key_file = "/etc/medzip/blob.key"   # 32-byte blob encryption key; created on first start
+duplicate_policy = "reject"  # differing copy of a stored SOP Instance UID: "reject" (0x0111)
+                             # or "replace" (the old copy is kept as a superseded version)
+
+[access]
+check_called_ae = true
+# Unknown calling AEs: the embedded default accepts any AE title from loopback only.
+# To open the node to a network, widen unknown_ae_hosts; to close it to unknown AEs,
+# set allow_unknown_ae = false and list every peer below.
+allow_unknown_ae = true
+unknown_ae_hosts = ["127.0.0.1/32", "::1/128"]
+unknown_ae_rights = ["echo", "store", "find", "get", "move"]
+
+# [[access.peers]]
+# ae_title = "CT_SCANNER"
+# hosts = ["10.0.0.21"]        # empty: any host
+# rights = ["echo", "store"]
+#
+# [[access.peers]]
+# ae_title = "VIEWER"
+# rights = ["echo", "find", "get", "move"]
+
+[retrieve]
+get_without_role_selection = true   # C-GET for peers that send no SCP/SCU role selection
+
+# [[retrieve.destinations]]          # C-MOVE destinations (also --move-destination AET=HOST:PORT)
+# ae_title = "VIEWER"
+# host = "10.0.0.50"
+# port = 11112
+
+[tls]
+enabled = false
+# certificate = "/etc/medzip/node.crt"
+# private_key = "/etc/medzip/node.key"
+# ca_certificates = "/etc/medzip/ca.crt"
+# require_client_certificate = false   # true: mutual TLS
+"""

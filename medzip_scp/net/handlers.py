@@ -1,0 +1,336 @@
+"""DIMSE handlers: thin adapters from pynetdicom events to the archive.
+
+Handlers never raise: every exception is mapped to a named status here, and logs carry UIDs,
+AE titles and statuses only (no names, IDs, dates or data sets).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, PatientRootQueryRetrieveInformationModelFind
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
+
+from medzip_scp.archive import Archive, StoreResult
+from medzip_scp.config import Right
+from medzip_scp.dicom.part10 import (
+    InvalidObjectError,
+    RejectReason,
+    load_dataset,
+    read_received,
+)
+from medzip_scp.dicom.transcode import TranscodeError, choose_syntax, convert, proposal_syntaxes
+from medzip_scp.index.ingest import MissingAttributeError
+from medzip_scp.index.models import Instance
+from medzip_scp.index.query import QueryError, QueryModel, find, find_instances
+from medzip_scp.net.access import AccessPolicy
+from medzip_scp.net.status import Status
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_REASON = {
+    RejectReason.UNPARSABLE: Status.CANNOT_UNDERSTAND,
+    RejectReason.MISSING_ATTRIBUTE: Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
+    RejectReason.SOP_CLASS_MISMATCH: Status.DATASET_SOP_CLASS_MISMATCH,
+    RejectReason.SOP_INSTANCE_MISMATCH: Status.CANNOT_UNDERSTAND_SOP_INSTANCE_MISMATCH,
+    RejectReason.PIXEL_DATA_INCONSISTENT: Status.CANNOT_UNDERSTAND_PIXEL_DATA,
+}
+
+STATUS_BY_STORE_RESULT = {
+    StoreResult.STORED: Status.SUCCESS,
+    StoreResult.IDENTICAL_DUPLICATE: Status.SUCCESS,
+    StoreResult.REPLACED: Status.SUCCESS,
+    StoreResult.DUPLICATE_REJECTED: Status.DUPLICATE_SOP_INSTANCE,
+}
+
+_PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+}
+
+
+def _query_model(event: evt.Event) -> QueryModel:
+    sop_class = UID(event.request.AffectedSOPClassUID)
+    return "PATIENT" if sop_class in _PATIENT_ROOT else "STUDY"
+
+
+def handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
+    """A-ASSOCIATE-RQ: reject unknown calling AEs, wrong called AE and foreign hosts."""
+    assoc: Association = event.assoc
+    primitive = assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title).strip()
+    called = str(primitive.called_ae_title).strip()
+    rejection = policy.association_rejection(calling, called, assoc.requestor.address)
+    if rejection is not None:
+        log.warning(
+            "association rejected: calling AE %r called AE %r from %s (reason %s)",
+            calling,
+            called,
+            assoc.requestor.address,
+            rejection,
+        )
+        assoc.acse.send_reject(*rejection)
+
+
+def handle_echo(event: evt.Event, policy: AccessPolicy) -> int:
+    if not policy.allows(event.assoc, Right.ECHO):
+        return Status.NOT_AUTHORIZED
+    return Status.SUCCESS
+
+
+def handle_store(event: evt.Event, archive: Archive, policy: AccessPolicy) -> int:
+    """C-STORE: success only once the blob is fsynced and the index row committed."""
+    assoc: Association = event.assoc
+    calling = assoc.requestor.ae_title
+    if not policy.allows(assoc, Right.STORE):
+        return Status.NOT_AUTHORIZED
+    request = event.request
+    try:
+        received = read_received(
+            event.dataset_path,
+            expected_sop_class_uid=str(request.AffectedSOPClassUID),
+            expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        )
+    except InvalidObjectError as exc:
+        log.warning(
+            "C-STORE from %r refused (sop_instance=%s): %s",
+            calling,
+            request.AffectedSOPInstanceUID,
+            exc,
+        )
+        return STATUS_BY_REASON[exc.reason]
+    except Exception as exc:  # anything pydicom did not foresee
+        log.warning("C-STORE from %r refused: unreadable (%s)", calling, type(exc).__name__)
+        return Status.CANNOT_UNDERSTAND
+    try:
+        outcome = archive.store(received, calling)
+    except MissingAttributeError as exc:
+        log.warning("C-STORE from %r refused: %s", calling, exc)
+        return Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE
+    except Exception as exc:
+        # Disk full, database down...: nothing was acknowledged, the peer may retry.
+        log.error(
+            "C-STORE of %s from %r failed: %s",
+            request.AffectedSOPInstanceUID,
+            calling,
+            type(exc).__name__,
+        )
+        return Status.OUT_OF_RESOURCES
+    status = STATUS_BY_STORE_RESULT[outcome.result]
+    log.info(
+        "C-STORE %s from %r: %s (0x%04X)",
+        outcome.sop_instance_uid,
+        calling,
+        outcome.result.value,
+        status,
+    )
+    return status
+
+
+def handle_find(
+    event: evt.Event, archive: Archive, policy: AccessPolicy
+) -> Iterator[tuple[int, Dataset | None]]:
+    """C-FIND on Patient Root and Study Root; checks C-CANCEL before each response."""
+    if not policy.allows(event.assoc, Right.FIND):
+        yield Status.NOT_AUTHORIZED, None
+        return
+    model = _query_model(event)
+    try:
+        identifier = event.identifier
+    except Exception:
+        yield Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        return
+    wants_retrieve_aet = "RetrieveAETitle" in identifier
+    count = 0
+    try:
+        with archive.sessions() as session:
+            for response in find(session, model, identifier, lambda: event.is_cancelled):
+                if event.is_cancelled:
+                    yield Status.CANCEL, None
+                    return
+                if wants_retrieve_aet:
+                    response.RetrieveAETitle = archive.settings.node.ae_title
+                count += 1
+                yield Status.PENDING, response
+    except QueryError as exc:
+        log.warning("C-FIND from %r refused: %s", event.assoc.requestor.ae_title, exc)
+        yield Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        return
+    except Exception as exc:
+        log.error("C-FIND failed: %s", type(exc).__name__)
+        yield Status.UNABLE_TO_PROCESS, None
+        return
+    if event.is_cancelled:
+        yield Status.CANCEL, None
+        return
+    log.info(
+        "C-FIND %s level from %r: %d matches",
+        identifier.get("QueryRetrieveLevel", "?"),
+        event.assoc.requestor.ae_title,
+        count,
+    )
+
+
+def _retrieve_instances(event: evt.Event, archive: Archive) -> list[Instance]:
+    with archive.sessions() as session:
+        instances = find_instances(session, _query_model(event), event.identifier)
+        session.expunge_all()
+    return instances
+
+
+def _failed_placeholder(sop_instance_uid: str) -> Dataset:
+    """A data set no context can carry: pynetdicom counts it as one failed sub-operation
+    and puts its UID in the Failed SOP Instance UID List."""
+    ds = Dataset()
+    ds.SOPClassUID = "0.0"
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
+
+
+def _prepare(archive: Archive, instance: Instance, accepted: list[UID]) -> Dataset:
+    ds = load_dataset(archive.load_part10(instance))
+    return convert(ds, choose_syntax(UID(instance.transfer_syntax_uid), accepted))
+
+
+def _sub_operations(
+    event: evt.Event,
+    archive: Archive,
+    instances: list[Instance],
+    accepted_for: Callable[[str], list[UID]],
+) -> Iterator[tuple[int, Dataset | None]]:
+    for instance in instances:
+        if event.is_cancelled:
+            yield Status.CANCEL, None
+            return
+        try:
+            ds = _prepare(archive, instance, accepted_for(instance.sop_class_uid))
+        except TranscodeError as exc:
+            log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
+            ds = _failed_placeholder(instance.sop_instance_uid)
+        except Exception as exc:
+            log.error("cannot read %s: %s", instance.sop_instance_uid, type(exc).__name__)
+            ds = _failed_placeholder(instance.sop_instance_uid)
+        yield Status.PENDING, ds
+
+
+def _allow_get_without_role_selection(assoc: Association) -> None:
+    """Horos/OsiriX propose storage contexts for C-GET without SCP/SCU role selection;
+    treat such contexts as if the peer had offered the SCP role (PS3.4 C.4.3.1)."""
+    negotiated = set(assoc.requestor.role_selection)
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax not in negotiated and not cx.as_scu:
+            cx._as_scu = True  # pynetdicom has no public switch for this
+
+
+def handle_get(
+    event: evt.Event, archive: Archive, policy: AccessPolicy
+) -> Iterator[int | tuple[int, Dataset | None]]:
+    """C-GET: sub-operations on the same association, in a syntax the peer accepted."""
+    if not policy.allows(event.assoc, Right.GET):
+        yield 1
+        yield Status.NOT_AUTHORIZED, None
+        return
+    try:
+        instances = _retrieve_instances(event, archive)
+    except QueryError as exc:
+        log.warning("C-GET refused: %s", exc)
+        yield 1
+        yield Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        return
+    except Exception as exc:
+        log.error("C-GET failed: %s", type(exc).__name__)
+        yield 1
+        yield Status.UNABLE_TO_PROCESS, None
+        return
+    assoc: Association = event.assoc
+    if archive.settings.retrieve.get_without_role_selection:
+        _allow_get_without_role_selection(assoc)
+
+    def accepted_for(sop_class_uid: str) -> list[UID]:
+        return [
+            cx.transfer_syntax[0]
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class_uid and cx.as_scu
+        ]
+
+    log.info("C-GET from %r: %d sub-operations", assoc.requestor.ae_title, len(instances))
+    yield len(instances)
+    yield from _sub_operations(event, archive, instances, accepted_for)
+
+
+def _move_contexts(instances: list[Instance]) -> list[Any]:
+    from pynetdicom.presentation import build_context
+
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    contexts = []
+    for instance in instances:
+        for syntaxes in proposal_syntaxes(UID(instance.transfer_syntax_uid)):
+            key = (instance.sop_class_uid, tuple(syntaxes))
+            if key not in seen:
+                seen.add(key)
+                contexts.append(build_context(instance.sop_class_uid, syntaxes))
+    return contexts[:128]  # PS3.8: at most 128 presentation contexts per association
+
+
+def handle_move(event: evt.Event, archive: Archive, policy: AccessPolicy) -> Iterator[Any]:
+    """C-MOVE to a destination named in the configuration (unknown: 0xA801)."""
+    destination = archive.settings.move_destination(str(event.move_destination))
+    if not policy.allows(event.assoc, Right.MOVE):
+        yield None, None  # pynetdicom answers 0xA801; refusing here must not reveal matches
+        return
+    if destination is None:
+        log.warning(
+            "C-MOVE from %r refused: unknown destination %r",
+            event.assoc.requestor.ae_title,
+            str(event.move_destination).strip(),
+        )
+        yield None, None
+        return
+    try:
+        instances = _retrieve_instances(event, archive)
+    except QueryError as exc:
+        log.warning("C-MOVE refused: %s", exc)
+        yield destination.host, destination.port
+        yield 1
+        yield Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        return
+    sub_association: list[Association] = []
+
+    def on_established(sub_event: evt.Event) -> None:
+        sub_association.append(sub_event.assoc)
+
+    yield (
+        destination.host,
+        destination.port,
+        {
+            "contexts": _move_contexts(instances),
+            "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+        },
+    )
+    log.info(
+        "C-MOVE from %r to %r: %d sub-operations",
+        event.assoc.requestor.ae_title,
+        destination.ae_title,
+        len(instances),
+    )
+    yield len(instances)
+
+    def accepted_for(sop_class_uid: str) -> list[UID]:
+        if not sub_association:
+            return []
+        return [
+            cx.transfer_syntax[0]
+            for cx in sub_association[0].accepted_contexts
+            if cx.abstract_syntax == sop_class_uid
+        ]
+
+    yield from _sub_operations(event, archive, instances, accepted_for)

@@ -1,0 +1,160 @@
+"""Building and running the node's Application Entity: the one place handlers are wired."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+from pathlib import Path
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from medzip_scp.archive import Archive
+from medzip_scp.config import TLSSettings
+from medzip_scp.net.access import AccessPolicy
+from medzip_scp.net.handlers import (
+    handle_echo,
+    handle_find,
+    handle_get,
+    handle_move,
+    handle_requested,
+    handle_store,
+)
+
+log = logging.getLogger(__name__)
+
+QR_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings the node depends on."""
+    # Large objects are spooled to disk while they arrive, never held whole in memory.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom would otherwise log every query identifier: names, IDs, birth dates.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _storage_sop_classes() -> list[str]:
+    from pynetdicom.sop_class import _STORAGE_CLASSES
+
+    return sorted(set(_STORAGE_CLASSES.values()))
+
+
+def build_ae(archive: Archive) -> AE:
+    """An AE accepting every storage SOP class in every syntax, Q/R and Verification."""
+    settings = archive.settings
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_pdu_size = settings.node.max_pdu
+    ae.maximum_associations = settings.node.max_associations
+    ae.network_timeout = settings.node.network_timeout
+    ae.dimse_timeout = settings.node.dimse_timeout
+    ae.require_called_aet = settings.access.check_called_ae
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for uid in _storage_sop_classes():
+        # SCP role for C-STORE, and SCU role for C-GET sub-operations on the same contexts.
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for uid in QR_CLASSES:
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    # Contexts proposed for C-MOVE sub-associations are built per request.
+    return ae
+
+
+def event_handlers(archive: Archive) -> list[tuple]:
+    policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
+    return [
+        (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_C_ECHO, handle_echo, [policy]),
+        (evt.EVT_C_STORE, handle_store, [archive, policy]),
+        (evt.EVT_C_FIND, handle_find, [archive, policy]),
+        (evt.EVT_C_GET, handle_get, [archive, policy]),
+        (evt.EVT_C_MOVE, handle_move, [archive, policy]),
+    ]
+
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    if not tls.enabled:
+        return None
+    if tls.certificate is None or tls.private_key is None:
+        raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    password = tls.private_key_password.get_secret_value() if tls.private_key_password else None
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key), password=password)
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(cafile=str(tls.ca_certificates))
+    if tls.require_client_certificate:
+        if tls.ca_certificates is None:
+            raise ValueError("tls.require_client_certificate needs tls.ca_certificates")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def start_server(archive: Archive, block: bool = False) -> ThreadedAssociationServer | None:
+    """Start listening; with ``block=False`` returns the running server (tests, embedding)."""
+    configure_pynetdicom()
+    spool = archive.settings.storage.incoming_dir()
+    spool.mkdir(parents=True, exist_ok=True)
+    for leftover in spool.glob("*.dcm"):
+        leftover.unlink()  # from a crash mid-transfer: never acknowledged, safe to drop
+    # pynetdicom spools incoming data sets with tempfile: keep them on the archive's volume.
+    tempfile.tempdir = str(spool)
+    ae = build_ae(archive)
+    node = archive.settings.node
+    return ae.start_server(
+        (node.bind, node.port),
+        block=block,
+        evt_handlers=event_handlers(archive),
+        ssl_context=tls_context(archive.settings.tls),
+    )
+
+
+def describe_startup(archive: Archive) -> list[str]:
+    """Lines printed at start: where the node listens and how to open or restrict it."""
+    s = archive.settings
+    access = s.access
+    lines = [
+        f"medzip node: AE title {s.node.ae_title}, port {s.node.port} (bind {s.node.bind})"
+        + (" with TLS" if s.tls.enabled else ""),
+        f"data directory: {Path(s.storage.data_dir).resolve()}",
+        f"database: {_redact(s.storage.resolved_database_url())}",
+        f"blobs: {s.storage.resolved_blob_dir()} (sealed with AES-256-GCM)",
+    ]
+    if access.allow_unknown_ae:
+        lines.append(
+            "access: any calling AE from "
+            + ", ".join(access.unknown_ae_hosts)
+            + f" ({', '.join(sorted(r.value for r in access.unknown_ae_rights))});"
+            " to open or restrict it, set [access] in the config file"
+            " (see `medzip config example`)"
+        )
+    else:
+        lines.append(f"access: allow-list only ({len(access.peers)} peers)")
+    for dest in s.retrieve.destinations:
+        lines.append(f"move destination: {dest.ae_title} = {dest.host}:{dest.port}")
+    return lines
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
