@@ -1,0 +1,108 @@
+"""Alembic environment of the medzip index (one migration tree for SQLite and PostgreSQL).
+
+The URL comes from ``config.attributes["url"]`` (set by
+:func:`medzip_scp.index.db.upgrade_database`), else ``MEDZIP_DATABASE_URL``, else
+``sqlalchemy.url`` in alembic.ini. A caller may also pass an open connection in
+``config.attributes["connection"]``. Engines are made with
+:func:`medzip_scp.index.db.create_engine_for` so that migrations run with the same
+SQLite pragmas and ``BEGIN IMMEDIATE`` as the node itself.
+"""
+
+from __future__ import annotations
+
+import os
+from logging.config import fileConfig
+
+from sqlalchemy import Connection
+
+from alembic import context
+from medzip_scp.index.db import MIGRATION_COMPARE_OPTIONS, create_engine_for
+from medzip_scp.index.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+if config.config_file_name is not None and "connection" not in config.attributes:
+    # Command-line use only: do not reconfigure the logging of a running node.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _url() -> str:
+    url = (
+        config.attributes.get("url")
+        or os.environ.get("MEDZIP_DATABASE_URL")
+        or config.get_main_option("sqlalchemy.url")
+    )
+    if not url:
+        raise RuntimeError("no database URL: set MEDZIP_DATABASE_URL or sqlalchemy.url")
+    return str(url)
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        # Table rebuilds ("move and copy") are needed for ALTER on SQLite only.
+        render_as_batch=connection.dialect.name == "sqlite",
+        **MIGRATION_COMPARE_OPTIONS,
+        # SQLite DDL is transactional once BEGIN is emitted explicitly (db.py does).
+        transactional_ddl=True,
+    )
+
+
+def _run_on(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    raw = connection.connection.dbapi_connection if sqlite else None
+    if raw is not None:
+        # Batch migrations drop and recreate tables; foreign key enforcement must be
+        # off meanwhile (PRAGMA foreign_keys is ignored inside a transaction, so this
+        # runs on the autocommit driver connection before alembic begins).
+        raw.execute("PRAGMA foreign_keys = OFF")
+    try:
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+            if raw is not None:
+                violations = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if violations:
+                    raise RuntimeError(f"migration left {len(violations)} foreign key violations")
+    finally:
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys = ON")
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL to stdout (``alembic upgrade head --sql``)."""
+    url = _url()
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        render_as_batch=url.startswith("sqlite"),
+        transactional_ddl=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    """Run the migrations on a live connection."""
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_on(connection)
+        return
+    engine = create_engine_for(_url())
+    try:
+        with engine.connect() as conn:
+            _run_on(conn)
+            if conn.in_transaction():
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

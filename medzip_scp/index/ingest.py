@@ -1,0 +1,489 @@
+"""Indexing of received instances (the C-STORE side of the index).
+
+:func:`attributes_from_dataset` extracts what the tables store from a pydicom
+dataset; :func:`add_instance` and :func:`replace_instance` write it. The caller owns
+the transaction: these functions flush but never commit, so the node acknowledges a
+C-STORE only after its own ``session.commit()`` (PS3.4 B.2.3: the SCP shall not
+report success before the instance is stored).
+
+Concurrency: several associations (threads or processes) may store instances of the
+same new study at once. Patient, study and series rows are created with
+``INSERT ... ON CONFLICT DO NOTHING`` followed by a ``SELECT``; on PostgreSQL
+(READ COMMITTED) a conflicting insert waits for the other transaction and then sees
+its committed row, on SQLite writers are serialised by ``BEGIN IMMEDIATE``. Rows are
+always locked in the order patient, study, series, instance, so concurrent writers
+cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.multival import MultiValue
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from medzip_scp.index.errors import DuplicateInstanceError, MissingAttributeError
+from medzip_scp.index.models import (
+    Instance,
+    InstanceState,
+    Patient,
+    Series,
+    Study,
+    SupersededInstance,
+    utcnow,
+)
+
+__all__ = [
+    "InstanceAttributes",
+    "add_instance",
+    "attributes_from_dataset",
+    "get_instance",
+    "normalise_da",
+    "normalise_tm",
+    "replace_instance",
+]
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class InstanceAttributes:
+    """Every attribute the index stores for one instance, as plain Python values.
+
+    Text attributes are ``""`` when absent; integers are ``None`` when absent or not
+    parseable. DA values are normalised to ``YYYYMMDD`` and TM values to
+    ``HHMMSS.FFFFFF`` prefixes without ``:`` (ACR-NEMA forms are converted).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    specific_character_set: str = ""
+    # patient level
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    # study level
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician_name: str = ""
+    # series level
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    body_part_examined: str = ""
+    # instance level
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+
+
+def normalise_da(value: str) -> str:
+    """Normalise a DA value to ``YYYYMMDD`` (drops ACR-NEMA ``YYYY.MM.DD`` dots)."""
+    return value.strip().replace(".", "") if "." in value else value.strip()
+
+
+def normalise_tm(value: str) -> str:
+    """Normalise a TM value by dropping ACR-NEMA ``HH:MM:SS`` colons."""
+    return value.strip().replace(":", "")
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    elem = ds.get(keyword)
+    if elem is None:
+        return ""
+    value: Any = elem
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return "" if value is None else str(value).strip()
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value: Any = ds.get(keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        logger.warning("ignoring unparseable %s value", keyword)
+        return None
+
+
+def attributes_from_dataset(ds: pydicom.Dataset) -> InstanceAttributes:
+    """Extract the indexed attributes of a composite instance.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The received dataset (its text is decoded with its Specific Character Set).
+
+    Returns
+    -------
+    InstanceAttributes
+        The values the index stores.
+
+    Raises
+    ------
+    MissingAttributeError
+        If SOPClassUID, SOPInstanceUID, StudyInstanceUID or SeriesInstanceUID is
+        absent or empty (type 1 in every composite IOD, PS3.3). PatientID (type 2)
+        may be empty.
+    """
+    uids: dict[str, str] = {}
+    for keyword in _REQUIRED_UIDS:
+        value = _text(ds, keyword)
+        if not value:
+            raise MissingAttributeError(keyword)
+        uids[keyword] = value
+    return InstanceAttributes(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        specific_character_set=_text(ds, "SpecificCharacterSet"),
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=normalise_da(_text(ds, "PatientBirthDate")),
+        patient_sex=_text(ds, "PatientSex"),
+        study_date=normalise_da(_text(ds, "StudyDate")),
+        study_time=normalise_tm(_text(ds, "StudyTime")),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician_name=_text(ds, "ReferringPhysicianName"),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        series_date=normalise_da(_text(ds, "SeriesDate")),
+        series_time=normalise_tm(_text(ds, "SeriesTime")),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+    )
+
+
+def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    """Return the indexed instance with this SOP Instance UID, or ``None``."""
+    return session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).one_or_none()
+
+
+def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` on either dialect."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt: Any = postgresql.insert(table).values(**values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - create_engine_for rejects other backends
+        raise ValueError(f"unsupported dialect {dialect}")
+    session.execute(stmt)
+
+
+def _update_nonempty(obj: Any, values: dict[str, Any]) -> None:
+    """Copy descriptive values onto ``obj``; empty/absent values do not erase."""
+    for name, value in values.items():
+        if value is None or value == "":
+            continue
+        if getattr(obj, name) != value:
+            setattr(obj, name, value)
+
+
+def _get_or_create_patient(session: Session, attrs: InstanceAttributes) -> Patient:
+    key = (Patient.patient_id == attrs.patient_id) & (
+        Patient.issuer_of_patient_id == attrs.issuer_of_patient_id
+    )
+    patient = session.scalars(select(Patient).where(key)).one_or_none()
+    descriptive = {
+        "patient_name": attrs.patient_name,
+        "patient_birth_date": attrs.patient_birth_date,
+        "patient_sex": attrs.patient_sex,
+        "specific_character_set": attrs.specific_character_set,
+    }
+    if patient is None:
+        _insert_ignore(
+            session,
+            Patient.__table__,
+            {
+                "patient_id": attrs.patient_id,
+                "issuer_of_patient_id": attrs.issuer_of_patient_id,
+                **descriptive,
+            },
+        )
+        patient = session.scalars(select(Patient).where(key)).one()
+    _update_nonempty(patient, descriptive)
+    return patient
+
+
+def _get_or_create_study(session: Session, attrs: InstanceAttributes, patient: Patient) -> Study:
+    key = Study.study_instance_uid == attrs.study_instance_uid
+    study = session.scalars(select(Study).where(key)).one_or_none()
+    descriptive = {
+        "study_date": attrs.study_date,
+        "study_time": attrs.study_time,
+        "accession_number": attrs.accession_number,
+        "study_id": attrs.study_id,
+        "study_description": attrs.study_description,
+        "referring_physician_name": attrs.referring_physician_name,
+        "specific_character_set": attrs.specific_character_set,
+    }
+    if study is None:
+        _insert_ignore(
+            session,
+            Study.__table__,
+            {
+                "study_instance_uid": attrs.study_instance_uid,
+                "patient_fk": patient.id,
+                **descriptive,
+            },
+        )
+        study = session.scalars(select(Study).where(key)).one()
+    _update_nonempty(study, descriptive)
+    if study.patient_fk != patient.id:
+        # The newest instance names another patient for this study: follow it.
+        logger.info("study %s moved to another patient", attrs.study_instance_uid)
+        study.patient_fk = patient.id
+    return study
+
+
+def _get_or_create_series(session: Session, attrs: InstanceAttributes, study: Study) -> Series:
+    key = Series.series_instance_uid == attrs.series_instance_uid
+    series = session.scalars(select(Series).where(key)).one_or_none()
+    descriptive = {
+        "modality": attrs.modality,
+        "series_number": attrs.series_number,
+        "series_description": attrs.series_description,
+        "series_date": attrs.series_date,
+        "series_time": attrs.series_time,
+        "body_part_examined": attrs.body_part_examined,
+        "specific_character_set": attrs.specific_character_set,
+    }
+    if series is None:
+        _insert_ignore(
+            session,
+            Series.__table__,
+            {"series_instance_uid": attrs.series_instance_uid, "study_fk": study.id, **descriptive},
+        )
+        series = session.scalars(select(Series).where(key)).one()
+    _update_nonempty(series, descriptive)
+    if series.study_fk != study.id:
+        logger.info(
+            "series %s moved to study %s", attrs.series_instance_uid, attrs.study_instance_uid
+        )
+        series.study_fk = study.id
+    return series
+
+
+def _hierarchy(session: Session, attrs: InstanceAttributes) -> Series:
+    patient = _get_or_create_patient(session, attrs)
+    study = _get_or_create_study(session, attrs, patient)
+    return _get_or_create_series(session, attrs, study)
+
+
+def _instance_values(
+    attrs: InstanceAttributes,
+    *,
+    transfer_syntax_uid: str,
+    blob_key: str,
+    original_size: int,
+    original_sha256: str,
+    stored_size: int,
+    stored_sha256: str,
+    codec_id: str,
+    calling_ae_title: str,
+) -> dict[str, Any]:
+    return {
+        "sop_class_uid": attrs.sop_class_uid,
+        "instance_number": attrs.instance_number,
+        "transfer_syntax_uid": transfer_syntax_uid,
+        "rows": attrs.rows,
+        "columns": attrs.columns,
+        "number_of_frames": attrs.number_of_frames,
+        "specific_character_set": attrs.specific_character_set,
+        "blob_key": blob_key,
+        "original_size": original_size,
+        "original_sha256": original_sha256,
+        "stored_size": stored_size,
+        "stored_sha256": stored_sha256,
+        "codec_id": codec_id,
+        "state": InstanceState.STORED,
+        "calling_ae_title": calling_ae_title.strip(),
+        "received_at": utcnow(),
+    }
+
+
+def add_instance(
+    session: Session,
+    attrs: InstanceAttributes,
+    *,
+    transfer_syntax_uid: str,
+    blob_key: str,
+    original_size: int,
+    original_sha256: str,
+    stored_size: int,
+    stored_sha256: str,
+    codec_id: str,
+    calling_ae_title: str,
+) -> Instance:
+    """Index a newly stored instance; the caller commits.
+
+    Patient, study and series rows are fetched or created; their descriptive
+    attributes are updated from this (newest) instance, where it has a non-empty
+    value. A study or series whose parent UID/key differs in the newest instance is
+    moved under the new parent.
+
+    Parameters
+    ----------
+    session : Session
+        Session whose transaction the caller commits (or rolls back).
+    attrs : InstanceAttributes
+        From :func:`attributes_from_dataset`.
+    transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
+stored_sha256, codec_id, calling_ae_title
+        Storage facts of the blob written for this instance.
+
+    Returns
+    -------
+    Instance
+        The new, flushed row.
+
+    Raises
+    ------
+    DuplicateInstanceError
+        If the SOP Instance UID is already indexed (possibly by a concurrent
+        association). The session's transaction stays usable.
+    """
+    series = _hierarchy(session, attrs)
+    instance = Instance(
+        sop_instance_uid=attrs.sop_instance_uid,
+        series_fk=series.id,
+        **_instance_values(
+            attrs,
+            transfer_syntax_uid=transfer_syntax_uid,
+            blob_key=blob_key,
+            original_size=original_size,
+            original_sha256=original_sha256,
+            stored_size=stored_size,
+            stored_sha256=stored_sha256,
+            codec_id=codec_id,
+            calling_ae_title=calling_ae_title,
+        ),
+    )
+    session.flush()  # write hierarchy updates outside the savepoint below
+    try:
+        with session.begin_nested():
+            session.add(instance)
+    except IntegrityError as exc:
+        if get_instance(session, attrs.sop_instance_uid) is not None:
+            raise DuplicateInstanceError(attrs.sop_instance_uid) from None
+        raise exc
+    return instance
+
+
+def replace_instance(
+    session: Session,
+    existing: Instance,
+    attrs: InstanceAttributes,
+    *,
+    transfer_syntax_uid: str,
+    blob_key: str,
+    original_size: int,
+    original_sha256: str,
+    stored_size: int,
+    stored_sha256: str,
+    codec_id: str,
+    calling_ae_title: str,
+) -> Instance:
+    """Replace an indexed instance by a differing new version; the caller commits.
+
+    The existing version is recorded in :class:`SupersededInstance` (its blob is
+    kept), then the row is updated in place to the new version, moving it to another
+    series (and study/patient) if the new dataset's UIDs differ.
+
+    Parameters
+    ----------
+    session : Session
+        Session whose transaction the caller commits.
+    existing : Instance
+        The current row, e.g. from :func:`get_instance`.
+    attrs : InstanceAttributes
+        Attributes of the new version; its SOP Instance UID must equal the existing one.
+    transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
+stored_sha256, codec_id, calling_ae_title
+        Storage facts of the new version's blob.
+
+    Returns
+    -------
+    Instance
+        ``existing``, updated and flushed.
+
+    Raises
+    ------
+    ValueError
+        If the SOP Instance UIDs differ.
+    """
+    if attrs.sop_instance_uid != existing.sop_instance_uid:
+        raise ValueError(f"cannot replace {existing.sop_instance_uid} by {attrs.sop_instance_uid}")
+    old_series, old_study = session.execute(
+        select(Series.series_instance_uid, Study.study_instance_uid)
+        .join(Study, Series.study_fk == Study.id)
+        .where(Series.id == existing.series_fk)
+    ).one()
+    session.add(
+        SupersededInstance(
+            sop_instance_uid=existing.sop_instance_uid,
+            sop_class_uid=existing.sop_class_uid,
+            series_instance_uid=old_series,
+            study_instance_uid=old_study,
+            transfer_syntax_uid=existing.transfer_syntax_uid,
+            blob_key=existing.blob_key,
+            original_size=existing.original_size,
+            original_sha256=existing.original_sha256,
+            stored_size=existing.stored_size,
+            stored_sha256=existing.stored_sha256,
+            codec_id=existing.codec_id,
+            calling_ae_title=existing.calling_ae_title,
+            received_at=existing.received_at,
+            superseded_at=utcnow(),
+        )
+    )
+    series = _hierarchy(session, attrs)
+    values = _instance_values(
+        attrs,
+        transfer_syntax_uid=transfer_syntax_uid,
+        blob_key=blob_key,
+        original_size=original_size,
+        original_sha256=original_sha256,
+        stored_size=stored_size,
+        stored_sha256=stored_sha256,
+        codec_id=codec_id,
+        calling_ae_title=calling_ae_title,
+    )
+    for name, value in values.items():
+        setattr(existing, name, value)
+    existing.series_fk = series.id
+    session.flush()
+    return existing
