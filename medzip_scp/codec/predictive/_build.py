@@ -1,0 +1,85 @@
+"""Compile and load the C core of the predictive coder (``_pred.c``) through ctypes.
+
+The shared library is built on first use with the system C compiler into a per-user cache
+directory, keyed by the sha256 of the source and the compiler flags, so a changed source never
+loads a stale binary.  Set ``MEDZIP_PRED_CACHE`` to choose the directory and ``CC`` the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("_pred.c")
+# -ffp-contract=off and no -ffast-math: the core is integer-only, but keep the flags conservative.
+_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-strict-aliasing"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+class BuildError(RuntimeError):
+    """The C core could not be compiled or loaded."""
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("MEDZIP_PRED_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "medzip" / "predictive"
+
+
+def _compile(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise BuildError(
+            "The predictive coder needs a C compiler to build its core on first use; "
+            "none found (set CC or install gcc)."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise BuildError(f"Compiling {_SOURCE.name} with {cc} failed:\n{proc.stderr}")
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL:
+    """Return the loaded core library, compiling it first if needed."""
+    global _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"_pred-{digest}-{sys.platform}.so"
+        if not target.exists():
+            _compile(target)
+        lib = ctypes.CDLL(str(target))
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        u16p = ctypes.POINTER(ctypes.c_uint16)
+        u8p = ctypes.POINTER(ctypes.c_uint8)
+        c_int, i64 = ctypes.c_int, ctypes.c_int64
+        lib.mz_activity.argtypes = [u16p, c_int, c_int, i32p]
+        lib.mz_activity.restype = c_int
+        lib.mz_encode.argtypes = [u16p, c_int, c_int, c_int, c_int, c_int, c_int, i32p, i32p,
+                                  u8p, i64]
+        lib.mz_encode.restype = i64
+        lib.mz_decode.argtypes = [u8p, i64, c_int, c_int, c_int, c_int, c_int, c_int, i32p, i32p,
+                                  u16p]
+        lib.mz_decode.restype = c_int
+        _lib = lib
+        return lib

@@ -1,0 +1,356 @@
+/*
+ * medzip predictive lossless coder, core (see __init__.py for the design).
+ *
+ * Everything on the probability path is integer arithmetic: the same input gives the same bytes
+ * on every machine and compiler.  Encoder and decoder share one modelling routine (code_image),
+ * so they cannot drift apart: the only difference is whether each binary decision is written or
+ * read.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAD 3
+#define MAXNN 24
+#define MAXK 64
+#define NQ 48          /* error-energy levels */
+#define NQB 12         /* coarse levels used where contexts are multiplied */
+
+/* ------------------------------------------------------------------ binary arithmetic coder */
+
+typedef struct {
+    uint32_t x1, x2, x;
+    uint8_t *buf;
+    int64_t pos, cap;
+    int dec;
+    int overflow;
+} Coder;
+
+static inline void out_byte(Coder *c, uint8_t b) {
+    if (c->pos < c->cap) c->buf[c->pos] = b; else c->overflow = 1;
+    c->pos++;
+}
+static inline uint8_t in_byte(Coder *c) {
+    uint8_t b = c->pos < c->cap ? c->buf[c->pos] : 0;
+    c->pos++;
+    return b;
+}
+
+/* p1 = P(bit == 1) in (0, 65536) */
+static inline int code_raw(Coder *c, uint32_t p1, int bit) {
+    uint32_t xmid = c->x1 + (uint32_t)(((uint64_t)(c->x2 - c->x1) * p1) >> 16);
+    if (c->dec) bit = c->x <= xmid;
+    if (bit) c->x2 = xmid; else c->x1 = xmid + 1;
+    while (((c->x1 ^ c->x2) & 0xff000000u) == 0) {
+        if (c->dec) c->x = (c->x << 8) | in_byte(c);
+        else out_byte(c, (uint8_t)(c->x2 >> 24));
+        c->x1 <<= 8;
+        c->x2 = (c->x2 << 8) | 255;
+    }
+    return bit;
+}
+
+/* ------------------------------------------------------------------ adaptive probabilities */
+
+/* state: high 16 bits probability of a one (scaled to 65536), low bits a hit counter. */
+static int RECIP[1024];
+static int tables_ready = 0;
+static void init_tables(void) {
+    if (tables_ready) return;
+    for (int i = 0; i < 1024; i++) RECIP[i] = 65536 / (i + 2);
+    tables_ready = 1;
+}
+
+typedef struct { uint16_t p; uint16_t n; } Prob;
+
+static inline void prob_init(Prob *t, int n) {
+    for (int i = 0; i < n; i++) { t[i].p = 32768; t[i].n = 0; }
+}
+
+static inline int code_bit(Coder *c, Prob *s, int limit, int bit) {
+    uint32_t p = s->p;
+    if (p < 32) p = 32; else if (p > 65536 - 32) p = 65536 - 32;
+    bit = code_raw(c, p, bit);
+    int target = bit ? 65535 : 0;
+    int d = target - (int)s->p;
+    s->p = (uint16_t)((int)s->p + (int)(((int64_t)d * RECIP[s->n]) >> 16));
+    if (s->n < limit) s->n++;
+    return bit;
+}
+
+/* ------------------------------------------------------------------ helpers */
+
+static inline int iabs(int v) { return v < 0 ? -v : v; }
+
+static inline int bitlen(uint32_t v) { int n = 0; while (v) { n++; v >>= 1; } return n; }
+
+/* log-scale quantiser: two levels per octave */
+static inline int qlog(uint32_t e) {
+    if (e == 0) return 0;
+    int b = bitlen(e);
+    int half = b >= 2 ? (int)((e >> (b - 2)) & 1) : 0;
+    return 2 * b - 1 + half;
+}
+
+/* neighbour offsets (dy, dx), causal; first entries are the most important */
+static const int OFF[MAXNN][2] = {
+    {0, -1}, {-1, 0}, {-1, -1}, {-1, 1}, {0, -2}, {-2, 0}, {-1, -2}, {-2, -1}, {-2, 1}, {-1, 2},
+    {0, -3}, {-3, 0}, {-2, -2}, {-2, 2}, {-1, -3}, {-1, 3}, {-3, -1}, {-3, 1}, {-3, -2}, {-3, 2},
+    {-2, -3}, {-2, 3}, {-3, -3}, {-3, 3}};
+
+/* padded-layout image: row stride S = W + 2*PAD, rows -PAD..H-1 */
+typedef struct {
+    int H, W, S;
+    int32_t *v;     /* pixel values, padded */
+    int32_t *e;     /* signed residuals of the final prediction, padded (0 outside) */
+} Img;
+
+static inline int32_t *PX(Img *im, int y, int x) { return im->v + (int64_t)(y + PAD) * im->S + x + PAD; }
+static inline int32_t *EX(Img *im, int y, int x) { return im->e + (int64_t)(y + PAD) * im->S + x + PAD; }
+
+static int img_alloc(Img *im, int H, int W) {
+    im->H = H; im->W = W; im->S = W + 2 * PAD;
+    size_t n = (size_t)(H + PAD) * im->S;
+    im->v = (int32_t *)calloc(n, sizeof(int32_t));
+    im->e = (int32_t *)calloc(n, sizeof(int32_t));
+    if (!im->v || !im->e) { free(im->v); free(im->e); return -1; }
+    return 0;
+}
+static void img_free(Img *im) { free(im->v); free(im->e); }
+
+/* after pixel (y,0) is known: replicate into the left pad of row y */
+static inline void pad_left(Img *im, int y) {
+    int32_t v = *PX(im, y, 0);
+    for (int k = 1; k <= PAD; k++) *PX(im, y, -k) = v;
+}
+/* after row y is complete: right pad; after row 0: top pad rows */
+static inline void pad_row_done(Img *im, int y) {
+    int32_t v = *PX(im, y, im->W - 1);
+    for (int k = 0; k < PAD; k++) *PX(im, y, im->W + k) = v;
+    if (y == 0)
+        for (int k = 1; k <= PAD; k++) memcpy(PX(im, -k, -PAD), PX(im, 0, -PAD), sizeof(int32_t) * im->S);
+}
+
+static inline int activity(const int32_t *p, int S) {
+    int W = p[-1], WW = p[-2], N = p[-S], NW = p[-S - 1], NE = p[-S + 1], NN = p[-2 * S],
+        NNE = p[-2 * S + 1];
+    return iabs(W - NW) + iabs(N - NW) + iabs(N - NE) + iabs(W - WW) + iabs(N - NN) + iabs(NE - NNE);
+}
+
+/* ------------------------------------------------------------------ model */
+
+typedef struct {
+    int nn, K, shift;
+    const int32_t *thr;    /* K-1 ascending thresholds on activity */
+    const int32_t *coef;   /* K * nn fixed-point coefficients (2^-shift) */
+} Params;
+
+typedef struct {
+    Prob zero[NQ][4];
+    Prob big[NQ][20];
+    Prob mant[20][NQB][4];
+    Prob low[20][20];
+    Prob sign[3][3][NQB];
+    int32_t bsum[MAXK][64][NQB];
+    int32_t bcnt[MAXK][64][NQB];
+} Model;
+
+static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_t *src) {
+    const int H = im->H, W = im->W, S = im->S;
+    const int maxv = (1 << bits) - 1;
+    int off[MAXNN];
+    for (int i = 0; i < P->nn; i++) off[i] = OFF[i][0] * S + OFF[i][1];
+    Model *m = (Model *)malloc(sizeof(Model));
+    if (!m) return -1;
+    prob_init(&m->zero[0][0], sizeof(m->zero) / sizeof(Prob));
+    prob_init(&m->big[0][0], sizeof(m->big) / sizeof(Prob));
+    prob_init(&m->mant[0][0][0], sizeof(m->mant) / sizeof(Prob));
+    prob_init(&m->low[0][0], sizeof(m->low) / sizeof(Prob));
+    prob_init(&m->sign[0][0][0], sizeof(m->sign) / sizeof(Prob));
+    memset(m->bsum, 0, sizeof(m->bsum));
+    memset(m->bcnt, 0, sizeof(m->bcnt));
+    const int LIM = 255;
+    const int sh = P->shift;
+
+    for (int y = 0; y < H; y++) {
+        for (int x = 0; x < W; x++) {
+            int32_t *p = PX(im, y, x);
+            int32_t *e = EX(im, y, x);
+            int pred16;           /* prediction in 1/16 units */
+            int cls = 0, tex = 0;
+            int full = (y > 0 && x > 0);
+            if (!full) {
+                int v = (y == 0 && x == 0) ? (1 << (bits - 1)) : (y == 0 ? p[-1] : p[-S]);
+                pred16 = v * 16;
+            } else {
+                int a = activity(p, S);
+                while (cls < P->K - 1 && a > P->thr[cls]) cls++;
+                const int32_t *cf = P->coef + cls * P->nn;
+                int64_t acc = 0;
+                for (int i = 0; i < P->nn; i++) acc += (int64_t)cf[i] * p[off[i]];
+                pred16 = (int)((acc + ((int64_t)1 << (sh - 5))) >> (sh - 4));
+                int lo = -16 * 8, hi = (maxv + 8) * 16;
+                if (pred16 < lo) pred16 = lo; else if (pred16 > hi) pred16 = hi;
+            }
+            /* error energy context */
+            int E = 3 * iabs(e[-1]) + 3 * iabs(e[-S]) + 2 * iabs(e[-S - 1]) + 2 * iabs(e[-S + 1]) +
+                    iabs(e[-2]) + iabs(e[-2 * S]) + iabs(e[-S - 2]) + iabs(e[-S + 2]);
+            if (full) E += activity(p, S) / 2;
+            int q = qlog((uint32_t)E);
+            if (q >= NQ) q = NQ - 1;
+            int qb = q / 4;
+            if (qb >= NQB) qb = NQB - 1;
+            /* bias cancellation */
+            if (full) {
+                int pv = pred16 >> 4;
+                tex = (p[-1] > pv) | ((p[-S] > pv) << 1) | ((p[-S - 1] > pv) << 2) |
+                      ((p[-S + 1] > pv) << 3) | ((p[-2] > pv) << 4) | ((p[-2 * S] > pv) << 5);
+                int32_t bs = m->bsum[cls][tex][qb], bc = m->bcnt[cls][tex][qb];
+                if (bc > 0) {
+                    int corr = bs >= 0 ? (bs + bc / 2) / bc : -((-bs + bc / 2) / bc);
+                    pred16 += corr;
+                }
+            }
+            int pred = (pred16 + 8) >> 4;
+            if (pred < 0) pred = 0; else if (pred > maxv) pred = maxv;
+
+            /* residual */
+            int val = c->dec ? 0 : src[(int64_t)y * W + x];
+            int r = val - pred;
+            int mag = iabs(r);
+            int sg = r < 0;
+            int ez = (e[-1] > 0) - (e[-1] < 0) + 1, nz = (e[-S] > 0) - (e[-S] < 0) + 1;
+            int zc = (pred == 0) ? 1 : (pred == maxv ? 2 : 0);
+            int isz = code_bit(c, &m->zero[q][zc], LIM, mag == 0);
+            int M = 0;
+            if (!isz) {
+                int maxk = bits + 1;  /* magnitude < 2^bits */
+                int k = 1;            /* M in [2^(k-1), 2^k) */
+                while (k < maxk - 1 && k < 19) {
+                    if (!code_bit(c, &m->big[q][k], LIM, mag >= (1 << k))) break;
+                    k++;
+                }
+                M = 1;
+                for (int b = k - 2; b >= 0; b--) {
+                    int bit = (mag >> b) & 1;
+                    int pos = k - 2 - b;
+                    if (pos < 2) bit = code_bit(c, &m->mant[k][qb][pos * 2 + (M & 1)], LIM, bit);
+                    else bit = code_bit(c, &m->low[k][b < 19 ? b : 19], LIM, bit);
+                    M = 2 * M + bit;
+                }
+                if (zc == 1) sg = 0;
+                else if (zc == 2) sg = 1;
+                else sg = code_bit(c, &m->sign[ez][nz][qb], LIM, sg);
+                r = sg ? -M : M;
+            } else {
+                r = 0;
+            }
+            int v = pred + r;
+            if (c->dec) {
+                if (v < 0 || v > maxv) { free(m); return -2; }
+                *p = v;
+            } else {
+                *p = v;
+            }
+            /* update */
+            if (full) {
+                int err16 = v * 16 - (pred16 - 0);
+                /* accumulate error of the uncorrected prediction, halve periodically */
+                int32_t *bs = &m->bsum[cls][tex][qb], *bc = &m->bcnt[cls][tex][qb];
+                int32_t bsv = *bs, bcv = *bc;
+                int corr = bcv > 0 ? (bsv >= 0 ? (bsv + bcv / 2) / bcv : -((-bsv + bcv / 2) / bcv)) : 0;
+                *bs += err16 + corr;
+                *bc += 1;
+                if (*bc >= 64) { *bs = *bs >= 0 ? *bs / 2 : -((-*bs) / 2); *bc /= 2; }
+            }
+            *e = r;
+            if (x == 0) pad_left(im, y);
+        }
+        pad_row_done(im, y);
+    }
+    free(m);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ exported API */
+
+/* activity of every pixel (encoder side, for choosing classes and fitting predictors) */
+int mz_activity(const uint16_t *img, int H, int W, int32_t *act) {
+    Img im;
+    if (img_alloc(&im, H, W)) return -1;
+    for (int y = 0; y < H; y++) {
+        for (int x = 0; x < W; x++) *PX(&im, y, x) = img[(int64_t)y * W + x];
+        pad_left(&im, y);
+        pad_row_done(&im, y);
+    }
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) act[(int64_t)y * W + x] = activity(PX(&im, y, x), im.S);
+    img_free(&im);
+    return 0;
+}
+
+/* neighbour values of every pixel as the coder sees them: out[(y*W+x)*nn + i] */
+int mz_neighbours(const uint16_t *img, int H, int W, int nn, int32_t *out) {
+    Img im;
+    if (nn > MAXNN) return -3;
+    if (img_alloc(&im, H, W)) return -1;
+    for (int y = 0; y < H; y++) {
+        for (int x = 0; x < W; x++) *PX(&im, y, x) = img[(int64_t)y * W + x];
+        pad_left(&im, y);
+        pad_row_done(&im, y);
+    }
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) {
+            int32_t *p = PX(&im, y, x);
+            int32_t *o = out + ((int64_t)y * W + x) * nn;
+            for (int i = 0; i < nn; i++) o[i] = p[OFF[i][0] * im.S + OFF[i][1]];
+        }
+    img_free(&im);
+    return 0;
+}
+
+static int check_params(int H, int W, int bits, int nn, int K, int shift) {
+    if (H < 1 || W < 1 || bits < 1 || bits > 16) return -3;
+    if (nn < 1 || nn > MAXNN || K < 1 || K > MAXK || shift < 5 || shift > 24) return -3;
+    return 0;
+}
+
+int64_t mz_encode(const uint16_t *img, int H, int W, int bits, int nn, int K, int shift,
+                  const int32_t *thr, const int32_t *coef, uint8_t *out, int64_t cap) {
+    init_tables();
+    if (check_params(H, W, bits, nn, K, shift)) return -3;
+    Params P = {nn, K, shift, thr, coef};
+    Img im;
+    if (img_alloc(&im, H, W)) return -1;
+    int32_t *src = (int32_t *)malloc(sizeof(int32_t) * (size_t)H * W);
+    if (!src) { img_free(&im); return -1; }
+    for (int64_t i = 0; i < (int64_t)H * W; i++) src[i] = img[i];
+    Coder c = {0, 0xffffffffu, 0, out, 0, cap, 0, 0};
+    int rc = code_image(&im, bits, &P, &c, src);
+    free(src);
+    img_free(&im);
+    if (rc) return rc;
+    for (int i = 0; i < 4; i++) { out_byte(&c, (uint8_t)(c.x1 >> 24)); c.x1 <<= 8; }
+    if (c.overflow) return -4;
+    return c.pos;
+}
+
+int mz_decode(const uint8_t *data, int64_t len, int H, int W, int bits, int nn, int K, int shift,
+              const int32_t *thr, const int32_t *coef, uint16_t *img) {
+    init_tables();
+    if (check_params(H, W, bits, nn, K, shift)) return -3;
+    Params P = {nn, K, shift, thr, coef};
+    Img im;
+    if (img_alloc(&im, H, W)) return -1;
+    Coder c = {0, 0xffffffffu, 0, (uint8_t *)data, 0, len, 1, 0};
+    for (int i = 0; i < 4; i++) c.x = (c.x << 8) | in_byte(&c);
+    int rc = code_image(&im, bits, &P, &c, NULL);
+    if (rc == 0) {
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++) img[(int64_t)y * W + x] = (uint16_t)*PX(&im, y, x);
+        /* the encoder flushed 4 bytes; reading well past the end means a truncated stream */
+        if (c.pos > len + 4) rc = -5;
+    }
+    img_free(&im);
+    return rc;
+}

@@ -1,0 +1,231 @@
+"""Round-trip, robustness and determinism tests of the predictive per-frame coder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medzip_scp.codec.predictive import (
+    CODER_ID,
+    CorruptStreamError,
+    decode_frame,
+    encode_frame,
+)
+
+DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+
+
+def roundtrip(frame: np.ndarray, bits: int) -> bytes:
+    stream = encode_frame(frame, bits)
+    out = decode_frame(stream, frame.shape, bits)
+    assert out.dtype == np.uint16
+    assert out.shape == frame.shape
+    np.testing.assert_array_equal(out, frame.astype(np.uint16))
+    return stream
+
+
+def test_coder_id() -> None:
+    assert CODER_ID == "pred-v1"
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_every_bit_depth(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    top = (1 << bits) - 1
+    yy, xx = np.mgrid[0:37, 0:53]
+    smooth = ((yy * 7 + xx * 3) * top // (36 * 7 + 52 * 3)).astype(np.int64)
+    noisy = np.clip(smooth + rng.integers(-2, 3, smooth.shape), 0, top)
+    roundtrip(noisy, bits)
+    roundtrip(rng.integers(0, top + 1, (19, 23)), bits)  # full-range noise
+    ext = np.where(rng.random((16, 16)) < 0.5, 0, top)  # only the extremes
+    roundtrip(ext, bits)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (17, 1), (3, 3), (2, 2), (1, 2), (2, 1),
+                                   (4, 300), (300, 4)])
+def test_small_shapes(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    for bits in (1, 8, 12, 16):
+        roundtrip(rng.integers(0, 1 << bits, shape), bits)
+
+
+@pytest.mark.parametrize("value", [0, 1, 4095])
+def test_constant(value: int) -> None:
+    frame = np.full((64, 48), value, np.uint16)
+    stream = roundtrip(frame, 12)
+    assert len(stream) < 40
+
+
+def test_gradients_and_extremes() -> None:
+    yy, xx = np.mgrid[0:128, 0:128]
+    roundtrip((xx * 512 + yy).astype(np.uint16), 16)
+    roundtrip(((xx + yy) % 65536).astype(np.uint16), 16)
+    roundtrip(np.full((9, 9), 65535), 16)
+    frame = np.zeros((64, 64), np.uint16)
+    frame[::2, ::3] = 65535
+    roundtrip(frame, 16)
+    roundtrip(np.triu(np.full((50, 50), 255)), 8)
+
+
+def test_sparse_values_are_packed() -> None:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:200, 0:200]
+    base = (yy + xx) // 4 + rng.integers(0, 2, (200, 200))
+    frame = (base * 13 + 7).astype(np.uint16)  # a LUT-like, sparse use of 12 bits
+    stream = roundtrip(frame, 12)
+    assert len(stream) * 8 / frame.size < 2.0
+
+
+def test_noise_costs_about_its_entropy() -> None:
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 4096, (256, 256))
+    stream = roundtrip(frame, 12)
+    assert len(stream) * 8 / frame.size < 12.2
+
+
+def test_accepts_integer_dtypes() -> None:
+    frame = np.arange(100, dtype=np.int32).reshape(10, 10)
+    for dt in (np.uint8, np.int16, np.int64, np.uint32):
+        out = decode_frame(encode_frame(frame.astype(dt), 7), (10, 10), 7)
+        np.testing.assert_array_equal(out, frame)
+
+
+@pytest.mark.parametrize(
+    "frame, bits",
+    [
+        (np.zeros((4, 4), np.float32), 8),
+        (np.zeros(16, np.uint16), 8),
+        (np.zeros((2, 2, 2), np.uint16), 8),
+        (np.zeros((0, 4), np.uint16), 8),
+        (np.full((4, 4), 256, np.uint16), 8),
+        (np.full((4, 4), -1, np.int16), 8),
+        (np.zeros((4, 4), np.uint16), 0),
+        (np.zeros((4, 4), np.uint16), 17),
+    ],
+)
+def test_bad_input_raises(frame: np.ndarray, bits: int) -> None:
+    with pytest.raises(ValueError):
+        encode_frame(frame, bits)
+
+
+def _sample_stream() -> tuple[np.ndarray, bytes]:
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:96, 0:80]
+    frame = np.clip(yy * 20 + xx * 10 + rng.normal(0, 30, yy.shape), 0, 4095).astype(np.uint16)
+    return frame, encode_frame(frame, 12)
+
+
+def test_truncated_streams_raise() -> None:
+    frame, stream = _sample_stream()
+    for n in list(range(0, 64)) + list(range(64, len(stream), max(1, len(stream) // 97))) + [
+        len(stream) - 1
+    ]:
+        with pytest.raises(CorruptStreamError):
+            decode_frame(stream[:n], frame.shape, 12)
+
+
+def test_corrupted_streams_raise() -> None:
+    frame, stream = _sample_stream()
+    rng = np.random.default_rng(11)
+    for pos in rng.choice(len(stream), 200, replace=False):
+        for flip in (1, 0x80):
+            bad = bytearray(stream)
+            bad[pos] ^= flip
+            try:
+                out = decode_frame(bytes(bad), frame.shape, 12)
+            except ValueError:
+                continue
+            # a flip the arithmetic decoder absorbs must still give the exact frame
+            np.testing.assert_array_equal(out, frame)
+    with pytest.raises(CorruptStreamError):
+        decode_frame(stream + b"\0", frame.shape, 12)
+
+
+def test_wrong_shape_or_bits_raise() -> None:
+    frame, stream = _sample_stream()
+    with pytest.raises(CorruptStreamError):
+        decode_frame(stream, (80, 96), 12)
+    with pytest.raises(CorruptStreamError):
+        decode_frame(stream, frame.shape, 16)
+    with pytest.raises(CorruptStreamError):
+        decode_frame(b"JUNK" + stream[4:], frame.shape, 12)
+
+
+def test_crc_covers_pixels() -> None:
+    frame, stream = _sample_stream()
+    crc = int.from_bytes(stream[-4:], "little")
+    assert crc == zlib.crc32(frame.astype("<u2").tobytes())
+
+
+def test_deterministic() -> None:
+    frame, stream = _sample_stream()
+    assert encode_frame(frame, 12) == stream
+    assert encode_frame(frame.copy(order="F"), 12) == stream
+
+
+GOLDEN_SCRIPT = """
+import hashlib, numpy as np
+from medzip_scp.codec.predictive import encode_frame
+rng = np.random.default_rng(5)
+yy, xx = np.mgrid[0:300, 0:700]
+f = np.clip(yy * 5 + xx * 3 + rng.normal(0, 20, yy.shape), 0, 4095).astype(np.uint16)
+print(hashlib.sha256(encode_frame(f, 12)).hexdigest())
+"""
+
+
+def test_same_bytes_with_one_or_two_threads() -> None:
+    # the core is single-threaded; the fit uses BLAS, whose thread count must not leak into
+    # the stream (coefficients are rounded to integers and the fit is well conditioned)
+    digests = set()
+    for threads in ("1", "2"):
+        env = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+               "MKL_NUM_THREADS": threads, "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([sys.executable, "-c", GOLDEN_SCRIPT], capture_output=True,
+                             text=True, env=env, cwd=Path(__file__).resolve().parents[3],
+                             check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
+def _real_frames() -> list[tuple[str, np.ndarray, int]]:
+    if not DATA.is_dir():
+        return []
+    pydicom = pytest.importorskip("pydicom")
+    picks = [
+        "series/ct-phantom-1mm/I400.dcm",
+        "series/mr-t1-3d/5001050.dcm",
+        "conformance/JPEGLSLossless/RG2_JLSL.dcm",
+        "conformance/LittleEndianExplicit/MR_small.dcm",
+        "conformance/LittleEndianExplicit/CT_small.dcm",
+    ]
+    frames = []
+    for rel in picks:
+        path = DATA / rel
+        if not path.exists():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+            arr = ds.pixel_array.astype(np.int64)
+        bits = int(ds.BitsStored)
+        if int(ds.PixelRepresentation) == 1:
+            arr = arr + (1 << (bits - 1))
+        if arr.ndim == 3:
+            arr = arr[0]
+        frames.append((rel, arr[:768, :768], bits))
+    return frames
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent")
+def test_real_frames() -> None:
+    frames = _real_frames()
+    assert frames
+    for rel, arr, bits in frames:
+        stream = roundtrip(arr, bits)
+        assert len(stream) * 8 / arr.size < bits, rel
