@@ -115,22 +115,28 @@ def _sha256_from(path: Path, offset: int) -> tuple[str, int]:
 
 
 def _check_complete(ds: Dataset, file_size: int) -> None:
-    """Reject a data set whose last element claims more bytes than arrived.
+    """Reject a data set that is cut short or followed by bytes that are not elements.
 
-    pydicom silently shortens a truncated final value, so compare each top-level element's
-    declared extent with the file size before any value is converted.
+    pydicom silently shortens a truncated final value and stops at a partial element header,
+    so compare the elements' extent with the file size before any value is converted.
     """
     end = 0
+    measurable = True
     for raw in ds._dict.values():
         tell = getattr(raw, "value_tell", None)
         length = getattr(raw, "length", None)
-        if tell is None or length is None or length == 0xFFFFFFFF:
+        if tell is None or length is None:
             continue
+        if length == 0xFFFFFFFF:
+            if raw.value is None:  # deferred: its end is not known without reading it
+                measurable = False
+                continue
+            length = len(raw.value) + 8  # the value, then the Sequence Delimitation Item
         end = max(end, tell + length)
-    if end > file_size:
+    if end > file_size or (measurable and end != file_size):
         raise InvalidObjectError(
             RejectReason.UNPARSABLE,
-            f"data set is truncated: elements need {end} bytes, {file_size} arrived",
+            f"data set elements span {end} bytes but {file_size} arrived",
         )
 
 

@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, PatientRootQueryRetrieveInformationModelFind
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
 )
@@ -52,6 +53,7 @@ STATUS_BY_STORE_RESULT = {
 }
 
 _PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,

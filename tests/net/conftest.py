@@ -1,0 +1,71 @@
+"""A real node on a free loopback port, on SQLite and on PostgreSQL (``db_url``)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from medzip_scp.archive import Archive
+from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
+from medzip_scp.net.server import start_server
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningNode:
+    settings: Settings
+    archive: Archive
+    host: str
+    port: int
+
+    @property
+    def ae_title(self) -> str:
+        return self.settings.node.ae_title
+
+    def add_move_destination(self, ae_title: str, host: str, port: int) -> None:
+        self.settings.retrieve.destinations.append(
+            MoveDestination(ae_title=ae_title, host=host, port=port)
+        )
+
+
+def make_settings(data_dir: Path, db_url: str, **node: object) -> Settings:
+    return Settings(
+        node=NodeSettings(bind="127.0.0.1", port=free_port(), **node),
+        storage=StorageSettings(data_dir=data_dir, database_url=db_url),
+    )
+
+
+@pytest.fixture
+def node_settings(tmp_path: Path, db_url: str) -> Settings:
+    """Settings for a node; tests may adjust them before asking for ``node``."""
+    return make_settings(tmp_path / "data", db_url)
+
+
+@pytest.fixture
+def node(node_settings: Settings) -> Iterator[RunningNode]:
+    archive = Archive.open(node_settings)
+    server = start_server(archive, block=False)
+    assert server is not None
+    try:
+        yield RunningNode(node_settings, archive, "127.0.0.1", node_settings.node.port)
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real DICOM data not found at {SHARED_DATA} (see ../shared/data/README.md)")
+    return SHARED_DATA
