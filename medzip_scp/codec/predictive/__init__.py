@@ -42,7 +42,7 @@ Stream layout (little-endian; ``CODER_ID`` "pred-v1"):
 bytes      field
 =========  ==============================================================================
 4          magic ``b"MZPF"``
-1          format version (1)
+1          format version (2; version 1 streams still decode)
 1          bits of the frame (1..16)
 4, 4       rows, columns
 1          mode: 0 constant, 1 direct, 2 packed values, 3 raw
@@ -68,10 +68,11 @@ from . import _build
 
 __all__ = ["CODER_ID", "CorruptStreamError", "decode_frame", "encode_frame"]
 
-CODER_ID = "pred-v1"
+CODER_ID = "pred-v2"
 
 _MAGIC = b"MZPF"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # every version ever written must stay decodable
 _MODE_CONSTANT, _MODE_DIRECT, _MODE_PACKED, _MODE_RAW = 0, 1, 2, 3
 _PAD = 3
 # Causal neighbour offsets (dy, dx); must match OFF in _pred.c.
@@ -126,7 +127,7 @@ def _padded(img: npt.NDArray[np.uint16]) -> npt.NDArray[np.int64]:
 
 
 def _fit(
-    img: npt.NDArray[np.uint16], cfg: _Config, max_samples: int = 400_000
+    img: npt.NDArray[np.uint16], cfg: _Config, max_samples: int = 100_000
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
     """Choose class thresholds and fit one integer predictor per class (encoder only)."""
     lib = _build.load()
@@ -184,7 +185,9 @@ def _fit(
     return thr.astype(np.int32), q.astype(np.int32)
 
 
-def _encode_body(img: npt.NDArray[np.uint16], bits: int, cfg: _Config | None = None) -> bytes:
+def _encode_body(
+    img: npt.NDArray[np.uint16], bits: int, cfg: _Config | None = None, version: int = _VERSION
+) -> bytes:
     lib = _build.load()
     H, W = img.shape
     if cfg is None:
@@ -194,7 +197,7 @@ def _encode_body(img: npt.NDArray[np.uint16], bits: int, cfg: _Config | None = N
     cap = H * W * 3 + 4096
     out = np.empty(cap, np.uint8)
     n = lib.mz_encode(
-        _ptr(img, ctypes.c_uint16), H, W, bits, cfg.nn, K, cfg.shift,
+        version, _ptr(img, ctypes.c_uint16), H, W, bits, cfg.nn, K, cfg.shift,
         _ptr(thr, ctypes.c_int32), _ptr(coef, ctypes.c_int32), _ptr(out, ctypes.c_uint8), cap,
     )
     if n < 0:
@@ -314,7 +317,9 @@ def _inflate(blob: bytes, what: str) -> bytes:
         raise CorruptStreamError(f"predictive stream: corrupted {what} ({exc})") from exc
 
 
-def _decode_body(rd: _Reader, H: int, W: int, max_bits: int) -> npt.NDArray[np.uint16]:
+def _decode_body(
+    rd: _Reader, H: int, W: int, max_bits: int, version: int
+) -> npt.NDArray[np.uint16]:
     lib = _build.load()
     cbits, nn, K, shift = rd.unpack("<BBBB")
     if not (1 <= cbits <= max_bits and 1 <= nn <= _MAX_NN and 1 <= K <= _MAX_K
@@ -336,7 +341,7 @@ def _decode_body(rd: _Reader, H: int, W: int, max_bits: int) -> npt.NDArray[np.u
     payload = np.frombuffer(rd.take(n), np.uint8).copy()
     img = np.empty((H, W), np.uint16)
     rc = lib.mz_decode(
-        _ptr(payload, ctypes.c_uint8), n, H, W, cbits, nn, K, shift,
+        version, _ptr(payload, ctypes.c_uint8), n, H, W, cbits, nn, K, shift,
         _ptr(thr, ctypes.c_int32), _ptr(coef, ctypes.c_int32), _ptr(img, ctypes.c_uint16),
     )
     if rc != 0:
@@ -373,9 +378,9 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
             f"not a predictive-coder stream: magic {magic!r}, expected {_MAGIC!r}"
         )
     version, sbits, H, W = rd.unpack("<BBII")
-    if version != _VERSION:
+    if version not in _READABLE_VERSIONS:
         raise CorruptStreamError(
-            f"predictive stream version {version} is not supported (this is {_VERSION})"
+            f"predictive stream version {version} is not supported (this build reads {_READABLE_VERSIONS})"
         )
     exp = (tuple(int(s) for s in shape), int(bits))
     if ((H, W), sbits) != exp:
@@ -390,14 +395,14 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
         (v,) = rd.unpack("<H")
         img = np.full((H, W), v, np.uint16)
     elif mode == _MODE_DIRECT:
-        img = _decode_body(rd, H, W, sbits)
+        img = _decode_body(rd, H, W, sbits, version)
     elif mode == _MODE_PACKED:
         lo, hi, tlen = rd.unpack("<HHI")
         used = np.unpackbits(np.frombuffer(_inflate(rd.take(tlen), "value table"), np.uint8))
         if hi < lo or used.size < hi - lo + 1:
             raise CorruptStreamError("predictive stream: corrupted value table")
         lut = (np.flatnonzero(used[:hi - lo + 1]) + lo).astype(np.uint16)
-        ranks = _decode_body(rd, H, W, 16)
+        ranks = _decode_body(rd, H, W, 16, version)
         if lut.size == 0 or int(ranks.max()) >= lut.size:
             raise CorruptStreamError("predictive stream: value rank outside the value table")
         img = lut[ranks]

@@ -53,11 +53,13 @@ static inline int code_raw(Coder *c, uint32_t p1, int bit) {
 /* ------------------------------------------------------------------ adaptive probabilities */
 
 /* state: high 16 bits probability of a one (scaled to 65536), low bits a hit counter. */
+static void init_mix_tables(void);
 static int RECIP[1024];
 static int tables_ready = 0;
 static void init_tables(void) {
     if (tables_ready) return;
     for (int i = 0; i < 1024; i++) RECIP[i] = 65536 / (i + 2);
+    init_mix_tables();
     tables_ready = 1;
 }
 
@@ -75,6 +77,70 @@ static inline int code_bit(Coder *c, Prob *s, int limit, int bit) {
     int d = target - (int)s->p;
     s->p = (uint16_t)((int)s->p + (int)(((int64_t)d * RECIP[s->n]) >> 16));
     if (s->n < limit) s->n++;
+    return bit;
+}
+
+/* ---------------------------------------------- logistic mixing (format version 2 and later) */
+
+static int SQT[33] = {1, 2, 3, 6, 10, 16, 27, 45, 73, 120, 194, 310, 488, 747, 1101, 1546, 2047,
+                      2549, 2994, 3348, 3607, 3785, 3901, 3975, 4022, 4050, 4068, 4079, 4085,
+                      4089, 4092, 4093, 4094};
+static int STRETCH[4096];
+
+/* 1/(1+exp(-d/256)) scaled to 12 bits; d in 1/256 units */
+static inline int squash(int d) {
+    if (d > 2047) return 4095;
+    if (d < -2047) return 1;
+    int w = d & 127;
+    int i = (d + 2048) / 128;  /* d >= -2047: non-negative numerator, plain division */
+    return (SQT[i] * (128 - w) + SQT[i + 1] * w + 64) >> 7;
+}
+
+static void init_mix_tables(void) {
+    int pi = 0;
+    for (int x = -2047; x <= 2047; x++) {
+        int v = squash(x);
+        for (int j = pi; j <= v; j++) STRETCH[j] = x;
+        pi = v + 1;
+    }
+    for (int j = pi; j < 4096; j++) STRETCH[j] = 2047;
+}
+
+#define NI 4  /* inputs: three models and a bias */
+typedef struct { int32_t w[NI]; } Mixer;
+
+static inline void mixer_init(Mixer *m, int n) {
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < NI - 1; j++) m[i].w[j] = 22000;
+        m[i].w[NI - 1] = 0;
+    }
+}
+
+static inline void prob_update(Prob *s, int limit, int bit) {
+    int target = bit ? 65535 : 0;
+    int d = target - (int)s->p;
+    s->p = (uint16_t)((int)s->p + (int)(((int64_t)d * RECIP[s->n]) >> 16));
+    if (s->n < limit) s->n++;
+}
+
+/* code one decision with the mixed prediction of three adaptive models */
+static inline int code_mix(Coder *c, Prob *a, Prob *b, Prob *d, Mixer *mx, int limit, int bit) {
+    int st[NI];
+    st[0] = STRETCH[a->p >> 4];
+    st[1] = STRETCH[b->p >> 4];
+    st[2] = STRETCH[d->p >> 4];
+    st[3] = 256;
+    int64_t dot = 0;
+    for (int i = 0; i < NI; i++) dot += (int64_t)mx->w[i] * st[i];
+    int pr = squash((int)(dot >> 16));
+    uint32_t p16 = (uint32_t)pr * 16 + 8;
+    if (p16 < 32) p16 = 32; else if (p16 > 65536 - 32) p16 = 65536 - 32;
+    bit = code_raw(c, p16, bit);
+    int err = ((bit << 12) - pr) * 6;
+    for (int i = 0; i < NI; i++) mx->w[i] += (st[i] * err + 0x2000) >> 14;
+    prob_update(a, limit, bit);
+    prob_update(b, limit, bit);
+    prob_update(d, limit, bit);
     return bit;
 }
 
@@ -140,6 +206,7 @@ static inline int activity(const int32_t *p, int S) {
 /* ------------------------------------------------------------------ model */
 
 typedef struct {
+    int ver;
     int nn, K, shift;
     const int32_t *thr;    /* K-1 ascending thresholds on activity */
     const int32_t *coef;   /* K * nn fixed-point coefficients (2^-shift) */
@@ -153,6 +220,19 @@ typedef struct {
     Prob sign[3][3][NQB];
     int32_t bsum[MAXK][64][NQB];
     int32_t bcnt[MAXK][64][NQB];
+    /* version 2: second and third models and the mixers */
+    Prob zero2[12][12][3];
+    Prob zero3[MAXK][NQB][3];
+    Prob big2[20][12][12];
+    Prob big3[20][MAXK][NQB];
+    Prob mant2[20][2][12][12];
+    Prob mant3[20][2][MAXK];
+    Prob sign2[3][3][3][3];
+    Prob sign3[MAXK][4][4];
+    Mixer mzero[NQ];
+    Mixer mbig[20][NQB];
+    Mixer mmant[20][4];
+    Mixer msign[NQB];
 } Model;
 
 static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_t *src) {
@@ -169,7 +249,20 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
     prob_init(&m->sign[0][0][0], sizeof(m->sign) / sizeof(Prob));
     memset(m->bsum, 0, sizeof(m->bsum));
     memset(m->bcnt, 0, sizeof(m->bcnt));
-    const int LIM = 255;
+    prob_init(&m->zero2[0][0][0], sizeof(m->zero2) / sizeof(Prob));
+    prob_init(&m->zero3[0][0][0], sizeof(m->zero3) / sizeof(Prob));
+    prob_init(&m->big2[0][0][0], sizeof(m->big2) / sizeof(Prob));
+    prob_init(&m->big3[0][0][0], sizeof(m->big3) / sizeof(Prob));
+    prob_init(&m->mant2[0][0][0][0], sizeof(m->mant2) / sizeof(Prob));
+    prob_init(&m->mant3[0][0][0], sizeof(m->mant3) / sizeof(Prob));
+    prob_init(&m->sign2[0][0][0][0], sizeof(m->sign2) / sizeof(Prob));
+    prob_init(&m->sign3[0][0][0], sizeof(m->sign3) / sizeof(Prob));
+    mixer_init(&m->mzero[0], sizeof(m->mzero) / sizeof(Mixer));
+    mixer_init(&m->mbig[0][0], sizeof(m->mbig) / sizeof(Mixer));
+    mixer_init(&m->mmant[0][0], sizeof(m->mmant) / sizeof(Mixer));
+    mixer_init(&m->msign[0], sizeof(m->msign) / sizeof(Mixer));
+    const int v2 = P->ver >= 2;
+    const int LIM = P->ver >= 2 ? 1000 : 255;
     const int sh = P->shift;
 
     for (int y = 0; y < H; y++) {
@@ -221,25 +314,50 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
             int sg = r < 0;
             int ez = (e[-1] > 0) - (e[-1] < 0) + 1, nz = (e[-S] > 0) - (e[-S] < 0) + 1;
             int zc = (pred == 0) ? 1 : (pred == maxv ? 2 : 0);
-            int isz = code_bit(c, &m->zero[q][zc], LIM, mag == 0);
+            /* version 2 side contexts: the two nearest residuals, the class and local texture */
+            int qw = qlog((uint32_t)iabs(e[-1])), qn = qlog((uint32_t)iabs(e[-S]));
+            if (qw > 11) qw = 11;
+            if (qn > 11) qn = 11;
+            int qd = qlog((uint32_t)(iabs(e[-S - 1]) + iabs(e[-S + 1]) + iabs(e[-2]) + iabs(e[-2 * S])));
+            int qd3 = qd / 2 > NQB - 1 ? NQB - 1 : qd / 2;
+            int isz;
+            if (v2) isz = code_mix(c, &m->zero[q][zc], &m->zero2[qw][qn][zc], &m->zero3[cls][qd3][zc],
+                                   &m->mzero[q], LIM, mag == 0);
+            else isz = code_bit(c, &m->zero[q][zc], LIM, mag == 0);
             int M = 0;
             if (!isz) {
                 int maxk = bits + 1;  /* magnitude < 2^bits */
                 int k = 1;            /* M in [2^(k-1), 2^k) */
                 while (k < maxk - 1 && k < 19) {
-                    if (!code_bit(c, &m->big[q][k], LIM, mag >= (1 << k))) break;
+                    int bit = mag >= (1 << k);
+                    if (v2) bit = code_mix(c, &m->big[q][k], &m->big2[k][qw][qn], &m->big3[k][cls][qd3],
+                                           &m->mbig[k][qb], LIM, bit);
+                    else bit = code_bit(c, &m->big[q][k], LIM, bit);
+                    if (!bit) break;
                     k++;
                 }
                 M = 1;
                 for (int b = k - 2; b >= 0; b--) {
                     int bit = (mag >> b) & 1;
                     int pos = k - 2 - b;
-                    if (pos < 2) bit = code_bit(c, &m->mant[k][qb][pos * 2 + (M & 1)], LIM, bit);
+                    if (pos < 2) {
+                        if (v2) bit = code_mix(c, &m->mant[k][qb][pos * 2 + (M & 1)],
+                                               &m->mant2[k][pos][qw][qn], &m->mant3[k][pos][cls],
+                                               &m->mmant[k][pos * 2 + (M & 1)], LIM, bit);
+                        else bit = code_bit(c, &m->mant[k][qb][pos * 2 + (M & 1)], LIM, bit);
+                    }
                     else bit = code_bit(c, &m->low[k][b < 19 ? b : 19], LIM, bit);
                     M = 2 * M + bit;
                 }
                 if (zc == 1) sg = 0;
                 else if (zc == 2) sg = 1;
+                else if (v2) {
+                    int ewz = (e[-2] > 0) - (e[-2] < 0) + 1, nwz = (e[-S - 1] > 0) - (e[-S - 1] < 0) + 1;
+                    int frac = ((pred16 - 8) & 15) >> 2;   /* where the prediction fell in its bin */
+                    int kk = k > 3 ? 3 : k;
+                    sg = code_mix(c, &m->sign[ez][nz][qb], &m->sign2[ez][nz][ewz][nwz],
+                                  &m->sign3[cls][frac][kk], &m->msign[qb], LIM, sg);
+                }
                 else sg = code_bit(c, &m->sign[ez][nz][qb], LIM, sg);
                 r = sg ? -M : M;
             } else {
@@ -273,6 +391,9 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
 }
 
 /* ------------------------------------------------------------------ exported API */
+
+/* fill the constant tables; called once by the loader, before any other entry point */
+void mz_init(void) { init_tables(); }
 
 /* activity of every pixel (encoder side, for choosing classes and fitting predictors) */
 int mz_activity(const uint16_t *img, int H, int W, int32_t *act) {
@@ -309,17 +430,18 @@ int mz_neighbours(const uint16_t *img, int H, int W, int nn, int32_t *out) {
     return 0;
 }
 
-static int check_params(int H, int W, int bits, int nn, int K, int shift) {
+static int check_params(int ver, int H, int W, int bits, int nn, int K, int shift) {
+    if (ver < 1 || ver > 2) return -3;
     if (H < 1 || W < 1 || bits < 1 || bits > 16) return -3;
     if (nn < 1 || nn > MAXNN || K < 1 || K > MAXK || shift < 5 || shift > 24) return -3;
     return 0;
 }
 
-int64_t mz_encode(const uint16_t *img, int H, int W, int bits, int nn, int K, int shift,
+int64_t mz_encode(int ver, const uint16_t *img, int H, int W, int bits, int nn, int K, int shift,
                   const int32_t *thr, const int32_t *coef, uint8_t *out, int64_t cap) {
     init_tables();
-    if (check_params(H, W, bits, nn, K, shift)) return -3;
-    Params P = {nn, K, shift, thr, coef};
+    if (check_params(ver, H, W, bits, nn, K, shift)) return -3;
+    Params P = {ver, nn, K, shift, thr, coef};
     Img im;
     if (img_alloc(&im, H, W)) return -1;
     int32_t *src = (int32_t *)malloc(sizeof(int32_t) * (size_t)H * W);
@@ -335,11 +457,11 @@ int64_t mz_encode(const uint16_t *img, int H, int W, int bits, int nn, int K, in
     return c.pos;
 }
 
-int mz_decode(const uint8_t *data, int64_t len, int H, int W, int bits, int nn, int K, int shift,
+int mz_decode(int ver, const uint8_t *data, int64_t len, int H, int W, int bits, int nn, int K, int shift,
               const int32_t *thr, const int32_t *coef, uint16_t *img) {
     init_tables();
-    if (check_params(H, W, bits, nn, K, shift)) return -3;
-    Params P = {nn, K, shift, thr, coef};
+    if (check_params(ver, H, W, bits, nn, K, shift)) return -3;
+    Params P = {ver, nn, K, shift, thr, coef};
     Img im;
     if (img_alloc(&im, H, W)) return -1;
     Coder c = {0, 0xffffffffu, 0, (uint8_t *)data, 0, len, 1, 0};

@@ -31,7 +31,7 @@ def roundtrip(frame: np.ndarray, bits: int) -> bytes:
 
 
 def test_coder_id() -> None:
-    assert CODER_ID == "pred-v1"
+    assert CODER_ID == "pred-v2"
 
 
 @pytest.mark.parametrize("bits", range(1, 17))
@@ -229,3 +229,28 @@ def test_real_frames() -> None:
     for rel, arr, bits in frames:
         stream = roundtrip(arr, bits)
         assert len(stream) * 8 / arr.size < bits, rel
+
+
+# Streams written by pred-v1 (format version 1); they must decode forever.
+GOLDEN_V1 = (
+    "TVpQRgEMGAAAABQAAAACDABhBbYAAAB42gGrAFT/gAAAAJIAEAEBCAAICIBBEAAAjiAAQ0IAAKHAQkCAxsaCAKIJFEAoVBEvsgoCBPjAWYApRlMTaVyUQ4ATKC3VIq6MZYgKcKaHCixZVDQapFDMxDVkQntSBcKSE6JRxNtJAAszCVlWwOiiqlldZIm0CDR8RKTVEEFxESSq2YGgAkhRkOmig0RGAGAREVAJhEkFgAQQRgBUAGEIACEBEgGBAgCQAACQIAAAQAAMm3c0HgkEAQgWAAAAeNqbwsDAoAXEa////z8DSAMAJP4FAS8BAACAf7qvNnyUf+tE8Yh29sbqDToWSrTId8A5ryqmaZW1gwc3KoY2vZ+KA9//VggGhmMTATQky3A8HFeYQrTCBuZ6sLJkkipszkqJX3kXDcqsJVA3BN7UoX2Qo/aTzcZcTc8o1UaeAdBE9W6qoJs+CG7eea7U7ifXs80MQOpkbaaKOM1vYQKyMZxI+OfAxjyhT9wvnPPwrgWbeISjWHK7GzyVNpBQ8OQwikC1YpZYAvU+w+nsZR66mkuZn+r1uGo22BtOvIBDo5Fv5MjkEYVWq2fxIuQme9EbDSROnsrsBW5knuLyVRdTaZPuehwCv4iJb7r152krYdpVtxbWwTxENg4O8g9B6c97LtMUejsD0Xx3AFLVfsGz6TOAVCDCfj0vyQbBzKN9P3C2IuAH0Fm6FYF3/LSL",
+    "TVpQRgEMHgAAAB4AAAACAACQABMAAAB42mtwUBDgYGFiZGiAMwAbiAJ/BQQBCBMAAAB42nvMwMDACMSqQMwKxAAPiAEPlgAAAIe//lpQqM3eqMaOWso2C/5121kBPWmR4bC9Ym7Es5b8LSuTSumV/2TSyNEXwU2j0mvUKYuOSCUYE8q5Z47pPlN7OIPTXrCLJXlrw0ezNCjoBZ4TYNCKmw7dHemZYcIucXPIReY+SHFfDWAf+T2bhY6xz0RL/dBQbqtHb+6wctoxeCykQKlZIWtGp0SY9JiF/8gnjgxhnArBpLk=",
+)
+
+
+def _golden_frames() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2024)
+    yy, xx = np.mgrid[0:24, 0:20]
+    f = np.clip(yy * 40 + xx * 25 + rng.normal(0, 12, yy.shape), 0, 4095).astype(np.uint16)
+    g = (np.arange(30 * 30).reshape(30, 30) % 17 * 9).astype(np.uint16)
+    return f, g
+
+
+def test_version_1_streams_still_decode() -> None:
+    import base64
+
+    f, g = _golden_frames()
+    for b64, frame in zip(GOLDEN_V1, (f, g), strict=True):
+        stream = base64.b64decode(b64)
+        assert stream[4] == 1
+        np.testing.assert_array_equal(decode_frame(stream, frame.shape, 12), frame)
