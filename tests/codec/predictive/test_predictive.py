@@ -254,3 +254,15 @@ def test_version_1_streams_still_decode() -> None:
         stream = base64.b64decode(b64)
         assert stream[4] == 1
         np.testing.assert_array_equal(decode_frame(stream, frame.shape, 12), frame)
+
+
+# sha256 of the pred-v2 stream of the first golden frame: a change here is a format change,
+# which needs a new version number (and the old one kept decodable), never an edit of this pin.
+GOLDEN_V2_SHA256 = "ee150edbd6370610e9897c47a4b855a9b1a626602923217cd1efee95875ffce9"
+
+
+def test_version_2_bitstream_is_pinned() -> None:
+    import hashlib
+
+    f, _ = _golden_frames()
+    assert hashlib.sha256(encode_frame(f, 12)).hexdigest() == GOLDEN_V2_SHA256
