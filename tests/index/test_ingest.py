@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import threading
 import warnings
+from typing import Any
 
 import pydicom
 import pytest
@@ -296,3 +298,47 @@ def test_add_instance_direct_call(db_session_factory: sessionmaker[Session]) -> 
         session.rollback()
         assert get_instance(session, str(ds.SOPInstanceUID)) is None
         assert inst.sop_instance_uid == ds.SOPInstanceUID
+
+
+def _process_worker(url: str, study_uid: str, series_uid: str, n: int, start: Any) -> None:
+    """One 'association' in its own process (multiprocessing spawn target)."""
+    from medzip_scp.index.db import create_engine_for, session_factory
+
+    engine = create_engine_for(url)
+    try:
+        factory = session_factory(engine)
+        start.wait(60)
+        for i in range(5):
+            with factory() as session:
+                store(
+                    session,
+                    make_ds(
+                        StudyInstanceUID=study_uid,
+                        SeriesInstanceUID=series_uid,
+                        InstanceNumber=n * 100 + i,
+                    ),
+                )
+                session.commit()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_concurrent_add_from_processes(db_url: str, db_engine: Any) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    study_uid, series_uid = generate_uid(prefix=UID_ROOT), generate_uid(prefix=UID_ROOT)
+    start = ctx.Event()
+    procs = [
+        ctx.Process(target=_process_worker, args=(db_url, study_uid, series_uid, n, start))
+        for n in range(4)
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with sessionmaker(bind=db_engine)() as session:
+        assert _count(session, Study) == 1
+        assert _count(session, Series) == 1
+        assert _count(session, Instance) == 20
