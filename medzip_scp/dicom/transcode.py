@@ -68,22 +68,22 @@ def convert(ds: Dataset, target: UID) -> Dataset:
     if original == target:
         return ds
     if not original.is_encapsulated and original != ExplicitVRBigEndian and target in NATIVE:
-        # pynetdicom re-encodes between uncompressed syntaxes itself when it writes the set.
-        ds.file_meta.TransferSyntaxUID = target
+        # Between uncompressed little-endian syntaxes pynetdicom re-encodes as it sends.
         return ds
     if original.is_encapsulated or original == ExplicitVRBigEndian:
         try:
-            ds.decompress()
+            # Same object in another syntax: it keeps its SOP Instance UID (pydicom makes a new
+            # one by default).
+            ds.decompress(generate_instance_uid=False)  # now Explicit VR Little Endian
         except Exception as exc:
             raise TranscodeError(
                 f"could not decompress {original.name} pixel data ({type(exc).__name__})"
             ) from None
-    if target in UNCOMPRESSED_LE:
-        ds.file_meta.TransferSyntaxUID = target
+    if target in NATIVE:
         return ds
     if target in LOSSLESS_TARGETS:
         try:
-            ds.compress(target)
+            ds.compress(target, generate_instance_uid=False)
         except Exception as exc:
             raise TranscodeError(
                 f"could not encode pixel data as {target.name} ({type(exc).__name__})"

@@ -81,6 +81,9 @@ def handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
             rejection,
         )
         assoc.acse.send_reject(*rejection)
+        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and
+        # the peer has closed (or the ARTIM timer fired) before the socket is shut down.
+        assoc.kill()
 
 
 def handle_echo(event: evt.Event, policy: AccessPolicy) -> int:

@@ -1,0 +1,255 @@
+"""C-ECHO, C-FIND, C-GET, C-MOVE and access control, driven by pynetdicom SCUs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    generate_uid,
+)
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from medzip_scp.config import PeerAE, Right, Settings
+from medzip_scp.net.status import Status
+from tests.net.conftest import RunningNode, free_port
+from tests.net.test_store import ct_dataset, store
+
+
+def _study(node: RunningNode, n: int = 3) -> tuple[str, list[Dataset]]:
+    study_uid = generate_uid()
+    series_uid = generate_uid()
+    sent = []
+    for i in range(n):
+        ds = ct_dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
+        ds.InstanceNumber = i + 1
+        assert store(node, ds) == Status.SUCCESS
+        sent.append(ds)
+    return study_uid, sent
+
+
+def _query(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_echo(node: RunningNode) -> None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == Status.SUCCESS
+    assoc.release()
+
+
+def test_wrong_called_ae_is_rejected(node: RunningNode) -> None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(node.host, node.port, ae_title="NOTMEDZIP")
+    assert assoc.is_rejected
+
+
+@pytest.fixture
+def allow_list_only(node_settings: Settings) -> Settings:
+    node_settings.access.allow_unknown_ae = False
+    node_settings.access.peers = [
+        PeerAE(ae_title="MODALITY", rights={Right.ECHO, Right.STORE}),
+        PeerAE(ae_title="ELSEWHERE", hosts=["10.1.2.3"], rights=set(Right)),
+    ]
+    return node_settings
+
+
+def test_allow_list_and_rights(allow_list_only: Settings, node: RunningNode) -> None:
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context(Verification)
+    assert ae.associate(node.host, node.port, ae_title=node.ae_title).is_rejected
+    ae = AE(ae_title="ELSEWHERE")  # known AE, but calling from the wrong host
+    ae.add_requested_context(Verification)
+    assert ae.associate(node.host, node.port, ae_title=node.ae_title).is_rejected
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == Status.SUCCESS
+    responses = list(
+        assoc.send_c_find(
+            _query("STUDY", StudyInstanceUID=""), StudyRootQueryRetrieveInformationModelFind
+        )
+    )
+    assoc.release()
+    assert [int(status.Status) for status, _ in responses] == [Status.NOT_AUTHORIZED]
+
+
+def test_find_one_response_per_study_with_counts(node: RunningNode) -> None:
+    study_uid, sent = _study(node, 3)
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    query = _query(
+        "STUDY", StudyInstanceUID="", NumberOfStudyRelatedInstances="", ModalitiesInStudy=""
+    )
+    results = [
+        identifier
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        )
+        if status.Status == Status.PENDING
+    ]
+    assoc.release()
+    assert len(results) == 1
+    assert results[0].StudyInstanceUID == study_uid
+    assert int(results[0].NumberOfStudyRelatedInstances) == 3
+    assert results[0].ModalitiesInStudy == sent[0].Modality
+    assert "PatientName" not in results[0]  # only requested keys come back
+
+
+def _get_ae(syntaxes: list[str], with_role: bool = True) -> tuple[AE, dict]:
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, syntaxes)
+    kwargs: dict = {}
+    if with_role:
+        kwargs["ext_neg"] = [build_role(CTImageStorage, scp_role=True)]
+    return ae, kwargs
+
+
+@pytest.mark.parametrize(
+    ("syntaxes", "with_role"),
+    [
+        ([ExplicitVRLittleEndian], True),
+        ([ImplicitVRLittleEndian], True),
+        ([JPEGLSLossless], True),  # only a compressed syntax: the node must transcode
+        ([ExplicitVRLittleEndian], False),  # Horos/OsiriX: no role selection
+    ],
+)
+def test_get_returns_identical_pixels(
+    node: RunningNode, syntaxes: list[str], with_role: bool
+) -> None:
+    study_uid, sent = _study(node, 2)
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae, kwargs = _get_ae(syntaxes, with_role)
+    assoc = ae.associate(
+        node.host,
+        node.port,
+        ae_title=node.ae_title,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        **kwargs,
+    )
+    assert assoc.is_established
+    if not with_role:
+        # Horos accepts C-STOREs on contexts it proposed without role selection; pynetdicom's
+        # SCU would refuse them (0x0122), so make this requestor as lenient as Horos.
+        for cx in assoc.accepted_contexts:
+            cx._as_scp = True
+    responses = list(
+        assoc.send_c_get(
+            _query("STUDY", StudyInstanceUID=study_uid), StudyRootQueryRetrieveInformationModelGet
+        )
+    )
+    assoc.release()
+    final = responses[-1][0]
+    assert final.Status == Status.SUCCESS
+    assert final.NumberOfCompletedSuboperations == 2
+    assert final.NumberOfFailedSuboperations == 0
+    by_uid = {ds.SOPInstanceUID: ds for ds in received}
+    assert set(by_uid) == {ds.SOPInstanceUID for ds in sent}
+    for original in sent:
+        back = by_uid[original.SOPInstanceUID]
+        assert back.file_meta.TransferSyntaxUID == syntaxes[0]
+        assert (back.pixel_array == original.pixel_array).all()
+        for elem in original:
+            if elem.tag != 0x7FE00010:
+                assert back[elem.tag].value == elem.value, elem.tag
+        if syntaxes[0] != JPEGLSLossless:
+            assert back.PixelData == original.PixelData
+
+
+@pytest.fixture
+def store_scp() -> Iterator[tuple[int, list[Dataset]]]:
+    received: list[Dataset] = []
+    lock = threading.Lock()
+
+    def on_store(event: evt.Event) -> int:
+        with lock:
+            received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    yield port, received
+    server.shutdown()
+
+
+def _move(node: RunningNode, study_uid: str, destination: str) -> list[Dataset]:
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    responses = [
+        status
+        for status, _ in assoc.send_c_move(
+            _query("STUDY", StudyInstanceUID=study_uid),
+            destination,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+    ]
+    assoc.release()
+    return responses
+
+
+def test_move_to_configured_destination(
+    node: RunningNode, store_scp: tuple[int, list[Dataset]]
+) -> None:
+    port, received = store_scp
+    node.add_move_destination("DEST", "127.0.0.1", port)
+    study_uid, sent = _study(node, 3)
+    final = _move(node, study_uid, "DEST")[-1]
+    assert final.Status == Status.SUCCESS
+    assert final.NumberOfCompletedSuboperations == 3
+    assert sorted(ds.SOPInstanceUID for ds in received) == sorted(ds.SOPInstanceUID for ds in sent)
+    for ds in received:
+        original = next(s for s in sent if s.SOPInstanceUID == ds.SOPInstanceUID)
+        assert ds.PixelData == original.PixelData
+
+
+def test_move_unknown_destination(node: RunningNode) -> None:
+    study_uid, _ = _study(node, 1)
+    final = _move(node, study_uid, "NOWHERE")[-1]
+    assert final.Status == Status.MOVE_DESTINATION_UNKNOWN
+
+
+def test_move_with_unreachable_destination_fails_cleanly(node: RunningNode, tmp_path: Path) -> None:
+    node.add_move_destination("DOWN", "127.0.0.1", free_port())
+    study_uid, _ = _study(node, 1)
+    final = _move(node, study_uid, "DOWN")[-1]
+    assert final.Status == Status.MOVE_DESTINATION_UNKNOWN  # 0xA801: cannot associate
+    # and the node keeps serving
+    assert store(node, ct_dataset()) == Status.SUCCESS
