@@ -40,6 +40,14 @@ class DuplicatePolicyValues(StrEnum):
     REPLACE = "replace"  # store the new copy; the old one stays as a superseded version
 
 
+def check_ae_title(value: str) -> str:
+    """PS3.5 AE VR: 1-16 characters, no backslash; surrounding spaces are not significant."""
+    value = value.strip()
+    if not 1 <= len(value) <= 16 or "\\" in value:
+        raise ValueError(f"AE title must be 1-16 characters without '\\', got {value!r}")
+    return value
+
+
 class NodeSettings(BaseModel):
     ae_title: str = Field("MEDZIP", description="Called AE title of this node (1-16 chars).")
     bind: str = Field("0.0.0.0", description="Address to listen on.")
@@ -49,13 +57,7 @@ class NodeSettings(BaseModel):
     network_timeout: float = Field(60.0, description="Seconds without network traffic.")
     dimse_timeout: float = Field(60.0, description="Seconds to wait for a DIMSE message.")
 
-    @field_validator("ae_title")
-    @classmethod
-    def _check_aet(cls, value: str) -> str:
-        value = value.strip()
-        if not 1 <= len(value) <= 16 or "\\" in value:
-            raise ValueError(f"AE title must be 1-16 characters without '\\', got {value!r}")
-        return value
+    _check_aet = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
 
 
 class StorageSettings(BaseModel):
@@ -85,6 +87,7 @@ class PeerAE(BaseModel):
     """A calling AE on the allow-list."""
 
     ae_title: str
+    _check_aet = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
     hosts: list[str] = Field(default_factory=list, description="Empty: any host.")
     rights: set[Right] = Field(default_factory=lambda: set(ALL_RIGHTS))
 
@@ -113,6 +116,8 @@ class MoveDestination(BaseModel):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+
+    _check_aet = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
 
 
 class RetrieveSettings(BaseModel):

@@ -11,7 +11,14 @@ from typing import Annotated
 
 import typer
 
-from medzip_scp.config import EXAMPLE_CONFIG, Settings, load_settings, parse_destination
+from medzip_scp.config import (
+    EXAMPLE_CONFIG,
+    NodeSettings,
+    Settings,
+    StorageSettings,
+    load_settings,
+    parse_destination,
+)
 
 app = typer.Typer(help="medzip: a lossless DICOM archive node.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration helpers.", no_args_is_help=True)
@@ -37,18 +44,17 @@ def _settings(
     move_destinations: list[str] | None = None,
 ) -> Settings:
     settings = load_settings(config)
-    if data_dir is not None:
-        settings.storage.data_dir = data_dir
-    if port is not None:
-        settings.node.port = port
-    if aet is not None:
-        settings.node.ae_title = aet
+    # Flags beat the environment: apply them to the validated sections, not as init values.
+    storage = {"data_dir": data_dir} if data_dir is not None else {}
+    node = {k: v for k, v in (("port", port), ("ae_title", aet)) if v is not None}
+    settings.storage = StorageSettings.model_validate(settings.storage.model_dump() | storage)
+    settings.node = NodeSettings.model_validate(settings.node.model_dump() | node)
     for text in move_destinations or []:
         dest = parse_destination(text)
         settings.retrieve.destinations = [
             d for d in settings.retrieve.destinations if d.ae_title != dest.ae_title
         ] + [dest]
-    return Settings.model_validate(settings.model_dump())
+    return settings
 
 
 def _logging(level: str) -> None:

@@ -1,0 +1,63 @@
+"""Configuration: defaults, TOML file, environment and flag precedence."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medzip_scp.cli.main import _settings, app
+from medzip_scp.config import EXAMPLE_CONFIG, DuplicatePolicyValues, Settings, parse_destination
+
+
+def test_defaults_are_the_quick_start_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("MEDZIP_"):
+            monkeypatch.delenv(key)
+    s = Settings()
+    assert (s.node.ae_title, s.node.port) == ("MEDZIP", 11112)
+    assert s.storage.resolved_database_url().startswith("sqlite:///")
+    assert s.access.unknown_ae_hosts == ["127.0.0.1/32", "::1/128"]
+    assert s.storage.duplicate_policy is DuplicatePolicyValues.REJECT
+
+
+def test_example_config_is_valid_and_matches_defaults() -> None:
+    from_example = Settings(**tomllib.loads(EXAMPLE_CONFIG))
+    assert from_example.model_dump() == Settings().model_dump()
+
+
+def test_precedence_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "medzip.toml"
+    config.write_text('[node]\nport = 2000\nae_title = "FROMFILE"\n[storage]\ndata_dir = "/x"\n')
+    monkeypatch.setenv("MEDZIP_NODE__PORT", "3000")
+    s = _settings(config)
+    assert (s.node.port, s.node.ae_title, s.storage.data_dir) == (3000, "FROMFILE", Path("/x"))
+    s = _settings(
+        config, data_dir=tmp_path, port=4000, aet="FLAG", move_destinations=["VIEWER=10.0.0.5:104"]
+    )
+    assert (s.node.port, s.node.ae_title, s.storage.data_dir) == (4000, "FLAG", tmp_path)
+    dest = s.move_destination("VIEWER")
+    assert dest is not None and (dest.host, dest.port) == ("10.0.0.5", 104)
+
+
+@pytest.mark.parametrize("bad", ["VIEWER", "VIEWER=host", "=h:1", "V=h:notaport"])
+def test_bad_move_destination(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_destination(bad)
+
+
+def test_bad_ae_title_rejected() -> None:
+    with pytest.raises(ValueError):
+        Settings(node={"ae_title": "THIS_TITLE_IS_TOO_LONG"})
+
+
+def test_cli_config_example_and_keys(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["config", "example"])
+    assert result.exit_code == 0 and "[access]" in result.output
+    result = runner.invoke(app, ["keys", "show", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    key_text = (tmp_path / "keys" / "blob.key").read_text().strip()
+    assert key_text not in result.output
