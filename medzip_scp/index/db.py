@@ -33,6 +33,7 @@ from alembic import command
 
 __all__ = [
     "SQLITE_BEGIN_OPTION",
+    "SQLITE_LOWER_FUNCTION",
     "MIGRATION_COMPARE_OPTIONS",
     "alembic_config",
     "create_engine_for",
@@ -47,6 +48,13 @@ SQLITE_BEGIN_OPTION = "medzip_sqlite_begin"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: SQL function registered on SQLite connections: Python's ``str.lower``.
+SQLITE_LOWER_FUNCTION = "medzip_lower"
+
+
+def _py_lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
 
 def _repo_root() -> Path:
     return Path(medzip_scp.__file__).resolve().parents[1]
@@ -59,6 +67,9 @@ def _install_sqlite_events(engine: Engine) -> None:
         # isolation_level None the driver is in autocommit mode, which PRAGMA
         # journal_mode needs.
         dbapi_connection.isolation_level = None
+        # Unicode-aware lower() for case-insensitive PN matching (SQLite's own
+        # lower()/LIKE fold ASCII only); see medzip_scp.index.query.
+        dbapi_connection.create_function(SQLITE_LOWER_FUNCTION, 1, _py_lower, deterministic=True)
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")

@@ -3,8 +3,8 @@
 :func:`attributes_from_dataset` extracts what the tables store from a pydicom
 dataset; :func:`add_instance` and :func:`replace_instance` write it. The caller owns
 the transaction: these functions flush but never commit, so the node acknowledges a
-C-STORE only after its own ``session.commit()`` (PS3.4 B.2.3: the SCP shall not
-report success before the instance is stored).
+C-STORE only after its own ``session.commit()`` (PS3.4 Annex B: success means the
+SCP has stored the instance).
 
 Concurrency: several associations (threads or processes) may store instances of the
 same new study at once. Patient, study and series rows are created with

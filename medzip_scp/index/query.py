@@ -20,8 +20,8 @@ IMAGE levels, with the attribute matching of C.2.2.2:
 
 An entity whose attribute is empty matches only universal matching. Exactly one
 response is returned per matching entity of the query level (C.4.1.3.1.1). A key
-that the level does not support is returned zero-length (C.4.1.1.3.1 "... shall
-return ... zero length").
+that the level does not support is returned with zero length in the response
+identifier (C.4.1.1.3.2).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
+from medzip_scp.index.db import SQLITE_LOWER_FUNCTION
 from medzip_scp.index.errors import IndexError_
 from medzip_scp.index.ingest import normalise_da, normalise_tm
 from medzip_scp.index.models import Instance, Patient, Series, Study
@@ -181,6 +182,19 @@ def _values(elem: DataElement) -> list[str]:
     return items
 
 
+def _elements(identifier: Dataset) -> list[DataElement]:
+    """The identifier's top-level elements, decoded; undecodable values are a QueryError."""
+    elements: list[DataElement] = []
+    for tag in list(identifier.keys()):
+        try:
+            elements.append(identifier[tag])
+        except Exception as exc:  # pydicom raises various types for malformed values
+            raise QueryError(
+                f"the identifier element {tag} cannot be decoded ({type(exc).__name__})"
+            ) from None
+    return elements
+
+
 def _allowed_keys(model: QueryModel, level: QueryLevel) -> dict[str, _Key]:
     """Keys matchable/returnable at ``level`` of ``model`` (PS3.4 C.6.1.1, C.6.2.1)."""
     allowed = {k: v for k, v in _KEYS.items() if v.level == level}
@@ -267,6 +281,10 @@ class _Matcher:
         has_wild = vr in _WILDCARD_VRS and ("*" in value or "?" in value)
         if vr == "PN":
             pattern = _wildcard_to_like(value) if has_wild else _escape_like(value)
+            if self.dialect == "sqlite":
+                # SQLite folds ASCII only; use the Unicode-aware function db.py registers.
+                folded = getattr(func, SQLITE_LOWER_FUNCTION)(column)
+                return folded.like(pattern.lower(), escape="\\")
             return column.ilike(pattern, escape="\\")
         if not has_wild:
             return column == value
@@ -452,10 +470,10 @@ def _base_select(level: QueryLevel, columns: Sequence[Any]) -> Select[Any]:
 
 
 def _conditions(
-    matcher: _Matcher, allowed: dict[str, _Key], identifier: Dataset
+    matcher: _Matcher, allowed: dict[str, _Key], elements: Sequence[DataElement]
 ) -> list[ColumnElement[bool]]:
     conds: list[ColumnElement[bool]] = []
-    for elem in identifier:
+    for elem in elements:
         key = allowed.get(elem.keyword)
         if key is None:
             continue
@@ -532,7 +550,7 @@ def find(
         of the levels above the query level must be present (C.4.1.2.1).
     is_cancelled : callable, optional
         Checked before each response is yielded; the query stops when it returns
-        true (C-CANCEL, PS3.4 C.4.1.2.3).
+        true (C-CANCEL, PS3.4 C.4.1).
 
     Yields
     ------
@@ -547,6 +565,7 @@ def find(
     QueryError
         For an invalid identifier (raised by the call itself, before any row is read).
     """
+    elements = _elements(identifier)
     level = _validate(model, identifier, retrieve=False)
     dialect = session.get_bind().dialect.name
     matcher = _Matcher(dialect)
@@ -554,7 +573,7 @@ def find(
 
     requested: list[DataElement] = []
     charset_requested = False
-    for elem in identifier:
+    for elem in elements:
         if elem.tag.element == 0 or elem.keyword == "QueryRetrieveLevel":
             continue
         if elem.keyword == "SpecificCharacterSet":
@@ -600,7 +619,7 @@ def find(
         "IMAGE": Instance.id,
     }[level]
     stmt = _base_select(level, columns)
-    conds = _conditions(matcher, allowed, identifier)
+    conds = _conditions(matcher, allowed, elements)
     if conds:
         stmt = stmt.where(and_(true(), *conds))
     stmt = stmt.order_by(entity_id)
@@ -689,10 +708,11 @@ def find_instances(session: Session, model: QueryModel, identifier: Dataset) -> 
         For an invalid identifier, including an empty or wildcard unique key of the
         retrieve level (which would designate the whole archive).
     """
+    elements = _elements(identifier)
     level = _validate(model, identifier, retrieve=True)
     matcher = _Matcher(session.get_bind().dialect.name)
     allowed = _allowed_keys(model, level)
-    conds = _conditions(matcher, allowed, identifier)
+    conds = _conditions(matcher, allowed, elements)
     stmt = (
         select(Instance)
         .join(Series, Instance.series_fk == Series.id)

@@ -210,6 +210,9 @@ def test_image_level_series_list(sessions: sessionmaker[Session]) -> None:
         ("*^anna", ["PID-2"]),
         ("*", ["AB%CD", "ABxCD", "PID-1", "PID-2"]),  # * = universal
         ("müller*", ["AB%CD"]),
+        ("MÜLLER^JÖRG", ["AB%CD"]),  # non-ASCII case folding on both dialects
+        ("*%*", []),  # LIKE metacharacters are literal in PN too
+        ("Doe_John", []),
     ],
 )
 def test_pn_matching(sessions: sessionmaker[Session], query: str, expected: list[str]) -> None:
