@@ -1,0 +1,365 @@
+"""End to end with DCMTK's command-line peers: the node as a modality and a viewer see it.
+
+One node per database (module scope) receives every file of ``../shared/data/conformance``
+and ``../shared/data/mr-epi`` once from ``/usr/bin/storescu`` (each file proposed and sent
+in its own transfer syntax); the tests then query and retrieve it with ``findscu``,
+``getscu``, ``movescu`` (to a ``storescp``) and an in-process pynetdicom SCU, and compare
+every retrieved object with the file that was sent, element by element and pixel by pixel
+(``dicom_compare.differences``). The expected patients, studies, series, instances and
+counts are computed from the files with pydicom.
+
+The conformance corpus reuses SOP Instance UIDs across files (the same image in several
+transfer syntaxes): the first copy stored wins, a later differing copy is refused with
+0x0111 (duplicate policy ``reject``), an identical one is an idempotent success.
+``966.dcm`` (a J2K stream that does not decode) is sent on its own first, so that the
+undecodable object is the archived one and retrieval without J2K exercises the failure path.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, _config
+from sqlalchemy import func, select
+
+from medzip_scp.archive import Archive
+from medzip_scp.dicom.part10 import dataset_offset
+from medzip_scp.index.models import Instance
+from medzip_scp.net.server import start_server
+from tests.net.conftest import RunningNode, make_settings
+
+BIN = Path("/usr/bin")
+DCMTK_TOOLS = ("echoscu", "storescu", "findscu", "getscu", "movescu", "storescp")
+FOLDERS = ("conformance", "mr-epi")
+CALLING = "E2E_SCU"
+UNDECODABLE = "conformance/JPEG2000Lossless/966.dcm"
+NO_SOP_INSTANCE = "conformance/JPEGLosslessSV1/JPEGLosslessP14SV1_1s_1f_u_16_16.dcm"
+TOOL_TIMEOUT = 120
+NO_UID_REQUEST_UID = "1.2.826.0.1.3680043.8.498.999999"
+
+pytestmark = [
+    pytest.mark.dcmtk,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all((BIN / tool).exists() for tool in DCMTK_TOOLS),
+        reason="DCMTK is not installed (/usr/bin/storescu etc.): apt-get install dcmtk",
+    ),
+]
+
+
+# ------------------------------------------------------------------------- the files
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    rel: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: UID
+    study_uid: str
+    series_uid: str
+    patient_key: tuple[str, str]  # (PatientID, IssuerOfPatientID)
+    modality: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def scan_files(root: Path) -> tuple[list[SourceFile], list[Path]]:
+    """DICOM files with a SOP Instance UID, and DICOM files without one."""
+    files: list[SourceFile] = []
+    without_uid: list[Path] = []
+    for folder in FOLDERS:
+        for path in sorted((root / folder).rglob("*")):
+            if not path.is_file():
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:
+                continue  # LICENSE, __init__.py
+            if not _text(ds, "SOPInstanceUID"):
+                without_uid.append(path)
+                continue
+            files.append(
+                SourceFile(
+                    path=path,
+                    rel=str(path.relative_to(root)),
+                    sop_instance_uid=_text(ds, "SOPInstanceUID").replace(" ", ""),
+                    sop_class_uid=_text(ds, "SOPClassUID"),
+                    transfer_syntax=UID(ds.file_meta.TransferSyntaxUID),
+                    study_uid=_text(ds, "StudyInstanceUID").replace(" ", ""),
+                    series_uid=_text(ds, "SeriesInstanceUID").replace(" ", ""),
+                    patient_key=(_text(ds, "PatientID"), _text(ds, "IssuerOfPatientID")),
+                    modality=_text(ds, "Modality"),
+                )
+            )
+    return files, without_uid
+
+
+def storescu_config(files: list[SourceFile], path: Path) -> None:
+    """A storescu profile with one presentation context per (SOP class, file syntax), so
+    that every file is proposed, accepted and sent in its own transfer syntax."""
+    pairs = sorted({(f.sop_class_uid, str(f.transfer_syntax)) for f in files})
+    syntaxes = sorted({ts for _, ts in pairs})
+    assert len(pairs) <= 128, "more presentation contexts than one association allows"
+    lines = ["[[TransferSyntaxes]]"]
+    for i, ts in enumerate(syntaxes):
+        lines += [f"[TS{i}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[OwnSyntaxContexts]"]
+    for i, (sop_class, ts) in enumerate(pairs, 1):
+        lines.append(f"PresentationContext{i} = {sop_class}\\TS{syntaxes.index(ts)}")
+    lines += ["[[Profiles]]", "[OwnSyntax]", "PresentationContexts = OwnSyntaxContexts"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_tool(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [str(a) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+_SENDING = re.compile(r"^I: Sending file: (.+)$")
+_RESPONSE = re.compile(r"^I: Received Store Response \((.+)\)$")
+
+
+def parse_store_log(text: str) -> dict[str, str]:
+    """storescu -v output -> {file path: response text} (files actually sent)."""
+    statuses: dict[str, str] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        if m := _SENDING.match(line):
+            current = m.group(1).strip()
+        elif (m := _RESPONSE.match(line)) and current is not None:
+            statuses[current] = m.group(1)
+            current = None
+    return statuses
+
+
+def store_status(response: str) -> int:
+    if response == "Success":
+        return 0x0000
+    if m := re.search(r"0x([0-9a-fA-F]+)", response):
+        return int(m.group(1), 16)
+    return -1
+
+
+# ------------------------------------------------------------------------- the node
+
+
+@dataclass
+class Sent:
+    """What was sent to one node, and what the node must therefore hold."""
+
+    node: RunningNode
+    root: Path
+    work: Path
+    files: list[SourceFile]
+    statuses: dict[str, int]  # file rel path -> C-STORE status
+    stored: dict[str, SourceFile]  # SOP Instance UID -> the copy the node archived
+    no_uid_status: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def by_study(self) -> dict[str, list[SourceFile]]:
+        out: dict[str, list[SourceFile]] = collections.defaultdict(list)
+        for f in self.stored.values():
+            out[f.study_uid].append(f)
+        return out
+
+    def by_series(self) -> dict[str, list[SourceFile]]:
+        out: dict[str, list[SourceFile]] = collections.defaultdict(list)
+        for f in self.stored.values():
+            out[f.series_uid].append(f)
+        return out
+
+
+def _send_without_sop_instance(node: RunningNode, path: Path, work: Path) -> int:
+    """C-STORE a data set that has no SOP Instance UID (storescu refuses to send it).
+
+    pynetdicom sends a file's data set bytes as they are and takes the request's UIDs from
+    its File Meta Information, so a copy with a meta naming a UID carries the original data
+    set (without SOP Instance UID) unchanged."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = NO_UID_REQUEST_UID
+    meta.TransferSyntaxUID = ts
+    buffer = BytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    copy = work / "no-sop-instance.dcm"
+    copy.write_bytes(
+        b"\0" * 128 + b"DICM" + buffer.getvalue() + path.read_bytes()[dataset_offset(path) :]
+    )
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(ds.SOPClassUID, [ts])
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, UIDs from its meta
+    try:
+        rsp = assoc.send_c_store(copy)
+        assert "Status" in rsp, "no C-STORE response"
+        return int(rsp.Status)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
+def _send_with_pynetdicom(node: RunningNode, files: list[SourceFile]) -> dict[str, int]:
+    """Files storescu cannot send (it does not find their UIDs, e.g. encoded as UN)."""
+    ae = AE(ae_title=CALLING)
+    for sop_class, ts in sorted({(f.sop_class_uid, f.transfer_syntax) for f in files}):
+        ae.add_requested_context(sop_class, [ts])
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    out = {}
+    try:
+        for f in files:
+            rsp = assoc.send_c_store(f.path)
+            out[f.rel] = int(rsp.Status) if "Status" in rsp else -1
+    finally:
+        assoc.release()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sent(
+    module_db_url: str,
+    shared_data: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Sent]:
+    work = tmp_path_factory.mktemp("e2e")
+    settings = make_settings(work / "data", module_db_url)
+    archive = Archive.open(settings)
+    server = start_server(archive, block=False)
+    assert server is not None
+    node = RunningNode(settings, archive, "127.0.0.1", settings.node.port)
+    try:
+        files, without_uid = scan_files(shared_data)
+        assert [p.relative_to(shared_data).as_posix() for p in without_uid] == [NO_SOP_INSTANCE]
+        config = work / "storescu.cfg"
+        storescu_config(files, config)
+        base = [
+            BIN / "storescu", "-v", "-aec", node.ae_title, "-aet", CALLING,
+            "-xf", config, "OwnSyntax", "-nh", node.host, str(node.port),
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        first = run_tool(*base, shared_data / UNDECODABLE)
+        folders = run_tool(*base, "+sd", "+r", *(shared_data / f for f in FOLDERS))
+        elapsed = time.monotonic() - t0
+        responses = parse_store_log(first.stdout + first.stderr)
+        responses_all = parse_store_log(folders.stdout + folders.stderr)
+        statuses: dict[str, int] = {}
+        order: list[str] = []
+        for path_text, response in [*responses.items(), *responses_all.items()]:
+            rel = Path(path_text).relative_to(shared_data).as_posix()
+            key = rel if rel not in statuses else rel + "#again"
+            statuses[key] = store_status(response)
+            order.append(key)
+        by_rel = {f.rel: f for f in files}
+        unsent = [f for f in files if f.rel not in statuses]
+        statuses.update(_send_with_pynetdicom(node, unsent))
+        order += [f.rel for f in unsent]
+        stored: dict[str, SourceFile] = {}
+        for key in order:
+            f = by_rel[key.removesuffix("#again")]
+            if statuses[key] == 0 and f.sop_instance_uid not in stored:
+                stored[f.sop_instance_uid] = f
+        no_uid_status = _send_without_sop_instance(node, shared_data / NO_SOP_INSTANCE, work)
+        yield Sent(
+            node=node,
+            root=shared_data,
+            work=work,
+            files=files,
+            statuses=statuses,
+            stored=stored,
+            no_uid_status=no_uid_status,
+            timings={"store": elapsed},
+        )
+    finally:
+        server.shutdown()
+
+
+# ------------------------------------------------------------------------- C-ECHO, C-STORE
+
+
+def test_echoscu(sent: Sent) -> None:
+    node = sent.node
+    run_tool(BIN / "echoscu", "-aec", node.ae_title, "-aet", CALLING, node.host, node.port)
+
+
+def test_every_file_answered_success_or_duplicate(sent: Sent) -> None:
+    """Each file gets success, or 0x0111 when a differing copy of its UID is archived."""
+    stored_rel = {f.rel for f in sent.stored.values()}
+    by_rel = {f.rel: f for f in sent.files}
+    problems = []
+    for key, status in sent.statuses.items():
+        f = by_rel[key.removesuffix("#again")]
+        if status == 0x0000:
+            continue
+        archived = sent.stored.get(f.sop_instance_uid)
+        if status == 0x0111 and archived is not None and f.rel not in stored_rel:
+            continue
+        problems.append(f"{key}: 0x{status:04X}")
+    assert not problems, problems
+    assert set(sent.stored) == {f.sop_instance_uid for f in sent.files}
+    assert sent.statuses[UNDECODABLE] == 0
+
+
+def test_index_holds_each_instance_once_in_its_original_syntax(sent: Sent) -> None:
+    with sent.node.archive.sessions() as session:
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.transfer_syntax_uid, Instance.sop_class_uid)
+        ).all()
+        total = session.scalar(select(func.count()).select_from(Instance))
+    uids = collections.Counter(r.sop_instance_uid for r in rows)
+    assert total == len(sent.stored)
+    assert {u for u, n in uids.items() if n > 1} == set()
+    assert set(uids) == set(sent.stored)
+    wrong = {
+        r.sop_instance_uid: (
+            r.transfer_syntax_uid,
+            str(sent.stored[r.sop_instance_uid].transfer_syntax),
+        )
+        for r in rows
+        if r.transfer_syntax_uid != sent.stored[r.sop_instance_uid].transfer_syntax
+        or r.sop_class_uid != sent.stored[r.sop_instance_uid].sop_class_uid
+    }
+    assert not wrong
+    assert (
+        sent.stored[next(f.sop_instance_uid for f in sent.files if f.rel == UNDECODABLE)].rel
+        == UNDECODABLE
+    )
+
+
+def test_object_without_sop_instance_uid_is_refused(sent: Sent) -> None:
+    assert sent.no_uid_status == 0xC001
+    with sent.node.archive.sessions() as session:
+        assert (
+            session.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.sop_instance_uid == NO_UID_REQUEST_UID)
+            )
+            == 0
+        )
