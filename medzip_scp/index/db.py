@@ -106,7 +106,9 @@ def create_engine_for(url: str) -> Engine:
     Returns
     -------
     Engine
-        An engine configured as described in the module docstring.
+        An engine configured as described in the module docstring. Bound
+        parameters are hidden from SQLAlchemy's logs and exception messages
+        (``hide_parameters``), since they carry PHI.
 
     Raises
     ------
@@ -119,11 +121,13 @@ def create_engine_for(url: str) -> Engine:
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise ValueError("the SQLite index needs a file path, not an in-memory database")
-        engine = sa_create_engine(parsed, pool_pre_ping=False)
+        engine = sa_create_engine(parsed, hide_parameters=True)
         _install_sqlite_events(engine)
         return engine
     if backend == "postgresql":
-        return sa_create_engine(parsed, isolation_level="READ COMMITTED", pool_pre_ping=True)
+        return sa_create_engine(
+            parsed, isolation_level="READ COMMITTED", pool_pre_ping=True, hide_parameters=True
+        )
     raise ValueError(f"unsupported index database backend {backend!r}")
 
 

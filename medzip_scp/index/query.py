@@ -445,21 +445,40 @@ def _computed_condition(
 
 
 def _base_select(level: QueryLevel, columns: Sequence[Any]) -> Select[Any]:
+    """FROM the query-level entity joined to its ancestors (one row per entity).
+
+    Patients, studies and series without any instance (left behind when
+    :func:`~medzip_scp.index.ingest.replace_instance` or a newer instance moved their
+    content elsewhere) are not reported.
+    """
     stmt = select(*columns)
+    st, se, ins = aliased(Study), aliased(Series), aliased(Instance)
     if level == "PATIENT":
-        st = aliased(Study)
-        # A patient row exists only through its studies; skip any left orphaned
-        # (e.g. after a study moved to another patient).
-        return stmt.select_from(Patient).where(
-            exists(select(st.id).where(st.patient_fk == Patient.id).correlate(Patient))
+        has_content = exists(
+            select(ins.id)
+            .join(se, ins.series_fk == se.id)
+            .join(st, se.study_fk == st.id)
+            .where(st.patient_fk == Patient.id)
+            .correlate(Patient)
         )
+        return stmt.select_from(Patient).where(has_content)
     if level == "STUDY":
-        return stmt.select_from(Study).join(Patient, Study.patient_fk == Patient.id)
+        has_content = exists(
+            select(ins.id)
+            .join(se, ins.series_fk == se.id)
+            .where(se.study_fk == Study.id)
+            .correlate(Study)
+        )
+        return (
+            stmt.select_from(Study).join(Patient, Study.patient_fk == Patient.id).where(has_content)
+        )
     if level == "SERIES":
+        has_content = exists(select(ins.id).where(ins.series_fk == Series.id).correlate(Series))
         return (
             stmt.select_from(Series)
             .join(Study, Series.study_fk == Study.id)
             .join(Patient, Study.patient_fk == Patient.id)
+            .where(has_content)
         )
     return (
         stmt.select_from(Instance)

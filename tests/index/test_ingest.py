@@ -14,6 +14,7 @@ from index_helpers import UID_ROOT, make_ds, storage_kwargs, store
 from pydicom.data import get_testdata_file
 from pydicom.uid import MRImageStorage, generate_uid
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.index.errors import DuplicateInstanceError, IndexError_, MissingAttributeError
@@ -31,6 +32,7 @@ from medzip_scp.index.models import (
     Study,
     SupersededInstance,
 )
+from medzip_scp.index.query import find
 
 
 def _count(session: Session, model: type) -> int:
@@ -342,3 +344,54 @@ def test_concurrent_add_from_processes(db_url: str, db_engine: Any) -> None:
         assert _count(session, Study) == 1
         assert _count(session, Series) == 1
         assert _count(session, Instance) == 20
+
+
+def _find(session: Session, level: str, **keys: Any) -> list[pydicom.Dataset]:
+    ident = pydicom.Dataset()
+    ident.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ident, keyword, value)
+    return list(find(session, "STUDY" if level != "PATIENT" else "PATIENT", ident))
+
+
+def test_emptied_entities_are_not_reported(db_session_factory: sessionmaker[Session]) -> None:
+    first = make_ds(PatientID="OLD-PID")
+    moved = make_ds(
+        SOPInstanceUID=first.SOPInstanceUID,
+        StudyInstanceUID=first.StudyInstanceUID,
+        SeriesInstanceUID=generate_uid(prefix=UID_ROOT),
+        PatientID="OLD-PID",
+    )
+    with db_session_factory() as session:
+        store(session, first)
+        session.commit()
+        existing = get_instance(session, str(first.SOPInstanceUID))
+        assert existing is not None
+        replace_instance(session, existing, attributes_from_dataset(moved), **storage_kwargs(moved))
+        session.commit()
+        res = _find(session, "SERIES", StudyInstanceUID=first.StudyInstanceUID)
+        assert [r.SeriesInstanceUID for r in res] == [moved.SeriesInstanceUID]
+        # The newest instance of a study names another patient: the study follows it.
+        store(session, make_ds(StudyInstanceUID=first.StudyInstanceUID,
+                               SeriesInstanceUID=moved.SeriesInstanceUID,
+                               PatientID="NEW-PID"))  # fmt: skip
+        session.commit()
+        res = _find(session, "PATIENT", PatientID="")
+        assert [r.PatientID for r in res] == ["NEW-PID"]
+        (study,) = _find(session, "STUDY", StudyInstanceUID="", PatientID="",
+                         NumberOfStudyRelatedInstances="")  # fmt: skip
+        assert study.PatientID == "NEW-PID"
+        assert study.NumberOfStudyRelatedInstances == 2
+
+
+def test_parameters_hidden_from_errors(db_session_factory: sessionmaker[Session]) -> None:
+    with db_session_factory() as session:
+        session.add(Patient(patient_id="SECRET-PID", patient_name="Secret^Name"))
+        session.add(Patient(patient_id="SECRET-PID", patient_name="Secret^Name"))
+        with pytest.raises(IntegrityError) as info:
+            session.flush()
+    # Bound parameters (here the patient's name) are never rendered. (PostgreSQL's
+    # own DETAIL may still echo the violated key; the ingest code avoids unique
+    # violations on PHI columns with ON CONFLICT DO NOTHING.)
+    assert "Secret^Name" not in str(info.value)
+    assert "hide_parameters" in str(info.value)
