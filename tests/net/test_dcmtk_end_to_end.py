@@ -363,3 +363,170 @@ def test_object_without_sop_instance_uid_is_refused(sent: Sent) -> None:
             )
             == 0
         )
+
+
+# ------------------------------------------------------------------------- C-FIND
+
+
+def findscu(
+    sent: Sent, model: str, keys: list[str], name: str, queries: list[Dataset] = ()
+) -> list[Dataset]:
+    """Run findscu (``-S`` Study Root, ``-P`` Patient Root) with ``-k`` keys and/or query
+    files (one association, one C-FIND per file); every response as written by ``-X``."""
+    out = sent.work / "find" / name
+    out.mkdir(parents=True)
+    files = []
+    for i, query in enumerate(queries):
+        files.append(out / f"query{i:04d}.dcm")
+        pydicom.dcmwrite(files[-1], query, implicit_vr=False, little_endian=True)
+    node = sent.node
+    args: list[str | Path] = [BIN / "findscu", model, "-X", "-od", out]
+    args += ["-aec", node.ae_title, "-aet", CALLING]
+    for key in keys:
+        args += ["-k", key]
+    run_tool(*args, node.host, str(node.port), *files)
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def _query(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _int_value(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    return None if value in (None, "") else int(value)
+
+
+def _modalities(ds: Dataset) -> set[str]:
+    value = ds.get("ModalitiesInStudy")
+    if not value:
+        return set()
+    return {str(value)} if isinstance(value, str) else {str(v) for v in value}
+
+
+def test_findscu_study_level(sent: Sent) -> None:
+    responses = findscu(
+        sent,
+        "-S",
+        [
+            "QueryRetrieveLevel=STUDY",
+            "StudyInstanceUID",
+            "ModalitiesInStudy",
+            "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances",
+            "PatientID",
+        ],
+        "study",
+    )
+    expected = sent.by_study()
+    uids = collections.Counter(str(r.StudyInstanceUID) for r in responses)
+    assert {u: n for u, n in uids.items() if n > 1} == {}
+    assert set(uids) == set(expected)
+    problems = []
+    for r in responses:
+        files = expected[str(r.StudyInstanceUID)]
+        want = (
+            len(files),
+            len({f.series_uid for f in files}),
+            {f.modality for f in files if f.modality},
+        )
+        got = (
+            _int_value(r, "NumberOfStudyRelatedInstances"),
+            _int_value(r, "NumberOfStudyRelatedSeries"),
+            _modalities(r),
+        )
+        if got != want:
+            problems.append(f"{r.StudyInstanceUID}: got {got}, expected {want}")
+    assert not problems, problems
+
+
+def test_findscu_series_level(sent: Sent) -> None:
+    expected = sent.by_series()
+    responses = findscu(
+        sent,
+        "-S",
+        ["SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances"],
+        "series",
+        [_query("SERIES", StudyInstanceUID=uid) for uid in sorted(sent.by_study())],
+    )
+    uids = collections.Counter(str(r.SeriesInstanceUID) for r in responses)
+    assert {u: n for u, n in uids.items() if n > 1} == {}
+    assert set(uids) == set(expected)
+    problems = []
+    for r in responses:
+        files = expected[str(r.SeriesInstanceUID)]
+        want = (len(files), files[0].modality, files[0].study_uid)
+        got = (
+            _int_value(r, "NumberOfSeriesRelatedInstances"),
+            str(r.get("Modality", "") or ""),
+            str(r.StudyInstanceUID),
+        )
+        if got != want:
+            problems.append(f"{r.SeriesInstanceUID}: got {got}, expected {want}")
+    assert not problems, problems
+
+
+def test_findscu_image_level(sent: Sent) -> None:
+    responses = findscu(
+        sent,
+        "-S",
+        ["SOPInstanceUID", "SOPClassUID"],
+        "image",
+        [
+            _query("IMAGE", StudyInstanceUID=files[0].study_uid, SeriesInstanceUID=uid)
+            for uid, files in sorted(sent.by_series().items())
+        ],
+    )
+    uids = collections.Counter(str(r.SOPInstanceUID) for r in responses)
+    assert {u: n for u, n in uids.items() if n > 1} == {}
+    assert set(uids) == set(sent.stored)
+    wrong = {
+        str(r.SOPInstanceUID): str(r.SOPClassUID)
+        for r in responses
+        if str(r.SOPClassUID) != sent.stored[str(r.SOPInstanceUID)].sop_class_uid
+    }
+    assert not wrong
+
+
+def test_findscu_patient_level(sent: Sent) -> None:
+    responses = findscu(
+        sent,
+        "-P",
+        [
+            "QueryRetrieveLevel=PATIENT",
+            "PatientID",
+            "IssuerOfPatientID",
+            "NumberOfPatientRelatedStudies",
+            "NumberOfPatientRelatedSeries",
+            "NumberOfPatientRelatedInstances",
+        ],
+        "patient",
+    )
+    expected: dict[tuple[str, str], list[SourceFile]] = collections.defaultdict(list)
+    for f in sent.stored.values():
+        expected[f.patient_key].append(f)
+    keys = collections.Counter(
+        (_text(r, "PatientID"), _text(r, "IssuerOfPatientID")) for r in responses
+    )
+    assert {k: n for k, n in keys.items() if n > 1} == {}
+    assert set(keys) == set(expected)
+    problems = []
+    for r in responses:
+        files = expected[(_text(r, "PatientID"), _text(r, "IssuerOfPatientID"))]
+        want = (
+            len({f.study_uid for f in files}),
+            len({f.series_uid for f in files}),
+            len(files),
+        )
+        got = (
+            _int_value(r, "NumberOfPatientRelatedStudies"),
+            _int_value(r, "NumberOfPatientRelatedSeries"),
+            _int_value(r, "NumberOfPatientRelatedInstances"),
+        )
+        if got != want:
+            problems.append(f"patient {_text(r, 'PatientID')!r}: got {got}, expected {want}")
+    assert not problems, problems
