@@ -86,9 +86,30 @@ _MODE_CONSTANT, _MODE_DIRECT, _MODE_PACKED, _MODE_RAW = 0, 1, 2, 3
 _PAD = 3
 # Causal neighbour offsets (dy, dx); must match OFF in _pred.c.
 _OFFSETS = [
-    (0, -1), (-1, 0), (-1, -1), (-1, 1), (0, -2), (-2, 0), (-1, -2), (-2, -1), (-2, 1), (-1, 2),
-    (0, -3), (-3, 0), (-2, -2), (-2, 2), (-1, -3), (-1, 3), (-3, -1), (-3, 1), (-3, -2), (-3, 2),
-    (-2, -3), (-2, 3), (-3, -3), (-3, 3),
+    (0, -1),
+    (-1, 0),
+    (-1, -1),
+    (-1, 1),
+    (0, -2),
+    (-2, 0),
+    (-1, -2),
+    (-2, -1),
+    (-2, 1),
+    (-1, 2),
+    (0, -3),
+    (-3, 0),
+    (-2, -2),
+    (-2, 2),
+    (-1, -3),
+    (-1, 3),
+    (-3, -1),
+    (-3, 1),
+    (-3, -2),
+    (-3, 2),
+    (-2, -3),
+    (-2, 3),
+    (-3, -3),
+    (-3, 3),
 ]
 _MAX_NN = len(_OFFSETS)
 _MAX_K = 64
@@ -101,10 +122,10 @@ class CorruptStreamError(ValueError):
 
 @dataclass(frozen=True)
 class _Config:
-    nn: int       # predictor taps
-    K: int        # activity classes
-    shift: int    # fixed-point fraction bits of the coefficients
-    irls: int     # reweighting iterations of the fit
+    nn: int  # predictor taps
+    K: int  # activity classes
+    shift: int  # fixed-point fraction bits of the coefficients
+    irls: int  # reweighting iterations of the fit
 
 
 def _default_config(npix: int) -> _Config:
@@ -128,9 +149,9 @@ def _padded(img: npt.NDArray[np.uint16]) -> npt.NDArray[np.int64]:
     """The frame with the causal padding the C core uses (replicated edges, top = row 0)."""
     H, W = img.shape
     P = np.empty((H + _PAD, W + 2 * _PAD), np.int64)
-    P[_PAD:, _PAD:W + _PAD] = img
+    P[_PAD:, _PAD : W + _PAD] = img
     P[_PAD:, :_PAD] = img[:, :1]
-    P[_PAD:, W + _PAD:] = img[:, -1:]
+    P[_PAD:, W + _PAD :] = img[:, -1:]
     P[:_PAD] = P[_PAD]
     return P
 
@@ -170,17 +191,17 @@ def _fit(
     bounds = np.searchsorted(cls[order], np.arange(K + 1))
     coefs = np.tile(default, (K, 1))
     for k in range(K):
-        sel = order[bounds[k]:bounds[k + 1]]
+        sel = order[bounds[k] : bounds[k + 1]]
         if sel.size < 8 * nn:
             continue
         Xk, yk = X[sel], y[sel]
         w = np.ones(sel.size)
         for _ in range(cfg.irls + 1):
             Xw = Xk * w[:, None]
-            A = Xw.T @ Xk
+            A = np.einsum("ni,nj->ij", Xw, Xk)  # no BLAS threads: they thrash on 2 cores
             reg = 1e-7 * np.trace(A) / nn + 1e-9
             A = A + reg * np.eye(nn)
-            b = Xw.T @ yk + reg * default
+            b = np.einsum("ni,n->i", Xw, yk) + reg * default
             try:
                 c = np.linalg.solve(A, b)
             except np.linalg.LinAlgError:
@@ -188,7 +209,7 @@ def _fit(
             if not np.all(np.isfinite(c)):
                 break
             coefs[k] = c
-            r = np.abs(yk - Xk @ c)
+            r = np.abs(yk - np.einsum("ni,i->n", Xk, c))
             w = 1.0 / (r + max(0.5, float(np.median(r))))
     q = np.clip(np.round(coefs * (1 << cfg.shift)), -(1 << 24), 1 << 24)
     return thr.astype(np.int32), q.astype(np.int32)
@@ -206,27 +227,39 @@ def _encode_body(
     cap = H * W * 3 + 4096
     out = np.empty(cap, np.uint8)
     n = lib.mz_encode(
-        version, _ptr(img, ctypes.c_uint16), H, W, bits, cfg.nn, K, cfg.shift,
-        _ptr(thr, ctypes.c_int32), _ptr(coef, ctypes.c_int32), _ptr(out, ctypes.c_uint8), cap,
+        version,
+        _ptr(img, ctypes.c_uint16),
+        H,
+        W,
+        bits,
+        cfg.nn,
+        K,
+        cfg.shift,
+        _ptr(thr, ctypes.c_int32),
+        _ptr(coef, ctypes.c_int32),
+        _ptr(out, ctypes.c_uint8),
+        cap,
     )
     if n < 0:
         raise RuntimeError(f"predictive core failed to encode (code {n})")
     params = zlib.compress(thr.astype("<i4").tobytes() + coef.astype("<i4").tobytes(), 9)
     return (
-        struct.pack("<BBBBI", bits, cfg.nn, K, cfg.shift, len(params)) + params
-        + struct.pack("<I", n) + out[:n].tobytes()
+        struct.pack("<BBBBI", bits, cfg.nn, K, cfg.shift, len(params))
+        + params
+        + struct.pack("<I", n)
+        + out[:n].tobytes()
     )
 
 
 def _pack_raw(img: npt.NDArray[np.uint16], bits: int) -> bytes:
     planes = np.unpackbits(img.astype(">u2").view(np.uint8).reshape(-1, 2), axis=1)
-    return np.packbits(planes[:, 16 - bits:]).tobytes()
+    return np.packbits(planes[:, 16 - bits :]).tobytes()
 
 
 def _unpack_raw(blob: bytes, H: int, W: int, bits: int) -> npt.NDArray[np.uint16]:
-    planes = np.unpackbits(np.frombuffer(blob, np.uint8))[:H * W * bits].reshape(H * W, bits)
+    planes = np.unpackbits(np.frombuffer(blob, np.uint8))[: H * W * bits].reshape(H * W, bits)
     full = np.zeros((H * W, 16), np.uint8)
-    full[:, 16 - bits:] = planes
+    full[:, 16 - bits :] = planes
     return np.packbits(full, axis=1).view(">u2").reshape(H, W).astype(np.uint16)
 
 
@@ -280,7 +313,8 @@ def encode_frame(frame: npt.NDArray[np.integer], bits: int) -> bytes:
             table = zlib.compress(np.packbits(used).tobytes(), 9)
             rank_bits = max(1, (values.size - 1).bit_length())
             body = (
-                struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table)) + table
+                struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table))
+                + table
                 + _encode_body(ranks.reshape(H, W).astype(np.uint16), rank_bits)
             )
         else:
@@ -314,7 +348,7 @@ class _Reader:
                 f"predictive stream truncated: a field of {n} bytes at offset {self.pos} runs "
                 f"past the end ({len(self.data)} bytes)"
             )
-        b = self.data[self.pos:self.pos + n]
+        b = self.data[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -331,11 +365,11 @@ def _decode_body(
 ) -> npt.NDArray[np.uint16]:
     lib = _build.load()
     cbits, nn, K, shift = rd.unpack("<BBBB")
-    if not (1 <= cbits <= max_bits and 1 <= nn <= _MAX_NN and 1 <= K <= _MAX_K
-            and 5 <= shift <= 24):
+    if not (
+        1 <= cbits <= max_bits and 1 <= nn <= _MAX_NN and 1 <= K <= _MAX_K and 5 <= shift <= 24
+    ):
         raise CorruptStreamError(
-            f"predictive stream: invalid coder parameters bits={cbits} nn={nn} K={K} "
-            f"shift={shift}"
+            f"predictive stream: invalid coder parameters bits={cbits} nn={nn} K={K} shift={shift}"
         )
     (plen,) = rd.unpack("<I")
     params = _inflate(rd.take(plen), "predictor table")
@@ -345,13 +379,23 @@ def _decode_body(
             f"{4 * (K - 1 + K * nn)}"
         )
     tab = np.frombuffer(params, "<i4").astype(np.int32)
-    thr, coef = np.ascontiguousarray(tab[:K - 1]), np.ascontiguousarray(tab[K - 1:])
+    thr, coef = np.ascontiguousarray(tab[: K - 1]), np.ascontiguousarray(tab[K - 1 :])
     (n,) = rd.unpack("<I")
     payload = np.frombuffer(rd.take(n), np.uint8).copy()
     img = np.empty((H, W), np.uint16)
     rc = lib.mz_decode(
-        version, _ptr(payload, ctypes.c_uint8), n, H, W, cbits, nn, K, shift,
-        _ptr(thr, ctypes.c_int32), _ptr(coef, ctypes.c_int32), _ptr(img, ctypes.c_uint16),
+        version,
+        _ptr(payload, ctypes.c_uint8),
+        n,
+        H,
+        W,
+        cbits,
+        nn,
+        K,
+        shift,
+        _ptr(thr, ctypes.c_int32),
+        _ptr(coef, ctypes.c_int32),
+        _ptr(img, ctypes.c_uint16),
     )
     if rc != 0:
         raise CorruptStreamError(f"predictive stream: payload does not decode (core code {rc})")
@@ -411,7 +455,7 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
         used = np.unpackbits(np.frombuffer(_inflate(rd.take(tlen), "value table"), np.uint8))
         if hi < lo or used.size < hi - lo + 1:
             raise CorruptStreamError("predictive stream: corrupted value table")
-        lut = (np.flatnonzero(used[:hi - lo + 1]) + lo).astype(np.uint16)
+        lut = (np.flatnonzero(used[: hi - lo + 1]) + lo).astype(np.uint16)
         ranks = _decode_body(rd, H, W, 16, version)
         if lut.size == 0 or int(ranks.max()) >= lut.size:
             raise CorruptStreamError("predictive stream: value rank outside the value table")

@@ -75,11 +75,35 @@ def load() -> ctypes.CDLL:
         c_int, i64 = ctypes.c_int, ctypes.c_int64
         lib.mz_activity.argtypes = [u16p, c_int, c_int, i32p]
         lib.mz_activity.restype = c_int
-        lib.mz_encode.argtypes = [c_int, u16p, c_int, c_int, c_int, c_int, c_int, c_int, i32p, i32p,
-                                  u8p, i64]
+        lib.mz_encode.argtypes = [
+            c_int,
+            u16p,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+            i32p,
+            i32p,
+            u8p,
+            i64,
+        ]
         lib.mz_encode.restype = i64
-        lib.mz_decode.argtypes = [c_int, u8p, i64, c_int, c_int, c_int, c_int, c_int, c_int,
-                                  i32p, i32p, u16p]
+        lib.mz_decode.argtypes = [
+            c_int,
+            u8p,
+            i64,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+            i32p,
+            i32p,
+            u16p,
+        ]
         lib.mz_decode.restype = c_int
         lib.mz_init.argtypes = []
         lib.mz_init.restype = None
