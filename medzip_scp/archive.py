@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.part10 import ReceivedObject
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
+from medzip_scp.index.errors import DuplicateInstanceError
 from medzip_scp.index.ingest import (
     add_instance,
     attributes_from_dataset,
@@ -27,7 +28,7 @@ from medzip_scp.index.ingest import (
 )
 from medzip_scp.index.models import Instance
 from medzip_scp.storage.envelope import BlobKey
-from medzip_scp.storage.local import LocalBlobStore, StoredBlob
+from medzip_scp.storage.local import BlobNotFoundError, LocalBlobStore, StoredBlob
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,13 @@ class Archive:
         sessions: sessionmaker[Session],
         blobs: LocalBlobStore,
         codec: InstanceCodec,
+        read_sessions: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        # Queries and retrievals: on SQLite these must not take the write lock (BEGIN
+        # IMMEDIATE), or a long C-FIND would stall every C-STORE behind it.
+        self.read_sessions = read_sessions or sessions
         self.blobs = blobs
         self.codec = codec
 
@@ -96,7 +101,13 @@ class Archive:
         engine = create_engine_for(url)
         key = BlobKey.load_or_create(settings.storage.resolved_key_file())
         blobs = LocalBlobStore(settings.storage.resolved_blob_dir(), key)
-        return cls(settings, session_factory(engine), blobs, Part10Codec())
+        return cls(
+            settings,
+            session_factory(engine),
+            blobs,
+            Part10Codec(),
+            read_sessions=session_factory(engine, readonly=True),
+        )
 
     # -- C-STORE -------------------------------------------------------------------------
 
@@ -139,38 +150,51 @@ class Archive:
             codec_id=self.codec.codec_id,
             calling_ae_title=calling_ae_title,
         )
+        policy = self.settings.storage.duplicate_policy
         for _attempt in range(3):
             with self.sessions() as session:
                 existing = get_instance(session, sop_uid)
-                if existing is None:
-                    add_instance(session, attrs, **fields)
-                    result = StoreResult.STORED
-                elif existing.original_sha256 == received.dataset_sha256:
-                    self.blobs.delete(blob.key)
-                    return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
-                elif self.settings.storage.duplicate_policy is DuplicatePolicyValues.REJECT:
-                    self.blobs.delete(blob.key)
-                    return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
+                if existing is not None and existing.original_sha256 == received.dataset_sha256:
+                    result = StoreResult.IDENTICAL_DUPLICATE
+                elif existing is not None and policy is DuplicatePolicyValues.REJECT:
+                    result = StoreResult.DUPLICATE_REJECTED
                 else:
-                    replace_instance(session, existing, attrs, **fields)
-                    result = StoreResult.REPLACED
-                try:
-                    session.commit()
-                except IntegrityError:
-                    # Another association committed the same SOP Instance first: look again.
-                    session.rollback()
-                    continue
-                return StoreOutcome(result, sop_uid)
+                    try:
+                        if existing is None:
+                            add_instance(session, attrs, **fields)
+                            result = StoreResult.STORED
+                        else:
+                            replace_instance(session, existing, attrs, **fields)
+                            result = StoreResult.REPLACED
+                        session.commit()
+                    except (IntegrityError, DuplicateInstanceError):
+                        # Another association indexed the same SOP Instance first: look again.
+                        session.rollback()
+                        continue
+                    return StoreOutcome(result, sop_uid)
+            self.blobs.delete(blob.key)  # an identical or refused copy is not kept
+            return StoreOutcome(result, sop_uid)
         raise RuntimeError(f"could not index {sop_uid} after 3 attempts")
 
     # -- Retrieval -----------------------------------------------------------------------
 
     def load_part10(self, instance: Instance) -> bytes:
         """Restore the Part-10 object of an instance, bit-exact."""
-        codec = CODECS.get(instance.codec_id)
+        try:
+            return self._decode(instance.codec_id, self.blobs.read(instance.blob_key))
+        except BlobNotFoundError:
+            # The compression worker may have swapped the blob since the row was read.
+            with self.read_sessions() as session:
+                current = session.get(Instance, instance.id)
+                if current is None or current.blob_key == instance.blob_key:
+                    raise
+                return self._decode(current.codec_id, self.blobs.read(current.blob_key))
+
+    def _decode(self, codec_id: str, blob: bytes) -> bytes:
+        codec = CODECS.get(codec_id)
         if codec is None:
-            raise LookupError(f"instance stored with unknown codec {instance.codec_id!r}")
-        return codec.decode(self.blobs.read(instance.blob_key))
+            raise LookupError(f"instance stored with unknown codec {codec_id!r}")
+        return codec.decode(blob)
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""

@@ -89,12 +89,18 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 class InstanceState(enum.StrEnum):
     """Lifecycle state of a stored instance.
 
-    ``STORED``: blob written and index row committed (C-STORE acknowledged).
+    ``STORED``: blob written and index row committed (C-STORE acknowledged), as received.
+    ``COMPRESSED``: the original was replaced by a codec blob that decoded bit-exact.
+    ``COMPRESS_FAILED``: the codec could not reproduce the original; the original is kept.
     ``VERIFIED``: blob re-read and its checksum confirmed.
     ``CORRUPT``: a verification failed; the instance must not be served.
+
+    Stored as a plain string (no native enum, no CHECK), so adding a state needs no migration.
     """
 
     STORED = "stored"
+    COMPRESSED = "compressed"
+    COMPRESS_FAILED = "compress_failed"
     VERIFIED = "verified"
     CORRUPT = "corrupt"
 

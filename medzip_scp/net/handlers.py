@@ -155,15 +155,18 @@ def handle_find(
         yield Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
     wants_retrieve_aet = "RetrieveAETitle" in identifier
+    wants_availability = "InstanceAvailability" in identifier
     count = 0
     try:
-        with archive.sessions() as session:
+        with archive.read_sessions() as session:
             for response in find(session, model, identifier, lambda: event.is_cancelled):
                 if event.is_cancelled:
                     yield Status.CANCEL, None
                     return
                 if wants_retrieve_aet:
                     response.RetrieveAETitle = archive.settings.node.ae_title
+                if wants_availability:
+                    response.InstanceAvailability = "ONLINE"
                 count += 1
                 yield Status.PENDING, response
     except QueryError as exc:
@@ -186,7 +189,7 @@ def handle_find(
 
 
 def _retrieve_instances(event: evt.Event, archive: Archive) -> list[Instance]:
-    with archive.sessions() as session:
+    with archive.read_sessions() as session:
         instances = find_instances(session, _query_model(event), event.identifier)
         session.expunge_all()
     return instances

@@ -1,0 +1,152 @@
+"""Background compression: replace acknowledged originals with codec blobs, verified first.
+
+C-STORE acknowledges the original as received (fast, durable). This worker then, per instance:
+1. reads the original and encodes it with the archive's compressing codec;
+2. decodes the new blob and compares it with the original byte for byte;
+3. writes the new blob durably, then swaps the index row to it in one committed UPDATE that
+   only succeeds if the row still points at the original (a concurrent replace wins);
+4. deletes the original blob only after that commit.
+A crash anywhere leaves either the original or the verified blob indexed, never neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+
+from medzip_scp.archive import Archive, InstanceCodec, Part10Codec
+from medzip_scp.index.models import Instance, InstanceState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionSummary:
+    compressed: int = 0
+    failed: int = 0
+    skipped: int = 0  # raced with a replace, or already done
+    original_bytes: int = 0
+    stored_bytes: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+def pending_ids(archive: Archive, limit: int) -> list[int]:
+    """Instances still stored as received, oldest first."""
+    with archive.sessions() as session:
+        return list(
+            session.scalars(
+                select(Instance.id)
+                .where(
+                    Instance.codec_id == Part10Codec.codec_id,
+                    Instance.state == InstanceState.STORED,
+                )
+                .order_by(Instance.id)
+                .limit(limit)
+            )
+        )
+
+
+def compress_instance(
+    archive: Archive, codec: InstanceCodec, instance_id: int, summary: CompressionSummary
+) -> None:
+    with archive.sessions() as session:
+        row = session.get(Instance, instance_id)
+        if row is None or row.codec_id != Part10Codec.codec_id:
+            summary.skipped += 1
+            return
+        old_key, sop_uid = row.blob_key, row.sop_instance_uid
+    original = archive.blobs.read(old_key)
+    try:
+        blob = codec.encode(original)
+        if codec.decode(blob) != original:
+            raise ValueError("decoded blob differs from the original")
+    except Exception as exc:
+        # Keep the original; mark it so the worker does not retry forever.
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("compression of %s failed, original kept: %s", sop_uid, reason)
+        with archive.sessions() as session:
+            session.execute(
+                update(Instance)
+                .where(Instance.id == instance_id, Instance.blob_key == old_key)
+                .values(state=InstanceState.COMPRESS_FAILED)
+            )
+            session.commit()
+        summary.failed += 1
+        summary.failures.append((sop_uid, reason))
+        return
+    new = archive.blobs.put_bytes(blob)
+    with archive.sessions() as session:
+        result = session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id, Instance.blob_key == old_key)
+            .values(
+                blob_key=new.key,
+                codec_id=codec.codec_id,
+                stored_size=new.stored_size,
+                stored_sha256=hashlib.sha256(blob).hexdigest(),
+                state=InstanceState.COMPRESSED,
+            )
+        )
+        session.commit()
+    if result.rowcount != 1:
+        archive.blobs.delete(new.key)  # the row moved on (replaced) while we worked
+        summary.skipped += 1
+        return
+    archive.blobs.delete(old_key)
+    summary.compressed += 1
+    summary.original_bytes += len(original)
+    summary.stored_bytes += new.stored_size
+    log.info("compressed %s: %d -> %d bytes", sop_uid, len(original), new.stored_size)
+
+
+def compress_pending(
+    archive: Archive,
+    codec: InstanceCodec,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CompressionSummary:
+    """One pass over the instances still stored as received."""
+    summary = CompressionSummary()
+    ids = pending_ids(archive, limit or 1_000_000)
+    for done, instance_id in enumerate(ids, 1):
+        compress_instance(archive, codec, instance_id, summary)
+        if progress is not None:
+            progress(done, len(ids))
+    return summary
+
+
+def run_worker(
+    archive: Archive,
+    codec: InstanceCodec,
+    stop: threading.Event,
+    poll_seconds: float = 2.0,
+    batch: int = 32,
+) -> None:
+    """Loop until ``stop`` is set: compress what is pending, then wait for more."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            summary = compress_pending(archive, codec, limit=batch)
+        except Exception as exc:  # the database or store is unavailable: try again later
+            log.error("compression pass failed: %s", type(exc).__name__)
+            stop.wait(poll_seconds)
+            continue
+        if summary.compressed or summary.failed:
+            log.info(
+                "compression pass: %d compressed, %d failed in %.1f s",
+                summary.compressed,
+                summary.failed,
+                time.monotonic() - started,
+            )
+        else:
+            stop.wait(poll_seconds)
