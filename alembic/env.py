@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy import Connection
 
-from alembic import context
 from medzip_scp.index.db import MIGRATION_COMPARE_OPTIONS, create_engine_for
 from medzip_scp.index.models import Base
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
-from alembic import command
 from medzip_scp.index.db import (
     alembic_config,
     create_engine_for,
