@@ -1,0 +1,2 @@
+# The running-node fixtures live with the network tests; the CLI tests reuse them.
+from tests.net.conftest import node, node_settings  # noqa: F401
