@@ -8,6 +8,7 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -56,6 +57,12 @@ class Part10Codec:
 
 
 CODECS: dict[str, InstanceCodec] = {Part10Codec.codec_id: Part10Codec()}
+
+
+def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(size):
+            yield chunk
 
 
 class StoreResult(Enum):
@@ -111,8 +118,11 @@ class Archive:
 
     # -- C-STORE -------------------------------------------------------------------------
 
-    def _read_part10(self, received: ReceivedObject) -> bytes:
-        return received.path.read_bytes()
+    def _put_original(self, received: ReceivedObject) -> StoredBlob:
+        """Seal and store what arrived; the identity codec streams it without loading it."""
+        if isinstance(self.codec, Part10Codec):
+            return self.blobs.put(_file_chunks(received.path))
+        return self.blobs.put_bytes(self.codec.encode(received.path.read_bytes()))
 
     def store(self, received: ReceivedObject, calling_ae_title: str) -> StoreOutcome:
         """Archive a validated object; returns only after blob fsync and index commit."""
@@ -127,7 +137,7 @@ class Archive:
             ):
                 return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
 
-        blob = self.blobs.put_bytes(self.codec.encode(self._read_part10(received)))
+        blob = self._put_original(received)
         try:
             return self._index(received, blob, calling_ae_title)
         except BaseException:
@@ -203,9 +213,3 @@ class Archive:
             if sop_instance_uids is not None:
                 query = query.filter(Instance.sop_instance_uid.in_(sop_instance_uids))
             return list(query)
-
-
-def spool_dir(settings: Settings) -> Path:
-    path = settings.storage.incoming_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
