@@ -56,7 +56,27 @@ class Part10Codec:
         return blob
 
 
-CODECS: dict[str, InstanceCodec] = {Part10Codec.codec_id: Part10Codec()}
+class MzpCodec:
+    """The medzip codec: pixel data through the codec library, the rest compressed.
+
+    ``encode`` itself decodes its output and compares it with the input before returning.
+    """
+
+    codec_id = "mzp1"
+
+    def encode(self, part10: bytes) -> bytes:
+        from medzip_scp.dicom.blob import encode_dataset
+
+        return encode_dataset(part10)
+
+    def decode(self, blob: bytes) -> bytes:
+        from medzip_scp.dicom.blob import decode_blob
+
+        return decode_blob(blob)
+
+
+# Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.
+CODECS: dict[str, InstanceCodec] = {c.codec_id: c for c in (Part10Codec(), MzpCodec())}
 
 
 def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:

@@ -129,6 +129,15 @@ class RetrieveSettings(BaseModel):
     destinations: list[MoveDestination] = Field(default_factory=list)
 
 
+class PipelineSettings(BaseModel):
+    compress: bool = Field(
+        True,
+        description="Compress acknowledged originals in the background while serving "
+        "(each blob replaces its original only after a bit-exact decode).",
+    )
+    poll_seconds: float = Field(2.0, gt=0, description="Idle wait between compression passes.")
+
+
 class TLSSettings(BaseModel):
     enabled: bool = False
     certificate: Path | None = None
@@ -147,6 +156,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     log_level: str = "INFO"
 
@@ -237,6 +247,11 @@ get_without_role_selection = true   # C-GET for peers that send no SCP/SCU role 
 # ae_title = "VIEWER"
 # host = "10.0.0.50"
 # port = 11112
+
+[pipeline]
+compress = true              # compress stored originals in the background (medzip serve);
+                             # or run `medzip worker` processes and set this to false
+poll_seconds = 2.0
 
 [tls]
 enabled = false

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -77,23 +78,72 @@ def serve(
     ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
-    from medzip_scp.archive import Archive
+    from medzip_scp.archive import CODECS, Archive, MzpCodec
     from medzip_scp.net.server import describe_startup, start_server
+    from medzip_scp.pipeline.compress import run_worker
 
     settings = _settings(config, data_dir, port, aet, move_destination)
     _logging(settings.log_level)
     archive = Archive.open(settings)
     server = start_server(archive, block=False)
     assert server is not None
+    stop = threading.Event()
+    workers = []
+    if settings.pipeline.compress:
+        worker = threading.Thread(
+            target=run_worker,
+            args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
+            name="medzip-compress",
+            daemon=True,
+        )
+        worker.start()
+        workers.append(worker)
     for line in describe_startup(archive):
         typer.echo(line)
+    typer.echo(
+        "background compression: "
+        + ("on (originals replaced only after a bit-exact decode)" if workers else "off")
+    )
     typer.echo("ready; Ctrl-C to stop")
-    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     typer.echo("stopping: finishing open associations")
     server.shutdown()
+    for worker in workers:
+        worker.join(timeout=60)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Compress stored originals (verify-before-replace) in a separate process."""
+    from medzip_scp.archive import CODECS, Archive, MzpCodec
+    from medzip_scp.pipeline.compress import compress_pending, run_worker
+
+    settings = _settings(config, data_dir)
+    _logging(settings.log_level)
+    archive = Archive.open(settings)
+    codec = CODECS[MzpCodec.codec_id]
+    if once:
+        summary = compress_pending(archive, codec, progress=_progress_bar("compressing"))
+        typer.echo(
+            "| compressed | failed | skipped | original bytes | stored bytes | ratio |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| {summary.compressed} | {summary.failed} | {summary.skipped} "
+            f"| {summary.original_bytes} | {summary.stored_bytes} | {summary.ratio:.2f} |"
+        )
+        for uid, reason in summary.failures:
+            typer.echo(f"failed: {uid}: {reason}")
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    typer.echo("compression worker running; Ctrl-C to stop")
+    run_worker(archive, codec, stop, settings.pipeline.poll_seconds)
 
 
 @config_app.command("example")
@@ -156,18 +206,20 @@ def verify(
     settings = _settings(config, data_dir)
     _logging("WARNING")
     archive = Archive.open(settings)
-    report = verify_archive(archive, sop_instance_uid, progress=_progress_printer())
+    report = verify_archive(archive, sop_instance_uid, progress=_progress_bar("verifying"))
     typer.echo(report.table())
     raise typer.Exit(0 if report.ok else 1)
 
 
-def _progress_printer():  # type: ignore[no-untyped-def]
+def _progress_bar(label: str) -> Callable[[int, int], None] | None:
+    """A progress callback drawing a bar on stderr, or None when stderr is not a terminal."""
     if not sys.stderr.isatty():
         return None
+    from rich.console import Console
     from rich.progress import Progress
 
-    progress = Progress(transient=True)
-    task = progress.add_task("verifying", total=None)
+    progress = Progress(console=Console(stderr=True), transient=True)
+    task = progress.add_task(label, total=None)
     progress.start()
 
     def update(done: int, total: int) -> None:
