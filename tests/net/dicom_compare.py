@@ -12,9 +12,10 @@
   Configuration, the Pixel Data VR) may change, and a lossy original must never come back
   in another lossy syntax.
 
-Two sender-side normalisations are tolerated, because DCMTK's ``storescu`` applies them
-before the node ever sees the object: a value of odd length padded by one byte, and space
-characters removed from a UI value.
+Tolerated, because DCMTK's ``storescu`` applies them before the node ever sees the object
+or because the standard calls them insignificant: a value of odd length padded by one byte,
+space characters removed from a UI value, leading/trailing spaces of AE, AS, CS, DA, DS,
+DT, IS, LO, PN, SH, TM values and trailing spaces of LT, ST, UT, UC values (PS3.5 6.2), and Data Set Trailing Padding (FFFC,FFFC).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from pydicom.uid import (
 )
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+TRAILING_PADDING = Tag(0xFFFC, 0xFFFC)  # PS3.10 7.2: may be dropped by any writer
+_PADDED_TEXT = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM"})
+_TRAILING_TEXT = frozenset({"LT", "ST", "UT", "UC"})
 LOSSY_SYNTAXES = frozenset(
     {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, JPEG2000MC}
 )
@@ -96,13 +100,23 @@ def _same_bytes(sent: bytes, received: bytes, vr: str | None) -> bool:
     if sent == received:
         return True
     if vr == "UI":
-
-        def norm(b: bytes) -> bytes:
-            return b.replace(b" ", b"").rstrip(b"\x00")
-
-        return norm(sent) == norm(received)
+        return _strip_ui(sent) == _strip_ui(received)
+    if vr in _PADDED_TEXT:
+        # PS3.5 6.2: leading/trailing spaces of these values are not significant (DCMTK
+        # empties all-space values; re-encoding a DS drops a leading space)
+        return _split_text(sent) == _split_text(received)
+    if vr in _TRAILING_TEXT:  # PS3.5 6.2: trailing spaces are not significant
+        return sent.rstrip(b" \x00") == received.rstrip(b" \x00")
     # an odd-length value padded by the sender (PS3.5 7.1.1: values have even length)
     return len(sent) % 2 == 1 and len(received) == len(sent) + 1 and received.startswith(sent)
+
+
+def _strip_ui(value: bytes) -> bytes:
+    return value.replace(b" ", b"").rstrip(b"\x00")
+
+
+def _split_text(value: bytes) -> list[bytes]:
+    return [v.strip(b" \x00") for v in value.split(b"\\")]
 
 
 def _endianness(ds: Dataset) -> tuple[bool, bool]:
@@ -123,8 +137,12 @@ def _compare_datasets(
     skip: frozenset[Any],
     out: list[str],
 ) -> None:
-    sent_tags = {t for t in sent._dict if t.group != 0x0002 and t.element != 0x0000}
-    recv_tags = {t for t in received._dict if t.group != 0x0002 and t.element != 0x0000}
+    sent_tags = {
+        t for t in sent._dict if t.group != 0x0002 and t.element != 0 and t != TRAILING_PADDING
+    }
+    recv_tags = {
+        t for t in received._dict if t.group != 0x0002 and t.element != 0 and t != TRAILING_PADDING
+    }
     for tag in sorted(sent_tags - recv_tags - skip):
         out.append(f"{path}{Tag(tag)} missing in the received object")
     for tag in sorted(recv_tags - sent_tags - skip):
