@@ -1,0 +1,562 @@
+"""The codec's only import surface: :func:`compress`, :func:`decompress`, :func:`describe`.
+
+Per frame, every available lossless path is tried on the frame's values and the smallest one
+that decodes back exactly is kept (verify before choose). Values are prepared losslessly
+before a path sees them:
+
+1. the stored word is split at ``value_bits`` (Bits Stored): the low bits are the pixel
+   value, the bits above it (overlays, garbage; for signed data XOR the sign extension, so a
+   clean signed image has none) are a *residual* coded separately with zstd. When the
+   residual is not empty, coding the whole word as the value is tried as well;
+2. signed values are mapped to offset binary (XOR of the sign bit);
+3. the per-sample minimum is subtracted and the bit depth of the remaining range is passed
+   to the path (JPEG-XL ``bitspersample``).
+
+The blob records everything the decoder needs per frame (path id, value bits, offsets, bit
+depth, section indices) plus the CRC-32 of the frame's original values, which is checked
+after decoding: a blob never decodes to wrong pixels silently.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from medzip_scp.codec.container import (
+    ContainerHeader,
+    FrameRecord,
+    PayloadMode,
+    Section,
+    SectionType,
+    pack_frame_index,
+    pack_layout,
+    read_container,
+    unpack_frame_index,
+    unpack_layout,
+    write_container,
+)
+from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
+from medzip_scp.codec.frames import FrameSet, PixelLayout
+from medzip_scp.codec.paths import PixelPath, ZstdPath, get_path, values_dtype
+from medzip_scp.codec.zoo import resolve_model
+
+__all__ = [
+    "DEFAULT_PATHS",
+    "Decoded",
+    "FrameSet",
+    "PixelLayout",
+    "compress",
+    "decompress",
+    "describe",
+    "read_dataset_rest",
+]
+
+DEFAULT_PATHS: tuple[str, ...] = ("jpegxl", "jpegls", "zstd")
+"""Paths tried per frame, in tie-break order. ``constant`` and ``verbatim`` are always added."""
+
+ProgressCallback = Callable[[int, int], None]
+
+_DATASET_HEAD = struct.Struct("<BQ")
+_DATASET_STORED, _DATASET_ZSTD = 0, 1
+_RESIDUAL = ZstdPath(level=9)
+_MAX_RAW_DATASET = 1 << 36
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What :func:`decompress` returns.
+
+    Attributes
+    ----------
+    frames
+        The pixel frames, or ``None`` when the blob holds none.
+    dataset_rest
+        The caller's opaque non-pixel bytes, exactly as given to :func:`compress`.
+    payload
+        The encrypted metadata payload (empty when none).
+    """
+
+    frames: FrameSet | None
+    dataset_rest: bytes
+    payload: bytes
+
+
+def _frame_crc(frame: npt.NDArray[np.generic]) -> int:
+    le = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
+    return zlib.crc32(le.tobytes()) & 0xFFFFFFFF
+
+
+def _word_bits(layout: PixelLayout) -> int:
+    return layout.bits_allocated
+
+
+def _split(
+    u: npt.NDArray[np.uint64], layout: PixelLayout, value_bits: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]:
+    """Split stored words into offset-binary values and the residual above ``value_bits``."""
+    w = _word_bits(layout)
+    b = value_bits
+    lo = u & np.uint64((1 << b) - 1)
+    hi = u >> np.uint64(b) if b < w else None
+    if layout.signed and w > 1:
+        sign = (lo >> np.uint64(b - 1)) & np.uint64(1)
+        if hi is not None:
+            hi = hi ^ (sign * np.uint64((1 << (w - b)) - 1))
+        lo = lo ^ np.uint64(1 << (b - 1))
+    if hi is not None and not hi.any():
+        hi = None
+    return lo, hi
+
+
+def _join(
+    lo: npt.NDArray[np.uint64],
+    hi: npt.NDArray[np.uint64] | None,
+    layout: PixelLayout,
+    value_bits: int,
+) -> npt.NDArray[np.uint64]:
+    """Inverse of :func:`_split`."""
+    w = _word_bits(layout)
+    b = value_bits
+    if layout.signed and w > 1:
+        lo = lo ^ np.uint64(1 << (b - 1))
+        if b < w:
+            sign = (lo >> np.uint64(b - 1)) & np.uint64(1)
+            ext = sign * np.uint64((1 << (w - b)) - 1)
+            hi = ext if hi is None else hi ^ ext
+    if hi is None or b >= w:
+        return lo
+    return (hi << np.uint64(b)) | lo
+
+
+def _unsigned_words(frame: npt.NDArray[np.generic], layout: PixelLayout) -> npt.NDArray[np.uint64]:
+    if layout.bits_allocated == 1:
+        return frame.astype(np.uint64)
+    udt = np.dtype(f"u{frame.dtype.itemsize}")
+    return frame.view(udt).astype(np.uint64)
+
+
+def _words_to_frame(u: npt.NDArray[np.uint64], layout: PixelLayout) -> npt.NDArray[np.generic]:
+    dt = layout.dtype
+    if layout.bits_allocated == 1:
+        return u.astype(np.uint8)
+    return u.astype(np.dtype(f"u{dt.itemsize}")).view(dt)
+
+
+def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
+    out: list[PixelPath] = []
+    for name in ("constant", *names, "verbatim"):
+        p = get_path(name)
+        if p is None:
+            raise CodecError(
+                f"path {name!r} is not registered; registered paths come from "
+                "medzip_scp.codec.paths.register_path"
+            )
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _best_stream(
+    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath]
+) -> tuple[PixelPath, bytes]:
+    """Encode with every path, then return the smallest one that decodes back exactly."""
+    coded: list[tuple[int, int, PixelPath, bytes]] = []
+    for order, path in enumerate(paths):
+        try:
+            data = path.encode(values, nbits)
+        except Exception:  # a path that cannot take this input is simply not a candidate
+            data = None
+        if data is not None:
+            coded.append((len(data), order, path, data))
+    coded.sort(key=lambda c: (c[0], c[1]))
+    shape = tuple(values.shape)
+    for _, _, path, data in coded:
+        try:
+            back = path.decode(data, shape, nbits)  # type: ignore[arg-type]
+        except Exception:
+            continue
+        if back.shape == values.shape and np.array_equal(back, values):
+            return path, data
+    raise CodecError(f"no lossless path reproduced the frame exactly (tried {len(coded)})")
+
+
+def _encode_frame(
+    frame: npt.NDArray[np.generic],
+    layout: PixelLayout,
+    paths: list[PixelPath],
+    streams: bytearray,
+) -> FrameRecord:
+    """Code one frame, append its bytes to ``streams`` and return its record."""
+    u = _unsigned_words(frame, layout)
+    s = layout.samples_per_pixel
+    w = _word_bits(layout)
+    choices = [layout.bits_stored]
+    best: tuple[int, Any] | None = None
+    for value_bits in choices:
+        lo, hi = _split(u, layout, value_bits)
+        if hi is not None and w not in choices:
+            choices.append(w)  # also try coding the whole word as the value
+        offsets = lo.reshape(-1, s).min(axis=0)
+        shifted = lo - offsets
+        nbits = int(shifted.max()).bit_length()
+        values = shifted.astype(values_dtype(nbits))
+        path, data = _best_stream(values, nbits, paths)
+        res_data: bytes | None = None
+        if hi is not None:
+            res_bits = w - value_bits
+            res_vals = hi.astype(values_dtype(res_bits))
+            res_data = _RESIDUAL.encode(res_vals, res_bits)
+            assert res_data is not None
+            back = _RESIDUAL.decode(res_data, layout.frame_shape, res_bits)
+            if not np.array_equal(back, res_vals):
+                raise CodecError("residual stream did not decode back exactly")
+        cost = len(data) + (len(res_data) if res_data is not None else 0)
+        if best is None or cost < best[0]:
+            best = (cost, (value_bits, nbits, tuple(int(o) for o in offsets), path, data, res_data))
+    assert best is not None
+    value_bits, nbits, offsets, path, data, res_data = best[1]
+    streams += data
+    if res_data is not None:
+        streams += res_data
+    return FrameRecord(
+        path=path.name,
+        value_bits=value_bits,
+        split_planes=0,
+        nbits=nbits,
+        offsets=offsets,
+        stream_bytes=len(data),
+        residual_bytes=None if res_data is None else len(res_data),
+        crc32=_frame_crc(frame),
+    )
+
+
+def _pack_dataset(data: bytes) -> bytes:
+    if data:
+        level = 19 if len(data) <= 4 << 20 else 9
+        z = zstandard.ZstdCompressor(level=level).compress(data)
+        if len(z) < len(data):
+            return _DATASET_HEAD.pack(_DATASET_ZSTD, len(data)) + z
+    return _DATASET_HEAD.pack(_DATASET_STORED, len(data)) + data
+
+
+def _unpack_dataset(body: bytes) -> bytes:
+    if len(body) < _DATASET_HEAD.size:
+        raise CorruptStreamError(
+            f"section DATASET: need at least {_DATASET_HEAD.size} bytes, got {len(body)}"
+        )
+    method, raw_len = _DATASET_HEAD.unpack_from(body, 0)
+    data = body[_DATASET_HEAD.size :]
+    if method == _DATASET_STORED:
+        out = data
+    elif method == _DATASET_ZSTD:
+        if raw_len > _MAX_RAW_DATASET:
+            raise CorruptStreamError(f"section DATASET: raw length {raw_len} is implausible")
+        try:
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+        except zstandard.ZstdError as exc:
+            raise CorruptStreamError(f"section DATASET: zstd stream invalid ({exc})") from None
+    else:
+        raise CorruptStreamError(f"section DATASET: method must be 0 or 1, got {method}")
+    if len(out) != raw_len:
+        raise CorruptStreamError(f"section DATASET: expected {raw_len} raw bytes, got {len(out)}")
+    return out
+
+
+def compress(
+    frames: FrameSet | None,
+    dataset_rest: bytes = b"",
+    *,
+    payload: bytes = b"",
+    paths: Sequence[str] = DEFAULT_PATHS,
+    progress: ProgressCallback | None = None,
+) -> bytes:
+    """Code pixel frames and opaque non-pixel bytes into one blob, losslessly.
+
+    Parameters
+    ----------
+    frames
+        The native pixel frames, or ``None`` for a blob without pixels.
+    dataset_rest
+        Opaque bytes stored alongside (zstd when that is smaller), returned unchanged.
+    payload
+        Already-encrypted metadata payload, stored in the ``PAYLOAD`` section (mode 1).
+        Learned bits-back paths will carry it in their initial bits instead.
+    paths
+        Path ids to try per frame, in tie-break order (``constant`` and ``verbatim`` are
+        always added).
+    progress
+        Called as ``progress(done_frames, total_frames)`` after each frame.
+
+    Returns
+    -------
+    bytes
+        The blob (format described in :mod:`medzip_scp.codec.container`).
+
+    Raises
+    ------
+    CodecError
+        If ``frames`` is inconsistent, a path id is unknown, or no path verifies.
+    """
+    candidates = _candidate_paths(paths)
+    streams = bytearray()
+    records: list[FrameRecord] = []
+    if frames is None:
+        layout_body = b""
+    else:
+        frames.validate()
+        layout_body = pack_layout(frames.layout, frames.n_frames)
+        for i in range(frames.n_frames):
+            records.append(_encode_frame(frames.pixels[i], frames.layout, candidates, streams))
+            if progress is not None:
+                progress(i + 1, frames.n_frames)
+    index_body = b"" if frames is None else pack_frame_index(records)
+    payload_body = bytes([PayloadMode.SECTION if payload else PayloadMode.NONE]) + payload
+    sections = [
+        Section(SectionType.LAYOUT, layout_body),
+        Section(SectionType.FRAME_INDEX, index_body),
+        Section(SectionType.STREAMS, bytes(streams)),
+        Section(SectionType.DATASET, _pack_dataset(bytes(dataset_rest))),
+        Section(SectionType.PAYLOAD, payload_body),
+    ]
+    return write_container(ContainerHeader(), sections)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    header: ContainerHeader
+    by_type: dict[SectionType, bytes]
+    layout: PixelLayout | None
+    records: list[FrameRecord]
+    starts: list[int]
+
+
+def _parse(blob: bytes) -> _Parsed:
+    header, sections = read_container(blob)
+    resolve_model(header)
+    by_type = {s.type: s.data for s in sections}
+    layout_body = by_type[SectionType.LAYOUT]
+    index_body = by_type[SectionType.FRAME_INDEX]
+    streams_len = len(by_type[SectionType.STREAMS])
+    if not layout_body:
+        if index_body or streams_len:
+            raise CorruptStreamError(
+                "sections FRAME_INDEX and STREAMS must be empty when LAYOUT is empty, got "
+                f"{len(index_body)} and {streams_len} bytes"
+            )
+        return _Parsed(header, by_type, None, [], [])
+    layout, n = unpack_layout(layout_body)
+    records = unpack_frame_index(index_body, n, layout.samples_per_pixel)
+    w = _word_bits(layout)
+    starts = []
+    pos = 0
+    for i, r in enumerate(records):
+        starts.append(pos)
+        pos += r.stream_bytes + (r.residual_bytes or 0)
+        if not 1 <= r.value_bits <= w:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} value bits must be in 1..{w}, got {r.value_bits}"
+            )
+        if r.nbits > r.value_bits:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} nbits must be <= value bits {r.value_bits}, "
+                f"got {r.nbits}"
+            )
+        if r.residual_bytes is not None and r.value_bits >= w:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} has a residual but its value bits "
+                f"({r.value_bits}) cover the whole {w}-bit word"
+            )
+        if len(r.offsets) != layout.samples_per_pixel or max(r.offsets) >> r.value_bits:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} offsets must fit in {r.value_bits} bits"
+            )
+    if pos != streams_len:
+        raise CorruptStreamError(
+            f"section STREAMS: frame index accounts for {pos} bytes, section has {streams_len}"
+        )
+    return _Parsed(header, by_type, layout, records, starts)
+
+
+def _decode_frame(
+    i: int, r: FrameRecord, layout: PixelLayout, streams: bytes, start: int
+) -> npt.NDArray[np.generic]:
+    if r.split_planes != 0:
+        raise UnsupportedFormatError(
+            f"frame {i}: split planes {r.split_planes} need a learned path; this decoder supports 0"
+        )
+    path = get_path(r.path)
+    if path is None:
+        raise UnsupportedFormatError(
+            f"frame {i}: path {r.path!r} is not available in this decoder; install the "
+            "package that registers it"
+        )
+    shape = layout.frame_shape
+    w = _word_bits(layout)
+    data = streams[start : start + r.stream_bytes]
+    try:
+        values = path.decode(data, shape, r.nbits)
+        hi = None
+        if r.residual_bytes is not None:
+            rstart = start + r.stream_bytes
+            hi = _RESIDUAL.decode(
+                streams[rstart : rstart + r.residual_bytes], shape, w - r.value_bits
+            )
+    except Exception as exc:
+        raise CorruptStreamError(
+            f"frame {i}: path {r.path!r} failed to decode its stream ({type(exc).__name__})"
+        ) from None
+    if values.shape != shape:
+        raise CorruptStreamError(
+            f"frame {i}: path {r.path!r} decoded shape {values.shape}, expected {shape}"
+        )
+    lo = values.astype(np.uint64) + np.asarray(r.offsets, dtype=np.uint64)
+    if lo.size and int(lo.max()) >> r.value_bits:
+        raise CorruptStreamError(f"frame {i}: decoded values exceed {r.value_bits} value bits")
+    u = _join(lo, None if hi is None else hi.astype(np.uint64), layout, r.value_bits)
+    frame = _words_to_frame(u, layout)
+    crc = _frame_crc(frame)
+    if crc != r.crc32:
+        raise CorruptStreamError(
+            f"frame {i}: pixel CRC-32 after decoding path {r.path!r} mismatch, expected "
+            f"{r.crc32:08x}, actual {crc:08x}"
+        )
+    return frame
+
+
+def decompress(blob: bytes, *, progress: ProgressCallback | None = None) -> Decoded:
+    """Decode a blob made by :func:`compress`.
+
+    Parameters
+    ----------
+    blob
+        The blob.
+    progress
+        Called as ``progress(done_frames, total_frames)`` after each frame.
+
+    Returns
+    -------
+    Decoded
+        Frames, the opaque dataset bytes and the payload.
+
+    Raises
+    ------
+    CorruptStreamError
+        If any check fails (section CRC, lengths, records, per-frame pixel CRC).
+    UnknownModelError
+        If the blob needs a model that is not installed.
+    UnsupportedFormatError
+        If the blob uses a newer format version, path or payload mode.
+    """
+    parsed = _parse(blob)
+    by_type = parsed.by_type
+    frames: FrameSet | None = None
+    if parsed.layout is not None:
+        layout = parsed.layout
+        streams = by_type[SectionType.STREAMS]
+        pixels = np.empty((len(parsed.records), *layout.frame_shape), dtype=layout.dtype)
+        for i, r in enumerate(parsed.records):
+            pixels[i] = _decode_frame(i, r, layout, streams, parsed.starts[i])
+            if progress is not None:
+                progress(i + 1, len(parsed.records))
+        frames = FrameSet(layout, pixels)
+    dataset_rest = _unpack_dataset(by_type[SectionType.DATASET])
+    payload = _unpack_payload(by_type[SectionType.PAYLOAD])
+    return Decoded(frames, dataset_rest, payload)
+
+
+def _unpack_payload(body: bytes) -> bytes:
+    if not body:
+        raise CorruptStreamError("section PAYLOAD: must hold at least its mode byte, got 0 bytes")
+    mode = body[0]
+    if mode == PayloadMode.NONE:
+        if len(body) != 1:
+            raise CorruptStreamError(
+                f"section PAYLOAD: mode NONE must be 1 byte long, got {len(body)}"
+            )
+        return b""
+    if mode == PayloadMode.SECTION:
+        return body[1:]
+    if mode == PayloadMode.BITS_BACK:
+        raise UnsupportedFormatError(
+            "section PAYLOAD: mode BITS_BACK needs a learned path; this decoder supports 0 and 1"
+        )
+    raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1 or 2, got {mode}")
+
+
+def read_dataset_rest(blob: bytes) -> bytes:
+    """Return the opaque dataset bytes of a blob without decoding its pixels.
+
+    All checksums are validated as in :func:`decompress`.
+
+    Raises
+    ------
+    CorruptStreamError, UnknownModelError, UnsupportedFormatError
+        As :func:`decompress`.
+    """
+    return _unpack_dataset(_parse(blob).by_type[SectionType.DATASET])
+
+
+def describe(blob: bytes) -> dict[str, Any]:
+    """Summarise a blob without decoding its pixels (validates all checksums).
+
+    Returns
+    -------
+    dict
+        ``format_version``, ``model`` (``None`` for classical), ``model_sha256``,
+        ``adapter_sha256``, ``layout`` (dict or ``None``), ``frames`` (list of dicts with
+        ``path``, ``bytes``, ``residual_bytes``, ``nbits``, ``value_bits``,
+        ``split_planes``), ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``,
+        ``payload_bytes``, ``total_bytes``.
+
+    Raises
+    ------
+    CorruptStreamError, UnknownModelError, UnsupportedFormatError
+        As :func:`decompress`.
+    """
+    parsed = _parse(blob)
+    by_type = parsed.by_type
+    frames = []
+    for r in parsed.records:
+        frames.append(
+            {
+                "path": r.path,
+                "bytes": r.stream_bytes,
+                "residual_bytes": r.residual_bytes or 0,
+                "nbits": r.nbits,
+                "value_bits": r.value_bits,
+                "split_planes": r.split_planes,
+            }
+        )
+    ds_body = by_type[SectionType.DATASET]
+    raw_len = _DATASET_HEAD.unpack_from(ds_body, 0)[1] if len(ds_body) >= _DATASET_HEAD.size else 0
+    lay = parsed.layout
+    return {
+        "format_version": parsed.header.version,
+        "model": parsed.header.model_id or None,
+        "model_sha256": parsed.header.model_sha256.hex(),
+        "adapter_sha256": parsed.header.adapter_sha256.hex(),
+        "layout": None
+        if lay is None
+        else {
+            "rows": lay.rows,
+            "columns": lay.columns,
+            "samples_per_pixel": lay.samples_per_pixel,
+            "bits_allocated": lay.bits_allocated,
+            "bits_stored": lay.bits_stored,
+            "signed": lay.signed,
+            "planar_configuration": lay.planar_configuration,
+        },
+        "frames": frames,
+        "pixel_bytes": sum(f["bytes"] + f["residual_bytes"] for f in frames),
+        "dataset_bytes": len(ds_body),
+        "dataset_raw_bytes": raw_len,
+        "payload_bytes": max(0, len(by_type[SectionType.PAYLOAD]) - 1),
+        "total_bytes": len(blob),
+    }

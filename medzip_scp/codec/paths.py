@@ -1,0 +1,208 @@
+"""Lossless coding paths for one plane group of one frame.
+
+A path turns an array of non-negative integers ``(rows, columns, samples)`` whose values fit
+in ``nbits`` bits (dtype ``uint8`` for nbits <= 8, ``uint16`` for <= 16, else ``uint32``) into
+bytes and back. Paths are looked up by their string id, which the blob records per frame; ids
+are part of the format and are never reused. :func:`register_path` lets other packages (the
+predictive coder, later the learned paths) add theirs.
+
+Every path here is deterministic. The caller (:mod:`medzip_scp.codec.api`) verifies each
+candidate by decoding it before choosing it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import imagecodecs
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+__all__ = [
+    "ConstantPath",
+    "JpegLsPath",
+    "JpegXlPath",
+    "PixelPath",
+    "VerbatimPath",
+    "ZstdPath",
+    "get_path",
+    "register_path",
+    "registered_paths",
+    "values_dtype",
+]
+
+
+def values_dtype(nbits: int) -> np.dtype:
+    """Smallest unsigned dtype for values of ``nbits`` bits (0..32)."""
+    if nbits <= 8:
+        return np.dtype(np.uint8)
+    if nbits <= 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+@runtime_checkable
+class PixelPath(Protocol):
+    """A lossless coder of one ``(rows, columns, samples)`` array of unsigned values."""
+
+    name: str
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        """Return the coded bytes, or ``None`` when the path cannot take this input."""
+        ...
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """Return the array of shape ``shape`` and dtype ``values_dtype(nbits)``."""
+        ...
+
+
+def _as_codec_input(values: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.unsignedinteger]:
+    v = values[..., 0] if values.shape[2] == 1 else values
+    return np.ascontiguousarray(v)
+
+
+class ConstantPath:
+    """All values are zero (after the per-sample offset): nothing to store."""
+
+    name = "constant"
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        if nbits != 0 or values.any():
+            return None
+        return b""
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        if data or nbits != 0:
+            raise ValueError(
+                f"constant path: expected 0 bytes and nbits 0, got {len(data)}, {nbits}"
+            )
+        return np.zeros(shape, values_dtype(0))
+
+
+class JpegXlPath:
+    """JPEG XL lossless (libjxl through imagecodecs), 1 or 3 samples, 1..16 bits."""
+
+    def __init__(self, effort: int = 7, name: str = "jpegxl") -> None:
+        self.effort = effort
+        self.name = name
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        if not 1 <= nbits <= 16 or values.shape[2] not in (1, 3):
+            return None
+        return bytes(
+            imagecodecs.jpegxl_encode(
+                _as_codec_input(values), lossless=True, effort=self.effort, bitspersample=nbits
+            )
+        )
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        return np.asarray(imagecodecs.jpegxl_decode(data)).reshape(shape)
+
+
+class JpegLsPath:
+    """JPEG-LS lossless (CharLS through imagecodecs), 1 or 3 samples, 2..16 bits."""
+
+    name = "jpegls"
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        if not 2 <= nbits <= 16 or values.shape[2] not in (1, 3):
+            return None
+        return bytes(imagecodecs.jpegls_encode(_as_codec_input(values)))
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        return np.asarray(imagecodecs.jpegls_decode(data)).reshape(shape)
+
+
+class ZstdPath:
+    """zstd over byte planes (1-bit values are bit-packed first): takes any input."""
+
+    name = "zstd"
+
+    def __init__(self, level: int = 9) -> None:
+        self.level = level
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        if nbits <= 1:
+            raw = np.packbits(values.reshape(-1).astype(np.uint8), bitorder="little").tobytes()
+        else:
+            v = values.astype(values.dtype.newbyteorder("<"), copy=False).reshape(-1)
+            raw = v.view(np.uint8).reshape(-1, v.dtype.itemsize).T.tobytes()
+        return zstandard.ZstdCompressor(level=self.level).compress(raw)
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        dtype = values_dtype(nbits)
+        count = int(np.prod(shape))
+        if nbits <= 1:
+            size = (count + 7) // 8
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+            if len(raw) != size:
+                raise ValueError(f"zstd path: expected {size} bytes, got {len(raw)}")
+            bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=count, bitorder="little")
+            return bits.reshape(shape).astype(dtype)
+        size = count * dtype.itemsize
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        if len(raw) != size:
+            raise ValueError(f"zstd path: expected {size} bytes, got {len(raw)}")
+        planes = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, count)
+        le = np.ascontiguousarray(planes.T).view(dtype.newbyteorder("<")).reshape(shape)
+        return le.astype(dtype)
+
+
+class VerbatimPath:
+    """The values as little-endian bytes of ``values_dtype(nbits)``: the last resort."""
+
+    name = "verbatim"
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        return values.astype(values_dtype(nbits).newbyteorder("<")).tobytes()
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        dtype = values_dtype(nbits)
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if len(data) != expected:
+            raise ValueError(f"verbatim path: expected {expected} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape).astype(dtype)
+
+
+_REGISTRY: dict[str, PixelPath] = {}
+
+
+def register_path(path: PixelPath) -> None:
+    """Make ``path`` available to :func:`medzip_scp.codec.api.compress` and to the decoder.
+
+    Raises
+    ------
+    ValueError
+        If a different path object is already registered under the same id.
+    """
+    existing = _REGISTRY.get(path.name)
+    if existing is not None and existing is not path:
+        raise ValueError(f"path id {path.name!r} is already registered; ids are never reused")
+    _REGISTRY[path.name] = path
+
+
+def get_path(name: str) -> PixelPath | None:
+    """Return the registered path ``name`` or ``None``."""
+    return _REGISTRY.get(name)
+
+
+def registered_paths() -> tuple[str, ...]:
+    """Ids of all registered paths."""
+    return tuple(_REGISTRY)
+
+
+for _p in (ConstantPath(), JpegXlPath(), JpegLsPath(), ZstdPath(), VerbatimPath()):
+    register_path(_p)
