@@ -1,0 +1,209 @@
+"""``medzip codec``: encode DICOM files to ``.mzp`` blobs, decode them, inspect them.
+
+Each command takes a file or a folder (recursed; the output folder mirrors the input's
+relative names, adding or removing ``.mzp``). One JSON line per file goes to stdout; a
+progress bar (only when stderr is a terminal) and, for folders, a summary table go to stderr.
+No dataset values are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medzip_scp.codec.errors import CodecError
+from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
+
+__all__ = ["codec_app"]
+
+SUFFIX = ".mzp"
+
+codec_app = typer.Typer(help="Encode, decode and inspect .mzp blobs.", no_args_is_help=True)
+
+InArg = Annotated[Path, typer.Argument(exists=True, help="Input file or folder.")]
+OutArg = Annotated[Path, typer.Argument(help="Output file or folder.")]
+
+
+def _inputs(root: Path, want_suffix: str | None) -> list[Path]:
+    if root.is_file():
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if want_suffix is not None:
+        files = [p for p in files if p.suffix == want_suffix]
+    return files
+
+
+def _target(src: Path, root: Path, out: Path, encode: bool) -> Path:
+    if root.is_file():
+        if out.is_dir():
+            name = src.name + SUFFIX if encode else _strip(src.name)
+            return out / name
+        return out
+    rel = src.relative_to(root)
+    name = rel.name + SUFFIX if encode else _strip(rel.name)
+    return out / rel.parent / name
+
+
+def _strip(name: str) -> str:
+    return name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name + ".dcm"
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[], None]]:
+    if not sys.stderr.isatty() or total <= 1:
+        yield lambda: None
+        return
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _emit(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _summary(title: str, rows: list[dict[str, Any]], is_folder: bool) -> None:
+    if not is_folder:
+        return
+    ok = [r for r in rows if "error" not in r]
+    table = Table(title=title)
+    for col in ("files", "ok", "failed", "input MB", "output MB", "ratio", "seconds", "paths"):
+        table.add_column(col, justify="right")
+    n_in = sum(r.get("input_bytes", 0) for r in ok)
+    n_out = sum(r.get("output_bytes", 0) for r in ok)
+    paths: Counter[str] = Counter()
+    for r in ok:
+        paths.update(r.get("paths", []))
+    table.add_row(
+        str(len(rows)),
+        str(len(ok)),
+        str(len(rows) - len(ok)),
+        f"{n_in / 1e6:.2f}",
+        f"{n_out / 1e6:.2f}",
+        f"{n_in / n_out:.3f}" if n_out else "-",
+        f"{sum(r.get('seconds', 0.0) for r in rows):.2f}",
+        ", ".join(f"{k} {v}" for k, v in paths.most_common()) or "-",
+    )
+    Console(stderr=True).print(table)
+
+
+def _run(
+    inp: Path,
+    out: Path | None,
+    want_suffix: str | None,
+    label: str,
+    work: Callable[[Path, Path | None], dict[str, Any]],
+) -> None:
+    files = _inputs(inp, want_suffix)
+    rows: list[dict[str, Any]] = []
+    with _progress(len(files), label) as advance:
+        for src in files:
+            rel = src.name if inp.is_file() else str(src.relative_to(inp))
+            dst = None if out is None else _target(src, inp, out, encode=label == "encode")
+            t0 = time.perf_counter()
+            try:
+                record = {"file": rel, **work(src, dst)}
+            except (CodecError, OSError) as exc:
+                record = {"file": rel, "error": f"{type(exc).__name__}: {exc}"}
+            record.setdefault("seconds", round(time.perf_counter() - t0, 4))
+            rows.append(record)
+            _emit(record)
+            advance()
+    _summary(f"medzip codec {label}", rows, inp.is_dir())
+    if any("error" in r for r in rows):
+        raise typer.Exit(code=1)
+
+
+def _encode_one(src: Path, dst: Path | None) -> dict[str, Any]:
+    assert dst is not None
+    data = src.read_bytes()
+    t0 = time.perf_counter()
+    blob = encode_dataset(data)
+    seconds = time.perf_counter() - t0
+    _write(dst, blob)
+    info = blob_info(blob)
+    lay = info["layout"]
+    pixels = lay["rows"] * lay["columns"] * info["frames"] if lay else 0
+    return {
+        "mode": info["mode"],
+        "pixels": pixels,
+        "pixel_bytes": info["pixel_bytes"],
+        "total_bytes": info["total_bytes"],
+        "input_bytes": len(data),
+        "output_bytes": len(blob),
+        "bpp": round(8 * info["pixel_bytes"] / pixels, 4) if pixels else None,
+        "seconds": round(seconds, 4),
+        "model": info["model"],
+        "paths": info["paths"],
+    }
+
+
+def _decode_one(src: Path, dst: Path | None) -> dict[str, Any]:
+    assert dst is not None
+    blob = src.read_bytes()
+    t0 = time.perf_counter()
+    data = decode_blob(blob)
+    seconds = time.perf_counter() - t0
+    _write(dst, data)
+    return {
+        "input_bytes": len(blob),
+        "output_bytes": len(data),
+        "seconds": round(seconds, 4),
+    }
+
+
+def _info_one(src: Path, dst: Path | None) -> dict[str, Any]:
+    blob = src.read_bytes()
+    info = blob_info(blob)
+    info.pop("codec", None)
+    info["input_bytes"] = info["output_bytes"] = len(blob)
+    return info
+
+
+@codec_app.command("encode")
+def encode(inp: InArg, out: OutArg) -> None:
+    """Encode DICOM file(s) into .mzp blob(s), each verified by decoding it."""
+    _run(inp, out, None, "encode", _encode_one)
+
+
+@codec_app.command("decode")
+def decode(inp: InArg, out: OutArg) -> None:
+    """Decode .mzp blob(s) back into the original DICOM file(s), byte for byte."""
+    _run(inp, out, SUFFIX, "decode", _decode_one)
+
+
+@codec_app.command("info")
+def info(inp: InArg) -> None:
+    """Describe .mzp blob(s) without decoding pixels (no dataset values)."""
+    _run(inp, None, SUFFIX, "info", _info_one)

@@ -1,0 +1,99 @@
+"""``medzip codec`` encode/decode/info on files and folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from typer.testing import CliRunner
+
+from medzip_scp.cli.codec import codec_app
+
+PHI = "ZZCLI^SECRETNAME"
+
+
+def _write_dicom(path: Path, seed: int) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName = PHI
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 16, 12, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 4096, (16, 12)).astype("<u2").tobytes()
+    ds["PixelData"].VR = "OW"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def _lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    src = tmp_path / "in"
+    files = {
+        "a.dcm": _write_dicom(src / "a.dcm", 1),
+        "sub/b.dcm": _write_dicom(src / "sub" / "b.dcm", 2),
+    }
+    (src / "sub" / "notes.txt").write_bytes(b"not dicom")
+    files["sub/notes.txt"] = b"not dicom"
+    return src, files
+
+
+def test_folder_encode_decode_info(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+    src, files = tree
+    runner = CliRunner()
+    res = runner.invoke(codec_app, ["encode", str(src), str(tmp_path / "enc")])
+    assert res.exit_code == 0, res.output
+    lines = _lines(res.stdout)
+    assert {r["file"] for r in lines} == set(files)
+    dicom = next(r for r in lines if r["file"] == "a.dcm")
+    for key in ("pixels", "pixel_bytes", "total_bytes", "seconds", "model", "paths"):
+        assert key in dicom
+    assert dicom["pixels"] == 16 * 12
+    assert len(dicom["paths"]) == 1
+    assert (tmp_path / "enc" / "sub" / "b.dcm.mzp").is_file()
+    assert PHI not in res.output
+
+    res = runner.invoke(codec_app, ["decode", str(tmp_path / "enc"), str(tmp_path / "dec")])
+    assert res.exit_code == 0, res.output
+    for rel, data in files.items():
+        assert (tmp_path / "dec" / rel).read_bytes() == data
+
+    res = runner.invoke(codec_app, ["info", str(tmp_path / "enc" / "a.dcm.mzp")])
+    assert res.exit_code == 0, res.output
+    (info,) = _lines(res.stdout)
+    assert info["mode"] == "native"
+    assert PHI not in res.output
+    assert pydicom.dcmread(tmp_path / "dec" / "a.dcm").PatientName == PHI
+
+
+def test_single_file_and_corrupt_blob(tmp_path: Path) -> None:
+    data = _write_dicom(tmp_path / "x.dcm", 3)
+    runner = CliRunner()
+    res = runner.invoke(codec_app, ["encode", str(tmp_path / "x.dcm"), str(tmp_path / "x.mzp")])
+    assert res.exit_code == 0, res.output
+    blob = bytearray((tmp_path / "x.mzp").read_bytes())
+    blob[-3] ^= 0xFF
+    (tmp_path / "bad.mzp").write_bytes(bytes(blob))
+    res = runner.invoke(codec_app, ["decode", str(tmp_path / "bad.mzp"), str(tmp_path / "y.dcm")])
+    assert res.exit_code == 1
+    (line,) = _lines(res.stdout)
+    assert "CorruptStreamError" in line["error"]
+    assert not (tmp_path / "y.dcm").exists()
+    res = runner.invoke(codec_app, ["decode", str(tmp_path / "x.mzp"), str(tmp_path / "y.dcm")])
+    assert res.exit_code == 0
+    assert (tmp_path / "y.dcm").read_bytes() == data
