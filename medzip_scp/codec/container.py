@@ -9,10 +9,10 @@ Layout (all integers little-endian)::
     8       4     H: length of the header body (u32)
     12      H     header body:
                     u8   length of the model id, then the model id (ASCII); empty = classical
-                    32   sha256 of the model weights (zeros for classical paths)
-                    32   sha256 of the adapter weights (zeros for none)
-                    u32  number of sections N
-                    N x  section entry: u16 type, u16 reserved (0), u64 length, u32 CRC-32
+                    32   sha256 of the model weights   } only when the model id is not
+                    32   sha256 of the adapter weights } empty (zeros for no adapter)
+                    u8   number of sections N
+                    N x  section entry: u8 type, LEB128 varint length, u32 CRC-32
     12+H    4     CRC-32 of bytes [0, 12+H)
     ...           section bodies, in table order, back to back; the blob ends with the last
 
@@ -79,7 +79,6 @@ FORMAT_VERSION = 1
 ZERO_SHA256 = bytes(32)
 
 _PREFIX = struct.Struct("<4sHHI")
-_SECTION_ENTRY = struct.Struct("<HHQI")
 _LAYOUT = struct.Struct("<HHBBBBBI")
 _MAX_HEADER = 64 * 1024 * 1024
 
@@ -160,12 +159,21 @@ def write_container(header: ContainerHeader, sections: list[Section]) -> bytes:
     for name, digest in (("model", header.model_sha256), ("adapter", header.adapter_sha256)):
         if len(digest) != 32:
             raise ValueError(f"{name} sha256 must be 32 bytes, got {len(digest)}")
+    if not model_id and (
+        header.model_sha256 != ZERO_SHA256 or header.adapter_sha256 != ZERO_SHA256
+    ):
+        raise ValueError("model/adapter sha256 given without a model id")
+    if len(sections) > 255:
+        raise ValueError(f"at most 255 sections, got {len(sections)}")
     body = bytearray()
     body += bytes([len(model_id)]) + model_id
-    body += header.model_sha256 + header.adapter_sha256
-    body += struct.pack("<I", len(sections))
+    if model_id:
+        body += header.model_sha256 + header.adapter_sha256
+    body.append(len(sections))
     for s in sections:
-        body += _SECTION_ENTRY.pack(int(s.type), 0, len(s.data), _crc(s.data))
+        body.append(int(s.type))
+        _put_varint(body, len(s.data))
+        body += struct.pack("<I", _crc(s.data))
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body)) + bytes(body)
     out = bytearray(head)
     out += struct.pack("<I", _crc(head))
@@ -224,33 +232,34 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
             f"blob header flags must be 0 in format version {FORMAT_VERSION}, got {flags:#06x}"
         )
     pos = _PREFIX.size
+    body = bytes(view[:hend])
+    entries: list[tuple[int, int, int]] = []
     try:
-        n = view[pos]
-        model_id = bytes(view[pos + 1 : pos + 1 + n]).decode("ascii")
+        n = body[pos]
+        model_id = body[pos + 1 : pos + 1 + n].decode("ascii")
         pos += 1 + n
-        model_sha = bytes(view[pos : pos + 32])
-        adapter_sha = bytes(view[pos + 32 : pos + 64])
-        pos += 64
-        (n_sections,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + n_sections * _SECTION_ENTRY.size != hend:
-            raise CorruptStreamError(
-                f"blob header: {n_sections} section entries need "
-                f"{pos + n_sections * _SECTION_ENTRY.size - _PREFIX.size} header bytes, "
-                f"header length is {hlen}"
-            )
-        entries = [
-            _SECTION_ENTRY.unpack_from(view, pos + i * _SECTION_ENTRY.size)
-            for i in range(n_sections)
-        ]
-    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        model_sha, adapter_sha = ZERO_SHA256, ZERO_SHA256
+        if n:
+            model_sha, adapter_sha = body[pos : pos + 32], body[pos + 32 : pos + 64]
+            pos += 64
+        n_sections = body[pos]
+        pos += 1
+        for _ in range(n_sections):
+            stype = body[pos]
+            length, pos = _get_varint(body, pos + 1)
+            (crc,) = struct.unpack_from("<I", body, pos)
+            pos += 4
+            entries.append((stype, length, crc))
+    except (IndexError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise CorruptStreamError(f"blob header: malformed header body ({exc})") from None
-    if len(model_sha) != 32 or len(adapter_sha) != 32:
-        raise CorruptStreamError("blob header: truncated model/adapter sha256")
+    if pos != hend or len(model_sha) != 32 or len(adapter_sha) != 32:
+        raise CorruptStreamError(
+            f"blob header: {len(entries)} section entries end at byte {pos}, header ends at {hend}"
+        )
 
     offset = hend + 4
     sections: list[Section] = []
-    for i, (stype, reserved, length, crc) in enumerate(entries):
+    for i, (stype, length, crc) in enumerate(entries):
         try:
             st = SectionType(stype)
         except ValueError:
@@ -258,10 +267,6 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
                 f"section {i}: unknown section type {stype}, expected one of "
                 f"{[int(t) for t in SectionType]}"
             ) from None
-        if reserved != 0:
-            raise CorruptStreamError(
-                f"section {i} ({st.name}): reserved field must be 0, got {reserved}"
-            )
         end = offset + length
         if end > len(view):
             raise CorruptStreamError(
