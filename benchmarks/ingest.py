@@ -10,6 +10,8 @@ them with DCMTK's ``/usr/bin/storescu`` over 1 association and over N parallel a
 * the medzip node (``medzip serve`` in a subprocess; SQLite in a temporary data directory,
   and PostgreSQL in a fresh schema when ``MEDZIP_BENCH_PG_URL`` / the default test URL is
   reachable): acknowledges only after blob fsync and index commit;
+  The node's background compression worker runs during the measurement (as in production);
+  one more SQLite run with ``MEDZIP_PIPELINE__COMPRESS=false`` isolates the C-STORE path;
 * a bare pynetdicom storage SCP (a subprocess) that writes each received data set to a file,
   without fsync.
 
@@ -208,13 +210,15 @@ def start_bare(script: Path) -> callable:
     return start
 
 
-def start_medzip(database_url: str | None) -> callable:
+def start_medzip(database_url: str | None, compress: bool = True) -> callable:
     medzip = str(Path(sys.executable).with_name("medzip"))
 
     def start(port: int, work: Path) -> subprocess.Popen:
         env = dict(os.environ, MEDZIP_LOG_LEVEL="WARNING")
         if database_url:
             env["MEDZIP_STORAGE__DATABASE_URL"] = database_url
+        if not compress:
+            env["MEDZIP_PIPELINE__COMPRESS"] = "false"
         return subprocess.Popen(
             [medzip, "serve", "--data-dir", str(work / "data"), "--port", str(port)],
             env=env,
@@ -273,6 +277,14 @@ def main() -> None:
         )
         rows += run_target(
             "medzip (SQLite)", start_medzip(None), "MEDZIP", files, args.associations, tmp
+        )
+        rows += run_target(
+            "medzip (SQLite, no bg compression)",
+            start_medzip(None, compress=False),
+            "MEDZIP",
+            files,
+            args.associations,
+            tmp,
         )
         for n in [] if args.no_pg else args.associations:
             pg = pg_schema_url()  # a fresh schema per run: the same UIDs are sent again

@@ -15,7 +15,8 @@
 Tolerated, because DCMTK's ``storescu`` applies them before the node ever sees the object
 or because the standard calls them insignificant: a value of odd length padded by one byte,
 space characters removed from a UI value, leading/trailing spaces of AE, AS, CS, DA, DS,
-DT, IS, LO, PN, SH, TM values and trailing spaces of LT, ST, UT, UC values (PS3.5 6.2), and Data Set Trailing Padding (FFFC,FFFC).
+DT, IS, LO, PN, SH, TM values and trailing spaces of LT, ST, UT, UC values (PS3.5 6.2),
+and Data Set Trailing Padding (FFFC,FFFC).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
@@ -199,7 +201,17 @@ def differences(sent_path: Path | str, received_path: Path | str) -> list[str]:
     if not syntax_changed:
         a = _value_bytes(sent._dict[PIXEL_DATA], *_endianness(sent))  # still raw: skipped
         b = _value_bytes(received._dict[PIXEL_DATA], *_endianness(received))
-        if not _same_bytes(a, b, None):
+        if sent_ts.is_encapsulated:
+            a_frags = list(generate_fragments(a))
+            b_frags = list(generate_fragments(b))
+            if len(a_frags) != len(b_frags) or not all(
+                _same_bytes(x, y, None) for x, y in zip(a_frags, b_frags, strict=True)
+            ):
+                out.append(
+                    f"encapsulated Pixel Data differs ({len(a_frags)} fragments, {len(a)} "
+                    f"bytes sent; {len(b_frags)} fragments, {len(b)} bytes received)"
+                )
+        elif not _same_bytes(a, b, None):
             out.append(f"Pixel Data bytes differ ({len(a)} sent, {len(b)} received)")
         return out
     if is_lossy(sent_ts) and is_lossy(recv_ts):
