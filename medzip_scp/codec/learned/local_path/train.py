@@ -1,0 +1,260 @@
+"""Train the local-path model (``medzip train local``) from the shared data, split by series.
+
+Usage::
+
+    nice -n 10 .venv/bin/python -m medzip_scp.codec.learned.local_path.train \
+        --data ../shared/data --out models/local-lm/v1 --seed 0 --minutes 6
+
+Training series (all lossless-origin): mr-epi ``ax/`` and ``cor/``, ``series/fmri-ge``,
+``series/mr-dti-enhanced/3000.dcm`` (every 8th frame), the lossless conformance CT slices of five
+different series (``693_J2KR``, ``J2K_pixelrep_mismatch``, ``TOSHIBA_J2K_OpenJPEGv2Regression``,
+``TOSHIBA_J2K_SIZ0_PixRep1``, ``explicit_VR-UN``), ``CT_small``, ``MR_small``, ``emri_small``,
+``JPEG-LL`` (NM) and the 16-bit OT of JPEG Lossless SV1.  Held out (dev): ``series/ct-phantom-1mm``,
+``series/mr-t1-3d``, mr-epi ``sag/`` and ``axmb/``, and the four CR/DX files of the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from . import model as M
+
+TRAIN_FILES = [
+    "conformance/JPEG2000Lossless/693_J2KR.dcm",
+    "conformance/JPEG2000Lossless/J2K_pixelrep_mismatch.dcm",
+    "conformance/JPEG2000Lossless/TOSHIBA_J2K_OpenJPEGv2Regression.dcm",
+    "conformance/JPEG2000Lossless/TOSHIBA_J2K_SIZ0_PixRep1.dcm",
+    "conformance/JPEG2000Lossless/explicit_VR-UN.dcm",
+    "conformance/LittleEndianExplicit/CT_small.dcm",
+    "conformance/LittleEndianExplicit/MR_small.dcm",
+    "conformance/LittleEndianExplicit/emri_small.dcm",
+    "conformance/JPEGLosslessSV1/JPEG-LL.dcm",
+    "conformance/JPEGLosslessSV1/JPEGLosslessP14SV1_1s_1f_u_16_16.dcm",
+]
+CR_DX_DEV = [
+    "conformance/JPEG2000Lossless/966_fixed.dcm",
+    "conformance/JPEG2000Lossless/JPEG2KLossless_1s_1f_u_16_16.dcm",
+    "conformance/JPEG2000Lossless/NM_Kakadu44_SOTmarkerincons.dcm",
+    "conformance/JPEGLSLossless/RG2_JLSL.dcm",
+]
+S_WEIGHTS = np.array([0.35, 0.35, 0.15, 0.15])
+
+
+def read_frames(path: Path, step: int = 1) -> list[tuple[npt.NDArray[np.uint16], int]]:
+    """Frames of a DICOM file as uint16 (signed data shifted by 2**(bits-1)) with their bits."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    bits = int(ds.BitsStored)
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or bits > 16:
+        return []
+    arr = arr.reshape((-1, *arr.shape[-2:])).astype(np.int64)[::step]
+    if int(ds.PixelRepresentation) == 1:
+        arr = arr + (1 << (bits - 1))
+    arr = np.clip(arr, 0, (1 << bits) - 1)  # values outside Bits Stored are not image data
+    return [(np.ascontiguousarray(a, dtype=np.uint16), bits) for a in arr]
+
+
+def train_sources(data: Path) -> list[Path]:
+    epi = sorted(p for d in ("ax", "cor") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file())
+    fmri = sorted(p for p in (data / "series/fmri-ge").rglob("*") if p.is_file())
+    return [data / f for f in TRAIN_FILES] + epi[::2] + fmri[::4]
+
+
+def dev_sources(data: Path) -> dict[str, list[Path]]:
+    epi = sorted(p for d in ("sag", "axmb") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file())
+    return {
+        "CT": sorted((data / "series/ct-phantom-1mm").glob("*.dcm"))[::7],
+        "MR-EPI": epi[::4],
+        "MR": sorted((data / "series/mr-t1-3d").glob("*.dcm"))[::8],
+        "CR/DX": [data / p for p in CR_DX_DEV],
+    }
+
+
+def tile_examples(
+    frame: npt.NDArray[np.uint16], bits: int, s: int, tiles: npt.NDArray[np.int64] | None
+) -> dict[str, npt.NDArray]:
+    """Teacher-forced features of whole tiles (as the encoder computes them)."""
+    g = M.Geometry.of(*frame.shape)
+    high, low = frame >> s, frame & ((1 << s) - 1)
+    base = g.pad(high, "edge") << s
+    full = base + g.pad(low, "zero")
+    if tiles is None:
+        tiles = np.arange(g.n_tiles)
+    tt = np.repeat(tiles, M.TOKENS)
+    ts = np.tile(np.arange(M.TOKENS), len(tiles))
+    y0, x0 = g.block_origin(tt, ts)
+    f, off = M.features(full, base, y0, x0, ts, s, bits)
+    py = y0[:, None] + M._POFF[None, :, 0]
+    px = x0[:, None] + M._POFF[None, :, 1]
+    n = len(tiles)
+    return {
+        "f": f.astype(np.float32).reshape(n, M.TOKENS, M.N_FEAT),
+        "off": off.astype(np.float32).reshape(n, M.TOKENS, 4),
+        "low": (full[py, px] - base[py, px]).astype(np.float32).reshape(n, M.TOKENS, 4),
+        "val": g.valid(py, px).reshape(n, M.TOKENS, 4),
+        "s": np.full(n, s, np.int64),
+    }
+
+
+def build_set(paths: list[Path], rng: np.random.Generator, tiles_per_frame: int,
+              max_tiles: int, frame_step: int = 1) -> dict[str, npt.NDArray]:
+    parts: list[dict[str, npt.NDArray]] = []
+    total = 0
+    for p in paths:
+        step = 8 if "mr-dti" in str(p) else frame_step
+        for fr, bits in read_frames(p, step):
+            if fr.max() == fr.min():
+                continue
+            s = int(rng.choice(np.arange(1, 5), p=S_WEIGHTS))
+            s = min(s, bits - 1)
+            g = M.Geometry.of(*fr.shape)
+            k = min(g.n_tiles, tiles_per_frame)
+            tiles = np.sort(rng.choice(g.n_tiles, size=k, replace=False))
+            parts.append(tile_examples(fr, bits, s, tiles))
+            total += k
+            if total >= max_tiles:
+                break
+        if total >= max_tiles:
+            break
+    return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
+
+
+def _loss(net: M.LocalNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    raw, _ = net(b["f"])
+    bits = M.nll_bits(raw, b["off"], b["low"], b["s"][:, None, None].float())
+    v = b["val"]
+    return (bits * v).sum(), (b["s"][:, None, None] * v).sum()
+
+
+def evaluate(net: M.LocalNet, data: dict[str, npt.NDArray], batch: int = 64) -> float:
+    """Bits per low bit (1.0 = incompressible) on a set of tiles."""
+    tot = ref = 0.0
+    with torch.no_grad():
+        for a in range(0, len(data["s"]), batch):
+            b = {k: torch.from_numpy(v[a : a + batch]) for k, v in data.items()}
+            l, r = _loss(net, b)
+            tot += float(l)
+            ref += float(r)
+    return tot / max(ref, 1.0)
+
+
+def save_model(net: M.LocalNet, out_dir: Path, info: dict) -> None:
+    """Write weights, tables, config and the sha256 manifest to ``out_dir``."""
+    from safetensors.numpy import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().contiguous().numpy() for k, v in net.state_dict().items()}
+    save_file(sd, out_dir / "weights.safetensors")
+    tabs = {f"s{s}": M.build_table(s).astype(np.uint16) for s in range(1, M.S_MAX + 1)}
+    save_file(tabs, out_dir / "tables.safetensors")
+    (out_dir / "config.json").write_text(json.dumps({"net": net.cfg.to_dict(), "train": info}, indent=1))
+    write_manifest(out_dir)
+
+
+def write_manifest(out_dir: Path) -> None:
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", "CARD.md"))
+    man = {"files": {str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+    (out_dir / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+
+
+def train(
+    data_root: Path,
+    out_dir: Path,
+    seed: int,
+    minutes: float,
+    progress: Callable[[dict], None] | None = None,
+    cfg: M.NetConfig | None = None,
+    max_tiles: int = 12000,
+) -> dict:
+    """Train from scratch, seeded; write the model to ``out_dir``; return a summary.
+
+    Deterministic data order (numpy Generator(seed)); ``torch.manual_seed(seed)``.  Training
+    stops after ``minutes`` of wall time (so the number of steps depends on the machine; it is
+    recorded in the summary and the config).
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_set = build_set(train_sources(data_root), rng, tiles_per_frame=48, max_tiles=max_tiles)
+    dev = {k: build_set(v, np.random.default_rng(seed + 1), 32, 1500) for k, v in dev_sources(data_root).items()}
+    prep_s = time.perf_counter() - t0
+    net = M.LocalNet(cfg or M.NetConfig())
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    n = len(train_set["s"])
+    batch = 32
+    deadline = t0 + minutes * 60.0
+    budget = max(1.0, deadline - time.perf_counter())
+    t_train = time.perf_counter()
+    step = 0
+    hist = []
+    ema = None
+    while time.perf_counter() < deadline:
+        frac = (time.perf_counter() - t_train) / budget
+        for gr in opt.param_groups:
+            gr["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        idx = rng.integers(0, n, batch)
+        b = {k: torch.from_numpy(v[idx]) for k, v in train_set.items()}
+        l, r = _loss(net, b)
+        loss = l / r
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        if step % 100 == 0:
+            hist.append((step, ema))
+            if progress:
+                progress({"step": step, "loss": ema, "elapsed_s": time.perf_counter() - t0})
+    net.eval()
+    dev_bits = {k: evaluate(net, v) for k, v in dev.items()}
+    info = {
+        "seed": seed,
+        "minutes": minutes,
+        "steps": step,
+        "train_tiles": int(n),
+        "prep_s": round(prep_s, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "train_loss_bits_per_low_bit": round(ema or 0.0, 4),
+        "dev_bits_per_low_bit": {k: round(v, 4) for k, v in dev_bits.items()},
+        "params": sum(p.numel() for p in net.parameters()),
+    }
+    save_model(net, out_dir, info)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the local-path model (medzip train local)")
+    here = Path(__file__).resolve().parents[4]
+    ap.add_argument("--data", type=Path, default=here.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=here / "models" / "local-lm" / "v1")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=6.0)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = M.NetConfig(hidden=a.hidden, layers=a.layers, heads=4, intermediate=2 * a.hidden)
+    info = train(a.data, a.out, a.seed, a.minutes, progress=lambda d: print(json.dumps(d), flush=True), cfg=cfg)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
