@@ -1,0 +1,224 @@
+"""The global-path model: integer parameters, integer probability tables, loading and hashing.
+
+Everything that reaches the entropy coder is an integer stored in the weights file, so the
+decoder never evaluates a float network or a transcendental function (see the package
+docstring for the determinism argument).
+
+Parameters (``weights.safetensors``, all ``int32``)
+---------------------------------------------------
+``coef``      (K, NF)       fixed-point (``2**-COEF_SHIFT``) predictor weights per latent class
+                            over the causal features ``[MED, W, N, NW, NE, WW, NN, NWW, NNW, NNE]``
+``scale_a``   (K,)          slope of the scale index over the causal energy (``2**-8``)
+``scale_b``   (K,)          offset of the scale index (``2**-8``)
+``scale_c``   (K,)          slope of the scale index over the neighbours' MED errors (``2**-8``)
+``prior``     (K,)          counts of the categorical prior p(z) (sum ``2**16``, each >= 1)
+``prior_len`` (K,)          -log2 p(z) in 1/256 bit (used only by q(z|x))
+``pmf``       (NS, NQ, 127) counts of the signed residual bucket per scale index and
+                            eighth-pixel phase of the prediction (sum ``2**24`` per row)
+``sym_len``   (NS, NQ, 127) -log2 pmf + mantissa bits, in 1/256 bit (used only by q(z|x))
+``exp2neg``   (D,)          ``round(2**24 * 2**(-d/256))``: posterior weights from code lengths
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from medzip_scp.codec.errors import CodecError
+
+__all__ = [
+    "COEF_SHIFT",
+    "FEATURES",
+    "GlobalModel",
+    "ModelNotFoundError",
+    "NQ",
+    "NS",
+    "NSYM",
+    "build_tables",
+    "default_models_root",
+    "load_model_dir",
+    "save_model_dir",
+]
+
+COEF_SHIFT = 12
+NS = 144  # scale grid: sigma_k = 2**(k/8 - 3), k = 0..143 (0.125 .. ~30000)
+NQ = 8  # phase of the prediction inside its integer bin, eighths
+NSYM = 127  # signed magnitude buckets: 63 + sign * bucket, bucket 0..63
+FEATURES = ("MED", "W", "N", "NW", "NE", "WW", "NN", "NWW", "NNW", "NNE")
+EXP2NEG_LEN = 256 * 40
+PMF_TOTAL = 1 << 24
+PRIOR_TOTAL = 1 << 16
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class ModelNotFoundError(CodecError):
+    """The global-path model is not installed, or its files do not match their manifest."""
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """Integer parameters of the global path (immutable; safe to share between threads)."""
+
+    model_id: str
+    block: int
+    coef: npt.NDArray[np.int64]
+    scale_a: npt.NDArray[np.int64]
+    scale_b: npt.NDArray[np.int64]
+    scale_c: npt.NDArray[np.int64]
+    prior: npt.NDArray[np.int64]
+    prior_len: npt.NDArray[np.int64]
+    pmf: npt.NDArray[np.int32]
+    sym_len: npt.NDArray[np.int64]
+    exp2neg: npt.NDArray[np.int64]
+    sha256: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:  # noqa: N802 - paper symbol
+        return int(self.coef.shape[0])
+
+    @property
+    def tag(self) -> bytes:
+        """8 bytes of the weights' sha256, written into every stream."""
+        return bytes.fromhex(self.sha256[:16]) if self.sha256 else b"\0" * 8
+
+
+def _logistic_cdf(t: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * t))
+
+
+def bucket_edges() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Magnitude buckets: (lo, hi inclusive, mantissa bits) for bucket 0..63."""
+    lo, hi, m = [], [], []
+    for b in range(16):
+        lo.append(b)
+        hi.append(b)
+        m.append(0)
+    for k in range(4, 16):
+        for sub in range(4):
+            a = (1 << k) + (sub << (k - 2))
+            lo.append(a)
+            hi.append(a + (1 << (k - 2)) - 1)
+            m.append(k - 2)
+    return np.array(lo), np.array(hi), np.array(m)
+
+
+def build_tables() -> dict[str, npt.NDArray[np.int64]]:
+    """Integer tables of a discretised logistic on the fixed scale grid (build time only).
+
+    Float math happens here, once, when a model is written; the integer results are stored in
+    the weights file and are all the coder ever reads.
+    """
+    lo, hi, mbits = bucket_edges()
+    sig = 2.0 ** (np.arange(NS) / 8.0 - 3.0)
+    center = (np.arange(NQ) + 0.5) / NQ
+    pmf = np.zeros((NS, NQ, NSYM), np.float64)
+    for q in range(NQ):
+        c = center[q]
+        # positive side r in [lo, hi]; negative side r in [-hi, -lo]
+        pos = _logistic_cdf((hi[None] + 0.5 - c) / sig[:, None]) - _logistic_cdf(
+            (lo[None] - 0.5 - c) / sig[:, None]
+        )
+        neg = _logistic_cdf((-lo[None] + 0.5 - c) / sig[:, None]) - _logistic_cdf(
+            (-hi[None] - 0.5 - c) / sig[:, None]
+        )
+        pmf[:, q, 63:] = pos
+        pmf[:, q, :63] = neg[:, 1:][:, ::-1]
+        pmf[:, q, 63] = pos[:, 0]
+    counts = np.maximum(1, np.round(pmf / pmf.sum(-1, keepdims=True) * PMF_TOTAL)).astype(np.int64)
+    prob = counts / counts.sum(-1, keepdims=True)
+    mant = np.concatenate([mbits[1:][::-1], mbits])
+    sym_len = np.round(256 * (-np.log2(prob) + mant[None, None])).astype(np.int64)
+    exp2neg = np.round(PMF_TOTAL * 2.0 ** (-np.arange(EXP2NEG_LEN) / 256.0)).astype(np.int64)
+    return {"pmf": counts, "sym_len": sym_len, "exp2neg": exp2neg}
+
+
+def default_models_root() -> Path:
+    """``<repo>/models``: where shipped models live."""
+    return Path(__file__).resolve().parents[4] / "models"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_model_dir(
+    out_dir: Path, model_id: str, tensors: dict[str, np.ndarray], meta: dict[str, str]
+) -> str:
+    """Write ``weights.safetensors`` and ``manifest.json``; return the weights' sha256."""
+    from safetensors.numpy import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / WEIGHTS_FILE
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in tensors.items()},
+        str(path),
+        metadata={"model_id": model_id, **meta},
+    )
+    digest = _sha256(path)
+    manifest = {"model_id": model_id, "files": {WEIGHTS_FILE: digest}}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return digest
+
+
+def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
+    """Load and sha256-check a model directory written by :func:`save_model_dir`.
+
+    Raises
+    ------
+    ModelNotFoundError
+        If the directory, manifest or weights are missing, or a file's sha256 differs from
+        the manifest.
+    """
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise ModelNotFoundError(
+            f"global-path model {model_id!r} is not installed: {manifest_path} does not exist; "
+            f"train it with `medzip train global` (medzip_scp.codec.learned.global_path.train) "
+            f"or restore models/ from the repository"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    files = manifest.get("files", {})
+    if WEIGHTS_FILE not in files:
+        raise ModelNotFoundError(
+            f"global-path model {model_id!r}: manifest {manifest_path} lists no {WEIGHTS_FILE}"
+        )
+    for name, expected in files.items():
+        p = directory / name
+        if not p.is_file():
+            raise ModelNotFoundError(
+                f"global-path model {model_id!r}: file {p} listed in the manifest is missing "
+                f"(expected sha256 {expected})"
+            )
+        actual = _sha256(p)
+        if actual != expected:
+            raise ModelNotFoundError(
+                f"global-path model {model_id!r}: sha256 of {p} is {actual}, the manifest "
+                f"expects {expected}; reinstall the model files"
+            )
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        t = {k: f.get_tensor(k) for k in f}
+    i64 = {k: v.astype(np.int64) for k, v in t.items()}
+    return GlobalModel(
+        model_id=meta.get("model_id", model_id),
+        block=int(meta["block"]),
+        coef=i64["coef"],
+        scale_a=i64["scale_a"],
+        scale_b=i64["scale_b"],
+        scale_c=i64["scale_c"],
+        prior=i64["prior"],
+        prior_len=i64["prior_len"],
+        pmf=t["pmf"].astype(np.int32),
+        sym_len=i64["sym_len"],
+        exp2neg=i64["exp2neg"],
+        sha256=files[WEIGHTS_FILE],
+        extra=meta,
+    )
