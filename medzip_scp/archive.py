@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.config import DuplicatePolicyValues, Settings
+from medzip_scp.dicom.blob import decode_blob, encode_dataset
 from medzip_scp.dicom.part10 import ReceivedObject
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
@@ -65,13 +66,9 @@ class MzpCodec:
     codec_id = "mzp1"
 
     def encode(self, part10: bytes) -> bytes:
-        from medzip_scp.dicom.blob import encode_dataset
-
         return encode_dataset(part10)
 
     def decode(self, blob: bytes) -> bytes:
-        from medzip_scp.dicom.blob import decode_blob
-
         return decode_blob(blob)
 
 

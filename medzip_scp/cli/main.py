@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from medzip_scp.cli.codec import codec_app
 from medzip_scp.config import (
     EXAMPLE_CONFIG,
     NodeSettings,
@@ -230,16 +231,7 @@ def _progress_bar(label: str) -> Callable[[int, int], None] | None:
     return update
 
 
-def _mount_optional() -> None:
-    """Sub-apps that live with their layer (codec, bench) are mounted when present."""
-    try:
-        from medzip_scp.cli.codec import codec_app
-    except ImportError:
-        return
-    app.add_typer(codec_app, name="codec", help="Encode, decode and inspect .mzp blobs.")
-
-
-_mount_optional()
+app.add_typer(codec_app, name="codec", help="Encode, decode and inspect .mzp blobs.")
 
 
 if __name__ == "__main__":

@@ -72,18 +72,38 @@ def handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
     calling = str(primitive.calling_ae_title).strip()
     called = str(primitive.called_ae_title).strip()
     rejection = policy.association_rejection(calling, called, assoc.requestor.address)
-    if rejection is not None:
-        log.warning(
-            "association rejected: calling AE %r called AE %r from %s (reason %s)",
-            calling,
-            called,
-            assoc.requestor.address,
-            rejection,
-        )
-        assoc.acse.send_reject(*rejection)
-        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and
-        # the peer has closed (or the ARTIM timer fired) before the socket is shut down.
-        assoc.kill()
+    if rejection is None:
+        _prefer_requestor_syntaxes(assoc)
+        return
+    log.warning(
+        "association rejected: calling AE %r called AE %r from %s (reason %s)",
+        calling,
+        called,
+        assoc.requestor.address,
+        rejection,
+    )
+    assoc.acse.send_reject(*rejection)
+    # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and
+    # the peer has closed (or the ARTIM timer fired) before the socket is shut down.
+    assoc.kill()
+
+
+def _prefer_requestor_syntaxes(assoc: Association) -> None:
+    """Accept, per context, the first transfer syntax the peer proposed that we support.
+
+    pynetdicom picks the acceptor's first matching syntax; ours lists Implicit VR first, so a
+    viewer proposing [JPEG 2000 Lossless, Explicit, Implicit] would get Implicit VR, and a
+    compressed original could not go back as it is.
+    """
+    preferred: dict[str, list[UID]] = {}
+    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+        preferred.setdefault(cx.abstract_syntax, list(cx.transfer_syntax))
+    for cx in assoc.acceptor.supported_contexts:
+        order = preferred.get(cx.abstract_syntax)
+        if order:
+            ours = set(cx.transfer_syntax)
+            first = [ts for ts in order if ts in ours]
+            cx.transfer_syntax = first + [ts for ts in cx.transfer_syntax if ts not in first]
 
 
 def handle_echo(event: evt.Event, policy: AccessPolicy) -> int:
@@ -215,7 +235,8 @@ def _sub_operations(
     instances: list[Instance],
     accepted_for: Callable[[str], list[UID]],
 ) -> Iterator[tuple[int, Dataset | None]]:
-    for instance in instances:
+    unsendable: list[str] = []
+    for position, instance in enumerate(instances, 1):
         if event.is_cancelled:
             yield Status.CANCEL, None
             return
@@ -223,11 +244,23 @@ def _sub_operations(
             ds = _prepare(archive, instance, accepted_for(instance.sop_class_uid))
         except TranscodeError as exc:
             log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
-            ds = _failed_placeholder(instance.sop_instance_uid)
+            ds = None
         except Exception as exc:
             log.error("cannot read %s: %s", instance.sop_instance_uid, type(exc).__name__)
-            ds = _failed_placeholder(instance.sop_instance_uid)
-        yield Status.PENDING, ds
+            ds = None
+        if ds is not None:
+            yield Status.PENDING, ds
+            continue
+        unsendable.append(instance.sop_instance_uid)
+        if position == len(instances) and len(unsendable) == len(instances):
+            # Every sub-operation failed on our side: the final response is Warning 0xB000
+            # with the Failed SOP Instance UID List (PS3.4 C.4.3.1.3.2), not pynetdicom's
+            # 0xA702, which would claim the sub-operations could not be attempted at all.
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = unsendable
+            yield Status.WARNING_SUBOPERATIONS, failed
+            return
+        yield Status.PENDING, _failed_placeholder(instance.sop_instance_uid)
 
 
 def _allow_get_without_role_selection(assoc: Association) -> None:

@@ -1,0 +1,1 @@
+from tests.net.conftest import node, node_settings  # noqa: F401

@@ -1,0 +1,100 @@
+"""Background compression: a codec blob replaces an original only after a bit-exact decode."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from medzip_scp.archive import CODECS, MzpCodec, Part10Codec
+from medzip_scp.index.models import Instance, InstanceState
+from medzip_scp.net.status import Status
+from medzip_scp.pipeline.compress import CompressionSummary, compress_instance, compress_pending
+from medzip_scp.pipeline.verify import verify_archive
+from tests.net.conftest import RunningNode
+from tests.net.test_store import ct_dataset, store
+
+
+def _rows(node: RunningNode) -> list[Instance]:
+    with node.archive.sessions() as session:
+        return list(session.scalars(select(Instance).order_by(Instance.id)))
+
+
+def test_compress_replaces_originals_and_retrieval_is_identical(node: RunningNode) -> None:
+    sent = [ct_dataset() for _ in range(3)]
+    for ds in sent:
+        assert store(node, ds) == Status.SUCCESS
+    before = {row.sop_instance_uid: node.archive.load_part10(row) for row in _rows(node)}
+    old_keys = {row.blob_key for row in _rows(node)}
+
+    summary = compress_pending(node.archive, CODECS[MzpCodec.codec_id])
+    assert (summary.compressed, summary.failed) == (3, 0)
+
+    rows = _rows(node)
+    assert {row.codec_id for row in rows} == {MzpCodec.codec_id}
+    assert {row.state for row in rows} == {InstanceState.COMPRESSED}
+    for row in rows:
+        assert node.archive.load_part10(row) == before[row.sop_instance_uid]
+        assert row.stored_size < len(before[row.sop_instance_uid])
+    # The originals are gone from the store; only the verified blobs remain.
+    assert set(node.archive.blobs.keys()) == {row.blob_key for row in rows}
+    assert not old_keys & set(node.archive.blobs.keys())
+    assert verify_archive(node.archive).ok
+    # A second pass finds nothing to do.
+    assert compress_pending(node.archive, CODECS[MzpCodec.codec_id]).compressed == 0
+
+
+class _LossyCodec:
+    """A codec that silently changes one byte: the worker must refuse its blobs."""
+
+    codec_id = "lossy-test"
+
+    def encode(self, part10: bytes) -> bytes:
+        return part10[:-1] + bytes([part10[-1] ^ 1])
+
+    def decode(self, blob: bytes) -> bytes:
+        return blob
+
+
+def test_codec_that_does_not_round_trip_keeps_the_original(node: RunningNode) -> None:
+    assert store(node, ct_dataset()) == Status.SUCCESS
+    (row,) = _rows(node)
+    original = node.archive.load_part10(row)
+    summary = compress_pending(node.archive, _LossyCodec())
+    assert (summary.compressed, summary.failed) == (0, 1)
+    (after,) = _rows(node)
+    assert after.codec_id == Part10Codec.codec_id
+    assert after.blob_key == row.blob_key
+    assert after.state == InstanceState.COMPRESS_FAILED
+    assert node.archive.load_part10(after) == original
+    assert list(node.archive.blobs.keys()) == [row.blob_key]
+    # Not retried forever.
+    assert compress_pending(node.archive, CODECS[MzpCodec.codec_id]).compressed == 0
+
+
+def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
+    assert store(node, ct_dataset()) == Status.SUCCESS
+    (row,) = _rows(node)
+    data = node.archive.load_part10(row)
+
+    class _RacingCodec(MzpCodec):
+        def encode(self, part10: bytes) -> bytes:
+            # A differing duplicate replaces the row while the worker compresses.
+            moved = node.archive.blobs.put_bytes(data)
+            with node.archive.sessions() as session:
+                current = session.get(Instance, row.id)
+                assert current is not None
+                current.blob_key = moved.key
+                session.commit()
+            return super().encode(part10)
+
+    summary = CompressionSummary()
+    compress_instance(node.archive, _RacingCodec(), row.id, summary)
+    assert summary.skipped == 1 and summary.compressed == 0
+    (after,) = _rows(node)
+    assert after.codec_id == Part10Codec.codec_id
+    keys = set(node.archive.blobs.keys())
+    assert after.blob_key in keys
+    assert len(keys) == 2  # the original and the racing writer's; the worker's blob is gone
+    assert dcmread(BytesIO(node.archive.load_part10(after))).SOPInstanceUID == row.sop_instance_uid
