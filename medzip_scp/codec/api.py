@@ -58,7 +58,7 @@ __all__ = [
     "read_dataset_rest",
 ]
 
-DEFAULT_PATHS: tuple[str, ...] = ("jpegxl", "jpegls", "zstd")
+DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
 """Paths tried per frame, in tie-break order. ``constant`` and ``verbatim`` are always added."""
 
 ProgressCallback = Callable[[int, int], None]

@@ -12,6 +12,7 @@ candidate by decoding it before choosing it.
 
 from __future__ import annotations
 
+import struct
 from typing import Protocol, runtime_checkable
 
 import imagecodecs
@@ -19,11 +20,14 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from medzip_scp.codec import predictive
+
 __all__ = [
     "ConstantPath",
     "JpegLsPath",
     "JpegXlPath",
     "PixelPath",
+    "PredictivePath",
     "VerbatimPath",
     "ZstdPath",
     "get_path",
@@ -177,6 +181,45 @@ class VerbatimPath:
         return np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape).astype(dtype)
 
 
+class PredictivePath:
+    """The predictive coder (:mod:`medzip_scp.codec.predictive`), one stream per sample.
+
+    Its streams carry their own coder version, so this one id decodes every version ever
+    written. Samples are coded as separate planes, each stream prefixed with its length.
+    """
+
+    name = "pred"
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        if not 1 <= nbits <= 16:
+            return None
+        parts = []
+        for sample in range(values.shape[2]):
+            stream = predictive.encode_frame(values[:, :, sample], nbits)
+            parts.append(struct.pack("<I", len(stream)) + stream)
+        return b"".join(parts)
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        rows, columns, samples = shape
+        out = np.empty(shape, values_dtype(nbits))
+        offset = 0
+        for sample in range(samples):
+            if offset + 4 > len(data):
+                raise ValueError("pred path: stream table is truncated")
+            (length,) = struct.unpack_from("<I", data, offset)
+            offset += 4
+            if offset + length > len(data):
+                raise ValueError("pred path: sample stream is truncated")
+            plane = predictive.decode_frame(data[offset : offset + length], (rows, columns), nbits)
+            out[:, :, sample] = plane
+            offset += length
+        if offset != len(data):
+            raise ValueError(f"pred path: {len(data) - offset} trailing bytes")
+        return out
+
+
 _REGISTRY: dict[str, PixelPath] = {}
 
 
@@ -204,5 +247,12 @@ def registered_paths() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-for _p in (ConstantPath(), JpegXlPath(), JpegLsPath(), ZstdPath(), VerbatimPath()):
+for _p in (
+    ConstantPath(),
+    JpegXlPath(),
+    JpegLsPath(),
+    ZstdPath(),
+    VerbatimPath(),
+    PredictivePath(),
+):
     register_path(_p)
