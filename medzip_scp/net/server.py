@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import tempfile
+import warnings
 from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
@@ -52,6 +53,9 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's validation warnings quote element values (names, IDs) verbatim.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
 def _storage_sop_classes() -> list[str]:
