@@ -708,12 +708,6 @@ def test_getscu_every_study_uncompressed(sent: Sent) -> None:
     check_retrieved(sent, _stored_in(sent, studies), result, UNCOMPRESSED, keep_accepted=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node bug: storage contexts accept Implicit VR Little Endian whenever a peer "
-    "proposes it (pynetdicom takes the acceptor's first syntax; ALL_TRANSFER_SYNTAXES "
-    "starts with Implicit VR LE), so a peer preferring JPEG 2000 Lossless gets Implicit VR",
-)
 def test_getscu_prefers_j2k_lossless(sent: Sent) -> None:
     """getscu +xv proposes [J2K Lossless, Explicit LE, Explicit BE, Implicit LE] per
     storage class: a J2K lossless original must come back as it is."""
@@ -909,11 +903,6 @@ def test_pynetdicom_get_undecodable_lists_the_failed_uid(sent: Sent) -> None:
     assert [str(ds.SOPInstanceUID) for ds in received] == [other.sop_instance_uid]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node bug: when every sub-operation fails the node lets pynetdicom answer 0xA702 "
-    "(Refused: Out of Resources) instead of 0xB000 with the Failed SOP Instance UID List",
-)
 def test_pynetdicom_get_only_undecodable_is_a_warning(sent: Sent) -> None:
     files = [sent.stored[UNDECODABLE_UID]]
     _, responses = _get_without_role_selection(
