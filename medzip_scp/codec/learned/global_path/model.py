@@ -205,7 +205,7 @@ def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
 
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
         meta = dict(f.metadata() or {})
-        t = {k: f.get_tensor(k) for k in f}
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     i64 = {k: v.astype(np.int64) for k, v in t.items()}
     return GlobalModel(
         model_id=meta.get("model_id", model_id),

@@ -229,6 +229,7 @@ def train(
     minutes: float = 4.0,
     progress: Callable[[str], None] | None = None,
     n_crops: int = 6000,
+    steps: int | None = None,
 ) -> dict:
     """Train, quantise and write the model to ``out_dir``; return a summary dict.
 
@@ -241,7 +242,10 @@ def train(
     seed
         Seeds numpy (crop sampling, initialisation) and torch.
     minutes
-        Wall-time budget of the optimisation loop.
+        Wall-time budget of the optimisation loop (an upper bound when ``steps`` is given).
+    steps
+        Exact number of Adam steps (reproducible result for a seed); ``None``: until
+        ``minutes`` have passed.
     progress
         Optional callback receiving one-line status strings.
     """
@@ -252,12 +256,13 @@ def train(
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
     data = _crops(Path(data_root), rng, n_crops, progress)
-    out = _fit(data, rng, t0, minutes, progress)
+    out = _fit(data, steps, rng, t0, minutes, progress)
     return _write(out, Path(data_root), Path(out_dir), seed, minutes, t0)
 
 
 def _fit(
     data: dict,
+    max_steps: int | None,
     rng: np.random.Generator,
     t0: float,
     minutes: float,
@@ -272,9 +277,9 @@ def _fit(
     params = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in init.items()}
     opt = torch.optim.Adam(
         [
-            {"params": [params["coef"]], "lr": 2e-3},
-            {"params": [params["a"], params["c"]], "lr": 2e-3},
-            {"params": [params["b"], params["logits"]], "lr": 2e-2},
+            {"params": [params["coef"]], "lr": 3e-3},
+            {"params": [params["a"], params["c"]], "lr": 1e-2},
+            {"params": [params["b"], params["logits"]], "lr": 5e-2},
         ]
     )
     base_lr = [g["lr"] for g in opt.param_groups]
@@ -285,12 +290,15 @@ def _fit(
     dev = sub(np.arange(n_dev))
     with torch.no_grad():
         start = float(_nll_bits(dev, params))
-    step, bs = 0, 64
+    step, bs = 0, 32
     t_loop = time.perf_counter()
     deadline = t_loop + 60.0 * minutes
     hist = []
-    while (now := time.perf_counter()) < deadline:
-        frac = (now - t_loop) / max(1e-9, deadline - t_loop)
+    while (now := time.perf_counter()) < deadline and (max_steps is None or step < max_steps):
+        if max_steps is None:
+            frac = (now - t_loop) / max(1e-9, deadline - t_loop)
+        else:  # schedule by step count: the same result on any machine
+            frac = step / max_steps
         for g, lr in zip(opt.param_groups, base_lr, strict=False):
             g["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, frac))))
         i = rng.integers(n_dev, n, bs)
@@ -362,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=root / "models" / "global-vae" / "v1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=None, help="exact number of steps")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"data folder {args.data} not found", file=sys.stderr)
@@ -371,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         args.seed,
         args.minutes,
+        steps=args.steps,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
     print(
