@@ -8,8 +8,11 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +26,7 @@ from medzip_scp.dicom.part10 import ReceivedObject
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
 from medzip_scp.index.ingest import (
+    InstanceAttributes,
     add_instance,
     attributes_from_dataset,
     get_instance,
@@ -95,6 +99,74 @@ class StoreOutcome:
     sop_instance_uid: str
 
 
+@dataclass
+class _StoreRequest:
+    received: ReceivedObject
+    attrs: InstanceAttributes
+    blob: StoredBlob
+    calling_ae_title: str
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: StoreOutcome | None = None
+    error: BaseException | None = None
+
+
+class _GroupCommitter:
+    """One thread that makes concurrent C-STOREs durable together.
+
+    Each association's handler waits on its request; the thread takes everything queued,
+    fsyncs all those blobs, and commits all their index rows in one transaction, so N
+    associations pay for about one journal flush and one database commit, not N of each. A
+    batch that fails is retried one request at a time, so one bad object fails alone.
+    """
+
+    MAX_BATCH = 64
+
+    def __init__(self, commit: Callable[[list[_StoreRequest]], list[StoreOutcome]]) -> None:
+        self._commit = commit
+        self._queue: queue.Queue[_StoreRequest] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, request: _StoreRequest) -> StoreOutcome:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="medzip-group-commit", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.outcome is not None
+        return request.outcome
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._process(batch)
+
+    def _process(self, batch: list[_StoreRequest]) -> None:
+        try:
+            outcomes = self._commit(batch)
+        except BaseException as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                batch[0].done.set()
+                return
+            for request in batch:
+                self._process([request])
+            return
+        for request, outcome in zip(batch, outcomes, strict=True):
+            request.outcome = outcome
+            request.done.set()
+
+
 class Archive:
     """Index + blob store + codec, with the durability rules of the node."""
 
@@ -113,6 +185,8 @@ class Archive:
         self.read_sessions = read_sessions or sessions
         self.blobs = blobs
         self.codec = codec
+        self.last_store_activity = 0.0  # monotonic time of the last C-STORE
+        self._committer = _GroupCommitter(self._commit_batch)
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> Archive:
@@ -135,72 +209,72 @@ class Archive:
 
     # -- C-STORE -------------------------------------------------------------------------
 
-    def _put_original(self, received: ReceivedObject) -> StoredBlob:
-        """Seal and store what arrived; the identity codec streams it without loading it."""
+    def _write_original(self, received: ReceivedObject) -> StoredBlob:
+        """Seal and write what arrived (not yet durable); the identity codec streams it."""
         if isinstance(self.codec, Part10Codec):
-            return self.blobs.put(_file_chunks(received.path))
-        return self.blobs.put_bytes(self.codec.encode(received.path.read_bytes()))
+            return self.blobs.write(_file_chunks(received.path))
+        return self.blobs.write([self.codec.encode(received.path.read_bytes())])
 
     def store(self, received: ReceivedObject, calling_ae_title: str) -> StoreOutcome:
-        """Archive a validated object; returns only after blob fsync and index commit."""
-        sop_uid = str(received.dataset.SOPInstanceUID)
-        with self.sessions() as session:
-            existing = get_instance(session, sop_uid)
-            if existing is not None and existing.original_sha256 == received.dataset_sha256:
-                return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
-            if (
-                existing is not None
-                and self.settings.storage.duplicate_policy is DuplicatePolicyValues.REJECT
-            ):
-                return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
+        """Archive a validated object; returns only after blob fsync and index commit.
 
-        blob = self._put_original(received)
+        Raises
+        ------
+        MissingAttributeError
+            The object lacks an attribute the index needs (nothing is written).
+        """
+        attrs = attributes_from_dataset(received.dataset)
+        self.last_store_activity = time.monotonic()
+        blob = self._write_original(received)
+        request = _StoreRequest(received, attrs, blob, calling_ae_title)
         try:
-            return self._index(received, blob, calling_ae_title)
+            outcome = self._committer.submit(request)
         except BaseException:
             # Nothing half-stored: a blob without its committed row is removed again.
             self.blobs.delete(blob.key)
             raise
+        if outcome.result in (StoreResult.IDENTICAL_DUPLICATE, StoreResult.DUPLICATE_REJECTED):
+            self.blobs.delete(blob.key)  # an identical or refused copy is not kept
+        return outcome
 
-    def _index(
-        self, received: ReceivedObject, blob: StoredBlob, calling_ae_title: str
-    ) -> StoreOutcome:
-        attrs = attributes_from_dataset(received.dataset)
-        sop_uid = str(received.dataset.SOPInstanceUID)
+    def _commit_batch(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
+        """Make a batch durable: fsync its blobs, then index all of it in one transaction."""
+        self.blobs.sync(request.blob.key for request in batch)
+        with self.sessions() as session:
+            outcomes = [self._index(session, request) for request in batch]
+            session.commit()
+        return outcomes
+
+    def _index(self, session: Session, request: _StoreRequest) -> StoreOutcome:
+        received = request.received
+        sop_uid = request.attrs.sop_instance_uid
         fields = dict(
             transfer_syntax_uid=str(received.transfer_syntax_uid),
-            blob_key=blob.key,
+            blob_key=request.blob.key,
             original_size=received.dataset_size,
             original_sha256=received.dataset_sha256,
-            stored_size=blob.stored_size,
-            stored_sha256=blob.sha256,
+            stored_size=request.blob.stored_size,
+            stored_sha256=request.blob.sha256,
             codec_id=self.codec.codec_id,
-            calling_ae_title=calling_ae_title,
+            calling_ae_title=request.calling_ae_title,
         )
         policy = self.settings.storage.duplicate_policy
         for _attempt in range(3):
-            with self.sessions() as session:
-                existing = get_instance(session, sop_uid)
-                if existing is not None and existing.original_sha256 == received.dataset_sha256:
-                    result = StoreResult.IDENTICAL_DUPLICATE
-                elif existing is not None and policy is DuplicatePolicyValues.REJECT:
-                    result = StoreResult.DUPLICATE_REJECTED
-                else:
-                    try:
-                        if existing is None:
-                            add_instance(session, attrs, **fields)
-                            result = StoreResult.STORED
-                        else:
-                            replace_instance(session, existing, attrs, **fields)
-                            result = StoreResult.REPLACED
-                        session.commit()
-                    except (IntegrityError, DuplicateInstanceError):
-                        # Another association indexed the same SOP Instance first: look again.
-                        session.rollback()
-                        continue
-                    return StoreOutcome(result, sop_uid)
-            self.blobs.delete(blob.key)  # an identical or refused copy is not kept
-            return StoreOutcome(result, sop_uid)
+            existing = get_instance(session, sop_uid)
+            if existing is not None and existing.original_sha256 == received.dataset_sha256:
+                return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
+            if existing is not None and policy is DuplicatePolicyValues.REJECT:
+                return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
+            try:
+                with session.begin_nested():
+                    if existing is None:
+                        add_instance(session, request.attrs, **fields)
+                        return StoreOutcome(StoreResult.STORED, sop_uid)
+                    replace_instance(session, existing, request.attrs, **fields)
+                    return StoreOutcome(StoreResult.REPLACED, sop_uid)
+            except (IntegrityError, DuplicateInstanceError):
+                # Another process indexed the same SOP Instance meanwhile: look again.
+                continue
         raise RuntimeError(f"could not index {sop_uid} after 3 attempts")
 
     # -- Retrieval -----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -143,6 +144,7 @@ def worker(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    os.nice(10)  # background work: C-STOREs on the same machine come first
     typer.echo("compression worker running; Ctrl-C to stop")
     run_worker(archive, codec, stop, settings.pipeline.poll_seconds)
 

@@ -167,9 +167,6 @@ def read_received(
     try:
         ds = dcmread(path, defer_size=1 << 16)
         _check_complete(ds, path.stat().st_size)
-        # Walk (and convert) every element so bad values are found now, not at retrieval.
-        for _ in ds.iterall():
-            pass
     except InvalidObjectError:
         raise
     except Exception as exc:

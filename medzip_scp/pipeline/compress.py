@@ -25,6 +25,8 @@ from medzip_scp.index.models import Instance, InstanceState
 
 log = logging.getLogger(__name__)
 
+INGEST_QUIET_SECONDS = 2.0  # compression waits until C-STOREs have paused this long
+
 
 @dataclass
 class CompressionSummary:
@@ -130,13 +132,18 @@ def run_worker(
     codec: InstanceCodec,
     stop: threading.Event,
     poll_seconds: float = 2.0,
-    batch: int = 32,
 ) -> None:
-    """Loop until ``stop`` is set: compress what is pending, then wait for more."""
+    """Loop until ``stop`` is set: compress pending instances one at a time while no
+    C-STORE is arriving in this process, then wait for more."""
     while not stop.is_set():
+        # Yield the CPU to ingest: compression is background work, C-STORE is not.
+        idle = time.monotonic() - archive.last_store_activity
+        if idle < INGEST_QUIET_SECONDS:
+            stop.wait(INGEST_QUIET_SECONDS - idle)
+            continue
         started = time.monotonic()
         try:
-            summary = compress_pending(archive, codec, limit=batch)
+            summary = compress_pending(archive, codec, limit=1)
         except Exception as exc:  # the database or store is unavailable: try again later
             log.error("compression pass failed: %s", type(exc).__name__)
             stop.wait(poll_seconds)

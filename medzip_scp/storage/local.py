@@ -1,8 +1,8 @@
 """Blob store on a local file system: sealed, written durably, addressed by random keys.
 
-Durability order (the node acknowledges C-STORE only after it): write a temporary file in the
-store, fsync it, rename it into place, fsync the directory. Keys are random so that file names
-reveal nothing about patients or studies.
+Durability order (the node acknowledges C-STORE only after it): write the sealed blob, fsync
+it and its directories, and only then commit the index row that names it. Keys are random so
+that file names reveal nothing about patients or studies.
 """
 
 from __future__ import annotations
@@ -43,19 +43,22 @@ class LocalBlobStore:
     def __init__(self, root: Path, key: BlobKey) -> None:
         self.root = root
         self._key = key
-        self._tmp = root / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
             raise ValueError(f"blob key must be 32 lowercase hex digits, got {key!r}")
         return self.root / key[:2] / key[2:4] / key
 
-    def put(self, chunks: Iterable[bytes]) -> StoredBlob:
-        """Seal and durably write a new blob; returns once it is on stable storage."""
+    def write(self, chunks: Iterable[bytes]) -> StoredBlob:
+        """Seal and write a new blob under its final name, *not yet durable*.
+
+        Nothing refers to the new key until the caller has called :meth:`sync` and committed
+        an index row naming it, so a crash before then leaves only an unreferenced file, never
+        a referenced partial one; that is why no temporary name and rename are needed.
+        """
         key = uuid.uuid4().hex
         final = self._path(key)
-        tmp = self._tmp / f"{key}.part"
         digest = hashlib.sha256()
         size = 0
 
@@ -67,23 +70,44 @@ class LocalBlobStore:
                 yield chunk
 
         stored = 0
+        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "wb") as fh:
+            with open(final, "xb") as fh:
                 for sealed in self._key.seal(plaintext()):
                     fh.write(sealed)
                     stored += len(sealed)
-                fh.flush()
-                os.fsync(fh.fileno())
-            new_dirs = [p for p in (final.parent.parent, final.parent) if not p.exists()]
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            for created in reversed(new_dirs):
-                _fsync_dir(created.parent)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
         return StoredBlob(key=key, stored_size=stored, sha256=digest.hexdigest(), size=size)
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Make written blobs durable: fsync each file, then each directory on their paths once.
+
+        Syncing a batch together costs little more than one blob: the file system commits
+        its journal once for all of them (group commit).
+        """
+        directories: set[Path] = set()
+        for key in keys:
+            path = self._path(key)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            directories.update((path.parent, path.parent.parent, self.root))
+        for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+            _fsync_dir(directory)
+
+    def put(self, chunks: Iterable[bytes]) -> StoredBlob:
+        """Seal and durably write a new blob; returns once it is on stable storage."""
+        blob = self.write(chunks)
+        try:
+            self.sync([blob.key])
+        except BaseException:
+            self.delete(blob.key)
+            raise
+        return blob
 
     def put_bytes(self, data: bytes) -> StoredBlob:
         return self.put([data])
