@@ -210,7 +210,7 @@ def start_bare(script: Path) -> callable:
     return start
 
 
-def start_medzip(database_url: str | None, compress: bool = True) -> callable:
+def start_medzip(database_url: str | None, compress: bool = True, processes: int = 1) -> callable:
     medzip = str(Path(sys.executable).with_name("medzip"))
 
     def start(port: int, work: Path) -> subprocess.Popen:
@@ -220,7 +220,8 @@ def start_medzip(database_url: str | None, compress: bool = True) -> callable:
         if not compress:
             env["MEDZIP_PIPELINE__COMPRESS"] = "false"
         return subprocess.Popen(
-            [medzip, "serve", "--data-dir", str(work / "data"), "--port", str(port)],
+            [medzip, "serve", "--data-dir", str(work / "data"), "--port", str(port)]
+            + ["--processes", str(processes)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(work / "medzip.log", "w"),  # noqa: SIM115
@@ -284,6 +285,14 @@ def main() -> None:
             "MEDZIP",
             files,
             args.associations,
+            tmp,
+        )
+        rows += run_target(
+            "medzip (SQLite, 2 processes)",
+            start_medzip(None, processes=2),
+            "MEDZIP",
+            files,
+            [n for n in args.associations if n > 1],
             tmp,
         )
         for n in [] if args.no_pg else args.associations:

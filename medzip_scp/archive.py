@@ -7,7 +7,9 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import queue
 import threading
 import time
@@ -185,7 +187,9 @@ class Archive:
         self.read_sessions = read_sessions or sessions
         self.blobs = blobs
         self.codec = codec
-        self.last_store_activity = 0.0  # monotonic time of the last C-STORE
+        # When the last C-STORE arrived (CLOCK_MONOTONIC is system-wide on Linux, so node
+        # processes share one value to let background compression yield to any of them).
+        self.store_activity: ctypes.c_double = multiprocessing.RawValue("d", 0.0)
         self._committer = _GroupCommitter(self._commit_batch)
 
     @classmethod
@@ -224,7 +228,7 @@ class Archive:
             The object lacks an attribute the index needs (nothing is written).
         """
         attrs = attributes_from_dataset(received.dataset)
-        self.last_store_activity = time.monotonic()
+        self.store_activity.value = time.monotonic()
         blob = self._write_original(received)
         request = _StoreRequest(received, attrs, blob, calling_ae_title)
         try:

@@ -54,6 +54,13 @@ class NodeSettings(BaseModel):
     port: int = Field(11112, ge=1, le=65535, description="DICOM port.")
     max_pdu: int = Field(262144, ge=0, description="Maximum PDU size we accept (0: unlimited).")
     max_associations: int = Field(32, ge=1, description="Concurrent associations.")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Node processes sharing the port (Linux SO_REUSEPORT); more processes "
+        "let concurrent associations use more than one CPU core.",
+    )
     network_timeout: float = Field(60.0, description="Seconds without network traffic.")
     dimse_timeout: float = Field(60.0, description="Seconds to wait for a DIMSE message.")
 
@@ -211,6 +218,7 @@ bind = "0.0.0.0"
 port = 11112
 max_pdu = 262144
 max_associations = 32
+processes = 1                # >1: that many node processes share the port (one per core)
 network_timeout = 60.0
 dimse_timeout = 60.0
 

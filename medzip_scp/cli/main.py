@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -78,6 +80,9 @@ def serve(
         list[str] | None,
         typer.Option("--move-destination", help="C-MOVE destination AET=HOST:PORT (repeatable)."),
     ] = None,
+    processes: Annotated[
+        int | None, typer.Option("--processes", help="Node processes sharing the port.", min=1)
+    ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
     from medzip_scp.archive import CODECS, Archive, MzpCodec
@@ -85,10 +90,22 @@ def serve(
     from medzip_scp.pipeline.compress import run_worker
 
     settings = _settings(config, data_dir, port, aet, move_destination)
+    if processes is not None:
+        settings.node.processes = processes
     _logging(settings.log_level)
     archive = Archive.open(settings)
-    server = start_server(archive, block=False)
-    assert server is not None
+    shared_port = settings.node.processes > 1
+    server = start_server(archive, shared_port=shared_port)
+    children = [
+        multiprocessing.get_context("spawn").Process(
+            target=_serve_child,
+            args=(settings, archive.store_activity),
+            name=f"medzip-node-{number}",
+        )
+        for number in range(1, settings.node.processes)
+    ]
+    for child in children:
+        child.start()
     stop = threading.Event()
     workers = []
     if settings.pipeline.compress:
@@ -111,9 +128,29 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     typer.echo("stopping: finishing open associations")
+    for child in children:
+        child.terminate()  # SIGTERM: each child finishes its associations
     server.shutdown()
+    for child in children:
+        child.join(timeout=60)
     for worker in workers:
         worker.join(timeout=60)
+
+
+def _serve_child(settings: Settings, store_activity: ctypes.c_double) -> None:
+    """Another node process on the shared port (``[node] processes > 1``)."""
+    from medzip_scp.archive import Archive
+    from medzip_scp.net.server import start_server
+
+    _logging(settings.log_level)
+    archive = Archive.open(settings, migrate=False)
+    archive.store_activity = store_activity
+    server = start_server(archive, shared_port=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    stop.wait()
+    server.shutdown()
 
 
 @app.command()

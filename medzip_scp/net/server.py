@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -113,8 +115,17 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     return context
 
 
-def start_server(archive: Archive, block: bool = False) -> ThreadedAssociationServer | None:
-    """Start listening; with ``block=False`` returns the running server (tests, embedding)."""
+class SharedPortServer(ThreadedAssociationServer):
+    """Lets several node processes listen on one port; the kernel spreads associations
+    across them (SO_REUSEPORT), so C-STOREs are not bound by one interpreter's lock."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_server(archive: Archive, shared_port: bool = False) -> ThreadedAssociationServer:
+    """Start listening in a background thread and return the running server."""
     configure_pynetdicom()
     spool = archive.settings.storage.incoming_dir()
     spool.mkdir(parents=True, exist_ok=True)
@@ -124,12 +135,16 @@ def start_server(archive: Archive, block: bool = False) -> ThreadedAssociationSe
     tempfile.tempdir = str(spool)
     ae = build_ae(archive)
     node = archive.settings.node
-    return ae.start_server(
+    server = ae.make_server(
         (node.bind, node.port),
-        block=block,
         evt_handlers=event_handlers(archive),
         ssl_context=tls_context(archive.settings.tls),
+        server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
     )
+    thread = threading.Thread(target=server.serve_forever, name="medzip-acceptor", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so ae.shutdown() stops it, as for ae.start_server()
+    return server
 
 
 def describe_startup(archive: Archive) -> list[str]:

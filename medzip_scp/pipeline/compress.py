@@ -137,7 +137,7 @@ def run_worker(
     C-STORE is arriving in this process, then wait for more."""
     while not stop.is_set():
         # Yield the CPU to ingest: compression is background work, C-STORE is not.
-        idle = time.monotonic() - archive.last_store_activity
+        idle = time.monotonic() - archive.store_activity.value
         if idle < INGEST_QUIET_SECONDS:
             stop.wait(INGEST_QUIET_SECONDS - idle)
             continue

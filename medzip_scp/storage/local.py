@@ -7,10 +7,12 @@ that file names reveal nothing about patients or studies.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,18 @@ class StoredBlob:
     size: int  # plaintext bytes
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -38,7 +52,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalBlobStore:
-    """Sealed blobs under ``root/ab/cd/<key>``."""
+    """Sealed blobs under ``root/ab/<key>`` (256 folders, so new folders are rare)."""
 
     def __init__(self, root: Path, key: BlobKey) -> None:
         self.root = root
@@ -48,7 +62,7 @@ class LocalBlobStore:
     def _path(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
             raise ValueError(f"blob key must be 32 lowercase hex digits, got {key!r}")
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / key[:2] / key
 
     def write(self, chunks: Iterable[bytes]) -> StoredBlob:
         """Seal and write a new blob under its final name, *not yet durable*.
@@ -82,20 +96,33 @@ class LocalBlobStore:
         return StoredBlob(key=key, stored_size=stored, sha256=digest.hexdigest(), size=size)
 
     def sync(self, keys: Iterable[str]) -> None:
-        """Make written blobs durable: fsync each file, then each directory on their paths once.
+        """Make written blobs durable, with their directory entries.
 
-        Syncing a batch together costs little more than one blob: the file system commits
-        its journal once for all of them (group commit).
+        On Linux one ``syncfs`` flushes the blob file system once for the whole batch: each
+        ``fsync`` costs a device cache flush (about 3-4 ms on a VM disk), so syncing N files
+        and their directories one by one costs N+ flushes where ``syncfs`` costs one (group
+        commit). Elsewhere each file and each of its directories is fsynced.
         """
+        paths = [self._path(key) for key in keys]
+        if not paths:
+            return
+        if _syncfs is not None:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _syncfs(fd) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"syncfs of the blob store failed: {os.strerror(error)}")
+            finally:
+                os.close(fd)
+            return
         directories: set[Path] = set()
-        for key in keys:
-            path = self._path(key)
+        for path in paths:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            directories.update((path.parent, path.parent.parent, self.root))
+            directories.update((path.parent, self.root))
         for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
             _fsync_dir(directory)
 
@@ -135,6 +162,6 @@ class LocalBlobStore:
         _fsync_dir(path.parent)
 
     def keys(self) -> Iterator[str]:
-        for path in self.root.glob("??/??/*"):
+        for path in self.root.glob("??/*"):
             if path.is_file():
                 yield path.name

@@ -56,7 +56,7 @@ def node_settings(tmp_path: Path, db_url: str) -> Settings:
 @pytest.fixture
 def node(node_settings: Settings) -> Iterator[RunningNode]:
     archive = Archive.open(node_settings)
-    server = start_server(archive, block=False)
+    server = start_server(archive)
     assert server is not None
     try:
         yield RunningNode(node_settings, archive, "127.0.0.1", node_settings.node.port)

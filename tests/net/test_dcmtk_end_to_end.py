@@ -269,7 +269,7 @@ def sent(
     work = tmp_path_factory.mktemp("e2e")
     settings = make_settings(work / "data", module_db_url)
     archive = Archive.open(settings)
-    server = start_server(archive, block=False)
+    server = start_server(archive)
     assert server is not None
     node = RunningNode(settings, archive, "127.0.0.1", settings.node.port)
     try:

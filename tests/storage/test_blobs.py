@@ -80,3 +80,14 @@ def test_missing_blob(store: LocalBlobStore) -> None:
         store.read("0" * 32)
     with pytest.raises(ValueError):
         store.read("../../etc/passwd")
+
+
+def test_sync_without_syncfs_uses_fsync(
+    store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medzip_scp.storage.local as local
+
+    monkeypatch.setattr(local, "_syncfs", None)
+    blobs = [store.write([os.urandom(1000)]) for _ in range(3)]
+    store.sync(b.key for b in blobs)
+    assert sorted(store.keys()) == sorted(b.key for b in blobs)
