@@ -161,6 +161,19 @@ def handle_store(event: evt.Event, archive: Archive, policy: AccessPolicy) -> in
     return status
 
 
+def _cancel_latch(event: evt.Event) -> Callable[[], bool]:
+    """``event.is_cancelled`` consumes the C-CANCEL it reports (pynetdicom deletes it), so
+    remember it: once cancelled, every later check must say so too."""
+    seen = False
+
+    def cancelled() -> bool:
+        nonlocal seen
+        seen = seen or event.is_cancelled
+        return seen
+
+    return cancelled
+
+
 def handle_find(
     event: evt.Event, archive: Archive, policy: AccessPolicy
 ) -> Iterator[tuple[int, Dataset | None]]:
@@ -174,13 +187,14 @@ def handle_find(
     except Exception:
         yield Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
+    cancelled = _cancel_latch(event)
     wants_retrieve_aet = "RetrieveAETitle" in identifier
     wants_availability = "InstanceAvailability" in identifier
     count = 0
     try:
         with archive.read_sessions() as session:
-            for response in find(session, model, identifier, lambda: event.is_cancelled):
-                if event.is_cancelled:
+            for response in find(session, model, identifier, cancelled):
+                if cancelled():
                     yield Status.CANCEL, None
                     return
                 if wants_retrieve_aet:
@@ -197,7 +211,7 @@ def handle_find(
         log.error("C-FIND failed: %s", type(exc).__name__)
         yield Status.UNABLE_TO_PROCESS, None
         return
-    if event.is_cancelled:
+    if cancelled():
         yield Status.CANCEL, None
         return
     log.info(
@@ -236,8 +250,9 @@ def _sub_operations(
     accepted_for: Callable[[str], list[UID]],
 ) -> Iterator[tuple[int, Dataset | None]]:
     unsendable: list[str] = []
+    cancelled = _cancel_latch(event)
     for position, instance in enumerate(instances, 1):
-        if event.is_cancelled:
+        if cancelled():
             yield Status.CANCEL, None
             return
         try:
