@@ -82,19 +82,19 @@ def test_estimate_matches_stream(model):
 
 
 def test_encode_is_deterministic_and_batch_invariant(model, restore_threads):
-    f = _synthetic((70, 100), seed=3)
+    f = _synthetic((40, 64), seed=3)
     high, low = bitplanes.split(f, 12, 1)
-    a = L.encode_low(low, high, 1, 12, model, chunk_tiles=4)
-    assert a == L.encode_low(low, high, 1, 12, model, chunk_tiles=4)
+    a = L.encode_low(low, high, 1, 12, model, chunk_tiles=3)
+    assert a == L.encode_low(low, high, 1, 12, model, chunk_tiles=3)
     outs = []
     for threads, batch in [(1, 1), (2, 3), (1, 100), (2, 2)]:
         torch.set_num_threads(threads)
-        outs.append(L.decode_low(a, high, 1, 12, model, batch_chunks=batch))
+        outs.append(L.decode_low(a, high, 1, 12, model, batch_chunks=batch, threads=None))
     for o in outs:
         np.testing.assert_array_equal(o, low)
-    torch.set_num_threads(1)
-    b = L.encode_low(low, high, 1, 12, model, chunk_tiles=4)
-    assert a == b
+    torch.set_num_threads(2)
+    assert a == L.encode_low(low, high, 1, 12, model, chunk_tiles=3, threads=None)
+    assert a == L.encode_low(low, high, 1, 12, model, chunk_tiles=3, threads=1)
 
 
 def test_corrupted_stream_raises(model):
@@ -131,6 +131,21 @@ def test_missing_model_names_it(tmp_path):
         L.load_model("local-lm-v1", root=tmp_path)
     with pytest.raises(UnknownModelError, match="no-such"):
         L.load_model("local-lm-v1", adapter="no-such")
+    man = dst / "manifest.json"
+    man.write_text(man.read_text().replace("\n}", "\n} "))
+    with pytest.raises(UnknownModelError, match="manifest"):
+        L.load_model("local-lm-v1", root=tmp_path)
+
+
+def test_adapter_roundtrip_and_header(model):
+    ct = L.load_model(adapter="ct")
+    assert ct.adapter_sha256 != bytes(32) and ct.sha256 == model.sha256
+    f = _synthetic((32, 48), seed=5)
+    high, low = bitplanes.split(f, 12, 2)
+    data = L.encode_low(low, high, 2, 12, ct)
+    np.testing.assert_array_equal(L.decode_low(data, high, 2, 12, ct), low)
+    with pytest.raises(CorruptStreamError, match="adapter"):
+        L.decode_low(data, high, 2, 12, model)
 
 
 def test_invalid_arguments(model):

@@ -57,10 +57,12 @@ the stream header, so a stream names the adapter it needs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,11 @@ _VERSION = 1
 _CHUNK_TILES = 1024
 _HEADER = struct.Struct("<4sBBBIII8s8sI")
 MODELS_ROOT = Path(__file__).resolve().parents[4] / "models"
+# sha256 of each released model's manifest.json (which lists the sha256 of every file): a model
+# id is never reused, so its manifest may never change.
+PINNED_MANIFESTS = {
+    "local-lm-v1": "da280dcb29bd0cb704057f05715e110b2d47866ead21f1f4716843f75e4a80b0",
+}
 
 
 @dataclass
@@ -100,6 +107,23 @@ class LocalModel:
     sha256: bytes  # sha256 of manifest.json (which lists every file's sha256)
     adapter: str = ""
     adapter_sha256: bytes = field(default=bytes(32))
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads (``None``: leave as is), restoring the old count.
+
+    Results never depend on the thread count (see the determinism argument); speed does: on a
+    loaded 2-core machine two threads of tiny ops are up to 10x slower than one.
+    """
+    old = torch.get_num_threads()
+    if n is not None and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None and n != old:
+            torch.set_num_threads(old)
 
 
 def _sha(path: Path) -> str:
@@ -136,6 +160,9 @@ def load_model(name: str = MODEL_ID, adapter: str | None = None, root: Path | No
         raise UnknownModelError(name, f"(no manifest at {manifest_path})", "0" * 64)
     man_bytes = manifest_path.read_bytes()
     man_sha = hashlib.sha256(man_bytes).digest()
+    pinned = PINNED_MANIFESTS.get(name)
+    if pinned is not None and man_sha.hex() != pinned:
+        raise UnknownModelError(name, f"{pinned} (installed manifest has sha256 {man_sha.hex()})", "0" * 64)
     manifest = json.loads(man_bytes)
     for rel, want in manifest["files"].items():
         p = d / rel
@@ -232,7 +259,7 @@ def _crc(low: npt.NDArray) -> int:
     return zlib.crc32(np.ascontiguousarray(low, dtype="<u2").tobytes())
 
 
-def estimate_bits(low, high, s: int, bits: int, model: LocalModel) -> float:  # noqa: ANN001
+def estimate_bits(low, high, s: int, bits: int, model: LocalModel, *, threads: int | None = 1) -> float:  # noqa: ANN001
     """Ideal code length (bits) of ``low`` given ``high`` under the model's integer tables.
 
     Within ~0.1 % of ``8 * len(encode_low(...))`` minus the ~40-byte header, for large frames.
@@ -240,14 +267,16 @@ def estimate_bits(low, high, s: int, bits: int, model: LocalModel) -> float:  # 
     low = np.asarray(low)
     high = np.asarray(high)
     _check(low, high, s, bits)
-    _, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
+    with _threads(threads):
+        _, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
     f = _freqs(model, s, mi, li, bad[..., None].repeat(4, -1))
     p = np.take_along_axis(f, sym[..., None], -1)[..., 0]
     return float(-(np.log2(p[val]) - M.PREC).sum())
 
 
 def encode_low(
-    low, high, s: int, bits: int, model: LocalModel, *, chunk_tiles: int = _CHUNK_TILES  # noqa: ANN001
+    low, high, s: int, bits: int, model: LocalModel, *, chunk_tiles: int = _CHUNK_TILES,  # noqa: ANN001
+    threads: int | None = 1,
 ) -> bytes:
     """Encode the low ``s`` planes of a frame given its high part.
 
@@ -263,6 +292,8 @@ def encode_low(
         From :func:`load_model`.
     chunk_tiles
         Tiles per independent ANS chunk (recorded in the stream; decoders may batch chunks).
+    threads
+        torch intra-op threads while coding (``None``: unchanged); never changes the bytes.
 
     Returns
     -------
@@ -277,7 +308,8 @@ def encode_low(
     low = np.asarray(low)
     high = np.asarray(high)
     _check(low, high, s, bits)
-    g, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
+    with _threads(threads):
+        g, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
     unsafe = np.flatnonzero(bad.reshape(-1)).astype("<u4")
     f = _freqs(model, s, mi, li, bad[..., None].repeat(4, -1))
     fam = constriction.stream.model.Categorical(perfect=False)
@@ -309,12 +341,14 @@ def encode_low(
 
 @torch.no_grad()
 def decode_low(
-    data: bytes, high, s: int, bits: int, model: LocalModel, batch_chunks: int = 4  # noqa: ANN001
+    data: bytes, high, s: int, bits: int, model: LocalModel, batch_chunks: int = 4,  # noqa: ANN001
+    threads: int | None = 1,
 ) -> npt.NDArray[np.uint16]:
     """Decode a stream of :func:`encode_low` given the (already decoded) high part.
 
     ``batch_chunks`` chunks (of 1024 tiles = 262,144 pixels) go through the network together;
-    it changes speed and memory, never the result.
+    it changes speed and memory, never the result; so does ``threads`` (torch intra-op threads,
+    ``None`` leaves the process setting alone).
 
     Raises
     ------
@@ -372,8 +406,18 @@ def decode_low(
 
     base = g.pad(high, "edge") << s
     full = base.copy()
-    fam = constriction.stream.model.Categorical(perfect=False)
     coders = [constriction.stream.stack.AnsCoder(w) for w in words]
+    with _threads(threads):
+        low = _decode_steps(model, g, s, bits, base, full, bad_all, coders, n_chunks, chunk_tiles, batch_chunks)
+    b = M.BORDER
+    low = low[b : b + rows, b : b + cols].astype(np.uint16)
+    if _crc(low) != crc or not all(c.is_empty() for c in coders):
+        raise CorruptStreamError("local-path stream CRC-32 mismatch: the stream is corrupted")
+    return low
+
+
+def _decode_steps(model, g, s, bits, base, full, bad_all, coders, n_chunks, chunk_tiles, batch_chunks):  # noqa: ANN001, ANN202
+    fam = constriction.stream.model.Categorical(perfect=False)
     try:
         for c0 in range(0, n_chunks, max(1, batch_chunks)):
             cs = range(c0, min(n_chunks, c0 + max(1, batch_chunks)))
@@ -406,8 +450,4 @@ def decode_low(
         raise
     except Exception as e:  # constriction raises on exhausted / malformed words
         raise CorruptStreamError(f"local-path stream could not be decoded: {e}") from e
-    b = M.BORDER
-    low = (full - base)[b : b + rows, b : b + cols].astype(np.uint16)
-    if _crc(low) != crc or not all(c.is_empty() for c in coders):
-        raise CorruptStreamError("local-path stream CRC-32 mismatch: the stream is corrupted")
-    return low
+    return full - base

@@ -13,7 +13,7 @@ Input of token ``t`` (the "visual prompt" plus the causal low context): the 6x6 
 around its block, where every pixel is either its exact full value (when its low part is already
 known: an earlier token of the same tile) or the midpoint of its interval ``high << s + (2**s -
 1) / 2`` (high part only), relative to the block's own midpoint and in units of ``2**s``; the
-known/unknown mask; ``s`` one-hot; the block's intensity.  Output: for each of the 4 pixels a
+known/unknown mask; ``s`` one-hot (no absolute intensity: it made the model scanner-specific).  Output: for each of the 4 pixels a
 location and a log-scale of a logistic over the full value, restricted to the pixel's interval
 ``[high << s, (high + 1) << s)``; that is the distribution of its low value.
 """
@@ -43,7 +43,7 @@ N_LS = 72  # log-scale levels: 0.1 .. ~780 pixels
 MU_MARGIN = 24  # location clipped to [-(2**s + MU_MARGIN), 2 * 2**s + MU_MARGIN] pixels
 EPS = 1e-6  # margin (in quantisation steps) of the determinism check; see the package docstring
 
-N_FEAT = 2 * WIN * WIN + WIN * WIN + S_MAX + 2
+N_FEAT = 2 * WIN * WIN + WIN * WIN + S_MAX
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,6 @@ def features(
     f[:, 2 * k : 3 * k] = known
     f[:, 3 * k : 3 * k + S_MAX] = 0.0
     f[:, 3 * k + s - 1] = 1.0
-    f[:, 3 * k + S_MAX] = ref / float(1 << bits)
-    f[:, 3 * k + S_MAX + 1] = np.log2(1.0 + ref) / 16.0
     off = (ref[:, None] - own_base) / q
     return f, off
 

@@ -48,7 +48,7 @@ CR_DX_DEV = [
     "conformance/JPEG2000Lossless/NM_Kakadu44_SOTmarkerincons.dcm",
     "conformance/JPEGLSLossless/RG2_JLSL.dcm",
 ]
-S_WEIGHTS = np.array([0.35, 0.35, 0.15, 0.15])
+S_WEIGHTS = np.array([0.3, 0.3, 0.2, 0.2])
 
 
 def read_frames(path: Path, step: int = 1) -> list[tuple[npt.NDArray[np.uint16], int]]:
@@ -72,7 +72,8 @@ def read_frames(path: Path, step: int = 1) -> list[tuple[npt.NDArray[np.uint16],
 def train_sources(data: Path) -> list[Path]:
     epi = sorted(p for d in ("ax", "cor") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file())
     fmri = sorted(p for p in (data / "series/fmri-ge").rglob("*") if p.is_file())
-    return [data / f for f in TRAIN_FILES] + epi[::2] + fmri[::4]
+    dti = [data / "series/mr-dti-enhanced/3000.dcm"]
+    return [data / f for f in TRAIN_FILES] + epi + fmri[::3] + dti
 
 
 def dev_sources(data: Path) -> dict[str, list[Path]]:
@@ -123,7 +124,7 @@ def build_set(paths: list[Path], rng: np.random.Generator, tiles_per_frame: int,
             s = int(rng.choice(np.arange(1, 5), p=S_WEIGHTS))
             s = min(s, bits - 1)
             g = M.Geometry.of(*fr.shape)
-            k = min(g.n_tiles, tiles_per_frame)
+            k = min(g.n_tiles, tiles_per_frame * (3 if "conformance" in str(p) else 1))
             tiles = np.sort(rng.choice(g.n_tiles, size=k, replace=False))
             parts.append(tile_examples(fr, bits, s, tiles))
             total += k
@@ -179,7 +180,7 @@ def train(
     minutes: float,
     progress: Callable[[dict], None] | None = None,
     cfg: M.NetConfig | None = None,
-    max_tiles: int = 12000,
+    max_tiles: int = 16000,
 ) -> dict:
     """Train from scratch, seeded; write the model to ``out_dir``; return a summary.
 
@@ -190,7 +191,7 @@ def train(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_set = build_set(train_sources(data_root), rng, tiles_per_frame=48, max_tiles=max_tiles)
+    train_set = build_set(train_sources(data_root), rng, tiles_per_frame=256, max_tiles=max_tiles)
     dev = {k: build_set(v, np.random.default_rng(seed + 1), 32, 1500) for k, v in dev_sources(data_root).items()}
     prep_s = time.perf_counter() - t0
     net = M.LocalNet(cfg or M.NetConfig())
@@ -238,6 +239,80 @@ def train(
     return info
 
 
+ADAPTER_SOURCES = {
+    "ct": lambda data: [data / f for f in TRAIN_FILES[:6]],
+    "mr": lambda data: [data / f for f in TRAIN_FILES[6:8]] + [p for p in train_sources(data) if "mr-epi" in str(p) or "fmri" in str(p)],
+}
+ADAPTER_DEV = {"ct": ["CT"], "mr": ["MR-EPI", "MR"]}
+
+
+def train_adapter(
+    data_root: Path,
+    model_dir: Path,
+    name: str,
+    seed: int,
+    minutes: float,
+    progress: Callable[[dict], None] | None = None,
+    r: int = 4,
+) -> dict:
+    """Fine-tune a LoRA adapter (``peft``) for one modality on top of the model in ``model_dir``.
+
+    Writes ``model_dir/adapters/<name>/`` and rewrites the manifest.  Only the LoRA weights
+    train; the base weights stay bit-identical.
+    """
+    from safetensors.numpy import load_file
+
+    from .adapters import lora_wrap
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cfg = M.NetConfig(**json.loads((model_dir / "config.json").read_text())["net"])
+    net = M.LocalNet(cfg)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(model_dir / "weights.safetensors").items()})
+    train_set = build_set(ADAPTER_SOURCES[name](data_root), rng, tiles_per_frame=64, max_tiles=6000)
+    devsrc = dev_sources(data_root)
+    dev = {k: build_set(devsrc[k], np.random.default_rng(seed + 1), 32, 1500) for k in ADAPTER_DEV[name]}
+    net.eval()
+    before = {k: evaluate(net, v) for k, v in dev.items()}
+    peft_model = lora_wrap(net, r)
+    for p_ in net.inp.parameters():
+        p_.requires_grad_(False)
+    for p_ in net.head.parameters():
+        p_.requires_grad_(False)
+    params = [p_ for p_ in net.parameters() if p_.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    n = len(train_set["s"])
+    deadline = time.perf_counter() + minutes * 60.0
+    step = 0
+    net.train()
+    while time.perf_counter() < deadline:
+        idx = rng.integers(0, n, 32)
+        b = {k: torch.from_numpy(v[idx]) for k, v in train_set.items()}
+        l, rr = _loss(net, b)
+        loss = l / rr
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if progress and step % 100 == 0:
+            progress({"adapter": name, "step": step, "loss": float(loss)})
+    net.eval()
+    after = {k: evaluate(net, v) for k, v in dev.items()}
+    out = model_dir / "adapters" / name
+    peft_model.save_pretrained(str(out))
+    write_manifest(model_dir)
+    info = {
+        "adapter": name, "seed": seed, "minutes": minutes, "steps": step, "r": r,
+        "train_tiles": int(n), "wall_s": round(time.perf_counter() - t0, 1),
+        "dev_bits_per_low_bit_base": {k: round(v, 4) for k, v in before.items()},
+        "dev_bits_per_low_bit_adapter": {k: round(v, 4) for k, v in after.items()},
+    }
+    (out / "train_info.json").write_text(json.dumps(info, indent=1))
+    write_manifest(model_dir)
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the local-path model (medzip train local)")
     here = Path(__file__).resolve().parents[4]
@@ -247,9 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adapter", default=None, help="train this LoRA adapter (ct, mr) on --out")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.adapter:
+        info = train_adapter(a.data, a.out, a.adapter, a.seed, a.minutes,
+                             progress=lambda d: print(json.dumps(d), flush=True))
+        print(json.dumps(info, indent=1))
+        return 0
     cfg = M.NetConfig(hidden=a.hidden, layers=a.layers, heads=4, intermediate=2 * a.hidden)
     info = train(a.data, a.out, a.seed, a.minutes, progress=lambda d: print(json.dumps(d), flush=True), cfg=cfg)
     print(json.dumps(info, indent=1))
