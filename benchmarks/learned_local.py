@@ -20,6 +20,7 @@ check.  Prints markdown; writes nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 import time
@@ -38,13 +39,19 @@ from medzip_scp.codec.predictive import encode_frame  # noqa: E402
 
 
 def collect(data: Path, stride: int) -> dict[str, list[Path]]:
-    epi = sorted(p for d in ("sag", "axmb") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file())
+    epi = sorted(
+        p for d in ("sag", "axmb") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file()
+    )
     return {
         "CT": sorted((data / "series/ct-phantom-1mm").glob("*.dcm"))[::stride],
         "MR-EPI": epi[:: max(1, stride // 2)],
         "MR": sorted((data / "series/mr-t1-3d").glob("*.dcm"))[::stride],
         "CR/DX": [data / p for p in CR_DX_DEV],
     }
+
+
+def _bpp(nbytes: int, npix: int) -> float:
+    return 8.0 * nbytes / npix
 
 
 def crop(a: np.ndarray, side: int) -> np.ndarray:
@@ -67,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     svals = [int(v) for v in a.s.split(",")]
     model = L.load_model(adapter=a.adapter)
-    print(f"model {model.model_id} (manifest sha256 {model.sha256.hex()[:16]}), adapter "
-          f"{a.adapter or '-'}; {platform.processor() or platform.machine()}, torch threads "
-          f"{a.threads}; s = {svals}; stride {a.stride}; max side {a.max_side}\n")
+    print(
+        f"model {model.model_id} (manifest sha256 {model.sha256.hex()[:16]}), adapter "
+        f"{a.adapter or '-'}; {platform.processor() or platform.machine()}, torch threads "
+        f"{a.threads}; s = {svals}; stride {a.stride}; max side {a.max_side}\n"
+    )
     for name, paths in collect(a.data, a.stride).items():
         rows = {k: 0 for k in ["s0", "jxl"] + [f"{w}{s}" for s in svals for w in ("L", "P", "H")]}
         lowbits = {s: [0, 0] for s in svals}  # local, pred-v2 low
@@ -85,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 nfr += 1
                 s0 = len(encode_frame(frame, bits))
                 rows["s0"] += s0
-                rows["jxl"] += len(imagecodecs.jpegxl_encode(frame, lossless=True, effort=9,
-                                                             bitspersample=bits))
+                rows["jxl"] += len(
+                    imagecodecs.jpegxl_encode(frame, lossless=True, effort=9, bitspersample=bits)
+                )
                 best = s0
                 for s in svals:
                     if s >= bits:
@@ -112,17 +122,23 @@ def main(argv: list[str] | None = None) -> int:
                         assert np.array_equal(out, low), "local path round trip failed"
                         speed[s] = n / dt / 1e6
                 adaptive += best
-        bpp = lambda b: 8.0 * b / npix  # noqa: E731
+        bpp = functools.partial(_bpp, npix=npix)
         print(f"### {name}: {len(paths)} files, {nfr} frames, {npix / 1e6:.2f} MPx\n")
-        print(f"s = 0 (pred-v2 whole frame): **{bpp(rows['s0']):.3f}** bpp; JPEG-XL e9 "
-              f"{bpp(rows['jxl']):.3f}; adaptive best per frame {bpp(adaptive):.3f}\n")
-        print("| s | pred-v2 high + local low | pred-v2 high + pred-v2 low | pred-v2 high alone "
-              "| low part: local | low part: pred-v2 | local decode MPx/s |")
+        print(
+            f"s = 0 (pred-v2 whole frame): **{bpp(rows['s0']):.3f}** bpp; JPEG-XL e9 "
+            f"{bpp(rows['jxl']):.3f}; adaptive best per frame {bpp(adaptive):.3f}\n"
+        )
+        print(
+            "| s | pred-v2 high + local low | pred-v2 high + pred-v2 low | pred-v2 high alone "
+            "| low part: local | low part: pred-v2 | local decode MPx/s |"
+        )
         print("|---|---|---|---|---|---|---|")
         for s in svals:
-            print(f"| {s} | {bpp(rows[f'L{s}']):.3f} | {bpp(rows[f'P{s}']):.3f} | "
-                  f"{bpp(rows[f'H{s}']):.3f} | {bpp(lowbits[s][0]):.3f} | {bpp(lowbits[s][1]):.3f} | "
-                  f"{speed.get(s, float('nan')):.2f} |")
+            print(
+                f"| {s} | {bpp(rows[f'L{s}']):.3f} | {bpp(rows[f'P{s}']):.3f} | "
+                f"{bpp(rows[f'H{s}']):.3f} | {bpp(lowbits[s][0]):.3f} | {bpp(lowbits[s][1]):.3f} | "
+                f"{speed.get(s, float('nan')):.2f} |"
+            )
         print()
         sys.stdout.flush()
     return 0

@@ -148,6 +148,12 @@ def test_adapter_roundtrip_and_header(model):
         L.decode_low(data, high, 2, 12, model)
 
 
+def test_choose_split(model):
+    f = _synthetic((48, 64), seed=6)
+    s, cost = L.choose_split(f, 12, model, (1, 2))
+    assert set(cost) == {0, 1, 2} and cost[s] == min(cost.values())
+
+
 def test_invalid_arguments(model):
     f = _synthetic((8, 8))
     high, low = bitplanes.split(f, 12, 2)
@@ -160,7 +166,11 @@ def test_invalid_arguments(model):
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 @pytest.mark.parametrize(
     "rel, s",
-    [("series/ct-phantom-1mm/I500.dcm", 2), ("series/mr-t1-3d", 1), ("conformance/JPEGLSLossless/RG2_JLSL.dcm", 2)],
+    [
+        ("series/ct-phantom-1mm/I500.dcm", 2),
+        ("series/mr-t1-3d", 1),
+        ("conformance/JPEGLSLossless/RG2_JLSL.dcm", 2),
+    ],
 )
 def test_roundtrip_real_crops(model, rel, s):
     from medzip_scp.codec.learned.local_path.train import read_frames

@@ -20,8 +20,14 @@ def lora_wrap(net: M.LocalNet, r: int = 4):  # noqa: ANN201
     """Wrap ``net.backbone`` with fresh LoRA layers (only those train); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0,
-                     fan_in_fan_out=True, bias="none")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        fan_in_fan_out=True,
+        bias="none",
+    )
     net.backbone = get_peft_model(net.backbone, cfg)
     return net.backbone
 

@@ -13,9 +13,10 @@ Input of token ``t`` (the "visual prompt" plus the causal low context): the 6x6 
 around its block, where every pixel is either its exact full value (when its low part is already
 known: an earlier token of the same tile) or the midpoint of its interval ``high << s + (2**s -
 1) / 2`` (high part only), relative to the block's own midpoint and in units of ``2**s``; the
-known/unknown mask; ``s`` one-hot (no absolute intensity: it made the model scanner-specific).  Output: for each of the 4 pixels a
-location and a log-scale of a logistic over the full value, restricted to the pixel's interval
-``[high << s, (high + 1) << s)``; that is the distribution of its low value.
+known/unknown mask; ``s`` one-hot (no absolute intensity: it made the model scanner-specific).
+Output: for each of the 4 pixels a location and a log-scale of a logistic over the full value,
+restricted to the pixel's interval ``[high << s, (high + 1) << s)``: the distribution of its low
+value.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ def build_table(s: int) -> npt.NDArray[np.int32]:
     ccdf = 1.0 / (1.0 + np.exp(z))
     p_left = np.diff(cdf, axis=2)
     p_right = -np.diff(ccdf, axis=2)
-    use_right = (mu[:, None, None] < (q - 1) / 2)
+    use_right = mu[:, None, None] < (q - 1) / 2
     p = np.where(use_right, p_right, p_left)
     # for locations far outside the interval both are tiny: use log-space geometric tail
     p = np.maximum(p, 1e-300)
@@ -250,7 +251,9 @@ def build_table(s: int) -> npt.NDArray[np.int32]:
     f = np.maximum(1, np.floor(p * (total - q))).astype(np.int64)
     rem = total - f.sum(axis=2)
     idx = np.argmax(f, axis=2)
-    np.put_along_axis(f, idx[..., None], np.take_along_axis(f, idx[..., None], 2) + rem[..., None], 2)
+    np.put_along_axis(
+        f, idx[..., None], np.take_along_axis(f, idx[..., None], 2) + rem[..., None], 2
+    )
     assert (f.sum(axis=2) == total).all() and (f >= 1).all()
     return f.astype(np.int32)
 
@@ -280,13 +283,15 @@ def quantise(
     return mi, li, bad
 
 
-def nll_bits(raw: torch.Tensor, off: torch.Tensor, low: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def nll_bits(
+    raw: torch.Tensor, off: torch.Tensor, low: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     """Training loss: bits of ``low`` (B, T, 4) under the continuous interval-restricted logistic.
 
     ``raw`` (B, T, 4, 2), ``off`` (B, T, 4) as from :func:`features`, ``s`` (B, 1, 1) planes.
     Units: window widths ``2**s``.
     """
-    q = (2.0 ** s).to(raw.dtype)
+    q = (2.0**s).to(raw.dtype)
     mu = off + raw[..., 0]
     inv = torch.exp(-raw[..., 1])
     lo_e = (low - 0.5) / q

@@ -3,14 +3,22 @@
 Usage::
 
     nice -n 10 .venv/bin/python -m medzip_scp.codec.learned.local_path.train \
-        --data ../shared/data --out models/local-lm/v1 --seed 0 --minutes 6
+        --data ../shared/data --out models/local-lm/v2 --seed 0 --minutes 8
+    # then optional per-modality LoRA adapters on it (3 minutes each):
+    nice -n 10 .venv/bin/python -m medzip_scp.codec.learned.local_path.train \
+        --out models/local-lm/v2 --adapter ct --seed 0 --minutes 3
 
-Training series (all lossless-origin): mr-epi ``ax/`` and ``cor/``, ``series/fmri-ge``,
-``series/mr-dti-enhanced/3000.dcm`` (every 8th frame), the lossless conformance CT slices of five
-different series (``693_J2KR``, ``J2K_pixelrep_mismatch``, ``TOSHIBA_J2K_OpenJPEGv2Regression``,
-``TOSHIBA_J2K_SIZ0_PixRep1``, ``explicit_VR-UN``), ``CT_small``, ``MR_small``, ``emri_small``,
-``JPEG-LL`` (NM) and the 16-bit OT of JPEG Lossless SV1.  Held out (dev): ``series/ct-phantom-1mm``,
-``series/mr-t1-3d``, mr-epi ``sag/`` and ``axmb/``, and the four CR/DX files of the benchmark.
+One torch thread by default (``--threads``): on a shared 2-core machine two threads of these small
+ops run several times slower.  Training stops on wall time, so the step count (recorded in
+``config.json``) depends on the machine's load; everything else is seeded.
+
+Training series (all lossless-origin): mr-epi ``ax/`` and ``cor/``, ``series/fmri-ge`` (every
+3rd file), ``series/mr-dti-enhanced/3000.dcm`` (every 8th frame), the lossless conformance CT
+slices of five different series (``693_J2KR``, ``J2K_pixelrep_mismatch``,
+``TOSHIBA_J2K_OpenJPEGv2Regression``, ``TOSHIBA_J2K_SIZ0_PixRep1``, ``explicit_VR-UN``),
+``CT_small``, ``MR_small``, ``emri_small``, ``JPEG-LL`` (NM) and the 16-bit OT of JPEG Lossless
+SV1.  Held out (dev): ``series/ct-phantom-1mm``, ``series/mr-t1-3d``, mr-epi ``sag/`` and
+``axmb/``, and the four CR/DX files of the benchmark.
 """
 
 from __future__ import annotations
@@ -77,7 +85,9 @@ def train_sources(data: Path) -> list[Path]:
 
 
 def dev_sources(data: Path) -> dict[str, list[Path]]:
-    epi = sorted(p for d in ("sag", "axmb") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file())
+    epi = sorted(
+        p for d in ("sag", "axmb") for p in (data / "mr-epi" / d).glob("*/*") if p.is_file()
+    )
     return {
         "CT": sorted((data / "series/ct-phantom-1mm").glob("*.dcm"))[::7],
         "MR-EPI": epi[::4],
@@ -112,8 +122,13 @@ def tile_examples(
     }
 
 
-def build_set(paths: list[Path], rng: np.random.Generator, tiles_per_frame: int,
-              max_tiles: int, frame_step: int = 1) -> dict[str, npt.NDArray]:
+def build_set(
+    paths: list[Path],
+    rng: np.random.Generator,
+    tiles_per_frame: int,
+    max_tiles: int,
+    frame_step: int = 1,
+) -> dict[str, npt.NDArray]:
     parts: list[dict[str, npt.NDArray]] = []
     total = 0
     for p in paths:
@@ -148,8 +163,8 @@ def evaluate(net: M.LocalNet, data: dict[str, npt.NDArray], batch: int = 64) -> 
     with torch.no_grad():
         for a in range(0, len(data["s"]), batch):
             b = {k: torch.from_numpy(v[a : a + batch]) for k, v in data.items()}
-            l, r = _loss(net, b)
-            tot += float(l)
+            bits_sum, r = _loss(net, b)
+            tot += float(bits_sum)
             ref += float(r)
     return tot / max(ref, 1.0)
 
@@ -163,13 +178,21 @@ def save_model(net: M.LocalNet, out_dir: Path, info: dict) -> None:
     save_file(sd, out_dir / "weights.safetensors")
     tabs = {f"s{s}": M.build_table(s).astype(np.uint16) for s in range(1, M.S_MAX + 1)}
     save_file(tabs, out_dir / "tables.safetensors")
-    (out_dir / "config.json").write_text(json.dumps({"net": net.cfg.to_dict(), "train": info}, indent=1))
+    (out_dir / "config.json").write_text(
+        json.dumps({"net": net.cfg.to_dict(), "train": info}, indent=1)
+    )
     write_manifest(out_dir)
 
 
 def write_manifest(out_dir: Path) -> None:
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", "CARD.md"))
-    man = {"files": {str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+    files = sorted(
+        p for p in out_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", "CARD.md")
+    )
+    man = {
+        "files": {
+            str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+        }
+    }
     (out_dir / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
 
 
@@ -188,11 +211,18 @@ def train(
     stops after ``minutes`` of wall time (so the number of steps depends on the machine; it is
     recorded in the summary and the config).
     """
+    if (out_dir / "manifest.json").exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a model; model ids are never reused: choose a new version"
+        )
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_set = build_set(train_sources(data_root), rng, tiles_per_frame=256, max_tiles=max_tiles)
-    dev = {k: build_set(v, np.random.default_rng(seed + 1), 32, 1500) for k, v in dev_sources(data_root).items()}
+    dev = {
+        k: build_set(v, np.random.default_rng(seed + 1), 32, 1500)
+        for k, v in dev_sources(data_root).items()
+    }
     prep_s = time.perf_counter() - t0
     net = M.LocalNet(cfg or M.NetConfig())
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -210,8 +240,8 @@ def train(
             gr["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         idx = rng.integers(0, n, batch)
         b = {k: torch.from_numpy(v[idx]) for k, v in train_set.items()}
-        l, r = _loss(net, b)
-        loss = l / r
+        bits_sum, r = _loss(net, b)
+        loss = bits_sum / r
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -241,7 +271,10 @@ def train(
 
 ADAPTER_SOURCES = {
     "ct": lambda data: [data / f for f in TRAIN_FILES[:6]],
-    "mr": lambda data: [data / f for f in TRAIN_FILES[6:8]] + [p for p in train_sources(data) if "mr-epi" in str(p) or "fmri" in str(p)],
+    "mr": lambda data: (
+        [data / f for f in TRAIN_FILES[6:8]]
+        + [p for p in train_sources(data) if "mr-epi" in str(p) or "fmri" in str(p)]
+    ),
 }
 ADAPTER_DEV = {"ct": ["CT"], "mr": ["MR-EPI", "MR"]}
 
@@ -269,10 +302,15 @@ def train_adapter(
     rng = np.random.default_rng(seed)
     cfg = M.NetConfig(**json.loads((model_dir / "config.json").read_text())["net"])
     net = M.LocalNet(cfg)
-    net.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(model_dir / "weights.safetensors").items()})
+    net.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in load_file(model_dir / "weights.safetensors").items()}
+    )
     train_set = build_set(ADAPTER_SOURCES[name](data_root), rng, tiles_per_frame=64, max_tiles=6000)
     devsrc = dev_sources(data_root)
-    dev = {k: build_set(devsrc[k], np.random.default_rng(seed + 1), 32, 1500) for k in ADAPTER_DEV[name]}
+    dev = {
+        k: build_set(devsrc[k], np.random.default_rng(seed + 1), 32, 1500)
+        for k in ADAPTER_DEV[name]
+    }
     net.eval()
     before = {k: evaluate(net, v) for k, v in dev.items()}
     peft_model = lora_wrap(net, r)
@@ -289,8 +327,8 @@ def train_adapter(
     while time.perf_counter() < deadline:
         idx = rng.integers(0, n, 32)
         b = {k: torch.from_numpy(v[idx]) for k, v in train_set.items()}
-        l, rr = _loss(net, b)
-        loss = l / rr
+        bits_sum, rr = _loss(net, b)
+        loss = bits_sum / rr
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -303,8 +341,13 @@ def train_adapter(
     peft_model.save_pretrained(str(out))
     write_manifest(model_dir)
     info = {
-        "adapter": name, "seed": seed, "minutes": minutes, "steps": step, "r": r,
-        "train_tiles": int(n), "wall_s": round(time.perf_counter() - t0, 1),
+        "adapter": name,
+        "seed": seed,
+        "minutes": minutes,
+        "steps": step,
+        "r": r,
+        "train_tiles": int(n),
+        "wall_s": round(time.perf_counter() - t0, 1),
         "dev_bits_per_low_bit_base": {k: round(v, 4) for k, v in before.items()},
         "dev_bits_per_low_bit_adapter": {k: round(v, 4) for k, v in after.items()},
     }
@@ -317,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the local-path model (medzip train local)")
     here = Path(__file__).resolve().parents[4]
     ap.add_argument("--data", type=Path, default=here.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=here / "models" / "local-lm" / "v1")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="new model folder, e.g. models/local-lm/v2 (released folders are never overwritten)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--hidden", type=int, default=64)
@@ -327,12 +375,25 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.adapter:
-        info = train_adapter(a.data, a.out, a.adapter, a.seed, a.minutes,
-                             progress=lambda d: print(json.dumps(d), flush=True))
+        info = train_adapter(
+            a.data,
+            a.out,
+            a.adapter,
+            a.seed,
+            a.minutes,
+            progress=lambda d: print(json.dumps(d), flush=True),
+        )
         print(json.dumps(info, indent=1))
         return 0
     cfg = M.NetConfig(hidden=a.hidden, layers=a.layers, heads=4, intermediate=2 * a.hidden)
-    info = train(a.data, a.out, a.seed, a.minutes, progress=lambda d: print(json.dumps(d), flush=True), cfg=cfg)
+    info = train(
+        a.data,
+        a.out,
+        a.seed,
+        a.minutes,
+        progress=lambda d: print(json.dumps(d), flush=True),
+        cfg=cfg,
+    )
     print(json.dumps(info, indent=1))
     return 0
 
