@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +37,12 @@ sys.path.insert(0, str(ROOT))
 
 from medzip_scp.codec.learned.bitplanes import split  # noqa: E402
 from medzip_scp.codec.learned.global_path import (  # noqa: E402
+    coder as _coder,
+)
+from medzip_scp.codec.learned.global_path import (  # noqa: E402
     decode_high,
     encode_high,
     load_model,
-    payload_capacity,
 )
 from medzip_scp.codec.learned.global_path.train import dev_files, read_frames  # noqa: E402
 from medzip_scp.codec.predictive import encode_frame  # noqa: E402
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stride", type=int, default=1, help="every N-th file of a set")
     ap.add_argument("--crop", type=int, default=0, help="crop frames to N x N (0: none)")
     ap.add_argument("--splits", default="0,1,2,4")
+    ap.add_argument("--sets", default="CT,MR-EPI,MR,CR/DX", help="comma-separated dev sets")
+    ap.add_argument("--jxl", action="store_true", help="also JPEG-XL e9 on the same high part")
     ap.add_argument("--model", default=None, help="model directory (default: shipped v1)")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
@@ -68,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(1)
     rows = []
     for name, paths in dev_files(args.data).items():
+        if name not in args.sets.split(","):
+            continue
         frames = []
-        for p in paths[:: args.stride if name != "CR/DX" else 1]:
+        for p in paths[:: args.stride if name in ("CT", "MR") else 1]:
             for f, bits in read_frames(p):
                 if args.crop:
                     f = np.ascontiguousarray(f[: args.crop, : args.crop])
                 frames.append((f, bits))
         for s in splits:
-            g = net = pv = 0
+            g = net = pv = jx = 0
             cap_total = 0
             npix = nfr = 0
             t_enc = t_dec = 0.0
@@ -85,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                 high, _ = split(f, bits, s)
                 hb = bits - s
                 t0 = time.perf_counter()
-                stream = encode_high(high, hb, model)
+                stream, stats = _coder.encode(high, hb, model, b"", False)
                 t1 = time.perf_counter()
                 out, pl = decode_high(stream, high.shape, hb, model)
                 t2 = time.perf_counter()
                 if not np.array_equal(out, high) or pl != b"":
                     raise SystemExit(f"round trip failed: {name} s={s}")
-                cap = payload_capacity(high, hb, model)
+                # payload_capacity() without a second encode: the same accounting
+                cap = max(0, (int(stats["consumed_bits"]) - 96) // 8)
                 payload = rng.integers(0, 256, cap, dtype=np.uint8).tobytes()
                 s2 = encode_high(high, hb, model, payload)
                 out2, pl2 = decode_high(s2, high.shape, hb, model)
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 net += len(s2) - cap
                 cap_total += cap
                 pv += len(encode_frame(high, hb))
+                if args.jxl:
+                    jin = high.astype(np.uint8) if hb <= 8 else high
+                    jx += len(
+                        imagecodecs.jpegxl_encode(jin, lossless=True, effort=9, bitspersample=hb)
+                    )
                 npix += high.size
                 nfr += 1
             if not nfr:
@@ -115,24 +128,26 @@ def main(argv: list[str] | None = None) -> int:
                     8 * g / npix,
                     8 * net / npix,
                     8 * pv / npix,
+                    8 * jx / npix,
                     cap_total / nfr,
                     npix / t_enc / 1e6,
                     npix / t_dec / 1e6,
                 )
             )
-            print(f"# {name} s={s} done", file=sys.stderr, flush=True)
+            print(f"# {name} s={s} done: {rows[-1]}", file=sys.stderr, flush=True)
     print(
         f"\nmachine: {platform.machine()}, python {platform.python_version()}, "
         f"model {model.model_id} sha256 {model.sha256[:16]}"
     )
     print(
         "\n| set | s | frames | global bpp | net bpp (carrying payload) | pred-v2 bpp | "
-        "global / pred-v2 | payload B/frame | enc MPx/s | dec MPx/s |"
+        "JPEG-XL e9 bpp | global / pred-v2 | payload B/frame | enc MPx/s | dec MPx/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, s, nfr, gb, nb, pb, cap, enc, dec in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, s, nfr, gb, nb, pb, jb, cap, enc, dec in rows:
+        jxl = f"{jb:.3f}" if jb else "-"
         print(
-            f"| {name} | {s} | {nfr} | {gb:.3f} | {nb:.3f} | {pb:.3f} | {gb / pb:.3f} | "
+            f"| {name} | {s} | {nfr} | {gb:.3f} | {nb:.3f} | {pb:.3f} | {jxl} | {gb / pb:.3f} | "
             f"{cap:.0f} | {enc:.2f} | {dec:.2f} |"
         )
     return 0
