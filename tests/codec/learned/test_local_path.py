@@ -182,3 +182,23 @@ def test_roundtrip_real_crops(model, rel, s):
     h, w = frame.shape
     crop = frame[h // 2 - 48 : h // 2 + 48, w // 2 - 64 : w // 2 + 40]
     _roundtrip(np.ascontiguousarray(crop), bits, s, model)
+
+
+def test_unsafe_tokens_use_the_recorded_fallback(model, monkeypatch):
+    from medzip_scp.codec.learned.local_path import model as M
+
+    f = _synthetic((32, 32), seed=7)
+    high, low = bitplanes.split(f, 12, 2)
+    plain = L.encode_low(low, high, 2, 12, model)
+    monkeypatch.setattr(M, "EPS", 0.2)  # ~90 % of tokens marked unsafe at encode time
+    data = L.encode_low(low, high, 2, 12, model)
+    n_unsafe = int.from_bytes(data[35:39], "little")
+    assert n_unsafe > 0 and len(data) > len(plain)
+    monkeypatch.setattr(M, "EPS", 1e-6)  # the decoder never looks at EPS
+    np.testing.assert_array_equal(L.decode_low(data, high, 2, 12, model), low)
+
+
+def test_empty_frame(model):
+    high = np.zeros((0, 7), np.uint16)
+    data = L.encode_low(high, high, 1, 8, model)
+    assert L.decode_low(data, high, 1, 8, model).shape == (0, 7)

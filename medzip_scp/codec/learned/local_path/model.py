@@ -163,7 +163,7 @@ class Geometry:
         ph, pw = self.shape_padded
         a = np.asarray(a, dtype=np.int64)
         spec = ((BORDER, ph - BORDER - self.rows), (BORDER, pw - BORDER - self.cols))
-        if mode == "zero":
+        if mode == "zero" or a.size == 0:
             return np.pad(a, spec)
         return np.pad(a, spec, mode="edge")
 
