@@ -109,7 +109,7 @@ class LocalNet(nn.Module):
             kw["cache"] = past_key_values
         out = self.backbone(**kw)
         y = self.head(out.last_hidden_state)
-        return y.view(*y.shape[:2], 4, 2), out.past_key_values
+        return y.view(*y.shape[:2], 4, 2), out.cache
 
 
 # ---------------------------------------------------------------------------------------------
