@@ -15,10 +15,28 @@ before a path sees them:
 The blob records everything the decoder needs per frame (path id, value bits, offsets, bit
 depth, section indices) plus the CRC-32 of the frame's original values, which is checked
 after decoding: a blob never decodes to wrong pixels silently.
+
+Learned split frames
+--------------------
+With ``learned`` options (the default), a single-sample frame of 2..16 bits may instead be
+coded split at bit plane ``s`` (1..4): the high part by ``pred`` or the global path, the low
+part by the local path (:mod:`medzip_scp.codec.learned.paths` documents which ``s`` is tried
+and why). The split is chosen only when its verified size is below the best verified
+classical path's, so a blob is never larger than the classical codec would make it (except
+for the few bytes of the version-2 model table). The blob names every model it uses, exactly
+(id, manifest sha256, adapter sha256). torch and the models are imported and loaded only when
+a split is tried or decoded; without them, or with ``learned=None``, the codec is classical.
+
+Payload
+-------
+``payload`` (already encrypted) is stored in the ``PAYLOAD`` section (mode 1) unless a frame's
+high part is coded by the global path and the payload fits the bits its bits-back sampling
+absorbs: then it rides in that stream for free (mode 2) and comes back when the frame decodes.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -32,6 +50,7 @@ import zstandard
 from medzip_scp.codec.container import (
     ContainerHeader,
     FrameRecord,
+    ModelRef,
     PayloadMode,
     Section,
     SectionType,
@@ -44,13 +63,17 @@ from medzip_scp.codec.container import (
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
+from medzip_scp.codec.learned.paths import LearnedOptions, SplitCode
 from medzip_scp.codec.paths import PixelPath, ZstdPath, get_path, values_dtype
-from medzip_scp.codec.zoo import resolve_model
+from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 
 __all__ = [
+    "DEFAULT_LEARNED",
     "DEFAULT_PATHS",
     "Decoded",
     "FrameSet",
+    "LearnedOptions",
+    "ModelStore",
     "PixelLayout",
     "compress",
     "decompress",
@@ -61,7 +84,12 @@ __all__ = [
 DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
 """Paths tried per frame, in tie-break order. ``constant`` and ``verbatim`` are always added."""
 
+DEFAULT_LEARNED = LearnedOptions()
+"""Learned split frames as :func:`compress` tries them by default."""
+
 ProgressCallback = Callable[[int, int], None]
+_PAYLOAD_V2 = struct.Struct("<BII")
+log = logging.getLogger(__name__)
 
 _DATASET_HEAD = struct.Struct("<BQ")
 _DATASET_STORED, _DATASET_ZSTD = 0, 1
@@ -187,11 +215,56 @@ def _best_stream(
     raise CodecError(f"no lossless path reproduced the frame exactly (tried {len(coded)})")
 
 
+@dataclass
+class _EncodeContext:
+    """Per-blob state of :func:`compress`: learned options, models, the payload's carrier."""
+
+    learned: LearnedOptions | None
+    store: ModelStore
+    payload: bytes
+    models: list[ModelRef]
+    payload_frame: int | None = None
+
+    def model_index(self, ref: ModelRef | None) -> int | None:
+        if ref is None:
+            return None
+        if ref not in self.models:
+            self.models.append(ref)
+        return self.models.index(ref)
+
+
+def _try_split(
+    values: npt.NDArray[np.unsignedinteger], nbits: int, classical_bytes: int, ctx: _EncodeContext
+) -> SplitCode | None:
+    """A verified split coding of ``values`` cheaper than ``classical_bytes``, or ``None``."""
+    opts = ctx.learned
+    if opts is None or values.shape[2] != 1 or not 2 <= nbits <= 16:
+        return None
+    from medzip_scp.codec.learned.paths import encode_split
+
+    carry = ctx.payload if ctx.payload_frame is None else b""
+    budget = None if opts.force_split is not None else classical_bytes + len(carry)
+    try:
+        code = encode_split(values[..., 0], nbits, budget, opts, ctx.store, carry)
+    except CodecError as exc:  # e.g. a model went missing: the frame stays classical
+        if opts.force_split is not None:
+            raise
+        log.warning("learned split not tried (%s)", type(exc).__name__)
+        return None
+    if code is None:
+        return None
+    if opts.force_split is None and code.cost(len(carry)) >= budget:  # type: ignore[operator]
+        return None
+    return code
+
+
 def _encode_frame(
+    index: int,
     frame: npt.NDArray[np.generic],
     layout: PixelLayout,
     paths: list[PixelPath],
     streams: bytearray,
+    ctx: _EncodeContext,
 ) -> FrameRecord:
     """Code one frame, append its bytes to ``streams`` and return its record."""
     u = _unsigned_words(frame, layout)
@@ -208,6 +281,7 @@ def _encode_frame(
         nbits = int(shifted.max()).bit_length()
         values = shifted.astype(values_dtype(nbits))
         path, data = _best_stream(values, nbits, paths)
+        split = _try_split(values, nbits, len(data), ctx)
         res_data: bytes | None = None
         if hi is not None:
             res_bits = w - value_bits
@@ -217,24 +291,52 @@ def _encode_frame(
             back = _RESIDUAL.decode(res_data, layout.frame_shape, res_bits)
             if not np.array_equal(back, res_vals):
                 raise CodecError("residual stream did not decode back exactly")
-        cost = len(data) + (len(res_data) if res_data is not None else 0)
+        res_len = len(res_data) if res_data is not None else 0
+        carry = len(ctx.payload) if ctx.payload_frame is None else 0
+        cost = len(data) + carry + res_len
+        if split is not None:
+            cost = split.cost(carry) + res_len
         if best is None or cost < best[0]:
-            best = (cost, (value_bits, nbits, tuple(int(o) for o in offsets), path, data, res_data))
+            offs = tuple(int(o) for o in offsets)
+            best = (cost, (value_bits, nbits, offs, path, data, res_data, split))
     assert best is not None
-    value_bits, nbits, offsets, path, data, res_data = best[1]
-    streams += data
+    value_bits, nbits, offsets, path, data, res_data, split = best[1]
+    if split is None:
+        streams += data
+        record = FrameRecord(
+            path=path.name,
+            value_bits=value_bits,
+            split_planes=0,
+            nbits=nbits,
+            offsets=offsets,
+            stream_bytes=len(data),
+            residual_bytes=None if res_data is None else len(res_data),
+            crc32=_frame_crc(frame),
+        )
+    else:
+        from medzip_scp.codec.learned.paths import LOCAL_PATH
+
+        streams += split.high_data
+        streams += split.low_data
+        if split.carries_payload:
+            ctx.payload_frame = index
+        record = FrameRecord(
+            path=split.high_path,
+            value_bits=value_bits,
+            split_planes=split.s,
+            nbits=nbits,
+            offsets=offsets,
+            stream_bytes=len(split.high_data),
+            residual_bytes=None if res_data is None else len(res_data),
+            crc32=_frame_crc(frame),
+            high_model=ctx.model_index(split.high_ref),
+            low_path=LOCAL_PATH,
+            low_model=ctx.model_index(split.low_ref),
+            low_bytes=len(split.low_data),
+        )
     if res_data is not None:
         streams += res_data
-    return FrameRecord(
-        path=path.name,
-        value_bits=value_bits,
-        split_planes=0,
-        nbits=nbits,
-        offsets=offsets,
-        stream_bytes=len(data),
-        residual_bytes=None if res_data is None else len(res_data),
-        crc32=_frame_crc(frame),
-    )
+    return record
 
 
 def _pack_dataset(data: bytes) -> bytes:
@@ -275,6 +377,8 @@ def compress(
     *,
     payload: bytes = b"",
     paths: Sequence[str] = DEFAULT_PATHS,
+    learned: LearnedOptions | None = DEFAULT_LEARNED,
+    models: ModelStore | None = None,
     progress: ProgressCallback | None = None,
 ) -> bytes:
     """Code pixel frames and opaque non-pixel bytes into one blob, losslessly.
@@ -286,25 +390,46 @@ def compress(
     dataset_rest
         Opaque bytes stored alongside (zstd when that is smaller), returned unchanged.
     payload
-        Already-encrypted metadata payload, stored in the ``PAYLOAD`` section (mode 1).
-        Learned bits-back paths will carry it in their initial bits instead.
+        Already-encrypted metadata payload. Carried in the bits-back initial bits of the
+        global path (mode 2) when a frame's high part is coded by it and the payload fits;
+        otherwise stored in the ``PAYLOAD`` section (mode 1).
     paths
-        Path ids to try per frame, in tie-break order (``constant`` and ``verbatim`` are
-        always added).
+        Classical path ids to try per frame, in tie-break order (``constant`` and
+        ``verbatim`` are always added).
+    learned
+        How learned split frames are tried (:class:`LearnedOptions`); ``None``: classical
+        paths only. Ignored (classical only) when torch or the named models are not
+        installed, unless ``learned.force_split`` is set.
+    models
+        Where models are loaded from (default: the repository's ``models/``).
     progress
         Called as ``progress(done_frames, total_frames)`` after each frame.
 
     Returns
     -------
     bytes
-        The blob (format described in :mod:`medzip_scp.codec.container`).
+        The blob (format described in :mod:`medzip_scp.codec.container`): version 1 when no
+        frame uses a model and the payload is not carried by one, version 2 otherwise.
 
     Raises
     ------
     CodecError
         If ``frames`` is inconsistent, a path id is unknown, or no path verifies.
+    UnknownModelError
+        With ``learned.force_split`` only, if a named model is not installed.
+
+    .. versionchanged:: 0.2
+        ``learned`` and ``models``; payload mode 2; format version 2.
     """
     candidates = _candidate_paths(paths)
+    store = models if models is not None else default_store()
+    if learned is not None and learned.force_split is None:
+        from medzip_scp.codec.learned.paths import learned_available
+
+        if not learned_available(store, learned):
+            log.info("learned paths unavailable (torch or models not installed): classical only")
+            learned = None
+    ctx = _EncodeContext(learned, store, bytes(payload), [])
     streams = bytearray()
     records: list[FrameRecord] = []
     if frames is None:
@@ -313,11 +438,17 @@ def compress(
         frames.validate()
         layout_body = pack_layout(frames.layout, frames.n_frames)
         for i in range(frames.n_frames):
-            records.append(_encode_frame(frames.pixels[i], frames.layout, candidates, streams))
+            records.append(
+                _encode_frame(i, frames.pixels[i], frames.layout, candidates, streams, ctx)
+            )
             if progress is not None:
                 progress(i + 1, frames.n_frames)
-    index_body = b"" if frames is None else pack_frame_index(records)
-    payload_body = bytes([PayloadMode.SECTION if payload else PayloadMode.NONE]) + payload
+    version = 2 if ctx.models or ctx.payload_frame is not None else 1
+    index_body = b"" if frames is None else pack_frame_index(records, version)
+    if ctx.payload_frame is not None:
+        payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))
+    else:
+        payload_body = bytes([PayloadMode.SECTION if payload else PayloadMode.NONE]) + payload
     sections = [
         Section(SectionType.LAYOUT, layout_body),
         Section(SectionType.FRAME_INDEX, index_body),
@@ -325,7 +456,8 @@ def compress(
         Section(SectionType.DATASET, _pack_dataset(bytes(dataset_rest))),
         Section(SectionType.PAYLOAD, payload_body),
     ]
-    return write_container(ContainerHeader(), sections)
+    header = ContainerHeader(version=version, models=tuple(ctx.models))
+    return write_container(header, sections)
 
 
 @dataclass(frozen=True)
@@ -352,13 +484,15 @@ def _parse(blob: bytes) -> _Parsed:
             )
         return _Parsed(header, by_type, None, [], [])
     layout, n = unpack_layout(layout_body)
-    records = unpack_frame_index(index_body, n, layout.samples_per_pixel)
+    records = unpack_frame_index(
+        index_body, n, layout.samples_per_pixel, header.version, len(header.models)
+    )
     w = _word_bits(layout)
     starts = []
     pos = 0
     for i, r in enumerate(records):
         starts.append(pos)
-        pos += r.stream_bytes + (r.residual_bytes or 0)
+        pos += r.total_bytes
         if not 1 <= r.value_bits <= w:
             raise CorruptStreamError(
                 f"section FRAME_INDEX: frame {i} value bits must be in 1..{w}, got {r.value_bits}"
@@ -377,6 +511,11 @@ def _parse(blob: bytes) -> _Parsed:
             raise CorruptStreamError(
                 f"section FRAME_INDEX: frame {i} offsets must fit in {r.value_bits} bits"
             )
+        if r.split_planes and layout.samples_per_pixel != 1:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} is split but has "
+                f"{layout.samples_per_pixel} samples per pixel (must be 1)"
+            )
     if pos != streams_len:
         raise CorruptStreamError(
             f"section STREAMS: frame index accounts for {pos} bytes, section has {streams_len}"
@@ -384,30 +523,65 @@ def _parse(blob: bytes) -> _Parsed:
     return _Parsed(header, by_type, layout, records, starts)
 
 
+def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
+    return None if ix is None else header.models[ix]
+
+
 def _decode_frame(
-    i: int, r: FrameRecord, layout: PixelLayout, streams: bytes, start: int
-) -> npt.NDArray[np.generic]:
-    if r.split_planes != 0:
-        raise UnsupportedFormatError(
-            f"frame {i}: split planes {r.split_planes} need a learned path; this decoder supports 0"
-        )
-    path = get_path(r.path)
-    if path is None:
-        raise UnsupportedFormatError(
-            f"frame {i}: path {r.path!r} is not available in this decoder; install the "
-            "package that registers it"
-        )
+    i: int,
+    r: FrameRecord,
+    layout: PixelLayout,
+    streams: bytes,
+    start: int,
+    header: ContainerHeader,
+    store: ModelStore,
+    threads: int | None,
+    batch_chunks: int,
+) -> tuple[npt.NDArray[np.generic], bytes | None]:
     shape = layout.frame_shape
     w = _word_bits(layout)
     data = streams[start : start + r.stream_bytes]
+    rstart = start + r.stream_bytes + r.low_bytes
+    payload: bytes | None = None
     try:
-        values = path.decode(data, shape, r.nbits)
+        if r.split_planes != 0:
+            if header.version < 2:
+                raise UnsupportedFormatError(
+                    f"frame {i}: split planes {r.split_planes} in a version-1 blob"
+                )
+            from medzip_scp.codec.learned.paths import decode_split
+
+            low_data = streams[start + r.stream_bytes : rstart]
+            v2d, payload = decode_split(
+                r.path,
+                data,
+                _ref(header, r.high_model),
+                r.low_path or "",
+                low_data,
+                _ref(header, r.low_model),
+                (layout.rows, layout.columns),
+                r.nbits,
+                r.split_planes,
+                store,
+                threads=threads,
+                batch_chunks=batch_chunks,
+            )
+            values = v2d[..., None]
+        else:
+            path = get_path(r.path)
+            if path is None or r.high_model is not None:
+                raise UnsupportedFormatError(
+                    f"frame {i}: path {r.path!r} is not available in this decoder; install the "
+                    "package that registers it"
+                )
+            values = path.decode(data, shape, r.nbits)
         hi = None
         if r.residual_bytes is not None:
-            rstart = start + r.stream_bytes
             hi = _RESIDUAL.decode(
                 streams[rstart : rstart + r.residual_bytes], shape, w - r.value_bits
             )
+    except CodecError:
+        raise
     except Exception as exc:
         raise CorruptStreamError(
             f"frame {i}: path {r.path!r} failed to decode its stream ({type(exc).__name__})"
@@ -427,16 +601,30 @@ def _decode_frame(
             f"frame {i}: pixel CRC-32 after decoding path {r.path!r} mismatch, expected "
             f"{r.crc32:08x}, actual {crc:08x}"
         )
-    return frame
+    return frame, payload
 
 
-def decompress(blob: bytes, *, progress: ProgressCallback | None = None) -> Decoded:
+def decompress(
+    blob: bytes,
+    *,
+    models: ModelStore | None = None,
+    threads: int | None = 1,
+    batch_chunks: int = 4,
+    progress: ProgressCallback | None = None,
+) -> Decoded:
     """Decode a blob made by :func:`compress`.
 
     Parameters
     ----------
     blob
         The blob.
+    models
+        Where models are loaded from (default: the repository's ``models/``).
+    threads
+        torch intra-op threads while decoding learned frames (``None``: leave the process
+        setting). Never changes the result.
+    batch_chunks
+        Local-path chunks decoded per network batch (speed and memory only; never the result).
     progress
         Called as ``progress(done_frames, total_frames)`` after each frame.
 
@@ -450,28 +638,52 @@ def decompress(blob: bytes, *, progress: ProgressCallback | None = None) -> Deco
     CorruptStreamError
         If any check fails (section CRC, lengths, records, per-frame pixel CRC).
     UnknownModelError
-        If the blob needs a model that is not installed.
+        If the blob needs a model that is not registered or not installed.
     UnsupportedFormatError
         If the blob uses a newer format version, path or payload mode.
     """
     parsed = _parse(blob)
     by_type = parsed.by_type
+    store = models if models is not None else default_store()
+    mode, payload, carrier = _unpack_payload(
+        by_type[SectionType.PAYLOAD], parsed.header.version, len(parsed.records)
+    )
     frames: FrameSet | None = None
+    carried: bytes | None = None
     if parsed.layout is not None:
         layout = parsed.layout
         streams = by_type[SectionType.STREAMS]
         pixels = np.empty((len(parsed.records), *layout.frame_shape), dtype=layout.dtype)
         for i, r in enumerate(parsed.records):
-            pixels[i] = _decode_frame(i, r, layout, streams, parsed.starts[i])
+            pixels[i], frame_payload = _decode_frame(
+                i,
+                r,
+                layout,
+                streams,
+                parsed.starts[i],
+                parsed.header,
+                store,
+                threads,
+                batch_chunks,
+            )
+            if i == carrier:
+                carried = frame_payload
             if progress is not None:
                 progress(i + 1, len(parsed.records))
         frames = FrameSet(layout, pixels)
+    if mode == PayloadMode.BITS_BACK:
+        if carried is None or len(carried) != len(payload):
+            raise CorruptStreamError(
+                f"section PAYLOAD: frame {carrier} should carry {len(payload)} payload bytes "
+                f"in its global-path stream, got {None if carried is None else len(carried)}"
+            )
+        payload = carried
     dataset_rest = _unpack_dataset(by_type[SectionType.DATASET])
-    payload = _unpack_payload(by_type[SectionType.PAYLOAD])
     return Decoded(frames, dataset_rest, payload)
 
 
-def _unpack_payload(body: bytes) -> bytes:
+def _unpack_payload(body: bytes, version: int, n_frames: int) -> tuple[int, bytes, int | None]:
+    """``(mode, payload, carrier frame)``; for mode 2, ``payload`` is zeros of its length."""
     if not body:
         raise CorruptStreamError("section PAYLOAD: must hold at least its mode byte, got 0 bytes")
     mode = body[0]
@@ -480,13 +692,25 @@ def _unpack_payload(body: bytes) -> bytes:
             raise CorruptStreamError(
                 f"section PAYLOAD: mode NONE must be 1 byte long, got {len(body)}"
             )
-        return b""
+        return mode, b"", None
     if mode == PayloadMode.SECTION:
-        return body[1:]
+        return mode, body[1:], None
     if mode == PayloadMode.BITS_BACK:
-        raise UnsupportedFormatError(
-            "section PAYLOAD: mode BITS_BACK needs a learned path; this decoder supports 0 and 1"
-        )
+        if version < 2:
+            raise UnsupportedFormatError(
+                "section PAYLOAD: mode BITS_BACK needs format version 2, blob is version 1"
+            )
+        if len(body) != _PAYLOAD_V2.size:
+            raise CorruptStreamError(
+                f"section PAYLOAD: mode BITS_BACK must be {_PAYLOAD_V2.size} bytes long, "
+                f"got {len(body)}"
+            )
+        _, frame, length = _PAYLOAD_V2.unpack(body)
+        if frame >= n_frames:
+            raise CorruptStreamError(
+                f"section PAYLOAD: carrier frame must be < {n_frames}, got {frame}"
+            )
+        return mode, bytes(length), frame
     raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1 or 2, got {mode}")
 
 
@@ -509,11 +733,13 @@ def describe(blob: bytes) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``format_version``, ``model`` (``None`` for classical), ``model_sha256``,
-        ``adapter_sha256``, ``layout`` (dict or ``None``), ``frames`` (list of dicts with
-        ``path``, ``bytes``, ``residual_bytes``, ``nbits``, ``value_bits``,
-        ``split_planes``), ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``,
-        ``payload_bytes``, ``total_bytes``.
+        ``format_version``, ``model`` (first model id, ``None`` for classical),
+        ``model_sha256``, ``adapter_sha256`` (of that model), ``models`` (list of dicts with
+        ``id``, ``sha256``, ``adapter_sha256``), ``layout`` (dict or ``None``), ``frames``
+        (list of dicts with ``path``, ``bytes``, ``residual_bytes``, ``nbits``,
+        ``value_bits``, ``split_planes``, ``low_path``, ``low_bytes``, ``models``),
+        ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``, ``payload_bytes``,
+        ``payload_mode``, ``total_bytes``.
 
     Raises
     ------
@@ -522,26 +748,48 @@ def describe(blob: bytes) -> dict[str, Any]:
     """
     parsed = _parse(blob)
     by_type = parsed.by_type
+    header = parsed.header
+    refs = header.model_refs()
     frames = []
     for r in parsed.records:
         frames.append(
             {
                 "path": r.path,
-                "bytes": r.stream_bytes,
+                "bytes": r.stream_bytes + r.low_bytes,
                 "residual_bytes": r.residual_bytes or 0,
                 "nbits": r.nbits,
                 "value_bits": r.value_bits,
                 "split_planes": r.split_planes,
+                "high_bytes": r.stream_bytes,
+                "low_path": r.low_path,
+                "low_bytes": r.low_bytes,
+                "models": [
+                    header.models[ix].model_id
+                    for ix in (r.high_model, r.low_model)
+                    if ix is not None
+                ],
             }
         )
     ds_body = by_type[SectionType.DATASET]
     raw_len = _DATASET_HEAD.unpack_from(ds_body, 0)[1] if len(ds_body) >= _DATASET_HEAD.size else 0
+    mode, payload, _ = _unpack_payload(
+        by_type[SectionType.PAYLOAD], header.version, len(parsed.records)
+    )
     lay = parsed.layout
+    first = refs[0] if refs else None
     return {
-        "format_version": parsed.header.version,
-        "model": parsed.header.model_id or None,
-        "model_sha256": parsed.header.model_sha256.hex(),
-        "adapter_sha256": parsed.header.adapter_sha256.hex(),
+        "format_version": header.version,
+        "model": first.model_id if first else None,
+        "model_sha256": (first.model_sha256 if first else bytes(32)).hex(),
+        "adapter_sha256": (first.adapter_sha256 if first else bytes(32)).hex(),
+        "models": [
+            {
+                "id": m.model_id,
+                "sha256": m.model_sha256.hex(),
+                "adapter_sha256": m.adapter_sha256.hex(),
+            }
+            for m in refs
+        ],
         "layout": None
         if lay is None
         else {
@@ -557,6 +805,7 @@ def describe(blob: bytes) -> dict[str, Any]:
         "pixel_bytes": sum(f["bytes"] + f["residual_bytes"] for f in frames),
         "dataset_bytes": len(ds_body),
         "dataset_raw_bytes": raw_len,
-        "payload_bytes": max(0, len(by_type[SectionType.PAYLOAD]) - 1),
+        "payload_bytes": len(payload),
+        "payload_mode": int(mode),
         "total_bytes": len(blob),
     }

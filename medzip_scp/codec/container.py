@@ -1,20 +1,30 @@
-"""The medzip blob format (version 1): a versioned, self-describing, checksummed container.
+"""The medzip blob format (versions 1 and 2): a versioned, self-describing, checksummed container.
 
 Layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic b"MZP1"
-    4       2     format version (u16), 1
-    6       2     header flags (u16), 0 in version 1
+    4       2     format version (u16), 1 or 2
+    6       2     header flags (u16), 0
     8       4     H: length of the header body (u32)
-    12      H     header body:
+    12      H     header body, version 1:
                     u8   length of the model id, then the model id (ASCII); empty = classical
                     32   sha256 of the model weights   } only when the model id is not
                     32   sha256 of the adapter weights } empty (zeros for no adapter)
                     u8   number of sections N
                     N x  section entry: u8 type, LEB128 varint length, u32 CRC-32
+                  header body, version 2 (a model table; frames refer to it by index):
+                    u8   number of models M
+                    M x  u8 length of the model id, the model id (ASCII), 32 bytes sha256 of
+                         the model's manifest.json (which pins its weights, tables and config),
+                         32 bytes sha256 of the adapter weights (zeros: no adapter)
+                    u8   number of sections N, then N section entries as in version 1
     12+H    4     CRC-32 of bytes [0, 12+H)
     ...           section bodies, in table order, back to back; the blob ends with the last
+
+Writers emit version 1 whenever no frame uses a model and the payload is not carried by a
+learned path (so classical blobs stay readable by version-1 decoders), version 2 otherwise.
+This decoder reads both.
 
 The magic, version, flags and header length (the first 12 bytes) keep this meaning in every
 future version, so a decoder can always tell "newer format" from "corrupted".
@@ -35,10 +45,10 @@ Section types (:class:`SectionType`):
 ``PAYLOAD`` (exactly one)
     The reserved slot for the encrypted metadata payload: u8 mode, then the payload bytes.
     Mode 0: none. Mode 1: the (already encrypted) payload is stored in this section.
-    Mode 2 (reserved, rejected by version-1 decoders): the payload rides in the initial bits
-    of a bits-back ANS stream of a learned path; this section then holds only its length (u32)
-    and the learned path's decoder returns the bits when it has decoded the latents. The
-    pixels never depend on the payload, so they decode without the key.
+    Mode 2 (version 2 only): the payload rides in the initial bits of the bits-back ANS
+    stream of the global path of one frame; this section then holds u32 frame index and u32
+    payload length, and the global path's decoder returns the bits when it has decoded the
+    latents. The pixels never depend on the payload, so they decode without the key.
 
 Every section is covered by its CRC-32, the header by its own; any mismatch, an unknown
 section type, a missing or repeated mandatory section, or a length that disagrees with the
@@ -60,9 +70,11 @@ from medzip_scp.codec.frames import PixelLayout
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "MODEL_NONE",
     "ZERO_SHA256",
     "ContainerHeader",
     "FrameRecord",
+    "ModelRef",
     "PayloadMode",
     "Section",
     "SectionType",
@@ -75,7 +87,11 @@ __all__ = [
 ]
 
 MAGIC = b"MZP1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Newest format version written (and the newest this decoder reads)."""
+SUPPORTED_VERSIONS = (1, 2)
+MODEL_NONE = 0xFF
+"""Model index of a frame part that uses no model (version-2 frame records)."""
 ZERO_SHA256 = bytes(32)
 
 _PREFIX = struct.Struct("<4sHHI")
@@ -110,23 +126,54 @@ class Section:
 
 
 @dataclass(frozen=True)
+class ModelRef:
+    """One exact model a blob needs: registry id, manifest sha256, adapter sha256.
+
+    Attributes
+    ----------
+    model_id
+        Registry id (:mod:`medzip_scp.codec.zoo`), e.g. ``"local-lm-v1"``.
+    model_sha256
+        Raw 32-byte sha256 of the model's ``manifest.json`` (which lists the sha256 of the
+        weights and of every other file of the model).
+    adapter_sha256
+        Raw 32-byte sha256 of the adapter weights merged into the model; zeros for none.
+    """
+
+    model_id: str
+    model_sha256: bytes
+    adapter_sha256: bytes = ZERO_SHA256
+
+
+@dataclass(frozen=True)
 class ContainerHeader:
     """Model identification recorded in the header.
 
     Attributes
     ----------
     model_id
-        Registry id of the learned model; empty for classical-only blobs.
+        Version 1 only: registry id of the learned model; empty for classical-only blobs.
     model_sha256, adapter_sha256
-        Raw 32-byte digests of the weights; zeros when unused.
+        Version 1 only: raw 32-byte digests of the weights; zeros when unused.
     version
-        Format version read from (or written to) the blob.
+        Format version read from (or to be written to) the blob: 1 or 2.
+    models
+        Version 2 only: the model table, referred to by index from frame records.
     """
 
     model_id: str = ""
     model_sha256: bytes = ZERO_SHA256
     adapter_sha256: bytes = ZERO_SHA256
-    version: int = FORMAT_VERSION
+    version: int = 1
+    models: tuple[ModelRef, ...] = ()
+
+    def model_refs(self) -> tuple[ModelRef, ...]:
+        """Every model the blob names, whatever its version (v1: at most one)."""
+        if self.version == 1:
+            if not self.model_id and self.model_sha256 == ZERO_SHA256:
+                return ()
+            return (ModelRef(self.model_id, self.model_sha256, self.adapter_sha256),)
+        return self.models
 
 
 def _crc(data: bytes | memoryview) -> int:
@@ -153,6 +200,30 @@ def write_container(header: ContainerHeader, sections: list[Section]) -> bytes:
     ValueError
         If the model id is not ASCII or longer than 255 bytes, or a digest is not 32 bytes.
     """
+    if header.version not in SUPPORTED_VERSIONS:
+        raise ValueError(
+            f"format version must be one of {SUPPORTED_VERSIONS}, got {header.version}"
+        )
+    if header.version == 1 and header.models:
+        raise ValueError("a model table needs format version 2")
+    if len(sections) > 255:
+        raise ValueError(f"at most 255 sections, got {len(sections)}")
+    body = bytearray()
+    if header.version == 2:
+        if header.model_id or header.model_sha256 != ZERO_SHA256:
+            raise ValueError("version 2 names its models in `models`, not in `model_id`")
+        if len(header.models) >= MODEL_NONE:
+            raise ValueError(f"at most {MODEL_NONE - 1} models, got {len(header.models)}")
+        body.append(len(header.models))
+        for ref in header.models:
+            raw = ref.model_id.encode("ascii")
+            if not 1 <= len(raw) <= 255:
+                raise ValueError(f"model id must be 1..255 bytes, got {len(raw)}")
+            for name, digest in (("model", ref.model_sha256), ("adapter", ref.adapter_sha256)):
+                if len(digest) != 32:
+                    raise ValueError(f"{name} sha256 must be 32 bytes, got {len(digest)}")
+            body += bytes([len(raw)]) + raw + ref.model_sha256 + ref.adapter_sha256
+        return _finish(header.version, body, sections)
     model_id = header.model_id.encode("ascii")
     if len(model_id) > 255:
         raise ValueError(f"model id must be at most 255 bytes, got {len(model_id)}")
@@ -163,18 +234,19 @@ def write_container(header: ContainerHeader, sections: list[Section]) -> bytes:
         header.model_sha256 != ZERO_SHA256 or header.adapter_sha256 != ZERO_SHA256
     ):
         raise ValueError("model/adapter sha256 given without a model id")
-    if len(sections) > 255:
-        raise ValueError(f"at most 255 sections, got {len(sections)}")
-    body = bytearray()
     body += bytes([len(model_id)]) + model_id
     if model_id:
         body += header.model_sha256 + header.adapter_sha256
+    return _finish(1, body, sections)
+
+
+def _finish(version: int, body: bytearray, sections: list[Section]) -> bytes:
     body.append(len(sections))
     for s in sections:
         body.append(int(s.type))
         _put_varint(body, len(s.data))
         body += struct.pack("<I", _crc(s.data))
-    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body)) + bytes(body)
+    head = _PREFIX.pack(MAGIC, version, 0, len(body)) + bytes(body)
     out = bytearray(head)
     out += struct.pack("<I", _crc(head))
     for s in sections:
@@ -222,26 +294,40 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
         raise CorruptStreamError(
             f"blob header: CRC-32 mismatch, expected {stored_crc:08x}, actual {actual_crc:08x}"
         )
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedFormatError(
             f"blob format version {version} is not supported by this decoder "
-            f"(supports {FORMAT_VERSION}); upgrade medzip"
+            f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade medzip"
         )
     if flags != 0:
         raise UnsupportedFormatError(
-            f"blob header flags must be 0 in format version {FORMAT_VERSION}, got {flags:#06x}"
+            f"blob header flags must be 0 in format version {version}, got {flags:#06x}"
         )
     pos = _PREFIX.size
     body = bytes(view[:hend])
     entries: list[tuple[int, int, int]] = []
+    models: list[ModelRef] = []
+    model_id, model_sha, adapter_sha = "", ZERO_SHA256, ZERO_SHA256
     try:
-        n = body[pos]
-        model_id = body[pos + 1 : pos + 1 + n].decode("ascii")
-        pos += 1 + n
-        model_sha, adapter_sha = ZERO_SHA256, ZERO_SHA256
-        if n:
-            model_sha, adapter_sha = body[pos : pos + 32], body[pos + 32 : pos + 64]
-            pos += 64
+        if version == 1:
+            n = body[pos]
+            model_id = body[pos + 1 : pos + 1 + n].decode("ascii")
+            pos += 1 + n
+            if n:
+                model_sha, adapter_sha = body[pos : pos + 32], body[pos + 32 : pos + 64]
+                pos += 64
+        else:
+            n_models = body[pos]
+            pos += 1
+            for _ in range(n_models):
+                n = body[pos]
+                mid = body[pos + 1 : pos + 1 + n].decode("ascii")
+                pos += 1 + n
+                msha, asha = body[pos : pos + 32], body[pos + 32 : pos + 64]
+                pos += 64
+                if not mid or len(msha) != 32 or len(asha) != 32:
+                    raise ValueError("truncated model table")
+                models.append(ModelRef(mid, msha, asha))
         n_sections = body[pos]
         pos += 1
         for _ in range(n_sections):
@@ -298,7 +384,7 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
             raise CorruptStreamError(
                 f"blob: section {mandatory.name} must occur exactly once, found {count}"
             )
-    return ContainerHeader(model_id, model_sha, adapter_sha, version), sections
+    return ContainerHeader(model_id, model_sha, adapter_sha, version, tuple(models)), sections
 
 
 def pack_layout(layout: PixelLayout, n_frames: int) -> bytes:
@@ -368,30 +454,37 @@ class FrameRecord:
     ----------
     path
         Path id (``"jpegxl"``, ``"jpegls"``, ``"zstd"``, ``"verbatim"``, ``"constant"``,
-        later ``"learned"`` ...). Stored by name (in the index's name table) so ids never
-        get renumbered.
+        ``"pred"``; for a split frame the path of the *high* part: ``"pred"`` or ``"global"``).
+        Stored by name (in the index's name table) so ids never get renumbered.
     value_bits
         Number of low bits of each stored value coded as the pixel value (Bits Stored, or
         Bits Allocated when the whole container word is coded as the value).
     split_planes
-        Number of low bit planes split off the value for a learned global/local split;
-        0 for the classical paths.
+        ``s``: number of low bit planes of the (offset) value coded by the local path given
+        the high part ``value >> s``; 0 for a frame coded whole by a classical path.
     nbits
-        Bit depth of the shifted values handed to the path (0: constant frame).
+        Bit depth of the shifted values handed to the path (0: constant frame); a split frame's
+        high part has ``nbits - split_planes`` bits.
     offsets
         Per-sample minimum subtracted before coding (offset-binary domain).
     stream_bytes
-        Length of the path's bytes in the ``STREAMS`` section.
+        Length of the path's bytes (the high part's, for a split frame) in ``STREAMS``.
     residual_bytes
         Length of the zstd-coded bits above ``value_bits`` (XOR the sign extension for
         signed data), which follow the path's bytes; ``None`` when there is no residual.
     crc32
         CRC-32 of the frame's original values (container dtype, little-endian bytes).
+    high_model
+        Index in the header's model table of the high path's model (``None``: no model).
+    low_path, low_model, low_bytes
+        Split frames only: the low part's path id (``"local"``), its model index and its length
+        in ``STREAMS`` (right after the high part's bytes).
 
     Notes
     -----
     Frames' streams lie back to back in the ``STREAMS`` section, in frame order, each frame's
-    path bytes followed by its residual bytes, so offsets follow from the lengths.
+    path bytes (high, then low for a split frame) followed by its residual bytes, so offsets
+    follow from the lengths.
     """
 
     path: str
@@ -402,20 +495,51 @@ class FrameRecord:
     stream_bytes: int
     residual_bytes: int | None = None
     crc32: int = 0
+    high_model: int | None = None
+    low_path: str | None = None
+    low_model: int | None = None
+    low_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of this frame in ``STREAMS`` (high, low and residual)."""
+        return self.stream_bytes + self.low_bytes + (self.residual_bytes or 0)
 
 
-def pack_frame_index(records: list[FrameRecord]) -> bytes:
+_FLAG_RESIDUAL = 1
+_FLAG_SPLIT = 2
+
+
+def _model_byte(ix: int | None) -> int:
+    if ix is None:
+        return MODEL_NONE
+    if not 0 <= ix < MODEL_NONE:
+        raise ValueError(f"model index must be in 0..{MODEL_NONE - 1}, got {ix}")
+    return ix
+
+
+def pack_frame_index(records: list[FrameRecord], version: int = 1) -> bytes:
     """Serialise frame records into a ``FRAME_INDEX`` section body.
 
-    Body: u8 number of path names, then each name (u8 length, ASCII); then per frame:
-    u8 path name index, u8 value bits, u8 split planes, u8 nbits, u8 flags (bit 0: residual
-    present), one LEB128 varint offset per sample, varint stream length, varint residual
-    length (only when flagged), u32 CRC-32 of the frame's values.
+    Version 1 body: u8 number of path names, then each name (u8 length, ASCII); then per
+    frame: u8 path name index, u8 value bits, u8 split planes (0), u8 nbits, u8 flags (bit 0:
+    residual present), one LEB128 varint offset per sample, varint stream length, varint
+    residual length (only when flagged), u32 CRC-32 of the frame's values.
+
+    Version 2: flags bit 1 marks a split frame; right after the stream length come u8 high
+    model index (255: none) and, for a split frame only, u8 low path name index, u8 low model
+    index (255: none) and varint low length; the rest is as in version 1.
+
+    Raises
+    ------
+    ValueError
+        If a version-1 index would need a split frame or a model.
     """
     names: list[str] = []
     for r in records:
-        if r.path not in names:
-            names.append(r.path)
+        for name in (r.path, r.low_path):
+            if name is not None and name not in names:
+                names.append(name)
     if len(names) > 255:
         raise ValueError(f"at most 255 distinct paths per blob, got {len(names)}")
     out = bytearray([len(names)])
@@ -424,28 +548,55 @@ def pack_frame_index(records: list[FrameRecord]) -> bytes:
         out.append(len(raw))
         out += raw
     for r in records:
-        flags = 1 if r.residual_bytes is not None else 0
+        split = r.split_planes != 0
+        if split != (r.low_path is not None):
+            raise ValueError("a split frame (split_planes > 0) needs a low path, and only it")
+        if version == 1 and (split or r.high_model is not None):
+            raise ValueError("split frames and models need format version 2")
+        flags = (_FLAG_RESIDUAL if r.residual_bytes is not None else 0) | (
+            _FLAG_SPLIT if split else 0
+        )
         out += bytes([names.index(r.path), r.value_bits, r.split_planes, r.nbits, flags])
         for o in r.offsets:
             _put_varint(out, o)
         _put_varint(out, r.stream_bytes)
+        if version >= 2:
+            out.append(_model_byte(r.high_model))
+            if split:
+                assert r.low_path is not None
+                out += bytes([names.index(r.low_path), _model_byte(r.low_model)])
+                _put_varint(out, r.low_bytes)
         if r.residual_bytes is not None:
             _put_varint(out, r.residual_bytes)
         out += struct.pack("<I", r.crc32)
     return bytes(out)
 
 
-def unpack_frame_index(data: bytes, n_frames: int, samples: int) -> list[FrameRecord]:
+def unpack_frame_index(
+    data: bytes, n_frames: int, samples: int, version: int = 1, n_models: int = 0
+) -> list[FrameRecord]:
     """Parse a ``FRAME_INDEX`` section body holding ``n_frames`` records.
 
     Raises
     ------
     CorruptStreamError
-        On truncation, trailing bytes, bad flags, a path index outside the name table or a
-        non-ASCII path name.
+        On truncation, trailing bytes, bad flags, a path or model index outside its table,
+        a split frame in a version-1 index or a non-ASCII path name.
     """
     out: list[FrameRecord] = []
     pos = 0
+    max_flags = _FLAG_RESIDUAL if version == 1 else _FLAG_RESIDUAL | _FLAG_SPLIT
+
+    def model_ix(i: int, b: int, what: str) -> int | None:
+        if b == MODEL_NONE:
+            return None
+        if b >= n_models:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} {what} model index must be < {n_models} "
+                f"(or {MODEL_NONE}), got {b}"
+            )
+        return b
+
     try:
         n_names = data[0]
         pos = 1
@@ -461,22 +612,58 @@ def unpack_frame_index(data: bytes, n_frames: int, samples: int) -> list[FrameRe
                 raise CorruptStreamError(
                     f"section FRAME_INDEX: frame {i} path index must be < {len(names)}, got {ix}"
                 )
-            if flags > 1:
+            if flags > max_flags:
                 raise CorruptStreamError(
-                    f"section FRAME_INDEX: frame {i} flags must be 0 or 1, got {flags}"
+                    f"section FRAME_INDEX: frame {i} flags must be <= {max_flags}, got {flags}"
+                )
+            split = bool(flags & _FLAG_SPLIT)
+            if split != (sp != 0) and version >= 2:
+                raise CorruptStreamError(
+                    f"section FRAME_INDEX: frame {i} split flag {int(split)} disagrees with "
+                    f"split planes {sp}"
                 )
             offsets = []
             for _ in range(samples):
                 o, pos = _get_varint(data, pos)
                 offsets.append(o)
             stream_len, pos = _get_varint(data, pos)
+            high_model = low_model = None
+            low_path = None
+            low_len = 0
+            if version >= 2:
+                high_model = model_ix(i, data[pos], "high")
+                pos += 1
+                if split:
+                    lix, lmb = data[pos : pos + 2]  # ValueError when truncated
+                    pos += 2
+                    if lix >= len(names):
+                        raise CorruptStreamError(
+                            f"section FRAME_INDEX: frame {i} low path index must be < "
+                            f"{len(names)}, got {lix}"
+                        )
+                    low_path = names[lix]
+                    low_model = model_ix(i, lmb, "low")
+                    low_len, pos = _get_varint(data, pos)
             residual_len = None
-            if flags & 1:
+            if flags & _FLAG_RESIDUAL:
                 residual_len, pos = _get_varint(data, pos)
             (crc,) = struct.unpack_from("<I", data, pos)
             pos += 4
             out.append(
-                FrameRecord(names[ix], vb, sp, nb, tuple(offsets), stream_len, residual_len, crc)
+                FrameRecord(
+                    names[ix],
+                    vb,
+                    sp,
+                    nb,
+                    tuple(offsets),
+                    stream_len,
+                    residual_len,
+                    crc,
+                    high_model,
+                    low_path,
+                    low_model,
+                    low_len,
+                )
             )
     except CorruptStreamError:
         raise

@@ -1,51 +1,253 @@
-"""Model registry: model id -> weights sha256 (and later class, config, loader).
+"""Model registry: model id -> folder, manifest sha256, adapters; and a loader that checks them.
 
-Version 1 ships no learned model, so every blob with a non-empty model id is rejected with
-:class:`~medzip_scp.codec.errors.UnknownModelError` naming the missing weights. Learned paths
-will add entries here, pinned by the sha256 of their manifest (``models/<name>/<version>/``);
-ids are never reused.
+Every learned model the codec has ever written a blob with is listed in :data:`MODELS`, pinned
+by the sha256 of its ``models/<name>/<version>/manifest.json`` (which lists the sha256 of the
+weights and of every other file) and, per adapter, by the sha256 of the adapter weights. A
+blob names the exact model and adapter it needs (:class:`~medzip_scp.codec.container.ModelRef`);
+ids are never reused and entries are never removed, so old blobs keep decoding.
+
+A blob that names a model that is not listed, whose hash differs from the listed one, or that
+is not installed (folder missing, a file that fails its manifest) raises
+:class:`~medzip_scp.codec.errors.UnknownModelError` naming it.
+
+Loading needs ``torch`` (local path) and ``safetensors``: they are imported only when a model
+is actually loaded, so classical blobs never import them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
 
-from medzip_scp.codec.container import ZERO_SHA256, ContainerHeader
-from medzip_scp.codec.errors import UnknownModelError
+from medzip_scp.codec.container import ZERO_SHA256, ContainerHeader, ModelRef
+from medzip_scp.codec.errors import CodecError, UnknownModelError
 
-__all__ = ["ModelEntry", "resolve_model"]
+__all__ = [
+    "DEFAULT_MODELS_ROOT",
+    "MODELS",
+    "ModelEntry",
+    "ModelStore",
+    "default_store",
+    "resolve_model",
+    "resolve_ref",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS_ROOT = Path(__file__).resolve().parents[2] / "models"
+"""``<repository>/models``: where shipped models live."""
+
+ModelKind = Literal["local", "global"]
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A known model: its id and the sha256 digests of its weights and adapters."""
+    """A released model.
+
+    Attributes
+    ----------
+    model_id
+        Registry id, written into blobs; never reused.
+    kind
+        ``"local"`` (low planes, :mod:`~medzip_scp.codec.learned.local_path`) or ``"global"``
+        (high planes, :mod:`~medzip_scp.codec.learned.global_path`).
+    folder
+        Folder below the models root (``"local-lm/v1"``).
+    manifest_sha256
+        Hex sha256 of the folder's ``manifest.json``.
+    adapters
+        Adapter name -> hex sha256 of its weights (``adapter_model.safetensors``).
+    """
 
     model_id: str
-    model_sha256: bytes
-    adapter_sha256: frozenset[bytes] = frozenset({ZERO_SHA256})
+    kind: ModelKind
+    folder: str
+    manifest_sha256: str
+    adapters: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def model_sha256(self) -> bytes:
+        """Raw manifest sha256, as recorded in blobs."""
+        return bytes.fromhex(self.manifest_sha256)
+
+    def adapter_name(self, adapter_sha256: bytes) -> str | None:
+        """The adapter with this sha256 (``""`` for zeros = no adapter), or ``None``."""
+        if adapter_sha256 == ZERO_SHA256:
+            return ""
+        for name, sha in self.adapters.items():
+            if bytes.fromhex(sha) == adapter_sha256:
+                return name
+        return None
+
+    def ref(self, adapter: str = "") -> ModelRef:
+        """The :class:`ModelRef` a blob records for this model (and adapter)."""
+        if adapter and adapter not in self.adapters:
+            raise UnknownModelError(
+                self.model_id, self.manifest_sha256, f"(adapter {adapter!r} is not released)"
+            )
+        asha = bytes.fromhex(self.adapters[adapter]) if adapter else ZERO_SHA256
+        return ModelRef(self.model_id, self.model_sha256, asha)
 
 
-_MODELS: dict[str, ModelEntry] = {}
+# Append only. Never change or remove an entry: blobs in archives name these hashes.
+MODELS: Mapping[str, ModelEntry] = MappingProxyType(
+    {
+        "local-lm-v1": ModelEntry(
+            "local-lm-v1",
+            "local",
+            "local-lm/v1",
+            "da280dcb29bd0cb704057f05715e110b2d47866ead21f1f4716843f75e4a80b0",
+            MappingProxyType(
+                {
+                    "ct": "0d5aff5f161b074c0dbde6d9a73ad214ed11af84b68b4835f225261cfe498633",
+                    "mr": "1aa0fe369437ca6f4ed0a8c83602eba4aa989d9a320a10167f35b74291736bce",
+                }
+            ),
+        ),
+        "global-vae-v1": ModelEntry(
+            "global-vae-v1",
+            "global",
+            "global-vae/v1",
+            "e5415c2c6fb2dee2f096cb748d56c285d643c7a59e1c0d94130b5430c267f9d6",
+        ),
+    }
+)
 
 
-def resolve_model(header: ContainerHeader) -> ModelEntry | None:
-    """Return the model a blob needs, or ``None`` for a classical-only blob.
+def resolve_ref(ref: ModelRef, models: Mapping[str, ModelEntry] = MODELS) -> ModelEntry:
+    """Return the registry entry of ``ref``.
 
     Raises
     ------
     UnknownModelError
-        If the model id is unknown or its recorded weights/adapter hash differs from the
-        installed one.
+        If the id is not registered, or its manifest or adapter sha256 differs from the
+        registered one.
     """
-    if not header.model_id and header.model_sha256 == ZERO_SHA256:
-        return None
-    entry = _MODELS.get(header.model_id)
+    entry = models.get(ref.model_id)
     if (
         entry is None
-        or entry.model_sha256 != header.model_sha256
-        or header.adapter_sha256 not in entry.adapter_sha256
+        or entry.model_sha256 != ref.model_sha256
+        or entry.adapter_name(ref.adapter_sha256) is None
     ):
-        raise UnknownModelError(
-            header.model_id, header.model_sha256.hex(), header.adapter_sha256.hex()
-        )
+        raise UnknownModelError(ref.model_id, ref.model_sha256.hex(), ref.adapter_sha256.hex())
     return entry
+
+
+def resolve_model(header: ContainerHeader) -> list[ModelEntry]:
+    """Registry entries of every model a blob's header names (empty for a classical blob).
+
+    Raises
+    ------
+    UnknownModelError
+        As :func:`resolve_ref`, for the first model that does not resolve.
+    """
+    return [resolve_ref(ref) for ref in header.model_refs()]
+
+
+class ModelStore:
+    """Loads registered models from a models folder, checking their hashes; caches them.
+
+    Parameters
+    ----------
+    root
+        The models folder (default :data:`DEFAULT_MODELS_ROOT`).
+    models
+        The registry (default :data:`MODELS`; tests may pass a smaller one).
+
+    Notes
+    -----
+    Thread-safe; loaded models are immutable and shared.
+    """
+
+    def __init__(self, root: Path | None = None, models: Mapping[str, ModelEntry] = MODELS) -> None:
+        self.root = Path(root) if root is not None else DEFAULT_MODELS_ROOT
+        self.models = models
+        self._cache: dict[ModelRef, Any] = {}
+        self._lock = threading.Lock()
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The registry entry of ``model_id``.
+
+        Raises
+        ------
+        UnknownModelError
+            If ``model_id`` is not registered.
+        """
+        entry = self.models.get(model_id)
+        if entry is None:
+            raise UnknownModelError(model_id, "(not registered)", ZERO_SHA256.hex())
+        return entry
+
+    def installed(self, model_id: str) -> bool:
+        """Whether ``model_id`` is registered and its manifest is present with the pinned hash."""
+        entry = self.models.get(model_id)
+        if entry is None:
+            return False
+        man = self.root / entry.folder / "manifest.json"
+        try:
+            return hashlib.sha256(man.read_bytes()).hexdigest() == entry.manifest_sha256
+        except OSError:
+            return False
+
+    def load(self, ref: ModelRef) -> Any:
+        """Load the exact model ``ref`` names (``LocalModel`` or ``GlobalModel``).
+
+        Raises
+        ------
+        UnknownModelError
+            If the model is not registered, its hashes differ, or it is not installed (a file
+            is missing or fails its manifest).
+        """
+        entry = resolve_ref(ref, self.models)
+        with self._lock:
+            cached = self._cache.get(ref)
+            if cached is not None:
+                return cached
+            model = self._load(entry, ref)
+            self._cache[ref] = model
+            return model
+
+    def _load(self, entry: ModelEntry, ref: ModelRef) -> Any:
+        folder = self.root / entry.folder
+        sha_hex, asha_hex = ref.model_sha256.hex(), ref.adapter_sha256.hex()
+        if not self.installed(entry.model_id):
+            raise UnknownModelError(entry.model_id, sha_hex, asha_hex)
+        adapter = entry.adapter_name(ref.adapter_sha256) or ""
+        try:
+            if entry.kind == "local":
+                from medzip_scp.codec.learned import local_path
+
+                version = entry.folder.rsplit("/", 1)[1]
+                model = local_path.load_model(
+                    f"local-lm-{version}", adapter=adapter or None, root=self.root
+                )
+                if model.sha256 != ref.model_sha256 or model.adapter_sha256 != ref.adapter_sha256:
+                    raise UnknownModelError(entry.model_id, sha_hex, asha_hex)
+                return model
+            from medzip_scp.codec.learned.global_path.model import load_model_dir
+
+            return load_model_dir(entry.model_id, folder)
+        except UnknownModelError:
+            raise
+        except (CodecError, OSError, KeyError, ValueError) as exc:
+            log.warning("model %s failed to load: %s", entry.model_id, type(exc).__name__)
+            raise UnknownModelError(entry.model_id, sha_hex, asha_hex) from exc
+
+
+_DEFAULT: ModelStore | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_store() -> ModelStore:
+    """The process-wide store over :data:`DEFAULT_MODELS_ROOT` (created on first use)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = ModelStore()
+        return _DEFAULT

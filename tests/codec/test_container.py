@@ -133,11 +133,11 @@ def test_unknown_model_names_the_missing_hash() -> None:
 
 def test_newer_format_version_is_unsupported_not_corrupt() -> None:
     blob = bytearray(_sample_blob())
-    struct.pack_into("<H", blob, 4, 2)
+    struct.pack_into("<H", blob, 4, 3)
     hlen = struct.unpack_from("<I", blob, 8)[0]
     head = bytes(blob[: 12 + hlen])
     struct.pack_into("<I", blob, 12 + hlen, zlib.crc32(head))
-    with pytest.raises(UnsupportedFormatError, match="version 2"):
+    with pytest.raises(UnsupportedFormatError, match="version 3"):
         decompress(bytes(blob))
     assert blob[:4] == MAGIC
 
