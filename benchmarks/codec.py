@@ -6,13 +6,18 @@ Groups the lossless-origin images of ``--data`` by set (CT, MR-EPI, MR, CR/DX, o
 inputs, the deliberately broken ``*_bad`` file and files that do not decode are skipped), reads
 their pixels with pydicom (no rescale) and codes the same frames with
 
-* medzip (``medzip_scp.codec.api.compress``: per frame the smallest verified classical path),
-  as the pixel streams alone and as the whole blob (container, index, per-frame CRCs);
+* medzip (``medzip_scp.codec.api.compress``) twice, as whole blobs (container, index,
+  per-frame CRCs): with the adaptive learned split (the default: per frame the smallest
+  verified of the classical paths and, where the estimate says it can win, a split at s in
+  1..4 with pred-v2/global high part and local-path low part), and with classical paths only
+  (``learned=None``), so the learned gain is visible;
 * JPEG-XL lossless effort 9 and 7, JPEG-LS (CharLS), JPEG 2000 lossless (OpenJPEG), all via
   imagecodecs on each frame shifted to start at 0 with its bit depth (uint8/uint16).
 
-Reports pixel-weighted bits per pixel per set, encode/decode MPx/s over all sets, and checks
-that every round trip is exact. Replaces the "## Codec" section of ``benchmarks/RESULTS.md``.
+Reports pixel-weighted bits per pixel per set, encode/decode MPx/s over all sets, the share of
+frames that chose a split (s > 0), the decode time of a 512x512 CT slice (as chosen, and forced
+learned at s = 1), and checks that every round trip is exact. Replaces the "## Codec" section
+of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from medzip_scp.codec.api import (  # noqa: E402
     FrameSet,
+    LearnedOptions,
     PixelLayout,
     compress,
     decompress,
@@ -129,8 +135,9 @@ BASELINES: dict[str, Baseline] = {
         imagecodecs.jpeg2k_decode,
     ),
 }
-OURS_STREAMS = "medzip (pixel streams)"
-OURS_BLOB = "medzip (whole blob)"
+OURS_BLOB = "medzip, adaptive learned split (whole blob)"
+OURS_CLASSICAL = "medzip, classical paths only (whole blob)"
+OURS = {OURS_BLOB: {}, OURS_CLASSICAL: {"learned": None}}
 
 
 class Tally:
@@ -144,25 +151,35 @@ class Tally:
         self.inexact: list[str] = []
         self.failed: dict[str, int] = defaultdict(int)
         self.skipped: dict[str, int] = defaultdict(int)
+        self.frames: dict[str, int] = defaultdict(int)
+        self.split_frames: dict[str, int] = defaultdict(int)
+        self.split_s: dict[int, int] = defaultdict(int)
+        self.high_paths: dict[str, int] = defaultdict(int)
 
 
 def bench_file(name: str, set_name: str, fs: FrameSet, t: Tally) -> None:
     n_px = fs.n_frames * fs.layout.rows * fs.layout.columns
     t.pixels[set_name] += n_px
     t.files[set_name] += 1
-    t0 = time.perf_counter()
-    blob = compress(fs)
-    t1 = time.perf_counter()
-    out = decompress(blob)
-    t2 = time.perf_counter()
-    if out.frames is None or not np.array_equal(out.frames.pixels, fs.pixels):
-        t.inexact.append(f"medzip {name}")
-    t.bits[(OURS_STREAMS, set_name)] += 8 * describe(blob)["pixel_bytes"]
-    t.bits[(OURS_BLOB, set_name)] += 8 * len(blob)
-    for key in (OURS_STREAMS, OURS_BLOB):
+    for key, kwargs in OURS.items():
+        t0 = time.perf_counter()
+        blob = compress(fs, **kwargs)
+        t1 = time.perf_counter()
+        out = decompress(blob)
+        t2 = time.perf_counter()
+        if out.frames is None or not np.array_equal(out.frames.pixels, fs.pixels):
+            t.inexact.append(f"{key} {name}")
+        t.bits[(key, set_name)] += 8 * len(blob)
         t.enc_s[key] += t1 - t0
         t.dec_s[key] += t2 - t1
         t.timed_px[key] += n_px
+        if key == OURS_BLOB:
+            for f in describe(blob)["frames"]:
+                t.frames[set_name] += 1
+                if f["split_planes"]:
+                    t.split_frames[set_name] += 1
+                    t.split_s[f["split_planes"]] += 1
+                    t.high_paths[f["path"]] += 1
     for codec, (enc, dec) in BASELINES.items():
         for frame in fs.pixels:
             prepared = shifted(frame)
@@ -193,7 +210,7 @@ def table(t: Tally) -> str:
     sets = [s for s in SETS if t.pixels[s]]
     head = "| codec | " + " | ".join(sets) + " | encode MPx/s | decode MPx/s |"
     lines = [head, "|" + "---|" * (len(sets) + 3)]
-    for codec in (OURS_STREAMS, OURS_BLOB, *BASELINES):
+    for codec in (*OURS, *BASELINES):
         cells = [f"{t.bits[(codec, s)] / t.pixels[s]:.3f}" for s in sets]
         px = t.timed_px[codec] / 1e6
         enc = f"{px / t.enc_s[codec]:.2f}" if t.enc_s[codec] else "-"
@@ -208,8 +225,43 @@ def table(t: Tally) -> str:
     for s in sets:
         ref = min(t.bits[(c, s)] for c in BASELINES)
         best.append(f"{t.bits[(OURS_BLOB, s)] / ref:.4f}")
-    lines.append("| medzip blob / best baseline | " + " | ".join(best) + " | | |")
+    lines.append("| medzip learned / best baseline | " + " | ".join(best) + " | | |")
+    gain = [f"{t.bits[(OURS_BLOB, s)] / t.bits[(OURS_CLASSICAL, s)]:.4f}" for s in sets]
+    lines.append("| medzip learned / medzip classical | " + " | ".join(gain) + " | | |")
+    share = [
+        f"{t.split_frames[s]} / {t.frames[s]} ({pct:.0f} %)"
+        for s in sets
+        for pct in [100 * t.split_frames[s] / max(1, t.frames[s])]
+    ]
+    lines.append("| frames with s > 0 | " + " | ".join(share) + " | | |")
     return "\n".join(lines)
+
+
+def time_ct_decode(data_root: Path) -> str:
+    """Decode time of one 512x512 CT slice: as chosen, and forced learned (s = 1)."""
+    files = sorted((data_root / "series" / "ct-phantom-1mm").glob("*"))
+    if not files:
+        return "no CT series found"
+    loaded = load(files[len(files) // 2], data_root)
+    if isinstance(loaded, str):
+        return loaded
+    _, fs = loaded
+    parts = []
+    for label, opts in (
+        ("as chosen", LearnedOptions()),
+        ("forced learned s=1 (pred high + local low)", LearnedOptions(force_split=1)),
+    ):
+        blob = compress(fs, learned=opts)
+        best = float("inf")
+        for _ in range(2):
+            a = time.perf_counter()
+            out = decompress(blob)
+            best = min(best, time.perf_counter() - a)
+        assert out.frames is not None and np.array_equal(out.frames.pixels, fs.pixels)
+        split = describe(blob)["frames"][0]["split_planes"]
+        parts.append(f"{label} (s={split}, {8 * len(blob) / fs.pixels.size:.3f} bpp): {best:.2f} s")
+    shape = f"{fs.layout.rows}x{fs.layout.columns}"
+    return f"decode of one {shape} CT slice, best of 2, 1 torch thread: " + "; ".join(parts)
 
 
 def write_results(section: str) -> None:
@@ -242,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     # warm-up (imports, codec initialisation)
     warm = np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64, 1)
     decompress(compress(FrameSet(PixelLayout(64, 64), warm)))
+    decompress(compress(FrameSet(PixelLayout(64, 64), warm), learned=LearnedOptions(force_split=1)))
     for enc, dec in BASELINES.values():
         dec(enc(warm[0, ..., 0], 12))
 
@@ -260,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_file(str(path.relative_to(data_root)), set_name, fs, t)
         print(f"{set_name:7s} {path.relative_to(data_root)}", file=sys.stderr)
     elapsed = time.perf_counter() - started
+    ct_line = time_ct_decode(data_root)
+    print(ct_line, file=sys.stderr)
+    split_s = ", ".join(f"s={k}: {v}" for k, v in sorted(t.split_s.items())) or "none"
+    high = ", ".join(f"{k}: {v}" for k, v in sorted(t.high_paths.items())) or "none"
 
     md = table(t)
     exact = "all round trips exact" if not t.inexact else f"INEXACT: {t.inexact}"
@@ -277,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- bits per pixel, pixel-weighted per set; {exact}; "
             f"skipped files: {skipped}; baseline frames not coded (raw size counted): {failed}",
             "- medzip encode time includes verifying every candidate path by decoding it; "
-            "MPx/s are over all sets (single process)",
+            "MPx/s are over all sets (single process, 1 torch thread)",
+            f"- split frames by s: {split_s}; their high-part path: {high}",
+            f"- {ct_line}",
             f"- wall time {elapsed:.0f} s",
             "",
             md,

@@ -253,9 +253,21 @@ def _try_split(
         return None
     if code is None:
         return None
-    if opts.force_split is None and code.cost(len(carry)) >= budget:  # type: ignore[operator]
+    if opts.force_split is None and code.cost(len(carry)) + _split_overhead(ctx, code) >= budget:  # type: ignore[operator]
         return None
     return code
+
+
+def _split_overhead(ctx: _EncodeContext, code: SplitCode) -> int:
+    """Extra blob bytes a split frame costs beyond its streams: new model-table entries
+    (id, two sha256), the version-2 table's count byte, the longer frame record."""
+    extra = 6  # model indices, low path index, low length varint
+    if not ctx.models:
+        extra += 1
+    for ref in (code.high_ref, code.low_ref):
+        if ref is not None and ref not in ctx.models:
+            extra += 1 + len(ref.model_id) + 64
+    return extra
 
 
 def _encode_frame(
@@ -295,7 +307,7 @@ def _encode_frame(
         carry = len(ctx.payload) if ctx.payload_frame is None else 0
         cost = len(data) + carry + res_len
         if split is not None:
-            cost = split.cost(carry) + res_len
+            cost = split.cost(carry) + _split_overhead(ctx, split) + res_len
         if best is None or cost < best[0]:
             offs = tuple(int(o) for o in offsets)
             best = (cost, (value_bits, nbits, offs, path, data, res_data, split))

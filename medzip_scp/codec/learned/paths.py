@@ -17,10 +17,11 @@ cheap estimate says a split can beat ``C0``:
    low planes below ~0.74 bit per low bit (``models/local-lm/v1/CARD.md``); the floor
    (0.70) sits under that, so the screen only drops splits that cannot win.
 2. **Sampled estimate.** For the surviving ``s``, the local path's ideal code length
-   (``estimate_bits``, one batched network pass) on horizontal bands of 32 rows spread over
-   the frame (at most ``SAMPLE_PIXELS`` pixels; the whole frame when it is smaller),
-   scaled to the frame. The ``s`` with the smallest estimated total is kept, and only when
-   that total is below ``C0``.
+   (``estimate_bits``, one batched network pass) on horizontal bands of 16 rows (one tile
+   row) spread evenly over the frame (at most ``SAMPLE_PIXELS`` = 65,536 pixels; the whole
+   frame when it is smaller), scaled to the frame. The ``s`` with the smallest estimated
+   total (pred-v2 high bytes + low estimate) is kept, and only when that total is below
+   ``ESTIMATE_SLACK * C0`` (1 % slack for the sampling error: the real bytes decide).
 3. **Real coding, verified.** The kept ``s`` is coded for real: the high part by pred-v2 and
    by the global path (carrying the payload when one is given and it fits), the low part by
    the local path; every stream is decoded and compared before it may be chosen, and the
@@ -67,9 +68,11 @@ LOCAL_PATH = "local"
 HIGH_PATHS = ("pred", GLOBAL_PATH)
 LOW_FLOOR = 0.70
 """Screen: the fewest bits per low bit the local path is assumed to ever need."""
-SAMPLE_PIXELS = 32768
+SAMPLE_PIXELS = 65536
 """At most this many pixels go through the network for the sampled estimate."""
-_BAND = 32
+ESTIMATE_SLACK = 1.01
+"""A split is coded for real when its estimated size is below ``ESTIMATE_SLACK * C0``."""
+_BAND = 16
 _S_MAX = 4
 _LOCAL_OVERHEAD_BITS = 8 * 64  # stream header, chunk table, CRC
 
@@ -175,7 +178,7 @@ def _sampled_low_bits(
     rows, cols = low.shape
     if rows * cols <= SAMPLE_PIXELS or rows <= 4 * _BAND:
         return local_path.estimate_bits(low, high, s, nbits, model, threads=threads)
-    n_bands = max(1, min(rows // (4 * _BAND), SAMPLE_PIXELS // (_BAND * cols)))
+    n_bands = max(1, min(rows // (2 * _BAND), SAMPLE_PIXELS // (_BAND * cols)))
     total = 0.0
     px = 0
     for k in range(n_bands):
@@ -256,7 +259,7 @@ def encode_split(
             + _sampled_low_bits(low, high, s, nbits, lmodel, options.threads)
         )
     s = min(est, key=lambda k: (est[k], k))
-    if not forced and budget_bits is not None and est[s] >= budget_bits:
+    if not forced and budget_bits is not None and est[s] >= ESTIMATE_SLACK * budget_bits:
         return None
     high, low, hb = parts[s]
     # 3. real coding; high candidates verified in size order
