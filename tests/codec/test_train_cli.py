@@ -1,0 +1,41 @@
+"""``medzip train``: refuses to overwrite released models; help works without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medzip_scp.cli.train import train_app
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("kind", "folder"), [("local", "local-lm/v1"), ("global", "global-vae/v1")]
+)
+def test_refuses_released_model_folder(kind: str, folder: str, tmp_path: Path) -> None:
+    out = DEFAULT_MODELS_ROOT / folder
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    result = runner.invoke(train_app, [kind, "--out", str(out), "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "released model" in result.output
+    after = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert before == after
+
+
+def test_refuses_folder_with_a_manifest(tmp_path: Path) -> None:
+    out = tmp_path / "v9"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    result = runner.invoke(train_app, ["global", "--out", str(out), "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "already holds a model" in result.output
+
+
+def test_help_lists_both_commands() -> None:
+    result = runner.invoke(train_app, ["--help"])
+    assert result.exit_code == 0
+    assert "local" in result.output and "global" in result.output
