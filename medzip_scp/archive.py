@@ -8,6 +8,7 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import multiprocessing
 import queue
@@ -106,6 +107,7 @@ class _StoreRequest:
     received: ReceivedObject
     attrs: InstanceAttributes
     blob: StoredBlob
+    dataset_sha256: str
     calling_ae_title: str
     done: threading.Event = field(default_factory=threading.Event)
     outcome: StoreOutcome | None = None
@@ -213,11 +215,28 @@ class Archive:
 
     # -- C-STORE -------------------------------------------------------------------------
 
-    def _write_original(self, received: ReceivedObject) -> StoredBlob:
-        """Seal and write what arrived (not yet durable); the identity codec streams it."""
+    def _write_original(self, received: ReceivedObject) -> tuple[StoredBlob, str]:
+        """Seal and write what arrived (not yet durable), in one pass over the spooled file.
+
+        Returns the blob and the SHA-256 of the data set as received (after File Meta): the
+        identity of the content for duplicate detection and for ``medzip verify``.
+        """
+        digest = hashlib.sha256()
+        offset = received.dataset_offset
+
+        def chunks() -> Iterator[bytes]:
+            position = 0
+            for chunk in _file_chunks(received.path):
+                if position + len(chunk) > offset:
+                    digest.update(memoryview(chunk)[max(0, offset - position) :])
+                position += len(chunk)
+                yield chunk
+
         if isinstance(self.codec, Part10Codec):
-            return self.blobs.write(_file_chunks(received.path))
-        return self.blobs.write([self.codec.encode(received.path.read_bytes())])
+            blob = self.blobs.write(chunks())
+        else:
+            blob = self.blobs.write([self.codec.encode(b"".join(chunks()))])
+        return blob, digest.hexdigest()
 
     def store(self, received: ReceivedObject, calling_ae_title: str) -> StoreOutcome:
         """Archive a validated object; returns only after blob fsync and index commit.
@@ -229,8 +248,8 @@ class Archive:
         """
         attrs = attributes_from_dataset(received.dataset)
         self.store_activity.value = time.monotonic()
-        blob = self._write_original(received)
-        request = _StoreRequest(received, attrs, blob, calling_ae_title)
+        blob, dataset_sha256 = self._write_original(received)
+        request = _StoreRequest(received, attrs, blob, dataset_sha256, calling_ae_title)
         try:
             outcome = self._committer.submit(request)
         except BaseException:
@@ -256,7 +275,7 @@ class Archive:
             transfer_syntax_uid=str(received.transfer_syntax_uid),
             blob_key=request.blob.key,
             original_size=received.dataset_size,
-            original_sha256=received.dataset_sha256,
+            original_sha256=request.dataset_sha256,
             stored_size=request.blob.stored_size,
             stored_sha256=request.blob.sha256,
             codec_id=self.codec.codec_id,
@@ -265,7 +284,7 @@ class Archive:
         policy = self.settings.storage.duplicate_policy
         for _attempt in range(3):
             existing = get_instance(session, sop_uid)
-            if existing is not None and existing.original_sha256 == received.dataset_sha256:
+            if existing is not None and existing.original_sha256 == request.dataset_sha256:
                 return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
             if existing is not None and policy is DuplicatePolicyValues.REJECT:
                 return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)

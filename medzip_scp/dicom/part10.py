@@ -6,7 +6,6 @@ them (PS3.10 file format: 128-byte preamble, ``DICM``, File Meta group 0002, the
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -48,8 +47,11 @@ class ReceivedObject:
     file_meta: FileMetaDataset
     dataset: Dataset  # large values (pixel data) deferred, not loaded
     dataset_offset: int  # where the data set bytes start in the file
-    dataset_size: int
-    dataset_sha256: str
+    file_size: int
+
+    @property
+    def dataset_size(self) -> int:
+        return self.file_size - self.dataset_offset
 
     @property
     def transfer_syntax_uid(self) -> UID:
@@ -101,17 +103,6 @@ def dataset_offset_of(fh: BinaryIO) -> int:
         else:
             position += 8 + struct.unpack("<H", header[6:8])[0]
         fh.seek(position)
-
-
-def _sha256_from(path: Path, offset: int) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _check_complete(ds: Dataset, file_size: int) -> None:
@@ -191,14 +182,12 @@ def read_received(
             f"{expected_sop_instance_uid}",
         )
     _check_pixel_data(ds, UID(meta.TransferSyntaxUID))
-    sha, size = _sha256_from(path, offset)
     return ReceivedObject(
         path=path,
         file_meta=meta,
         dataset=ds,
         dataset_offset=offset,
-        dataset_size=size,
-        dataset_sha256=sha,
+        file_size=path.stat().st_size,
     )
 
 
