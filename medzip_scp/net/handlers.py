@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -323,9 +324,7 @@ def handle_get(
     yield from _sub_operations(event, archive, instances, accepted_for)
 
 
-def _move_contexts(instances: list[Instance]) -> list[Any]:
-    from pynetdicom.presentation import build_context
-
+def _move_contexts(instances: list[Instance]) -> list[PresentationContext]:
     seen: set[tuple[str, tuple[str, ...]]] = set()
     contexts = []
     for instance in instances:

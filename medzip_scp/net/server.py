@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import (
+    _STORAGE_CLASSES,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -61,8 +62,7 @@ def configure_pynetdicom() -> None:
 
 
 def _storage_sop_classes() -> list[str]:
-    from pynetdicom.sop_class import _STORAGE_CLASSES
-
+    # pynetdicom's own table of every storage SOP class it knows (no public accessor).
     return sorted(set(_STORAGE_CLASSES.values()))
 
 
@@ -168,6 +168,8 @@ def describe_startup(archive: Archive) -> list[str]:
         )
     else:
         lines.append(f"access: allow-list only ({len(access.peers)} peers)")
+    if s.node.processes > 1:
+        lines.append(f"node processes: {s.node.processes} sharing port {s.node.port}")
     for dest in s.retrieve.destinations:
         lines.append(f"move destination: {dest.ae_title} = {dest.host}:{dest.port}")
     return lines
