@@ -6,6 +6,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -95,8 +96,8 @@ def serve(
         settings.node.processes = processes
     _logging(settings.log_level)
     archive = Archive.open(settings)
-    shared_port = settings.node.processes > 1
-    server = start_server(archive, shared_port=shared_port)
+    shutil.rmtree(settings.storage.incoming_dir(), ignore_errors=True)  # before any process
+    server = start_server(archive, shared_port=settings.node.processes > 1)
     children = [
         multiprocessing.get_context("spawn").Process(
             target=_serve_child,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
 import ssl
 import tempfile
@@ -127,11 +129,15 @@ class SharedPortServer(ThreadedAssociationServer):
 def start_server(archive: Archive, shared_port: bool = False) -> ThreadedAssociationServer:
     """Start listening in a background thread and return the running server."""
     configure_pynetdicom()
-    spool = archive.settings.storage.incoming_dir()
+    incoming = archive.settings.storage.incoming_dir()
+    if not shared_port:
+        # Left by a crash mid-transfer: never acknowledged, safe to drop. With several node
+        # processes only the first (started before the others) clears the whole folder.
+        shutil.rmtree(incoming, ignore_errors=True)
+    # pynetdicom spools incoming data sets with tempfile: keep them on the archive's volume,
+    # one folder per process so that no process can remove another's transfers.
+    spool = incoming / str(os.getpid())
     spool.mkdir(parents=True, exist_ok=True)
-    for leftover in spool.glob("*.dcm"):
-        leftover.unlink()  # from a crash mid-transfer: never acknowledged, safe to drop
-    # pynetdicom spools incoming data sets with tempfile: keep them on the archive's volume.
     tempfile.tempdir = str(spool)
     ae = build_ae(archive)
     node = archive.settings.node

@@ -78,3 +78,49 @@ def test_cli_entry_point_installed() -> None:
     assert out.returncode == 0
     for command in ("serve", "verify", "config", "db", "keys"):
         assert command in out.stdout
+
+
+STORESCU = Path("/usr/bin/storescu")
+
+
+def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
+    """Several node processes on one port: concurrent associations land on both, and no
+    process disturbs another's transfers (each spools into its own folder)."""
+    if not STORESCU.exists():
+        pytest.skip("DCMTK's storescu is not installed (apt-get install dcmtk)")
+    import sqlite3
+
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(24):
+        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(files / f"{i}.dcm")
+    port = free_port()
+    proc, lines = _start(tmp_path, "--port", str(port), "--processes", "2", "--data-dir", "d")
+    try:
+        assert "node processes: 2" in "\n".join(lines)
+        names = sorted(files.iterdir())
+        senders = [
+            subprocess.Popen(
+                [str(STORESCU), "-aec", "MEDZIP", "-aet", f"S{i}", "127.0.0.1", str(port)]
+                + [str(p) for p in names[i::4]],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(4)
+        ]
+        for sender in senders:
+            out = sender.communicate(timeout=120)[0]
+            assert sender.returncode == 0, out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    count = sqlite3.connect(tmp_path / "d" / "index.sqlite3").execute(
+        "select count(*) from instance"
+    )
+    assert count.fetchone()[0] == 24

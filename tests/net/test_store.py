@@ -256,7 +256,7 @@ def test_association_dropped_mid_transfer(node: RunningNode) -> None:
     assert store(node, ct_dataset()) == Status.SUCCESS
     assert count_instances(node) == 1
     spool = node.settings.storage.incoming_dir()
-    assert len(list(spool.glob("*.dcm"))) <= 1  # only what pynetdicom may still hold open
+    assert len(list(spool.rglob("*.dcm"))) <= 1  # only what pynetdicom may still hold open
 
 
 def test_no_phi_in_logs(
