@@ -43,6 +43,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSNearLossless,
 )
+from results_file import write_section  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,7 +57,6 @@ from medzip_scp.codec.api import (  # noqa: E402
     describe,
 )
 
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000}
 SETS = ("CT", "MR", "MR-EPI", "CR/DX", "other")
 DTI_FRAME_STEP = 26  # mr-dti-enhanced: 520 frames per object, keep every 26th
@@ -265,14 +265,7 @@ def time_ct_decode(data_root: Path) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find("## Codec\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end == -1 else text[end:])
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    write_section("Codec", section)
 
 
 def main(argv: list[str] | None = None) -> int:

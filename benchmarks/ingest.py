@@ -37,10 +37,10 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
+from results_file import write_section  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO.parent / "shared" / "data" / "series" / "ct-phantom-1mm" / "I1000.dcm"
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 PG_URL = os.environ.get(
@@ -247,14 +247,7 @@ def table(rows: list[Row]) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find("## Ingest")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end == -1 else text[end:])
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    write_section("Ingest", section)
 
 
 def main() -> None:
