@@ -82,12 +82,8 @@ def test_missing_blob(store: LocalBlobStore) -> None:
         store.read("../../etc/passwd")
 
 
-def test_sync_without_syncfs_uses_fsync(
-    store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import medzip_scp.storage.local as local
-
-    monkeypatch.setattr(local, "_syncfs", None)
+def test_batch_shares_a_folder_and_syncs(store: LocalBlobStore) -> None:
     blobs = [store.write([os.urandom(1000)]) for _ in range(3)]
     store.sync(b.key for b in blobs)
     assert sorted(store.keys()) == sorted(b.key for b in blobs)
+    assert len({store._path(b.key).parent for b in blobs}) <= 2  # unless a minute turned over
