@@ -58,21 +58,24 @@ class ReceivedObject:
         return UID(self.file_meta.TransferSyntaxUID)
 
 
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
+# Explicit VR encodings with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+LONG_LENGTH_VRS = frozenset(
+    {
+        b"OB",
+        b"OD",
+        b"OF",
+        b"OL",
+        b"OV",
+        b"OW",
+        b"SQ",
+        b"SV",
+        b"UC",
+        b"UN",
+        b"UR",
+        b"UT",
+        b"UV",
+    }
+)
 
 
 def dataset_offset(path: Path) -> int:
@@ -95,7 +98,7 @@ def dataset_offset_of(fh: BinaryIO) -> int:
         header = fh.read(8)
         if len(header) < 8 or struct.unpack("<H", header[:2])[0] != 0x0002:
             return position
-        if header[4:6] in _LONG_VRS:
+        if header[4:6] in LONG_LENGTH_VRS:
             extra = fh.read(4)
             if len(extra) < 4:
                 raise InvalidObjectError(RejectReason.UNPARSABLE, "truncated file meta")

@@ -41,6 +41,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
+from medzip_scp.dicom.part10 import LONG_LENGTH_VRS
+
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 TRAILING_PADDING = Tag(0xFFFC, 0xFFFC)  # PS3.10 7.2: may be dropped by any writer
 _PADDED_TEXT = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM"})
@@ -76,26 +78,7 @@ def _value_bytes(elem: Any, little_endian: bool, implicit: bool) -> bytes:
     if implicit:
         return data[8:]
     vr = data[4:6]
-    return (
-        data[12:]
-        if vr
-        in (
-            b"OB",
-            b"OD",
-            b"OF",
-            b"OL",
-            b"OV",
-            b"OW",
-            b"SQ",
-            b"SV",
-            b"UC",
-            b"UN",
-            b"UR",
-            b"UT",
-            b"UV",
-        )
-        else data[8:]
-    )
+    return data[12:] if vr in LONG_LENGTH_VRS else data[8:]
 
 
 def _same_bytes(sent: bytes, received: bytes, vr: str | None) -> bool:
