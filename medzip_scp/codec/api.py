@@ -23,7 +23,7 @@ coded split at bit plane ``s`` (1..4): the high part by ``pred`` or the global p
 part by the local path (:mod:`medzip_scp.codec.learned.paths` documents which ``s`` is tried
 and why). The split is chosen only when its verified size is below the best verified
 classical path's, so a blob is never larger than the classical codec would make it (except
-for the few bytes of the version-2 model table). The blob names every model it uses, exactly
+for the few bytes of the model table). The blob names every model it uses, exactly
 (id, manifest sha256, adapter sha256). torch and the models are imported and loaded only when
 a split is tried or decoded; without them, or with ``learned=None``, the codec is classical.
 
@@ -48,6 +48,8 @@ import numpy.typing as npt
 import zstandard
 
 from medzip_scp.codec.container import (
+    FORMAT_VERSION,
+    ZERO_SHA256,
     ContainerHeader,
     FrameRecord,
     ModelRef,
@@ -55,10 +57,11 @@ from medzip_scp.codec.container import (
     Section,
     SectionType,
     pack_frame_index,
-    pack_layout,
+    pack_layout_v3,
     read_container,
     unpack_frame_index,
     unpack_layout,
+    unpack_layout_v3,
     write_container,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
@@ -260,13 +263,12 @@ def _try_split(
 
 def _split_overhead(ctx: _EncodeContext, code: SplitCode) -> int:
     """Extra blob bytes a split frame costs beyond its streams: new model-table entries
-    (id, two sha256), the version-2 table's count byte, the longer frame record."""
-    extra = 6  # model indices, low path index, low length varint
-    if not ctx.models:
-        extra += 1
+    (id, manifest sha256, adapter flag and digest), the low path's name in the frame index's
+    name table, the longer frame record."""
+    extra = 4 + 1 + len("local")  # low path and model index, low length varint; name entry
     for ref in (code.high_ref, code.low_ref):
         if ref is not None and ref not in ctx.models:
-            extra += 1 + len(ref.model_id) + 64
+            extra += 1 + len(ref.model_id) + 33 + (32 if ref.adapter_sha256 != ZERO_SHA256 else 0)
     return extra
 
 
@@ -420,8 +422,7 @@ def compress(
     Returns
     -------
     bytes
-        The blob (format described in :mod:`medzip_scp.codec.container`): version 1 when no
-        frame uses a model and the payload is not carried by one, version 2 otherwise.
+        The blob (format described in :mod:`medzip_scp.codec.container`), format version 3.
 
     Raises
     ------
@@ -432,6 +433,9 @@ def compress(
 
     .. versionchanged:: 0.2
         ``learned`` and ``models``; payload mode 2; format version 2.
+
+    .. versionchanged:: 0.3
+        Format version 3 (compact model table and layout, empty sections left out).
     """
     candidates = _candidate_paths(paths)
     store = models if models is not None else default_store()
@@ -444,31 +448,30 @@ def compress(
     ctx = _EncodeContext(learned, store, bytes(payload), [])
     streams = bytearray()
     records: list[FrameRecord] = []
-    if frames is None:
-        layout_body = b""
-    else:
+    sections = []
+    if frames is not None:
         frames.validate()
-        layout_body = pack_layout(frames.layout, frames.n_frames)
         for i in range(frames.n_frames):
             records.append(
                 _encode_frame(i, frames.pixels[i], frames.layout, candidates, streams, ctx)
             )
             if progress is not None:
                 progress(i + 1, frames.n_frames)
-    version = 2 if ctx.models or ctx.payload_frame is not None else 1
-    index_body = b"" if frames is None else pack_frame_index(records, version)
+        index_body = pack_layout_v3(frames.layout, frames.n_frames) + pack_frame_index(
+            records, FORMAT_VERSION
+        )
+        sections += [
+            Section(SectionType.FRAME_INDEX, index_body),
+            Section(SectionType.STREAMS, bytes(streams)),
+        ]
+    if dataset_rest:
+        sections.append(Section(SectionType.DATASET, _pack_dataset(bytes(dataset_rest))))
     if ctx.payload_frame is not None:
         payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))
-    else:
-        payload_body = bytes([PayloadMode.SECTION if payload else PayloadMode.NONE]) + payload
-    sections = [
-        Section(SectionType.LAYOUT, layout_body),
-        Section(SectionType.FRAME_INDEX, index_body),
-        Section(SectionType.STREAMS, bytes(streams)),
-        Section(SectionType.DATASET, _pack_dataset(bytes(dataset_rest))),
-        Section(SectionType.PAYLOAD, payload_body),
-    ]
-    header = ContainerHeader(version=version, models=tuple(ctx.models))
+        sections.append(Section(SectionType.PAYLOAD, payload_body))
+    elif payload:
+        sections.append(Section(SectionType.PAYLOAD, bytes([PayloadMode.SECTION]) + payload))
+    header = ContainerHeader(version=FORMAT_VERSION, models=tuple(ctx.models))
     return write_container(header, sections)
 
 
@@ -485,19 +488,30 @@ def _parse(blob: bytes) -> _Parsed:
     header, sections = read_container(blob)
     resolve_model(header)
     by_type = {s.type: s.data for s in sections}
-    layout_body = by_type[SectionType.LAYOUT]
-    index_body = by_type[SectionType.FRAME_INDEX]
+    # version 3 leaves empty sections out; give the rest of the decoder their empty forms
+    by_type.setdefault(SectionType.DATASET, _pack_dataset(b""))
+    by_type.setdefault(SectionType.PAYLOAD, bytes([PayloadMode.NONE]))
+    by_type.setdefault(SectionType.STREAMS, b"")
     streams_len = len(by_type[SectionType.STREAMS])
-    if not layout_body:
-        if index_body or streams_len:
-            raise CorruptStreamError(
-                "sections FRAME_INDEX and STREAMS must be empty when LAYOUT is empty, got "
-                f"{len(index_body)} and {streams_len} bytes"
-            )
-        return _Parsed(header, by_type, None, [], [])
-    layout, n = unpack_layout(layout_body)
+    if header.version >= 3:
+        index_body = by_type.get(SectionType.FRAME_INDEX)
+        if index_body is None:
+            return _Parsed(header, by_type, None, [], [])
+        layout, n, pos = unpack_layout_v3(index_body)
+        index_body = index_body[pos:]
+    else:
+        layout_body = by_type[SectionType.LAYOUT]
+        index_body = by_type[SectionType.FRAME_INDEX]
+        if not layout_body:
+            if index_body or streams_len:
+                raise CorruptStreamError(
+                    "sections FRAME_INDEX and STREAMS must be empty when LAYOUT is empty, got "
+                    f"{len(index_body)} and {streams_len} bytes"
+                )
+            return _Parsed(header, by_type, None, [], [])
+        layout, n = unpack_layout(layout_body)
     records = unpack_frame_index(
-        index_body, n, layout.samples_per_pixel, header.version, len(header.models)
+        index_body, n, layout.samples_per_pixel, min(header.version, 2), len(header.models)
     )
     w = _word_bits(layout)
     starts = []

@@ -13,15 +13,20 @@ from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, de
 from medzip_scp.codec.container import (
     MAGIC,
     ContainerHeader,
+    FrameRecord,
+    ModelRef,
     Section,
     SectionType,
     pack_frame_index,
+    pack_layout_v3,
     read_container,
     unpack_frame_index,
-    unpack_layout,
+    unpack_layout_v3,
     write_container,
 )
 from medzip_scp.codec.errors import CorruptStreamError, UnknownModelError, UnsupportedFormatError
+
+from .golden import GOLDEN_V1
 
 
 def _sample_blob() -> bytes:
@@ -62,9 +67,7 @@ def test_sample_blob_is_sound() -> None:
     assert info["frames"][2]["path"] == "constant"
 
 
-@pytest.mark.parametrize(
-    "section", ["header", "LAYOUT", "FRAME_INDEX", "STREAMS", "DATASET", "PAYLOAD"]
-)
+@pytest.mark.parametrize("section", ["header", "FRAME_INDEX", "STREAMS", "DATASET", "PAYLOAD"])
 def test_flipped_byte_in_each_section_raises(section: str) -> None:
     blob = _sample_blob()
     spans = {name: (a, b) for name, a, b in _section_spans(blob)}
@@ -124,7 +127,8 @@ def _rewrite(blob: bytes, header: ContainerHeader | None = None, **replace: byte
 
 def test_unknown_model_names_the_missing_hash() -> None:
     digest = hashlib.sha256(b"weights that are not installed").digest()
-    blob = _rewrite(_sample_blob(), ContainerHeader("bitplane-ct-v1", digest))
+    header = ContainerHeader(version=3, models=(ModelRef("bitplane-ct-v1", digest),))
+    blob = _rewrite(_sample_blob(), header)
     with pytest.raises(UnknownModelError, match=digest.hex()) as err:
         decompress(blob)
     assert err.value.model_sha256 == digest.hex()
@@ -133,50 +137,78 @@ def test_unknown_model_names_the_missing_hash() -> None:
 
 def test_newer_format_version_is_unsupported_not_corrupt() -> None:
     blob = bytearray(_sample_blob())
-    struct.pack_into("<H", blob, 4, 3)
+    struct.pack_into("<H", blob, 4, 4)
     hlen = struct.unpack_from("<I", blob, 8)[0]
     head = bytes(blob[: 12 + hlen])
     struct.pack_into("<I", blob, 12 + hlen, zlib.crc32(head))
-    with pytest.raises(UnsupportedFormatError, match="version 3"):
+    with pytest.raises(UnsupportedFormatError, match="version 4"):
         decompress(bytes(blob))
     assert blob[:4] == MAGIC
+
+
+def _records(blob: bytes) -> tuple[bytes, list[FrameRecord]]:
+    """The version-3 frame index of a blob: its layout bytes and its records."""
+    _, sections = read_container(blob)
+    index = next(s.data for s in sections if s.type == SectionType.FRAME_INDEX)
+    layout, n, pos = unpack_layout_v3(index)
+    assert index[:pos] == pack_layout_v3(layout, n)
+    return index[:pos], unpack_frame_index(index[pos:], n, layout.samples_per_pixel, 2)
 
 
 def test_pixel_crc_catches_wrong_pixels_behind_valid_section_crcs() -> None:
     """A decoder drift / forged record with valid section CRCs must still be caught."""
     blob = _sample_blob()
-    _, sections = read_container(blob)
-    layout, n = unpack_layout(next(s.data for s in sections if s.type == SectionType.LAYOUT))
-    index = next(s.data for s in sections if s.type == SectionType.FRAME_INDEX)
-    records = unpack_frame_index(index, n, layout.samples_per_pixel)
+    layout, records = _records(blob)
     forged = [
         records[0].__class__(**{**records[0].__dict__, "offsets": (records[0].offsets[0] + 1,)})
     ]
     forged += records[1:]
-    bad = _rewrite(blob, FRAME_INDEX=pack_frame_index(forged))
+    bad = _rewrite(blob, FRAME_INDEX=layout + pack_frame_index(forged, 3))
     with pytest.raises(CorruptStreamError, match="pixel CRC-32"):
         decompress(bad)
 
 
 def test_unavailable_path_is_unsupported() -> None:
     blob = _sample_blob()
-    _, sections = read_container(blob)
-    layout, n = unpack_layout(next(s.data for s in sections if s.type == SectionType.LAYOUT))
-    index = next(s.data for s in sections if s.type == SectionType.FRAME_INDEX)
-    records = unpack_frame_index(index, n, layout.samples_per_pixel)
+    layout, records = _records(blob)
     forged = [records[0].__class__(**{**records[0].__dict__, "path": "learned-v9"}), *records[1:]]
     with pytest.raises(UnsupportedFormatError, match="learned-v9"):
-        decompress(_rewrite(blob, FRAME_INDEX=pack_frame_index(forged)))
+        decompress(_rewrite(blob, FRAME_INDEX=layout + pack_frame_index(forged, 3)))
 
 
-def test_bits_back_payload_mode_is_reserved() -> None:
-    bad = _rewrite(_sample_blob(), PAYLOAD=b"\x02" + struct.pack("<I", 6))
+def test_bits_back_payload_needs_version_2_and_a_carrier() -> None:
+    v1 = _rewrite(GOLDEN_V1, PAYLOAD=b"\x02" + struct.pack("<II", 0, 6))
     with pytest.raises(UnsupportedFormatError, match="BITS_BACK"):
-        decompress(bad)
+        decompress(v1)
+    # frame 0 of the sample is classical: it cannot carry the payload
+    no_carrier = _rewrite(_sample_blob(), PAYLOAD=b"\x02" + struct.pack("<II", 0, 6))
+    with pytest.raises(CorruptStreamError, match="should carry 6 payload bytes"):
+        decompress(no_carrier)
 
 
-def test_missing_mandatory_section() -> None:
+def test_section_rules_of_version_3() -> None:
     header, sections = read_container(_sample_blob())
-    blob = write_container(header, [s for s in sections if s.type != SectionType.DATASET])
-    with pytest.raises(CorruptStreamError, match="DATASET must occur exactly once"):
-        decompress(blob)
+    by_type = {s.type: s for s in sections}
+    cases = {
+        "STREAMS must both be present or both absent": [
+            s for s in sections if s.type != SectionType.FRAME_INDEX
+        ],
+        "LAYOUT must occur 0 to 0 times": [Section(SectionType.LAYOUT, bytes(12)), *sections],
+        "DATASET must occur 0 to 1 times": [*sections, by_type[SectionType.DATASET]],
+    }
+    for message, body in cases.items():
+        with pytest.raises(CorruptStreamError, match=message):
+            decompress(write_container(header, body))
+
+
+def test_empty_sections_are_left_out_and_read_as_empty() -> None:
+    px = np.arange(12, dtype=np.uint16).reshape(1, 3, 4, 1)
+    blob = compress(FrameSet(PixelLayout(3, 4, 1, 16, 12, False), px), learned=None)
+    _, sections = read_container(blob)
+    assert [s.type for s in sections] == [SectionType.FRAME_INDEX, SectionType.STREAMS]
+    out = decompress(blob)
+    assert out.dataset_rest == b"" and out.payload == b""
+    no_pixels = compress(None, b"only a header")
+    assert [s.type for s in read_container(no_pixels)[1]] == [SectionType.DATASET]
+    back = decompress(no_pixels)
+    assert back.frames is None and back.dataset_rest == b"only a header"

@@ -23,6 +23,8 @@ from medzip_scp.codec.container import ModelRef, read_container
 from medzip_scp.codec.errors import UnknownModelError
 from medzip_scp.codec.zoo import MODELS, ModelStore, default_store
 
+from .golden import GOLDEN_V1, GOLDEN_V2, GOLDEN_V2_PIXELS
+
 pytest.importorskip("torch")
 if not (default_store().installed("local-lm-v1") and default_store().installed("global-vae-v1")):
     pytest.skip("models/local-lm/v1 or models/global-vae/v1 not installed", allow_module_level=True)
@@ -63,7 +65,7 @@ def forced_pred_blob(small: FrameSet) -> bytes:
 def test_forced_split_round_trip_names_its_model(small: FrameSet, forced_pred_blob: bytes) -> None:
     _roundtrip(forced_pred_blob, small)
     info = describe(forced_pred_blob)
-    assert info["format_version"] == 2
+    assert info["format_version"] == 3
     f = info["frames"][0]
     assert (f["split_planes"], f["path"], f["low_path"]) == (2, "pred", "local")
     assert f["models"] == ["local-lm-v1"]
@@ -112,7 +114,7 @@ def test_payload_too_large_for_bits_back_falls_back_to_mode_1() -> None:
 def test_payload_mode_1_without_learned(small: FrameSet) -> None:
     blob = compress(small, payload=PAYLOAD, learned=None)
     assert describe(blob)["payload_mode"] == 1
-    assert describe(blob)["format_version"] == 1
+    assert describe(blob)["format_version"] == 3
     assert _roundtrip(blob, small) == PAYLOAD
 
 
@@ -165,7 +167,7 @@ def test_unregistered_model_or_hash_raises_unknown_model(forced_pred_blob: bytes
         ModelRef("local-lm-v1", header.models[0].model_sha256, b"\x01" * 32),
     ):
         forged = container.write_container(
-            container.ContainerHeader(version=2, models=(ref,)), sections
+            container.ContainerHeader(version=3, models=(ref,)), sections
         )
         with pytest.raises(UnknownModelError, match=ref.model_id):
             decompress(forged)
@@ -175,7 +177,7 @@ def test_unregistered_model_or_hash_raises_unknown_model(forced_pred_blob: bytes
 
 def test_compress_without_installed_models_is_classical(small: FrameSet, tmp_path: Path) -> None:
     blob = compress(small, models=ModelStore(root=tmp_path))
-    assert describe(blob)["format_version"] == 1
+    assert describe(blob)["format_version"] == 3
     assert compress(small, learned=None) == blob
     with pytest.raises(UnknownModelError):
         compress(small, models=ModelStore(root=tmp_path), learned=LearnedOptions(force_split=1))
@@ -189,24 +191,34 @@ def test_never_worse_than_classical() -> None:
         _roundtrip(learned, fs)
 
 
-# Written by the version-1 writer of commit 113b0a1 (before format version 2 existed).
-GOLDEN_V1 = bytes.fromhex(
-    "4d5a503101000000200000000005010db771bb1602159dee6bfc030c65c97092040d318322d005028252c7"
-    "084863e7e40300040001100c0000010000000108766572626174696d000c000400000cafea71b100010203"
-    "0405060708090a0b000400000000000000726573740170"
-)
-
-
 def test_version_1_blobs_still_decode() -> None:
     px = np.arange(12, dtype=np.uint16).reshape(1, 3, 4, 1)
     out = decompress(GOLDEN_V1)
     assert struct.unpack_from("<H", GOLDEN_V1, 4)[0] == 1
     assert out.payload == b"p" and out.dataset_rest == b"rest"
     assert out.frames is not None and np.array_equal(out.frames.pixels, px)
-    # classical blobs are still written as version 1, byte for byte
+    # today's writer makes a smaller version-3 blob of the same content
     fs = FrameSet(PixelLayout(3, 4, 1, 16, 12, False), px)
-    assert compress(fs, b"rest", payload=b"p", learned=None) == GOLDEN_V1
-    assert read_container(compress(fs, b"rest", payload=b"p"))[0].version == 1
+    blob = compress(fs, b"rest", payload=b"p", learned=None)
+    assert read_container(blob)[0].version == 3
+    assert len(blob) < len(GOLDEN_V1)
+
+
+def test_version_2_blobs_still_decode() -> None:
+    out = decompress(GOLDEN_V2)
+    assert struct.unpack_from("<H", GOLDEN_V2, 4)[0] == 2
+    assert out.payload == b"p" and out.dataset_rest == b"rest"
+    assert out.frames is not None and np.array_equal(out.frames.pixels, GOLDEN_V2_PIXELS)
+    info = describe(GOLDEN_V2)
+    assert info["frames"][0]["split_planes"] == 2 and info["frames"][0]["low_path"] == "local"
+    assert info["models"][0]["adapter_sha256"] == "00" * 32
+    # the same frame written today: version 3, same streams, 31 bytes less model table
+    fs = FrameSet(PixelLayout(8, 8, 1, 16, 12, False), GOLDEN_V2_PIXELS)
+    opts = LearnedOptions(force_split=2, high_paths=("pred",))
+    blob = compress(fs, b"rest", payload=b"p", learned=opts)
+    assert describe(blob)["format_version"] == 3
+    assert describe(blob)["models"] == info["models"]
+    assert len(blob) < len(GOLDEN_V2) - 31
 
 
 def test_classical_import_does_not_load_torch() -> None:

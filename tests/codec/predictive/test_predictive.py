@@ -47,8 +47,9 @@ def test_every_bit_depth(bits: int) -> None:
     roundtrip(ext, bits)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (17, 1), (3, 3), (2, 2), (1, 2), (2, 1),
-                                   (4, 300), (300, 4)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 17), (17, 1), (3, 3), (2, 2), (1, 2), (2, 1), (4, 300), (300, 4)]
+)
 def test_small_shapes(shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     for bits in (1, 8, 12, 16):
@@ -123,9 +124,11 @@ def _sample_stream() -> tuple[np.ndarray, bytes]:
 
 def test_truncated_streams_raise() -> None:
     frame, stream = _sample_stream()
-    for n in list(range(0, 64)) + list(range(64, len(stream), max(1, len(stream) // 97))) + [
-        len(stream) - 1
-    ]:
+    for n in (
+        list(range(0, 64))
+        + list(range(64, len(stream), max(1, len(stream) // 97)))
+        + [len(stream) - 1]
+    ):
         with pytest.raises(CorruptStreamError):
             decode_frame(stream[:n], frame.shape, 12)
 
@@ -184,11 +187,20 @@ def test_same_bytes_with_one_or_two_threads() -> None:
     # the stream (coefficients are rounded to integers and the fit is well conditioned)
     digests = set()
     for threads in ("1", "2"):
-        env = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-               "MKL_NUM_THREADS": threads, "PATH": "/usr/bin:/bin"}
-        out = subprocess.run([sys.executable, "-c", GOLDEN_SCRIPT], capture_output=True,
-                             text=True, env=env, cwd=Path(__file__).resolve().parents[3],
-                             check=True)
+        env = {
+            "OMP_NUM_THREADS": threads,
+            "OPENBLAS_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "PATH": "/usr/bin:/bin",
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", GOLDEN_SCRIPT],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[3],
+            check=True,
+        )
         digests.add(out.stdout.strip())
     assert len(digests) == 1
 
