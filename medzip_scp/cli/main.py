@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from medzip_scp.cli.bench import bench_app
 from medzip_scp.cli.codec import codec_app
 from medzip_scp.cli.train import train_app
 from medzip_scp.config import (
@@ -274,6 +275,7 @@ def _progress_bar(label: str) -> Callable[[int, int], None] | None:
 
 app.add_typer(codec_app, name="codec", help="Encode, decode and inspect .mzp blobs.")
 app.add_typer(train_app, name="train", help="Train the learned codec models (local, global).")
+app.add_typer(bench_app, name="bench", help="Run a benchmark of the checkout (codec, ingest).")
 
 
 if __name__ == "__main__":
