@@ -30,9 +30,11 @@ from medzip_scp.index.db import create_engine_for, session_factory, upgrade_data
 from medzip_scp.index.errors import DuplicateInstanceError
 from medzip_scp.index.ingest import (
     InstanceAttributes,
+    KnownSeries,
     add_instance,
     attributes_from_dataset,
     get_instance,
+    indexed_sha256,
     replace_instance,
 )
 from medzip_scp.index.models import Instance
@@ -193,6 +195,7 @@ class Archive:
         # processes share one value to let background compression yield to any of them).
         self.store_activity: ctypes.c_double = multiprocessing.RawValue("d", 0.0)
         self._committer = _GroupCommitter(self._commit_batch)
+        self._known_series = KnownSeries()  # used by the committer thread only
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> Archive:
@@ -263,9 +266,14 @@ class Archive:
     def _commit_batch(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
         """Make a batch durable: fsync its blobs, then index all of it in one transaction."""
         self.blobs.sync(request.blob.key for request in batch)
-        with self.sessions() as session:
-            outcomes = [self._index(session, request) for request in batch]
-            session.commit()
+        try:
+            with self.sessions() as session:
+                outcomes = [self._index(session, request) for request in batch]
+                session.commit()
+        except BaseException:
+            self._known_series.rolled_back()
+            raise
+        self._known_series.committed()
         return outcomes
 
     def _index(self, session: Session, request: _StoreRequest) -> StoreOutcome:
@@ -280,23 +288,29 @@ class Archive:
             stored_sha256=request.blob.sha256,
             codec_id=self.codec.codec_id,
             calling_ae_title=request.calling_ae_title,
+            known_series=self._known_series,
         )
         policy = self.settings.storage.duplicate_policy
         for _attempt in range(3):
-            existing = get_instance(session, sop_uid)
-            if existing is not None and existing.original_sha256 == request.dataset_sha256:
+            archived_sha256 = indexed_sha256(session, sop_uid)
+            if archived_sha256 == request.dataset_sha256:
                 return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
-            if existing is not None and policy is DuplicatePolicyValues.REJECT:
+            if archived_sha256 is not None and policy is DuplicatePolicyValues.REJECT:
                 return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
             try:
                 with session.begin_nested():
-                    if existing is None:
+                    if archived_sha256 is None:
                         add_instance(session, request.attrs, **fields)
                         return StoreOutcome(StoreResult.STORED, sop_uid)
+                    existing = get_instance(session, sop_uid)
+                    if existing is None:  # removed meanwhile: look again
+                        continue
                     replace_instance(session, existing, request.attrs, **fields)
                     return StoreOutcome(StoreResult.REPLACED, sop_uid)
             except (IntegrityError, DuplicateInstanceError):
-                # Another process indexed the same SOP Instance meanwhile: look again.
+                # Another process indexed the same SOP Instance meanwhile: look again. The
+                # savepoint's rollback may have undone series rows noted for the fast path.
+                self._known_series.rolled_back()
                 continue
         raise RuntimeError(f"could not index {sop_uid} after 3 attempts")
 

@@ -17,6 +17,7 @@ cannot deadlock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +42,11 @@ from medzip_scp.index.models import (
 
 __all__ = [
     "InstanceAttributes",
+    "KnownSeries",
     "add_instance",
     "attributes_from_dataset",
     "get_instance",
+    "indexed_sha256",
     "normalise_da",
     "normalise_tm",
     "replace_instance",
@@ -191,6 +194,14 @@ def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
+def indexed_sha256(session: Session, sop_instance_uid: str) -> str | None:
+    """The original SHA-256 of the indexed instance with this UID, or ``None`` when there is
+    none: the duplicate check of every C-STORE, without loading an ORM object."""
+    return session.execute(
+        select(Instance.original_sha256).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).scalar_one_or_none()
+
+
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
     """``INSERT ... ON CONFLICT DO NOTHING`` on either dialect."""
     dialect = session.get_bind().dialect.name
@@ -297,6 +308,57 @@ def _get_or_create_series(session: Session, attrs: InstanceAttributes, study: St
     return series
 
 
+_INSTANCE_LEVEL = frozenset(
+    {"sop_class_uid", "sop_instance_uid", "instance_number", "rows", "columns", "number_of_frames"}
+)
+_HIERARCHY_FIELDS = tuple(
+    f.name for f in dataclasses.fields(InstanceAttributes) if f.name not in _INSTANCE_LEVEL
+)
+
+
+def _hierarchy_values(attrs: InstanceAttributes) -> tuple[Any, ...]:
+    """Everything :func:`_hierarchy` reads from an instance (patient, study, series level)."""
+    return tuple(getattr(attrs, name) for name in _HIERARCHY_FIELDS)
+
+
+class KnownSeries:
+    """Series rows this process has committed, with the patient/study/series values they
+    were committed with (a C-STORE fast path).
+
+    Instances of one series arrive one after another with identical patient, study and
+    series attributes; for them :func:`_hierarchy` (three look-ups, three ORM loads) would
+    find the rows and change nothing, so :func:`add_instance` skips it when the values
+    equal those this process last committed for the series. Entries noted during a
+    transaction count only after :meth:`committed`; call :meth:`rolled_back` when the
+    transaction is rolled back. Not thread-safe: use it from the thread that commits.
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[int, tuple[Any, ...]]] = {}
+        self._pending: dict[str, tuple[int, tuple[Any, ...]]] = {}
+
+    def lookup(self, attrs: InstanceAttributes) -> int | None:
+        """The series row id, when committed by this process with these same values."""
+        entry = self._known.get(attrs.series_instance_uid)
+        if entry is None or entry[1] != _hierarchy_values(attrs):
+            return None
+        return entry[0]
+
+    def note(self, attrs: InstanceAttributes, series_id: int) -> None:
+        self._pending[attrs.series_instance_uid] = (series_id, _hierarchy_values(attrs))
+
+    def committed(self) -> None:
+        if len(self._known) + len(self._pending) > self.MAX_ENTRIES:
+            self._known.clear()
+        self._known.update(self._pending)
+        self._pending.clear()
+
+    def rolled_back(self) -> None:
+        self._pending.clear()
+
+
 def _hierarchy(session: Session, attrs: InstanceAttributes) -> Series:
     patient = _get_or_create_patient(session, attrs)
     study = _get_or_create_study(session, attrs, patient)
@@ -347,6 +409,7 @@ def add_instance(
     stored_sha256: str,
     codec_id: str,
     calling_ae_title: str,
+    known_series: KnownSeries | None = None,
 ) -> Instance:
     """Index a newly stored instance; the caller commits.
 
@@ -364,6 +427,9 @@ def add_instance(
     transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
 stored_sha256, codec_id, calling_ae_title
         Storage facts of the blob written for this instance.
+    known_series : KnownSeries, optional
+        Skip the patient/study/series look-ups for a series this process committed with
+        the same values (the caller reports its commit or rollback to it).
 
     Returns
     -------
@@ -376,10 +442,14 @@ stored_sha256, codec_id, calling_ae_title
         If the SOP Instance UID is already indexed (possibly by a concurrent
         association). The session's transaction stays usable.
     """
-    series = _hierarchy(session, attrs)
+    series_id = known_series.lookup(attrs) if known_series is not None else None
+    if series_id is None:
+        series_id = _hierarchy(session, attrs).id
+        if known_series is not None:
+            known_series.note(attrs, series_id)
     instance = Instance(
         sop_instance_uid=attrs.sop_instance_uid,
-        series_fk=series.id,
+        series_fk=series_id,
         **_instance_values(
             attrs,
             transfer_syntax_uid=transfer_syntax_uid,
@@ -416,6 +486,7 @@ def replace_instance(
     stored_sha256: str,
     codec_id: str,
     calling_ae_title: str,
+    known_series: KnownSeries | None = None,
 ) -> Instance:
     """Replace an indexed instance by a differing new version; the caller commits.
 
@@ -434,6 +505,8 @@ def replace_instance(
     transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
 stored_sha256, codec_id, calling_ae_title
         Storage facts of the new version's blob.
+    known_series : KnownSeries, optional
+        Told the values the new version's series now has (it may have moved).
 
     Returns
     -------
@@ -485,5 +558,7 @@ stored_sha256, codec_id, calling_ae_title
     for name, value in values.items():
         setattr(existing, name, value)
     existing.series_fk = series.id
+    if known_series is not None:
+        known_series.note(attrs, series.id)
     session.flush()
     return existing

@@ -70,18 +70,37 @@ class BlobKey:
         header = HEADER.pack(MAGIC, self.key_id, secrets.token_bytes(8), SEGMENT_SIZE)
         prefix = header[12:20]
         yield header
-        buffer = bytearray()
+        # Segments are cut from each chunk by memoryview (no copy); only a segment that
+        # straddles two chunks is assembled in `pending`.
+        pending = bytearray()
         index = 0
         for chunk in chunks:
-            buffer += chunk
-            # Strictly greater: the final segment is never empty unless the whole blob is.
-            while len(buffer) > SEGMENT_SIZE:
-                yield self._encrypt(header, prefix, index, bytes(buffer[:SEGMENT_SIZE]), False)
-                del buffer[:SEGMENT_SIZE]
+            view = memoryview(chunk)
+            if pending:
+                take = SEGMENT_SIZE - len(pending)
+                pending += view[:take]
+                view = view[take:]
+                if not len(view):
+                    continue  # `pending` may be the final segment: wait for more
+                yield self._encrypt(header, prefix, index, pending, False)
                 index += 1
-        yield self._encrypt(header, prefix, index, bytes(buffer), final=True)
+                pending = bytearray()
+            # Strictly greater: the final segment is never empty unless the whole blob is.
+            while len(view) > SEGMENT_SIZE:
+                yield self._encrypt(header, prefix, index, view[:SEGMENT_SIZE], False)
+                view = view[SEGMENT_SIZE:]
+                index += 1
+            pending += view
+        yield self._encrypt(header, prefix, index, pending, final=True)
 
-    def _encrypt(self, header: bytes, prefix: bytes, index: int, data: bytes, final: bool) -> bytes:
+    def _encrypt(
+        self,
+        header: bytes,
+        prefix: bytes,
+        index: int,
+        data: bytes | bytearray | memoryview,
+        final: bool,
+    ) -> bytes:
         nonce = prefix + struct.pack(">I", index)
         return self._aead.encrypt(nonce, data, self._aad(header, index, final))
 

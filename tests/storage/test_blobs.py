@@ -28,10 +28,25 @@ def test_round_trip_at_segment_boundaries(store: LocalBlobStore, size: int) -> N
     assert list(store.keys()) == [blob.key]
 
 
-def test_chunked_input_equals_whole(store: LocalBlobStore) -> None:
-    data = os.urandom(2 * SEGMENT_SIZE + 17)
-    chunks = [data[i : i + 70_001] for i in range(0, len(data), 70_001)]
-    assert store.read(store.put(chunks).key) == data
+@pytest.mark.parametrize(
+    ("total", "step"),
+    [
+        (2 * SEGMENT_SIZE + 17, 70_001),  # segments straddle chunks
+        (2 * SEGMENT_SIZE, SEGMENT_SIZE),  # chunks are exactly segments
+        (2 * SEGMENT_SIZE, SEGMENT_SIZE // 2),  # chunks fill a segment exactly
+        (3 * SEGMENT_SIZE + 5, 2 * SEGMENT_SIZE + 1),  # chunks larger than a segment
+        (SEGMENT_SIZE + 1, 1 << 14),
+    ],
+)
+def test_chunked_input_equals_whole(store: LocalBlobStore, total: int, step: int) -> None:
+    data = os.urandom(total)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)] + [b""]
+    chunked = store.put(chunks)
+    whole = store.put_bytes(data)
+    assert store.read(chunked.key) == data
+    # same segmentation whatever the chunking: same sealed size, same plaintext hash
+    assert chunked.stored_size == whole.stored_size
+    assert chunked.sha256 == whole.sha256
 
 
 def test_plaintext_not_on_disk(store: LocalBlobStore) -> None:

@@ -1,0 +1,102 @@
+"""KnownSeries: the C-STORE fast path that skips patient/study/series look-ups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from index_helpers import make_ds, storage_kwargs
+from pydicom.uid import generate_uid
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from medzip_scp.index.ingest import KnownSeries, add_instance, attributes_from_dataset
+from medzip_scp.index.models import Instance, Series, Study
+
+
+@contextmanager
+def _statements(session: Session) -> Iterator[list[str]]:
+    seen: list[str] = []
+    engine = session.get_bind()
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        seen.append(statement.split()[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _add(session: Session, ds, known: KnownSeries) -> Instance:  # noqa: ANN001
+    return add_instance(
+        session, attributes_from_dataset(ds), **storage_kwargs(ds), known_series=known
+    )
+
+
+def test_committed_series_skips_the_lookups(db_session_factory: sessionmaker[Session]) -> None:
+    known = KnownSeries()
+    first = make_ds()
+    same_series = {
+        "StudyInstanceUID": first.StudyInstanceUID,
+        "SeriesInstanceUID": first.SeriesInstanceUID,
+    }
+    with db_session_factory() as session:
+        with _statements(session) as slow:
+            _add(session, first, known)
+        session.commit()
+    known.committed()
+    with db_session_factory() as session:
+        with _statements(session) as fast:
+            second = _add(session, make_ds(**same_series), known)
+            series_fk = second.series_fk
+        session.commit()
+    assert fast.count("SELECT") < slow.count("SELECT")
+    with db_session_factory() as session:
+        series = session.scalars(select(Series)).one()
+        assert series_fk == series.id
+        fks = session.scalars(select(Instance.series_fk)).all()
+        assert fks == [series.id, series.id]
+
+
+def test_changed_values_take_the_slow_path(db_session_factory: sessionmaker[Session]) -> None:
+    known = KnownSeries()
+    first = make_ds(StudyDescription="HEAD")
+    with db_session_factory() as session:
+        _add(session, first, known)
+        session.commit()
+    known.committed()
+    newer = make_ds(
+        StudyInstanceUID=first.StudyInstanceUID,
+        SeriesInstanceUID=first.SeriesInstanceUID,
+        StudyDescription="HEAD WITH CONTRAST",
+    )
+    with db_session_factory() as session:
+        _add(session, newer, known)
+        session.commit()
+    known.committed()
+    with db_session_factory() as session:
+        assert session.scalars(select(Study.study_description)).one() == "HEAD WITH CONTRAST"
+
+
+def test_rolled_back_series_is_not_trusted(db_session_factory: sessionmaker[Session]) -> None:
+    """A series row created in a transaction that rolled back must be created again."""
+    known = KnownSeries()
+    lost = make_ds()
+    with db_session_factory() as session:
+        _add(session, lost, known)
+        session.rollback()
+    known.rolled_back()
+    known.committed()  # nothing pending any more: promotes nothing
+    again = make_ds(
+        StudyInstanceUID=lost.StudyInstanceUID,
+        SeriesInstanceUID=lost.SeriesInstanceUID,
+        SOPInstanceUID=generate_uid(),
+    )
+    with db_session_factory() as session:
+        instance = _add(session, again, known)
+        session.commit()
+        series = session.get(Series, instance.series_fk)
+        assert series is not None
+        assert series.series_instance_uid == str(lost.SeriesInstanceUID)
