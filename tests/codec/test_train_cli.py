@@ -39,3 +39,17 @@ def test_help_lists_both_commands() -> None:
     result = runner.invoke(train_app, ["--help"])
     assert result.exit_code == 0
     assert "local" in result.output and "global" in result.output
+
+
+def test_global_model_is_named_after_its_version_folder(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from medzip_scp.codec.learned.global_path.model import load_model_dir
+    from medzip_scp.codec.learned.global_path.train import train
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    if not data.is_dir():
+        pytest.skip(f"shared data not found at {data}")
+    out = tmp_path / "global-vae" / "v7"
+    summary = train(data, out, steps=2, n_crops=40, minutes=1)
+    assert summary["model_id"] == "global-vae-v7"
+    assert load_model_dir("global-vae-v7", out).sha256 == summary["sha256"]

@@ -33,7 +33,13 @@ from .model import COEF_SHIFT, NS, PRIOR_TOTAL, build_tables, save_model_dir
 
 __all__ = ["DEV_SETS", "TRAIN_GLOBS", "dev_files", "main", "read_frames", "train"]
 
-MODEL_ID = "global-vae-v1"
+MODEL_FAMILY = "global-vae"
+
+
+def model_id_for(out_dir: Path) -> str:
+    """The id a model trained into ``out_dir`` is released under: the family and the
+    version folder's name (``models/global-vae/v2`` -> ``global-vae-v2``)."""
+    return f"{MODEL_FAMILY}-{Path(out_dir).name}"
 K_CLASSES = 16
 BLOCK = 8
 CROP = 32
@@ -340,9 +346,10 @@ def _write(fit: dict, data_root: Path, out_dir: Path, seed: int, minutes: float,
         "crop": str(CROP),
         "features": "MED,W,N,NW,NE,WW,NN,NWW,NNW,NNE",
     }
-    digest = save_model_dir(Path(out_dir), MODEL_ID, q, meta)
+    model_id = model_id_for(out_dir)
+    digest = save_model_dir(Path(out_dir), model_id, q, meta)
     summary = {
-        "model_id": MODEL_ID,
+        "model_id": model_id,
         "sha256": digest,
         "steps": step,
         "crops": n,
