@@ -62,13 +62,16 @@ def reference_sizes(frame: np.ndarray, bits: int) -> dict[str, int]:
     import imagecodecs
 
     return {
-        "JPEG-XL e9": len(imagecodecs.jpegxl_encode(frame, lossless=True, effort=9,
-                                                    bitspersample=bits)),
-        "JPEG-XL e7": len(imagecodecs.jpegxl_encode(frame, lossless=True, effort=7,
-                                                    bitspersample=bits)),
+        "JPEG-XL e9": len(
+            imagecodecs.jpegxl_encode(frame, lossless=True, effort=9, bitspersample=bits)
+        ),
+        "JPEG-XL e7": len(
+            imagecodecs.jpegxl_encode(frame, lossless=True, effort=7, bitspersample=bits)
+        ),
         "JPEG-LS": len(imagecodecs.jpegls_encode(frame)),
-        "JPEG 2000": len(imagecodecs.jpeg2k_encode(frame, level=0, reversible=True,
-                                                   bitspersample=bits)),
+        "JPEG 2000": len(
+            imagecodecs.jpeg2k_encode(frame, level=0, reversible=True, bitspersample=bits)
+        ),
     }
 
 
@@ -117,17 +120,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, nframes, npix, bpp, best, npix / t_enc / 1e6, npix / t_dec / 1e6))
         print(f"# {name}: {nframes} frames done", file=sys.stderr, flush=True)
 
-    print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, python "
-          f"{platform.python_version()}, single thread, stride {args.stride}"
-          + (f", crop {args.crop}" if args.crop else ""))
+    print(
+        f"\nmachine: {platform.machine()} {platform.processor() or ''}, python "
+        f"{platform.python_version()}, single thread, stride {args.stride}"
+        + (f", crop {args.crop}" if args.crop else "")
+    )
     print()
-    print("| set | frames | MPx | " + " | ".join(codecs)
-          + " | ours / best other | enc MPx/s | dec MPx/s |")
+    print(
+        "| set | frames | MPx | "
+        + " | ".join(codecs)
+        + " | ours / best other | enc MPx/s | dec MPx/s |"
+    )
     print("|---|---|---|" + "---|" * len(codecs) + "---|---|---|")
     for name, nframes, npix, bpp, best, enc, dec in rows:
         cells = " | ".join(f"{bpp[c]:.3f}" for c in codecs)
-        print(f"| {name} | {nframes} | {npix / 1e6:.2f} | {cells} | {bpp[codecs[0]] / best:.4f} "
-              f"| {enc:.2f} | {dec:.2f} |")
+        print(
+            f"| {name} | {nframes} | {npix / 1e6:.2f} | {cells} | {bpp[codecs[0]] / best:.4f} "
+            f"| {enc:.2f} | {dec:.2f} |"
+        )
     return 0
 
 

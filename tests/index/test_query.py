@@ -92,9 +92,7 @@ def identifier(level: str, **keys: Any) -> Dataset:
     return ds
 
 
-def run(
-    sessions: sessionmaker[Session], model: str, level: str, **keys: Any
-) -> list[Dataset]:
+def run(sessions: sessionmaker[Session], model: str, level: str, **keys: Any) -> list[Dataset]:
     with sessions() as session:
         return list(find(session, model, identifier(level, **keys)))  # type: ignore[arg-type]
 
