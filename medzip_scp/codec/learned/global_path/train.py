@@ -40,6 +40,8 @@ def model_id_for(out_dir: Path) -> str:
     """The id a model trained into ``out_dir`` is released under: the family and the
     version folder's name (``models/global-vae/v2`` -> ``global-vae-v2``)."""
     return f"{MODEL_FAMILY}-{Path(out_dir).name}"
+
+
 K_CLASSES = 16
 BLOCK = 8
 CROP = 32
