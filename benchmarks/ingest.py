@@ -219,13 +219,22 @@ def start_medzip(database_url: str | None, compress: bool = True, processes: int
             env["MEDZIP_STORAGE__DATABASE_URL"] = database_url
         if not compress:
             env["MEDZIP_PIPELINE__COMPRESS"] = "false"
-        return subprocess.Popen(
+        out = work / "medzip.out"
+        proc = subprocess.Popen(
             [medzip, "serve", "--data-dir", str(work / "data"), "--port", str(port)]
             + ["--processes", str(processes)],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=open(out, "w"),  # noqa: SIM115
             stderr=open(work / "medzip.log", "w"),  # noqa: SIM115
         )
+        # "ready" is printed once every node process listens (before that, the kernel
+        # gives all connections on the shared port to the processes already listening)
+        deadline = time.monotonic() + 120
+        while "\nready" not in out.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"medzip serve did not get ready: see {work}")
+            time.sleep(0.2)
+        return proc
 
     return start
 

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Annotated
 
@@ -99,16 +100,28 @@ def serve(
     archive = Archive.open(settings)
     shutil.rmtree(settings.storage.incoming_dir(), ignore_errors=True)  # before any process
     server = start_server(archive, shared_port=settings.node.processes > 1)
+    spawn = multiprocessing.get_context("spawn")
+    listening = [spawn.Event() for _ in range(1, settings.node.processes)]
     children = [
-        multiprocessing.get_context("spawn").Process(
+        spawn.Process(
             target=_serve_child,
-            args=(settings, archive.store_activity),
+            args=(settings, archive.store_activity, event),
             name=f"medzip-node-{number}",
         )
-        for number in range(1, settings.node.processes)
+        for number, event in enumerate(listening, start=1)
     ]
     for child in children:
         child.start()
+    # "ready" only once every process accepts associations: until a child listens, the
+    # kernel hands all new connections on the shared port to the processes that do.
+    for child, event in zip(children, listening, strict=True):
+        while not event.wait(0.2):
+            if not child.is_alive():
+                typer.echo(f"node process {child.name} exited ({child.exitcode})", err=True)
+                for other in children:
+                    other.terminate()
+                server.shutdown()
+                raise typer.Exit(1)
     stop = threading.Event()
     workers = []
     if settings.pipeline.compress:
@@ -140,8 +153,9 @@ def serve(
         worker.join(timeout=60)
 
 
-def _serve_child(settings: Settings, store_activity: ctypes.c_double) -> None:
-    """Another node process on the shared port (``[node] processes > 1``)."""
+def _serve_child(settings: Settings, store_activity: ctypes.c_double, listening: EventType) -> None:
+    """Another node process on the shared port (``[node] processes > 1``); sets
+    ``listening`` once it accepts associations."""
     from medzip_scp.archive import Archive
     from medzip_scp.net.server import start_server
 
@@ -149,6 +163,7 @@ def _serve_child(settings: Settings, store_activity: ctypes.c_double) -> None:
     archive = Archive.open(settings, migrate=False)
     archive.store_activity = store_activity
     server = start_server(archive, shared_port=True)
+    listening.set()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop

@@ -104,6 +104,8 @@ def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
     proc, lines = _start(tmp_path, "--port", str(port), "--processes", "2", "--data-dir", "d")
     try:
         assert "node processes: 2" in "\n".join(lines)
+        # "ready" comes only once both processes listen (each made its spool folder first)
+        assert len(list((tmp_path / "d" / "incoming").iterdir())) == 2
         names = sorted(files.iterdir())
         senders = [
             subprocess.Popen(
