@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -69,7 +70,7 @@ def _settings(
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -99,29 +100,35 @@ def serve(
     _logging(settings.log_level)
     archive = Archive.open(settings)
     shutil.rmtree(settings.storage.incoming_dir(), ignore_errors=True)  # before any process
-    server = start_server(archive, shared_port=settings.node.processes > 1)
+    # One Unix socket pair per further process: this process accepts every association
+    # and passes each to the next process in turn (see medzip_scp.net.server).
+    pairs = [
+        socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for _ in range(1, settings.node.processes)
+    ]
     spawn = multiprocessing.get_context("spawn")
-    listening = [spawn.Event() for _ in range(1, settings.node.processes)]
+    listening = [spawn.Event() for _ in pairs]
     children = [
         spawn.Process(
             target=_serve_child,
-            args=(settings, archive.store_activity, event),
-            name=f"medzip-node-{number}",
+            args=(settings, archive.store_activity, pairs[i][1], listening[i]),
+            name=f"medzip-node-{i + 1}",
         )
-        for number, event in enumerate(listening, start=1)
+        for i in range(len(pairs))
     ]
     for child in children:
         child.start()
-    # "ready" only once every process accepts associations: until a child listens, the
-    # kernel hands all new connections on the shared port to the processes that do.
+    for _ours, theirs in pairs:
+        theirs.close()  # the child holds its own copy
+    # "ready" only once every process serves associations
     for child, event in zip(children, listening, strict=True):
         while not event.wait(0.2):
             if not child.is_alive():
                 typer.echo(f"node process {child.name} exited ({child.exitcode})", err=True)
                 for other in children:
                     other.terminate()
-                server.shutdown()
                 raise typer.Exit(1)
+    server = start_server(archive, dispatch_to=[ours for ours, _theirs in pairs])
     stop = threading.Event()
     workers = []
     if settings.pipeline.compress:
@@ -153,18 +160,23 @@ def serve(
         worker.join(timeout=60)
 
 
-def _serve_child(settings: Settings, store_activity: ctypes.c_double, listening: EventType) -> None:
-    """Another node process on the shared port (``[node] processes > 1``); sets
-    ``listening`` once it accepts associations."""
+def _serve_child(
+    settings: Settings,
+    store_activity: ctypes.c_double,
+    channel: socket.socket,
+    listening: EventType,
+) -> None:
+    """Another node process (``[node] processes > 1``): serves the associations the first
+    process passes over ``channel``; sets ``listening`` once it does."""
     from medzip_scp.archive import Archive
     from medzip_scp.net.server import start_server
 
     _logging(settings.log_level)
     archive = Archive.open(settings, migrate=False)
     archive.store_activity = store_activity
-    server = start_server(archive, shared_port=True)
-    listening.set()
     stop = threading.Event()
+    server = start_server(archive, forwarded=(channel, stop.set))
+    listening.set()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     stop.wait()

@@ -7,6 +7,7 @@ AE titles and statuses only (no names, IDs, dates or data sets).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -162,6 +163,22 @@ def handle_store(event: evt.Event, archive: Archive, policy: AccessPolicy) -> in
     return status
 
 
+FIND_RESPONSES_IN_FLIGHT = 16
+
+
+def _drain_sends(assoc: Association) -> None:
+    """Wait until pynetdicom has sent every queued PDU of this association.
+
+    Its reactor reads nothing from the peer (a C-CANCEL) while it has PDUs to send, and it
+    queues responses without bound: a fast C-FIND over thousands of matches would be sent
+    whole, and held whole in memory, before a C-CANCEL is even read. Draining every
+    :data:`FIND_RESPONSES_IN_FLIGHT` responses bounds both.
+    """
+    queue = assoc.dul.to_provider_queue
+    while queue.qsize() and assoc.is_established:
+        time.sleep(0.0005)
+
+
 def _cancel_latch(event: evt.Event) -> Callable[[], bool]:
     """``event.is_cancelled`` consumes the C-CANCEL it reports (pynetdicom deletes it), so
     remember it: once cancelled, every later check must say so too."""
@@ -203,6 +220,8 @@ def handle_find(
                 if wants_availability:
                     response.InstanceAvailability = "ONLINE"
                 count += 1
+                if count % FIND_RESPONSES_IN_FLIGHT == 0:
+                    _drain_sends(event.assoc)
                 yield Status.PENDING, response
     except QueryError as exc:
         log.warning("C-FIND from %r refused: %s", event.assoc.requestor.ae_title, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -10,7 +11,9 @@ import ssl
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import (
@@ -117,22 +120,99 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     return context
 
 
-class SharedPortServer(ThreadedAssociationServer):
-    """Lets several node processes listen on one port; the kernel spreads associations
-    across them (SO_REUSEPORT), so C-STOREs are not bound by one interpreter's lock."""
+class DispatchingServer(ThreadedAssociationServer):
+    """The first node process's server when there are several: it accepts every connection
+    on the port and deals them round-robin to itself and to the other node processes
+    (passing the connected socket over a Unix socket pair), so that N concurrent
+    associations use N processes and their cores. (With ``SO_REUSEPORT`` the kernel hashes
+    connections to processes: 4 associations on 2 processes landed 4/0 or 3/1 five times in
+    eight.) TLS is set up by the process that serves the association."""
+
+    def __init__(self, *args: Any, channels: list[socket.socket], **kwargs: Any) -> None:
+        self._channels = list(channels)
+        self._turn = 0
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        targets = len(self._channels) + 1
+        self._turn = (self._turn + 1) % targets
+        if self._turn and self._hand_over(self._channels[self._turn - 1], request, client_address):
+            return
+        if self.ssl_context:
+            request = self.ssl_context.wrap_socket(request, server_side=True)
+        super().process_request(request, client_address)
+
+    def _hand_over(self, channel: socket.socket, request: socket.socket, address: Any) -> bool:
+        try:
+            socket.send_fds(channel, [json.dumps(list(address)).encode()], [request.fileno()])
+        except OSError:
+            log.error("a node process stopped taking associations; serving them here")
+            self._channels.remove(channel)
+            return False
+        request.close()  # our descriptor only: the other process now owns the connection
+        return True
+
+    def server_close(self) -> None:
+        super().server_close()
+        for channel in self._channels:
+            channel.close()
+
+
+class ForwardedServer(ThreadedAssociationServer):
+    """Another node process's server: serves the connections the :class:`DispatchingServer`
+    passes to it over ``channel``; calls ``on_closed`` when the dispatcher is gone."""
+
+    def __init__(
+        self, *args: Any, channel: socket.socket, on_closed: Callable[[], None], **kwargs: Any
+    ) -> None:
+        self._channel = channel
+        self._on_closed = on_closed
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # the TCP socket made by TCPServer: this server listens on nothing
+        self.socket = self._channel
+
+    def server_activate(self) -> None:
+        pass
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        message, fds, _flags, _addr = socket.recv_fds(self._channel, 1024, 1)
+        if not fds:  # end of stream: the dispatching process is gone
+            self._on_closed()
+            raise OSError("the dispatching node process closed the channel")
+        client = socket.socket(fileno=fds[0])
+        address = tuple(json.loads(message))
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address  # type: ignore[return-value]
 
 
-def start_server(archive: Archive, shared_port: bool = False) -> ThreadedAssociationServer:
-    """Start listening in a background thread and return the running server."""
+def start_server(
+    archive: Archive,
+    dispatch_to: list[socket.socket] | None = None,
+    forwarded: tuple[socket.socket, Callable[[], None]] | None = None,
+) -> ThreadedAssociationServer:
+    """Start serving in a background thread and return the running server.
+
+    Parameters
+    ----------
+    dispatch_to
+        The first of several node processes: listen on the port and deal connections
+        round-robin to this process and over these channels.
+    forwarded
+        Another node process: serve the connections arriving on this channel; the callable
+        is called when the channel closes.
+    """
     configure_pynetdicom()
     incoming = archive.settings.storage.incoming_dir()
-    if not shared_port:
-        # Left by a crash mid-transfer: never acknowledged, safe to drop. With several node
-        # processes only the first (started before the others) clears the whole folder.
+    if forwarded is None and not dispatch_to:
+        # Left by a crash mid-transfer: never acknowledged, safe to drop. (With several node
+        # processes, `medzip serve` clears it before it starts any.)
         shutil.rmtree(incoming, ignore_errors=True)
     # pynetdicom spools incoming data sets with tempfile: keep them on the archive's volume,
     # one folder per process so that no process can remove another's transfers.
@@ -141,11 +221,18 @@ def start_server(archive: Archive, shared_port: bool = False) -> ThreadedAssocia
     tempfile.tempdir = str(spool)
     ae = build_ae(archive)
     node = archive.settings.node
+    extra: dict[str, Any] = {}
+    server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer
+    if dispatch_to:
+        server_class, extra = DispatchingServer, {"channels": dispatch_to}
+    elif forwarded is not None:
+        server_class, extra = ForwardedServer, {"channel": forwarded[0], "on_closed": forwarded[1]}
     server = ae.make_server(
         (node.bind, node.port),
         evt_handlers=event_handlers(archive),
         ssl_context=tls_context(archive.settings.tls),
-        server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
+        server_class=server_class,
+        **extra,
     )
     thread = threading.Thread(target=server.serve_forever, name="medzip-acceptor", daemon=True)
     thread.start()
@@ -175,7 +262,7 @@ def describe_startup(archive: Archive) -> list[str]:
     else:
         lines.append(f"access: allow-list only ({len(access.peers)} peers)")
     if s.node.processes > 1:
-        lines.append(f"node processes: {s.node.processes} sharing port {s.node.port}")
+        lines.append(f"node processes: {s.node.processes}, associations dealt round-robin")
     for dest in s.retrieve.destinations:
         lines.append(f"move destination: {dest.ae_title} = {dest.host}:{dest.port}")
     return lines

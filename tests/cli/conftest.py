@@ -1,2 +1,3 @@
 # The running-node fixtures live with the network tests; the CLI tests reuse them.
 from tests.net.conftest import node, node_settings  # noqa: F401
+from tests.net.tls_helpers import pki  # noqa: F401

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.net.conftest import free_port
+from tests.net.tls_helpers import client_context, echo
 
 ECHOSCU = Path("/usr/bin/echoscu")
 
@@ -84,8 +86,8 @@ STORESCU = Path("/usr/bin/storescu")
 
 
 def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
-    """Several node processes on one port: concurrent associations land on both, and no
-    process disturbs another's transfers (each spools into its own folder)."""
+    """Several node processes on one port: concurrent associations are dealt evenly to
+    both, and no process disturbs another's transfers (each spools into its own folder)."""
     if not STORESCU.exists():
         pytest.skip("DCMTK's storescu is not installed (apt-get install dcmtk)")
     import sqlite3
@@ -121,8 +123,49 @@ def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
             assert sender.returncode == 0, out
     finally:
         proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        log = proc.stdout.read()
         proc.wait(timeout=60)
     count = sqlite3.connect(tmp_path / "d" / "index.sqlite3").execute(
         "select count(*) from instance"
     )
     assert count.fetchone()[0] == 24
+    # associations are dealt round-robin: each process stored the files of two of them
+    stored = [line for line in log.splitlines() if "C-STORE" in line and ": stored" in line]
+    by_process = {
+        name: sum(name in line for line in stored) for name in ("MainProcess", "medzip-node-1")
+    }
+    assert by_process == {"MainProcess": 12, "medzip-node-1": 12}, by_process
+
+
+def test_mutual_tls_in_every_node_process(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """Each process sets up TLS for the associations it is dealt (a TLS session cannot be
+    handed from one process to another)."""
+    config = tmp_path / "node.toml"
+    config.write_text(
+        "[tls]\nenabled = true\n"
+        f'certificate = "{pki["node_cert"]}"\nprivate_key = "{pki["node_key"]}"\n'
+        f'ca_certificates = "{pki["ca"]}"\nrequire_client_certificate = true\n'
+    )
+    port = free_port()
+    proc, _ = _start(
+        tmp_path,
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--processes",
+        "2",
+        "--data-dir",
+        "d",
+    )
+    node = SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
+    try:
+        # associations are dealt in turn, so four in a row reach both processes twice
+        with_cert = [echo(node, (client_context(pki, True), "localhost")) for _ in range(4)]
+        without = [echo(node, (client_context(pki, False), "localhost")) for _ in range(2)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert with_cert == [True] * 4
+    assert without == [False] * 2

@@ -69,3 +69,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real DICOM data not found at {SHARED_DATA} (see ../shared/data/README.md)")
     return SHARED_DATA
+
+
+from tests.net.tls_helpers import pki  # noqa: E402, F401  (a fixture for the TLS tests)
