@@ -51,10 +51,11 @@ def check_ae_title(value: str) -> str:
 
 
 def default_processes() -> int:
-    """One node process per CPU core (at most 8) where the kernel spreads connections over
-    processes sharing a port (Linux ``SO_REUSEPORT``); one elsewhere. Python runs one
-    thread at a time per process, so concurrent associations need processes to use cores:
-    on 2 cores, 4 associations of CT slices went from 88 to 137 instances/s."""
+    """One node process per CPU core (at most 8) on Linux, one elsewhere (the first process
+    passes associations to the others over ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pairs).
+    Python runs one thread at a time per process, so concurrent associations need
+    processes to use cores: on 2 cores, 4 associations of CT slices went from 85 to 140
+    instances/s."""
     if not sys.platform.startswith("linux"):
         return 1
     return max(1, min(8, len(os.sched_getaffinity(0))))
@@ -70,9 +71,9 @@ class NodeSettings(BaseModel):
         default_factory=default_processes,
         ge=1,
         le=64,
-        description="Node processes sharing the port (Linux SO_REUSEPORT); more processes "
-        "let concurrent associations use more than one CPU core. Default: one per core "
-        "(at most 8) on Linux, 1 elsewhere.",
+        description="Node processes (Linux); the first accepts associations and deals them "
+        "round-robin to all, so concurrent associations use more than one CPU core. "
+        "Default: one per core (at most 8) on Linux, 1 elsewhere.",
     )
     network_timeout: float = Field(60.0, description="Seconds without network traffic.")
     dimse_timeout: float = Field(60.0, description="Seconds to wait for a DIMSE message.")
