@@ -7,11 +7,12 @@ Generates ``--count`` 512x512 16-bit CT instances (copies of a real slice from
 them with DCMTK's ``/usr/bin/storescu`` over 1 association and over N parallel associations
 (N storescu processes on disjoint parts) to
 
-* the medzip node (``medzip serve`` in a subprocess; SQLite in a temporary data directory,
-  and PostgreSQL in a fresh schema when ``MEDZIP_BENCH_PG_URL`` / the default test URL is
-  reachable): acknowledges only after blob fsync and index commit;
-  The node's background compression worker runs during the measurement (as in production);
-  one more SQLite run with ``MEDZIP_PIPELINE__COMPRESS=false`` isolates the C-STORE path;
+* the medzip node (``medzip serve`` in a subprocess, default configuration: one process per
+  core; SQLite in a temporary data directory, and PostgreSQL in a fresh schema when
+  ``MEDZIP_BENCH_PG_URL`` / the default test URL is reachable): acknowledges only after
+  blob fsync and index commit. The node's background compression worker runs during the
+  measurement (as in production); more SQLite runs with ``MEDZIP_PIPELINE__COMPRESS=false``
+  and with ``--processes 1`` isolate the C-STORE path and the effect of processes;
 * a bare pynetdicom storage SCP (a subprocess) that writes each received data set to a file,
   without fsync.
 
@@ -210,7 +211,9 @@ def start_bare(script: Path) -> callable:
     return start
 
 
-def start_medzip(database_url: str | None, compress: bool = True, processes: int = 1) -> callable:
+def start_medzip(
+    database_url: str | None, compress: bool = True, processes: int | None = None
+) -> callable:
     medzip = str(Path(sys.executable).with_name("medzip"))
 
     def start(port: int, work: Path) -> subprocess.Popen:
@@ -222,7 +225,7 @@ def start_medzip(database_url: str | None, compress: bool = True, processes: int
         out = work / "medzip.out"
         proc = subprocess.Popen(
             [medzip, "serve", "--data-dir", str(work / "data"), "--port", str(port)]
-            + ["--processes", str(processes)],
+            + ([] if processes is None else ["--processes", str(processes)]),
             env=env,
             stdout=open(out, "w"),  # noqa: SIM115
             stderr=open(work / "medzip.log", "w"),  # noqa: SIM115
@@ -290,8 +293,8 @@ def main() -> None:
             tmp,
         )
         rows += run_target(
-            "medzip (SQLite, 2 processes)",
-            start_medzip(None, processes=2),
+            "medzip (SQLite, 1 process)",
+            start_medzip(None, processes=1),
             "MEDZIP",
             files,
             [n for n in args.associations if n > 1],
