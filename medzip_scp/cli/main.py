@@ -101,34 +101,49 @@ def serve(
     archive = Archive.open(settings)
     shutil.rmtree(settings.storage.incoming_dir(), ignore_errors=True)  # before any process
     # One Unix socket pair per further process: this process accepts every association
-    # and passes each to the next process in turn (see medzip_scp.net.server).
+    # and passes each to the next process in turn (see medzip_scp.net.server). It binds the
+    # port first, so a port in use fails before any other process exists; connections
+    # handed to a process that is still starting wait in its socket pair.
     pairs = [
         socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for _ in range(1, settings.node.processes)
     ]
-    spawn = multiprocessing.get_context("spawn")
-    listening = [spawn.Event() for _ in pairs]
-    children = [
-        spawn.Process(
-            target=_serve_child,
-            args=(settings, archive.store_activity, pairs[i][1], listening[i]),
-            name=f"medzip-node-{i + 1}",
-        )
-        for i in range(len(pairs))
-    ]
-    for child in children:
-        child.start()
-    for _ours, theirs in pairs:
-        theirs.close()  # the child holds its own copy
-    # "ready" only once every process serves associations
-    for child, event in zip(children, listening, strict=True):
-        while not event.wait(0.2):
-            if not child.is_alive():
-                typer.echo(f"node process {child.name} exited ({child.exitcode})", err=True)
-                for other in children:
-                    other.terminate()
-                raise typer.Exit(1)
-    server = start_server(archive, dispatch_to=[ours for ours, _theirs in pairs])
+    children: list[multiprocessing.process.BaseProcess] = []
+    server = None
+    try:
+        server = start_server(archive, dispatch_to=[ours for ours, _theirs in pairs])
+        spawn = multiprocessing.get_context("spawn")
+        listening = [spawn.Event() for _ in pairs]
+        children = [
+            spawn.Process(
+                target=_serve_child,
+                args=(settings, archive.store_activity, pairs[i][1], listening[i]),
+                name=f"medzip-node-{i + 1}",
+            )
+            for i in range(len(pairs))
+        ]
+        for child in children:
+            child.start()
+        for _ours, theirs in pairs:
+            theirs.close()  # the child holds its own copy
+        # "ready" only once every process serves associations
+        for child, event in zip(children, listening, strict=True):
+            while not event.wait(0.2):
+                if not child.is_alive():
+                    raise _StartFailed(f"node process {child.name} exited ({child.exitcode})")
+    except BaseException as exc:
+        if server is not None:
+            server.shutdown()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+        for child in children:
+            child.terminate()
+        if isinstance(exc, OSError | _StartFailed):
+            node = settings.node
+            typer.echo(f"cannot serve on {node.bind}:{node.port}: {exc}", err=True)
+            raise typer.Exit(1) from None
+        raise
     stop = threading.Event()
     workers = []
     if settings.pipeline.compress:
@@ -151,13 +166,19 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     typer.echo("stopping: finishing open associations")
-    for child in children:
-        child.terminate()  # SIGTERM: each child finishes its associations
+    # Stop taking associations first (this also closes the other processes' socket pairs),
+    # so none is handed to a process that is stopping; then each finishes its own.
     server.shutdown()
+    for child in children:
+        child.terminate()
     for child in children:
         child.join(timeout=60)
     for worker in workers:
         worker.join(timeout=60)
+
+
+class _StartFailed(Exception):
+    """A node process did not come up."""
 
 
 def _serve_child(

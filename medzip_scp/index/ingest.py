@@ -321,6 +321,21 @@ def _hierarchy_values(attrs: InstanceAttributes) -> tuple[Any, ...]:
     return tuple(getattr(attrs, name) for name in _HIERARCHY_FIELDS)
 
 
+_STUDY_AT = _HIERARCHY_FIELDS.index("study_instance_uid")
+_PATIENT_AT = (
+    _HIERARCHY_FIELDS.index("patient_id"),
+    _HIERARCHY_FIELDS.index("issuer_of_patient_id"),
+)
+
+
+def _patient_key(attrs: InstanceAttributes) -> tuple[str, str]:
+    return attrs.patient_id, attrs.issuer_of_patient_id
+
+
+def _patient_key_of(values: tuple[Any, ...]) -> tuple[str, str]:
+    return values[_PATIENT_AT[0]], values[_PATIENT_AT[1]]
+
+
 class KnownSeries:
     """Series rows this process has committed, with the patient/study/series values they
     were committed with (a C-STORE fast path).
@@ -331,6 +346,10 @@ class KnownSeries:
     equal those this process last committed for the series. Entries noted during a
     transaction count only after :meth:`committed`; call :meth:`rolled_back` when the
     transaction is rolled back. Not thread-safe: use it from the thread that commits.
+
+    Another node process may change a shared study or patient meanwhile; this process then
+    skips re-applying its own (unchanged) values for that series, as if its instance had
+    arrived first. Each instance's own series is always the one it names.
     """
 
     MAX_ENTRIES = 4096
@@ -347,6 +366,13 @@ class KnownSeries:
         return entry[0]
 
     def note(self, attrs: InstanceAttributes, series_id: int) -> None:
+        """Record a series the slow path wrote. That path may also have moved or updated
+        the study and patient, which other series share: forget those series, so that
+        their next instance takes the slow path and, newest first, sets them again."""
+        study, patient = attrs.study_instance_uid, _patient_key(attrs)
+        for uid, (_id, values) in list(self._known.items()):
+            if values[_STUDY_AT] == study or _patient_key_of(values) == patient:
+                del self._known[uid]
         self._pending[attrs.series_instance_uid] = (series_id, _hierarchy_values(attrs))
 
     def committed(self) -> None:

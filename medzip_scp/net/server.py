@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -71,12 +72,13 @@ def _storage_sop_classes() -> list[str]:
     return sorted(set(_STORAGE_CLASSES.values()))
 
 
-def build_ae(archive: Archive) -> AE:
-    """An AE accepting every storage SOP class in every syntax, Q/R and Verification."""
+def build_ae(archive: Archive, processes: int = 1) -> AE:
+    """An AE accepting every storage SOP class in every syntax, Q/R and Verification; one of
+    ``processes`` node processes, so it takes its share of ``max_associations``."""
     settings = archive.settings
     ae = AE(ae_title=settings.node.ae_title)
     ae.maximum_pdu_size = settings.node.max_pdu
-    ae.maximum_associations = settings.node.max_associations
+    ae.maximum_associations = math.ceil(settings.node.max_associations / processes)
     ae.network_timeout = settings.node.network_timeout
     ae.dimse_timeout = settings.node.dimse_timeout
     ae.require_called_aet = settings.access.check_called_ae
@@ -120,7 +122,34 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     return context
 
 
-class DispatchingServer(ThreadedAssociationServer):
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved from the accepting thread
+    (where one silent client would stop every other from connecting) to the association's
+    own thread, under the network timeout."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self.socket.accept()
+        return self._wrap(client), address
+
+    def _wrap(self, client: socket.socket) -> socket.socket:
+        if not self.ssl_context:
+            return client
+        return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.ae.network_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except OSError as exc:  # ssl.SSLError, timeouts, resets
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+class DispatchingServer(NodeServer):
     """The first node process's server when there are several: it accepts every connection
     on the port and deals them round-robin to itself and to the other node processes
     (passing the connected socket over a Unix socket pair), so that N concurrent
@@ -128,30 +157,35 @@ class DispatchingServer(ThreadedAssociationServer):
     connections to processes: 4 associations on 2 processes landed 4/0 or 3/1 five times in
     eight.) TLS is set up by the process that serves the association."""
 
+    HAND_OVER_TIMEOUT = 10.0
+
     def __init__(self, *args: Any, channels: list[socket.socket], **kwargs: Any) -> None:
         self._channels = list(channels)
+        for channel in self._channels:
+            channel.settimeout(self.HAND_OVER_TIMEOUT)
         self._turn = 0
         super().__init__(*args, **kwargs)
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
-        return client, address
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return self.socket.accept()  # wrapped for TLS only where it is served
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        targets = len(self._channels) + 1
-        self._turn = (self._turn + 1) % targets
+        self._turn = (self._turn + 1) % (len(self._channels) + 1)
         if self._turn and self._hand_over(self._channels[self._turn - 1], request, client_address):
             return
-        if self.ssl_context:
-            request = self.ssl_context.wrap_socket(request, server_side=True)
-        super().process_request(request, client_address)
+        super().process_request(self._wrap(request), client_address)
 
     def _hand_over(self, channel: socket.socket, request: socket.socket, address: Any) -> bool:
         try:
             socket.send_fds(channel, [json.dumps(list(address)).encode()], [request.fileno()])
+        except TimeoutError:
+            log.warning("a node process is not taking associations; serving this one here")
+            return False
         except OSError:
-            log.error("a node process stopped taking associations; serving them here")
+            log.error("a node process stopped; serving its share of associations here")
             self._channels.remove(channel)
+            channel.close()
+            self._turn = 0
             return False
         request.close()  # our descriptor only: the other process now owns the connection
         return True
@@ -162,7 +196,7 @@ class DispatchingServer(ThreadedAssociationServer):
             channel.close()
 
 
-class ForwardedServer(ThreadedAssociationServer):
+class ForwardedServer(NodeServer):
     """Another node process's server: serves the connections the :class:`DispatchingServer`
     passes to it over ``channel``; calls ``on_closed`` when the dispatcher is gone."""
 
@@ -180,16 +214,16 @@ class ForwardedServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         pass
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        message, fds, _flags, _addr = socket.recv_fds(self._channel, 1024, 1)
-        if not fds:  # end of stream: the dispatching process is gone
+    def get_request(self) -> tuple[socket.socket, Any]:
+        message, fds, flags, _addr = socket.recv_fds(self._channel, 1024, 1)
+        if not message and not fds:  # end of stream: the dispatching process is gone
             self._on_closed()
             raise OSError("the dispatching node process closed the channel")
+        if not fds:  # e.g. out of file descriptors: the kernel dropped the socket
+            log.error("an association handed to this process was lost (flags %#x)", flags)
+            raise OSError("no socket in the hand-over message")
         client = socket.socket(fileno=fds[0])
-        address = tuple(json.loads(message))
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
-        return client, address  # type: ignore[return-value]
+        return self._wrap(client), tuple(json.loads(message))
 
 
 def start_server(
@@ -219,10 +253,10 @@ def start_server(
     spool = incoming / str(os.getpid())
     spool.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(spool)
-    ae = build_ae(archive)
     node = archive.settings.node
+    ae = build_ae(archive, node.processes if dispatch_to or forwarded is not None else 1)
     extra: dict[str, Any] = {}
-    server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer
+    server_class: type[NodeServer] = NodeServer
     if dispatch_to:
         server_class, extra = DispatchingServer, {"channels": dispatch_to}
     elif forwarded is not None:

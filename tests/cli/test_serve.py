@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,11 +162,33 @@ def test_mutual_tls_in_every_node_process(tmp_path: Path, pki: dict[str, Path]) 
     )
     node = SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
     try:
-        # associations are dealt in turn, so four in a row reach both processes twice
+        # associations are dealt in turn, so four in a row reach both processes twice; a
+        # client that connects and stays silent holds up neither
+        silent = socket.create_connection(("127.0.0.1", port))
         with_cert = [echo(node, (client_context(pki, True), "localhost")) for _ in range(4)]
+        silent.close()
         without = [echo(node, (client_context(pki, False), "localhost")) for _ in range(2)]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert with_cert == [True] * 4
     assert without == [False] * 2
+
+
+def test_port_in_use_fails_fast_with_a_message(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDZIP_")}
+        result = subprocess.run(
+            [sys.executable, "-m", "medzip_scp.cli.main", "serve", "--port", str(port)]
+            + ["--processes", "2", "--data-dir", str(tmp_path / "d")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve on 0.0.0.0:{port}" in result.stderr
+    assert "Address already in use" in result.stderr

@@ -11,7 +11,7 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.index.ingest import KnownSeries, add_instance, attributes_from_dataset
-from medzip_scp.index.models import Instance, Series, Study
+from medzip_scp.index.models import Instance, Patient, Series, Study
 
 
 @contextmanager
@@ -100,3 +100,24 @@ def test_rolled_back_series_is_not_trusted(db_session_factory: sessionmaker[Sess
         series = session.get(Series, instance.series_fk)
         assert series is not None
         assert series.series_instance_uid == str(lost.SeriesInstanceUID)
+
+
+def test_newest_instance_still_wins_for_a_shared_study(
+    db_session_factory: sessionmaker[Session],
+) -> None:
+    """Series S2 moves the shared study to another patient; the next instance of the cached
+    series S1 names the first patient again, and, being newest, moves the study back."""
+    known = KnownSeries()
+    first = make_ds(PatientID="P1")
+    study = {"StudyInstanceUID": first.StudyInstanceUID}
+    s1_again = {**study, "SeriesInstanceUID": first.SeriesInstanceUID, "PatientID": "P1"}
+    for ds in (first, make_ds(**study, PatientID="P2"), make_ds(**s1_again)):
+        with db_session_factory() as session:
+            _add(session, ds, known)
+            session.commit()
+        known.committed()
+    with db_session_factory() as session:
+        owner = session.scalars(
+            select(Patient.patient_id).join(Study, Study.patient_fk == Patient.id)
+        ).one()
+    assert owner == "P1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,12 @@ def test_cancel_stops_a_running_find(node: RunningNode) -> None:
     assoc.release()
     assert statuses[-1] == Status.CANCEL, (len(statuses), statuses[:3], statuses[-3:])
     assert statuses.count(Status.PENDING) < STUDIES
+
+
+def test_silent_client_does_not_hold_up_tls_associations(
+    mutual_tls: Settings, node: RunningNode, pki: dict[str, Path]
+) -> None:
+    """The TLS handshake runs in the association's thread: a client that connects and says
+    nothing must not stop the node from accepting others."""
+    with socket.create_connection((node.host, node.port)):
+        assert echo(node, (client_context(pki, with_cert=True), "localhost"))
