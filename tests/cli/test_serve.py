@@ -192,3 +192,78 @@ def test_port_in_use_fails_fast_with_a_message(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot serve on 0.0.0.0:{port}" in result.stderr
     assert "Address already in use" in result.stderr
+
+
+def test_every_node_process_serves_store_get_and_move(
+    tmp_path: Path, store_scp: tuple[int, list]
+) -> None:
+    """The default production set-up (several processes): with associations dealt in turn,
+    C-STORE, C-GET and C-MOVE each land on both processes and return what was sent."""
+
+    from medzip_scp.net.status import Status
+    from tests.net.test_query_retrieve import _move, _study
+
+    dest_port, moved = store_scp
+    port = free_port()
+    proc, _ = _start(
+        tmp_path,
+        "--port",
+        str(port),
+        "--processes",
+        "2",
+        "--data-dir",
+        "d",
+        "--move-destination",
+        f"DEST=127.0.0.1:{dest_port}",
+    )
+    node = SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
+    try:
+        study_uid, sent = _study(node, 3)  # three associations: both processes store
+        originals = {ds.SOPInstanceUID: ds.PixelData for ds in sent}
+        for _ in range(2):  # two C-GETs: one per process
+            status, got = _get_study(port, study_uid)
+            assert status == Status.SUCCESS
+            assert {ds.SOPInstanceUID: ds.PixelData for ds in got} == originals
+        for _ in range(2):  # two C-MOVEs: one per process
+            assert _move(node, study_uid, "DEST")[-1].Status == Status.SUCCESS
+        assert len(moved) == 6
+        assert all(ds.PixelData == originals[ds.SOPInstanceUID] for ds in moved)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        log = proc.stdout.read()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    for name in ("MainProcess", "medzip-node-1"):
+        served = "\n".join(line for line in log.splitlines() if name in line)
+        for service in ("C-STORE", "C-GET", "C-MOVE"):
+            assert service in served, (name, service)
+
+
+def _get_study(port: int, study_uid: str) -> tuple[int, list]:
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from tests.net.test_query_retrieve import _query
+
+    got: list = []
+
+    def on_store(event: evt.Event) -> int:
+        got.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="MEDZIP",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    query = _query("STUDY", StudyInstanceUID=study_uid)
+    final = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))[-1][0]
+    assoc.release()
+    return int(final.Status), got
