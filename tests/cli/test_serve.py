@@ -44,6 +44,15 @@ def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]
     raise AssertionError("node did not start:\n" + "\n".join(lines))
 
 
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, as an init system stops the node; returns the rest of its output."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout is not None
+    rest = proc.stdout.read()
+    proc.wait(timeout=60)
+    return rest
+
+
 def test_serve_prints_aet_port_and_answers_echo(tmp_path: Path) -> None:
     port = free_port()
     proc, lines = _start(tmp_path, "--port", str(port), "--data-dir", "archive")
@@ -69,8 +78,7 @@ def test_serve_prints_aet_port_and_answers_echo(tmp_path: Path) -> None:
         )
         assert wrong.returncode != 0  # called AE title is checked
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        _stop(proc)
     assert proc.returncode == 0
 
 
@@ -123,10 +131,7 @@ def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
             out = sender.communicate(timeout=120)[0]
             assert sender.returncode == 0, out
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.stdout is not None
-        log = proc.stdout.read()
-        proc.wait(timeout=60)
+        log = _stop(proc)
     count = sqlite3.connect(tmp_path / "d" / "index.sqlite3").execute(
         "select count(*) from instance"
     )
@@ -169,8 +174,7 @@ def test_mutual_tls_in_every_node_process(tmp_path: Path, pki: dict[str, Path]) 
         silent.close()
         without = [echo(node, (client_context(pki, False), "localhost")) for _ in range(2)]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        _stop(proc)
     assert with_cert == [True] * 4
     assert without == [False] * 2
 
@@ -229,10 +233,7 @@ def test_every_node_process_serves_store_get_and_move(
         assert len(moved) == 6
         assert all(ds.PixelData == originals[ds.SOPInstanceUID] for ds in moved)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.stdout is not None
-        log = proc.stdout.read()
-        proc.wait(timeout=60)
+        log = _stop(proc)
     assert proc.returncode == 0
     for name in ("MainProcess", "medzip-node-1"):
         served = "\n".join(line for line in log.splitlines() if name in line)
