@@ -117,7 +117,7 @@ def serve(
         children = [
             spawn.Process(
                 target=_serve_child,
-                args=(settings, archive.store_activity, pairs[i][1], listening[i]),
+                args=(settings, archive.store_activity, pairs[i][1], listening[i], i + 1),
                 name=f"medzip-node-{i + 1}",
             )
             for i in range(len(pairs))
@@ -147,9 +147,12 @@ def serve(
     stop = threading.Event()
     workers = []
     if settings.pipeline.compress:
+        # every node process compresses its share of the backlog (see _serve_child)
+        shard = (0, settings.node.processes)
         worker = threading.Thread(
             target=run_worker,
             args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
+            kwargs={"shard": shard},
             name="medzip-compress",
             daemon=True,
         )
@@ -186,11 +189,14 @@ def _serve_child(
     store_activity: ctypes.c_double,
     channel: socket.socket,
     listening: EventType,
+    number: int,
 ) -> None:
-    """Another node process (``[node] processes > 1``): serves the associations the first
-    process passes over ``channel``; sets ``listening`` once it does."""
-    from medzip_scp.archive import Archive
+    """Node process ``number`` of ``[node] processes``: serves the associations the first
+    process passes over ``channel`` (sets ``listening`` once it does) and compresses its
+    share of the backlog while no C-STORE arrives."""
+    from medzip_scp.archive import CODECS, Archive, MzpCodec
     from medzip_scp.net.server import start_server
+    from medzip_scp.pipeline.compress import run_worker
 
     _logging(settings.log_level)
     archive = Archive.open(settings, migrate=False)
@@ -200,8 +206,21 @@ def _serve_child(
     listening.set()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    worker = None
+    if settings.pipeline.compress:
+        shard = (number, settings.node.processes)
+        worker = threading.Thread(
+            target=run_worker,
+            args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
+            kwargs={"shard": shard},
+            name="medzip-compress",
+            daemon=True,
+        )
+        worker.start()
     stop.wait()
     server.shutdown()
+    if worker is not None:
+        worker.join(timeout=60)
 
 
 @app.command()
@@ -209,17 +228,29 @@ def worker(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    shard: Annotated[
+        str,
+        typer.Option(
+            "--shard", help="K/N: take every N-th pending instance (N workers share the work)."
+        ),
+    ] = "0/1",
 ) -> None:
     """Compress stored originals (verify-before-replace) in a separate process."""
     from medzip_scp.archive import CODECS, Archive, MzpCodec
-    from medzip_scp.pipeline.compress import compress_pending, run_worker
+    from medzip_scp.pipeline.compress import compress_pending, parse_shard, run_worker
 
+    try:
+        part = parse_shard(shard)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = _settings(config, data_dir)
     _logging(settings.log_level)
     archive = Archive.open(settings)
     codec = CODECS[MzpCodec.codec_id]
     if once:
-        summary = compress_pending(archive, codec, progress=_progress_bar("compressing"))
+        summary = compress_pending(
+            archive, codec, progress=_progress_bar("compressing"), shard=part
+        )
         typer.echo(
             "| compressed | failed | skipped | original bytes | stored bytes | ratio |\n"
             "|---|---|---|---|---|---|\n"
@@ -234,7 +265,7 @@ def worker(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     os.nice(10)  # background work: C-STOREs on the same machine come first
     typer.echo("compression worker running; Ctrl-C to stop")
-    run_worker(archive, codec, stop, settings.pipeline.poll_seconds)
+    run_worker(archive, codec, stop, settings.pipeline.poll_seconds, shard=part)
 
 
 @config_app.command("example")

@@ -42,20 +42,33 @@ class CompressionSummary:
         return self.original_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
-def pending_ids(archive: Archive, limit: int) -> list[int]:
-    """Instances still stored as received, oldest first."""
+Shard = tuple[int, int]
+"""``(k, n)``: this worker takes the instances whose row id is ``k`` modulo ``n``, so ``n``
+workers (one per node process, say) share the backlog without compressing one twice."""
+
+
+def parse_shard(text: str) -> Shard:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must be K/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def pending_ids(archive: Archive, limit: int, shard: Shard = (0, 1)) -> list[int]:
+    """Instances (of this shard) still stored as received, oldest first."""
+    k, n = shard
+    query = select(Instance.id).where(
+        Instance.codec_id == Part10Codec.codec_id,
+        Instance.state == InstanceState.STORED,
+    )
+    if n > 1:
+        query = query.where(Instance.id % n == k)
     with archive.sessions() as session:
-        return list(
-            session.scalars(
-                select(Instance.id)
-                .where(
-                    Instance.codec_id == Part10Codec.codec_id,
-                    Instance.state == InstanceState.STORED,
-                )
-                .order_by(Instance.id)
-                .limit(limit)
-            )
-        )
+        return list(session.scalars(query.order_by(Instance.id).limit(limit)))
 
 
 def compress_instance(
@@ -116,10 +129,11 @@ def compress_pending(
     codec: InstanceCodec,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    shard: Shard = (0, 1),
 ) -> CompressionSummary:
-    """One pass over the instances still stored as received."""
+    """One pass over the instances (of this shard) still stored as received."""
     summary = CompressionSummary()
-    ids = pending_ids(archive, limit or 1_000_000)
+    ids = pending_ids(archive, limit or 1_000_000, shard)
     for done, instance_id in enumerate(ids, 1):
         compress_instance(archive, codec, instance_id, summary)
         if progress is not None:
@@ -132,9 +146,10 @@ def run_worker(
     codec: InstanceCodec,
     stop: threading.Event,
     poll_seconds: float = 2.0,
+    shard: Shard = (0, 1),
 ) -> None:
-    """Loop until ``stop`` is set: compress pending instances one at a time while no
-    C-STORE is arriving in this process, then wait for more."""
+    """Loop until ``stop`` is set: compress pending instances (of this shard) one at a time
+    while no C-STORE is arriving in any node process, then wait for more."""
     while not stop.is_set():
         # Yield the CPU to ingest: compression is background work, C-STORE is not.
         idle = time.monotonic() - archive.store_activity.value
@@ -143,7 +158,7 @@ def run_worker(
             continue
         started = time.monotonic()
         try:
-            summary = compress_pending(archive, codec, limit=1)
+            summary = compress_pending(archive, codec, limit=1, shard=shard)
         except Exception as exc:  # the database or store is unavailable: try again later
             log.error("compression pass failed: %s", type(exc).__name__)
             stop.wait(poll_seconds)

@@ -202,7 +202,8 @@ def test_every_node_process_serves_store_get_and_move(
     tmp_path: Path, store_scp: tuple[int, list]
 ) -> None:
     """The default production set-up (several processes): with associations dealt in turn,
-    C-STORE, C-GET and C-MOVE each land on both processes and return what was sent."""
+    C-STORE, C-GET and C-MOVE each land on both processes and return what was sent, and
+    both processes compress their share of the originals."""
 
     from medzip_scp.net.status import Status
     from tests.net.test_query_retrieve import _move, _study
@@ -232,13 +233,29 @@ def test_every_node_process_serves_store_get_and_move(
             assert _move(node, study_uid, "DEST")[-1].Status == Status.SUCCESS
         assert len(moved) == 6
         assert all(ds.PixelData == originals[ds.SOPInstanceUID] for ds in moved)
+        # once C-STOREs pause, each process compresses its share of the three originals
+        index = tmp_path / "d" / "index.sqlite3"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _codecs(index) != {"mzp1"}:
+            time.sleep(0.5)
+        assert _codecs(index) == {"mzp1"}
+        status, got = _get_study(port, study_uid)
+        assert status == Status.SUCCESS
+        assert {ds.SOPInstanceUID: ds.PixelData for ds in got} == originals
     finally:
         log = _stop(proc)
     assert proc.returncode == 0
     for name in ("MainProcess", "medzip-node-1"):
         served = "\n".join(line for line in log.splitlines() if name in line)
-        for service in ("C-STORE", "C-GET", "C-MOVE"):
+        for service in ("C-STORE", "C-GET", "C-MOVE", "compressed"):
             assert service in served, (name, service)
+
+
+def _codecs(index: Path) -> set[str]:
+    import sqlite3
+
+    with sqlite3.connect(index) as db:
+        return {row[0] for row in db.execute("select codec_id from instance")}
 
 
 def _get_study(port: int, study_uid: str) -> tuple[int, list]:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from io import BytesIO
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
 from medzip_scp.archive import CODECS, MzpCodec, Part10Codec
 from medzip_scp.index.models import Instance, InstanceState
 from medzip_scp.net.status import Status
-from medzip_scp.pipeline.compress import CompressionSummary, compress_instance, compress_pending
+from medzip_scp.pipeline.compress import (
+    CompressionSummary,
+    compress_instance,
+    compress_pending,
+    parse_shard,
+    pending_ids,
+)
 from medzip_scp.pipeline.verify import verify_archive
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
@@ -98,3 +105,25 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
     assert after.blob_key in keys
     assert len(keys) == 2  # the original and the racing writer's; the worker's blob is gone
     assert dcmread(BytesIO(node.archive.load_part10(after))).SOPInstanceUID == row.sop_instance_uid
+
+
+def test_shards_split_the_backlog_without_overlap(node: RunningNode) -> None:
+    for _ in range(5):
+        assert store(node, ct_dataset()) == Status.SUCCESS
+    shards = [(0, 2), (1, 2)]
+    parts = [set(pending_ids(node.archive, 100, shard)) for shard in shards]
+    assert not parts[0] & parts[1]
+    assert parts[0] | parts[1] == {row.id for row in _rows(node)}
+    summaries = [
+        compress_pending(node.archive, CODECS[MzpCodec.codec_id], shard=shard) for shard in shards
+    ]
+    assert [s.compressed for s in summaries] == [len(part) for part in parts]
+    assert all(s.skipped == 0 and s.failed == 0 for s in summaries)
+    assert {row.codec_id for row in _rows(node)} == {MzpCodec.codec_id}
+
+
+def test_shard_text() -> None:
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="K/N"):
+            parse_shard(bad)
