@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -29,6 +29,9 @@ from medzip_scp.config import (
     load_settings,
     parse_destination,
 )
+
+if TYPE_CHECKING:
+    from medzip_scp.archive import Archive
 
 app = typer.Typer(help="medzip: a lossless DICOM archive node.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration helpers.", no_args_is_help=True)
@@ -90,9 +93,8 @@ def serve(
     ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
-    from medzip_scp.archive import CODECS, Archive, MzpCodec
+    from medzip_scp.archive import Archive
     from medzip_scp.net.server import describe_startup, start_server
-    from medzip_scp.pipeline.compress import run_worker
 
     settings = _settings(config, data_dir, port, aet, move_destination)
     if processes is not None:
@@ -145,24 +147,12 @@ def serve(
             raise typer.Exit(1) from None
         raise
     stop = threading.Event()
-    workers = []
-    if settings.pipeline.compress:
-        # every node process compresses its share of the backlog (see _serve_child)
-        shard = (0, settings.node.processes)
-        worker = threading.Thread(
-            target=run_worker,
-            args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
-            kwargs={"shard": shard},
-            name="medzip-compress",
-            daemon=True,
-        )
-        worker.start()
-        workers.append(worker)
+    compressing = _start_compression(archive, stop, number=0)
     for line in describe_startup(archive):
         typer.echo(line)
     typer.echo(
         "background compression: "
-        + ("on (originals replaced only after a bit-exact decode)" if workers else "off")
+        + ("on (originals replaced only after a bit-exact decode)" if compressing else "off")
     )
     typer.echo("ready; Ctrl-C to stop")
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -176,8 +166,30 @@ def serve(
         child.terminate()
     for child in children:
         child.join(timeout=60)
-    for worker in workers:
-        worker.join(timeout=60)
+    if compressing is not None:
+        compressing.join(timeout=60)
+
+
+def _start_compression(
+    archive: Archive, stop: threading.Event, number: int
+) -> threading.Thread | None:
+    """Node process ``number`` compresses its share of the backlog (``[pipeline] compress``)
+    in a background thread until ``stop`` is set; ``None`` when compression is off."""
+    from medzip_scp.archive import CODECS, MzpCodec
+    from medzip_scp.pipeline.compress import run_worker
+
+    settings = archive.settings
+    if not settings.pipeline.compress:
+        return None
+    worker = threading.Thread(
+        target=run_worker,
+        args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
+        kwargs={"shard": (number, settings.node.processes)},
+        name="medzip-compress",
+        daemon=True,
+    )
+    worker.start()
+    return worker
 
 
 class _StartFailed(Exception):
@@ -194,9 +206,8 @@ def _serve_child(
     """Node process ``number`` of ``[node] processes``: serves the associations the first
     process passes over ``channel`` (sets ``listening`` once it does) and compresses its
     share of the backlog while no C-STORE arrives."""
-    from medzip_scp.archive import CODECS, Archive, MzpCodec
+    from medzip_scp.archive import Archive
     from medzip_scp.net.server import start_server
-    from medzip_scp.pipeline.compress import run_worker
 
     _logging(settings.log_level)
     archive = Archive.open(settings, migrate=False)
@@ -206,21 +217,11 @@ def _serve_child(
     listening.set()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    worker = None
-    if settings.pipeline.compress:
-        shard = (number, settings.node.processes)
-        worker = threading.Thread(
-            target=run_worker,
-            args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
-            kwargs={"shard": shard},
-            name="medzip-compress",
-            daemon=True,
-        )
-        worker.start()
+    compressing = _start_compression(archive, stop, number)
     stop.wait()
     server.shutdown()
-    if worker is not None:
-        worker.join(timeout=60)
+    if compressing is not None:
+        compressing.join(timeout=60)
 
 
 @app.command()

@@ -20,12 +20,16 @@ from tests.net.tls_helpers import client_context, echo
 ECHOSCU = Path("/usr/bin/echoscu")
 
 
+def _user_env() -> dict[str, str]:
+    """The environment a user starts the node from: no MEDZIP_ overrides of the suite's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MEDZIP_")}
+
+
 def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDZIP_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "medzip_scp.cli.main", "serve", *args],
         cwd=tmp_path,
-        env=env,
+        env=_user_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -184,14 +188,13 @@ def test_port_in_use_fails_fast_with_a_message(tmp_path: Path) -> None:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDZIP_")}
         result = subprocess.run(
             [sys.executable, "-m", "medzip_scp.cli.main", "serve", "--port", str(port)]
             + ["--processes", "2", "--data-dir", str(tmp_path / "d")],
             capture_output=True,
             text=True,
             timeout=60,
-            env=env,
+            env=_user_env(),
         )
     assert result.returncode == 1
     assert f"cannot serve on 0.0.0.0:{port}" in result.stderr
