@@ -89,7 +89,6 @@ __all__ = [
     "Section",
     "SectionType",
     "pack_frame_index",
-    "pack_layout",
     "pack_layout_v3",
     "read_container",
     "unpack_frame_index",
@@ -420,22 +419,9 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
     return ContainerHeader(model_id, model_sha, adapter_sha, version, tuple(models)), sections
 
 
-def pack_layout(layout: PixelLayout, n_frames: int) -> bytes:
-    """Serialise a layout and frame count into a ``LAYOUT`` section body."""
-    return _LAYOUT.pack(
-        layout.rows,
-        layout.columns,
-        layout.samples_per_pixel,
-        layout.bits_allocated,
-        layout.bits_stored,
-        int(layout.signed),
-        layout.planar_configuration,
-        n_frames,
-    )
-
-
 def unpack_layout(data: bytes) -> tuple[PixelLayout, int]:
-    """Parse a ``LAYOUT`` section body.
+    """Parse a ``LAYOUT`` section body (versions 1 and 2; version 3 writes
+    :func:`pack_layout_v3` instead).
 
     Raises
     ------
