@@ -7,8 +7,11 @@ that file names reveal nothing about patients or studies.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
+import queue
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -30,12 +33,87 @@ class StoredBlob:
     size: int  # plaintext bytes
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _DirectWriter:
+    """Writes a new file with direct I/O (``O_DIRECT``), bypassing the page cache.
+
+    A blob is written once, fsynced before it is acknowledged, and seldom read soon after,
+    so caching its pages buys nothing; filling new page-cache pages cost more than the
+    disk write itself here: 519 KiB written and fdatasync'ed took 2.2 ms buffered, 0.7 ms
+    direct. Data go through reused page-aligned buffers (direct I/O needs aligned memory,
+    offsets and lengths); the last block is written padded and the file then truncated to
+    its length, which the fsync that follows makes durable with the data.
+    """
+
+    BLOCK = 4096
+    BUFFER = 1 << 20
+    _free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()  # buffers between writes
+
+    def __init__(self, path: Path) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT
+        self._fd = os.open(path, flags, 0o644)  # EINVAL where unsupported (tmpfs)
+        try:
+            self._buffer = self._free.get_nowait()
+        except queue.Empty:
+            self._buffer = mmap.mmap(-1, self.BUFFER)
+        self._filled = 0
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while len(view):
+            take = min(len(view), self.BUFFER - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.BUFFER:
+                self._flush(self.BUFFER)
+
+    def _flush(self, length: int) -> None:
+        written = os.write(self._fd, memoryview(self._buffer)[:length])
+        if written != length:  # never seen short of an error: refuse a silent gap
+            raise OSError(errno.EIO, f"direct write stored {written} of {length} bytes")
+        self._filled = 0
+
+    def close(self) -> None:
+        try:
+            if self._filled:
+                padded = -(-self._filled // self.BLOCK) * self.BLOCK
+                self._buffer[self._filled : padded] = bytes(padded - self._filled)
+                self._flush(padded)
+                os.ftruncate(self._fd, self.size)
+        finally:
+            os.close(self._fd)
+            self._free.put(self._buffer)
+
+
+def _direct_io_supported(folder: Path) -> bool:
+    probe = folder / f".direct-io-probe-{uuid.uuid4().hex}"
+    try:
+        writer = _DirectWriter(probe)
+        writer.write(b"probe")
+        writer.close()
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 class LocalBlobStore:
@@ -46,6 +124,7 @@ class LocalBlobStore:
         self.root = root
         self._key = key
         root.mkdir(parents=True, exist_ok=True)
+        self._direct_io = _direct_io_supported(root)
 
     def _path(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
@@ -77,10 +156,13 @@ class LocalBlobStore:
             final.parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.root)  # the new folder's own entry (about once a minute)
         try:
-            with open(final, "xb") as fh:
+            fh = _DirectWriter(final) if self._direct_io else open(final, "xb")  # noqa: SIM115
+            try:
                 for sealed in self._key.seal(plaintext()):
                     fh.write(sealed)
                     stored += len(sealed)
+            finally:
+                fh.close()
         except BaseException:
             final.unlink(missing_ok=True)
             raise
@@ -89,20 +171,16 @@ class LocalBlobStore:
     def sync(self, keys: Iterable[str]) -> None:
         """Make written blobs durable, with their directory entries (group commit).
 
-        Each fsync costs a device cache flush (3-4 ms on this VM's disk), but after the first
-        file's fsync has committed the file system journal the others have little left to
-        write, and blobs written in the same minute share one folder, so a batch of N blobs
-        costs about two flushes, not 2N. (``syncfs`` would be one call, but it also flushes
-        the spool files of transfers still arriving; measured slower under load.)
+        Each fsync costs a device cache flush, but after the first file's fsync has
+        committed the file system journal the others have little left to write, and blobs
+        written in the same minute share one folder, so a batch of N blobs costs about two
+        flushes, not 2N. (``syncfs`` would be one call, but it also flushes the spool files
+        of transfers still arriving; measured slower under load.)
         """
         directories: set[Path] = set()
         for key in keys:
             path = self._path(key)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(path)
             directories.add(path.parent)
         for directory in sorted(directories):
             _fsync_dir(directory)

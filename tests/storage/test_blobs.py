@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
 from medzip_scp.storage.envelope import SEGMENT_SIZE, BlobKey, EnvelopeError
-from medzip_scp.storage.local import BlobNotFoundError, LocalBlobStore
+from medzip_scp.storage.local import BlobNotFoundError, LocalBlobStore, _DirectWriter
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> LocalBlobStore:
-    return LocalBlobStore(tmp_path / "blobs", BlobKey.load_or_create(tmp_path / "key"))
+@pytest.fixture(params=["direct I/O where supported", "buffered"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> LocalBlobStore:
+    blobs = LocalBlobStore(tmp_path / "blobs", BlobKey.load_or_create(tmp_path / "key"))
+    if request.param == "buffered":
+        blobs._direct_io = False
+    return blobs
 
 
 @pytest.mark.parametrize(
@@ -102,3 +106,33 @@ def test_batch_shares_a_folder_and_syncs(store: LocalBlobStore) -> None:
     store.sync(b.key for b in blobs)
     assert sorted(store.keys()) == sorted(b.key for b in blobs)
     assert len({store._path(b.key).parent for b in blobs}) <= 2  # unless a minute turned over
+
+
+@pytest.mark.parametrize(
+    "sizes", [[0], [1], [4095, 1], [_DirectWriter.BUFFER - 1, 2], [3 * _DirectWriter.BUFFER + 7]]
+)
+def test_direct_writer_writes_exactly_what_it_was_given(tmp_path: Path, sizes: list[int]) -> None:
+    chunks = [os.urandom(n) for n in sizes]
+    path = tmp_path / "direct"
+    try:
+        writer = _DirectWriter(path)
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+    for chunk in chunks:
+        writer.write(chunk)
+    writer.close()
+    assert path.read_bytes() == b"".join(chunks)  # padding of the last block truncated away
+
+
+def test_store_falls_back_to_buffered_writes_without_direct_io(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: _DirectWriter, path: Path) -> None:
+        raise OSError(errno.EINVAL, "O_DIRECT not supported")  # as older tmpfs answers
+
+    monkeypatch.setattr(_DirectWriter, "__init__", refuse)
+    blobs = LocalBlobStore(tmp_path / "blobs", BlobKey(os.urandom(32)))
+    assert not blobs._direct_io
+    blob = blobs.put_bytes(b"x" * 5000)
+    assert blobs.read(blob.key) == b"x" * 5000
+    assert not list(blobs.root.glob(".direct-io-probe-*"))
