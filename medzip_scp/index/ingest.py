@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,10 @@ __all__ = [
     "InstanceAttributes",
     "KnownSeries",
     "add_instance",
+    "add_instances_of_known_series",
     "attributes_from_dataset",
     "get_instance",
-    "indexed_sha256",
+    "indexed_sha256s",
     "normalise_da",
     "normalise_tm",
     "replace_instance",
@@ -194,24 +196,30 @@ def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
-def indexed_sha256(session: Session, sop_instance_uid: str) -> str | None:
-    """The original SHA-256 of the indexed instance with this UID, or ``None`` when there is
-    none: the duplicate check of every C-STORE, without loading an ORM object."""
-    return session.execute(
-        select(Instance.original_sha256).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).scalar_one_or_none()
+def indexed_sha256s(session: Session, sop_instance_uids: Collection[str]) -> dict[str, str]:
+    """The original SHA-256 of those of these SOP Instance UIDs that are indexed: the
+    duplicate check of a C-STORE commit batch, in one query, without loading ORM objects."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.original_sha256).where(
+            Instance.sop_instance_uid.in_(list(sop_instance_uids))
+        )
+    )
+    return {uid: sha256 for uid, sha256 in rows}
+
+
+def _dialect_insert(session: Session, table: Any) -> Any:
+    """The dialect's INSERT construct (it has ``on_conflict_do_nothing``)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise ValueError(f"unsupported dialect {dialect}")  # pragma: no cover - rejected earlier
 
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
     """``INSERT ... ON CONFLICT DO NOTHING`` on either dialect."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        stmt: Any = postgresql.insert(table).values(**values).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - create_engine_for rejects other backends
-        raise ValueError(f"unsupported dialect {dialect}")
-    session.execute(stmt)
+    session.execute(_dialect_insert(session, table).values(**values).on_conflict_do_nothing())
 
 
 def _update_nonempty(obj: Any, values: dict[str, Any]) -> None:
@@ -497,6 +505,43 @@ stored_sha256, codec_id, calling_ae_title
             raise DuplicateInstanceError(attrs.sop_instance_uid) from None
         raise exc
     return instance
+
+
+def add_instances_of_known_series(
+    session: Session,
+    new: list[tuple[InstanceAttributes, dict[str, Any]]],
+    known_series: KnownSeries,
+) -> list[bool]:
+    """Index, in one statement, those instances whose series this process committed with
+    the same values and whose SOP Instance UID is not indexed yet; says for each whether
+    it was indexed (the others need :func:`add_instance` or :func:`replace_instance`). The
+    C-STORE fast path: no look-ups, ORM objects or savepoints, which cost the ORM path
+    about 1 ms per instance.
+
+    ``new`` pairs each instance's attributes with the storage facts :func:`add_instance`
+    takes as keywords. A UID already indexed, by anyone, or twice in ``new`` is left to
+    the caller (``ON CONFLICT DO NOTHING``).
+    """
+    rows = {}  # by UID: a second copy in ``new`` is left to the caller too
+    for position, (attrs, facts) in enumerate(new):
+        series_id = known_series.lookup(attrs)
+        if series_id is not None and attrs.sop_instance_uid not in rows:
+            rows[attrs.sop_instance_uid] = position, {
+                "sop_instance_uid": attrs.sop_instance_uid,
+                "series_fk": series_id,
+                **_instance_values(attrs, **facts),
+            }
+    indexed = [False] * len(new)
+    if rows:
+        table = Instance.__table__
+        stmt = (
+            _dialect_insert(session, table)
+            .on_conflict_do_nothing(index_elements=[table.c.sop_instance_uid])
+            .returning(table.c.sop_instance_uid)
+        )
+        for uid in session.execute(stmt, [row for _, row in rows.values()]).scalars():
+            indexed[rows[uid][0]] = True
+    return indexed
 
 
 def replace_instance(

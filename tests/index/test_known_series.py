@@ -10,7 +10,12 @@ from pydicom.uid import generate_uid
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from medzip_scp.index.ingest import KnownSeries, add_instance, attributes_from_dataset
+from medzip_scp.index.ingest import (
+    KnownSeries,
+    add_instance,
+    add_instances_of_known_series,
+    attributes_from_dataset,
+)
 from medzip_scp.index.models import Instance, Patient, Series, Study
 
 
@@ -121,3 +126,34 @@ def test_newest_instance_still_wins_for_a_shared_study(
             select(Patient.patient_id).join(Study, Study.patient_fk == Patient.id)
         ).one()
     assert owner == "P1"
+
+
+def test_one_insert_indexes_the_new_instances_of_known_series(
+    db_session_factory: sessionmaker[Session],
+) -> None:
+    known = KnownSeries()
+    first = make_ds()
+    with db_session_factory() as session:
+        _add(session, first, known)
+        session.commit()
+    known.committed()
+    same_series = {
+        "StudyInstanceUID": first.StudyInstanceUID,
+        "SeriesInstanceUID": first.SeriesInstanceUID,
+    }
+    new_a, new_b = make_ds(**same_series), make_ds(**same_series)
+    unknown_series = make_ds()
+    batch = [new_a, first, new_b, unknown_series, new_a]
+    with db_session_factory() as session:
+        with _statements(session) as statements:
+            indexed = add_instances_of_known_series(
+                session, [(attributes_from_dataset(ds), storage_kwargs(ds)) for ds in batch], known
+            )
+        session.commit()
+    # already indexed, of a series this process has not committed, a second copy in the
+    # batch: each is left to the caller
+    assert indexed == [True, False, True, False, False]
+    assert "SELECT" not in statements
+    with db_session_factory() as session:
+        uids = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert uids == {first.SOPInstanceUID, new_a.SOPInstanceUID, new_b.SOPInstanceUID}
