@@ -1,6 +1,6 @@
 """Ingest benchmark: C-STORE throughput of the medzip node against a bare pynetdicom SCP.
 
-    python benchmarks/ingest.py [--count 1000] [--associations 1 4] [--no-write]
+    python benchmarks/ingest.py [--count 1000] [--associations 1 4] [--rounds 3] [--no-write]
 
 Generates ``--count`` 512x512 16-bit CT instances (copies of a real slice from
 ``../shared/data/series/ct-phantom-1mm`` with new SOP Instance and Series UIDs), then sends
@@ -16,6 +16,11 @@ them with DCMTK's ``/usr/bin/storescu`` over 1 association and over N parallel a
 * a bare pynetdicom storage SCP (a subprocess) that writes each received data set to a file,
   without fsync.
 
+The bare SCP and the default node take turns, ``--rounds`` times per association count
+(this machine's speed drifts by tens of percent within minutes, so rows measured minutes
+apart do not compare); the table gives each target's median rate and range, and the node's
+share of the bare rate as the median of the per-round ratios. The variants run once.
+
 Prints a markdown table and replaces the "## Ingest" section of ``benchmarks/RESULTS.md``.
 """
 
@@ -27,6 +32,7 @@ import os
 import platform
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +146,7 @@ class Row:
     associations: int
     instances: int
     seconds: float
+    round: int = 0
 
     @property
     def rate(self) -> float:
@@ -175,27 +182,27 @@ def drop_schema(schema: str) -> None:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-def run_target(
-    name: str, start: callable, aet: str, files: list[Path], associations: list[int], tmp: Path
-) -> list[Row]:
-    rows = []
-    for n in associations:
-        work = tmp / f"{name}-{n}".replace(" ", "_").replace("(", "").replace(")", "")
-        work.mkdir()
-        port = free_port()
-        proc = start(port, work)
+def run_once(
+    name: str, start: callable, aet: str, files: list[Path], n: int, tmp: Path, round_: int = 0
+) -> Row:
+    """Start a fresh server, send ``files`` over ``n`` associations, stop it."""
+    work = tmp / f"{name}-{n}-{round_}".replace(" ", "_").replace("(", "").replace(")", "")
+    work = work.with_name(work.name.replace(",", ""))
+    work.mkdir()
+    port = free_port()
+    proc = start(port, work)
+    try:
+        wait_for_echo(port, aet, proc)
+        seconds = send(port, aet, files, n)
+    finally:
+        proc.terminate()
         try:
-            wait_for_echo(port, aet, proc)
-            seconds = send(port, aet, files, n)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        rows.append(Row(name, n, len(files), seconds))
-        print(f"{name:<22} {n} assoc: {len(files)} in {seconds:.1f} s = {rows[-1].rate:.1f}/s")
-    return rows
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    row = Row(name, n, len(files), seconds, round_)
+    print(f"{name:<36} {n} assoc: {len(files)} in {seconds:.1f} s = {row.rate:.1f}/s", flush=True)
+    return row
 
 
 def start_bare(script: Path) -> callable:
@@ -242,18 +249,36 @@ def start_medzip(
     return start
 
 
+BARE = "bare pynetdicom SCP"
+NODE = "medzip (SQLite)"
+
+
 def table(rows: list[Row]) -> str:
-    bare = {r.associations: r.rate for r in rows if r.target == "bare pynetdicom SCP"}
+    """One line per target and association count: median rate and range over its runs, and
+    its share of the bare SCP's rate (for the node paired with the bare SCP round by round:
+    the median of the per-round ratios; for a variant: against the bare SCP's median)."""
+    runs: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        runs.setdefault((r.target, r.associations), []).append(r)
     lines = [
-        "| target | associations | instances | seconds | instances/s | % of bare SCP |",
+        "| target | associations | runs | instances/s (median) | range | % of bare SCP |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        ref = bare.get(r.associations)
-        pct = f"{100 * r.rate / ref:.0f} %" if ref else "-"
+    for (target, n), group in runs.items():
+        rates = [r.rate for r in group]
+        bare = {r.round: r.rate for r in runs.get((BARE, n), [])}
+        paired = [r.rate / bare[r.round] for r in group if r.round in bare]
+        if target == BARE:
+            share = "100 %"
+        elif target == NODE and paired:
+            share = f"{100 * statistics.median(paired):.0f} %"
+        elif bare:
+            share = f"{100 * statistics.median(rates) / statistics.median(bare.values()):.0f} %"
+        else:
+            share = "-"
         lines.append(
-            f"| {r.target} | {r.associations} | {r.instances} | {r.seconds:.1f} | "
-            f"{r.rate:.1f} | {pct} |"
+            f"| {target} | {n} | {len(group)} | {statistics.median(rates):.1f} | "
+            f"{min(rates):.0f}-{max(rates):.0f} | {share} |"
         )
     return "\n".join(lines)
 
@@ -266,6 +291,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns of bare SCP and node per association count"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     args = parser.parse_args()
@@ -278,36 +306,41 @@ def main() -> None:
         files = generate(args.count, tmp / "files")
         script = tmp / "bare_scp.py"
         script.write_text(BARE_SCP)
-        rows = run_target(
-            "bare pynetdicom SCP", start_bare(script), "BARE", files, args.associations, tmp
-        )
-        rows += run_target(
-            "medzip (SQLite)", start_medzip(None), "MEDZIP", files, args.associations, tmp
-        )
-        rows += run_target(
-            "medzip (SQLite, no bg compression)",
-            start_medzip(None, compress=False),
-            "MEDZIP",
-            files,
-            args.associations,
-            tmp,
-        )
-        rows += run_target(
-            "medzip (SQLite, 1 process)",
-            start_medzip(None, processes=1),
-            "MEDZIP",
-            files,
-            [n for n in args.associations if n > 1],
-            tmp,
-        )
+        rows = []
+        for round_ in range(args.rounds):
+            for n in args.associations:
+                rows.append(run_once(BARE, start_bare(script), "BARE", files, n, tmp, round_))
+                rows.append(run_once(NODE, start_medzip(None), "MEDZIP", files, n, tmp, round_))
+        for n in args.associations:
+            rows.append(
+                run_once(
+                    "medzip (SQLite, no bg compression)",
+                    start_medzip(None, compress=False),
+                    "MEDZIP",
+                    files,
+                    n,
+                    tmp,
+                )
+            )
+        for n in [n for n in args.associations if n > 1]:
+            rows.append(
+                run_once(
+                    "medzip (SQLite, 1 process)",
+                    start_medzip(None, processes=1),
+                    "MEDZIP",
+                    files,
+                    n,
+                    tmp,
+                )
+            )
         for n in [] if args.no_pg else args.associations:
             pg = pg_schema_url()  # a fresh schema per run: the same UIDs are sent again
             if pg is None:
                 break
             url, schema = pg
             try:
-                rows += run_target(
-                    "medzip (PostgreSQL)", start_medzip(url), "MEDZIP", files, [n], tmp
+                rows.append(
+                    run_once("medzip (PostgreSQL)", start_medzip(url), "MEDZIP", files, n, tmp)
                 )
             finally:
                 drop_schema(schema)
@@ -321,7 +354,9 @@ def main() -> None:
             f"({SOURCE.stat().st_size // 1024} KiB, Explicit VR Little Endian) with DCMTK "
             "`storescu`, N parallel associations on disjoint parts. The bare SCP writes each "
             "data set to a file without fsync; medzip acknowledges only after blob fsync "
-            "and index commit. Target: medzip at least 80 % of the bare SCP's rate.",
+            "and index commit. Target: medzip at least 80 % of the bare SCP's rate. The bare "
+            f"SCP and the default node took turns, {args.rounds} rounds per association "
+            "count; the other variants ran once.",
             "",
             table(rows),
             "",
