@@ -24,7 +24,6 @@ import select
 import sys
 import threading
 import time
-import weakref
 from types import CodeType, ModuleType
 from typing import Any
 
@@ -39,27 +38,41 @@ class _WakingQueue(queue.Queue):
 
     def __init__(self, wake_fd: int) -> None:
         super().__init__()
-        self._wake_fd = wake_fd
+        self.wake_fd = wake_fd  # -1 once closed; read and changed under ``self.mutex``
 
-    def _put(self, item: Any) -> None:
+    def _put(self, item: Any) -> None:  # called with self.mutex held
         super()._put(item)
-        with contextlib.suppress(OSError):  # closed: the association is over
-            os.eventfd_write(self._wake_fd, 1)
+        if self.wake_fd >= 0:
+            os.eventfd_write(self.wake_fd, 1)
+
+    def close_wake_fd(self) -> None:
+        with self.mutex:
+            fd, self.wake_fd = self.wake_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def attach(dul: DULServiceProvider) -> None:
-    """Give an association's DUL a send queue that wakes its reactor (acceptor side; an
-    association without it still works, with the old latency for what it sends)."""
-    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    waking = _WakingQueue(wake_fd)
+    """Give an association's DUL, before its thread starts, a send queue that wakes its
+    reactor (acceptor side; an association without it still works, with the old latency
+    for what it sends). The wake-up descriptor is closed by the DUL thread itself when its
+    reactor returns, so no wait can use it after it is closed."""
+    waking = _WakingQueue(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
     while True:  # anything queued before (the A-ASSOCIATE response, say) moves over
         try:
             waking.put(dul.to_provider_queue.get_nowait())
         except queue.Empty:
             break
     dul.to_provider_queue = waking
-    dul._medzip_wake_fd = wake_fd  # type: ignore[attr-defined]
-    weakref.finalize(dul, os.close, wake_fd)
+    reactor_loop = dul._target  # type: ignore[attr-defined]  # Thread's target: run_reactor
+
+    def run_reactor_then_close() -> None:
+        try:
+            reactor_loop()
+        finally:
+            waking.close_wake_fd()
+
+    dul._target = run_reactor_then_close  # type: ignore[attr-defined]
 
 
 def _wait_association(reactor: Association, timeout: float) -> None:
@@ -70,22 +83,29 @@ def _wait_association(reactor: Association, timeout: float) -> None:
 
 
 def _wait_dul(dul: DULServiceProvider, timeout: float) -> None:
-    wake_fd = getattr(dul, "_medzip_wake_fd", None)
     if dul.to_provider_queue.qsize():
         return
-    sock = getattr(dul.socket, "socket", None)
-    if sock is None:
+    transport = dul.socket
+    sock = getattr(transport, "socket", None)
+    if sock is None or not getattr(transport, "_is_connected", False):
+        # Not connected yet (a C-MOVE sub-association) or closed: nothing to wait on.
         time.sleep(timeout)
         return
     pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, not on the fd
     if pending is not None and pending():
         return
-    watched = [sock] if wake_fd is None else [sock, wake_fd]
+    waking = dul.to_provider_queue
+    wake_fd = waking.wake_fd if isinstance(waking, _WakingQueue) else -1
+    poller = select.poll()  # not select(): no limit on descriptor numbers
     try:
-        ready, _, _ = select.select(watched, [], [], timeout)
-    except (OSError, ValueError):  # socket closed meanwhile: let the loop find out
+        poller.register(sock, select.POLLIN)
+        if wake_fd >= 0:
+            poller.register(wake_fd, select.POLLIN)
+        events = poller.poll(timeout * 1000)
+    except (OSError, ValueError):  # socket closed meanwhile
+        time.sleep(timeout)
         return
-    if wake_fd is not None and wake_fd in ready:
+    if wake_fd >= 0 and any(fd == wake_fd for fd, _ in events):
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(wake_fd)
 

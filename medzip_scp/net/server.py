@@ -127,17 +127,22 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
 class _BulkReceiveSocket(AssociationSocket):
     """pynetdicom's association socket, receiving a PDU in as few calls as the kernel
     allows: its own ``recv`` reads 4096 bytes a call into a growing bytearray (130 calls
-    and copies for one 519 KiB CT slice)."""
+    and copies for one 519 KiB CT slice). The buffer starts at no more than
+    :data:`FIRST_BUFFER` and doubles as data arrive: the length comes from the peer, and
+    a 4 GiB PDU header must not reserve 4 GiB before a byte of it has arrived."""
+
+    FIRST_BUFFER = 1 << 20
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
-        received = bytearray(nr_bytes)
-        view = memoryview(received)
+        received = bytearray(min(nr_bytes, self.FIRST_BUFFER))
         filled = 0
         while filled < nr_bytes:
-            count = sock.recv_into(view[filled:])
+            if filled == len(received):
+                received.extend(bytes(min(len(received), nr_bytes - filled)))
+            with memoryview(received) as view:
+                count = sock.recv_into(view[filled:])
             if not count:  # connection closed: what arrived, as pynetdicom's own recv does
-                view.release()
                 del received[filled:]
                 return received
             filled += count

@@ -6,6 +6,7 @@ that a slow but working fallback (a full timeout per turn) would otherwise hide.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -51,11 +52,12 @@ def test_association_wait_ends_when_a_message_is_queued() -> None:
 
 
 class _Dul:
-    """What the DUL wait uses of a DULServiceProvider (weakly referenceable, like it)."""
+    """What attach and the DUL wait use of a DULServiceProvider."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.socket = SimpleNamespace(socket=sock)
+    def __init__(self, sock: socket.socket, connected: bool = True) -> None:
+        self.socket = SimpleNamespace(socket=sock, _is_connected=connected)
         self.to_provider_queue: queue.Queue = queue.Queue()
+        self._target = lambda: None  # the thread's target: the reactor loop
 
 
 def _dul(sock: socket.socket) -> Any:
@@ -92,6 +94,29 @@ def test_dul_wait_ends_when_a_pdu_is_queued_to_send() -> None:
         assert time.monotonic() - started >= 0.05
 
 
+def test_the_dul_thread_closes_its_wake_up_descriptor_when_its_reactor_returns() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        dul = _dul(ours)
+        wake_fd = dul.to_provider_queue.wake_fd
+        os.fstat(wake_fd)  # open
+        dul._target()  # the reactor loop returns
+        assert dul.to_provider_queue.wake_fd == -1
+        with pytest.raises(OSError):
+            os.fstat(wake_fd)
+        dul.to_provider_queue.put("late A-ABORT")  # queued by another thread: no error
+        reactor._wait_dul(dul, 0.01)  # still waits on the socket
+
+
+def test_dul_wait_sleeps_while_the_socket_is_not_connected() -> None:
+    unconnected = socket.socket()  # select/poll call it readable at once
+    with unconnected:
+        dul = _Dul(unconnected, connected=False)
+        started = time.monotonic()
+        reactor._wait_dul(dul, 0.05)
+        assert time.monotonic() - started >= 0.05
+
+
 def _bulk_socket(sock: socket.socket) -> _BulkReceiveSocket:
     bulk = object.__new__(_BulkReceiveSocket)  # the state recv uses: the connected socket
     bulk.socket = sock
@@ -121,3 +146,22 @@ def test_bulk_recv_returns_what_arrived_when_the_peer_closes(sent: int) -> None:
         peer.sendall(b"x" * sent)
         peer.close()
         assert _bulk_socket(ours).recv(4096) == b"x" * sent
+
+
+def test_bulk_recv_does_not_reserve_what_the_peer_only_announces() -> None:
+    ours, peer = socket.socketpair()
+    with ours:
+        peer.sendall(b"y" * 10)
+        peer.close()
+        received = _bulk_socket(ours).recv(0xFFFFFFFF)  # a PDU length from a hostile header
+        assert received == b"y" * 10
+
+
+def test_bulk_recv_grows_past_its_first_buffer() -> None:
+    ours, peer = socket.socketpair()
+    payload = os.urandom(3 * _BulkReceiveSocket.FIRST_BUFFER + 5)
+    with ours, peer:
+        sender = threading.Thread(target=peer.sendall, args=(payload,))
+        sender.start()
+        assert _bulk_socket(ours).recv(len(payload)) == payload
+        sender.join()
