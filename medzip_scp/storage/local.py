@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from medzip_scp.storage.envelope import BlobKey
 
@@ -66,15 +67,21 @@ class _DirectWriter:
 
     def __init__(self, path: Path) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT
-        self._fd = os.open(path, flags, 0o644)  # EINVAL where unsupported (tmpfs)
+        self._fd = os.open(path, flags, 0o644)  # EINVAL where unsupported
         try:
-            self._buffer = self._free.get_nowait()
+            self._buffer: mmap.mmap | None = self._free.get_nowait()
         except queue.Empty:
-            self._buffer = mmap.mmap(-1, self.BUFFER)
+            try:  # private: a forked process must not write through the same pages
+                self._buffer = mmap.mmap(-1, self.BUFFER, flags=mmap.MAP_PRIVATE)
+            except BaseException:
+                os.close(self._fd)
+                raise
         self._filled = 0
+        self._failed = False
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
+        assert self._buffer is not None, "write after close"
         view = memoryview(data).cast("B")
         self.size += len(view)
         while len(view):
@@ -86,14 +93,21 @@ class _DirectWriter:
                 self._flush(self.BUFFER)
 
     def _flush(self, length: int) -> None:
+        assert self._buffer is not None
+        self._failed = True  # until the write is known complete
         written = os.write(self._fd, memoryview(self._buffer)[:length])
         if written != length:  # never seen short of an error: refuse a silent gap
             raise OSError(errno.EIO, f"direct write stored {written} of {length} bytes")
+        self._failed = False
         self._filled = 0
 
     def close(self) -> None:
+        """Write what is buffered and close; after a failed write, only close (the caller
+        removes the file)."""
+        if self._buffer is None:
+            return
         try:
-            if self._filled:
+            if self._filled and not self._failed:
                 padded = -(-self._filled // self.BLOCK) * self.BLOCK
                 self._buffer[self._filled : padded] = bytes(padded - self._filled)
                 self._flush(padded)
@@ -101,6 +115,7 @@ class _DirectWriter:
         finally:
             os.close(self._fd)
             self._free.put(self._buffer)
+            self._buffer = None
 
 
 def _direct_io_supported(folder: Path) -> bool:
@@ -156,7 +171,7 @@ class LocalBlobStore:
             final.parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.root)  # the new folder's own entry (about once a minute)
         try:
-            fh = _DirectWriter(final) if self._direct_io else open(final, "xb")  # noqa: SIM115
+            fh = self._create(final)
             try:
                 for sealed in self._key.seal(plaintext()):
                     fh.write(sealed)
@@ -167,6 +182,17 @@ class LocalBlobStore:
             final.unlink(missing_ok=True)
             raise
         return StoredBlob(key=key, stored_size=stored, sha256=digest.hexdigest(), size=size)
+
+    def _create(self, path: Path) -> _DirectWriter | BinaryIO:
+        if self._direct_io:
+            try:
+                return _DirectWriter(path)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # This folder refuses direct I/O (another file system mounted there?).
+                path.unlink(missing_ok=True)  # open() may have created it before refusing
+        return open(path, "xb")  # noqa: SIM115 - closed by the caller
 
     def sync(self, keys: Iterable[str]) -> None:
         """Make written blobs durable, with their directory entries (group commit).

@@ -136,3 +136,34 @@ def test_store_falls_back_to_buffered_writes_without_direct_io(
     blob = blobs.put_bytes(b"x" * 5000)
     assert blobs.read(blob.key) == b"x" * 5000
     assert not list(blobs.root.glob(".direct-io-probe-*"))
+
+
+def test_direct_writer_after_a_failed_write_only_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        writer = _DirectWriter(tmp_path / "full")
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+
+    def disk_full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError) as failed:
+        writer.write(os.urandom(_DirectWriter.BUFFER + 10))
+    assert failed.value.errno == errno.ENOSPC
+    writer.close()  # no second write of the stale buffer, no other error
+    writer.close()  # and a second close does nothing (its buffer went back to the pool once)
+
+
+def test_a_folder_refusing_direct_io_gets_buffered_writes(
+    store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: _DirectWriter, path: Path) -> None:
+        path.touch()  # as open(O_CREAT | O_DIRECT) may leave it
+        raise OSError(errno.EINVAL, "O_DIRECT not supported")
+
+    monkeypatch.setattr(_DirectWriter, "__init__", refuse)
+    blob = store.put_bytes(b"z" * 9000)
+    assert store.read(blob.key) == b"z" * 9000
