@@ -35,7 +35,7 @@ from medzip_scp.index.ingest import (
     add_instances_of_known_series,
     attributes_from_dataset,
     get_instance,
-    indexed_sha256s,
+    indexed_content,
     replace_instance,
 )
 from medzip_scp.index.models import Instance
@@ -165,6 +165,10 @@ class _GroupCommitter:
         try:
             self._process(batch)
         finally:
+            for request in batch:  # never leave a follower waiting, whatever went wrong
+                if request.outcome is None and request.error is None:
+                    request.error = RuntimeError("group commit ended without an outcome")
+                    request.done.set()
             with self._lock:
                 if self._queue:
                     successor = self._queue[0]
@@ -273,12 +277,25 @@ class Archive:
         try:
             outcome = self._committer.submit(request)
         except BaseException:
-            # Nothing half-stored: a blob without its committed row is removed again.
-            self.blobs.delete(blob.key)
+            self._discard_unindexed(blob, attrs.sop_instance_uid)
             raise
         if outcome.result in (StoreResult.IDENTICAL_DUPLICATE, StoreResult.DUPLICATE_REJECTED):
             self.blobs.delete(blob.key)  # an identical or refused copy is not kept
         return outcome
+
+    def _discard_unindexed(self, blob: StoredBlob, sop_instance_uid: str) -> None:
+        """Nothing half-stored: remove the blob of a failed commit, unless the commit went
+        through after all (a connection lost during COMMIT) and a row names it. When that
+        cannot be checked, keep it: an unreferenced file is harmless, a row naming a
+        removed blob is a lost image."""
+        try:
+            with self.read_sessions() as session:
+                indexed = indexed_content(session, [sop_instance_uid]).get(sop_instance_uid)
+        except Exception as exc:
+            log.warning("kept blob %s of a failed commit: %s", blob.key, type(exc).__name__)
+            return
+        if indexed is None or indexed[1] != blob.key:
+            self.blobs.delete(blob.key)
 
     def _commit_batch(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
         """Make a batch durable: fsync its blobs, then index all of it in one transaction."""
@@ -287,7 +304,9 @@ class Archive:
             return self._index_batch(batch, fast=True)
         except IntegrityError:
             # The one statement of the fast path failed as a whole (a series row gone, say):
-            # index the batch again one instance at a time, with a savepoint each.
+            # forget what this process knew of series rows, and index the batch again one
+            # instance at a time, with a savepoint each.
+            self._known_series.clear()
             return self._index_batch(batch, fast=False)
 
     def _index_batch(self, batch: list[_StoreRequest], fast: bool) -> list[StoreOutcome]:
@@ -339,7 +358,12 @@ class Archive:
         fields = dict(self._facts(request), known_series=self._known_series)
         policy = self.settings.storage.duplicate_policy
         for _attempt in range(3):
-            archived_sha256 = indexed_sha256s(session, [sop_uid]).get(sop_uid)
+            archived = indexed_content(session, [sop_uid]).get(sop_uid)
+            if archived is not None and archived[1] == request.blob.key:
+                # This very blob is indexed: a commit reported as failed had gone through
+                # (connection lost during COMMIT) and its batch is being retried.
+                return StoreOutcome(StoreResult.STORED, sop_uid)
+            archived_sha256 = archived[0] if archived is not None else None
             if archived_sha256 == request.dataset_sha256:
                 return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
             if archived_sha256 is not None and policy is DuplicatePolicyValues.REJECT:

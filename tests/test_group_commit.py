@@ -1,15 +1,32 @@
-"""The C-STORE group commit: handlers take turns leading, batches form under load, and a
-failing request fails alone."""
+"""The C-STORE group commit: handlers take turns leading, batches form under load, a
+failing request fails alone, and a commit reported as failed that went through loses
+nothing."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from medzip_scp.archive import StoreOutcome, StoreResult, _GroupCommitter, _StoreRequest
+from medzip_scp.archive import (
+    Archive,
+    StoreOutcome,
+    StoreResult,
+    _GroupCommitter,
+    _StoreRequest,
+)
+from medzip_scp.config import Settings, StorageSettings
+from medzip_scp.dicom.part10 import ReceivedObject, read_received
+from medzip_scp.index.ingest import attributes_from_dataset
+from medzip_scp.index.models import Instance
 
 
 def _request(uid: str) -> _StoreRequest:
@@ -100,3 +117,74 @@ def test_a_lone_request_commits_on_its_own_thread() -> None:
     assert commit.batches == [(["1.2.9"], threading.current_thread().name)]
     with pytest.raises(OSError):
         _GroupCommitter(_RecordingCommit(bad="1.2.9")).submit(_request("1.2.9"))
+
+
+# -- against a real archive (SQLite, blob store on disk) ----------------------------------
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Archive:
+    return Archive.open(Settings(storage=StorageSettings(data_dir=tmp_path / "data")))
+
+
+def _spooled(tmp_path: Path, name: str) -> ReceivedObject:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return read_received(path)
+
+
+def _commit_then_fail_once(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first index transaction commits and then reports failure, as when the
+    connection to PostgreSQL is lost during COMMIT."""
+    real = archive._index_batch
+    calls = []
+
+    def index_batch(batch: list[_StoreRequest], fast: bool) -> list[StoreOutcome]:
+        outcomes = real(batch, fast)
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        return outcomes
+
+    monkeypatch.setattr(archive, "_index_batch", index_batch)
+
+
+def _indexed_blob(archive: Archive, uid: str) -> str:
+    with archive.sessions() as session:
+        return session.scalars(
+            select(Instance.blob_key).where(Instance.sop_instance_uid == uid)
+        ).one()
+
+
+def test_a_commit_reported_failed_but_done_keeps_its_blob(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received = _spooled(tmp_path, "a")
+    _commit_then_fail_once(archive, monkeypatch)
+    with pytest.raises(OperationalError):  # the peer is told it failed, and retries
+        archive.store(received, "TEST")
+    uid = str(received.dataset.SOPInstanceUID)
+    key = _indexed_blob(archive, uid)
+    assert archive.blobs.read(key) == received.path.read_bytes()  # the row's blob is there
+    retry = archive.store(received, "TEST")
+    assert retry.result is StoreResult.IDENTICAL_DUPLICATE
+    assert _indexed_blob(archive, uid) == key
+    assert list(archive.blobs.keys()) == [key]  # the retry's copy was not kept
+
+
+def test_a_batch_reported_failed_but_done_is_stored_on_retry(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = []
+    for name in ("a", "b"):
+        received = _spooled(tmp_path, name)
+        blob, sha256 = archive._write_original(received)
+        attrs = attributes_from_dataset(received.dataset)
+        batch.append(_StoreRequest(received, attrs, blob, sha256, "TEST"))
+    _commit_then_fail_once(archive, monkeypatch)
+    archive._committer._process(batch)  # fails as a whole, then each alone
+    assert [r.outcome.result for r in batch if r.outcome] == [StoreResult.STORED] * 2
+    for request in batch:
+        assert _indexed_blob(archive, request.attrs.sop_instance_uid) == request.blob.key

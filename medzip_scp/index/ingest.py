@@ -48,7 +48,7 @@ __all__ = [
     "add_instances_of_known_series",
     "attributes_from_dataset",
     "get_instance",
-    "indexed_sha256s",
+    "indexed_content",
     "normalise_da",
     "normalise_tm",
     "replace_instance",
@@ -196,15 +196,17 @@ def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
-def indexed_sha256s(session: Session, sop_instance_uids: Collection[str]) -> dict[str, str]:
-    """The original SHA-256 of those of these SOP Instance UIDs that are indexed: the
-    duplicate check of a C-STORE commit batch, in one query, without loading ORM objects."""
+def indexed_content(
+    session: Session, sop_instance_uids: Collection[str]
+) -> dict[str, tuple[str, str]]:
+    """``(original SHA-256, blob key)`` of those of these SOP Instance UIDs that are
+    indexed: the duplicate check of a C-STORE, without loading ORM objects."""
     rows = session.execute(
-        select(Instance.sop_instance_uid, Instance.original_sha256).where(
+        select(Instance.sop_instance_uid, Instance.original_sha256, Instance.blob_key).where(
             Instance.sop_instance_uid.in_(list(sop_instance_uids))
         )
     )
-    return {uid: sha256 for uid, sha256 in rows}
+    return {uid: (sha256, blob_key) for uid, sha256, blob_key in rows}
 
 
 def _dialect_insert(session: Session, table: Any) -> Any:
@@ -392,6 +394,12 @@ class KnownSeries:
     def rolled_back(self) -> None:
         self._pending.clear()
 
+    def clear(self) -> None:
+        """Forget every series: their rows may have changed in ways this process did
+        not see (the next instance of each takes the full path)."""
+        self._known.clear()
+        self._pending.clear()
+
 
 def _hierarchy(session: Session, attrs: InstanceAttributes) -> Series:
     patient = _get_or_create_patient(session, attrs)
@@ -512,25 +520,33 @@ def add_instances_of_known_series(
     new: list[tuple[InstanceAttributes, dict[str, Any]]],
     known_series: KnownSeries,
 ) -> list[bool]:
-    """Index, in one statement, those instances whose series this process committed with
-    the same values and whose SOP Instance UID is not indexed yet; says for each whether
-    it was indexed (the others need :func:`add_instance` or :func:`replace_instance`). The
-    C-STORE fast path: no look-ups, ORM objects or savepoints, which cost the ORM path
-    about 1 ms per instance.
+    """Index, in one statement, instances whose series this process committed with the
+    same values and whose SOP Instance UID is not indexed yet; says for each whether it was
+    indexed (the others need :func:`add_instance` or :func:`replace_instance`). The C-STORE
+    fast path: no look-ups, ORM objects or savepoints, which cost the ORM path about 1 ms
+    per instance.
 
     ``new`` pairs each instance's attributes with the storage facts :func:`add_instance`
-    takes as keywords. A UID already indexed, by anyone, or twice in ``new`` is left to
-    the caller (``ON CONFLICT DO NOTHING``).
+    takes as keywords, in arrival order. Only the leading run of instances of known series
+    is considered: from the first other one on, the caller's path may change patient,
+    study or series rows, and later instances must see that (the newest values win). A
+    UID already indexed, by anyone, or twice in the run is left to the caller too
+    (``ON CONFLICT DO NOTHING``).
     """
-    rows = {}  # by UID: a second copy in ``new`` is left to the caller too
+    rows: dict[str, tuple[int, dict[str, Any]]] = {}
     for position, (attrs, facts) in enumerate(new):
         series_id = known_series.lookup(attrs)
-        if series_id is not None and attrs.sop_instance_uid not in rows:
-            rows[attrs.sop_instance_uid] = position, {
-                "sop_instance_uid": attrs.sop_instance_uid,
-                "series_fk": series_id,
-                **_instance_values(attrs, **facts),
-            }
+        if series_id is None:
+            break
+        if attrs.sop_instance_uid not in rows:
+            rows[attrs.sop_instance_uid] = (
+                position,
+                {
+                    "sop_instance_uid": attrs.sop_instance_uid,
+                    "series_fk": series_id,
+                    **_instance_values(attrs, **facts),
+                },
+            )
     indexed = [False] * len(new)
     if rows:
         table = Instance.__table__
@@ -539,7 +555,9 @@ def add_instances_of_known_series(
             .on_conflict_do_nothing(index_elements=[table.c.sop_instance_uid])
             .returning(table.c.sop_instance_uid)
         )
-        for uid in session.execute(stmt, [row for _, row in rows.values()]).scalars():
+        # In UID order: two processes inserting overlapping sets lock rows in one order.
+        ordered = [rows[uid][1] for uid in sorted(rows)]
+        for uid in session.execute(stmt, ordered).scalars():
             indexed[rows[uid][0]] = True
     return indexed
 

@@ -157,3 +157,15 @@ def test_one_insert_indexes_the_new_instances_of_known_series(
     with db_session_factory() as session:
         uids = set(session.scalars(select(Instance.sop_instance_uid)))
     assert uids == {first.SOPInstanceUID, new_a.SOPInstanceUID, new_b.SOPInstanceUID}
+    # after an instance the fast path cannot take, none: the caller indexes the rest in
+    # arrival order, so that a later instance's values win over an earlier one's
+    after_unknown = [make_ds(), make_ds(**same_series)]
+    with db_session_factory() as session:
+        indexed = add_instances_of_known_series(
+            session,
+            [(attributes_from_dataset(ds), storage_kwargs(ds)) for ds in after_unknown],
+            known,
+        )
+    assert indexed == [False, False]
+    known.clear()
+    assert known.lookup(attributes_from_dataset(make_ds(**same_series))) is None
