@@ -12,7 +12,7 @@ cost CPU the C-STOREs needed.
 the same timeout: the association reactor on its DIMSE queue, the DUL reactor on its socket
 and on the queue of PDUs to send. Every other ``sleep`` in those modules sleeps as before,
 and each loop still turns at least once per timeout, so release, abort and timer checks keep
-their old latency. pynetdicom's code is not copied or changed.
+their old latency. pynetdicom's code is neither copied nor edited.
 """
 
 from __future__ import annotations
