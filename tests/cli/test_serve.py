@@ -48,6 +48,18 @@ def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]
     raise AssertionError("node did not start:\n" + "\n".join(lines))
 
 
+def _start_two_processes(
+    tmp_path: Path, *args: str
+) -> tuple[subprocess.Popen[str], list[str], SimpleNamespace]:
+    """A node of two processes on a free port, its data in ``d``: the process, its start-up
+    output, and the node as the SCU helpers take it."""
+    port = free_port()
+    proc, lines = _start(
+        tmp_path, "--port", str(port), "--processes", "2", "--data-dir", "d", *args
+    )
+    return proc, lines, SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
+
+
 def _stop(proc: subprocess.Popen[str]) -> str:
     """SIGTERM, as an init system stops the node; returns the rest of its output."""
     proc.send_signal(signal.SIGTERM)
@@ -115,8 +127,8 @@ def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
         ds = dcmread(get_testdata_file("CT_small.dcm"))
         ds.SOPInstanceUID = generate_uid()
         ds.save_as(files / f"{i}.dcm")
-    port = free_port()
-    proc, lines = _start(tmp_path, "--port", str(port), "--processes", "2", "--data-dir", "d")
+    proc, lines, node = _start_two_processes(tmp_path)
+    port = node.port
     try:
         assert "node processes: 2" in "\n".join(lines)
         # "ready" comes only once both processes listen (each made its spool folder first)
@@ -157,23 +169,11 @@ def test_mutual_tls_in_every_node_process(tmp_path: Path, pki: dict[str, Path]) 
         f'certificate = "{pki["node_cert"]}"\nprivate_key = "{pki["node_key"]}"\n'
         f'ca_certificates = "{pki["ca"]}"\nrequire_client_certificate = true\n'
     )
-    port = free_port()
-    proc, _ = _start(
-        tmp_path,
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--processes",
-        "2",
-        "--data-dir",
-        "d",
-    )
-    node = SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
+    proc, _, node = _start_two_processes(tmp_path, "--config", str(config))
     try:
         # associations are dealt in turn, so four in a row reach both processes twice; a
         # client that connects and stays silent holds up neither
-        silent = socket.create_connection(("127.0.0.1", port))
+        silent = socket.create_connection(("127.0.0.1", node.port))
         with_cert = [echo(node, (client_context(pki, True), "localhost")) for _ in range(4)]
         silent.close()
         without = [echo(node, (client_context(pki, False), "localhost")) for _ in range(2)]
@@ -212,24 +212,14 @@ def test_every_node_process_serves_store_get_and_move(
     from tests.net.test_query_retrieve import _move, _study
 
     dest_port, moved = store_scp
-    port = free_port()
-    proc, _ = _start(
-        tmp_path,
-        "--port",
-        str(port),
-        "--processes",
-        "2",
-        "--data-dir",
-        "d",
-        "--move-destination",
-        f"DEST=127.0.0.1:{dest_port}",
+    proc, _, node = _start_two_processes(
+        tmp_path, "--move-destination", f"DEST=127.0.0.1:{dest_port}"
     )
-    node = SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
     try:
         study_uid, sent = _study(node, 3)  # three associations: both processes store
         originals = {ds.SOPInstanceUID: ds.PixelData for ds in sent}
         for _ in range(2):  # two C-GETs: one per process
-            status, got = _get_study(port, study_uid)
+            status, got = _get_study(node.port, study_uid)
             assert status == Status.SUCCESS
             assert {ds.SOPInstanceUID: ds.PixelData for ds in got} == originals
         for _ in range(2):  # two C-MOVEs: one per process
@@ -242,7 +232,7 @@ def test_every_node_process_serves_store_get_and_move(
         while time.monotonic() < deadline and _codecs(index) != {"mzp1"}:
             time.sleep(0.5)
         assert _codecs(index) == {"mzp1"}
-        status, got = _get_study(port, study_uid)
+        status, got = _get_study(node.port, study_uid)
         assert status == Status.SUCCESS
         assert {ds.SOPInstanceUID: ds.PixelData for ds in got} == originals
     finally:
