@@ -34,16 +34,9 @@ class StoredBlob:
     size: int  # plaintext bytes
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int = 0) -> None:
+    """fsync a file, or a folder with ``flags=os.O_DIRECTORY`` (its entries)."""
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
@@ -169,7 +162,7 @@ class LocalBlobStore:
         stored = 0
         if not final.parent.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)  # the new folder's own entry (about once a minute)
+            _fsync(self.root, os.O_DIRECTORY)  # the new folder's own entry (about once a minute)
         try:
             fh = self._create(final)
             try:
@@ -206,10 +199,10 @@ class LocalBlobStore:
         directories: set[Path] = set()
         for key in keys:
             path = self._path(key)
-            _fsync_file(path)
+            _fsync(path)
             directories.add(path.parent)
         for directory in sorted(directories):
-            _fsync_dir(directory)
+            _fsync(directory, os.O_DIRECTORY)
 
     def put(self, chunks: Iterable[bytes]) -> StoredBlob:
         """Seal and durably write a new blob; returns once it is on stable storage."""
@@ -244,7 +237,7 @@ class LocalBlobStore:
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        _fsync(path.parent, os.O_DIRECTORY)
 
     def keys(self) -> Iterator[str]:
         for path in self.root.glob("??/*"):
