@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import socket
 import statistics
@@ -186,8 +187,7 @@ def run_once(
     name: str, start: callable, aet: str, files: list[Path], n: int, tmp: Path, round_: int = 0
 ) -> Row:
     """Start a fresh server, send ``files`` over ``n`` associations, stop it."""
-    work = tmp / f"{name}-{n}-{round_}".replace(" ", "_").replace("(", "").replace(")", "")
-    work = work.with_name(work.name.replace(",", ""))
+    work = tmp / re.sub(r"[^\w-]+", "_", f"{name}-{n}-{round_}")
     work.mkdir()
     port = free_port()
     proc = start(port, work)
