@@ -270,7 +270,7 @@ class Archive:
         MissingAttributeError
             The object lacks an attribute the index needs (nothing is written).
         """
-        attrs = attributes_from_dataset(received.dataset)
+        attrs = attributes_from_dataset(received.header)
         self.store_activity.value = time.monotonic()
         blob, dataset_sha256 = self._write_original(received)
         request = _StoreRequest(received, attrs, blob, dataset_sha256, calling_ae_title)

@@ -165,7 +165,7 @@ def test_a_commit_reported_failed_but_done_keeps_its_blob(
     _commit_then_fail_once(archive, monkeypatch)
     with pytest.raises(OperationalError):  # the peer is told it failed, and retries
         archive.store(received, "TEST")
-    uid = str(received.dataset.SOPInstanceUID)
+    uid = str(received.header.get("SOPInstanceUID"))
     key = _indexed_blob(archive, uid)
     assert archive.blobs.read(key) == received.path.read_bytes()  # the row's blob is there
     retry = archive.store(received, "TEST")
@@ -181,7 +181,7 @@ def test_a_batch_reported_failed_but_done_is_stored_on_retry(
     for name in ("a", "b"):
         received = _spooled(tmp_path, name)
         blob, sha256 = archive._write_original(received)
-        attrs = attributes_from_dataset(received.dataset)
+        attrs = attributes_from_dataset(received.header)
         batch.append(_StoreRequest(received, attrs, blob, sha256, "TEST"))
     _commit_then_fail_once(archive, monkeypatch)
     archive._committer._process(batch)  # fails as a whole, then each alone

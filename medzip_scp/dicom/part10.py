@@ -2,23 +2,37 @@
 
 The node keeps the peer's encoded data set bytes exactly as received; these helpers only read
 them (PS3.10 file format: 128-byte preamble, ``DICM``, File Meta group 0002, then the data set).
+
+Every received object is walked element by element (:func:`_scan_elements`), which checks
+that the elements exactly fill the file, and only the few values the node checks and indexes
+are kept and converted, by pydicom's own converters. A full pydicom parse cost four times as
+much, the most expensive step of a C-STORE; it still decides every object the walk finds
+unusual (another byte order, a deflated or inconsistent encoding, anything cut short), so
+its verdict and its error messages stand for all bad input.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from enum import Enum
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, ImplicitVRLittleEndian
 
 PREAMBLE_LENGTH = 132  # 128-byte preamble + b"DICM"
 _PIXEL_DATA = 0x7FE00010
+_TRANSFER_SYNTAX_UID = 0x00020010
 
 
 class RejectReason(Enum):
@@ -44,18 +58,14 @@ class ReceivedObject:
     """A parsed, validated object as spooled by the network layer."""
 
     path: Path
-    file_meta: FileMetaDataset
-    dataset: Dataset  # large values (pixel data) deferred, not loaded
+    transfer_syntax_uid: UID
+    header: Dataset | HeaderElements  # the values of HEADER_KEYWORDS at least
     dataset_offset: int  # where the data set bytes start in the file
     file_size: int
 
     @property
     def dataset_size(self) -> int:
         return self.file_size - self.dataset_offset
-
-    @property
-    def transfer_syntax_uid(self) -> UID:
-        return UID(self.file_meta.TransferSyntaxUID)
 
 
 # Explicit VR encodings with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
@@ -116,17 +126,23 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
     """
     end = 0
     measurable = True
+    unplaced = 0  # the highest tag of an element read without its position
+    last_placed = 0  # the tag of the element that ends furthest
     for raw in ds._dict.values():
         tell = getattr(raw, "value_tell", None)
         length = getattr(raw, "length", None)
-        if tell is None or length is None:
+        if tell is None or length is None:  # a sequence pydicom parsed while reading
+            unplaced = max(unplaced, int(raw.tag))
             continue
         if length == 0xFFFFFFFF:
             if raw.value is None:  # deferred: its end is not known without reading it
                 measurable = False
                 continue
             length = len(raw.value) + 8  # the value, then the Sequence Delimitation Item
-        end = max(end, tell + length)
+        if tell + length > end:
+            end, last_placed = tell + length, int(raw.tag)
+    if unplaced > last_placed:
+        measurable = False  # the data set ends with such a sequence: its end is unknown
     if end > file_size or (measurable and end != file_size):
         raise InvalidObjectError(
             RejectReason.UNPARSABLE,
@@ -134,14 +150,290 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
         )
 
 
-def expected_pixel_bytes(ds: Dataset) -> int:
+def expected_pixel_bytes(ds: Dataset | HeaderElements) -> int:
     """Bytes of native Pixel Data the image attributes call for (PS3.5 8.1.1), unpadded."""
-    rows = int(ds.Rows)
-    columns = int(ds.Columns)
+    rows = int(ds.get("Rows"))
+    columns = int(ds.get("Columns"))
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    bits = int(ds.BitsAllocated)
+    bits = int(ds.get("BitsAllocated"))
     return (rows * columns * samples * frames * bits + 7) // 8
+
+
+# What the node checks and indexes of a received data set (here and in
+# index.ingest.attributes_from_dataset); the quick reader keeps these values and no others.
+HEADER_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "BitsAllocated",
+)
+_IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_TAG_OF_KEYWORD: dict[str, int] = {k: int(tag_for_keyword(k) or 0) for k in HEADER_KEYWORDS}
+_KEPT_TAGS = frozenset(_TAG_OF_KEYWORD.values())
+_CHARSET = _TAG_OF_KEYWORD["SpecificCharacterSet"]
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+    b"UR US UT UV".split()
+)
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_MAX_DEPTH = 32  # nested sequences; deeper objects go to pydicom
+_TAG_LENGTH = struct.Struct("<HHI")
+_TAG_VR_LENGTH = struct.Struct("<HH2sH")
+_LONG_LENGTH = struct.Struct("<I")
+
+
+class _Unusual(Exception):
+    """The quick walk met something it leaves to pydicom."""
+
+
+def _is_sequence(tag: int, known: dict[int, bool] = {}) -> bool:  # noqa: B006 - a cache
+    """Whether the data dictionary makes an (implicit VR) element a sequence."""
+    if tag not in known:
+        try:
+            known[tag] = dictionary_VR(tag) == "SQ"
+        except KeyError:  # private or unknown
+            known[tag] = False
+    return known[tag]
+
+
+def _looks_like_vr(first: int, second: int) -> bool:
+    return 0x40 < first < 0x5B and 0x40 < second < 0x5B  # as pydicom's own test
+
+
+@dataclass
+class _Walk:
+    """Where a walk over an explicit or implicit VR little endian data set keeps what it
+    found at the top level."""
+
+    buf: bytes | mmap.mmap
+    implicit: bool
+    kept: dict[int, tuple[str | None, bytes]]
+    pixel_data: tuple[str | None, int] | None = None  # VR, length
+
+    def _tag_and_length(self, pos: int, limit: int) -> tuple[int, int]:
+        """The tag and the 4-byte length field of the element or item at ``pos``."""
+        if pos + 8 > limit:
+            raise _Unusual
+        group, element, length = _TAG_LENGTH.unpack_from(self.buf, pos)
+        return group << 16 | element, length
+
+    def elements(self, pos: int, end: int | None, depth: int) -> int:
+        """Walk data elements from ``pos`` to ``end``, or (``end`` None) through an Item
+        Delimitation Item; returns the position after them."""
+        buf = self.buf
+        limit = len(buf) if end is None else end
+        first = True
+        while end is None or pos != end:
+            tag, length = self._tag_and_length(pos, limit)
+            if tag == _ITEM_END and end is None and length == 0:
+                return pos + 8
+            if tag >> 16 == 0xFFFE:
+                raise _Unusual  # a delimiter out of place
+            vr: str | None = None
+            value = pos + 8
+            if self.implicit:
+                # pydicom switches to explicit VR when the first element looks explicit
+                if first and depth == 0 and _looks_like_vr(buf[pos + 4], buf[pos + 5]):
+                    raise _Unusual
+            else:
+                _, _, vr_bytes, length = _TAG_VR_LENGTH.unpack_from(buf, pos)
+                if vr_bytes not in _VRS:
+                    raise _Unusual  # perhaps an implicit VR item: pydicom copes
+                if vr_bytes in LONG_LENGTH_VRS:
+                    if pos + 12 > limit:
+                        raise _Unusual
+                    (length,) = _LONG_LENGTH.unpack_from(buf, pos + 8)
+                    value = pos + 12
+                vr = vr_bytes.decode("ascii")
+            first = False
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA and depth == 0 and vr in ("OB", "OW"):
+                    pos = self.fragments(value)
+                elif vr == "SQ" or vr is None:
+                    pos = self.items(value, None, depth + 1)
+                else:
+                    raise _Unusual
+            else:
+                pos = value + length
+                if pos > limit:
+                    raise _Unusual  # cut short
+                if vr == "SQ" or (vr is None and length and _is_sequence(tag)):
+                    self.items(value, pos, depth + 1)
+            if depth == 0:
+                if tag == _PIXEL_DATA:
+                    self.pixel_data = (vr, length)
+                elif tag in _KEPT_TAGS:
+                    if length == _UNDEFINED:
+                        raise _Unusual
+                    self.kept[tag] = (vr, bytes(buf[value:pos]))
+        return pos
+
+    def items(self, pos: int, end: int | None, depth: int) -> int:
+        """Walk the items of a sequence value (to ``end``, or through its Sequence
+        Delimitation Item)."""
+        if depth > _MAX_DEPTH:
+            raise _Unusual
+        limit = len(self.buf) if end is None else end
+        while end is None or pos != end:
+            tag, length = self._tag_and_length(pos, limit)
+            if tag == _SEQUENCE_END and end is None and length == 0:
+                return pos + 8
+            if tag != _ITEM:
+                raise _Unusual
+            if length == _UNDEFINED:
+                pos = self.elements(pos + 8, None, depth)
+            else:
+                if pos + 8 + length > limit:
+                    raise _Unusual
+                pos = self.elements(pos + 8, pos + 8 + length, depth)
+        return pos
+
+    def fragments(self, pos: int) -> int:
+        """Walk the items of encapsulated pixel data through its Sequence Delimitation Item."""
+        while True:
+            tag, length = self._tag_and_length(pos, len(self.buf))
+            if tag == _SEQUENCE_END and length == 0:
+                return pos + 8
+            if tag != _ITEM or length == _UNDEFINED:
+                raise _Unusual
+            pos += 8 + length
+
+
+class HeaderElements:
+    """The kept elements of a walked data set; each value converted on first use by
+    pydicom's own converter, so values equal what a pydicom Dataset gives."""
+
+    def __init__(self, kept: dict[int, tuple[str | None, bytes]], implicit: bool) -> None:
+        self._kept = kept
+        self._implicit = implicit
+        self._values: dict[int, Any] = {}
+        self._encodings: str | list[str] | None = None
+
+    def _convert(self, tag: int, encodings: str | list[str]) -> Any:
+        vr, data = self._kept[tag]
+        raw = RawDataElement(Tag(tag), vr, len(data), data, 0, self._implicit, True)
+        return convert_raw_data_element(raw, encoding=encodings).value
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        tag = _TAG_OF_KEYWORD[keyword]  # KeyError: a keyword outside HEADER_KEYWORDS
+        if tag not in self._kept:
+            return default
+        if tag not in self._values:
+            if self._encodings is None:  # as Dataset._character_set
+                charset = (
+                    self._convert(_CHARSET, default_encoding) if _CHARSET in self._kept else None
+                )
+                self._encodings = convert_encodings(charset) if charset else default_encoding
+            self._values[tag] = self._convert(tag, self._encodings)
+        return self._values[tag]
+
+
+def _file_meta(buf: bytes | mmap.mmap) -> tuple[int, UID]:
+    """The data set offset and the Transfer Syntax UID of a Part-10 file (group 0002 is
+    explicit VR little endian, PS3.10 7.1)."""
+    if len(buf) < PREAMBLE_LENGTH or buf[128:PREAMBLE_LENGTH] != b"DICM":
+        raise _Unusual
+    pos = PREAMBLE_LENGTH
+    syntax = ""
+    while pos + 8 <= len(buf):
+        group, element, vr, length = _TAG_VR_LENGTH.unpack_from(buf, pos)
+        if group != 0x0002:
+            break
+        value = pos + 8
+        if vr in LONG_LENGTH_VRS:
+            if pos + 12 > len(buf):
+                raise _Unusual
+            (length,) = _LONG_LENGTH.unpack_from(buf, pos + 8)
+            value = pos + 12
+        elif vr not in _VRS:
+            raise _Unusual
+        pos = value + length
+        if pos > len(buf):
+            raise _Unusual
+        if group << 16 | element == _TRANSFER_SYNTAX_UID:
+            syntax = bytes(buf[value:pos]).decode("ascii", "replace").rstrip("\0 ")
+    if not syntax:
+        raise _Unusual
+    return pos, UID(syntax)
+
+
+def _walk_file(buf: bytes | mmap.mmap) -> tuple[UID, int, _Walk]:
+    """Walk a whole Part-10 file; raises _Unusual for anything left to pydicom."""
+    offset, syntax = _file_meta(buf)
+    if syntax == ImplicitVRLittleEndian:
+        implicit = True
+    elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
+        implicit = False
+    else:
+        raise _Unusual  # big endian, deflated, private or unknown syntaxes
+    walk = _Walk(buf, implicit, kept={})
+    walk.elements(offset, len(buf), 0)
+    return syntax, offset, walk
+
+
+def _read_quickly(
+    path: Path, expected_sop_class_uid: str | None, expected_sop_instance_uid: str | None
+) -> ReceivedObject | None:
+    """The object, when the quick walk reads it and every check passes; None otherwise."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < PREAMBLE_LENGTH:
+            return None
+        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as buf:
+            try:
+                syntax, offset, walk = _walk_file(buf)
+            except _Unusual:
+                return None
+    header = HeaderElements(walk.kept, walk.implicit)
+    try:
+        uids = [header.get(keyword) for keyword in _IDENTIFYING_UIDS]
+        if not all(isinstance(uid, str) and uid.strip() for uid in uids):
+            return None
+        if expected_sop_class_uid and uids[0] != expected_sop_class_uid:
+            return None
+        if expected_sop_instance_uid and uids[1] != expected_sop_instance_uid:
+            return None
+        if walk.pixel_data is not None and not _pixel_data_long_enough(
+            header, syntax, walk.pixel_data[1]
+        ):
+            return None
+    except Exception:  # a value pydicom does not convert: its own parse decides
+        return None
+    return ReceivedObject(path, syntax, header, offset, size)
+
+
+def _pixel_data_long_enough(header: HeaderElements, syntax: UID, length: int) -> bool:
+    if any(header.get(keyword) in (None, "") for keyword in ("Rows", "Columns", "BitsAllocated")):
+        return False
+    if syntax.is_encapsulated:
+        return True
+    return length != _UNDEFINED and length >= expected_pixel_bytes(header)
 
 
 def read_received(
@@ -157,6 +449,19 @@ def read_received(
         The object cannot be parsed, lacks an identifying attribute, disagrees with the
         C-STORE request, or its pixel data is shorter than its image attributes require.
     """
+    received = _read_quickly(path, expected_sop_class_uid, expected_sop_instance_uid)
+    if received is None:
+        received = _read_with_pydicom(path, expected_sop_class_uid, expected_sop_instance_uid)
+    return received
+
+
+def _read_with_pydicom(
+    path: Path,
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+) -> ReceivedObject:
+    """:func:`read_received` by a full pydicom parse: for the objects the quick walk leaves
+    to it, and for the verdict on every object a quick check doubts."""
     offset = dataset_offset(path)
     try:
         ds = dcmread(path, defer_size=1 << 16)
@@ -168,7 +473,7 @@ def read_received(
             RejectReason.UNPARSABLE, f"data set could not be parsed ({type(exc).__name__})"
         ) from None
     meta = ds.file_meta
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+    for keyword in _IDENTIFYING_UIDS:
         if not str(ds.get(keyword, "") or "").strip():
             raise InvalidObjectError(
                 RejectReason.MISSING_ATTRIBUTE, f"required attribute {keyword} is missing or empty"
@@ -187,8 +492,8 @@ def read_received(
     _check_pixel_data(ds, UID(meta.TransferSyntaxUID))
     return ReceivedObject(
         path=path,
-        file_meta=meta,
-        dataset=ds,
+        transfer_syntax_uid=UID(meta.TransferSyntaxUID),
+        header=ds,
         dataset_offset=offset,
         file_size=path.stat().st_size,
     )

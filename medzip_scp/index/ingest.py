@@ -21,9 +21,8 @@ import dataclasses
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import pydicom
 from pydicom.multival import MultiValue
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -110,7 +109,14 @@ def normalise_tm(value: str) -> str:
     return value.strip().replace(":", "")
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
+class AttributeSource(Protocol):
+    """A data set's values by keyword, as pydicom gives them: a ``pydicom.Dataset`` or the
+    node's quick reading of a received object (``dicom.part10.HeaderElements``)."""
+
+    def get(self, keyword: str, default: Any = None) -> Any: ...
+
+
+def _text(ds: AttributeSource, keyword: str) -> str:
     elem = ds.get(keyword)
     if elem is None:
         return ""
@@ -120,7 +126,7 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+def _int(ds: AttributeSource, keyword: str) -> int | None:
     value: Any = ds.get(keyword)
     if isinstance(value, MultiValue | list | tuple):
         value = value[0] if len(value) else None
@@ -133,12 +139,12 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
-def attributes_from_dataset(ds: pydicom.Dataset) -> InstanceAttributes:
+def attributes_from_dataset(ds: AttributeSource) -> InstanceAttributes:
     """Extract the indexed attributes of a composite instance.
 
     Parameters
     ----------
-    ds : pydicom.Dataset
+    ds : AttributeSource
         The received dataset (its text is decoded with its Specific Character Set).
 
     Returns
