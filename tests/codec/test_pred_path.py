@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest
 
 from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
+from tests.data_paths import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CT_DIR = SHARED_DATA / "series" / "ct-phantom-1mm"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,10 +24,8 @@ from medzip_scp.codec.api import decompress
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
 from medzip_scp.dicom import blob as blob_module
 from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
+from tests.data_paths import PYDICOM_FILES, SHARED_DATA
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
-PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
 PHI = "ZZSECRET^PATIENTNAME"
 
 

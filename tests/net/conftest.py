@@ -12,9 +12,7 @@ import pytest
 from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
 from medzip_scp.net.server import start_server
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from tests.data_paths import SHARED_DATA
 
 
 def free_port() -> int:
