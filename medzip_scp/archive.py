@@ -8,7 +8,6 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -39,6 +38,7 @@ from medzip_scp.index.ingest import (
     replace_instance,
 )
 from medzip_scp.index.models import Instance
+from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import BlobKey
 from medzip_scp.storage.local import BlobNotFoundError, LocalBlobStore, StoredBlob
 
@@ -245,7 +245,7 @@ class Archive:
         Returns the blob and the SHA-256 of the data set as received (after File Meta): the
         identity of the content for duplicate detection and for ``medzip verify``.
         """
-        digest = hashlib.sha256()
+        digest = ConcurrentSha256()
         offset = received.dataset_offset
 
         def chunks() -> Iterator[bytes]:

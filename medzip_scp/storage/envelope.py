@@ -71,11 +71,18 @@ class BlobKey:
         prefix = header[12:20]
         yield header
         # Segments are cut from each chunk by memoryview (no copy); only a segment that
-        # straddles two chunks is assembled in `pending`.
+        # straddles two chunks is assembled, in `pending`. The rest of the latest chunk is
+        # held as a view until the next chunk (or the end) shows whether it is final.
         pending = bytearray()
+        held = memoryview(b"")
         index = 0
         for chunk in chunks:
-            view = memoryview(chunk)
+            view = memoryview(chunk).cast("B")
+            if not len(view):
+                continue
+            if len(held):
+                pending += held
+                held = memoryview(b"")
             if pending:
                 take = SEGMENT_SIZE - len(pending)
                 pending += view[:take]
@@ -90,8 +97,8 @@ class BlobKey:
                 yield self._encrypt(header, prefix, index, view[:SEGMENT_SIZE], False)
                 view = view[SEGMENT_SIZE:]
                 index += 1
-            pending += view
-        yield self._encrypt(header, prefix, index, pending, final=True)
+            held = view
+        yield self._encrypt(header, prefix, index, held if len(held) else pending, final=True)
 
     def _encrypt(
         self,

@@ -8,7 +8,6 @@ that file names reveal nothing about patients or studies.
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
 import queue
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import BlobKey
 
 
@@ -149,7 +149,7 @@ class LocalBlobStore:
         # Blobs written in the same minute share a folder, so a commit batch fsyncs one folder.
         key = f"{int(time.time()) // 60 % 256:02x}{uuid.uuid4().hex[2:]}"
         final = self._path(key)
-        digest = hashlib.sha256()
+        digest = ConcurrentSha256()
         size = 0
 
         def plaintext() -> Iterator[bytes]:
