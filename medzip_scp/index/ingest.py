@@ -18,6 +18,7 @@ cannot deadlock.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -555,17 +556,28 @@ def add_instances_of_known_series(
             )
     indexed = [False] * len(new)
     if rows:
-        table = Instance.__table__
-        stmt = (
-            _dialect_insert(session, table)
-            .on_conflict_do_nothing(index_elements=[table.c.sop_instance_uid])
-            .returning(table.c.sop_instance_uid)
-        )
         # In UID order: two processes inserting overlapping sets lock rows in one order.
         ordered = [rows[uid][1] for uid in sorted(rows)]
-        for uid in session.execute(stmt, ordered).scalars():
+        # On the session's connection: the ORM's execute costs 0.2 ms more per statement.
+        inserted = session.connection().execute(_new_instances_statement(session), ordered)
+        for uid in inserted.scalars():
             indexed[rows[uid][0]] = True
     return indexed
+
+
+@functools.cache
+def _new_instances_statement_of(dialect: str) -> Any:
+    table = Instance.__table__
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return insert.on_conflict_do_nothing(index_elements=[table.c.sop_instance_uid]).returning(
+        table.c.sop_instance_uid
+    )
+
+
+def _new_instances_statement(session: Session) -> Any:
+    """``INSERT INTO instance ... ON CONFLICT DO NOTHING RETURNING sop_instance_uid``, built
+    once per dialect (building it cost as much as running it)."""
+    return _new_instances_statement_of(session.get_bind().dialect.name)
 
 
 def replace_instance(
