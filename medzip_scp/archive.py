@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -216,6 +217,7 @@ class Archive:
         # processes share one value to let background compression yield to any of them).
         self.store_activity: ctypes.c_double = multiprocessing.RawValue("d", 0.0)
         self._committer = _GroupCommitter(self._commit_batch)
+        self._syncing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sync")
         self._known_series = KnownSeries()  # used by the committing leader only
 
     @classmethod
@@ -298,18 +300,28 @@ class Archive:
             self.blobs.delete(blob.key)
 
     def _commit_batch(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
-        """Make a batch durable: fsync its blobs, then index all of it in one transaction."""
-        self.blobs.sync(request.blob.key for request in batch)
-        try:
-            return self._index_batch(batch, fast=True)
-        except IntegrityError:
-            # The one statement of the fast path failed as a whole (a series row gone, say):
-            # forget what this process knew of series rows, and index the batch again one
-            # instance at a time, with a savepoint each.
-            self._known_series.clear()
-            return self._index_batch(batch, fast=False)
+        """Make a batch durable: fsync its blobs, and index all of it in one transaction
+        that commits only once they are durable.
 
-    def _index_batch(self, batch: list[_StoreRequest], fast: bool) -> list[StoreOutcome]:
+        The fsyncs run in a worker thread while the rows are inserted (they wait on the
+        disk, the inserts on Python), so a batch pays for the longer of the two, not both.
+        """
+        synced = self._syncing.submit(self.blobs.sync, [request.blob.key for request in batch])
+        try:
+            try:
+                return self._index_batch(batch, fast=True, blobs_durable=synced.result)
+            except IntegrityError:
+                # The one statement of the fast path failed as a whole (a series row gone,
+                # say): forget what this process knew of series rows, and index the batch
+                # again one instance at a time, with a savepoint each.
+                self._known_series.clear()
+                return self._index_batch(batch, fast=False, blobs_durable=synced.result)
+        finally:
+            wait([synced])  # done before a failed batch's blobs are removed
+
+    def _index_batch(
+        self, batch: list[_StoreRequest], fast: bool, blobs_durable: Callable[[], object]
+    ) -> list[StoreOutcome]:
         try:
             with self.sessions() as session:
                 outcomes = self._index_new_of_known_series(session, batch) if fast else {}
@@ -317,6 +329,7 @@ class Archive:
                     outcomes.get(i) or self._index(session, request)
                     for i, request in enumerate(batch)
                 ]
+                blobs_durable()  # raises if an fsync failed: the transaction rolls back
                 session.commit()
         except BaseException:
             self._known_series.rolled_back()

@@ -4,8 +4,10 @@ nothing."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +143,10 @@ def _commit_then_fail_once(archive: Archive, monkeypatch: pytest.MonkeyPatch) ->
     real = archive._index_batch
     calls = []
 
-    def index_batch(batch: list[_StoreRequest], fast: bool) -> list[StoreOutcome]:
-        outcomes = real(batch, fast)
+    def index_batch(
+        batch: list[_StoreRequest], fast: bool, blobs_durable: Callable[[], object]
+    ) -> list[StoreOutcome]:
+        outcomes = real(batch, fast, blobs_durable)
         calls.append(len(batch))
         if len(calls) == 1:
             raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
@@ -188,3 +192,22 @@ def test_a_batch_reported_failed_but_done_is_stored_on_retry(
     assert [r.outcome.result for r in batch if r.outcome] == [StoreResult.STORED] * 2
     for request in batch:
         assert _indexed_blob(archive, request.attrs.sop_instance_uid) == request.blob.key
+
+
+def test_a_failed_blob_fsync_commits_nothing(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsyncs run beside the insert; the transaction must still wait for them and
+    roll back when one fails."""
+    received = _spooled(tmp_path, "a")
+
+    def failing_sync(keys: object) -> None:
+        time.sleep(0.05)  # slower than the insert: the commit must wait for it
+        raise OSError(errno.EIO, "fsync failed")
+
+    monkeypatch.setattr(archive.blobs, "sync", failing_sync)
+    with pytest.raises(OSError):
+        archive.store(received, "TEST")
+    with archive.sessions() as session:
+        assert session.scalars(select(Instance.id)).all() == []
+    assert list(archive.blobs.keys()) == []  # nothing half-stored
