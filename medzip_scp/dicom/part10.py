@@ -118,6 +118,15 @@ def dataset_offset_of(fh: BinaryIO) -> int:
         fh.seek(position)
 
 
+def _walks_whole(path: Path) -> bool:
+    """Whether the quick walk finds the file made of whole elements, to its last byte."""
+    try:
+        _walk_path(path)
+    except (_Unusual, OSError):
+        return False
+    return True
+
+
 def _check_complete(ds: Dataset, file_size: int) -> None:
     """Reject a data set that is cut short or followed by bytes that are not elements.
 
@@ -126,23 +135,17 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
     """
     end = 0
     measurable = True
-    unplaced = 0  # the highest tag of an element read without its position
-    last_placed = 0  # the tag of the element that ends furthest
     for raw in ds._dict.values():
         tell = getattr(raw, "value_tell", None)
         length = getattr(raw, "length", None)
-        if tell is None or length is None:  # a sequence pydicom parsed while reading
-            unplaced = max(unplaced, int(raw.tag))
+        if tell is None or length is None:
             continue
         if length == 0xFFFFFFFF:
             if raw.value is None:  # deferred: its end is not known without reading it
                 measurable = False
                 continue
             length = len(raw.value) + 8  # the value, then the Sequence Delimitation Item
-        if tell + length > end:
-            end, last_placed = tell + length, int(raw.tag)
-    if unplaced > last_placed:
-        measurable = False  # the data set ends with such a sequence: its end is unknown
+        end = max(end, tell + length)
     if end > file_size or (measurable and end != file_size):
         raise InvalidObjectError(
             RejectReason.UNPARSABLE,
@@ -214,12 +217,15 @@ class _Unusual(Exception):
 
 def _is_sequence(tag: int, known: dict[int, bool] = {}) -> bool:  # noqa: B006 - a cache
     """Whether the data dictionary makes an (implicit VR) element a sequence."""
-    if tag not in known:
-        try:
-            known[tag] = dictionary_VR(tag) == "SQ"
-        except KeyError:  # private or unknown
-            known[tag] = False
-    return known[tag]
+    if tag in known:
+        return known[tag]
+    try:
+        sequence = dictionary_VR(tag) == "SQ"
+    except KeyError:  # private or unknown
+        sequence = False
+    if not tag >> 16 & 1:  # cache public tags only: a peer could send any number of private
+        known[tag] = sequence
+    return sequence
 
 
 def _looks_like_vr(first: int, second: int) -> bool:
@@ -253,8 +259,10 @@ class _Walk:
             tag, length = self._tag_and_length(pos, limit)
             if tag == _ITEM_END and end is None and length == 0:
                 return pos + 8
-            if tag >> 16 == 0xFFFE:
-                raise _Unusual  # a delimiter out of place
+            if tag >> 16 in (0xFFFE, 0x0000):
+                # A delimiter out of place, or command elements (pydicom reads those apart
+                # and checks the encoding again after them).
+                raise _Unusual
             vr: str | None = None
             value = pos + 8
             if self.implicit:
@@ -275,10 +283,10 @@ class _Walk:
             if length == _UNDEFINED:
                 if tag == _PIXEL_DATA and depth == 0 and vr in ("OB", "OW"):
                     pos = self.fragments(value)
-                elif vr == "SQ" or vr is None:
+                elif vr == "SQ" or (vr is None and _is_sequence(tag)):
                     pos = self.items(value, None, depth + 1)
                 else:
-                    raise _Unusual
+                    raise _Unusual  # pydicom has its own rules for these values
             else:
                 pos = value + length
                 if pos > limit:
@@ -397,19 +405,23 @@ def _walk_file(buf: bytes | mmap.mmap) -> tuple[UID, int, _Walk]:
     return syntax, offset, walk
 
 
+def _walk_path(path: Path) -> tuple[UID, int, _Walk, int]:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < PREAMBLE_LENGTH:
+            raise _Unusual
+        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as buf:
+            return (*_walk_file(buf), size)
+
+
 def _read_quickly(
     path: Path, expected_sop_class_uid: str | None, expected_sop_instance_uid: str | None
 ) -> ReceivedObject | None:
     """The object, when the quick walk reads it and every check passes; None otherwise."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < PREAMBLE_LENGTH:
-            return None
-        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as buf:
-            try:
-                syntax, offset, walk = _walk_file(buf)
-            except _Unusual:
-                return None
+    try:
+        syntax, offset, walk, size = _walk_path(path)
+    except (_Unusual, OSError):
+        return None
     header = HeaderElements(walk.kept, walk.implicit)
     try:
         uids = [header.get(keyword) for keyword in _IDENTIFYING_UIDS]
@@ -465,7 +477,8 @@ def _read_with_pydicom(
     offset = dataset_offset(path)
     try:
         ds = dcmread(path, defer_size=1 << 16)
-        _check_complete(ds, path.stat().st_size)
+        if not _walks_whole(path):  # else the walk has accounted for every byte
+            _check_complete(ds, path.stat().st_size)
     except InvalidObjectError:
         raise
     except Exception as exc:

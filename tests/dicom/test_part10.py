@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,152 @@ def test_only_kept_keywords_can_be_asked_for(tmp_path: Path) -> None:
     assert received.header.get("PatientName") == pydicom.dcmread(tmp_path / "ct.dcm").PatientName
     with pytest.raises(KeyError):
         received.header.get("PatientComments")  # not kept: an error, never a silent None
+
+
+# Hand-built data sets for the structures real files seldom have (found in review).
+_EXPLICIT, _IMPLICIT, _JPEG = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"
+_LONG = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
+_UNDEFINED = 0xFFFFFFFF
+_SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+_ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+
+
+def _even(value: bytes, pad: bytes = b"\0") -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _ex(group: int, element: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    length = len(value) if length is None else length
+    if vr in _LONG:
+        return struct.pack("<HH2sHI", group, element, vr, 0, length) + value
+    return struct.pack("<HH2sH", group, element, vr, length) + value
+
+
+def _im(group: int, element: int, value: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<HHI", group, element, len(value) if length is None else length) + value
+
+
+def _item(body: bytes, undefined: bool = False) -> bytes:
+    if undefined:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED) + body + _ITEM_END
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+
+def _meta(syntax: str) -> bytes:
+    body = (
+        _ex(2, 1, b"OB", b"\0\1")
+        + _ex(2, 2, b"UI", _even(b"1.2.840.10008.5.1.4.1.1.7"))
+        + _ex(2, 3, b"UI", _even(b"1.2.3.4"))
+        + _ex(2, 0x10, b"UI", _even(syntax.encode()))
+    )
+    return b"\0" * 128 + b"DICM" + _ex(2, 0, b"UL", struct.pack("<I", len(body))) + body
+
+
+_UIDS = [(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7"), (8, 0x18, b"1.2.3.4"), (0x20, 0xD, b"1.2.3")]
+_UIDS.append((0x20, 0xE, b"1.2.3.5"))
+_IDS_EX = b"".join(_ex(g, e, b"UI", _even(v)) for g, e, v in _UIDS)
+_IDS_IM = b"".join(_im(g, e, _even(v)) for g, e, v in _UIDS)
+_IMAGE = b"".join(_ex(0x28, e, b"US", v) for e, v in [(2, b"\1\0"), (0x10, b"\2\0")])
+_IMAGE += _ex(0x28, 0x11, b"US", b"\2\0") + _ex(0x28, 0x100, b"US", b"\x08\0")
+
+
+def _nested(depth: int) -> bytes:
+    if depth == 0:
+        return _ex(8, 0x100, b"SH", b"AB")
+    body = _item(_nested(depth - 1), undefined=True)
+    return _ex(0x40, 0xA730, b"SQ", b"", _UNDEFINED) + body + _SEQUENCE_END
+
+
+_LAST_SEQUENCE = _nested(1)
+_FRAGMENT = b"\xfe\xff\xdd\xe0\0\0\0\0" + b"XY" * 4  # holds a delimiter's bytes
+_PIXELS_UNDEFINED = _ex(0x7FE0, 0x10, b"OB", b"", _UNDEFINED)
+_PROTOCOL_UNDEFINED = (  # ProtocolName (LO) with an undefined length, a sequence inside
+    _im(0x18, 0x1030, b"", _UNDEFINED)
+    + _item(
+        _im(0x40, 0xA730, b"", _UNDEFINED) + _item(_im(8, 0x100, b"AB"), True) + _SEQUENCE_END,
+        True,
+    )
+    + _SEQUENCE_END
+)
+
+# name: (bytes, the verdict both readers must give, or None where only equality matters)
+CRAFTED: dict[str, tuple[bytes, str | None]] = {
+    "ends with a sequence": (_meta(_EXPLICIT) + _IDS_EX + _LAST_SEQUENCE, "accepted"),
+    "4 junk bytes after a last sequence": (
+        _meta(_EXPLICIT) + _IDS_EX + _LAST_SEQUENCE + b"\1\2\3\4",
+        "refused",
+    ),
+    "8 zero bytes after a last sequence": (  # pydicom reads them as an empty element
+        _meta(_EXPLICIT) + _IDS_EX + _LAST_SEQUENCE + b"\0" * 8,
+        None,
+    ),
+    "item delimiter and junk after a last sequence": (
+        _meta(_EXPLICIT) + _IDS_EX + _LAST_SEQUENCE + _ITEM_END + b"JUNK" * 5000,
+        "refused",
+    ),
+    "a last sequence cut short": (_meta(_EXPLICIT) + _IDS_EX + _LAST_SEQUENCE[:-8], "refused"),
+    "implicit VR, undefined length on a non-sequence": (
+        _meta(_IMPLICIT) + _IDS_IM + _PROTOCOL_UNDEFINED,
+        "refused",
+    ),
+    "implicit VR, a command element first": (
+        _meta(_IMPLICIT) + _im(0, 0x900, b"\0\0") + _im(8, 1, b"A" * 0x4955) + _IDS_IM,
+        "refused",
+    ),
+    "explicit VR, a command element first": (
+        _meta(_EXPLICIT) + _ex(0, 0x900, b"US", b"\0\0") + _IDS_EX,
+        None,
+    ),
+    "a duplicated element": (
+        _meta(_EXPLICIT) + _IDS_EX + _ex(0x10, 0x20, b"LO", b"A1") + _ex(0x10, 0x20, b"LO", b"B2"),
+        "accepted",
+    ),
+    "encapsulated pixel data": (
+        _meta(_JPEG)
+        + _IDS_EX
+        + _IMAGE
+        + _PIXELS_UNDEFINED
+        + _item(b"")
+        + _item(_FRAGMENT)
+        + _SEQUENCE_END,
+        "accepted",
+    ),
+    "a fragment of undefined length": (
+        _meta(_JPEG)
+        + _IDS_EX
+        + _IMAGE
+        + _PIXELS_UNDEFINED
+        + _item(b"")
+        + struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED)
+        + _FRAGMENT
+        + _SEQUENCE_END,
+        None,
+    ),
+    "sequences nested 30 deep": (_meta(_EXPLICIT) + _IDS_EX + _nested(30), "accepted"),
+    "sequences nested 200 deep": (_meta(_EXPLICIT) + _IDS_EX + _nested(200), None),
+    "implicit VR private element of undefined length": (
+        _meta(_IMPLICIT) + _IDS_IM + _im(9, 0x1010, b"", _UNDEFINED) + b"abcdefgh" + _SEQUENCE_END,
+        None,
+    ),
+    "explicit VR item holding implicit VR": (
+        _meta(_EXPLICIT)
+        + _IDS_EX
+        + _ex(0x40, 0xA730, b"SQ", b"", _UNDEFINED)
+        + _item(_im(8, 0x100, b"AB"), True)
+        + _SEQUENCE_END,
+        None,
+    ),
+    "file meta only": (_meta(_EXPLICIT), "refused"),
+    "shorter than the preamble": (b"\0" * 100, "refused"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_crafted_structures_get_pydicoms_verdict(tmp_path: Path, name: str) -> None:
+    data, expected = CRAFTED[name]
+    path = tmp_path / "crafted.dcm"
+    path.write_bytes(data)
+    verdict = _verdict(read_received, path)
+    assert verdict == _verdict(_by_pydicom, path)
+    if expected is not None:
+        assert verdict[0] == expected, verdict
