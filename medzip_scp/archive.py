@@ -8,13 +8,14 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -111,6 +112,17 @@ class StoreOutcome:
     sop_instance_uid: str
 
 
+class BlobsNotDurableError(OSError):
+    """Writing a commit batch's blobs to stable storage failed (fsync)."""
+
+
+def _wait_durable(synced: Future[None]) -> None:
+    try:
+        synced.result()
+    except OSError as exc:
+        raise BlobsNotDurableError(exc.errno, f"blob fsync failed: {exc.strerror}") from exc
+
+
 @dataclass
 class _StoreRequest:
     received: ReceivedObject
@@ -182,9 +194,12 @@ class _GroupCommitter:
         try:
             outcomes = self._commit(batch)
         except BaseException as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
-                batch[0].done.set()
+            if len(batch) == 1 or isinstance(exc, BlobsNotDurableError):
+                # A failed fsync is final for every blob it covered: a second fsync may
+                # report success for data the kernel has already dropped.
+                for request in batch:
+                    request.error = exc
+                    request.done.set()
                 return
             for request in batch:
                 self._process([request])
@@ -307,15 +322,16 @@ class Archive:
         disk, the inserts on Python), so a batch pays for the longer of the two, not both.
         """
         synced = self._syncing.submit(self.blobs.sync, [request.blob.key for request in batch])
+        durable = functools.partial(_wait_durable, synced)
         try:
             try:
-                return self._index_batch(batch, fast=True, blobs_durable=synced.result)
+                return self._index_batch(batch, fast=True, blobs_durable=durable)
             except IntegrityError:
                 # The one statement of the fast path failed as a whole (a series row gone,
                 # say): forget what this process knew of series rows, and index the batch
                 # again one instance at a time, with a savepoint each.
                 self._known_series.clear()
-                return self._index_batch(batch, fast=False, blobs_durable=synced.result)
+                return self._index_batch(batch, fast=False, blobs_durable=durable)
         finally:
             wait([synced])  # done before a failed batch's blobs are removed
 

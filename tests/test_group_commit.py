@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from medzip_scp.archive import (
     Archive,
+    BlobsNotDurableError,
     StoreOutcome,
     StoreResult,
     _GroupCommitter,
@@ -137,6 +138,17 @@ def _spooled(tmp_path: Path, name: str) -> ReceivedObject:
     return read_received(path)
 
 
+def _written_batch(archive: Archive, tmp_path: Path) -> list[_StoreRequest]:
+    """Two requests whose blobs are written, ready for the committer."""
+    batch = []
+    for name in ("a", "b"):
+        received = _spooled(tmp_path, name)
+        blob, sha256 = archive._write_original(received)
+        attrs = attributes_from_dataset(received.header)
+        batch.append(_StoreRequest(received, attrs, blob, sha256, "TEST"))
+    return batch
+
+
 def _commit_then_fail_once(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first index transaction commits and then reports failure, as when the
     connection to PostgreSQL is lost during COMMIT."""
@@ -181,12 +193,7 @@ def test_a_commit_reported_failed_but_done_keeps_its_blob(
 def test_a_batch_reported_failed_but_done_is_stored_on_retry(
     archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batch = []
-    for name in ("a", "b"):
-        received = _spooled(tmp_path, name)
-        blob, sha256 = archive._write_original(received)
-        attrs = attributes_from_dataset(received.header)
-        batch.append(_StoreRequest(received, attrs, blob, sha256, "TEST"))
+    batch = _written_batch(archive, tmp_path)
     _commit_then_fail_once(archive, monkeypatch)
     archive._committer._process(batch)  # fails as a whole, then each alone
     assert [r.outcome.result for r in batch if r.outcome] == [StoreResult.STORED] * 2
@@ -211,3 +218,24 @@ def test_a_failed_blob_fsync_commits_nothing(
     with archive.sessions() as session:
         assert session.scalars(select(Instance.id)).all() == []
     assert list(archive.blobs.keys()) == []  # nothing half-stored
+
+
+def test_a_failed_fsync_fails_its_whole_batch_without_retry(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync a second one may succeed for data the kernel already dropped
+    (Linux clears the error): the batch must fail as a whole, not be retried one by one."""
+    batch = _written_batch(archive, tmp_path)
+    calls = []
+
+    def failing_once(keys: list[str]) -> None:
+        calls.append(keys)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "fsync failed")
+
+    monkeypatch.setattr(archive.blobs, "sync", failing_once)
+    archive._committer._process(batch)
+    assert len(calls) == 1
+    assert all(isinstance(r.error, BlobsNotDurableError) for r in batch)
+    with archive.sessions() as session:
+        assert session.scalars(select(Instance.id)).all() == []

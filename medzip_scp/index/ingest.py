@@ -218,7 +218,10 @@ def indexed_content(
 
 def _dialect_insert(session: Session, table: Any) -> Any:
     """The dialect's INSERT construct (it has ``on_conflict_do_nothing``)."""
-    dialect = session.get_bind().dialect.name
+    return _insert_of(session.get_bind().dialect.name, table)
+
+
+def _insert_of(dialect: str, table: Any) -> Any:
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
@@ -568,10 +571,8 @@ def add_instances_of_known_series(
 @functools.cache
 def _new_instances_statement_of(dialect: str) -> Any:
     table = Instance.__table__
-    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    return insert.on_conflict_do_nothing(index_elements=[table.c.sop_instance_uid]).returning(
-        table.c.sop_instance_uid
-    )
+    uid = table.c.sop_instance_uid
+    return _insert_of(dialect, table).on_conflict_do_nothing(index_elements=[uid]).returning(uid)
 
 
 def _new_instances_statement(session: Session) -> Any:

@@ -66,7 +66,11 @@ class BlobKey:
         return header + struct.pack("<I?", index, final)
 
     def seal(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        """Encrypt a stream of plaintext chunks; yields the sealed stream."""
+        """Encrypt a stream of plaintext chunks; yields the sealed stream.
+
+        A chunk must not change once yielded (``bytes`` never do): parts of it are held
+        until the next chunk arrives.
+        """
         header = HEADER.pack(MAGIC, self.key_id, secrets.token_bytes(8), SEGMENT_SIZE)
         prefix = header[12:20]
         yield header
