@@ -16,10 +16,11 @@ them with DCMTK's ``/usr/bin/storescu`` over 1 association and over N parallel a
 * a bare pynetdicom storage SCP (a subprocess) that writes each received data set to a file,
   without fsync.
 
-The bare SCP and the default node take turns, ``--rounds`` times per association count
-(this machine's speed drifts by tens of percent within minutes, so rows measured minutes
-apart do not compare); the table gives each target's median rate and range, and the node's
-share of the bare rate as the median of the per-round ratios. The variants run once.
+Every node run follows a bare SCP run with the same association count (this machine's
+speed drifts by tens of percent within minutes, so runs minutes apart do not compare): the
+default node ``--rounds`` times per association count, each variant once. The table gives
+each target's median rate and range, and its share of the bare rate as the median of its
+pairs' ratios.
 
 Prints a markdown table and replaces the "## Ingest" section of ``benchmarks/RESULTS.md``.
 """
@@ -147,7 +148,7 @@ class Row:
     associations: int
     instances: int
     seconds: float
-    round: int = 0
+    reference: float | None = None  # rate of the bare SCP run just before this one
 
     @property
     def rate(self) -> float:
@@ -184,10 +185,10 @@ def drop_schema(schema: str) -> None:
 
 
 def run_once(
-    name: str, start: callable, aet: str, files: list[Path], n: int, tmp: Path, round_: int = 0
+    name: str, start: callable, aet: str, files: list[Path], n: int, tmp: Path, run: int
 ) -> Row:
     """Start a fresh server, send ``files`` over ``n`` associations, stop it."""
-    work = tmp / re.sub(r"[^\w-]+", "_", f"{name}-{n}-{round_}")
+    work = tmp / re.sub(r"[^\w-]+", "_", f"{run}-{name}-{n}")
     work.mkdir()
     port = free_port()
     proc = start(port, work)
@@ -200,7 +201,7 @@ def run_once(
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    row = Row(name, n, len(files), seconds, round_)
+    row = Row(name, n, len(files), seconds)
     print(f"{name:<36} {n} assoc: {len(files)} in {seconds:.1f} s = {row.rate:.1f}/s", flush=True)
     return row
 
@@ -255,8 +256,8 @@ NODE = "medzip (SQLite)"
 
 def table(rows: list[Row]) -> str:
     """One line per target and association count: median rate and range over its runs, and
-    its share of the bare SCP's rate (for the node paired with the bare SCP round by round:
-    the median of the per-round ratios; for a variant: against the bare SCP's median)."""
+    its share of the bare SCP's rate, the median of its runs' ratios to the bare SCP run
+    just before each."""
     runs: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
         runs.setdefault((r.target, r.associations), []).append(r)
@@ -266,16 +267,11 @@ def table(rows: list[Row]) -> str:
     ]
     for (target, n), group in runs.items():
         rates = [r.rate for r in group]
-        bare = {r.round: r.rate for r in runs.get((BARE, n), [])}
-        paired = [r.rate / bare[r.round] for r in group if r.round in bare]
+        paired = [r.rate / r.reference for r in group if r.reference]
         if target == BARE:
             share = "100 %"
-        elif target == NODE and paired:
-            share = f"{100 * statistics.median(paired):.0f} %"
-        elif bare:
-            share = f"{100 * statistics.median(rates) / statistics.median(bare.values()):.0f} %"
         else:
-            share = "-"
+            share = f"{100 * statistics.median(paired):.0f} %" if paired else "-"
         lines.append(
             f"| {target} | {n} | {len(group)} | {statistics.median(rates):.1f} | "
             f"{min(rates):.0f}-{max(rates):.0f} | {share} |"
@@ -306,42 +302,29 @@ def main() -> None:
         files = generate(args.count, tmp / "files")
         script = tmp / "bare_scp.py"
         script.write_text(BARE_SCP)
-        rows = []
-        for round_ in range(args.rounds):
+        rows: list[Row] = []
+
+        def paired(name: str, start: callable, n: int) -> None:
+            """A bare SCP run, then the node's run, which it is the reference of."""
+            bare = run_once(BARE, start_bare(script), "BARE", files, n, tmp, len(rows))
+            node = run_once(name, start, "MEDZIP", files, n, tmp, len(rows) + 1)
+            node.reference = bare.rate
+            rows.extend([bare, node])
+
+        for _round in range(args.rounds):
             for n in args.associations:
-                rows.append(run_once(BARE, start_bare(script), "BARE", files, n, tmp, round_))
-                rows.append(run_once(NODE, start_medzip(None), "MEDZIP", files, n, tmp, round_))
+                paired(NODE, start_medzip(None), n)
         for n in args.associations:
-            rows.append(
-                run_once(
-                    "medzip (SQLite, no bg compression)",
-                    start_medzip(None, compress=False),
-                    "MEDZIP",
-                    files,
-                    n,
-                    tmp,
-                )
-            )
+            paired("medzip (SQLite, no bg compression)", start_medzip(None, compress=False), n)
         for n in [n for n in args.associations if n > 1]:
-            rows.append(
-                run_once(
-                    "medzip (SQLite, 1 process)",
-                    start_medzip(None, processes=1),
-                    "MEDZIP",
-                    files,
-                    n,
-                    tmp,
-                )
-            )
+            paired("medzip (SQLite, 1 process)", start_medzip(None, processes=1), n)
         for n in [] if args.no_pg else args.associations:
             pg = pg_schema_url()  # a fresh schema per run: the same UIDs are sent again
             if pg is None:
                 break
             url, schema = pg
             try:
-                rows.append(
-                    run_once("medzip (PostgreSQL)", start_medzip(url), "MEDZIP", files, n, tmp)
-                )
+                paired("medzip (PostgreSQL)", start_medzip(url), n)
             finally:
                 drop_schema(schema)
 
@@ -354,9 +337,10 @@ def main() -> None:
             f"({SOURCE.stat().st_size // 1024} KiB, Explicit VR Little Endian) with DCMTK "
             "`storescu`, N parallel associations on disjoint parts. The bare SCP writes each "
             "data set to a file without fsync; medzip acknowledges only after blob fsync "
-            "and index commit. Target: medzip at least 80 % of the bare SCP's rate. The bare "
-            f"SCP and the default node took turns, {args.rounds} rounds per association "
-            "count; the other variants ran once.",
+            "and index commit. Target: medzip at least 80 % of the bare SCP's rate. Every "
+            "node run followed a bare SCP run with the same association count, and its share "
+            f"is the median of those pairs' ratios: the default node {args.rounds} times per "
+            "association count, each variant once.",
             "",
             table(rows),
             "",
