@@ -3,7 +3,7 @@
 The node keeps the peer's encoded data set bytes exactly as received; these helpers only read
 them (PS3.10 file format: 128-byte preamble, ``DICM``, File Meta group 0002, then the data set).
 
-Every received object is walked element by element (:func:`_scan_elements`), which checks
+Every received object is walked element by element (:class:`_Walk`), which checks
 that the elements exactly fill the file, and only the few values the node checks and indexes
 are kept and converted, by pydicom's own converters. A full pydicom parse cost four times as
 much, the most expensive step of a C-STORE; it still decides every object the walk finds
@@ -16,11 +16,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, default_encoding
@@ -90,32 +92,50 @@ LONG_LENGTH_VRS = frozenset(
 
 def dataset_offset(path: Path) -> int:
     """Return the byte offset of the data set in a Part-10 file (after group 0002)."""
+    with _mapped(path) as buf:
+        return _file_meta(buf)[0]
+
+
+def dataset_offset_of(part10: bytes) -> int:
+    """Return the byte offset of the data set in a Part-10 object (after group 0002)."""
+    return _file_meta(part10)[0]
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
+    """The file's bytes, mapped (files too short to hold a data set are read)."""
     with open(path, "rb") as fh:
-        return dataset_offset_of(fh)
+        size = os.fstat(fh.fileno()).st_size
+        if size <= PREAMBLE_LENGTH:
+            yield fh.read()
+            return
+        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as buf:
+            yield buf
 
 
-def dataset_offset_of(fh: BinaryIO) -> int:
-    """Return the byte offset of the data set in a Part-10 stream (after group 0002).
+def _file_meta(buf: bytes | mmap.mmap) -> tuple[int, str]:
+    """The data set offset and the Transfer Syntax UID ("" when absent) of a Part-10 object.
 
     Group 0002 is always Explicit VR Little Endian (PS3.10 7.1), whatever the data set uses.
     """
-    fh.seek(0)
-    head = fh.read(PREAMBLE_LENGTH)
-    if len(head) != PREAMBLE_LENGTH or head[128:] != b"DICM":
+    if len(buf) < PREAMBLE_LENGTH or buf[128:PREAMBLE_LENGTH] != b"DICM":
         raise InvalidObjectError(RejectReason.UNPARSABLE, "no DICOM preamble and prefix")
-    position = PREAMBLE_LENGTH
-    while True:
-        header = fh.read(8)
-        if len(header) < 8 or struct.unpack("<H", header[:2])[0] != 0x0002:
-            return position
-        if header[4:6] in LONG_LENGTH_VRS:
-            extra = fh.read(4)
-            if len(extra) < 4:
+    pos = PREAMBLE_LENGTH
+    syntax = ""
+    while pos + 8 <= len(buf):
+        group, element, vr, length = _TAG_VR_LENGTH.unpack_from(buf, pos)
+        if group != 0x0002:
+            break
+        value = pos + 8
+        if vr in LONG_LENGTH_VRS:
+            if pos + 12 > len(buf):
                 raise InvalidObjectError(RejectReason.UNPARSABLE, "truncated file meta")
-            position += 12 + struct.unpack("<I", extra)[0]
-        else:
-            position += 8 + struct.unpack("<H", header[6:8])[0]
-        fh.seek(position)
+            (length,) = _LONG_LENGTH.unpack_from(buf, pos + 8)
+            value = pos + 12
+        pos = value + length
+        if group << 16 | element == _TRANSFER_SYNTAX_UID:
+            syntax = bytes(buf[value:pos]).decode("ascii", "replace").rstrip("\0 ")
+    return pos, syntax
 
 
 def _walks_whole(path: Path) -> bool:
@@ -362,38 +382,13 @@ class HeaderElements:
         return self._values[tag]
 
 
-def _file_meta(buf: bytes | mmap.mmap) -> tuple[int, UID]:
-    """The data set offset and the Transfer Syntax UID of a Part-10 file (group 0002 is
-    explicit VR little endian, PS3.10 7.1)."""
-    if len(buf) < PREAMBLE_LENGTH or buf[128:PREAMBLE_LENGTH] != b"DICM":
-        raise _Unusual
-    pos = PREAMBLE_LENGTH
-    syntax = ""
-    while pos + 8 <= len(buf):
-        group, element, vr, length = _TAG_VR_LENGTH.unpack_from(buf, pos)
-        if group != 0x0002:
-            break
-        value = pos + 8
-        if vr in LONG_LENGTH_VRS:
-            if pos + 12 > len(buf):
-                raise _Unusual
-            (length,) = _LONG_LENGTH.unpack_from(buf, pos + 8)
-            value = pos + 12
-        elif vr not in _VRS:
-            raise _Unusual
-        pos = value + length
-        if pos > len(buf):
-            raise _Unusual
-        if group << 16 | element == _TRANSFER_SYNTAX_UID:
-            syntax = bytes(buf[value:pos]).decode("ascii", "replace").rstrip("\0 ")
-    if not syntax:
-        raise _Unusual
-    return pos, UID(syntax)
-
-
 def _walk_file(buf: bytes | mmap.mmap) -> tuple[UID, int, _Walk]:
     """Walk a whole Part-10 file; raises _Unusual for anything left to pydicom."""
-    offset, syntax = _file_meta(buf)
+    try:
+        offset, syntax_text = _file_meta(buf)
+    except InvalidObjectError:
+        raise _Unusual from None
+    syntax = UID(syntax_text)
     if syntax == ImplicitVRLittleEndian:
         implicit = True
     elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
@@ -406,12 +401,8 @@ def _walk_file(buf: bytes | mmap.mmap) -> tuple[UID, int, _Walk]:
 
 
 def _walk_path(path: Path) -> tuple[UID, int, _Walk, int]:
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < PREAMBLE_LENGTH:
-            raise _Unusual
-        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as buf:
-            return (*_walk_file(buf), size)
+    with _mapped(path) as buf:
+        return (*_walk_file(buf), len(buf))
 
 
 def _read_quickly(

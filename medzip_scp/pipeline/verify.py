@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from io import BytesIO
 
 from medzip_scp.archive import CODECS, Archive
 from medzip_scp.dicom.part10 import dataset_offset_of
@@ -48,7 +47,7 @@ def verify_instance(archive: Archive, instance: Instance) -> str | None:
         part10 = codec.decode(blob)
     except Exception as exc:
         return f"blob does not decode ({type(exc).__name__})"
-    dataset = part10[dataset_offset_of(BytesIO(part10)) :]
+    dataset = part10[dataset_offset_of(part10) :]
     if len(dataset) != instance.original_size:
         return f"decoded size {len(dataset)} differs from received {instance.original_size}"
     if hashlib.sha256(dataset).hexdigest() != instance.original_sha256:

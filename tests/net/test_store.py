@@ -163,7 +163,7 @@ def encoded(ds: Dataset) -> bytes:
     buf = BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     data = buf.getvalue()
-    return data[dataset_offset_of(BytesIO(data)) :]
+    return data[dataset_offset_of(data) :]
 
 
 def send_raw(node: RunningNode, path: Path) -> int | None:
