@@ -40,6 +40,14 @@ def _add(session: Session, ds, known: KnownSeries) -> Instance:  # noqa: ANN001
     )
 
 
+def _add_committed(sessions: sessionmaker[Session], ds, known: KnownSeries) -> None:  # noqa: ANN001
+    """Index ``ds`` in a transaction of its own, committed, and tell ``known`` so."""
+    with sessions() as session:
+        _add(session, ds, known)
+        session.commit()
+    known.committed()
+
+
 def test_committed_series_skips_the_lookups(db_session_factory: sessionmaker[Session]) -> None:
     known = KnownSeries()
     first = make_ds()
@@ -68,19 +76,13 @@ def test_committed_series_skips_the_lookups(db_session_factory: sessionmaker[Ses
 def test_changed_values_take_the_slow_path(db_session_factory: sessionmaker[Session]) -> None:
     known = KnownSeries()
     first = make_ds(StudyDescription="HEAD")
-    with db_session_factory() as session:
-        _add(session, first, known)
-        session.commit()
-    known.committed()
+    _add_committed(db_session_factory, first, known)
     newer = make_ds(
         StudyInstanceUID=first.StudyInstanceUID,
         SeriesInstanceUID=first.SeriesInstanceUID,
         StudyDescription="HEAD WITH CONTRAST",
     )
-    with db_session_factory() as session:
-        _add(session, newer, known)
-        session.commit()
-    known.committed()
+    _add_committed(db_session_factory, newer, known)
     with db_session_factory() as session:
         assert session.scalars(select(Study.study_description)).one() == "HEAD WITH CONTRAST"
 
@@ -117,10 +119,7 @@ def test_newest_instance_still_wins_for_a_shared_study(
     study = {"StudyInstanceUID": first.StudyInstanceUID}
     s1_again = {**study, "SeriesInstanceUID": first.SeriesInstanceUID, "PatientID": "P1"}
     for ds in (first, make_ds(**study, PatientID="P2"), make_ds(**s1_again)):
-        with db_session_factory() as session:
-            _add(session, ds, known)
-            session.commit()
-        known.committed()
+        _add_committed(db_session_factory, ds, known)
     with db_session_factory() as session:
         owner = session.scalars(
             select(Patient.patient_id).join(Study, Study.patient_fk == Patient.id)
@@ -133,10 +132,7 @@ def test_one_insert_indexes_the_new_instances_of_known_series(
 ) -> None:
     known = KnownSeries()
     first = make_ds()
-    with db_session_factory() as session:
-        _add(session, first, known)
-        session.commit()
-    known.committed()
+    _add_committed(db_session_factory, first, known)
     same_series = {
         "StudyInstanceUID": first.StudyInstanceUID,
         "SeriesInstanceUID": first.SeriesInstanceUID,
