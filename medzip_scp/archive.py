@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -21,12 +22,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset
-from medzip_scp.dicom.part10 import ReceivedObject
+from medzip_scp.dicom.part10 import ReceivedObject, dataset_offset_of
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
 from medzip_scp.index.ingest import (
@@ -39,10 +41,15 @@ from medzip_scp.index.ingest import (
     indexed_content,
     replace_instance,
 )
-from medzip_scp.index.models import Instance
+from medzip_scp.index.models import Instance, SupersededInstance
 from medzip_scp.storage.digest import ConcurrentSha256
-from medzip_scp.storage.envelope import BlobKey
-from medzip_scp.storage.local import BlobNotFoundError, LocalBlobStore, StoredBlob
+from medzip_scp.storage.envelope import EnvelopeError
+from medzip_scp.storage.local import (
+    BlobNotFoundError,
+    LocalBlobStore,
+    StoredBlob,
+    open_blob_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +117,16 @@ class StoreResult(Enum):
 class StoreOutcome:
     result: StoreResult
     sop_instance_uid: str
+
+
+class InstanceIntegrityError(Exception):
+    """An instance's blob is not what its index row says (swapped, altered, unreadable):
+    it is never sent. The message names the check that failed, never a data set value."""
+
+    def __init__(self, sop_instance_uid: str, reason: str) -> None:
+        super().__init__(f"instance {sop_instance_uid}: {reason}")
+        self.sop_instance_uid = sop_instance_uid
+        self.reason = reason
 
 
 class BlobsNotDurableError(OSError):
@@ -239,13 +256,14 @@ class Archive:
     def open(cls, settings: Settings, migrate: bool = True) -> Archive:
         """Open (creating on first use) the archive the settings describe."""
         data_dir = settings.storage.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
         if migrate:
             upgrade_database(url)
         engine = create_engine_for(url)
-        key = BlobKey.load_or_create(settings.storage.resolved_key_file())
-        blobs = LocalBlobStore(settings.storage.resolved_blob_dir(), key)
+        blob_dir = settings.storage.resolved_blob_dir()
+        key = open_blob_key(settings.storage.resolved_key_file(), blob_dir)
+        blobs = LocalBlobStore(blob_dir, key)
         return cls(
             settings,
             session_factory(engine),
@@ -256,7 +274,9 @@ class Archive:
 
     # -- C-STORE -------------------------------------------------------------------------
 
-    def _write_original(self, received: ReceivedObject) -> tuple[StoredBlob, str]:
+    def _write_original(
+        self, received: ReceivedObject, sop_instance_uid: str
+    ) -> tuple[StoredBlob, str]:
         """Seal and write what arrived (not yet durable), in one pass over the spooled file.
 
         Returns the blob and the SHA-256 of the data set as received (after File Meta): the
@@ -274,9 +294,10 @@ class Archive:
                 yield chunk
 
         if isinstance(self.codec, Part10Codec):
-            blob = self.blobs.write(chunks())
+            blob = self.blobs.write(chunks(), bound_to=sop_instance_uid)
         else:
-            blob = self.blobs.write([self.codec.encode(b"".join(chunks()))])
+            encoded = self.codec.encode(b"".join(chunks()))
+            blob = self.blobs.write([encoded], bound_to=sop_instance_uid)
         return blob, digest.hexdigest()
 
     def store(self, received: ReceivedObject, calling_ae_title: str) -> StoreOutcome:
@@ -289,7 +310,7 @@ class Archive:
         """
         attrs = attributes_from_dataset(received.header)
         self.store_activity.value = time.monotonic()
-        blob, dataset_sha256 = self._write_original(received)
+        blob, dataset_sha256 = self._write_original(received, attrs.sop_instance_uid)
         request = _StoreRequest(received, attrs, blob, dataset_sha256, calling_ae_title)
         try:
             outcome = self._committer.submit(request)
@@ -417,22 +438,105 @@ class Archive:
     # -- Retrieval -----------------------------------------------------------------------
 
     def load_part10(self, instance: Instance) -> bytes:
-        """Restore the Part-10 object of an instance, bit-exact."""
+        """Restore the Part-10 object of an instance, bit-exact, after checking that it is
+        the instance the row describes (before a byte of it is sent anywhere).
+
+        Raises
+        ------
+        InstanceIntegrityError
+            The blob is missing, fails authentication (moved, swapped, altered, another
+            instance's), or its content differs from the hashes recorded at ingest.
+        """
         try:
-            return self._decode(instance.codec_id, self.blobs.read(instance.blob_key))
-        except BlobNotFoundError:
-            # The compression worker may have swapped the blob since the row was read.
+            return self._load_checked(instance)
+        except InstanceIntegrityError:
+            # A compression worker may have swapped the blob (and deleted the one this row
+            # named) since the row was read: check the current row before calling it damage.
             with self.read_sessions() as session:
                 current = session.get(Instance, instance.id)
                 if current is None or current.blob_key == instance.blob_key:
                     raise
-                return self._decode(current.codec_id, self.blobs.read(current.blob_key))
+                session.expunge(current)
+            return self._load_checked(current)
+
+    def _load_checked(self, instance: Instance) -> bytes:
+        uid = instance.sop_instance_uid
+        try:
+            blob = self.blobs.read(instance.blob_key, bound_to=uid)
+        except BlobNotFoundError:
+            raise InstanceIntegrityError(uid, "blob missing from the store") from None
+        except EnvelopeError as exc:
+            raise InstanceIntegrityError(uid, f"blob refused: {exc}") from None
+        if hashlib.sha256(blob).hexdigest() != instance.stored_sha256:
+            raise InstanceIntegrityError(uid, "blob hash differs from the one recorded at ingest")
+        try:
+            part10 = self._decode(instance.codec_id, blob)
+        except Exception as exc:
+            reason = f"blob does not decode ({type(exc).__name__})"
+            raise InstanceIntegrityError(uid, reason) from None
+        dataset = memoryview(part10)[dataset_offset_of(part10) :]
+        if len(dataset) != instance.original_size or (
+            hashlib.sha256(dataset).hexdigest() != instance.original_sha256
+        ):
+            raise InstanceIntegrityError(uid, "decoded data set differs from what was received")
+        return part10
 
     def _decode(self, codec_id: str, blob: bytes) -> bytes:
         codec = CODECS.get(codec_id)
         if codec is None:
             raise LookupError(f"instance stored with unknown codec {codec_id!r}")
         return codec.decode(blob)
+
+    # -- Housekeeping --------------------------------------------------------------------
+
+    ORPHAN_MIN_AGE = 600.0
+    """Seconds an unindexed blob must have existed before it counts as orphaned: younger,
+    it may be a C-STORE or compression of another process between fsync and commit."""
+
+    def remove_orphan_blobs(self, min_age: float = ORPHAN_MIN_AGE, wait: bool = True) -> int:
+        """Delete the blobs no index row names, left by a crash between a blob's write and
+        its commit (C-STORE or compression); returns how many.
+
+        A blob younger than ``min_age`` is only deleted once it is that old and still
+        unnamed (``wait``; else left for a later sweep). One folder at a time, so memory
+        stays bounded by a folder's blobs.
+        """
+        removed = 0
+        young: list[str] = []
+        for folder in self.blobs.folders():
+            unnamed = self._unindexed_blobs(folder)
+            for key in unnamed:
+                if self.blobs.age_seconds(key) >= min_age:
+                    removed += self._remove_orphan(key)
+                else:
+                    young.append(key)
+        if young and wait:
+            time.sleep(max(0.0, min_age - min(self.blobs.age_seconds(k) for k in young)))
+            for folder in sorted({key[:2] for key in young}):
+                still = self._unindexed_blobs(folder)
+                removed += sum(self._remove_orphan(key) for key in young if key in still)
+        if removed:
+            log.warning("removed %d orphaned blobs (written, never indexed)", removed)
+        return removed
+
+    def _unindexed_blobs(self, folder: str) -> set[str]:
+        """Blobs in one folder of the store (named by the first two hex digits of their key)
+        that no index row, current or superseded, names."""
+        on_disk = set(self.blobs.keys(folder))
+        with self.read_sessions() as session:
+            for table in (Instance, SupersededInstance):
+                on_disk -= set(
+                    session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
+                )
+        return on_disk
+
+    def _remove_orphan(self, key: str) -> int:
+        try:
+            self.blobs.delete(key)
+        except FileNotFoundError:
+            return 0
+        log.info("removed orphaned blob %s", key)
+        return 1
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""

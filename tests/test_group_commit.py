@@ -143,8 +143,8 @@ def _written_batch(archive: Archive, tmp_path: Path) -> list[_StoreRequest]:
     batch = []
     for name in ("a", "b"):
         received = _spooled(tmp_path, name)
-        blob, sha256 = archive._write_original(received)
         attrs = attributes_from_dataset(received.header)
+        blob, sha256 = archive._write_original(received, attrs.sop_instance_uid)
         batch.append(_StoreRequest(received, attrs, blob, sha256, "TEST"))
     return batch
 
@@ -183,7 +183,7 @@ def test_a_commit_reported_failed_but_done_keeps_its_blob(
         archive.store(received, "TEST")
     uid = str(received.header.get("SOPInstanceUID"))
     key = _indexed_blob(archive, uid)
-    assert archive.blobs.read(key) == received.path.read_bytes()  # the row's blob is there
+    assert archive.blobs.read(key, uid) == received.path.read_bytes()  # the row's blob is there
     retry = archive.store(received, "TEST")
     assert retry.result is StoreResult.IDENTICAL_DUPLICATE
     assert _indexed_blob(archive, uid) == key

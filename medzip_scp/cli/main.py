@@ -70,6 +70,18 @@ def _settings(
     return settings
 
 
+def _open_archive(settings: Settings, migrate: bool = True) -> Archive:
+    """The archive, or a one-line error and exit 1 when its key is missing or wrong."""
+    from medzip_scp.archive import Archive
+    from medzip_scp.storage.local import KeyFileError
+
+    try:
+        return Archive.open(settings, migrate=migrate)
+    except KeyFileError as exc:
+        typer.echo(f"medzip: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -93,14 +105,14 @@ def serve(
     ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
-    from medzip_scp.archive import Archive
     from medzip_scp.net.server import describe_startup, start_server
 
     settings = _settings(config, data_dir, port, aet, move_destination)
     if processes is not None:
         settings.node.processes = processes
     _logging(settings.log_level)
-    archive = Archive.open(settings)
+    archive = _open_archive(settings)
+    threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
     shutil.rmtree(settings.storage.incoming_dir(), ignore_errors=True)  # before any process
     # One Unix socket pair per further process: this process accepts every association
     # and passes each to the next process in turn (see medzip_scp.net.server). It binds the
@@ -237,7 +249,7 @@ def worker(
     ] = "0/1",
 ) -> None:
     """Compress stored originals (verify-before-replace) in a separate process."""
-    from medzip_scp.archive import CODECS, Archive, MzpCodec
+    from medzip_scp.archive import CODECS, MzpCodec
     from medzip_scp.pipeline.compress import compress_pending, parse_shard, run_worker
 
     try:
@@ -246,7 +258,7 @@ def worker(
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = _settings(config, data_dir)
     _logging(settings.log_level)
-    archive = Archive.open(settings)
+    archive = _open_archive(settings)
     codec = CODECS[MzpCodec.codec_id]
     if once:
         summary = compress_pending(
@@ -305,12 +317,17 @@ def db_current(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
 
 @keys_app.command("show")
 def keys_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Print the id of the blob key (never the key itself), creating the key if absent."""
-    from medzip_scp.storage.envelope import BlobKey
+    """Print the id of the blob key (never the key itself), creating it for an archive that
+    holds no blob yet."""
+    from medzip_scp.storage.local import KeyFileError, open_blob_key
 
     settings = _settings(config, data_dir)
     path = settings.storage.resolved_key_file()
-    key = BlobKey.load_or_create(path)
+    try:
+        key = open_blob_key(path, settings.storage.resolved_blob_dir())
+    except KeyFileError as exc:
+        typer.echo(f"medzip: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"blob key id {key.key_id.hex()} in {path}")
 
 
@@ -323,12 +340,11 @@ def verify(
     ] = None,
 ) -> None:
     """Decode every stored instance and check it against the hashes in the index."""
-    from medzip_scp.archive import Archive
     from medzip_scp.pipeline.verify import verify_archive
 
     settings = _settings(config, data_dir)
     _logging("WARNING")
-    archive = Archive.open(settings)
+    archive = _open_archive(settings)
     report = verify_archive(archive, sop_instance_uid, progress=_progress_bar("verifying"))
     typer.echo(report.table())
     raise typer.Exit(0 if report.ok else 1)

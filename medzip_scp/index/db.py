@@ -17,6 +17,8 @@ Two dialects are supported with one schema and one Alembic migration tree:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,18 @@ def _install_sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {flavour}")
 
 
+def _make_private(database: Path) -> None:
+    """Create the SQLite file readable by its owner only (0600): the index holds PHI.
+    SQLite gives its -wal and -shm files the database file's mode. An existing file made
+    with a wider mode by an older version is narrowed."""
+    if database.parent.is_dir():
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+
+
 def create_engine_for(url: str) -> Engine:
     """Create an engine for the index database.
 
@@ -121,6 +135,7 @@ def create_engine_for(url: str) -> Engine:
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise ValueError("the SQLite index needs a file path, not an in-memory database")
+        _make_private(Path(parsed.database))
         engine = sa_create_engine(parsed, hide_parameters=True)
         _install_sqlite_events(engine)
         return engine

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelMove,
 )
 
-from medzip_scp.archive import Archive, StoreResult
+from medzip_scp.archive import Archive, InstanceIntegrityError, StoreResult
 from medzip_scp.config import Right
 from medzip_scp.dicom.part10 import (
     InvalidObjectError,
@@ -283,6 +283,11 @@ def _sub_operations(
             ds = _prepare(archive, instance, accepted_for(instance.sop_class_uid))
         except TranscodeError as exc:
             log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
+            ds = None
+        except InstanceIntegrityError as exc:
+            # Never send what may be another instance (another patient's image): this
+            # sub-operation fails, and `medzip verify` reports the same finding.
+            log.error("refusing to send %s", exc)
             ds = None
         except Exception as exc:
             log.error("cannot read %s: %s", instance.sop_instance_uid, type(exc).__name__)

@@ -80,8 +80,11 @@ def compress_instance(
             summary.skipped += 1
             return
         old_key, sop_uid = row.blob_key, row.sop_instance_uid
-    original = archive.blobs.read(old_key)
+        session.expunge(row)
     try:
+        # Checked against the hashes recorded at ingest: a damaged original is never
+        # compressed (and its damage never made permanent by the swap).
+        original = archive.load_part10(row)
         blob = codec.encode(original)
         if codec.decode(blob) != original:
             raise ValueError("decoded blob differs from the original")
@@ -99,7 +102,7 @@ def compress_instance(
         summary.failed += 1
         summary.failures.append((sop_uid, reason))
         return
-    new = archive.blobs.put_bytes(blob)
+    new = archive.blobs.put_bytes(blob, bound_to=sop_uid)
     with archive.sessions() as session:
         result = session.execute(
             update(Instance)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from medzip_scp.archive import CODECS, Archive
-from medzip_scp.dicom.part10 import dataset_offset_of
+from medzip_scp.archive import Archive, InstanceIntegrityError
 from medzip_scp.index.models import Instance
 
 
@@ -33,25 +31,16 @@ class VerifyReport:
 
 
 def verify_instance(archive: Archive, instance: Instance) -> str | None:
-    """Return what is wrong with a stored instance, or None when it is intact."""
+    """Return what is wrong with a stored instance, or None when it is intact.
+
+    The same checks as every retrieval (:meth:`Archive.load_part10`): the blob opens for
+    this name and instance, its hash and the decoded data set's hash are those recorded at
+    ingest. A row that moved to a compressed blob meanwhile is checked as it is now.
+    """
     try:
-        blob = archive.blobs.read(instance.blob_key)
-    except Exception as exc:
-        return f"blob unreadable ({type(exc).__name__}: {exc})"
-    if hashlib.sha256(blob).hexdigest() != instance.stored_sha256:
-        return "blob hash differs from the index"
-    codec = CODECS.get(instance.codec_id)
-    if codec is None:
-        return f"unknown codec {instance.codec_id!r}"
-    try:
-        part10 = codec.decode(blob)
-    except Exception as exc:
-        return f"blob does not decode ({type(exc).__name__})"
-    dataset = part10[dataset_offset_of(part10) :]
-    if len(dataset) != instance.original_size:
-        return f"decoded size {len(dataset)} differs from received {instance.original_size}"
-    if hashlib.sha256(dataset).hexdigest() != instance.original_sha256:
-        return "decoded data set differs from what was received"
+        archive.load_part10(instance)
+    except InstanceIntegrityError as exc:
+        return exc.reason
     return None
 
 

@@ -3,11 +3,15 @@
 A stolen blob folder must not leak PHI, so every blob is sealed with the node's key before it
 touches the blob store. Layout::
 
-    b"MZE1" | key id (8 bytes) | nonce prefix (8 bytes) | segment size (u32 LE)
+    b"MZE2" | key id (8 bytes) | nonce prefix (8 bytes) | segment size (u32 LE)
     then segments: AES-GCM(plaintext[i*S:(i+1)*S]) with a 16-byte tag each
 
 The nonce of segment i is ``prefix || i (u32 BE)``; the associated data binds the header, the
-segment index and a final-segment flag, so reordering, truncation and appending are detected.
+segment index and a final-segment flag, so reordering, truncation and appending are detected,
+and (format 2) the blob's *binding*: the caller's statement of what this blob is (the store
+binds its file name and the SOP Instance UID). A blob moved under another name, or read for
+another instance, fails authentication: a swapped file can never be served as another
+patient's image. Format 1 (``MZE1``, no binding) is still read.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-MAGIC = b"MZE1"
+MAGIC = b"MZE2"
+LEGACY_MAGIC = b"MZE1"  # written before blobs were bound to their instance; read only
 HEADER = struct.Struct("<4s8s8sI")
 SEGMENT_SIZE = 1 << 20
 TAG_SIZE = 16
@@ -30,6 +35,16 @@ TAG_SIZE = 16
 
 class EnvelopeError(Exception):
     """A sealed blob cannot be opened (wrong key, corruption, truncation)."""
+
+
+def sealed_key_id(stream: BinaryIO) -> bytes | None:
+    """The id of the key a sealed stream was sealed with (no key needed), or None when the
+    stream is not a sealed blob."""
+    header = stream.read(HEADER.size)
+    if len(header) != HEADER.size:
+        return None
+    magic, key_id, _prefix, _size = HEADER.unpack(header)
+    return key_id if magic in (MAGIC, LEGACY_MAGIC) else None
 
 
 class BlobKey:
@@ -45,16 +60,8 @@ class BlobKey:
         return f"BlobKey(id={self.key_id.hex()})"
 
     @classmethod
-    def load_or_create(cls, path: Path) -> BlobKey:
-        """Read the key file, creating it (mode 0600) on first start."""
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, secrets.token_bytes(32).hex().encode() + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def load(cls, path: Path) -> BlobKey:
+        """Read the key file (64 hex digits)."""
         text = path.read_text().strip()
         try:
             material = bytes.fromhex(text)
@@ -62,17 +69,34 @@ class BlobKey:
             raise ValueError(f"key file {path} must hold 64 hex digits") from None
         return cls(material)
 
-    def _aad(self, header: bytes, index: int, final: bool) -> bytes:
-        return header + struct.pack("<I?", index, final)
+    @classmethod
+    def create(cls, path: Path) -> BlobKey:
+        """Write a new random key to ``path`` (mode 0600, fsynced); fails if it exists."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32).hex().encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return cls.load(path)
 
-    def seal(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        """Encrypt a stream of plaintext chunks; yields the sealed stream.
+    @staticmethod
+    def _aad_prefix(header: bytes, binding: bytes) -> bytes:
+        if header[:4] == LEGACY_MAGIC:
+            return header
+        return header + struct.pack("<I", len(binding)) + binding
+
+    def seal(self, chunks: Iterable[bytes], binding: bytes) -> Iterator[bytes]:
+        """Encrypt a stream of plaintext chunks, bound to ``binding``; yields the sealed
+        stream. Only :meth:`open` with the same ``binding`` can decrypt it.
 
         A chunk must not change once yielded (``bytes`` never do): parts of it are held
         until the next chunk arrives.
         """
         header = HEADER.pack(MAGIC, self.key_id, secrets.token_bytes(8), SEGMENT_SIZE)
         prefix = header[12:20]
+        aad = self._aad_prefix(header, binding)
         yield header
         # Segments are cut from each chunk by memoryview (no copy); only a segment that
         # straddles two chunks is assembled, in `pending`. The rest of the latest chunk is
@@ -93,40 +117,42 @@ class BlobKey:
                 view = view[take:]
                 if not len(view):
                     continue  # `pending` may be the final segment: wait for more
-                yield self._encrypt(header, prefix, index, pending, False)
+                yield self._encrypt(aad, prefix, index, pending, False)
                 index += 1
                 pending = bytearray()
             # Strictly greater: the final segment is never empty unless the whole blob is.
             while len(view) > SEGMENT_SIZE:
-                yield self._encrypt(header, prefix, index, view[:SEGMENT_SIZE], False)
+                yield self._encrypt(aad, prefix, index, view[:SEGMENT_SIZE], False)
                 view = view[SEGMENT_SIZE:]
                 index += 1
             held = view
-        yield self._encrypt(header, prefix, index, held if len(held) else pending, final=True)
+        yield self._encrypt(aad, prefix, index, held if len(held) else pending, final=True)
 
     def _encrypt(
         self,
-        header: bytes,
+        aad: bytes,
         prefix: bytes,
         index: int,
         data: bytes | bytearray | memoryview,
         final: bool,
     ) -> bytes:
         nonce = prefix + struct.pack(">I", index)
-        return self._aead.encrypt(nonce, data, self._aad(header, index, final))
+        return self._aead.encrypt(nonce, data, aad + struct.pack("<I?", index, final))
 
-    def open(self, stream: BinaryIO) -> Iterator[bytes]:
-        """Decrypt a sealed stream chunk by chunk; raises EnvelopeError on any tampering."""
+    def open(self, stream: BinaryIO, binding: bytes) -> Iterator[bytes]:
+        """Decrypt a sealed stream chunk by chunk; raises EnvelopeError on any tampering,
+        and when the blob was sealed with another ``binding`` (format 2)."""
         header = stream.read(HEADER.size)
         if len(header) != HEADER.size:
             raise EnvelopeError("sealed blob is shorter than its header")
         magic, key_id, prefix, segment_size = HEADER.unpack(header)
-        if magic != MAGIC:
+        if magic not in (MAGIC, LEGACY_MAGIC):
             raise EnvelopeError(f"not a sealed blob: magic {magic!r}, expected {MAGIC!r}")
         if key_id != self.key_id:
             raise EnvelopeError(
                 f"blob sealed with key {key_id.hex()}, node key is {self.key_id.hex()}"
             )
+        aad = self._aad_prefix(header, binding)
         index = 0
         record = segment_size + TAG_SIZE
         current = stream.read(record)
@@ -135,9 +161,12 @@ class BlobKey:
             final = not nxt
             nonce = prefix + struct.pack(">I", index)
             try:
-                yield self._aead.decrypt(nonce, current, self._aad(header, index, final))
+                yield self._aead.decrypt(nonce, current, aad + struct.pack("<I?", index, final))
             except Exception as exc:  # InvalidTag carries no message
-                raise EnvelopeError(f"segment {index} failed authentication") from exc
+                raise EnvelopeError(
+                    f"segment {index} failed authentication (damaged, or not the blob"
+                    " of this name and instance)"
+                ) from exc
             if final:
                 return
             current = nxt

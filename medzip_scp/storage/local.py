@@ -2,7 +2,9 @@
 
 Durability order (the node acknowledges C-STORE only after it): write the sealed blob, fsync
 it and its directories, and only then commit the index row that names it. Keys are random so
-that file names reveal nothing about patients or studies.
+that file names reveal nothing about patients or studies. Every blob is sealed *bound to* its
+key and to the SOP Instance UID it holds (``bound_to``): it opens only under that name and for
+that instance, so a swapped file or a row pointing at another blob is refused, never served.
 """
 
 from __future__ import annotations
@@ -19,11 +21,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 from medzip_scp.storage.digest import ConcurrentSha256
-from medzip_scp.storage.envelope import BlobKey
+from medzip_scp.storage.envelope import BlobKey, sealed_key_id
 
 
 class BlobNotFoundError(KeyError):
     """The index names a blob that is not in the store."""
+
+
+class KeyFileError(Exception):
+    """The blob key file is missing or is not the key the store's blobs are sealed with."""
+
+
+def _binding(key: str, bound_to: str) -> bytes:
+    return f"{key}\n{bound_to}".encode()
 
 
 @dataclass(frozen=True)
@@ -139,8 +149,9 @@ class LocalBlobStore:
             raise ValueError(f"blob key must be 32 lowercase hex digits, got {key!r}")
         return self.root / key[:2] / key
 
-    def write(self, chunks: Iterable[bytes]) -> StoredBlob:
-        """Seal and write a new blob under its final name, *not yet durable*.
+    def write(self, chunks: Iterable[bytes], bound_to: str) -> StoredBlob:
+        """Seal and write a new blob under its final name, *not yet durable*; it opens only
+        for ``bound_to`` (the SOP Instance UID it holds).
 
         Nothing refers to the new key until the caller has called :meth:`sync` and committed
         an index row naming it, so a crash before then leaves only an unreferenced file, never
@@ -166,7 +177,7 @@ class LocalBlobStore:
         try:
             fh = self._create(final)
             try:
-                for sealed in self._key.seal(plaintext()):
+                for sealed in self._key.seal(plaintext(), _binding(key, bound_to)):
                     fh.write(sealed)
                     stored += len(sealed)
             finally:
@@ -204,9 +215,9 @@ class LocalBlobStore:
         for directory in sorted(directories):
             _fsync(directory, os.O_DIRECTORY)
 
-    def put(self, chunks: Iterable[bytes]) -> StoredBlob:
+    def put(self, chunks: Iterable[bytes], bound_to: str) -> StoredBlob:
         """Seal and durably write a new blob; returns once it is on stable storage."""
-        blob = self.write(chunks)
+        blob = self.write(chunks, bound_to)
         try:
             self.sync([blob.key])
         except BaseException:
@@ -214,19 +225,22 @@ class LocalBlobStore:
             raise
         return blob
 
-    def put_bytes(self, data: bytes) -> StoredBlob:
-        return self.put([data])
+    def put_bytes(self, data: bytes, bound_to: str) -> StoredBlob:
+        return self.put([data], bound_to)
 
-    def read_chunks(self, key: str) -> Iterator[bytes]:
-        """Open a blob and yield its plaintext; raises EnvelopeError on tampering."""
+    def read_chunks(self, key: str, bound_to: str) -> Iterator[bytes]:
+        """Open a blob and yield its plaintext; raises EnvelopeError on tampering, and when
+        the blob is not the one sealed under ``key`` for ``bound_to``."""
         path = self._path(key)
-        if not path.exists():
-            raise BlobNotFoundError(key)
-        with open(path, "rb") as fh:
-            yield from self._key.open(fh)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed below, also when not exhausted
+        except FileNotFoundError:
+            raise BlobNotFoundError(key) from None
+        with fh:
+            yield from self._key.open(fh, _binding(key, bound_to))
 
-    def read(self, key: str) -> bytes:
-        return b"".join(self.read_chunks(key))
+    def read(self, key: str, bound_to: str) -> bytes:
+        return b"".join(self.read_chunks(key, bound_to))
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
@@ -239,7 +253,51 @@ class LocalBlobStore:
         path.unlink(missing_ok=True)
         _fsync(path.parent, os.O_DIRECTORY)
 
-    def keys(self) -> Iterator[str]:
-        for path in self.root.glob("??/*"):
-            if path.is_file():
+    def keys(self, folder: str = "??") -> Iterator[str]:
+        """Keys of the blobs in the store, or in one folder of it (``ab``)."""
+        for path in self.root.glob(f"{folder}/*"):
+            if path.is_file() and len(path.name) == 32:
                 yield path.name
+
+    def folders(self) -> list[str]:
+        """The store's folders (the first two hex digits of their blobs' keys)."""
+        return sorted(p.name for p in self.root.glob("??") if p.is_dir())
+
+    def age_seconds(self, key: str) -> float:
+        """Seconds since the blob was last written."""
+        return time.time() - self._path(key).stat().st_mtime
+
+
+def open_blob_key(key_file: Path, blob_root: Path) -> BlobKey:
+    """The key of the blob store at ``blob_root``, read from ``key_file``.
+
+    A new key is created only for a store that holds no blob yet. A missing key file beside
+    existing blobs is an error, never a new key: blobs acknowledged under a new key would be
+    unreadable once the real key is restored. So is a key other than the one the blobs are
+    sealed with (a wrong file restored).
+    """
+    sealed_with: bytes | None = None
+    for path in blob_root.glob("??/*"):
+        if path.is_file() and len(path.name) == 32:
+            with open(path, "rb") as fh:
+                sealed_with = sealed_key_id(fh)
+            if sealed_with is not None:
+                break
+    if not key_file.exists():
+        if sealed_with is None:
+            return BlobKey.create(key_file)
+        raise KeyFileError(
+            f"blob key file {key_file} is missing, but the blobs in {blob_root} are sealed with"
+            f" key id {sealed_with.hex()}: restore that key file (or point [storage] key_file"
+            " at it); no new key is made for an archive that holds blobs"
+        )
+    try:
+        key = BlobKey.load(key_file)
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read blob key file {key_file}: {exc}") from None
+    if sealed_with is not None and sealed_with != key.key_id:
+        raise KeyFileError(
+            f"blob key file {key_file} holds key id {key.key_id.hex()}, but the blobs in"
+            f" {blob_root} are sealed with key id {sealed_with.hex()}: restore the right key file"
+        )
+    return key

@@ -88,7 +88,7 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
     class _RacingCodec(MzpCodec):
         def encode(self, part10: bytes) -> bytes:
             # A differing duplicate replaces the row while the worker compresses.
-            moved = node.archive.blobs.put_bytes(data)
+            moved = node.archive.blobs.put_bytes(data, row.sop_instance_uid)
             with node.archive.sessions() as session:
                 current = session.get(Instance, row.id)
                 assert current is not None

@@ -1,0 +1,58 @@
+"""A missing or wrong blob key is refused, never silently replaced by a new one: two stores
+acknowledged under a new key were unreadable once the real key was restored."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medzip_scp.cli.main import app
+from medzip_scp.net.status import Status
+from tests.net.conftest import RunningNode, free_port
+from tests.net.test_store import ct_dataset, store
+
+
+@pytest.fixture
+def keyless_archive(node: RunningNode, tmp_path: Path) -> tuple[Path, str, dict[str, str]]:
+    """An archive holding a blob, whose key file was moved away; returns the data folder,
+    the id of the key its blobs need, and the environment naming its database."""
+    assert store(node, ct_dataset()) == Status.SUCCESS
+    key_file = node.settings.storage.resolved_key_file()
+    key_id = node.archive.blobs._key.key_id.hex()
+    key_file.rename(tmp_path / "backup.key")
+    env = {"MEDZIP_STORAGE__DATABASE_URL": node.settings.storage.database_url}
+    return node.settings.storage.data_dir, key_id, env
+
+
+@pytest.mark.parametrize("command", [["verify"], ["keys", "show"], ["worker", "--once"]])
+def test_commands_refuse_an_archive_without_its_key(
+    keyless_archive: tuple[Path, str, dict[str, str]], command: list[str]
+) -> None:
+    data_dir, key_id, env = keyless_archive
+    result = CliRunner().invoke(app, [*command, "--data-dir", str(data_dir)], env=env)
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()
+    assert len(message) == 1, result.output  # one line, no traceback
+    assert key_id in message[0] and str(data_dir / "keys" / "blob.key") in message[0]
+    assert not (data_dir / "keys" / "blob.key").exists()  # no new key was made
+
+
+def test_serve_refuses_to_start_without_its_key(
+    keyless_archive: tuple[Path, str, dict[str, str]],
+) -> None:
+    data_dir, key_id, env = keyless_archive
+    result = subprocess.run(
+        [sys.executable, "-m", "medzip_scp.cli.main", "serve", "--data-dir", str(data_dir)]
+        + ["--port", str(free_port())],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"key id {key_id}" in result.stderr and "ready" not in result.stdout
+    assert not (data_dir / "keys" / "blob.key").exists()
