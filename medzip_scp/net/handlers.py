@@ -7,8 +7,10 @@ AE titles and statuses only (no names, IDs, dates or data sets).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -262,9 +264,40 @@ def _failed_placeholder(sop_instance_uid: str) -> Dataset:
     return ds
 
 
-def _prepare(archive: Archive, instance: Instance, accepted: list[UID]) -> Dataset:
-    ds = load_dataset(archive.load_part10(instance))
-    return convert(ds, choose_syntax(UID(instance.transfer_syntax_uid), accepted))
+class StoredObject(Dataset):
+    """A restored Part-10 object to be sent from its file as it was received: group
+    lengths, UN elements and value encodings byte for byte, read in chunks
+    (``STORE_SEND_CHUNKED_DATASET``). The file is an anonymous in-memory one (nothing on
+    disk), freed on :meth:`close`.
+
+    pynetdicom's C-GET/C-MOVE services take only data sets from a handler, though its
+    ``send_c_store`` sends from a path; this empty data set carries the path to it
+    (see :func:`medzip_scp.net.server.configure_pynetdicom`).
+    """
+
+    def __init__(self, part10: bytes, instance: Instance) -> None:
+        super().__init__()
+        # pynetdicom skips a sub-operation whose data set is empty (falsy)
+        self.SOPClassUID = instance.sop_class_uid
+        self.SOPInstanceUID = instance.sop_instance_uid
+        self._fd = os.memfd_create("medzip-retrieve", os.MFD_CLOEXEC)
+        os.write(self._fd, part10)
+        self.path = Path(f"/proc/self/fd/{self._fd}")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _prepare(archive: Archive, instance: Instance, accepted: list[UID]) -> Dataset | StoredObject:
+    """What to send for one sub-operation: the object as received when the peer accepted
+    its transfer syntax, else a data set converted to one the peer accepted."""
+    part10 = archive.load_part10(instance)
+    original = UID(instance.transfer_syntax_uid)
+    if original in accepted:
+        return StoredObject(part10, instance)
+    return convert(load_dataset(part10), choose_syntax(original, accepted))
 
 
 def _sub_operations(
@@ -275,36 +308,47 @@ def _sub_operations(
 ) -> Iterator[tuple[int, Dataset | None]]:
     unsendable: list[str] = []
     cancelled = _cancel_latch(event)
-    for position, instance in enumerate(instances, 1):
-        if cancelled():
-            yield Status.CANCEL, None
-            return
-        try:
-            ds = _prepare(archive, instance, accepted_for(instance.sop_class_uid))
-        except TranscodeError as exc:
-            log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
-            ds = None
-        except InstanceIntegrityError as exc:
-            # Never send what may be another instance (another patient's image): this
-            # sub-operation fails, and `medzip verify` reports the same finding.
-            log.error("refusing to send %s", exc)
-            ds = None
-        except Exception as exc:
-            log.error("cannot read %s: %s", instance.sop_instance_uid, type(exc).__name__)
-            ds = None
-        if ds is not None:
-            yield Status.PENDING, ds
-            continue
-        unsendable.append(instance.sop_instance_uid)
-        if position == len(instances) and len(unsendable) == len(instances):
-            # Every sub-operation failed on our side: the final response is Warning 0xB000
-            # with the Failed SOP Instance UID List (PS3.4 C.4.3.1.3.2), not pynetdicom's
-            # 0xA702, which would claim the sub-operations could not be attempted at all.
-            failed = Dataset()
-            failed.FailedSOPInstanceUIDList = unsendable
-            yield Status.WARNING_SUBOPERATIONS, failed
-            return
-        yield Status.PENDING, _failed_placeholder(instance.sop_instance_uid)
+    sent: StoredObject | None = None
+    try:
+        for position, instance in enumerate(instances, 1):
+            if sent is not None:  # pynetdicom has sent it by the time it asks for the next
+                sent.close()
+                sent = None
+            if cancelled():
+                yield Status.CANCEL, None
+                return
+            try:
+                prepared = _prepare(archive, instance, accepted_for(instance.sop_class_uid))
+            except TranscodeError as exc:
+                log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
+                prepared = None
+            except InstanceIntegrityError as exc:
+                # Never send what may be another instance (another patient's image): this
+                # sub-operation fails, and `medzip verify` reports the same finding.
+                log.error("refusing to send %s", exc)
+                prepared = None
+            except Exception as exc:
+                log.error("cannot read %s: %s", instance.sop_instance_uid, type(exc).__name__)
+                prepared = None
+            if isinstance(prepared, StoredObject):
+                sent = prepared
+            if prepared is not None:
+                yield Status.PENDING, prepared
+                continue
+            unsendable.append(instance.sop_instance_uid)
+            if position == len(instances) and len(unsendable) == len(instances):
+                # Every sub-operation failed on our side: the final response is Warning
+                # 0xB000 with the Failed SOP Instance UID List (PS3.4 C.4.3.1.3.2), not
+                # pynetdicom's 0xA702, which would claim the sub-operations could not be
+                # attempted at all.
+                failed = Dataset()
+                failed.FailedSOPInstanceUIDList = unsendable
+                yield Status.WARNING_SUBOPERATIONS, failed
+                return
+            yield Status.PENDING, _failed_placeholder(instance.sop_instance_uid)
+    finally:
+        if sent is not None:
+            sent.close()
 
 
 def _allow_get_without_role_selection(assoc: Association) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from medzip_scp.config import TLSSettings
 from medzip_scp.net import reactor
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.handlers import (
+    StoredObject,
     handle_echo,
     handle_find,
     handle_get,
@@ -62,6 +64,10 @@ def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings the node depends on."""
     # Large objects are spooled to disk while they arrive, never held whole in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # Retrieval sends a stored object from its (in-memory) file, as it was received.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    if not getattr(Association.send_c_store, "_medzip", False):
+        Association.send_c_store = _send_stored_objects_from_file(Association.send_c_store)
     # pynetdicom would otherwise log every query identifier: names, IDs, birth dates.
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -75,6 +81,21 @@ def configure_pynetdicom() -> None:
     # CT slice's C-STORE).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     transport.deepcopy = _copy_contexts  # used there only to copy the server's contexts
+
+
+def _send_stored_objects_from_file(send_c_store: Callable[..., Any]) -> Callable[..., Any]:
+    """pynetdicom's C-GET/C-MOVE services pass what a handler yields to ``send_c_store``
+    but accept only data sets; ``send_c_store`` itself sends from a file path. A
+    :class:`StoredObject` (a data set naming a file) is sent from its file."""
+
+    @functools.wraps(send_c_store)
+    def send(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dataset, StoredObject):
+            dataset = dataset.path
+        return send_c_store(self, dataset, *args, **kwargs)
+
+    send._medzip = True  # type: ignore[attr-defined]
+    return send
 
 
 def _storage_sop_classes() -> list[str]:
