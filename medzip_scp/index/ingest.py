@@ -243,15 +243,37 @@ def _update_nonempty(obj: Any, values: dict[str, Any]) -> None:
             setattr(obj, name, value)
 
 
+def _fill_empty(obj: Any, values: dict[str, Any]) -> None:
+    """Copy values onto ``obj`` where it has none; a value it has is never overwritten."""
+    for name, value in values.items():
+        if value and not getattr(obj, name):
+            setattr(obj, name, value)
+
+
+#: The descriptive patient attributes, kept on the patient and on each study, with their
+#: DICOM keywords (log messages name the keywords, never the values).
+_PATIENT_KEYWORDS = {
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+}
+
+
+def _patient_attributes(attrs: InstanceAttributes) -> dict[str, str]:
+    return {name: getattr(attrs, name) for name in _PATIENT_KEYWORDS}
+
+
 def _get_or_create_patient(session: Session, attrs: InstanceAttributes) -> Patient:
-    key = (Patient.patient_id == attrs.patient_id) & (
-        Patient.issuer_of_patient_id == attrs.issuer_of_patient_id
+    # Without a Patient ID nothing links a study to another: each study has its own patient.
+    sole_study_uid = "" if attrs.patient_id else attrs.study_instance_uid
+    key = (
+        (Patient.patient_id == attrs.patient_id)
+        & (Patient.issuer_of_patient_id == attrs.issuer_of_patient_id)
+        & (Patient.sole_study_uid == sole_study_uid)
     )
     patient = session.scalars(select(Patient).where(key)).one_or_none()
     descriptive = {
-        "patient_name": attrs.patient_name,
-        "patient_birth_date": attrs.patient_birth_date,
-        "patient_sex": attrs.patient_sex,
+        **_patient_attributes(attrs),
         "specific_character_set": attrs.specific_character_set,
     }
     if patient is None:
@@ -261,11 +283,12 @@ def _get_or_create_patient(session: Session, attrs: InstanceAttributes) -> Patie
             {
                 "patient_id": attrs.patient_id,
                 "issuer_of_patient_id": attrs.issuer_of_patient_id,
+                "sole_study_uid": sole_study_uid,
                 **descriptive,
             },
         )
         patient = session.scalars(select(Patient).where(key)).one()
-    _update_nonempty(patient, descriptive)
+    _fill_empty(patient, descriptive)
     return patient
 
 
@@ -273,6 +296,7 @@ def _get_or_create_study(session: Session, attrs: InstanceAttributes, patient: P
     key = Study.study_instance_uid == attrs.study_instance_uid
     study = session.scalars(select(Study).where(key)).one_or_none()
     descriptive = {
+        **_patient_attributes(attrs),
         "study_date": attrs.study_date,
         "study_time": attrs.study_time,
         "accession_number": attrs.accession_number,
@@ -295,9 +319,56 @@ def _get_or_create_study(session: Session, attrs: InstanceAttributes, patient: P
     _update_nonempty(study, descriptive)
     if study.patient_fk != patient.id:
         # The newest instance names another patient for this study: follow it.
-        logger.info("study %s moved to another patient", attrs.study_instance_uid)
+        logger.warning(
+            "study %s moved from patient record %d to %d: instance %s gives another "
+            "Patient ID or issuer than the study's earlier instances",
+            attrs.study_instance_uid,
+            study.patient_fk,
+            patient.id,
+            attrs.sop_instance_uid,
+        )
         study.patient_fk = patient.id
     return study
+
+
+def _warn_of_differing_patient_attributes(
+    session: Session, attrs: InstanceAttributes, patient: Patient, study: Study
+) -> None:
+    """Log when this study's patient attributes differ from its patient's (first received)
+    ones: two sources disagree about one Patient ID, or a study was corrected. UIDs, row
+    ids, keywords and counts only: the values are PHI."""
+    differing = [
+        keyword
+        for name, keyword in _PATIENT_KEYWORDS.items()
+        if getattr(study, name) and getattr(patient, name) != getattr(study, name)
+    ]
+    if not differing:
+        return
+    session.flush()
+    studies = session.execute(
+        select(Study.patient_name, Study.patient_birth_date, Study.patient_sex).where(
+            Study.patient_fk == patient.id
+        )
+    ).all()
+    disagreeing = sum(
+        1
+        for row in studies
+        if any(
+            value and value != getattr(patient, name)
+            for name, value in zip(_PATIENT_KEYWORDS, row, strict=True)
+        )
+    )
+    logger.warning(
+        "study %s (instance %s) gives %s differing from patient record %d: %d of its %d "
+        "studies differ; study-level answers carry each study's own values, patient-level "
+        "answers the first received",
+        attrs.study_instance_uid,
+        attrs.sop_instance_uid,
+        ", ".join(differing),
+        patient.id,
+        disagreeing,
+        len(studies),
+    )
 
 
 def _get_or_create_series(session: Session, attrs: InstanceAttributes, study: Study) -> Series:
@@ -342,18 +413,6 @@ def _hierarchy_values(attrs: InstanceAttributes) -> tuple[Any, ...]:
 
 
 _STUDY_AT = _HIERARCHY_FIELDS.index("study_instance_uid")
-_PATIENT_AT = (
-    _HIERARCHY_FIELDS.index("patient_id"),
-    _HIERARCHY_FIELDS.index("issuer_of_patient_id"),
-)
-
-
-def _patient_key(attrs: InstanceAttributes) -> tuple[str, str]:
-    return attrs.patient_id, attrs.issuer_of_patient_id
-
-
-def _patient_key_of(values: tuple[Any, ...]) -> tuple[str, str]:
-    return values[_PATIENT_AT[0]], values[_PATIENT_AT[1]]
 
 
 class KnownSeries:
@@ -387,11 +446,12 @@ class KnownSeries:
 
     def note(self, attrs: InstanceAttributes, series_id: int) -> None:
         """Record a series the slow path wrote. That path may also have moved or updated
-        the study and patient, which other series share: forget those series, so that
-        their next instance takes the slow path and, newest first, sets them again."""
-        study, patient = attrs.study_instance_uid, _patient_key(attrs)
+        the study, which other series share: forget those series, so that their next
+        instance takes the slow path and, newest first, sets it again. (A patient row only
+        ever gains values it lacked, whatever the order: no need to forget its series.)"""
+        study = attrs.study_instance_uid
         for uid, (_id, values) in list(self._known.items()):
-            if values[_STUDY_AT] == study or _patient_key_of(values) == patient:
+            if values[_STUDY_AT] == study:
                 del self._known[uid]
         self._pending[attrs.series_instance_uid] = (series_id, _hierarchy_values(attrs))
 
@@ -414,6 +474,7 @@ class KnownSeries:
 def _hierarchy(session: Session, attrs: InstanceAttributes) -> Series:
     patient = _get_or_create_patient(session, attrs)
     study = _get_or_create_study(session, attrs, patient)
+    _warn_of_differing_patient_attributes(session, attrs, patient, study)
     return _get_or_create_series(session, attrs, study)
 
 
@@ -465,10 +526,12 @@ def add_instance(
 ) -> Instance:
     """Index a newly stored instance; the caller commits.
 
-    Patient, study and series rows are fetched or created; their descriptive
-    attributes are updated from this (newest) instance, where it has a non-empty
-    value. A study or series whose parent UID/key differs in the newest instance is
-    moved under the new parent.
+    Patient, study and series rows are fetched or created. Study and series attributes
+    (and the study's copy of the patient attributes) are updated from this (newest)
+    instance, where it has a non-empty value; a patient's attributes are only filled
+    where empty (see :class:`~medzip_scp.index.models.Patient`), and a study whose patient
+    attributes differ from its patient's is logged as a warning. A study or series whose
+    parent UID/key differs in the newest instance is moved under the new parent.
 
     Parameters
     ----------

@@ -119,16 +119,23 @@ def _text(**kw: Any) -> Any:
 class Patient(Base):
     """A patient, identified by Patient ID (0010,0020) and its issuer (0010,0021).
 
-    Patient ID is type 2 and may be empty; all instances without a Patient ID
-    (and issuer) share one patient row.
+    Patient ID is type 2 and may be empty. An empty one links a study to no other, so
+    each study without a Patient ID has a patient of its own, keyed by its Study Instance
+    UID in ``sole_study_uid`` (``""`` for patients keyed by their Patient ID).
+
+    The descriptive attributes are those first received for the patient; later instances
+    fill empty ones but never overwrite a value: a differing name or birth date from
+    another source would otherwise rename the patient of every study. Each study keeps the
+    patient attributes its own instances gave (:class:`Study`).
     """
 
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id", "sole_study_uid"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = _text()
     issuer_of_patient_id: Mapped[str] = _text()
+    sole_study_uid: Mapped[str] = _text()
     patient_name: Mapped[str] = _text(index=True)
     patient_birth_date: Mapped[str] = _text(index=True)
     patient_sex: Mapped[str] = _text()
@@ -138,7 +145,13 @@ class Patient(Base):
 
 
 class Study(Base):
-    """A study, identified by Study Instance UID (0020,000D)."""
+    """A study, identified by Study Instance UID (0020,000D).
+
+    ``patient_name``, ``patient_birth_date`` and ``patient_sex`` are the patient
+    attributes as this study's instances gave them (the newest non-empty value, like the
+    study's own attributes): study-level answers carry them, so a study is never answered
+    with the name another study gave its patient.
+    """
 
     __tablename__ = "study"
 
@@ -147,6 +160,9 @@ class Study(Base):
     patient_fk: Mapped[int] = mapped_column(
         ForeignKey("patient.id", ondelete="RESTRICT"), nullable=False, index=True
     )
+    patient_name: Mapped[str] = _text(index=True)
+    patient_birth_date: Mapped[str] = _text(index=True)
+    patient_sex: Mapped[str] = _text()
     study_date: Mapped[str] = _text(index=True)
     study_time: Mapped[str] = _text()
     accession_number: Mapped[str] = _text(index=True)

@@ -18,6 +18,11 @@ IMAGE levels, with the attribute matching of C.2.2.2:
   Combined DA/TM range matching (C.2.2.2.5.1) is not implemented: the date and the
   time keys are matched independently.
 
+Patient attributes are matched and returned at PATIENT level from the patient (the
+values first received for it) and at the STUDY level of the Study Root model from the
+study (the values its own instances gave; see :class:`~medzip_scp.index.models.Study`).
+Each study without a Patient ID has a patient of its own.
+
 An entity whose attribute is empty matches only universal matching. Exactly one
 response is returned per matching entity of the query level (C.4.1.3.1.1). A key
 that the level does not support is returned with zero length in the response
@@ -149,6 +154,18 @@ def _keys() -> dict[str, _Key]:
 
 _KEYS = _keys()
 
+#: Study Root answers the patient attributes at STUDY level (C.6.2.1.1) with those the
+#: study's own instances gave, not with its patient's (first received) ones, so that a
+#: study is never answered with the name another source gave its Patient ID.
+_STUDY_COPIES_OF_PATIENT_KEYS = {
+    k.keyword: k
+    for k in (
+        _Key("PatientName", "PN", "PATIENT", Study.patient_name),
+        _Key("PatientBirthDate", "DA", "PATIENT", Study.patient_birth_date),
+        _Key("PatientSex", "CS", "PATIENT", Study.patient_sex),
+    )
+}
+
 #: Tables whose text a response at each level may contain, with the label of their
 #: Specific Character Set column.
 _CHARSET_COLUMNS: dict[QueryLevel, InstrumentedAttribute[str]] = {
@@ -206,6 +223,7 @@ def _allowed_keys(model: QueryModel, level: QueryLevel) -> dict[str, _Key]:
     if model == "STUDY" and level == "STUDY":
         # Study Root merges the patient attributes into the STUDY level (C.6.2.1.1).
         allowed.update({k: v for k, v in _KEYS.items() if v.level == "PATIENT"})
+        allowed.update(_STUDY_COPIES_OF_PATIENT_KEYS)
     return allowed
 
 

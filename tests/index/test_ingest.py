@@ -120,8 +120,9 @@ def test_add_instance_builds_hierarchy(db_session_factory: sessionmaker[Session]
         assert _count(session, Instance) == 3
         study = session.scalars(select(Study)).one()
         assert study.study_description == "New description"  # newest non-empty wins
+        assert study.patient_name == "Test^Renamed"  # the study's copy: newest wins too
         patient = session.scalars(select(Patient)).one()
-        assert patient.patient_name == "Test^Renamed"
+        assert patient.patient_name == "Test^Patient"  # a patient keeps its first name
         got = get_instance(session, str(first.SOPInstanceUID))
         assert got is not None
         assert got.state is InstanceState.STORED
@@ -132,7 +133,7 @@ def test_add_instance_builds_hierarchy(db_session_factory: sessionmaker[Session]
         assert get_instance(session, "1.2.3.404") is None
 
 
-def test_empty_patient_id_and_issuer_are_distinct_patients(
+def test_issuers_are_distinct_patients_and_each_study_without_id_has_its_own(
     db_session_factory: sessionmaker[Session],
 ) -> None:
     with db_session_factory() as session:
@@ -142,7 +143,7 @@ def test_empty_patient_id_and_issuer_are_distinct_patients(
         store(session, make_ds(PatientID="X", IssuerOfPatientID="B"))
         store(session, make_ds(PatientID="X"))
         session.commit()
-        assert _count(session, Patient) == 4
+        assert _count(session, Patient) == 5
 
 
 def test_duplicate_instance_raises_and_session_stays_usable(

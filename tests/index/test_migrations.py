@@ -108,3 +108,98 @@ def test_postgresql_read_committed(db_engine) -> None:
         pytest.skip("PostgreSQL only")
     with db_engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+
+
+def _migrate(url: str, revision: str, *, down: bool = False) -> None:
+    engine = create_engine_for(url)
+    try:
+        with engine.connect() as connection:
+            config = alembic_config(url)
+            config.attributes["connection"] = connection
+            (command.downgrade if down else command.upgrade)(config, revision)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+# An index written by revision 0001: the studies without Patient ID share the patient row
+# of their issuer, which holds the newest instance's name.
+_ROWS_OF_0001 = """
+INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
+                     patient_sex, specific_character_set) VALUES
+    ('', '', 'Newest^Sent', '19990909', 'O', ''),
+    ('PID-1', '', 'Doe^John', '19700101', 'M', 'ISO_IR 100'),
+    ('', 'ISSUER-B', 'Other^Issuer', '', '', '');
+INSERT INTO study (study_instance_uid, patient_fk, study_description)
+    SELECT uid, (SELECT id FROM patient WHERE patient_id = pid AND issuer_of_patient_id = issuer),
+           description
+    FROM (SELECT '1.2.3.10' AS uid, '' AS pid, '' AS issuer, 'no id A' AS description
+          UNION ALL SELECT '1.2.3.11', '', '', 'no id B'
+          UNION ALL SELECT '1.2.3.12', 'PID-1', '', 'with id'
+          UNION ALL SELECT '1.2.3.13', '', 'ISSUER-B', 'no id, issuer B') AS rows;
+INSERT INTO series (series_instance_uid, study_fk, modality)
+    SELECT '1.2.3.20', id, 'CT' FROM study WHERE study_instance_uid = '1.2.3.10';
+INSERT INTO instance (sop_instance_uid, sop_class_uid, series_fk, transfer_syntax_uid,
+                      blob_key, original_size, original_sha256, stored_size, stored_sha256,
+                      codec_id, state, received_at)
+    SELECT '1.2.3.30', '1.2.840.10008.5.1.4.1.1.2', id, '1.2.840.10008.1.2.1', 'blobs/x', 1,
+           'a', 1, 'b', 'raw', 'stored', '2026-01-01 00:00:00'
+    FROM series WHERE series_instance_uid = '1.2.3.20';
+"""
+
+_STUDY_PATIENTS = text(
+    "SELECT s.study_instance_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name, "
+    "s.patient_name, s.patient_birth_date, s.patient_sex, p.sole_study_uid "
+    "FROM study s JOIN patient p ON p.id = s.patient_fk ORDER BY s.study_instance_uid"
+)
+
+
+def test_upgrade_gives_each_study_without_patient_id_its_own_patient(db_url: str) -> None:
+    _migrate(db_url, "0001")
+    engine = create_engine_for(db_url)
+    try:
+        with engine.begin() as connection:
+            for statement in _ROWS_OF_0001.split(";"):
+                if statement.strip():
+                    connection.execute(text(statement))
+        upgrade_database(db_url)
+        assert schema_differences(db_url) == []
+        with engine.connect() as connection:
+            rows = [tuple(row) for row in connection.execute(_STUDY_PATIENTS)]
+            patients = connection.execute(text("SELECT count(*) FROM patient")).scalar()
+            instance_study = connection.execute(
+                text(
+                    "SELECT s.study_instance_uid FROM instance i JOIN series se "
+                    "ON se.id = i.series_fk JOIN study s ON s.id = se.study_fk"
+                )
+            ).scalar()
+        # Each study keeps what it was answered with so far, now as its own copy.
+        newest = ("Newest^Sent", "Newest^Sent", "19990909", "O")
+        assert rows == [
+            ("1.2.3.10", "", "", *newest, "1.2.3.10"),
+            ("1.2.3.11", "", "", *newest, "1.2.3.11"),
+            ("1.2.3.12", "PID-1", "", "Doe^John", "Doe^John", "19700101", "M", ""),
+            ("1.2.3.13", "", "ISSUER-B", "Other^Issuer", "Other^Issuer", "", "", "1.2.3.13"),
+        ]
+        assert patients == 4  # the two shared rows are gone
+        assert instance_study == "1.2.3.10"
+
+        # The downgrade merges them back into one patient per issuer.
+        _migrate(db_url, "0001", down=True)
+        with engine.connect() as connection:
+            merged = connection.execute(
+                text(
+                    "SELECT s.study_instance_uid, p.issuer_of_patient_id FROM study s "
+                    "JOIN patient p ON p.id = s.patient_fk WHERE p.patient_id = '' "
+                    "ORDER BY s.study_instance_uid"
+                )
+            ).all()
+            patients = connection.execute(text("SELECT count(*) FROM patient")).scalar()
+        assert [tuple(row) for row in merged] == [
+            ("1.2.3.10", ""),
+            ("1.2.3.11", ""),
+            ("1.2.3.13", "ISSUER-B"),
+        ]
+        assert patients == 3
+    finally:
+        engine.dispose()
