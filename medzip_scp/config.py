@@ -65,8 +65,20 @@ class NodeSettings(BaseModel):
     ae_title: str = Field("MEDZIP", description="Called AE title of this node (1-16 chars).")
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(11112, ge=1, le=65535, description="DICOM port.")
-    max_pdu: int = Field(262144, ge=0, description="Maximum PDU size we accept (0: unlimited).")
+    max_pdu: int = Field(
+        262144,
+        ge=0,
+        description="Maximum PDU length we accept (our Maximum Length sub-item): a longer "
+        "P-DATA-TF aborts the association (0: unlimited, and unbounded memory per PDU).",
+    )
     max_associations: int = Field(32, ge=1, description="Concurrent associations.")
+    max_associations_per_address: int = Field(
+        16,
+        ge=1,
+        description="Open connections from one remote address (associations and connections "
+        "that have not sent their A-ASSOCIATE-RQ yet); more are closed at once. With several "
+        "processes each takes its share, as for max_associations.",
+    )
     processes: int = Field(
         default_factory=default_processes,
         ge=1,
@@ -75,7 +87,19 @@ class NodeSettings(BaseModel):
         "round-robin to all, so concurrent associations use more than one CPU core. "
         "Default: one per core (at most 8) on Linux, 1 elsewhere.",
     )
-    network_timeout: float = Field(60.0, description="Seconds without network traffic.")
+    network_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds without network traffic; also the longest a peer may stall in "
+        "the middle of a PDU, or leave a PDU of ours unread, before it is dropped.",
+    )
+    association_request_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a new connection has to send its whole A-ASSOCIATE-RQ (the "
+        "ARTIM timer) before it is closed; also the wait for a C-MOVE destination's answer "
+        "to our association request.",
+    )
     dimse_timeout: float = Field(60.0, description="Seconds to wait for a DIMSE message.")
 
     _check_aet = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
@@ -230,11 +254,13 @@ log_level = "INFO"
 ae_title = "MEDZIP"          # our AE title; associations calling another title are rejected
 bind = "0.0.0.0"
 port = 11112
-max_pdu = 262144
+max_pdu = 262144              # longest P-DATA-TF we accept; longer ones abort the association
 max_associations = 32
+max_associations_per_address = 16   # open connections from one address; more are closed at once
 # processes = 2              # node processes sharing the port; default: one per CPU core
                              # (at most 8) on Linux, 1 elsewhere
-network_timeout = 60.0
+network_timeout = 60.0       # also: the longest a peer may stall mid-PDU before it is dropped
+association_request_timeout = 10.0  # a new connection's time to send its A-ASSOCIATE-RQ
 dimse_timeout = 60.0
 
 [storage]

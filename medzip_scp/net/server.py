@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import functools
 import json
@@ -11,17 +13,22 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import pydicom.config
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt, transport
+import pynetdicom
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt, fsm, transport
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
     PatientRootQueryRetrieveInformationModelFind,
@@ -47,6 +54,7 @@ from medzip_scp.net.handlers import (
     handle_requested,
     handle_store,
 )
+from medzip_scp.net.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +68,44 @@ QR_CLASSES = (
 )
 
 
+def check_pynetdicom() -> None:
+    """Fail with a clear error if the pynetdicom internals this module relies on (they are
+    not pynetdicom's API) are not as expected."""
+    dul, message = DULServiceProvider, dimse_messages.DIMSEMessage
+
+    def names(function: Any) -> tuple[str, ...]:
+        return cast(tuple[str, ...], getattr(getattr(function, "__code__", None), "co_names", ()))
+
+    expected = {
+        "the DUL reads a PDU in _read_pdu_data": "_read_pdu_data" in names(dul._is_transport_event),
+        "_read_pdu_data reads from socket.recv": "recv" in names(dul._read_pdu_data),
+        "the DUL has to_user_queue, event_queue and state_machine": {
+            "to_user_queue",
+            "event_queue",
+            "state_machine",
+        }
+        <= set(names(dul.__init__)),
+        "AssociationSocket.ready is a property": isinstance(AssociationSocket.ready, property),
+        "an invalid PDU aborts before and after association": {("Evt19", "Sta2"), ("Evt19", "Sta6")}
+        <= set(fsm.TRANSITION_TABLE),
+        "C-STORE data sets are spooled with dimse_messages.NamedTemporaryFile": hasattr(
+            dimse_messages, "NamedTemporaryFile"
+        )
+        and "NamedTemporaryFile" in names(message.decode_msg),
+        "the C-STORE request carries its spool file as _dataset_file": "_dataset_file"
+        in names(StorageServiceClass.SCP),
+    }
+    missing = [what for what, present in expected.items() if not present]
+    if missing:
+        raise RuntimeError(
+            f"pynetdicom {pynetdicom.__version__} is not as medzip expects ({'; '.join(missing)}):"
+            " install a pynetdicom version that pyproject.toml allows"
+        )
+
+
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings the node depends on."""
+    check_pynetdicom()
     # Large objects are spooled to disk while they arrive, never held whole in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
     # Retrieval sends a stored object from its (in-memory) file, as it was received.
@@ -81,6 +125,7 @@ def configure_pynetdicom() -> None:
     # CT slice's C-STORE).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     transport.deepcopy = _copy_contexts  # used there only to copy the server's contexts
+    dimse_messages.NamedTemporaryFile = _SpoolFile  # used there only to spool C-STORE data
 
 
 def _send_stored_objects_from_file(send_c_store: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,6 +156,9 @@ def build_ae(archive: Archive, processes: int = 1) -> AE:
     ae.maximum_pdu_size = settings.node.max_pdu
     ae.maximum_associations = math.ceil(settings.node.max_associations / processes)
     ae.network_timeout = settings.node.network_timeout
+    # The ARTIM timer and the acceptor's wait for an A-ASSOCIATE-RQ (and, as requestor of
+    # C-MOVE sub-associations, the wait for the destination's answer).
+    ae.acse_timeout = settings.node.association_request_timeout
     ae.dimse_timeout = settings.node.dimse_timeout
     ae.require_called_aet = settings.access.check_called_ae
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -123,12 +171,80 @@ def build_ae(archive: Archive, processes: int = 1) -> AE:
     return ae
 
 
+class _SpoolFile:
+    """Stands in for the ``NamedTemporaryFile`` pynetdicom spools an incoming C-STORE data
+    set to (``_config.STORE_RECV_CHUNKED_DATASET``). There, the first write to a full (or
+    failing) volume raised in the DUL's thread and aborted the association; here it
+    removes the partial file, the rest of the data set is read and dropped, and
+    :func:`_store_unless_spool_failed` answers the C-STORE 0xA700 (Out of resources): the
+    association goes on."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.error: OSError | None = None
+        self._file: Any = None
+        self.name = ""  # no file: pynetdicom's unlink of "" fails, and is ignored
+        try:
+            # Closed by pynetdicom's C-STORE service, through close() below.
+            self._file = tempfile.NamedTemporaryFile(**kwargs)  # noqa: SIM115
+            self.name = self._file.name
+        except OSError as exc:
+            self._fail(exc)
+
+    @property
+    def file(self) -> _SpoolFile:
+        return self  # pynetdicom flushes ``.file``: the buffered file of a NamedTemporaryFile
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return cast(int, self._file.write(data))
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def _call(self, method: str) -> None:
+        if self.error is None:
+            try:
+                getattr(self._file, method)()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
+
+
+def _store_unless_spool_failed(event: evt.Event, archive: Archive, policy: AccessPolicy) -> int:
+    """C-STORE: 0xA700 (Out of resources) if the data set could not be spooled, else
+    :func:`handle_store`."""
+    spool = event.request._dataset_file
+    if isinstance(spool, _SpoolFile) and spool.error is not None:
+        log.error(
+            "C-STORE of %s from %r refused: its data set could not be spooled (%s)",
+            event.request.AffectedSOPInstanceUID,
+            event.assoc.requestor.ae_title,
+            spool.error.strerror,
+        )
+        return Status.OUT_OF_RESOURCES
+    return handle_store(event, archive, policy)
+
+
 def event_handlers(archive: Archive) -> list[tuple]:
     policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
     return [
         (evt.EVT_REQUESTED, handle_requested, [policy]),
         (evt.EVT_C_ECHO, handle_echo, [policy]),
-        (evt.EVT_C_STORE, handle_store, [archive, policy]),
+        (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
         (evt.EVT_C_FIND, handle_find, [archive, policy]),
         (evt.EVT_C_GET, handle_get, [archive, policy]),
         (evt.EVT_C_MOVE, handle_move, [archive, policy]),
@@ -153,28 +269,157 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     return context
 
 
+#: The longest PDU a connection may send before its association is established (its
+#: A-ASSOCIATE-RQ), and the longest PDU other than a P-DATA-TF after: 128 presentation
+#: contexts, each proposing all 45 transfer syntaxes pynetdicom knows, encode to 158 KB.
+ASSOCIATION_REQUEST_LIMIT = 256 * 1024
+_PDU_HEADER = struct.Struct(">BxL")  # PDU type, reserved, length of what follows
+_PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ ... A-ABORT
+_A_ASSOCIATE_RQ = b"\x01"
+_P_DATA_TF = 0x04
+_DATA_TRANSFER_STATES = frozenset({"Sta6", "Sta7"})  # where the state machine takes P-DATA
+_INVALID_PDU = "Evt19"  # state machine event: the acceptor sends an A-ABORT
+
+
 class _BulkReceiveSocket(AssociationSocket):
-    """pynetdicom's association socket, receiving a PDU in as few calls as the kernel
-    allows: its own ``recv`` reads 4096 bytes a call into a growing bytearray (130 calls
-    and copies for one 519 KiB CT slice). The buffer starts at no more than
-    :data:`FIRST_BUFFER` and doubles as data arrive: the length comes from the peer, and
-    a 4 GiB PDU header must not reserve 4 GiB before a byte of it has arrived."""
+    """pynetdicom's association socket, reading what a peer may send within limits.
+
+    Its own ``recv`` reads 4096 bytes a call into a growing bytearray (130 calls and copies
+    for one 519 KiB CT slice); this one reads a PDU in as few calls as the kernel allows.
+    The buffer starts at no more than :data:`FIRST_BUFFER` and doubles as data arrive: the
+    length comes from the peer, and a 4 GiB PDU header must not reserve 4 GiB before a byte
+    of it has arrived.
+
+    Once :meth:`guard` has been called, :meth:`read_pdu` stands in for the DUL's reading of
+    a PDU. A connection must send its whole A-ASSOCIATE-RQ within the association's ACSE
+    timeout (the ARTIM timer) and it may be at most :data:`ASSOCIATION_REQUEST_LIMIT`
+    long; after that, a P-DATA-TF may be as long as our maximum PDU length (plus its
+    header). A longer PDU, or one of an unknown type, is refused unread: the state machine
+    sends an A-ABORT and the connection is closed. A peer that stalls in the middle of a
+    PDU for the network timeout, or leaves a PDU of ours unread that long, is dropped.
+    """
 
     FIRST_BUFFER = 1 << 20
 
+    # Defaults, also for a socket read without guard() (which read_pdu needs).
+    _pushed_back: memoryview | None = None  # a PDU read by read_pdu, for pynetdicom's recv
+    _refused = False  # a PDU was refused: nothing more is read, the connection closes
+    _awaiting_request = True  # the acceptor's thread waits for an A-ASSOCIATE-RQ
+
+    def guard(self) -> None:
+        """Apply the limits from now on: the connection's time to send its A-ASSOCIATE-RQ
+        starts now."""
+        assoc = self.assoc
+        self._network_timeout = cast(float, assoc.network_timeout)
+        self._request_deadline = time.monotonic() + cast(float, assoc.acse_timeout)
+        maximum = assoc.acceptor.maximum_length
+        self._p_data_limit = maximum + _PDU_HEADER.size if maximum else None
+        cast(socket.socket, self.socket).settimeout(self._network_timeout)  # sends too
+
+    @property
+    def ready(self) -> bool:
+        # Once a PDU is refused nothing more is read: in Sta13 the DUL then closes.
+        return not self._refused and cast(bool, AssociationSocket.ready.fget(self))
+
     def recv(self, nr_bytes: int) -> bytearray:
+        if self._pushed_back is None:
+            return self._receive(bytearray(), nr_bytes, None)
+        part, rest = self._pushed_back[:nr_bytes], self._pushed_back[nr_bytes:]
+        self._pushed_back = rest if rest else None
+        return part  # type: ignore[return-value]  # pynetdicom appends it to a bytearray
+
+    def read_pdu(self, decode: Callable[[], None]) -> None:
+        """Read the next PDU within the limits, then have ``decode`` (the DUL's own
+        ``_read_pdu_data``) take it from :meth:`recv` as if from the network."""
+        dul = self.assoc.dul
+        state = dul.state_machine.current_state
+        deadline = self._request_deadline if self._awaiting_request else None
+        length = 0
+        try:
+            pdu = self._receive(bytearray(), _PDU_HEADER.size, deadline)
+            if len(pdu) == _PDU_HEADER.size:
+                pdu_type, length = _PDU_HEADER.unpack(pdu)
+                limit = self._limit(state, pdu_type)
+                if pdu_type not in _PDU_TYPES or (limit is not None and length > limit):
+                    self._refuse(state, pdu_type, length, limit)
+                    return
+                self._receive(pdu, length, deadline)
+        except TimeoutError:
+            log.warning(
+                "closing the connection from %s: %s",
+                self.assoc.requestor.address,
+                f"no complete A-ASSOCIATE-RQ within {self.assoc.acse_timeout:g} s"
+                if deadline is not None
+                else f"stalled {self._network_timeout:g} s in the middle of a PDU",
+            )
+            self._close_and_end_request_wait()
+            return
+        except OSError as exc:
+            log.info("connection from %s failed: %s", self.assoc.requestor.address, exc)
+            self._close_and_end_request_wait()
+            return
+        finally:
+            if deadline is not None and self.socket is not None:
+                self.socket.settimeout(self._network_timeout)
+        if pdu[:1] == _A_ASSOCIATE_RQ and len(pdu) == _PDU_HEADER.size + length:
+            self._awaiting_request = False
+        self._pushed_back = memoryview(pdu)
+        decode()  # a short PDU (the peer closed) ends the connection there, as before
+        self._end_request_wait()  # unless the request arrived: nothing to wait for
+
+    def _limit(self, state: str, pdu_type: int) -> int | None:
+        if pdu_type == _P_DATA_TF and state in _DATA_TRANSFER_STATES:
+            return self._p_data_limit
+        return ASSOCIATION_REQUEST_LIMIT
+
+    def _refuse(self, state: str, pdu_type: int, length: int, limit: int | None) -> None:
+        log.warning(
+            "aborting the association with %s: %s",
+            self.assoc.requestor.address,
+            f"PDU type 0x{pdu_type:02X} is not a DICOM PDU type"
+            if pdu_type not in _PDU_TYPES
+            else f"a PDU of type 0x{pdu_type:02X} declares {length} bytes, more than the "
+            f"{limit} accepted {'after' if state in _DATA_TRANSFER_STATES else 'before'} "
+            "association",
+        )
+        self._refused = True
+        self.assoc.dul.event_queue.put(_INVALID_PDU)
+        self._end_request_wait()
+
+    def _close_and_end_request_wait(self) -> None:
+        self.close()  # the state machine gets its transport-closed event from close()
+        self._end_request_wait()
+
+    def _end_request_wait(self) -> None:
+        """Before its A-ASSOCIATE-RQ has arrived, the acceptor's thread waits for it, up
+        to its ACSE timeout; once the connection is over it will not come: ``None`` ends
+        that wait, as the timeout would."""
+        if self._awaiting_request:
+            self._awaiting_request = False
+            self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    def _receive(self, received: bytearray, nr_bytes: int, deadline: float | None) -> bytearray:
+        """Append ``nr_bytes`` from the peer to ``received`` (fewer if the peer closes);
+        :class:`TimeoutError` once ``deadline`` (``time.monotonic``) has passed, or when
+        the peer stalls for the network timeout."""
         sock = cast(socket.socket, self.socket)
-        received = bytearray(min(nr_bytes, self.FIRST_BUFFER))
-        filled = 0
-        while filled < nr_bytes:
+        filled = len(received)
+        end = filled + nr_bytes
+        received.extend(bytes(min(nr_bytes, self.FIRST_BUFFER)))
+        while filled < end:
             if filled == len(received):
-                received.extend(bytes(min(len(received), nr_bytes - filled)))
+                received.extend(bytes(min(len(received), end - filled)))
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(min(left, self._network_timeout))
             with memoryview(received) as view:
-                count = sock.recv_into(view[filled:])
+                count = sock.recv_into(view[filled:end])
             if not count:  # connection closed: what arrived, as pynetdicom's own recv does
-                del received[filled:]
-                return received
+                break
             filled += count
+        del received[filled:]
         return received
 
 
@@ -201,15 +446,62 @@ def _copy_contexts(contexts: Any, memo: Any = None) -> Any:
 class _NodeRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.dul.socket.__class__ = _BulkReceiveSocket  # same state, faster recv
-        reactor.attach(assoc.dul)
+        dul = assoc.dul
+        sock = cast(_BulkReceiveSocket, dul.socket)
+        sock.__class__ = _BulkReceiveSocket  # same state, faster and guarded reads
+        sock.guard()
+        read_pdu = functools.partial(sock.read_pdu, dul._read_pdu_data)
+        dul._read_pdu_data = read_pdu  # type: ignore[method-assign]
+        reactor.attach(dul)
         return assoc
 
 
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the TLS handshake moved from the accepting thread
     (where one silent client would stop every other from connecting) to the association's
-    own thread, under the network timeout."""
+    own thread, under the network timeout; and at most ``max_per_address`` open
+    connections from one remote address: more are closed as they are accepted, before a
+    thread is started for them, so that no one address can take every association."""
+
+    # socketserver's default backlog of 5 overflowed under a burst of connections (those
+    # of one hostile peer, say): the next peer's SYN was dropped and retried a second later.
+    request_queue_size = socket.SOMAXCONN
+
+    def __init__(self, *args: Any, max_per_address: int, **kwargs: Any) -> None:
+        self.max_per_address = max_per_address
+        # Connections accepted whose thread has not started their association yet (from
+        # then on, the association's thread counts).
+        self._starting: collections.Counter[str] = collections.Counter()
+        self._starting_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        host = client_address[0]
+        with self._starting_lock:
+            open_now = self._starting[host] + sum(
+                1 for assoc in self.active_associations if assoc.requestor.address == host
+            )
+            if open_now >= self.max_per_address:
+                log.warning(
+                    "closed a connection from %s: %d already open from that address "
+                    "([node] max_associations_per_address)",
+                    host,
+                    open_now,
+                )
+                self.shutdown_request(request)
+                return
+            self._starting[host] += 1
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self._started(host)
+            raise
+
+    def _started(self, host: str) -> None:
+        with self._starting_lock:
+            self._starting[host] -= 1
+            if not self._starting[host]:
+                del self._starting[host]
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = self.socket.accept()
@@ -221,16 +513,19 @@ class NodeServer(ThreadedAssociationServer):
         return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(self.ae.network_timeout)
-                request.do_handshake()
-                request.settimeout(None)
-            except OSError as exc:  # ssl.SSLError, timeouts, resets
-                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                try:
+                    request.settimeout(self.ae.network_timeout)
+                    request.do_handshake()
+                    request.settimeout(None)
+                except OSError as exc:  # ssl.SSLError, timeouts, resets
+                    log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._started(client_address[0])  # its association's thread, if any, now counts
 
 
 class DispatchingServer(NodeServer):
@@ -339,7 +634,8 @@ def start_server(
     spool.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(spool)
     node = archive.settings.node
-    ae = build_ae(archive, node.processes if dispatch_to or forwarded is not None else 1)
+    processes = node.processes if dispatch_to or forwarded is not None else 1
+    ae = build_ae(archive, processes)
     extra: dict[str, Any] = {}
     server_class: type[NodeServer] = NodeServer
     if dispatch_to:
@@ -352,6 +648,7 @@ def start_server(
         ssl_context=tls_context(archive.settings.tls),
         server_class=server_class,
         request_handler=_NodeRequestHandler,
+        max_per_address=math.ceil(node.max_associations_per_address / processes),
         **extra,
     )
     thread = threading.Thread(target=server.serve_forever, name="medzip-acceptor", daemon=True)
