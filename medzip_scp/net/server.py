@@ -94,6 +94,8 @@ def check_pynetdicom() -> None:
         and "NamedTemporaryFile" in names(message.decode_msg),
         "the C-STORE request carries its spool file as _dataset_file": "_dataset_file"
         in names(StorageServiceClass.SCP),
+        "send_c_store sends a data set from a file path": "split_dataset"
+        in names(getattr(Association.send_c_store, "__wrapped__", Association.send_c_store)),
     }
     missing = [what for what, present in expected.items() if not present]
     if missing:
