@@ -648,4 +648,7 @@ def _check_encapsulated(ds: Dataset, syntax: UID, path: Path, raw: Any) -> None:
 
 def load_dataset(part10: bytes) -> Dataset:
     """Parse a stored Part-10 object completely (for retrieval)."""
-    return dcmread(BytesIO(part10))
+    # Closed once read: pydicom keeps the buffer in the data set, and with it the whole
+    # object (a second copy of the pixels) for as long as the data set is being sent.
+    with BytesIO(part10) as buffer:
+        return dcmread(buffer)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import sys
 import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +332,17 @@ def test_crafted_structures_get_pydicoms_verdict(tmp_path: Path, name: str) -> N
     assert verdict == _verdict(_by_pydicom, path)
     if expected is not None:
         assert verdict[0] == expected, verdict
+
+
+def test_a_loaded_data_set_does_not_keep_the_stored_object_alive() -> None:
+    """A C-GET holds the data set while pynetdicom encodes and sends it: the object it was
+    parsed from, as large as its pixels, must not be held with it."""
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    stored = buffer.getvalue()
+    del buffer
+    unreferenced = sys.getrefcount(stored)
+    loaded = part10.load_dataset(stored)
+    assert loaded.PixelData == ds.PixelData
+    assert sys.getrefcount(stored) == unreferenced  # nothing in `loaded` refers to it
