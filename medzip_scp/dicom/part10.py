@@ -449,6 +449,7 @@ def _passes_quick_checks(
         if not all(isinstance(uid, str) and uid.strip() for uid in uids):
             return False
         _check_uids(header)
+        _check_text(header)
         if expected_sop_class_uid and uids[0] != expected_sop_class_uid:
             return False
         if expected_sop_instance_uid and uids[1] != expected_sop_instance_uid:
@@ -518,6 +519,7 @@ def _read_with_pydicom(
     syntax = UID(ds.file_meta.get("TransferSyntaxUID") or "")
     _check_encoding(ds, syntax)
     _check_uids(ds)
+    _check_text(ds)
     if expected_sop_class_uid and ds.SOPClassUID != expected_sop_class_uid:
         raise InvalidObjectError(
             RejectReason.SOP_CLASS_MISMATCH,
@@ -585,6 +587,14 @@ def _check_known_vrs(ds: Dataset) -> None:
         if vr == "SQ":
             for item in ds[tag].value:
                 _check_known_vrs(item)
+
+
+def _check_text(header: Dataset | HeaderElements) -> None:
+    """No NUL inside an indexed value (pydicom strips trailing ones): PostgreSQL stores no
+    NUL in text, and the failed commit would read as out of resources, forever."""
+    for keyword in HEADER_KEYWORDS:
+        if "\0" in str(header.get(keyword, "")):
+            raise InvalidObjectError(RejectReason.UNPARSABLE, f"{keyword} holds a NUL character")
 
 
 def _check_uids(header: Dataset | HeaderElements) -> None:

@@ -331,3 +331,8 @@ def test_image_storage_without_pixel_data_is_refused(tmp_path: Path) -> None:
     # a SOP class whose IOD has no pixels is fine without them
     report = _ct(tmp_path, PixelData=None, SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11")
     assert _refusal(report) is None
+
+
+def test_nul_inside_an_indexed_value_is_refused(tmp_path: Path) -> None:
+    assert _refusal(_ct(tmp_path, AccessionNumber="A\0B")) is RejectReason.UNPARSABLE
+    assert _refusal(_ct(tmp_path, AccessionNumber="AB\0")) is None  # padding: pydicom strips it

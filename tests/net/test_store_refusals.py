@@ -79,3 +79,10 @@ def test_wildcard_in_series_uid_is_refused(node: RunningNode) -> None:
         ds = ct_dataset(SeriesInstanceUID="1.2.826.0.1.3680043.2.1125.1?")
     assert store(node, ds) == Status.CANNOT_UNDERSTAND_INVALID_UID == 0xC004
     _assert_nothing_kept(node)
+
+
+def test_nul_inside_an_indexed_value_is_refused(node: RunningNode) -> None:
+    """PostgreSQL stores no NUL in text: the commit failed, and the peer was told 0xA700
+    (out of resources, retry) for an object that could never be stored."""
+    assert store(node, ct_dataset(PatientID="AB\0CD")) == Status.CANNOT_UNDERSTAND
+    _assert_nothing_kept(node)
