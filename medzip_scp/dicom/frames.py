@@ -160,6 +160,9 @@ def check_frames(
         header = _read_header(buf, at, at + length, syntax)
         if header is not None:
             _compare(header, image, syntax)
+            if strict and header.rows == 0 and syntax != RLELossless:
+                # the height follows the first scan (DNL): a decoder learns it too late
+                raise FrameHeaderError("a JPEG frame header leaves its height to a DNL marker")
         elif strict:
             raise FrameHeaderError(f"a frame has no {syntax.name} header that can be read")
 

@@ -26,7 +26,7 @@ from medzip_scp.dicom.part10 import (
     dataset_offset_of,
     read_received,
 )
-from medzip_scp.dicom.transcode import convert
+from medzip_scp.dicom.transcode import TranscodeError, convert
 from tests.data_paths import PYDICOM_FILES, REPO_ROOT, SHARED_DATA
 from tests.dicom.test_part10 import FILES
 
@@ -336,3 +336,24 @@ def test_image_storage_without_pixel_data_is_refused(tmp_path: Path) -> None:
 def test_nul_inside_an_indexed_value_is_refused(tmp_path: Path) -> None:
     assert _refusal(_ct(tmp_path, AccessionNumber="A\0B")) is RejectReason.UNPARSABLE
     assert _refusal(_ct(tmp_path, AccessionNumber="AB\0")) is None  # padding: pydicom strips it
+
+
+def _soc_removed(data: bytearray, at: int) -> None:
+    data[data.index(b"\xff\x4f\xff\x51", at)] = 0  # no codestream where the frame starts
+
+
+UNREAD_HEADERS = {
+    "j2k_without_soc": (J2K, _soc_removed),
+    "jpeg_height_in_dnl": (HEADER_MISMATCHES["jpeg_rows"][0], _sof(0xC0, 5, ">H", 0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREAD_HEADERS))
+def test_frames_whose_size_is_unknown_are_stored_but_not_decoded(tmp_path: Path, case: str) -> None:
+    """Stored (a decoder fails on them, allocating nothing, and the bytes go back as they
+    came), but never decoded for a retrieval: their output size is not known in advance."""
+    source, patch = UNREAD_HEADERS[case]
+    path = _patched(tmp_path, source, patch)
+    assert read_received(path)
+    with pytest.raises(TranscodeError, match="not decoded"):
+        convert(pydicom.dcmread(path), ExplicitVRLittleEndian)
