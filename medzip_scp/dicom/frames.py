@@ -96,12 +96,6 @@ class ImageAttributes:
             values["BitsAllocated"],
         )
 
-    @property
-    def decoded_size(self) -> int:
-        """Bytes of the decoded pixels (PS3.5 8.1.1), unpadded."""
-        bits = self.rows * self.columns * self.samples * self.frames * self.bits_allocated
-        return (bits + 7) // 8
-
 
 def fragments(buf: Buffer, pos: int, delimited: bool = True) -> Iterator[tuple[int, int]]:
     """(offset, length) of each item of encapsulated pixel data whose first item (the
