@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
+from medzip_scp.dicom.frames import FrameHeaderError, ImageAttributes, check_frames
+
 PREAMBLE_LENGTH = 132  # 128-byte preamble + b"DICM"
 _PIXEL_DATA = 0x7FE00010
 _TRANSFER_SYNTAX_UID = 0x00020010
@@ -45,6 +48,7 @@ class RejectReason(Enum):
     SOP_CLASS_MISMATCH = "sop_class_mismatch"
     SOP_INSTANCE_MISMATCH = "sop_instance_mismatch"
     PIXEL_DATA_INCONSISTENT = "pixel_data_inconsistent"
+    INVALID_UID = "invalid_uid"  # C-FIND and C-GET could never match it
 
 
 class InvalidObjectError(ValueError):
@@ -216,6 +220,13 @@ HEADER_KEYWORDS = (
     "BitsAllocated",
 )
 _IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# PS3.5 9.1: digits and dots, at most 64 characters. Anything else ('*', '?', a backslash)
+# reads as a wildcard or a list in a C-FIND or C-GET identifier: the object could never be
+# found or retrieved again.
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
+_MAX_UID_LENGTH = 64
+# Pixel Data, Float Pixel Data, Double Float Pixel Data
+_PIXEL_DATA_TAGS = (_PIXEL_DATA, 0x7FE00008, 0x7FE00009)
 _TAG_OF_KEYWORD: dict[str, int] = {k: int(tag_for_keyword(k) or 0) for k in HEADER_KEYWORDS}
 _KEPT_TAGS = frozenset(_TAG_OF_KEYWORD.values())
 _CHARSET = _TAG_OF_KEYWORD["SpecificCharacterSet"]
@@ -260,7 +271,7 @@ class _Walk:
     buf: bytes | mmap.mmap
     implicit: bool
     kept: dict[int, tuple[str | None, bytes]]
-    pixel_data: tuple[str | None, int] | None = None  # VR, length
+    pixel_data: tuple[str | None, int, int] | None = None  # VR, length, value offset
 
     def _tag_and_length(self, pos: int, limit: int) -> tuple[int, int]:
         """The tag and the 4-byte length field of the element or item at ``pos``."""
@@ -315,7 +326,7 @@ class _Walk:
                     self.items(value, pos, depth + 1)
             if depth == 0:
                 if tag == _PIXEL_DATA:
-                    self.pixel_data = (vr, length)
+                    self.pixel_data = (vr, length, value)
                 elif tag in _KEPT_TAGS:
                     if length == _UNDEFINED:
                         raise _Unusual
@@ -410,25 +421,49 @@ def _read_quickly(
 ) -> ReceivedObject | None:
     """The object, when the quick walk reads it and every check passes; None otherwise."""
     try:
-        syntax, offset, walk, size = _walk_path(path)
+        with _mapped(path) as buf:
+            syntax, offset, walk = _walk_file(buf)
+            header = HeaderElements(walk.kept, walk.implicit)
+            if not _passes_quick_checks(
+                buf, syntax, walk, header, expected_sop_class_uid, expected_sop_instance_uid
+            ):
+                return None
+            size = len(buf)
     except (_Unusual, OSError):
         return None
-    header = HeaderElements(walk.kept, walk.implicit)
+    return ReceivedObject(path, syntax, header, offset, size)
+
+
+def _passes_quick_checks(
+    buf: bytes | mmap.mmap,
+    syntax: UID,
+    walk: _Walk,
+    header: HeaderElements,
+    expected_sop_class_uid: str | None,
+    expected_sop_instance_uid: str | None,
+) -> bool:
     try:
+        for keyword in HEADER_KEYWORDS:  # all converted now, or pydicom's parse decides
+            header.get(keyword)
         uids = [header.get(keyword) for keyword in _IDENTIFYING_UIDS]
         if not all(isinstance(uid, str) and uid.strip() for uid in uids):
-            return None
+            return False
+        _check_uids(header)
+        _check_text(header)
         if expected_sop_class_uid and uids[0] != expected_sop_class_uid:
-            return None
+            return False
         if expected_sop_instance_uid and uids[1] != expected_sop_instance_uid:
-            return None
-        if walk.pixel_data is not None and not _pixel_data_long_enough(
-            header, syntax, walk.pixel_data[1]
-        ):
-            return None
-    except Exception:  # a value pydicom does not convert: its own parse decides
-        return None
-    return ReceivedObject(path, syntax, header, offset, size)
+            return False
+        if walk.pixel_data is None:
+            # Float Pixel Data, which the walk does not note, may stand in for it
+            return not _requires_pixel_data(uids[0])
+        if not _pixel_data_long_enough(header, syntax, walk.pixel_data[1]):
+            return False
+        if syntax.is_encapsulated:
+            check_frames(buf, walk.pixel_data[2], syntax, ImageAttributes.of(header))
+    except Exception:  # a value pydicom does not convert, a check failed: pydicom decides
+        return False
+    return True
 
 
 def _pixel_data_long_enough(header: HeaderElements, syntax: UID, length: int) -> bool:
@@ -476,12 +511,15 @@ def _read_with_pydicom(
         raise InvalidObjectError(
             RejectReason.UNPARSABLE, f"data set could not be parsed ({type(exc).__name__})"
         ) from None
-    meta = ds.file_meta
     for keyword in _IDENTIFYING_UIDS:
         if not str(ds.get(keyword, "") or "").strip():
             raise InvalidObjectError(
                 RejectReason.MISSING_ATTRIBUTE, f"required attribute {keyword} is missing or empty"
             )
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID") or "")
+    _check_encoding(ds, syntax)
+    _check_uids(ds)
+    _check_text(ds)
     if expected_sop_class_uid and ds.SOPClassUID != expected_sop_class_uid:
         raise InvalidObjectError(
             RejectReason.SOP_CLASS_MISMATCH,
@@ -493,17 +531,88 @@ def _read_with_pydicom(
             f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's "
             f"{expected_sop_instance_uid}",
         )
-    _check_pixel_data(ds, UID(meta.TransferSyntaxUID))
+    if not any(tag in ds._dict for tag in _PIXEL_DATA_TAGS) and _requires_pixel_data(
+        ds.SOPClassUID
+    ):
+        raise InvalidObjectError(
+            RejectReason.MISSING_ATTRIBUTE,
+            f"required attribute PixelData is missing ({UID(ds.SOPClassUID).name})",
+        )
+    _check_pixel_data(ds, syntax, path)
     return ReceivedObject(
         path=path,
-        transfer_syntax_uid=UID(meta.TransferSyntaxUID),
+        transfer_syntax_uid=syntax,
         header=ds,
         dataset_offset=offset,
         file_size=path.stat().st_size,
     )
 
 
-def _check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
+def _check_encoding(ds: Dataset, syntax: UID) -> None:
+    """Refuse what pydicom reads only by guessing, or cannot convert: pydicom
+    reads an implicit VR body under an explicit VR syntax (and the reverse) and keeps
+    elements of unknown VR, but the object could not be sent again as the syntax says,
+    nor indexed; no retry would change that."""
+    if not syntax.is_transfer_syntax:
+        raise InvalidObjectError(
+            RejectReason.UNPARSABLE, f"unknown transfer syntax {syntax or '(none)'}"
+        )
+    # pydicom notes how it read each element, not that it switched encodings
+    implicit = {getattr(raw, "is_implicit_VR", syntax.is_implicit_VR) for raw in ds._dict.values()}
+    if implicit != {syntax.is_implicit_VR}:
+        raise InvalidObjectError(
+            RejectReason.UNPARSABLE,
+            f"data set is not {'implicit' if syntax.is_implicit_VR else 'explicit'} VR as "
+            f"its transfer syntax {syntax.name} says",
+        )
+    try:
+        _check_known_vrs(ds)
+        for keyword in HEADER_KEYWORDS:
+            ds.get(keyword)
+    except InvalidObjectError:
+        raise
+    except Exception as exc:
+        raise InvalidObjectError(
+            RejectReason.UNPARSABLE, f"a value could not be converted ({type(exc).__name__})"
+        ) from None
+
+
+def _check_known_vrs(ds: Dataset) -> None:
+    for tag, elem in ds._dict.items():
+        vr = elem.VR  # None when implicit: the data dictionary's (UN when unknown)
+        if isinstance(elem, RawDataElement) and vr and vr.encode("ascii", "replace") not in _VRS:
+            raise InvalidObjectError(
+                RejectReason.UNPARSABLE, f"element {Tag(tag)} has an unknown VR"
+            )
+        if vr == "SQ":
+            for item in ds[tag].value:
+                _check_known_vrs(item)
+
+
+def _check_text(header: Dataset | HeaderElements) -> None:
+    """No NUL inside an indexed value (pydicom strips trailing ones): PostgreSQL stores no
+    NUL in text, and the failed commit would read as out of resources, forever."""
+    for keyword in HEADER_KEYWORDS:
+        if "\0" in str(header.get(keyword, "")):
+            raise InvalidObjectError(RejectReason.UNPARSABLE, f"{keyword} holds a NUL character")
+
+
+def _check_uids(header: Dataset | HeaderElements) -> None:
+    for keyword in _IDENTIFYING_UIDS:
+        uid = str(header.get(keyword)).strip("\0 ")
+        if len(uid) > _MAX_UID_LENGTH or not _UID_TEXT.fullmatch(uid):
+            raise InvalidObjectError(
+                RejectReason.INVALID_UID,
+                f"{keyword} is not a UID of at most 64 digits and dots (length {len(uid)})",
+            )
+
+
+def _requires_pixel_data(sop_class_uid: str) -> bool:
+    """Whether the IOD of an image storage SOP class requires pixel data (PS3.3)."""
+    return "Image Storage" in UID(sop_class_uid).name
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax: UID, path: Path) -> None:
     if _PIXEL_DATA not in ds._dict:
         return
     for keyword in ("Rows", "Columns", "BitsAllocated"):
@@ -512,9 +621,11 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
                 RejectReason.PIXEL_DATA_INCONSISTENT,
                 f"Pixel Data present but {keyword} is missing",
             )
-    if transfer_syntax.is_encapsulated:
-        return  # the fragments were parsed above; their content is checked at transcode time
     raw = ds.get_item(_PIXEL_DATA)
+    if transfer_syntax.is_encapsulated:
+        _check_encapsulated(ds, transfer_syntax, path, raw)
+        return
+
     length = raw.length if hasattr(raw, "length") else len(ds.PixelData)
     try:
         expected = expected_pixel_bytes(ds)
@@ -530,6 +641,24 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         )
 
 
+def _check_encapsulated(ds: Dataset, syntax: UID, path: Path, raw: Any) -> None:
+    """The frame headers agree with the image attributes (see :mod:`.frames`)."""
+    try:
+        image = ImageAttributes.of(ds)
+        if getattr(raw, "length", _UNDEFINED) != _UNDEFINED:
+            raise FrameHeaderError("encapsulated Pixel Data has a defined length")
+        if isinstance(raw, RawDataElement) and raw.value is None:  # deferred: still in the file
+            with _mapped(path) as buf:
+                check_frames(buf, raw.value_tell, syntax, image)
+        else:
+            check_frames(ds.PixelData, 0, syntax, image, delimited=False)
+    except FrameHeaderError as exc:
+        raise InvalidObjectError(RejectReason.PIXEL_DATA_INCONSISTENT, str(exc)) from None
+
+
 def load_dataset(part10: bytes) -> Dataset:
     """Parse a stored Part-10 object completely (for retrieval)."""
-    return dcmread(BytesIO(part10))
+    # Closed once read: pydicom keeps the buffer in the data set, and with it the whole
+    # object (a second copy of the pixels) for as long as the data set is being sent.
+    with BytesIO(part10) as buffer:
+        return dcmread(buffer)

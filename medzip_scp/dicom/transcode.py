@@ -25,6 +25,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from medzip_scp.dicom.frames import FrameHeaderError, ImageAttributes, check_frames
+
 UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 NATIVE = (*UNCOMPRESSED_LE, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 # Lossless syntaxes we can encode into, best first.
@@ -71,6 +73,7 @@ def convert(ds: Dataset, target: UID) -> Dataset:
         # Between uncompressed little-endian syntaxes pynetdicom re-encodes as it sends.
         return ds
     if original.is_encapsulated or original == ExplicitVRBigEndian:
+        _check_decoded_size(ds, original)
         try:
             # Same object in another syntax: it keeps its SOP Instance UID (pydicom makes a new
             # one by default).
@@ -90,3 +93,17 @@ def convert(ds: Dataset, target: UID) -> Dataset:
             ) from None
         return ds
     raise TranscodeError(f"cannot convert {original.name} to {target.name}")
+
+
+def _check_decoded_size(ds: Dataset, original: UID) -> None:
+    """Refuse to decode frames whose headers claim more than the image attributes: a
+    decoder sizes its output from the header (a stored J2K frame claiming 640 x 8,389,088
+    pixels took a node to 17 GB), pydicom checks the attributes only afterwards."""
+    if not original.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        check_frames(
+            ds.PixelData, 0, original, ImageAttributes.of(ds), delimited=False, strict=True
+        )
+    except FrameHeaderError as exc:
+        raise TranscodeError(f"{original.name} pixel data not decoded: {exc}") from None

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import sys
 import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -208,17 +210,21 @@ def _item(body: bytes, undefined: bool = False) -> bytes:
     return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
 
 
+# Basic Text SR: these structures need no Pixel Data (an image storage SOP class does)
+_SOP_CLASS = b"1.2.840.10008.5.1.4.1.1.88.11"
+
+
 def _meta(syntax: str) -> bytes:
     body = (
         _ex(2, 1, b"OB", b"\0\1")
-        + _ex(2, 2, b"UI", _even(b"1.2.840.10008.5.1.4.1.1.7"))
+        + _ex(2, 2, b"UI", _even(_SOP_CLASS))
         + _ex(2, 3, b"UI", _even(b"1.2.3.4"))
         + _ex(2, 0x10, b"UI", _even(syntax.encode()))
     )
     return b"\0" * 128 + b"DICM" + _ex(2, 0, b"UL", struct.pack("<I", len(body))) + body
 
 
-_UIDS = [(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7"), (8, 0x18, b"1.2.3.4"), (0x20, 0xD, b"1.2.3")]
+_UIDS = [(8, 0x16, _SOP_CLASS), (8, 0x18, b"1.2.3.4"), (0x20, 0xD, b"1.2.3")]
 _UIDS.append((0x20, 0xE, b"1.2.3.5"))
 _IDS_EX = b"".join(_ex(g, e, b"UI", _even(v)) for g, e, v in _UIDS)
 _IDS_IM = b"".join(_im(g, e, _even(v)) for g, e, v in _UIDS)
@@ -326,3 +332,17 @@ def test_crafted_structures_get_pydicoms_verdict(tmp_path: Path, name: str) -> N
     assert verdict == _verdict(_by_pydicom, path)
     if expected is not None:
         assert verdict[0] == expected, verdict
+
+
+def test_a_loaded_data_set_does_not_keep_the_stored_object_alive() -> None:
+    """A C-GET holds the data set while pynetdicom encodes and sends it: the object it was
+    parsed from, as large as its pixels, must not be held with it."""
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    stored = buffer.getvalue()
+    del buffer
+    unreferenced = sys.getrefcount(stored)
+    loaded = part10.load_dataset(stored)
+    assert loaded.PixelData == ds.PixelData
+    assert sys.getrefcount(stored) == unreferenced  # nothing in `loaded` refers to it
