@@ -2,8 +2,9 @@
 
 One node process accepts every association on the port and deals them to the others over
 Unix socket pairs (see :class:`medzip_scp.net.server.DispatchingServer`). Only one node may
-use a data folder at a time (a second one's start-up would clear the first one's spool);
-separate ``medzip worker`` processes may run beside it (they neither spool nor serve).
+use a data folder at a time: a second is a mistake (a service started twice) and would
+compress the same shards of the backlog as the first. Separate ``medzip worker`` processes
+may run beside it: they take their own shards, and neither spool nor serve.
 The other node processes end with the first, whatever ended it, and one that dies is
 replaced.
 """
@@ -24,6 +25,8 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from pynetdicom.transport import ThreadedAssociationServer
+
 from medzip_scp.archive import CODECS, Archive, MzpCodec
 from medzip_scp.config import Settings
 from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
@@ -35,6 +38,7 @@ LOCK_FILE = "node.lock"
 READY = b"ready"  # a node process to the first, over its channel, once it serves
 SUPERVISE_SECONDS = 0.5  # how often the first process looks for node processes that died
 STOP_SECONDS = 60.0  # node processes finishing open associations, then they are killed
+ABANDON_SECONDS = 0.5  # at stop, compression gets this long to finish before it is abandoned
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -100,6 +104,7 @@ def run_node(
     except OSError as exc:
         processes.close_channels()
         raise NodeError(f"cannot serve on {node.bind}:{node.port}: {exc}") from None
+    compressing = None
     try:
         failed = processes.start(stop)
         if failed is not None:
@@ -122,10 +127,10 @@ def run_node(
     finally:
         # Stop taking associations first (this also closes the other processes' socket
         # pairs), so none is handed to a process that is stopping; then each finishes its
-        # own. Compression is not waited for: a blob is indexed only once it is durable, so
-        # an encode abandoned half-way leaves the original indexed.
+        # own.
         server.shutdown()
         processes.stop()
+    _end_unless_compressing(compressing, server)
 
 
 class NodeProcesses:
@@ -255,7 +260,7 @@ def start_compression(
 ) -> threading.Thread | None:
     """Node process ``number`` compresses its share of the backlog (``[pipeline] compress``)
     in a background thread until ``stop`` is set; ``None`` when compression is off. The
-    thread is not waited for at exit (see :func:`run_node`)."""
+    thread is not waited for at exit (see :func:`_end_unless_compressing`)."""
     settings = archive.settings
     if not settings.pipeline.compress:
         return None
@@ -268,6 +273,27 @@ def start_compression(
     )
     worker.start()
     return worker
+
+
+def _end_unless_compressing(
+    compressing: threading.Thread | None, server: ThreadedAssociationServer
+) -> None:
+    """Return, for the usual exit, unless ``compressing`` is inside an encode: then wait
+    for the open associations only and end the process at once. Python's exit would wait
+    for the encode's native code or crash in it (a torch operation running while the
+    interpreter is torn down aborts the process). Abandoning the encode is safe: a blob
+    is indexed only once it is durable, so the original stays indexed."""
+    if compressing is None:
+        return
+    compressing.join(ABANDON_SECONDS)  # between two instances it ends at once
+    if not compressing.is_alive():
+        return
+    for association in server.ae.active_associations:
+        association.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _end_with_parent(parent_pid: int) -> bool:
@@ -303,9 +329,9 @@ def _serve_forwarded(
     server = start_server(archive, forwarded=(channel, stop.set))
     try:
         channel.send(READY)
-        start_compression(archive, stop, number)
-        stop.wait()
     except OSError:  # the first process has gone before hearing from us
-        pass
-    finally:
-        server.shutdown()
+        stop.set()
+    compressing = start_compression(archive, stop, number)
+    stop.wait()
+    server.shutdown()
+    _end_unless_compressing(compressing, server)
