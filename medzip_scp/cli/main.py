@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
 import os
-import shutil
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -105,135 +100,17 @@ def serve(
     ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
-    from medzip_scp.net.server import describe_startup, start_server
+    from medzip_scp.net.supervisor import NodeError, run_node
 
     settings = _settings(config, data_dir, port, aet, move_destination)
     if processes is not None:
         settings.node.processes = processes
     _logging(settings.log_level)
-    archive = _open_archive(settings)
-    threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
-    shutil.rmtree(settings.storage.incoming_dir(), ignore_errors=True)  # before any process
-    # One Unix socket pair per further process: this process accepts every association
-    # and passes each to the next process in turn (see medzip_scp.net.server). It binds the
-    # port first, so a port in use fails before any other process exists; connections
-    # handed to a process that is still starting wait in its socket pair.
-    pairs = [
-        socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for _ in range(1, settings.node.processes)
-    ]
-    children: list[multiprocessing.process.BaseProcess] = []
-    server = None
     try:
-        server = start_server(archive, dispatch_to=[ours for ours, _theirs in pairs])
-        spawn = multiprocessing.get_context("spawn")
-        listening = [spawn.Event() for _ in pairs]
-        children = [
-            spawn.Process(
-                target=_serve_child,
-                args=(settings, archive.store_activity, pairs[i][1], listening[i], i + 1),
-                name=f"medzip-node-{i + 1}",
-            )
-            for i in range(len(pairs))
-        ]
-        for child in children:
-            child.start()
-        for _ours, theirs in pairs:
-            theirs.close()  # the child holds its own copy
-        # "ready" only once every process serves associations
-        for child, event in zip(children, listening, strict=True):
-            while not event.wait(0.2):
-                if not child.is_alive():
-                    raise _StartFailed(f"node process {child.name} exited ({child.exitcode})")
-    except BaseException as exc:
-        if server is not None:
-            server.shutdown()
-        for ours, theirs in pairs:
-            ours.close()
-            theirs.close()
-        for child in children:
-            child.terminate()
-        if isinstance(exc, OSError | _StartFailed):
-            node = settings.node
-            typer.echo(f"cannot serve on {node.bind}:{node.port}: {exc}", err=True)
-            raise typer.Exit(1) from None
-        raise
-    stop = threading.Event()
-    compressing = _start_compression(archive, stop, number=0)
-    for line in describe_startup(archive):
-        typer.echo(line)
-    typer.echo(
-        "background compression: "
-        + ("on (originals replaced only after a bit-exact decode)" if compressing else "off")
-    )
-    typer.echo("ready; Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    typer.echo("stopping: finishing open associations")
-    # Stop taking associations first (this also closes the other processes' socket pairs),
-    # so none is handed to a process that is stopping; then each finishes its own.
-    server.shutdown()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=60)
-    if compressing is not None:
-        compressing.join(timeout=60)
-
-
-def _start_compression(
-    archive: Archive, stop: threading.Event, number: int
-) -> threading.Thread | None:
-    """Node process ``number`` compresses its share of the backlog (``[pipeline] compress``)
-    in a background thread until ``stop`` is set; ``None`` when compression is off."""
-    from medzip_scp.archive import CODECS, MzpCodec
-    from medzip_scp.pipeline.compress import run_worker
-
-    settings = archive.settings
-    if not settings.pipeline.compress:
-        return None
-    worker = threading.Thread(
-        target=run_worker,
-        args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
-        kwargs={"shard": (number, settings.node.processes)},
-        name="medzip-compress",
-        daemon=True,
-    )
-    worker.start()
-    return worker
-
-
-class _StartFailed(Exception):
-    """A node process did not come up."""
-
-
-def _serve_child(
-    settings: Settings,
-    store_activity: ctypes.c_double,
-    channel: socket.socket,
-    listening: EventType,
-    number: int,
-) -> None:
-    """Node process ``number`` of ``[node] processes``: serves the associations the first
-    process passes over ``channel`` (sets ``listening`` once it does) and compresses its
-    share of the backlog while no C-STORE arrives."""
-    from medzip_scp.archive import Archive
-    from medzip_scp.net.server import start_server
-
-    _logging(settings.log_level)
-    archive = Archive.open(settings, migrate=False)
-    archive.store_activity = store_activity
-    stop = threading.Event()
-    server = start_server(archive, forwarded=(channel, stop.set))
-    listening.set()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    compressing = _start_compression(archive, stop, number)
-    stop.wait()
-    server.shutdown()
-    if compressing is not None:
-        compressing.join(timeout=60)
+        run_node(settings, say=typer.echo, configure_logging=_logging)
+    except NodeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import fcntl
 import functools
 import json
 import logging
@@ -536,45 +537,63 @@ class DispatchingServer(NodeServer):
     (passing the connected socket over a Unix socket pair), so that N concurrent
     associations use N processes and their cores. (With ``SO_REUSEPORT`` the kernel hashes
     connections to processes: 4 associations on 2 processes landed 4/0 or 3/1 five times in
-    eight.) TLS is set up by the process that serves the association."""
+    eight.) TLS is set up by the process that serves the association. A process's turn
+    without a channel (it stopped, or its replacement is starting) is served here."""
 
     HAND_OVER_TIMEOUT = 10.0
 
     def __init__(self, *args: Any, channels: list[socket.socket], **kwargs: Any) -> None:
-        self._channels = list(channels)
-        for channel in self._channels:
+        self._channels: list[socket.socket | None] = []
+        self._channels_lock = threading.Lock()  # the acceptor hands over, the supervisor swaps
+        for channel in channels:
             channel.settimeout(self.HAND_OVER_TIMEOUT)
+            self._channels.append(channel)
         self._turn = 0
         super().__init__(*args, **kwargs)
+
+    def replace_channel(self, number: int, channel: socket.socket | None) -> None:
+        """Deal the turn of node process ``number`` (1 for the second process) over
+        ``channel`` from now on, or serve it here (``None``); closes the channel it had."""
+        if channel is not None:
+            channel.settimeout(self.HAND_OVER_TIMEOUT)
+        with self._channels_lock:
+            old, self._channels[number - 1] = self._channels[number - 1], channel
+        if old is not None:
+            old.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         return self.socket.accept()  # wrapped for TLS only where it is served
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._turn = (self._turn + 1) % (len(self._channels) + 1)
-        if self._turn and self._hand_over(self._channels[self._turn - 1], request, client_address):
+        if self._turn and self._hand_over(self._turn, request, client_address):
             return
         super().process_request(self._wrap(request), client_address)
 
-    def _hand_over(self, channel: socket.socket, request: socket.socket, address: Any) -> bool:
-        try:
-            socket.send_fds(channel, [json.dumps(list(address)).encode()], [request.fileno()])
-        except TimeoutError:
-            log.warning("a node process is not taking associations; serving this one here")
-            return False
-        except OSError:
-            log.error("a node process stopped; serving its share of associations here")
-            self._channels.remove(channel)
-            channel.close()
-            self._turn = 0
-            return False
+    def _hand_over(self, number: int, request: socket.socket, address: Any) -> bool:
+        with self._channels_lock:
+            channel = self._channels[number - 1]
+            if channel is None:
+                return False
+            try:
+                socket.send_fds(channel, [json.dumps(list(address)).encode()], [request.fileno()])
+            except TimeoutError:
+                log.warning("a node process is not taking associations; serving this one here")
+                return False
+            except OSError:
+                log.error("a node process stopped; serving its share of associations here")
+                self._channels[number - 1] = None
+                channel.close()
+                return False
         request.close()  # our descriptor only: the other process now owns the connection
         return True
 
     def server_close(self) -> None:
         super().server_close()
-        for channel in self._channels:
-            channel.close()
+        with self._channels_lock:
+            for channel in self._channels:
+                if channel is not None:
+                    channel.close()
 
 
 class ForwardedServer(NodeServer):
@@ -607,6 +626,58 @@ class ForwardedServer(NodeServer):
         return self._wrap(client), tuple(json.loads(message))
 
 
+_held_spools: dict[Path, int] = {}  # spool folder -> the descriptor holding its lock
+
+
+def claim_spool(incoming: Path) -> Path:
+    """This process's spool folder ``incoming/<pid>``, locked (``flock``) for the life of
+    the process; first removes the folders of processes that are gone, with the partial
+    transfers in them (never acknowledged, so safe to drop). A folder whose process lives,
+    of this node or of another on the same data folder, is never touched."""
+    spool = incoming / str(os.getpid())
+    if spool in _held_spools:  # a second server in this process (tests)
+        return spool
+    incoming.mkdir(parents=True, exist_ok=True)
+    for folder in incoming.iterdir():
+        _remove_if_abandoned(folder)
+    while True:
+        spool.mkdir(exist_ok=True)
+        try:
+            held = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # another process removed it as abandoned: make it again
+            continue
+        fcntl.flock(held, fcntl.LOCK_EX)  # waits only while another process removes it
+        if _same_file(held, spool):
+            _held_spools[spool] = held
+            return spool
+        os.close(held)
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    try:
+        held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # its process is alive
+        os.close(held)
+        return
+    try:
+        if _same_file(held, folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed the spool folder %s of a process that is gone", folder.name)
+    finally:
+        os.close(held)
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def start_server(
     archive: Archive,
     dispatch_to: list[socket.socket] | None = None,
@@ -625,16 +696,9 @@ def start_server(
     """
     configure_pynetdicom()
     reactor.install()
-    incoming = archive.settings.storage.incoming_dir()
-    if forwarded is None and not dispatch_to:
-        # Left by a crash mid-transfer: never acknowledged, safe to drop. (With several node
-        # processes, `medzip serve` clears it before it starts any.)
-        shutil.rmtree(incoming, ignore_errors=True)
     # pynetdicom spools incoming data sets with tempfile: keep them on the archive's volume,
     # one folder per process so that no process can remove another's transfers.
-    spool = incoming / str(os.getpid())
-    spool.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(spool)
+    tempfile.tempdir = str(claim_spool(archive.settings.storage.incoming_dir()))
     node = archive.settings.node
     processes = node.processes if dispatch_to or forwarded is not None else 1
     ae = build_ae(archive, processes)

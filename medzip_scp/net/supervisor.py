@@ -1,0 +1,343 @@
+"""Running the node: its hold on the data folder, its processes and their supervision.
+
+One node process accepts every association on the port and deals them to the others over
+Unix socket pairs (see :class:`medzip_scp.net.server.DispatchingServer`). Only one node may
+use a data folder at a time: a second is a mistake (a service started twice) and would
+compress the same shards of the backlog as the first. Separate ``medzip worker`` processes
+may run beside it: they take their own shards, and neither spool nor serve.
+The other node processes end with the first, whatever ended it, and one that dies is
+replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from medzip_scp.archive import CODECS, Archive, MzpCodec
+from medzip_scp.config import Settings
+from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
+from medzip_scp.pipeline.compress import run_worker
+from medzip_scp.storage.local import KeyFileError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "node.lock"
+READY = b"ready"  # a node process to the first, over its channel, once it serves
+SUPERVISE_SECONDS = 0.5  # how often the first process looks for node processes that died
+STOP_SECONDS = 60.0  # node processes finishing open associations, then they are killed
+ABANDON_SECONDS = 0.5  # at stop, compression gets this long to finish before it is abandoned
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class NodeError(Exception):
+    """The node cannot run; the message is one line for the user."""
+
+
+def hold_data_dir(data_dir: Path) -> None:
+    """Hold ``data_dir`` for this node until the process ends (an exclusive ``flock`` on
+    its lock file, which names our pid; the kernel releases it however the process ends).
+
+    Raises
+    ------
+    NodeError
+        Another node holds the folder.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    held = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(held, 32).decode(errors="replace").strip() or "unknown"
+        os.close(held)
+        raise NodeError(
+            f"data folder {data_dir.resolve()} is in use by another medzip node (pid {holder});"
+            " stop it first or give this one another --data-dir"
+        ) from None
+    os.ftruncate(held, 0)
+    os.write(held, f"{os.getpid()}\n".encode())
+    # `held` stays open (not inherited by child processes) for the life of the process
+
+
+def run_node(
+    settings: Settings,
+    say: Callable[[str], None],
+    configure_logging: Callable[[str], None],
+) -> None:
+    """Run the node until SIGTERM or SIGINT, then stop taking associations and let every
+    process finish its open ones. ``say`` prints the start-up lines (the last is "ready");
+    ``configure_logging`` (importable, given the log level) sets up the other processes'
+    logging as this one's.
+
+    Raises
+    ------
+    NodeError
+        The data folder is in use, the port cannot be bound, or a node process did not
+        come up.
+    """
+    stop = threading.Event()
+    # From the very start: a stop during start-up ends it and every process it began.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    hold_data_dir(settings.storage.data_dir)
+    try:
+        archive = Archive.open(settings)
+    except KeyFileError as exc:
+        raise NodeError(str(exc)) from None
+    # Blobs a crash left unindexed (the newest only once no process can still commit them)
+    threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
+    processes = NodeProcesses(settings, archive, configure_logging)
+    node = settings.node
+    try:
+        # This process binds the port first, so a port in use fails before any other
+        # process exists; connections handed to a process still starting wait in its
+        # socket pair.
+        server = start_server(archive, dispatch_to=processes.channels)
+    except OSError as exc:
+        processes.close_channels()
+        raise NodeError(f"cannot serve on {node.bind}:{node.port}: {exc}") from None
+    compressing = None
+    try:
+        failed = processes.start(stop)
+        if failed is not None:
+            raise NodeError(f"cannot serve on {node.bind}:{node.port}: {failed}")
+        if stop.is_set():
+            return
+        compressing = start_compression(archive, stop, number=0)
+        for line in describe_startup(archive):
+            say(line)
+        say(
+            "background compression: "
+            + ("on (originals replaced only after a bit-exact decode)" if compressing else "off")
+        )
+        say("ready; Ctrl-C to stop")
+        if isinstance(server, DispatchingServer):
+            processes.supervise(stop, server)
+        else:
+            stop.wait()
+        say("stopping: finishing open associations")
+    finally:
+        # Stop taking associations first (this also closes the other processes' socket
+        # pairs), so none is handed to a process that is stopping; then each finishes its
+        # own.
+        server.shutdown()
+        processes.stop()
+    _end_unless_compressing(compressing, server)
+
+
+class NodeProcesses:
+    """Node processes 2 to ``[node] processes``: process ``number`` serves the associations
+    the first process deals it over its channel and compresses its share of the backlog."""
+
+    def __init__(
+        self, settings: Settings, archive: Archive, configure_logging: Callable[[str], None]
+    ) -> None:
+        self._settings = settings
+        self._archive = archive
+        self._configure_logging = configure_logging
+        self._spawn = multiprocessing.get_context("spawn")
+        pairs = [_socket_pair() for _ in range(1, settings.node.processes)]
+        self.channels = [ours for ours, _theirs in pairs]  # the first process's ends
+        self._theirs: list[socket.socket | None] = [theirs for _ours, theirs in pairs]
+        self._processes: list[BaseProcess | None] = [None] * len(pairs)
+
+    def start(self, stop: threading.Event) -> str | None:
+        """Start every process and wait until each serves (or ``stop`` is set); a reason
+        when one exited instead."""
+        for number in range(1, len(self._processes) + 1):
+            if stop.is_set():
+                return None
+            theirs = self._theirs[number - 1]
+            assert theirs is not None
+            self._processes[number - 1] = self._launch(number, theirs)
+            self._theirs[number - 1] = None
+        for number, process in enumerate(self._processes, 1):
+            assert process is not None
+            if not self._await_ready(process, self.channels[number - 1], stop):
+                if stop.is_set():
+                    return None
+                return f"node process {process.name} exited ({process.exitcode})"
+        return None
+
+    def supervise(self, stop: threading.Event, server: DispatchingServer) -> None:
+        """Until ``stop`` is set: replace a process that died with a new one on a new
+        channel (its turns are served by this process meanwhile); one whose replacement
+        does not come up stays served here."""
+        while not stop.wait(SUPERVISE_SECONDS):
+            for number, process in enumerate(self._processes, 1):
+                if process is None or process.is_alive():
+                    continue
+                log.error(
+                    "node process %s exited (%s); starting a new one",
+                    process.name,
+                    process.exitcode,
+                )
+                server.replace_channel(number, None)
+                ours, theirs = _socket_pair()
+                replacement = self._launch(number, theirs)
+                self._processes[number - 1] = replacement
+                if self._await_ready(replacement, ours, stop):
+                    server.replace_channel(number, ours)
+                    log.info("node process %s replaced: serving its share again", process.name)
+                    continue
+                ours.close()
+                if not replacement.is_alive():
+                    self._processes[number - 1] = None
+                    log.error(
+                        "the new node process %s exited (%s); its share is served by the"
+                        " first process",
+                        process.name,
+                        replacement.exitcode,
+                    )
+
+    def stop(self) -> None:
+        """Ask every process to stop, give them :data:`STOP_SECONDS` to finish their open
+        associations, then kill what is left."""
+        running = [p for p in self._processes if p is not None and p.is_alive()]
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.join(STOP_SECONDS)
+            if process.is_alive():
+                log.error("node process %s did not stop; killing it", process.name)
+                process.kill()
+                process.join()
+        self.close_channels()
+
+    def close_channels(self) -> None:
+        for channel in [*self.channels, *self._theirs]:
+            if channel is not None:
+                channel.close()
+
+    def _launch(self, number: int, theirs: socket.socket) -> BaseProcess:
+        # Started from the main thread: the kernel's parent-death signal follows the thread
+        # that started a process, and the main thread lasts as long as this process.
+        process = self._spawn.Process(
+            target=_serve_forwarded,
+            args=(
+                self._settings,
+                self._archive.store_activity,
+                theirs,
+                os.getpid(),
+                number,
+                self._configure_logging,
+            ),
+            name=f"medzip-node-{number}",
+        )
+        process.start()
+        theirs.close()  # the process holds its own copy
+        return process
+
+    @staticmethod
+    def _await_ready(process: BaseProcess, ours: socket.socket, stop: threading.Event) -> bool:
+        """True once ``process`` says it serves; False if it exited first or stop is set."""
+        while not stop.is_set():
+            ready = wait([ours, process.sentinel], timeout=0.2)
+            if ours in ready:
+                try:
+                    return ours.recv(len(READY)) == READY  # b"": it exited
+                except OSError:
+                    return False
+            if ready:
+                return False
+        return False
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def start_compression(
+    archive: Archive, stop: threading.Event, number: int
+) -> threading.Thread | None:
+    """Node process ``number`` compresses its share of the backlog (``[pipeline] compress``)
+    in a background thread until ``stop`` is set; ``None`` when compression is off. The
+    thread is not waited for at exit (see :func:`_end_unless_compressing`)."""
+    settings = archive.settings
+    if not settings.pipeline.compress:
+        return None
+    worker = threading.Thread(
+        target=run_worker,
+        args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
+        kwargs={"shard": (number, settings.node.processes)},
+        name="medzip-compress",
+        daemon=True,
+    )
+    worker.start()
+    return worker
+
+
+def _end_unless_compressing(
+    compressing: threading.Thread | None, server: ThreadedAssociationServer
+) -> None:
+    """Return, for the usual exit, unless ``compressing`` is inside an encode: then wait
+    for the open associations only and end the process at once. Python's exit would wait
+    for the encode's native code or crash in it (a torch operation running while the
+    interpreter is torn down aborts the process). Abandoning the encode is safe: a blob
+    is indexed only once it is durable, so the original stays indexed."""
+    if compressing is None:
+        return
+    compressing.join(ABANDON_SECONDS)  # between two instances it ends at once
+    if not compressing.is_alive():
+        return
+    for association in server.ae.active_associations:
+        association.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _end_with_parent(parent_pid: int) -> bool:
+    """Have the kernel send this process SIGTERM when its parent ends (Linux); False when
+    the parent has already gone (before this could be asked)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    return os.getppid() == parent_pid
+
+
+def _serve_forwarded(
+    settings: Settings,
+    store_activity: ctypes.c_double,
+    channel: socket.socket,
+    parent_pid: int,
+    number: int,
+    configure_logging: Callable[[str], None],
+) -> None:
+    """Node process ``number``: serves the associations the first process passes over
+    ``channel`` (and says so on it), compresses its share of the backlog while no C-STORE
+    arrives, and stops on SIGTERM, when the first process ends, or when it closes the
+    channel."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first process decides when to stop
+    if not _end_with_parent(parent_pid):
+        return
+    configure_logging(settings.log_level)
+    archive = Archive.open(settings, migrate=False)
+    archive.store_activity = store_activity
+    server = start_server(archive, forwarded=(channel, stop.set))
+    try:
+        channel.send(READY)
+    except OSError:  # the first process has gone before hearing from us
+        stop.set()
+    compressing = start_compression(archive, stop, number)
+    stop.wait()
+    server.shutdown()
+    _end_unless_compressing(compressing, server)
