@@ -23,12 +23,6 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -38,24 +32,17 @@ from medzip_scp.config import TLSSettings
 from medzip_scp.net import reactor
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.handlers import (
+    QR_CLASSES,
     handle_echo,
     handle_find,
     handle_get,
     handle_move,
     handle_requested,
+    handle_sop_extended,
     handle_store,
 )
 
 log = logging.getLogger(__name__)
-
-QR_CLASSES = (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 
 
 def configure_pynetdicom() -> None:
@@ -106,6 +93,7 @@ def event_handlers(archive: Archive) -> list[tuple]:
     policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
     return [
         (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         (evt.EVT_C_ECHO, handle_echo, [policy]),
         (evt.EVT_C_STORE, handle_store, [archive, policy]),
         (evt.EVT_C_FIND, handle_find, [archive, policy]),
