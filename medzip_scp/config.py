@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydicom.charset import python_encoding
 
 
 class Right(StrEnum):
@@ -174,6 +175,32 @@ class RetrieveSettings(BaseModel):
     destinations: list[MoveDestination] = Field(default_factory=list)
 
 
+class QuerySettings(BaseModel):
+    max_answers: int = Field(
+        10000,
+        ge=1,
+        description="Most C-FIND matches answered; past it the query ends with 0xA700 "
+        "(Refused: Out of Resources) after the first max_answers responses.",
+    )
+    character_set: str = Field(
+        "ISO_IR 192",
+        description="Specific Character Set of C-FIND responses to queries that name none "
+        "(values it cannot encode go out in ISO_IR 192, UTF-8).",
+    )
+
+    @field_validator("character_set")
+    @classmethod
+    def _check_character_set(cls, value: str) -> str:
+        terms = [term.strip() for term in value.split("\\")]
+        unknown = [t for n, t in enumerate(terms) if t not in python_encoding or not t and n]
+        if unknown or not any(terms):
+            raise ValueError(
+                f"[query] character_set must be a DICOM Specific Character Set such as "
+                f"'ISO_IR 192' or 'ISO_IR 100', got {value!r}"
+            )
+        return "\\".join(terms)
+
+
 class PipelineSettings(BaseModel):
     compress: bool = Field(
         True,
@@ -201,6 +228,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
+    query: QuerySettings = Field(default_factory=QuerySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     log_level: str = "INFO"
@@ -296,6 +324,14 @@ get_without_role_selection = true   # C-GET for peers that send no SCP/SCU role 
 # ae_title = "VIEWER"
 # host = "10.0.0.50"
 # port = 11112
+
+[query]
+# C-FIND matches answered; past it the first max_answers go out, then the final status
+# 0xA700 (Refused: Out of Resources) with an Error Comment.
+max_answers = 10000
+# Specific Character Set of C-FIND responses to queries that name none (UTF-8); values it
+# cannot encode are sent in ISO_IR 192. Queries that name one are answered in it.
+character_set = "ISO_IR 192"
 
 [pipeline]
 compress = true              # compress stored originals in the background (medzip serve);

@@ -61,3 +61,14 @@ def test_cli_config_example_and_keys(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     key_text = (tmp_path / "keys" / "blob.key").read_text().strip()
     assert key_text not in result.output
+
+
+def test_query_settings_name_a_known_character_set() -> None:
+    s = Settings(query={"max_answers": 5, "character_set": " ISO 2022 IR 13\\ISO 2022 IR 87 "})
+    assert (s.query.max_answers, s.query.character_set) == (5, "ISO 2022 IR 13\\ISO 2022 IR 87")
+    assert Settings().query.character_set == "ISO_IR 192"
+    for wrong in ("UTF-8", "", "ISO_IR 100\\", "ISO_IR 100\\\\ISO 2022 IR 87"):
+        with pytest.raises(ValueError, match=r"\[query\] character_set"):
+            Settings(query={"character_set": wrong})
+    with pytest.raises(ValueError, match="max_answers"):
+        Settings(query={"max_answers": 0})

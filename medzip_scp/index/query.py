@@ -27,6 +27,21 @@ An entity whose attribute is empty matches only universal matching. Exactly one
 response is returned per matching entity of the query level (C.4.1.3.1.1). A key
 that the level does not support is returned with zero length in the response
 identifier (C.4.1.1.3.2).
+
+Queries are always relational (C.4.1.2.2, C.4.1.3.2), whether or not the peer
+negotiated it: the unique keys of the levels above the query level may be absent or
+empty, and every key of those levels is matched and returned (all MR series of the
+archive: SERIES level, ``Modality=MR``, no StudyInstanceUID). A retrieve needs only
+the unique key of its level (a SERIES by SeriesInstanceUID alone, an IMAGE by
+SOPInstanceUID alone: these UIDs are globally unique); the unique keys above it are
+matched when present.
+
+Responses are written in the character set the query names in Specific Character
+Set (0008,0005), else in the configured one (UTF-8 by default); text is stored
+decoded, so it is re-encoded, never copied as stored bytes. A response whose values
+that character set cannot represent is written in UTF-8 (ISO_IR 192) instead, and
+says so in its Specific Character Set: the values stay exact (a replacement ``?``
+would even turn into a wildcard if the peer queried with it).
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom import Dataset
-from pydicom.charset import python_encoding
+from pydicom.charset import custom_encoders, python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from sqlalchemy import (
@@ -154,7 +169,7 @@ def _keys() -> dict[str, _Key]:
 
 _KEYS = _keys()
 
-#: Study Root answers the patient attributes at STUDY level (C.6.2.1.1) with those the
+#: Below PATIENT level, the patient attributes are matched and answered with those the
 #: study's own instances gave, not with its patient's (first received) ones, so that a
 #: study is never answered with the name another source gave its Patient ID.
 _STUDY_COPIES_OF_PATIENT_KEYS = {
@@ -164,15 +179,6 @@ _STUDY_COPIES_OF_PATIENT_KEYS = {
         _Key("PatientBirthDate", "DA", "PATIENT", Study.patient_birth_date),
         _Key("PatientSex", "CS", "PATIENT", Study.patient_sex),
     )
-}
-
-#: Tables whose text a response at each level may contain, with the label of their
-#: Specific Character Set column.
-_CHARSET_COLUMNS: dict[QueryLevel, InstrumentedAttribute[str]] = {
-    "PATIENT": Patient.specific_character_set,
-    "STUDY": Study.specific_character_set,
-    "SERIES": Series.specific_character_set,
-    "IMAGE": Instance.specific_character_set,
 }
 
 
@@ -212,18 +218,22 @@ def _elements(identifier: Dataset) -> list[DataElement]:
     return elements
 
 
-def _allowed_keys(model: QueryModel, level: QueryLevel) -> dict[str, _Key]:
-    """Keys matchable/returnable at ``level`` of ``model`` (PS3.4 C.6.1.1, C.6.2.1)."""
+def _allowed_keys(model: QueryModel, level: QueryLevel, *, relational: bool) -> dict[str, _Key]:
+    """Keys matchable/returnable at ``level`` of ``model`` (PS3.4 C.6.1.1, C.6.2.1).
+
+    ``relational``: every key of the levels above too (C.4.1.2.2); else only their
+    unique keys (the hierarchical identifier of C.4.1.2.1 and C.4.2.2.1).
+    """
     allowed = {k: v for k, v in _KEYS.items() if v.level == level}
-    idx = LEVELS.index(level)
     first = 0 if model == "PATIENT" else 1
-    for above in LEVELS[first:idx]:
-        key = _UNIQUE_KEY[above]
-        allowed[key] = _KEYS[key]
-    if model == "STUDY" and level == "STUDY":
-        # Study Root merges the patient attributes into the STUDY level (C.6.2.1.1).
-        allowed.update({k: v for k, v in _KEYS.items() if v.level == "PATIENT"})
-        allowed.update(_STUDY_COPIES_OF_PATIENT_KEYS)
+    for above in LEVELS[: LEVELS.index(level)]:
+        if relational or (model == "STUDY" and level == "STUDY"):
+            # Study Root merges the patient attributes into the STUDY level (C.6.2.1.1).
+            allowed.update({k: v for k, v in _KEYS.items() if v.level == above})
+        elif LEVELS.index(above) >= first:
+            allowed[_UNIQUE_KEY[above]] = _KEYS[_UNIQUE_KEY[above]]
+    if level != "PATIENT":
+        allowed.update({k: v for k, v in _STUDY_COPIES_OF_PATIENT_KEYS.items() if k in allowed})
     return allowed
 
 
@@ -253,18 +263,21 @@ def _validate(model: str, identifier: Dataset, *, retrieve: bool) -> QueryLevel:
             "model (PS3.4 C.6.2), got 'PATIENT'"
         )
     unique = _unique_keys(model, level)
-    required = unique if retrieve else unique[:-1]
-    for keyword in required:
+    if retrieve and unique[-1] not in identifier:
+        raise QueryError(
+            f"a {level} level retrieve must contain the unique key {unique[-1]} "
+            f"(PS3.4 C.4.2.2.1), it is absent"
+        )
+    # Relational (C.4.1.2.2): the unique keys above the level may be absent or empty.
+    for keyword in unique if retrieve else unique[:-1]:
         if keyword not in identifier:
-            raise QueryError(
-                f"a {level} level {'retrieve' if retrieve else 'query'} in the "
-                f"{'Patient' if model == 'PATIENT' else 'Study'} Root model must contain "
-                f"the unique key {keyword} (PS3.4 C.4.1.2.1/C.4.2.2.1), it is absent"
-            )
-        values = _values(identifier[keyword])
-        if keyword == "PatientID" and (keyword != unique[-1] or not retrieve):
-            # Patient ID (type 2) may legitimately be empty; empty = universal.
             continue
+        values = _values(identifier[keyword])
+        is_level_key = keyword == unique[-1]
+        if values in ([], ["*"]) and not is_level_key:
+            continue  # universal matching
+        if keyword == "PatientID" and not is_level_key:
+            continue  # a LO key: wildcards allowed
         if not values or any(v in ("", "*") or "?" in v or "*" in v for v in values):
             shown = "\\".join(values)
             raise QueryError(
@@ -529,38 +542,54 @@ def _conditions(
 # --------------------------------------------------------------------------- charset
 
 
-def _can_encode(values: Sequence[str], charset: str) -> bool:
-    terms = [t.strip() for t in charset.split("\\")]
-    if len(terms) > 1 or any("2022" in t for t in terms):
-        return True  # code extensions: trust the charset the data arrived in
-    codec = python_encoding.get(terms[0])
-    if codec is None:
-        return False
+UTF8 = "ISO_IR 192"
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    encoder = custom_encoders.get(encoding)
     try:
-        for value in values:
-            value.encode(codec)
-    except UnicodeEncodeError:
+        encoder(text) if encoder is not None else text.encode(encoding)
+    except UnicodeError:
         return False
     return True
 
 
-def _response_charset(
-    texts: Sequence[str], stored: Sequence[str], level_charset: str, requested: bool
-) -> str | None:
-    """Specific Character Set of a response (PS3.4 C.4.1.1.3.2), or ``None`` to omit.
+def _can_encode(values: Sequence[str], charset: Sequence[str]) -> bool:
+    """Whether pydicom writes every value in ``charset`` (the terms of a Specific Character
+    Set) exactly, without the replacement characters it falls back to.
 
-    Values are stored decoded; they are re-encoded in the character set they were
-    received in when all involved entities agree and it can encode them, else in
-    UTF-8 (ISO_IR 192).
+    With code extensions (several terms) pydicom switches encodings within a value, so
+    each character needs one term that encodes it. An empty first term is the default
+    repertoire: ASCII. An unknown term encodes nothing.
+    """
+    encodings = []
+    for position, term in enumerate(charset):
+        if not term and position == 0:
+            encodings.append("ascii")
+        elif term in python_encoding:
+            encodings.append(python_encoding[term])
+        else:
+            return False
+    for value in values:
+        if any(_encodes(value, e) for e in encodings):
+            continue
+        if len(encodings) == 1 or not all(any(_encodes(c, e) for e in encodings) for c in value):
+            return False
+    return True
+
+
+def _response_charset(
+    texts: Sequence[str], target: Sequence[str], requested: Sequence[str] | None
+) -> Sequence[str] | None:
+    """Specific Character Set of a response (PS3.4 C.4.1.1.3.2), or ``None`` to omit it.
+
+    ``requested`` is the query's own value (``None`` when it has no such element):
+    ASCII responses carry it back as asked; others are in ``target`` when it encodes
+    them, else in UTF-8.
     """
     if all(t.isascii() for t in texts):
-        return level_charset if requested else None
-    candidates = {c for c in stored if c}
-    if len(candidates) == 1:
-        (charset,) = candidates
-        if _can_encode(texts, charset):
-            return charset
-    return "ISO_IR 192"
+        return requested
+    return target if _can_encode(texts, target) else [UTF8]
 
 
 # --------------------------------------------------------------------------- public
@@ -571,6 +600,9 @@ def find(
     model: QueryModel,
     identifier: Dataset,
     is_cancelled: Callable[[], bool] = lambda: False,
+    *,
+    default_charset: str = UTF8,
+    limit: int | None = None,
 ) -> Iterator[Dataset]:
     """Run a C-FIND query and yield one response identifier per matching entity.
 
@@ -583,11 +615,15 @@ def find(
         Patient Root (PS3.4 C.6.1) or Study Root (C.6.2) information model.
     identifier : Dataset
         The request identifier: QueryRetrieveLevel plus matching and return keys
-        (PS3.4 C.4.1.1.3.1). Hierarchical (baseline) rules apply: the unique keys
-        of the levels above the query level must be present (C.4.1.2.1).
+        (PS3.4 C.4.1.1.3.1). Relational (C.4.1.2.2): keys of the query level and
+        of any level above; the unique keys above may be absent.
     is_cancelled : callable, optional
         Checked before each response is yielded; the query stops when it returns
         true (C-CANCEL, PS3.4 C.4.1).
+    default_charset : str, optional
+        Specific Character Set of the responses when the identifier names none.
+    limit : int, optional
+        Read at most this many matches from the database.
 
     Yields
     ------
@@ -595,7 +631,9 @@ def find(
         QueryRetrieveLevel, every requested key (value, or zero length when empty
         or not supported at this level), the unique keys of this and the higher
         levels, and SpecificCharacterSet when the values need it or it was
-        requested (PS3.4 C.4.1.1.3.2). Rows are streamed from the database.
+        requested (PS3.4 C.4.1.1.3.2): the identifier's, ``default_charset`` or,
+        for values those cannot encode, ISO_IR 192. Rows are streamed from the
+        database.
 
     Raises
     ------
@@ -606,17 +644,18 @@ def find(
     level = _validate(model, identifier, retrieve=False)
     dialect = session.get_bind().dialect.name
     matcher = _Matcher(dialect)
-    allowed = _allowed_keys(model, level)
+    allowed = _allowed_keys(model, level, relational=True)
 
     requested: list[DataElement] = []
-    charset_requested = False
+    requested_charset: list[str] | None = None
     for elem in elements:
         if elem.tag.element == 0 or elem.keyword == "QueryRetrieveLevel":
             continue
         if elem.keyword == "SpecificCharacterSet":
-            charset_requested = True
+            requested_charset = _values(elem)
             continue
         requested.append(elem)
+    target_charset = requested_charset or [t.strip() for t in default_charset.split("\\")]
 
     # Output plan: (keyword or None, tag, VR, label of the selected column or None).
     columns: list[Any] = []
@@ -644,11 +683,6 @@ def find(
     for key in unique:
         select_key(key)
 
-    idx = LEVELS.index(level)
-    charset_levels = list(LEVELS[: idx + 1])
-    for lv in charset_levels:
-        columns.append(_CHARSET_COLUMNS[lv].label(f"cs_{lv}"))
-
     entity_id = {
         "PATIENT": Patient.id,
         "STUDY": Study.id,
@@ -660,9 +694,10 @@ def find(
     if conds:
         stmt = stmt.where(and_(true(), *conds))
     stmt = stmt.order_by(entity_id)
-    return _stream(
-        session, stmt, level, plan, unique, labels, charset_levels, charset_requested, is_cancelled
-    )
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    charsets = (target_charset, requested_charset)
+    return _stream(session, stmt, level, plan, unique, labels, charsets, is_cancelled)
 
 
 def _stream(
@@ -672,8 +707,7 @@ def _stream(
     plan: list[tuple[DataElement, _Key | None]],
     unique: list[_Key],
     labels: dict[str, str],
-    charset_levels: list[QueryLevel],
-    charset_requested: bool,
+    charsets: tuple[Sequence[str], Sequence[str] | None],
     is_cancelled: Callable[[], bool],
 ) -> Iterator[Dataset]:
     result = session.execute(stmt.execution_options(yield_per=500))
@@ -690,10 +724,9 @@ def _stream(
                     value = mapping[labels[key.keyword]]
                     texts.append(value)
                     setattr(ds, key.keyword, value or None)
-            stored = [mapping[f"cs_{lv}"] for lv in charset_levels]
-            charset = _response_charset(texts, stored, stored[-1], charset_requested)
+            charset = _response_charset(texts, *charsets)
             if charset is not None:
-                ds.SpecificCharacterSet = charset or None
+                ds.SpecificCharacterSet = (charset[0] if len(charset) == 1 else charset) or None
             ds.QueryRetrieveLevel = level
             if is_cancelled():
                 return
@@ -729,9 +762,10 @@ def find_instances(session: Session, model: QueryModel, identifier: Dataset) -> 
         Patient Root or Study Root information model.
     identifier : Dataset
         Retrieve identifier (PS3.4 C.4.2.2.1 / C.4.3.2.1): QueryRetrieveLevel
-        (PATIENT for Patient Root only, STUDY, SERIES or IMAGE), the unique keys of
-        the levels above (single values), and the unique key of the level (single
-        value or list). Other known keys of the level are matched as in C-FIND.
+        (PATIENT for Patient Root only, STUDY, SERIES or IMAGE) and the unique key
+        of the level (single value or list). The unique keys of the levels above
+        are optional (relational retrieve): when present they are matched too, as
+        are other known keys of the level, as in C-FIND.
 
     Returns
     -------
@@ -748,7 +782,7 @@ def find_instances(session: Session, model: QueryModel, identifier: Dataset) -> 
     elements = _elements(identifier)
     level = _validate(model, identifier, retrieve=True)
     matcher = _Matcher(session.get_bind().dialect.name)
-    allowed = _allowed_keys(model, level)
+    allowed = _allowed_keys(model, level, relational=False)
     conds = _conditions(matcher, allowed, elements)
     stmt = (
         select(Instance)

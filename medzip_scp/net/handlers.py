@@ -22,6 +22,9 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from medzip_scp.archive import Archive, InstanceIntegrityError, StoreResult
@@ -57,8 +60,16 @@ STATUS_BY_STORE_RESULT = {
     StoreResult.DUPLICATE_REJECTED: Status.DUPLICATE_SOP_INSTANCE,
 }
 
-_PATIENT_ROOT = {
+QR_CLASSES = (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+_PATIENT_ROOT = {
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -215,12 +226,32 @@ def handle_find(
     cancelled = _cancel_latch(event)
     wants_retrieve_aet = "RetrieveAETitle" in identifier
     wants_availability = "InstanceAvailability" in identifier
+    settings = archive.settings.query
     count = 0
     try:
         with archive.read_sessions() as session:
-            for response in find(session, model, identifier, cancelled):
+            # One match more than answered tells that the limit cut the answer short.
+            responses = find(
+                session,
+                model,
+                identifier,
+                cancelled,
+                default_charset=settings.character_set,
+                limit=settings.max_answers + 1,
+            )
+            for response in responses:
                 if cancelled():
                     yield Status.CANCEL, None
+                    return
+                if count == settings.max_answers:
+                    log.warning(
+                        "C-FIND from %r: more than %d matches ([query] max_answers), "
+                        "answered those, then 0x%04X",
+                        event.assoc.requestor.ae_title,
+                        count,
+                        Status.OUT_OF_RESOURCES,
+                    )
+                    yield _too_many_matches(count), None
                     return
                 if wants_retrieve_aet:
                     response.RetrieveAETitle = archive.settings.node.ae_title
@@ -247,6 +278,33 @@ def handle_find(
         event.assoc.requestor.ae_title,
         count,
     )
+
+
+def _too_many_matches(answered: int) -> Dataset:
+    """Final C-FIND status after ``answered`` responses when more entities matched.
+
+    PS3.4 C.4.1.1.4 has no warning for an incomplete answer; 0xA700 (Refused: Out of
+    Resources) is its status for a resource limit, and being a failure no peer takes
+    the responses it got for the whole answer. (Orthanc answers 0xFE00 instead, which
+    claims a C-CANCEL the peer never sent.)
+    """
+    status = Dataset()
+    status.Status = Status.OUT_OF_RESOURCES
+    status.ErrorComment = f"more than {answered} matches; narrow the query"
+    return status
+
+
+def handle_sop_extended(event: evt.Event) -> dict[UID, bytes]:
+    """SOP Class Extended Negotiation (PS3.4 C.5.1.1, C.5.2.1, C.5.3.1): relational queries
+    and relational retrieval supported (byte 1), the other options not (0).
+
+    Queries and retrieves are relational whether or not a peer asks; this only says so.
+    """
+    answer = {}
+    for sop_class, app_info in event.app_info.items():
+        if sop_class in QR_CLASSES and app_info:
+            answer[sop_class] = b"\x01" + bytes(len(app_info[:5]) - 1)
+    return answer
 
 
 def _retrieve_instances(event: evt.Event, archive: Archive) -> list[Instance]:

@@ -32,12 +32,6 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -47,26 +41,19 @@ from medzip_scp.config import TLSSettings
 from medzip_scp.net import reactor
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.handlers import (
+    QR_CLASSES,
     StoredObject,
     handle_echo,
     handle_find,
     handle_get,
     handle_move,
     handle_requested,
+    handle_sop_extended,
     handle_store,
 )
 from medzip_scp.net.status import Status
 
 log = logging.getLogger(__name__)
-
-QR_CLASSES = (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 
 
 def check_pynetdicom() -> None:
@@ -246,6 +233,7 @@ def event_handlers(archive: Archive) -> list[tuple]:
     policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
     return [
         (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         (evt.EVT_C_ECHO, handle_echo, [policy]),
         (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
         (evt.EVT_C_FIND, handle_find, [archive, policy]),

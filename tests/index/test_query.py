@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
+from io import BytesIO
 from typing import Any
 
+import pydicom
 import pytest
 from index_helpers import make_ds, store
 from pydicom import Dataset
+from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
@@ -17,10 +21,12 @@ from pydicom.uid import (
     MRImageStorage,
     SecondaryCaptureImageStorage,
 )
+from pynetdicom.dsutils import decode, encode
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.query import QueryError, find, find_instances
+from tests.conftest import DB_KINDS, database_url
 
 S1, S2, S3, S4, S5 = (f"1.2.826.0.1.3680043.10.1234.1.{n}" for n in range(1, 6))
 SE = {n: f"1.2.826.0.1.3680043.10.1234.2.{n}" for n in range(1, 7)}
@@ -137,14 +143,13 @@ def test_study_root_study_level_matches_patient_attributes(
 
 
 def test_patient_root_study_level(sessions: sessionmaker[Session]) -> None:
-    # PatientName is not a STUDY level key in Patient Root: returned empty, not matched.
-    res = run(sessions, "PATIENT", "STUDY", PatientID="PID-1", PatientName="Nobody",
-              StudyDate="")  # fmt: skip
+    res = run(sessions, "PATIENT", "STUDY", PatientID="PID-1", PatientName="", StudyDate="")
     assert len(res) == 2
     for r in res:
         assert r.PatientID == "PID-1"
-        assert r["PatientName"].is_empty
+        assert r.PatientName == "Doe^John"  # a PATIENT key, matched relationally
         assert "StudyInstanceUID" in r
+    assert run(sessions, "PATIENT", "STUDY", PatientID="PID-1", PatientName="Nobody") == []
 
 
 def test_series_level_hierarchical(sessions: sessionmaker[Session]) -> None:
@@ -187,6 +192,40 @@ def test_image_level(sessions: sessionmaker[Session]) -> None:
     res = run(sessions, "STUDY", "IMAGE", StudyInstanceUID=S1, SeriesInstanceUID=SE[1],
               InstanceNumber="2")  # fmt: skip
     assert [r.SOPInstanceUID for r in res] == [I[1]]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the '*' below
+def test_relational_series_level_without_parent_keys(sessions: sessionmaker[Session]) -> None:
+    # All CT series of the archive (PS3.4 C.4.1.2.2): no StudyInstanceUID, or an empty one.
+    for keys in ({}, {"StudyInstanceUID": ""}, {"StudyInstanceUID": "*"}):
+        res = run(sessions, "STUDY", "SERIES", Modality="CT", SeriesDescription="", **keys)
+        assert values(res, "SeriesInstanceUID") == sorted([SE[1], SE[4], SE[5]])
+        by_uid = {r.SeriesInstanceUID: r for r in res}
+        assert by_uid[SE[4]].StudyInstanceUID == S3  # where each series belongs
+        assert by_uid[SE[5]].SeriesDescription == "Täglich"
+    res = run(sessions, "PATIENT", "SERIES", Modality="MR")
+    assert [(r.PatientID, r.StudyInstanceUID, r.SeriesInstanceUID) for r in res] == [
+        ("PID-1", S2, SE[3])
+    ]
+
+
+def test_relational_matching_on_keys_of_upper_levels(sessions: sessionmaker[Session]) -> None:
+    res = run(sessions, "STUDY", "SERIES", PatientName="doe*", StudyDate="20200101-",
+              Modality="", StudyDescription="")  # fmt: skip
+    assert values(res, "SeriesInstanceUID") == sorted([SE[1], SE[2], SE[3]])
+    assert {str(r.PatientName) for r in res} == {"Doe^John"}
+    assert values(res, "StudyDescription") == ["CT Head", "CT Head", "MR Knee"]
+    res = run(sessions, "PATIENT", "IMAGE", PatientID="PID-1", Modality="CT", StudyDate="")
+    assert values(res, "SOPInstanceUID") == sorted([I[1], I[2]])
+    assert {r.StudyDate for r in res} == {"20200101"}
+    res = run(sessions, "STUDY", "IMAGE", ModalitiesInStudy="MR", SOPInstanceUID="")
+    assert values(res, "SOPInstanceUID") == [I[4]]
+
+
+def test_find_limit(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        res = list(find(session, "STUDY", identifier("IMAGE"), limit=3))
+    assert len(res) == 3
 
 
 def test_image_level_series_list(sessions: sessionmaker[Session]) -> None:
@@ -383,7 +422,8 @@ def test_unknown_and_unsupported_keys_returned_empty(sessions: sessionmaker[Sess
 
 
 def test_specific_character_set(sessions: sessionmaker[Session]) -> None:
-    (r,) = run(sessions, "PATIENT", "PATIENT", PatientID="AB%CD", PatientName="")
+    (r,) = run(sessions, "PATIENT", "PATIENT", PatientID="AB%CD", PatientName="",
+               SpecificCharacterSet="ISO_IR 100")  # fmt: skip
     assert str(r.PatientName) == "Müller^Jörg"
     assert r.SpecificCharacterSet == "ISO_IR 100"
     (r,) = run(sessions, "PATIENT", "PATIENT", PatientID="PID-1", PatientName="")
@@ -392,7 +432,7 @@ def test_specific_character_set(sessions: sessionmaker[Session]) -> None:
     assert r["SpecificCharacterSet"].is_empty
     (r,) = run(sessions, "STUDY", "SERIES", StudyInstanceUID=S4, SeriesDescription="")
     assert r.SeriesDescription == "Täglich"
-    assert r.SpecificCharacterSet == "ISO_IR 100"
+    assert r.SpecificCharacterSet == "ISO_IR 192"  # the query names none: UTF-8
 
 
 def test_cancel_stops_responses(sessions: sessionmaker[Session]) -> None:
@@ -404,6 +444,116 @@ def test_cancel_stops_responses(sessions: sessionmaker[Session]) -> None:
     assert len(seen) == 2
     with sessions() as session:
         assert list(find(session, "STUDY", identifier("STUDY"), lambda: True)) == []
+
+
+# ----------------------------------------------------------------------- character sets
+
+# pydicom's character set examples (one per patient) and a Japanese study whose text is
+# ASCII but whose Specific Character Set is "ISO 2022 IR 13\ISO 2022 IR 87".
+CHARSET_FILES = {name: get_charset_files(name)[0] for name in (
+    "chrArab.dcm", "chrFren.dcm", "chrGerm.dcm", "chrGreek.dcm", "chrH31.dcm", "chrH32.dcm",
+    "chrHbrw.dcm", "chrI2.dcm", "chrKoreanMulti.dcm", "chrRuss.dcm", "chrX1.dcm",
+    "chrX2.dcm")}  # fmt: skip
+CHARSET_FILES["J2K_pixelrep_mismatch.dcm"] = get_testdata_file("J2K_pixelrep_mismatch.dcm")
+LATIN1_FILES = {"chrFren.dcm", "chrGerm.dcm"}
+
+
+@pytest.fixture(scope="module", params=DB_KINDS)
+def charset_sessions(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[sessionmaker[Session], dict[str, Dataset]]]:
+    headers = {n: pydicom.dcmread(p, stop_before_pixels=True) for n, p in CHARSET_FILES.items()}
+    with database_url(request.param, tmp_path_factory.mktemp("charsets")) as url:
+        upgrade_database(url)
+        engine = create_engine_for(url)
+        with session_factory(engine)() as session:
+            for ds in headers.values():
+                store(session, ds)
+            session.commit()
+        try:
+            yield session_factory(engine, readonly=True), headers
+        finally:
+            engine.dispose()
+
+
+def _charset(ds: Dataset) -> list[str]:
+    value = ds.SpecificCharacterSet
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _as_received(response: Dataset) -> Dataset:
+    """The response as the peer reads it: encoded as pynetdicom sends it, then decoded;
+    a value pydicom could only write with replacement characters is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raw = encode(response, True, True)
+        assert raw is not None
+        received = decode(BytesIO(raw), True, True)
+        received.decode()
+    return received
+
+
+@pytest.mark.parametrize("name", sorted(CHARSET_FILES))
+@pytest.mark.parametrize("requested", [None, "stored", "ISO_IR 100", "ISO_IR 192"])
+def test_responses_in_a_character_set_the_requester_reads(
+    charset_sessions: tuple[sessionmaker[Session], dict[str, Dataset]],
+    name: str,
+    requested: str | None,
+) -> None:
+    sessions, headers = charset_sessions
+    stored = headers[name]
+    ident = identifier("STUDY", StudyInstanceUID=stored.StudyInstanceUID, PatientName="",
+                       PatientID="", StudyDescription="")  # fmt: skip
+    if requested is not None:
+        ident.SpecificCharacterSet = _charset(stored) if requested == "stored" else requested
+    with sessions() as session:
+        (response,) = list(find(session, "STUDY", ident))
+    received = _as_received(response)
+    assert str(received.PatientName) == str(stored.PatientName)
+    assert received.PatientID == stored.PatientID
+    ascii_only = str(stored.PatientName).isascii()
+    if requested is None:
+        expected = None if ascii_only else ["ISO_IR 192"]
+    elif requested == "stored":
+        expected = _charset(stored)
+    elif requested == "ISO_IR 100" and not (ascii_only or name in LATIN1_FILES):
+        expected = ["ISO_IR 192"]  # not representable in Latin-1: UTF-8 instead
+    else:
+        expected = [requested]
+    assert (_charset(received) if "SpecificCharacterSet" in received else None) == expected
+
+
+def test_values_a_code_extension_cannot_encode_go_out_in_utf8(
+    charset_sessions: tuple[sessionmaker[Session], dict[str, Dataset]],
+) -> None:
+    sessions, headers = charset_sessions
+    # Half-width katakana are JIS X 0201 (ISO 2022 IR 13), not JIS X 0208 (IR 87).
+    for name, charset, expected in [
+        ("chrH32.dcm", ["", "ISO 2022 IR 87"], ["ISO_IR 192"]),
+        ("chrH31.dcm", ["", "ISO 2022 IR 87"], ["", "ISO 2022 IR 87"]),
+        ("chrI2.dcm", ["", "ISO 2022 IR 87"], ["ISO_IR 192"]),
+        ("chrKoreanMulti.dcm", ["", "ISO 2022 IR 149"], ["", "ISO 2022 IR 149"]),
+    ]:
+        ident = identifier("PATIENT", PatientID=headers[name].PatientID, PatientName="",
+                           SpecificCharacterSet=charset)  # fmt: skip
+        with sessions() as session:
+            (response,) = list(find(session, "PATIENT", ident))
+        received = _as_received(response)
+        assert str(received.PatientName) == str(headers[name].PatientName), name
+        assert _charset(received) == expected, name
+
+
+def test_configured_character_set_for_queries_that_name_none(
+    charset_sessions: tuple[sessionmaker[Session], dict[str, Dataset]],
+) -> None:
+    sessions, headers = charset_sessions
+    for name, expected in [("chrGerm.dcm", "ISO_IR 100"), ("chrRuss.dcm", "ISO_IR 192")]:
+        ident = identifier("PATIENT", PatientID=headers[name].PatientID, PatientName="")
+        with sessions() as session:
+            (response,) = list(find(session, "PATIENT", ident, default_charset="ISO_IR 100"))
+        received = _as_received(response)
+        assert str(received.PatientName) == str(headers[name].PatientName)
+        assert received.SpecificCharacterSet == expected
 
 
 # ----------------------------------------------------------------------- invalid identifiers
@@ -429,12 +579,8 @@ def raw_identifier(level: str | None, **keys: str) -> Dataset:
         ("STUDY", "FOO", {}, "'FOO'"),
         ("STUDY", "PATIENT", {}, "Study Root"),
         ("XYZ", "STUDY", {}, "'XYZ'"),
-        ("STUDY", "SERIES", {}, "StudyInstanceUID"),
-        ("STUDY", "SERIES", {"StudyInstanceUID": ""}, "StudyInstanceUID"),
         ("STUDY", "SERIES", {"StudyInstanceUID": "1.2.*"}, "wildcard"),
-        ("PATIENT", "SERIES", {"StudyInstanceUID": S1}, "PatientID"),
-        ("STUDY", "IMAGE", {"StudyInstanceUID": S1}, "SeriesInstanceUID"),
-        ("PATIENT", "STUDY", {}, "PatientID"),
+        ("STUDY", "IMAGE", {"SeriesInstanceUID": "1.2.?"}, "wildcard"),
         ("STUDY", "STUDY", {"StudyDate": "2020"}, "'2020'"),
         ("STUDY", "STUDY", {"StudyDate": "2020*"}, "DA"),
         ("STUDY", "STUDY", {"StudyTime": "25x"}, "TM"),
@@ -501,7 +647,9 @@ def test_find_instances_levels(sessions: sessionmaker[Session]) -> None:
         ("STUDY", "PATIENT", {"PatientID": "PID-1"}),
         ("PATIENT", "PATIENT", {"PatientID": ""}),
         ("PATIENT", "PATIENT", {"PatientID": "PID*"}),
-        ("STUDY", "SERIES", {"SeriesInstanceUID": SE[1]}),
+        ("STUDY", "SERIES", {"StudyInstanceUID": S1}),
+        ("STUDY", "IMAGE", {"StudyInstanceUID": S1, "SeriesInstanceUID": SE[1]}),
+        ("PATIENT", "IMAGE", {"SOPInstanceUID": ""}),
     ],
 )
 def test_find_instances_rejects_unbounded_retrieves(
@@ -510,3 +658,21 @@ def test_find_instances_rejects_unbounded_retrieves(
     ident = raw_identifier(level, **keys)
     with sessions() as session, pytest.raises(QueryError):
         find_instances(session, model, ident)  # type: ignore[arg-type]
+
+
+def test_find_instances_by_the_unique_key_of_the_level_alone(
+    sessions: sessionmaker[Session],
+) -> None:
+    # Series and SOP Instance UIDs are globally unique: the keys above are optional.
+    with sessions() as session:
+        got = find_instances(session, "STUDY", identifier("SERIES", SeriesInstanceUID=SE[1]))
+        assert _uids(got) == [I[2], I[1]]
+        got = find_instances(session, "PATIENT", identifier("IMAGE", SOPInstanceUID=[I[4], I[5]]))
+        assert _uids(got) == [I[4], I[5]]
+        got = find_instances(session, "PATIENT", identifier("STUDY", StudyInstanceUID=S3))
+        assert _uids(got) == [I[5]]
+        # Present keys above still have to match.
+        got = find_instances(
+            session, "STUDY", identifier("IMAGE", StudyInstanceUID=S2, SOPInstanceUID=I[1])
+        )
+        assert got == []

@@ -65,9 +65,14 @@ class Orthanc:
 
 @contextmanager
 def running_orthanc(
-    work: Path, http_port: int, dicom_port: int, modalities: dict[str, tuple[str, str, int]]
+    work: Path,
+    http_port: int,
+    dicom_port: int,
+    modalities: dict[str, tuple[str, str, int]],
+    **options: Any,
 ) -> Iterator[Orthanc]:
-    """Start Orthanc with ``modalities`` ({name: (AE title, host, port)}), stock timeouts."""
+    """Start Orthanc with ``modalities`` ({name: (AE title, host, port)}), stock timeouts
+    and ``options`` (more configuration keys, e.g. ``DefaultEncoding="Utf8"``)."""
     work.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "medzip-test",
@@ -80,7 +85,7 @@ def running_orthanc(
         "AuthenticationEnabled": False,
         "Plugins": [],
         "DicomModalities": {name: list(entry) for name, entry in modalities.items()},
-    }
+    } | options
     (work / "orthanc.json").write_text(json.dumps(config))
     log = (work / "orthanc.log").open("w")
     proc = subprocess.Popen(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_charset_files
 
 from medzip_scp.archive import CODECS, Archive, MzpCodec
 from medzip_scp.config import MoveDestination
@@ -29,8 +30,10 @@ pytestmark = [
     ),
 ]
 
-# A CT series, a JPEG Lossless MR series, an Enhanced MR multi-frame object and conformance
-# oddities (JPEG 2000, implicit VR, RLE multi-frame, RGB JPEG Lossless, lossy JPEG).
+# A CT series, a JPEG Lossless MR series, an Enhanced MR multi-frame object, conformance
+# oddities (JPEG 2000, implicit VR, RLE multi-frame, RGB JPEG Lossless, lossy JPEG, a
+# Japanese study in ISO 2022 IR 13\ISO 2022 IR 87) and pydicom's French (ISO_IR 100) and
+# Japanese (ISO 2022 IR 87) names.
 SERIES_SLICES = {"series/ct-phantom-1mm": 4, "series/mr-t1-3d": 6}
 ENHANCED_MR = "series/mr-dti-enhanced/3000.dcm"
 ODDITIES = [
@@ -39,7 +42,9 @@ ODDITIES = [
     "conformance/RLELossless/OBXXXX1A_rle_2frame.dcm",
     "conformance/JPEGLosslessSV1/JPEGLosslessP14SV1_3s_2f_u_08_08.dcm",
     "conformance/JPEGBaseline/SC_rgb_small_odd_jpeg.dcm",
+    "conformance/JPEG2000Lossless/J2K_pixelrep_mismatch.dcm",
 ]
+CHARSET_FILES = ["chrFren.dcm", "chrH31.dcm"]
 
 
 @dataclass
@@ -68,6 +73,7 @@ def setup(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server = start_server(archive)
     node_entry = (settings.node.ae_title, "127.0.0.1", settings.node.port)
     paths = [shared_data / ENHANCED_MR] + [shared_data / p for p in ODDITIES]
+    paths += [Path(get_charset_files(name)[0]) for name in CHARSET_FILES]
     for folder, count in SERIES_SLICES.items():
         paths += sorted((shared_data / folder).glob("*.dcm"))[:count]
     try:
@@ -141,6 +147,39 @@ def test_orthanc_queries_study_series_and_image_levels(setup: Setup) -> None:
             )
             assert {a["SOPInstanceUID"] for a in images} <= set(setup.files)
             assert images
+
+
+def _headers(setup: Setup) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in setup.files.values()]
+
+
+def test_orthanc_queries_studies_of_every_character_set(setup: Setup) -> None:
+    # Orthanc (DefaultEncoding Latin1) asks in ISO_IR 100; a response in the Japanese study's
+    # own "ISO 2022 IR 13\ISO 2022 IR 87" made it refuse the whole answer set (HTTP 400).
+    answers = setup.orthanc.query(
+        "medzip", "Study", {"StudyInstanceUID": "", "PatientName": "", "PatientID": ""}
+    )
+    names = {a["StudyInstanceUID"]: a["PatientName"] for a in answers}
+    sent = {ds.StudyInstanceUID: str(ds.PatientName) for ds in _headers(setup)}
+    assert names.keys() == sent.keys()
+    latin1 = {
+        uid
+        for uid, name in sent.items()
+        if name.encode("latin-1", "ignore").decode("latin-1") == name
+    }
+    assert {uid: names[uid] for uid in latin1} == {uid: sent[uid] for uid in latin1}
+    assert "Buc^Jérôme" in names.values()
+    assert "JXD191021006" in names.values()  # the ISO 2022 IR 13\ISO 2022 IR 87 study
+
+
+def test_orthanc_queries_series_relationally(setup: Setup) -> None:
+    # All MR series of the archive: SERIES level without StudyInstanceUID (was 0xA900).
+    answers = setup.orthanc.query("medzip", "Series", {"Modality": "MR", "SeriesInstanceUID": ""})
+    mr = {
+        (ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in _headers(setup) if ds.Modality == "MR"
+    }
+    assert {(a["StudyInstanceUID"], a["SeriesInstanceUID"]) for a in answers} == mr
+    assert len(mr) >= 3
 
 
 def test_orthanc_moves_studies_back_identical(setup: Setup) -> None:

@@ -7,15 +7,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLSLossless,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 from pynetdicom import AE, build_role, evt
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -119,6 +123,109 @@ def test_find_one_response_per_study_with_counts(node: RunningNode) -> None:
     assert int(results[0].NumberOfStudyRelatedInstances) == 3
     assert results[0].ModalitiesInStudy == sent[0].Modality
     assert "PatientName" not in results[0]  # only requested keys come back
+
+
+def _find(node: RunningNode, query: Dataset, **associate: object) -> tuple[list[Dataset], Dataset]:
+    """The pending identifiers and the final status of one Study Root C-FIND."""
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, **associate)
+    assert assoc.is_established
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    pending = [ident for status, ident in responses if status.Status == Status.PENDING]
+    return pending, responses[-1][0]
+
+
+def test_relational_find_and_its_extended_negotiation(node: RunningNode) -> None:
+    study_uid, sent = _study(node, 2)
+    relational = SOPClassExtendedNegotiation()
+    relational.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+    relational.service_class_application_information = b"\x01\x01"  # relational, date-time
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=[relational])
+    assert assoc.is_established
+    # PS3.4 C.5.1.1: relational queries supported, combined date-time matching not.
+    assert assoc.acceptor.sop_class_extended == {
+        StudyRootQueryRetrieveInformationModelFind: b"\x01\x00"
+    }
+    assoc.release()
+    # Every CT series of the archive, without a StudyInstanceUID (was refused with 0xA900).
+    pending, final = _find(node, _query("SERIES", Modality="CT", PatientName=""))
+    assert final.Status == Status.SUCCESS
+    assert [(p.StudyInstanceUID, p.SeriesInstanceUID) for p in pending] == [
+        (study_uid, sent[0].SeriesInstanceUID)
+    ]
+    assert pending[0].PatientName == sent[0].PatientName
+
+
+@pytest.fixture
+def two_answers_at_most(node_settings: Settings) -> Settings:
+    node_settings.query.max_answers = 2
+    return node_settings
+
+
+def test_find_answers_at_most_max_answers(two_answers_at_most: Settings, node: RunningNode) -> None:
+    study_uid, sent = _study(node, 3)
+    pending, final = _find(node, _query("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID=""))
+    assert len(pending) == 2
+    assert final.Status == Status.OUT_OF_RESOURCES
+    assert "more than 2 matches" in final.ErrorComment
+    pending, final = _find(node, _query("SERIES", StudyInstanceUID=study_uid))
+    assert (len(pending), final.Status) == (1, Status.SUCCESS)
+
+
+def test_find_answers_in_the_requested_character_set(node: RunningNode) -> None:
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    sent = {}
+    for name in ("chrFren.dcm", "chrH31.dcm", "chrRuss.dcm"):
+        ds = dcmread(get_charset_files(name)[0])
+        assert assoc.send_c_store(ds).Status == Status.SUCCESS
+        sent[ds.PatientID] = ds
+    assoc.release()
+    # Latin-1, as Orthanc asks by default: the Japanese and Russian names go out in UTF-8.
+    query = _query("STUDY", StudyInstanceUID="", PatientID="", PatientName="")
+    query.SpecificCharacterSet = "ISO_IR 100"
+    pending, final = _find(node, query)
+    assert final.Status == Status.SUCCESS
+    got = {p.PatientID: (str(p.PatientName), p.SpecificCharacterSet) for p in pending}
+    assert got == {
+        "SCSFREN": ("Buc^Jérôme", "ISO_IR 100"),
+        "H31EXAMPLE": ("Yamada^Tarou=山田^太郎=やまだ^たろう", "ISO_IR 192"),
+        "SCSRUSS": ("Люкceмбypг", "ISO_IR 192"),
+    }
+    # A non-ASCII query value, in the character set the query names.
+    query = _query("STUDY", StudyInstanceUID="", PatientName="*山田*")
+    query.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    pending, final = _find(node, query)
+    assert [str(p.PatientName) for p in pending] == [str(sent["H31EXAMPLE"].PatientName)]
+    assert pending[0].SpecificCharacterSet == ["", "ISO 2022 IR 87"]
+
+
+def test_get_series_by_series_instance_uid_alone(node: RunningNode) -> None:
+    _, sent = _study(node, 2)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae, kwargs = _get_ae([ExplicitVRLittleEndian])
+    assoc = ae.associate(
+        node.host,
+        node.port,
+        ae_title=node.ae_title,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        **kwargs,
+    )
+    query = _query("SERIES", SeriesInstanceUID=sent[0].SeriesInstanceUID)
+    responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
+    assoc.release()
+    assert responses[-1][0].Status == Status.SUCCESS
+    assert sorted(received) == sorted(ds.SOPInstanceUID for ds in sent)
 
 
 def _get_ae(syntaxes: list[str], with_role: bool = True) -> tuple[AE, dict]:
