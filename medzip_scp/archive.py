@@ -349,6 +349,12 @@ class Archive:
                 calling_ae_title,
                 outcome.first_difference,
             )
+        elif outcome.result is StoreResult.IDENTICAL_DUPLICATE and differences:
+            log.info(
+                "duplicate %s from %r: the archived content, encoded otherwise (not kept)",
+                uid,
+                calling_ae_title,
+            )
         elif outcome.result is StoreResult.REPLACED:
             log.info(
                 "duplicate %s from %r replaced the archived copy (kept superseded): content "
