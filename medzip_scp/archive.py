@@ -261,6 +261,8 @@ class Archive:
         self._committer = _GroupCommitter(self._commit_batch)
         self._syncing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sync")
         self._known_series = KnownSeries()  # used by the committing leader only
+        # Each comparison of a duplicate holds both objects in memory: a few at a time.
+        self._comparing = threading.BoundedSemaphore(self.COMPARISONS_AT_ONCE)
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> Archive:
@@ -283,6 +285,9 @@ class Archive:
         )
 
     # -- C-STORE -------------------------------------------------------------------------
+
+    COMPARISONS_AT_ONCE = 2
+    """Duplicates of differing bytes compared by content at once, per node process."""
 
     def _write_original(
         self, received: ReceivedObject, sop_instance_uid: str
@@ -344,7 +349,8 @@ class Archive:
             self.blobs.delete(blob.key)  # an identical or refused copy is not kept
         if outcome.result is StoreResult.DUPLICATE_REJECTED:
             log.warning(
-                "duplicate %s from %r rejected: its content differs from the archived copy at %s",
+                "duplicate %s from %r rejected: content differs from the archived copy (first "
+                "difference: %s)",
                 uid,
                 calling_ae_title,
                 outcome.first_difference,
@@ -357,8 +363,8 @@ class Archive:
             )
         elif outcome.result is StoreResult.REPLACED:
             log.info(
-                "duplicate %s from %r replaced the archived copy (kept superseded): content "
-                "differs at %s",
+                "duplicate %s from %r replaced the archived copy, kept superseded (first "
+                "difference: %s)",
                 uid,
                 calling_ae_title,
                 outcome.first_difference,
@@ -375,15 +381,16 @@ class Archive:
             if archived is None:  # removed meanwhile: the transaction will see
                 return
             session.expunge(archived)
-        try:
-            archived_part10 = self.load_part10(archived)
-        except InstanceIntegrityError as exc:
-            log.error("cannot compare a duplicate with its archived copy: %s", exc)
-            differences[archived.original_sha256] = "the archived copy (damaged)"
-            return
-        differences[archived.original_sha256] = first_difference(
-            archived_part10, received.path.read_bytes()
-        )
+        with self._comparing:
+            try:
+                archived_part10 = self.load_part10(archived)
+            except InstanceIntegrityError as exc:
+                log.error("cannot compare a duplicate with its archived copy: %s", exc)
+                differences[archived.original_sha256] = "not compared: archived copy damaged"
+                return
+            differences[archived.original_sha256] = first_difference(
+                archived_part10, received.path.read_bytes()
+            )
 
     def _discard_unindexed(self, blob: StoredBlob, sop_instance_uid: str) -> None:
         """Nothing half-stored: remove the blob of a failed commit, unless the commit went

@@ -30,7 +30,8 @@ Pixel Data in another transfer syntax when either is encapsulated. Deciding the 
 would need both objects decoded (memory of the full pixel matrix, seconds of CPU for a
 multi-frame object) for a case that only a transcoding peer produces; such a copy goes
 through the duplicate policy like any other differing one. Big endian and deflated data
-sets are not compared either (reported as a difference at the Transfer Syntax UID).
+sets are not compared either (reported as a difference at the Transfer Syntax UID), nor
+objects of more than :data:`MAX_ELEMENTS` elements (memory).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ _PIXEL_DATA = 0x7FE00010
 _TRAILING_PADDING = 0xFFFCFFFC
 _TRANSFER_SYNTAX = "(0002,0010)"
 _MAX_DEPTH = 64  # nested sequences; a deeper object is not compared
+# Elements, items and fragments of one object: each costs about 450 bytes here, so this bounds
+# the memory of a comparison (a 520-frame Enhanced MR has 10,000; a hostile object of 8-byte
+# elements could have millions). An object with more is not compared.
+MAX_ELEMENTS = 250_000
 _TAG_LENGTH = struct.Struct("<HHI")
 _TAG_VR_LENGTH = struct.Struct("<HH2sH")
 _LONG_LENGTH = struct.Struct("<I")
@@ -64,8 +69,12 @@ _TRAILING_OF_WHOLE = frozenset({"LT", "ST", "UR", "UT"})
 
 
 class _Unreadable(Exception):
-    """The data set is not one this comparison reads (a syntax it leaves, a malformed
-    encoding, nesting too deep)."""
+    """The data set is not one this comparison reads (a malformed encoding, nesting too
+    deep, too many elements). The message is fixed text, never a value."""
+
+
+class _SyntaxNotCompared(Exception):
+    """Big endian, deflated, or not a transfer syntax."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +104,17 @@ class _Reader:
 
     def __init__(self, buf: memoryview) -> None:
         self.buf = buf
+        self.left = MAX_ELEMENTS
+
+    def _count(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _Unreadable("too many elements")
 
     def _tag_and_length(self, pos: int, limit: int) -> tuple[int, int]:
         if pos + 8 > limit:
             raise _Unreadable("cut short")
+        self._count()
         group, element, length = _TAG_LENGTH.unpack_from(self.buf, pos)
         return group << 16 | element, length
 
@@ -193,7 +209,7 @@ def _read(part10: bytes) -> tuple[UID, _DataSet]:
     elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
         implicit = False
     else:
-        raise _Unreadable("transfer syntax not compared")
+        raise _SyntaxNotCompared
     buf = memoryview(part10)
     return syntax, _Reader(buf).elements(offset, len(buf), implicit, 0)[0]
 
@@ -290,14 +306,19 @@ def first_difference(a_part10: bytes, b_part10: bytes) -> str | None:
     -------
     str or None
         The path of tags to the first differing element, such as ``(0008,1140)[0](0008,1155)``
-        (tags and item numbers only, never a value: fit for a log); ``(0002,0010)`` when the
-        objects are not compared because of their transfer syntaxes or encoding.
+        (tags and item numbers only, never a value: fit for a log); ``(0002,0010)`` when
+        their transfer syntaxes are not compared; ``not compared: <reason>`` for an
+        encoding this comparison does not read or an object over :data:`MAX_ELEMENTS`.
     """
     try:
         a_syntax, a = _read(a_part10)
         b_syntax, b = _read(b_part10)
-    except (_Unreadable, struct.error, ValueError):
+    except _SyntaxNotCompared:
         return _TRANSFER_SYNTAX
+    except _Unreadable as exc:
+        return f"not compared: {exc}"
+    except (struct.error, ValueError):
+        return "not compared: unreadable"
     other_pixel_encoding = a_syntax != b_syntax and (
         a_syntax.is_encapsulated or b_syntax.is_encapsulated
     )
@@ -305,10 +326,7 @@ def first_difference(a_part10: bytes, b_part10: bytes) -> str | None:
         a.pop(_PIXEL_DATA, None)
         b.pop(_PIXEL_DATA, None)
         return _difference_in(a, b, "", 0) or _tag_text(_PIXEL_DATA)
-    try:
-        return _difference_in(a, b, "", 0)
-    except (_Unreadable, struct.error):
-        return _TRANSFER_SYNTAX
+    return _difference_in(a, b, "", 0)
 
 
 def same_content(a_part10: bytes, b_part10: bytes) -> bool:

@@ -16,6 +16,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from medzip_scp.dicom import equivalence
 from medzip_scp.dicom.equivalence import first_difference, same_content
 from tests.dicom.forwarding import TRAILING_PADDING, forwarded, with_group_lengths
 
@@ -185,3 +186,10 @@ def test_real_differences_are_found_by_tag(case: str) -> None:
     original = part10(base)
     assert first_difference(original, make()) == tag
     assert first_difference(forwarded(make()), original) == tag or case == "big endian"
+
+
+def test_an_object_of_too_many_elements_is_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = part10(ct())
+    assert same_content(original, original)
+    monkeypatch.setattr(equivalence, "MAX_ELEMENTS", 100)  # CT_small has about 280
+    assert first_difference(original, original) == "not compared: too many elements"

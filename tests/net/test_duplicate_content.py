@@ -15,8 +15,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE, _config
 from sqlalchemy import func, select
 
+from medzip_scp.archive import StoreResult
 from medzip_scp.config import DuplicatePolicyValues, Settings
-from medzip_scp.dicom.part10 import dataset_offset_of
+from medzip_scp.dicom.part10 import dataset_offset_of, read_received
 from medzip_scp.index.models import Instance, SupersededInstance
 from medzip_scp.net.status import Status
 from tests.dicom.forwarding import TRAILING_PADDING, forwarded
@@ -127,3 +128,33 @@ def test_with_policy_replace_only_a_real_difference_supersedes(
     assert superseded_count(node) == 1
     assert archived_bytes(node) == data_set(changed.read_bytes())
     assert count_instances(node) == 1
+
+
+def test_an_archived_copy_replaced_while_compared_is_compared_again(
+    replace_policy: Settings,
+    node: RunningNode,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The comparison runs outside the transaction: when another copy replaced the archived
+    one meanwhile, the transaction does not decide by the stale comparison."""
+    direct, same, changed = with_a_real_difference(tmp_path)
+    archive = node.archive
+    assert archive.store(read_received(direct), "DIRECT").result is StoreResult.STORED
+    compare = archive._compare_with_archived
+    calls = []
+
+    def compare_then_replace(*args: object) -> None:
+        compare(*args)  # type: ignore[arg-type]
+        calls.append(args)
+        if len(calls) == 1:  # another association replaces the copy just compared
+            replaced = archive.store(read_received(changed), "OTHER")
+            assert replaced.result is StoreResult.REPLACED
+
+    monkeypatch.setattr(archive, "_compare_with_archived", compare_then_replace)
+    outcome = archive.store(read_received(same), "FORWARDER")
+    assert outcome.result is StoreResult.REPLACED  # not the same content as the newest copy
+    assert outcome.first_difference == "(0008,103E)"
+    assert len(calls) == 3  # same vs direct, changed vs direct, same vs changed
+    assert superseded_count(node) == 2
+    assert archived_bytes(node) == data_set(same.read_bytes())
