@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset
+from medzip_scp.dicom.equivalence import first_difference
 from medzip_scp.dicom.part10 import ReceivedObject, dataset_offset_of
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
@@ -117,6 +118,9 @@ class StoreResult(Enum):
 class StoreOutcome:
     result: StoreResult
     sop_instance_uid: str
+    # REPLACED, DUPLICATE_REJECTED: where the content first differs from the archived
+    # copy's (tags only, never a value: see dicom.equivalence.first_difference)
+    first_difference: str | None = None
 
 
 class InstanceIntegrityError(Exception):
@@ -147,6 +151,12 @@ class _StoreRequest:
     blob: StoredBlob
     dataset_sha256: str
     calling_ae_title: str
+    # The archived copies (by the SHA-256 of their data set) this object was compared with,
+    # outside the transaction: None, the same content; else where it first differs.
+    differences: dict[str, str | None] = field(default_factory=dict)
+    # Set in the transaction: an archived copy with another hash, not compared yet, is
+    # there (the outcome is only a placeholder; compare, then submit again).
+    needs_comparison: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # woken to commit the queue, not with an outcome
     outcome: StoreOutcome | None = None
@@ -251,6 +261,8 @@ class Archive:
         self._committer = _GroupCommitter(self._commit_batch)
         self._syncing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sync")
         self._known_series = KnownSeries()  # used by the committing leader only
+        # Each comparison of a duplicate holds both objects in memory: a few at a time.
+        self._comparing = threading.BoundedSemaphore(self.COMPARISONS_AT_ONCE)
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> Archive:
@@ -273,6 +285,9 @@ class Archive:
         )
 
     # -- C-STORE -------------------------------------------------------------------------
+
+    COMPARISONS_AT_ONCE = 2
+    """Duplicates of differing bytes compared by content at once, per node process."""
 
     def _write_original(
         self, received: ReceivedObject, sop_instance_uid: str
@@ -309,17 +324,73 @@ class Archive:
             The object lacks an attribute the index needs (nothing is written).
         """
         attrs = attributes_from_dataset(received.header)
+        uid = attrs.sop_instance_uid
         self.store_activity.value = time.monotonic()
-        blob, dataset_sha256 = self._write_original(received, attrs.sop_instance_uid)
-        request = _StoreRequest(received, attrs, blob, dataset_sha256, calling_ae_title)
+        blob, dataset_sha256 = self._write_original(received, uid)
+        differences: dict[str, str | None] = {}
         try:
-            outcome = self._committer.submit(request)
+            # A duplicate whose data set bytes differ from the archived copy's is compared
+            # by content, outside the transaction (it loads both objects); the transaction
+            # then decides with that comparison, if the archived copy is still the same.
+            for _attempt in range(3):
+                request = _StoreRequest(
+                    received, attrs, blob, dataset_sha256, calling_ae_title, differences
+                )
+                outcome = self._committer.submit(request)
+                if not request.needs_comparison:
+                    break
+                self._compare_with_archived(received, uid, differences)
+            else:
+                raise RuntimeError(f"the archived copy of {uid} kept changing while compared")
         except BaseException:
-            self._discard_unindexed(blob, attrs.sop_instance_uid)
+            self._discard_unindexed(blob, uid)
             raise
         if outcome.result in (StoreResult.IDENTICAL_DUPLICATE, StoreResult.DUPLICATE_REJECTED):
             self.blobs.delete(blob.key)  # an identical or refused copy is not kept
+        if outcome.result is StoreResult.DUPLICATE_REJECTED:
+            log.warning(
+                "duplicate %s from %r rejected: content differs from the archived copy (first "
+                "difference: %s)",
+                uid,
+                calling_ae_title,
+                outcome.first_difference,
+            )
+        elif outcome.result is StoreResult.IDENTICAL_DUPLICATE and differences:
+            log.info(
+                "duplicate %s from %r: the archived content, encoded otherwise (not kept)",
+                uid,
+                calling_ae_title,
+            )
+        elif outcome.result is StoreResult.REPLACED:
+            log.info(
+                "duplicate %s from %r replaced the archived copy, kept superseded (first "
+                "difference: %s)",
+                uid,
+                calling_ae_title,
+                outcome.first_difference,
+            )
         return outcome
+
+    def _compare_with_archived(
+        self, received: ReceivedObject, sop_instance_uid: str, differences: dict[str, str | None]
+    ) -> None:
+        """Compare a received object with the archived copy of its SOP Instance, by
+        content (dicom.equivalence), and note the result under that copy's hash."""
+        with self.read_sessions() as session:
+            archived = get_instance(session, sop_instance_uid)
+            if archived is None:  # removed meanwhile: the transaction will see
+                return
+            session.expunge(archived)
+        with self._comparing:
+            try:
+                archived_part10 = self.load_part10(archived)
+            except InstanceIntegrityError as exc:
+                log.error("cannot compare a duplicate with its archived copy: %s", exc)
+                differences[archived.original_sha256] = "not compared: archived copy damaged"
+                return
+            differences[archived.original_sha256] = first_difference(
+                archived_part10, received.path.read_bytes()
+            )
 
     def _discard_unindexed(self, blob: StoredBlob, sop_instance_uid: str) -> None:
         """Nothing half-stored: remove the blob of a failed commit, unless the commit went
@@ -407,6 +478,7 @@ class Archive:
         sop_uid = request.attrs.sop_instance_uid
         fields = dict(self._facts(request), known_series=self._known_series)
         policy = self.settings.storage.duplicate_policy
+        request.needs_comparison = False  # a batch retried alone decides afresh
         for _attempt in range(3):
             archived = indexed_content(session, [sop_uid]).get(sop_uid)
             if archived is not None and archived[1] == request.blob.key:
@@ -416,8 +488,16 @@ class Archive:
             archived_sha256 = archived[0] if archived is not None else None
             if archived_sha256 == request.dataset_sha256:
                 return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
-            if archived_sha256 is not None and policy is DuplicatePolicyValues.REJECT:
-                return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
+            difference = None
+            if archived_sha256 is not None:
+                if archived_sha256 not in request.differences:
+                    request.needs_comparison = True  # compared outside the transaction
+                    return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid)
+                difference = request.differences[archived_sha256]
+                if difference is None:  # the same content, encoded otherwise
+                    return StoreOutcome(StoreResult.IDENTICAL_DUPLICATE, sop_uid)
+                if policy is DuplicatePolicyValues.REJECT:
+                    return StoreOutcome(StoreResult.DUPLICATE_REJECTED, sop_uid, difference)
             try:
                 with session.begin_nested():
                     if archived_sha256 is None:
@@ -427,7 +507,7 @@ class Archive:
                     if existing is None:  # removed meanwhile: look again
                         continue
                     replace_instance(session, existing, request.attrs, **fields)
-                    return StoreOutcome(StoreResult.REPLACED, sop_uid)
+                    return StoreOutcome(StoreResult.REPLACED, sop_uid, difference)
             except (IntegrityError, DuplicateInstanceError):
                 # Another process indexed the same SOP Instance meanwhile: look again. The
                 # savepoint's rollback may have undone series rows noted for the fast path.

@@ -105,6 +105,11 @@ def dataset_offset_of(part10: bytes) -> int:
     return _file_meta(part10)[0]
 
 
+def file_meta_of(part10: bytes) -> tuple[int, str]:
+    """The data set offset and the Transfer Syntax UID ("" when absent) of a Part-10 object."""
+    return _file_meta(part10)
+
+
 @contextmanager
 def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
     """The file's bytes, mapped (files too short to hold a data set are read)."""
