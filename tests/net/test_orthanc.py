@@ -110,6 +110,7 @@ def _send_directly(node_entry: tuple[str, str, int], paths: list[Path]) -> None:
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
             sendable.append(path)
     ae_title, host, port = node_entry
+    chunked = _config.STORE_SEND_CHUNKED_DATASET  # the in-process node's setting: restore it
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         assoc = ae.associate(host, port, ae_title=ae_title)
@@ -119,7 +120,7 @@ def _send_directly(node_entry: tuple[str, str, int], paths: list[Path]) -> None:
         finally:
             assoc.release()
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
     assert statuses == [Status.SUCCESS] * len(sendable)
 
 
