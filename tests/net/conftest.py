@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pynetdicom import _config
 
 from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
 from medzip_scp.net.server import start_server
 from tests.data_paths import SHARED_DATA
+
+
+@contextlib.contextmanager
+def sending_files_as_they_are() -> Iterator[None]:
+    """pynetdicom's ``send_c_store(path)`` sends the file's data set bytes unchanged (no
+    re-encoding); the previous setting is restored after (an in-process node sets it too)."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def free_port() -> int:

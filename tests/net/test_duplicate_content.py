@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from sqlalchemy import func, select
 
 from medzip_scp.archive import StoreResult
@@ -21,7 +21,7 @@ from medzip_scp.dicom.part10 import dataset_offset_of, read_received
 from medzip_scp.index.models import Instance, SupersededInstance
 from medzip_scp.net.status import Status
 from tests.dicom.forwarding import TRAILING_PADDING, forwarded
-from tests.net.conftest import RunningNode
+from tests.net.conftest import RunningNode, sending_files_as_they_are
 from tests.net.test_store import count_instances, ct_dataset
 
 
@@ -30,16 +30,13 @@ def send_files(node: RunningNode, *paths: Path) -> list[int]:
     ae = AE(ae_title="FORWARDER")
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         ae.add_requested_context(CTImageStorage, syntax)
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
+    with sending_files_as_they_are():
         assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
         assert assoc.is_established
         try:
             return [int(assoc.send_c_store(path).Status) for path in paths]
         finally:
             assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def instance() -> Dataset:

@@ -12,14 +12,14 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_charset_files
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from medzip_scp.archive import CODECS, Archive, MzpCodec
 from medzip_scp.config import MoveDestination
 from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance
-from tests.net.conftest import free_port, make_settings
+from tests.net.conftest import free_port, make_settings, sending_files_as_they_are
 from tests.net.dicom_compare import differences
 from tests.net.orthanc import Orthanc, orthanc_available, running_orthanc
 
@@ -110,17 +110,13 @@ def _send_directly(node_entry: tuple[str, str, int], paths: list[Path]) -> None:
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
             sendable.append(path)
     ae_title, host, port = node_entry
-    chunked = _config.STORE_SEND_CHUNKED_DATASET  # the in-process node's setting: restore it
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
+    with sending_files_as_they_are():
         assoc = ae.associate(host, port, ae_title=ae_title)
         assert assoc.is_established
         try:
             statuses = [int(assoc.send_c_store(path).Status) for path in sendable]
         finally:
             assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
     assert statuses == [Status.SUCCESS] * len(sendable)
 
 

@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -30,7 +30,7 @@ from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance, SupersededInstance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode
+from tests.net.conftest import RunningNode, sending_files_as_they_are
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
@@ -167,13 +167,9 @@ def encoded(ds: Dataset) -> bytes:
 
 
 def send_raw(node: RunningNode, path: Path) -> int | None:
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        with association(node) as assoc:
-            rsp = assoc.send_c_store(path)
-            return int(rsp.Status) if "Status" in rsp else None
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    with sending_files_as_they_are(), association(node) as assoc:
+        rsp = assoc.send_c_store(path)
+        return int(rsp.Status) if "Status" in rsp else None
 
 
 def short_pixels(ds: Dataset) -> bytes:

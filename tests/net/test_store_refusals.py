@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import JPEG2000Lossless, MRImageStorage
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from medzip_scp.dicom.part10 import dataset_offset
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode
+from tests.net.conftest import RunningNode, sending_files_as_they_are
 from tests.net.test_store import count_instances, ct_dataset, store
 
 
@@ -22,16 +22,13 @@ def _send_file(node: RunningNode, path: Path) -> int:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    _config.STORE_SEND_CHUNKED_DATASET = True  # the bytes as they are, not re-encoded
-    try:
+    with sending_files_as_they_are():
         assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
         assert assoc.is_established
         try:
             return int(assoc.send_c_store(path).Status)
         finally:
             assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def _assert_nothing_kept(node: RunningNode) -> None:
