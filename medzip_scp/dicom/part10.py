@@ -31,7 +31,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medzip_scp.dicom.frames import FrameHeaderError, ImageAttributes, check_frames
 
@@ -189,7 +189,12 @@ def expected_pixel_bytes(ds: Dataset | HeaderElements) -> int:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     bits = int(ds.get("BitsAllocated"))
+    if samples == 3 and str(ds.get("PhotometricInterpretation", "")).strip() in _SUBSAMPLED_422:
+        samples = 2  # two luminance values share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
     return (rows * columns * samples * frames * bits + 7) // 8
+
+
+_SUBSAMPLED_422 = ("YBR_FULL_422", "YBR_PARTIAL_422")
 
 
 # What the node checks and indexes of a received data set (here and in
@@ -223,6 +228,7 @@ HEADER_KEYWORDS = (
     "NumberOfFrames",
     "SamplesPerPixel",
     "BitsAllocated",
+    "PhotometricInterpretation",
 )
 _IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # PS3.5 9.1: digits and dots, at most 64 characters. Anything else ('*', '?', a backslash)
@@ -508,7 +514,9 @@ def _read_with_pydicom(
     offset = dataset_offset(path)
     try:
         ds = dcmread(path, defer_size=1 << 16)
-        if not _walks_whole(path):  # else the walk has accounted for every byte
+        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        # (a deflated data set's element positions are those of the inflated stream)
+        if not deflated and not _walks_whole(path):  # else the walk accounted for every byte
             _check_complete(ds, path.stat().st_size)
     except InvalidObjectError:
         raise

@@ -434,6 +434,15 @@ def _copy_contexts(contexts: Any, memo: Any = None) -> Any:
     return copies
 
 
+def _accept(listening: socket.socket) -> tuple[socket.socket, Any]:
+    """Accept a connection, with Nagle's algorithm off: a DIMSE response is one small
+    write after the peer's last fragment, and waiting for its ACK cost about 45 ms per
+    C-GET sub-operation on loopback (30 retrieved in 1.55 s, 0.43 s without the wait)."""
+    client, address = listening.accept()
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return client, address
+
+
 class _NodeRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -495,7 +504,7 @@ class NodeServer(ThreadedAssociationServer):
                 del self._starting[host]
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = self.socket.accept()
+        client, address = _accept(self.socket)
         return self._wrap(client), address
 
     def _wrap(self, client: socket.socket) -> socket.socket:
@@ -550,7 +559,7 @@ class DispatchingServer(NodeServer):
             old.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        return self.socket.accept()  # wrapped for TLS only where it is served
+        return _accept(self.socket)  # wrapped for TLS only where it is served
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._turn = (self._turn + 1) % (len(self._channels) + 1)

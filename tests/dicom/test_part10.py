@@ -346,3 +346,15 @@ def test_a_loaded_data_set_does_not_keep_the_stored_object_alive() -> None:
     loaded = part10.load_dataset(stored)
     assert loaded.PixelData == ds.PixelData
     assert sys.getrefcount(stored) == unreferenced  # nothing in `loaded` refers to it
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "image_dfl.dcm",  # Deflated Explicit VR: element positions are the inflated stream's
+        "SC_ybr_full_422_uncompressed.dcm",  # native 4:2:2: two samples per pixel's worth
+    ],
+)
+def test_valid_files_found_by_the_fuzz_test_are_accepted(name: str, tmp_path: Path) -> None:
+    received = read_received(Path(pydicom.data.get_testdata_file(name)))
+    assert str(received.header.get("SOPInstanceUID"))
