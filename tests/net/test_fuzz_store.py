@@ -70,11 +70,11 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Veri
 from sqlalchemy import select
 
 from medzip_scp.archive import MzpCodec
-from medzip_scp.cli.main import _start_compression
 from medzip_scp.config import Settings
 from medzip_scp.dicom.part10 import LONG_LENGTH_VRS, dataset_offset_of
 from medzip_scp.index.models import Instance, Series, Study
 from medzip_scp.net.status import Status
+from medzip_scp.net.supervisor import start_compression
 from medzip_scp.pipeline.compress import pending_ids
 from medzip_scp.pipeline.verify import verify_archive
 from tests.data_paths import PYDICOM_FILES, SHARED_DATA
@@ -986,7 +986,7 @@ def test_mutated_files_with_background_compression(
     cases = small[:COMPRESSED_CASES]
     good = [(p, m) for p, m in good_files if p.stat().st_size <= COMPRESSED_BASE_BYTES]
     stop = threading.Event()
-    worker = _start_compression(node.archive, stop, number=0)
+    worker = start_compression(node.archive, stop, number=0)
     assert worker is not None
 
     def compressed() -> list[str]:
