@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from medzip_scp.codec.api import DEFAULT_LEARNED
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset
 from medzip_scp.dicom.equivalence import first_difference
@@ -81,12 +82,17 @@ class MzpCodec:
     """The medzip codec: pixel data through the codec library, the rest compressed.
 
     ``encode`` itself decodes its output and compares it with the input before returning.
+    It tries the learned split paths only when ``learned`` (``[pipeline] learned``); any
+    instance decodes blobs of either kind.
     """
 
     codec_id = "mzp1"
 
+    def __init__(self, learned: bool = False) -> None:
+        self._learned = DEFAULT_LEARNED if learned else None
+
     def encode(self, part10: bytes) -> bytes:
-        return encode_dataset(part10)
+        return encode_dataset(part10, self._learned)
 
     def decode(self, blob: bytes) -> bytes:
         return decode_blob(blob)
@@ -94,6 +100,11 @@ class MzpCodec:
 
 # Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.
 CODECS: dict[str, InstanceCodec] = {c.codec_id: c for c in (Part10Codec(), MzpCodec())}
+
+
+def compressing_codec(settings: Settings) -> MzpCodec:
+    """The codec background compression writes with, as the settings say."""
+    return MzpCodec(learned=settings.pipeline.learned)
 
 
 def _file_chunks(path: Path, size: int = 8 << 20) -> Iterator[bytes]:

@@ -126,7 +126,7 @@ def worker(
     ] = "0/1",
 ) -> None:
     """Compress stored originals (verify-before-replace) in a separate process."""
-    from medzip_scp.archive import CODECS, MzpCodec
+    from medzip_scp.archive import compressing_codec
     from medzip_scp.pipeline.compress import compress_pending, parse_shard, run_worker
 
     try:
@@ -136,7 +136,7 @@ def worker(
     settings = _settings(config, data_dir)
     _logging(settings.log_level)
     archive = _open_archive(settings)
-    codec = CODECS[MzpCodec.codec_id]
+    codec = compressing_codec(settings)
     if once:
         summary = compress_pending(
             archive, codec, progress=_progress_bar("compressing"), shard=part

@@ -38,6 +38,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from medzip_scp.codec.api import (
     FrameSet,
+    LearnedOptions,
     PixelLayout,
     compress,
     decompress,
@@ -286,12 +287,12 @@ def _read_head(rest: bytes) -> _Head:
     return _Head(bmode, sha, length, bool(big), prefix_len, tail_len, pad, ts, reason, pos)
 
 
-def _encode(part10: bytes) -> bytes:
+def _encode(part10: bytes, learned: LearnedOptions | None) -> bytes:
     try:
         native = _analyse(part10)
     except _Fallback as fb:
         rest = _head(fb.mode, part10, transfer_syntax=fb.transfer_syntax, reason=fb.reason)
-        return compress(None, rest + part10)
+        return compress(None, rest + part10, learned=learned)
     start = native.value_offset
     pix_end = start + native.pixel_bytes
     value_end = start + native.value_length
@@ -310,10 +311,10 @@ def _encode(part10: bytes) -> bytes:
         transfer_syntax=native.transfer_syntax,
     )
     rest += part10[:start] + part10[pix_end:value_end] + part10[value_end:]
-    return compress(frames, rest)
+    return compress(frames, rest, learned=learned)
 
 
-def encode_dataset(part10: bytes) -> bytes:
+def encode_dataset(part10: bytes, learned: LearnedOptions | None = None) -> bytes:
     """Code a complete DICOM Part-10 file into a blob, verified by decoding it.
 
     Parameters
@@ -321,6 +322,11 @@ def encode_dataset(part10: bytes) -> bytes:
     part10
         The file exactly as received (preamble, file meta information, data set; PS3.10
         section 7.1). Anything else is accepted too and stored whole.
+    learned
+        Also try the learned split paths (:class:`LearnedOptions`); ``None`` (default):
+        classical paths only. On the dev sets the learned paths saved 0.1-0.7 % at 12x the
+        encode and 40x the decode time (a 520-frame Enhanced MR decoded in 24 s of CPU, 0.5 s
+        classical), so they are opt-in (``[pipeline] learned``) until they save more.
 
     Returns
     -------
@@ -334,7 +340,7 @@ def encode_dataset(part10: bytes) -> bytes:
         must then keep the original).
     """
     part10 = bytes(part10)
-    blob = _encode(part10)
+    blob = _encode(part10, learned)
     try:
         restored = decode_blob(blob)
     except CodecError as exc:

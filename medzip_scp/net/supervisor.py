@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from medzip_scp.archive import CODECS, Archive, MzpCodec
+from medzip_scp.archive import Archive, compressing_codec
 from medzip_scp.config import Settings
 from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
 from medzip_scp.pipeline.compress import run_worker
@@ -272,7 +272,7 @@ def start_compression(
         return None
     worker = threading.Thread(
         target=run_worker,
-        args=(archive, CODECS[MzpCodec.codec_id], stop, settings.pipeline.poll_seconds),
+        args=(archive, compressing_codec(settings), stop, settings.pipeline.poll_seconds),
         kwargs={"shard": (number, settings.node.processes)},
         name="medzip-compress",
         daemon=True,

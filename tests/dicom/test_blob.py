@@ -20,7 +20,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medzip_scp.codec.api import decompress
+from medzip_scp.codec.api import LearnedOptions, decompress
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
 from medzip_scp.dicom import blob as blob_module
 from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
@@ -290,3 +290,13 @@ def test_encode_verifies_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blob_module, "decode_blob", lambda b: real(b)[:-1] + b"\x01")
     with pytest.raises(CodecError, match="verification failed"):
         encode_dataset(data)
+
+
+def test_learned_paths_are_opt_in_and_decode() -> None:
+    """The node compresses classically unless ``[pipeline] learned``; a blob coded with the
+    learned paths through the DICOM adapter decodes bit-exact."""
+    data = (PYDICOM_FILES / "MR_small.dcm").read_bytes()
+    assert blob_info(encode_dataset(data))["codec"]["models"] == []
+    learned = encode_dataset(data, LearnedOptions(force_split=2))
+    assert blob_info(learned)["codec"]["models"], "the learned options did not reach the codec"
+    assert decode_blob(learned) == data
