@@ -40,9 +40,9 @@ import struct
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID
 
-from medzip_scp.dicom.part10 import LONG_LENGTH_VRS, file_meta_of
+from medzip_scp.dicom.part10 import LONG_LENGTH_VRS, file_meta_of, implicit_vr_of
 
 __all__ = ["first_difference", "same_content"]
 
@@ -204,11 +204,8 @@ def _read(part10: bytes) -> tuple[UID, _DataSet]:
     """The transfer syntax and the top-level elements of a Part-10 object."""
     offset, syntax_text = file_meta_of(part10)
     syntax = UID(syntax_text)
-    if syntax == ImplicitVRLittleEndian:
-        implicit = True
-    elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
-        implicit = False
-    else:
+    implicit = implicit_vr_of(syntax)
+    if implicit is None:
         raise _SyntaxNotCompared
     buf = memoryview(part10)
     return syntax, _Reader(buf).elements(offset, len(buf), implicit, 0)[0]

@@ -404,6 +404,17 @@ class HeaderElements:
         return self._values[tag]
 
 
+def implicit_vr_of(syntax: UID) -> bool | None:
+    """Whether a little-endian, not deflated syntax is implicit VR (True) or explicit
+    (False): the encodings an element walk reads in place. None for the others (big
+    endian, deflated, private or unknown syntaxes)."""
+    if syntax == ImplicitVRLittleEndian:
+        return True
+    if syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
+        return False
+    return None
+
+
 def _walk_file(buf: bytes | mmap.mmap) -> tuple[UID, int, _Walk]:
     """Walk a whole Part-10 file; raises _Unusual for anything left to pydicom."""
     try:
@@ -411,12 +422,9 @@ def _walk_file(buf: bytes | mmap.mmap) -> tuple[UID, int, _Walk]:
     except InvalidObjectError:
         raise _Unusual from None
     syntax = UID(syntax_text)
-    if syntax == ImplicitVRLittleEndian:
-        implicit = True
-    elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
-        implicit = False
-    else:
-        raise _Unusual  # big endian, deflated, private or unknown syntaxes
+    implicit = implicit_vr_of(syntax)
+    if implicit is None:
+        raise _Unusual
     walk = _Walk(buf, implicit, kept={})
     walk.elements(offset, len(buf), 0)
     return syntax, offset, walk
