@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -349,10 +350,39 @@ class StoredObject(Dataset):
             self._fd = -1
 
 
-def _prepare(archive: Archive, instance: Instance, accepted: list[UID]) -> Dataset | StoredObject:
+class _LoadAhead:
+    """The instances of a retrieval, each restored (read, checked, decoded) on another
+    thread one instance ahead of the one being sent: decoding the next overlaps sending this
+    one, and the first starts as soon as the matches are known (for C-MOVE, while the
+    sub-association is being opened). At most two restored objects are held at a time."""
+
+    def __init__(self, archive: Archive, instances: list[Instance]) -> None:
+        self.instances = instances
+        self._archive = archive
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzip-retrieve")
+        self._ahead = self._load(0)
+
+    def _load(self, position: int) -> Future[bytes] | None:
+        if position >= len(self.instances):
+            return None
+        return self._pool.submit(self._archive.load_part10, self.instances[position])
+
+    def __iter__(self) -> Iterator[tuple[Instance, Future[bytes]]]:
+        for position, instance in enumerate(self.instances):
+            current = self._ahead
+            assert current is not None
+            current.exception()  # restored (or failed) before the next one starts
+            self._ahead = self._load(position + 1)
+            yield instance, current
+
+    def close(self) -> None:
+        """Stop loading (a load under way finishes on its own; its result is dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare(part10: bytes, instance: Instance, accepted: list[UID]) -> Dataset | StoredObject:
     """What to send for one sub-operation: the object as received when the peer accepted
     its transfer syntax, else a data set converted to one the peer accepted."""
-    part10 = archive.load_part10(instance)
     original = UID(instance.transfer_syntax_uid)
     if original in accepted:
         return StoredObject(part10, instance)
@@ -361,15 +391,15 @@ def _prepare(archive: Archive, instance: Instance, accepted: list[UID]) -> Datas
 
 def _sub_operations(
     event: evt.Event,
-    archive: Archive,
-    instances: list[Instance],
+    loads: _LoadAhead,
     accepted_for: Callable[[str], list[UID]],
 ) -> Iterator[tuple[int, Dataset | None]]:
+    instances = loads.instances
     unsendable: list[str] = []
     cancelled = _cancel_latch(event)
     sent: StoredObject | None = None
     try:
-        for position, instance in enumerate(instances, 1):
+        for position, (instance, loaded) in enumerate(loads, 1):
             if sent is not None:  # pynetdicom has sent it by the time it asks for the next
                 sent.close()
                 sent = None
@@ -377,7 +407,8 @@ def _sub_operations(
                 yield Status.CANCEL, None
                 return
             try:
-                prepared = _prepare(archive, instance, accepted_for(instance.sop_class_uid))
+                accepted = accepted_for(instance.sop_class_uid)
+                prepared = _prepare(loaded.result(), instance, accepted)
             except TranscodeError as exc:
                 log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
                 prepared = None
@@ -451,8 +482,12 @@ def handle_get(
         ]
 
     log.info("C-GET from %r: %d sub-operations", assoc.requestor.ae_title, len(instances))
-    yield len(instances)
-    yield from _sub_operations(event, archive, instances, accepted_for)
+    loads = _LoadAhead(archive, instances)
+    try:
+        yield len(instances)
+        yield from _sub_operations(event, loads, accepted_for)
+    finally:
+        loads.close()
 
 
 def _move_contexts(instances: list[Instance]) -> list[PresentationContext]:
@@ -494,29 +529,33 @@ def handle_move(event: evt.Event, archive: Archive, policy: AccessPolicy) -> Ite
     def on_established(sub_event: evt.Event) -> None:
         sub_association.append(sub_event.assoc)
 
-    yield (
-        destination.host,
-        destination.port,
-        {
-            "contexts": _move_contexts(instances),
-            "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
-        },
-    )
-    log.info(
-        "C-MOVE from %r to %r: %d sub-operations",
-        event.assoc.requestor.ae_title,
-        destination.ae_title,
-        len(instances),
-    )
-    yield len(instances)
+    loads = _LoadAhead(archive, instances)
+    try:
+        yield (
+            destination.host,
+            destination.port,
+            {
+                "contexts": _move_contexts(instances),
+                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+            },
+        )
+        log.info(
+            "C-MOVE from %r to %r: %d sub-operations",
+            event.assoc.requestor.ae_title,
+            destination.ae_title,
+            len(instances),
+        )
+        yield len(instances)
 
-    def accepted_for(sop_class_uid: str) -> list[UID]:
-        if not sub_association:
-            return []
-        return [
-            cx.transfer_syntax[0]
-            for cx in sub_association[0].accepted_contexts
-            if cx.abstract_syntax == sop_class_uid
-        ]
+        def accepted_for(sop_class_uid: str) -> list[UID]:
+            if not sub_association:
+                return []
+            return [
+                cx.transfer_syntax[0]
+                for cx in sub_association[0].accepted_contexts
+                if cx.abstract_syntax == sop_class_uid
+            ]
 
-    yield from _sub_operations(event, archive, instances, accepted_for)
+        yield from _sub_operations(event, loads, accepted_for)
+    finally:
+        loads.close()
