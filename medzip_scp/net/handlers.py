@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -340,14 +341,21 @@ class StoredObject(Dataset):
         # pynetdicom skips a sub-operation whose data set is empty (falsy)
         self.SOPClassUID = instance.sop_class_uid
         self.SOPInstanceUID = instance.sop_instance_uid
-        self._fd = os.memfd_create("medzip-retrieve", os.MFD_CLOEXEC)
-        os.write(self._fd, part10)
-        self.path = Path(f"/proc/self/fd/{self._fd}")
+        self.transfer_syntax = UID(instance.transfer_syntax_uid)
+        fd = os.memfd_create("medzip-retrieve", os.MFD_CLOEXEC)
+        self._closed = weakref.finalize(self, os.close, fd)  # also if dropped unsent
+        with memoryview(part10) as view:
+            while view:  # one write() stops short of 2 GiB
+                view = view[os.write(fd, view) :]
+        self.path = Path(f"/proc/self/fd/{fd}")
+        self._fd = fd
+
+    def read(self) -> bytes:
+        """The whole object again (to convert it to another syntax)."""
+        return os.pread(self._fd, os.fstat(self._fd).st_size, 0)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._closed()
 
 
 class _LoadAhead:
@@ -362,12 +370,16 @@ class _LoadAhead:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzip-retrieve")
         self._ahead = self._load(0)
 
-    def _load(self, position: int) -> Future[bytes] | None:
+    def _load(self, position: int) -> Future[StoredObject] | None:
         if position >= len(self.instances):
             return None
-        return self._pool.submit(self._archive.load_part10, self.instances[position])
+        return self._pool.submit(self._restore, self.instances[position])
 
-    def __iter__(self) -> Iterator[tuple[Instance, Future[bytes]]]:
+    def _restore(self, instance: Instance) -> StoredObject:
+        # Into its in-memory file at once: the restored bytes are not held twice.
+        return StoredObject(self._archive.load_part10(instance), instance)
+
+    def __iter__(self) -> Iterator[tuple[Instance, Future[StoredObject]]]:
         for position, instance in enumerate(self.instances):
             current = self._ahead
             assert current is not None
@@ -380,13 +392,14 @@ class _LoadAhead:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepare(part10: bytes, instance: Instance, accepted: list[UID]) -> Dataset | StoredObject:
+def _prepare(stored: StoredObject, accepted: list[UID]) -> Dataset | StoredObject:
     """What to send for one sub-operation: the object as received when the peer accepted
     its transfer syntax, else a data set converted to one the peer accepted."""
-    original = UID(instance.transfer_syntax_uid)
-    if original in accepted:
-        return StoredObject(part10, instance)
-    return convert(load_dataset(part10), choose_syntax(original, accepted))
+    if stored.transfer_syntax in accepted:
+        return stored
+    part10 = stored.read()
+    stored.close()
+    return convert(load_dataset(part10), choose_syntax(stored.transfer_syntax, accepted))
 
 
 def _sub_operations(
@@ -407,8 +420,7 @@ def _sub_operations(
                 yield Status.CANCEL, None
                 return
             try:
-                accepted = accepted_for(instance.sop_class_uid)
-                prepared = _prepare(loaded.result(), instance, accepted)
+                prepared = _prepare(loaded.result(), accepted_for(instance.sop_class_uid))
             except TranscodeError as exc:
                 log.warning("cannot send %s: %s", instance.sop_instance_uid, exc)
                 prepared = None

@@ -239,8 +239,13 @@ class LocalBlobStore:
         with fh:
             yield from self._key.open(fh, _binding(key, bound_to))
 
-    def read(self, key: str, bound_to: str) -> bytes:
-        return b"".join(self.read_chunks(key, bound_to))
+    def read(self, key: str, bound_to: str) -> bytearray:
+        """The whole plaintext, gathered as it is decrypted (a join of the chunks would
+        hold the object twice)."""
+        plaintext = bytearray()
+        for chunk in self.read_chunks(key, bound_to):
+            plaintext += chunk
+        return plaintext
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
