@@ -1,9 +1,9 @@
 """Alembic environment of the medzip index (one migration tree for SQLite and PostgreSQL).
 
 The URL comes from ``config.attributes["url"]`` (set by
-:func:`medzip_scp.index.db.upgrade_database`), else ``MEDZIP_DATABASE_URL``, else
-``sqlalchemy.url`` in alembic.ini. A caller may also pass an open connection in
-``config.attributes["connection"]``. Engines are made with
+:func:`medzip_scp.index.db.upgrade_database`), else ``MEDZIP_STORAGE__DATABASE_URL`` (the
+node's own variable), else ``sqlalchemy.url`` in alembic.ini. A caller may also pass an
+open connection in ``config.attributes["connection"]``. Engines are made with
 :func:`medzip_scp.index.db.create_engine_for` so that migrations run with the same
 SQLite pragmas and ``BEGIN IMMEDIATE`` as the node itself.
 """
@@ -14,13 +14,19 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
 
+from medzip_scp.config import redact_url, setting_variables
 from medzip_scp.index.db import MIGRATION_COMPARE_OPTIONS, create_engine_for
 from medzip_scp.index.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+DATABASE_URL_VARIABLE = next(
+    name for name, setting in setting_variables().items() if setting == ("storage", "database_url")
+)
 
 if config.config_file_name is not None and "connection" not in config.attributes:
     # Command-line use only: do not reconfigure the logging of a running node.
@@ -30,11 +36,15 @@ if config.config_file_name is not None and "connection" not in config.attributes
 def _url() -> str:
     url = (
         config.attributes.get("url")
-        or os.environ.get("MEDZIP_DATABASE_URL")
+        or os.environ.get(DATABASE_URL_VARIABLE)
         or config.get_main_option("sqlalchemy.url")
     )
     if not url:
-        raise RuntimeError("no database URL: set MEDZIP_DATABASE_URL or sqlalchemy.url")
+        # CommandError: the alembic command prints its message as one line, no traceback
+        raise CommandError(
+            f"no database URL: set {DATABASE_URL_VARIABLE} (as for the node), or run "
+            "`medzip db upgrade`, which finds the database as the node does"
+        )
     return str(url)
 
 
@@ -92,9 +102,17 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run_on(connection)
         return
-    engine = create_engine_for(_url())
+    url = _url()
+    engine = create_engine_for(url)
     try:
-        with engine.connect() as conn:
+        try:
+            conn = engine.connect()
+        except OperationalError as exc:
+            reason = str(exc.orig or exc).splitlines()[0]
+            raise CommandError(
+                f"cannot reach the index database at {redact_url(url)}: {redact_url(reason)}"
+            ) from None
+        with conn:
             _run_on(conn)
             if conn.in_transaction():
                 conn.commit()

@@ -7,15 +7,18 @@ given to ``medzip serve --config``, ``MEDZIP_*`` environment variables (nested f
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydicom.charset import python_encoding
 
@@ -43,6 +46,17 @@ class DuplicatePolicyValues(StrEnum):
     REPLACE = "replace"  # store the new copy; the old one stays as a superseded version
 
 
+class ConfigError(ValueError):
+    """A configuration the node cannot use; the message is one line for the user."""
+
+
+class _Section(BaseModel):
+    """A table of the configuration file: a key it does not know is a mistake (a typo
+    would otherwise leave the default in force without a word)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def check_ae_title(value: str) -> str:
     """PS3.5 AE VR: 1-16 characters, no backslash; surrounding spaces are not significant."""
     value = value.strip()
@@ -62,7 +76,7 @@ def default_processes() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-class NodeSettings(BaseModel):
+class NodeSettings(_Section):
     ae_title: str = Field("MEDZIP", description="Called AE title of this node (1-16 chars).")
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(11112, ge=1, le=65535, description="DICOM port.")
@@ -106,7 +120,7 @@ class NodeSettings(BaseModel):
     _check_aet = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(_Section):
     data_dir: Path = Field(Path("medzip-data"), description="Holds database, blobs, keys.")
     database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite in data_dir.")
     blob_dir: Path | None = Field(None, description="Blob folder; empty: data_dir/blobs.")
@@ -129,7 +143,7 @@ class StorageSettings(BaseModel):
         return (self.data_dir / "incoming").resolve()
 
 
-class PeerAE(BaseModel):
+class PeerAE(_Section):
     """A calling AE on the allow-list."""
 
     ae_title: str
@@ -138,7 +152,7 @@ class PeerAE(BaseModel):
     rights: set[Right] = Field(default_factory=lambda: set(ALL_RIGHTS))
 
 
-class AccessSettings(BaseModel):
+class AccessSettings(_Section):
     check_called_ae: bool = Field(True, description="Reject associations not called MEDZIP.")
     allow_unknown_ae: bool = Field(
         True, description="Accept calling AEs not on the allow-list (from unknown_ae_hosts)."
@@ -158,7 +172,7 @@ class AccessSettings(BaseModel):
         return value
 
 
-class MoveDestination(BaseModel):
+class MoveDestination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -166,7 +180,7 @@ class MoveDestination(BaseModel):
     _check_aet = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
 
 
-class RetrieveSettings(BaseModel):
+class RetrieveSettings(_Section):
     get_without_role_selection: bool = Field(
         True,
         description="Send C-GET sub-operations on storage contexts the peer proposed without "
@@ -175,7 +189,7 @@ class RetrieveSettings(BaseModel):
     destinations: list[MoveDestination] = Field(default_factory=list)
 
 
-class QuerySettings(BaseModel):
+class QuerySettings(_Section):
     max_answers: int = Field(
         10000,
         ge=1,
@@ -201,7 +215,7 @@ class QuerySettings(BaseModel):
         return "\\".join(terms)
 
 
-class PipelineSettings(BaseModel):
+class PipelineSettings(_Section):
     learned: bool = Field(
         False,
         description="Also try the learned split paths when compressing (0.1-0.7 % smaller "
@@ -215,7 +229,7 @@ class PipelineSettings(BaseModel):
     poll_seconds: float = Field(2.0, gt=0, description="Idle wait between compression passes.")
 
 
-class TLSSettings(BaseModel):
+class TLSSettings(_Section):
     enabled: bool = False
     certificate: Path | None = None
     private_key: Path | None = None
@@ -257,13 +271,152 @@ class Settings(BaseSettings):
         return None
 
 
+ENV_PREFIX = "MEDZIP_"
+DEBUG_VARIABLE = "MEDZIP_DEBUG"
+# MEDZIP_ variables that are not node settings: read by the CLI, the tests, the benchmarks
+# and the codec's build step.
+OTHER_VARIABLES = frozenset(
+    {
+        DEBUG_VARIABLE,
+        "MEDZIP_PRED_CACHE",
+        "MEDZIP_TEST_PG_URL",
+        "MEDZIP_REQUIRE_PG",
+        "MEDZIP_BENCH_PG_URL",
+    }
+)
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def setting_variables() -> dict[str, tuple[str, ...]]:
+    """Every ``MEDZIP_*`` variable the settings read, with the setting it sets (a section
+    alone is a JSON table, e.g. ``MEDZIP_NODE='{"port": 104}'``)."""
+    names: dict[str, tuple[str, ...]] = {}
+    for name, field in Settings.model_fields.items():
+        names[f"{ENV_PREFIX}{name}".upper()] = (name,)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+            for key in field.annotation.model_fields:
+                names[f"{ENV_PREFIX}{name}__{key}".upper()] = (name, key)
+    return names
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    known = setting_variables()
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in known or name in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see `medzip config example`"
+        raise ConfigError(
+            f"unknown setting in environment variable {variable} (settings are "
+            f"MEDZIP_<SECTION>__<KEY>, e.g. MEDZIP_NODE__PORT); {hint}"
+        )
+
+
+def _key_name(loc: tuple[int | str, ...]) -> str:
+    """A location in the settings as the TOML file writes it: ``[node] port``."""
+    if len(loc) == 1:
+        return str(loc[0])
+    rest = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+    return f"[{loc[0]}] {rest.lstrip('.')}"
+
+
+def _describe_invalid(
+    exc: ValidationError, config_file: Path | None, environ: Mapping[str, str]
+) -> str:
+    """The first error of ``exc`` as one line naming the key and where it was set."""
+    errors = exc.errors()
+    error = errors[0]
+    loc = tuple(error["loc"])
+    set_by = {setting: variable for variable, setting in setting_variables().items()}
+    variable = next(
+        (
+            set_by[loc[:depth]]
+            for depth in (2, 1)
+            if loc[:depth] in set_by and set_by[loc[:depth]] in {k.upper() for k in environ}
+        ),
+        None,
+    )
+    where = f"environment variable {variable}" if variable else str(config_file or "defaults")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if error["type"] == "extra_forbidden":
+        return (
+            f"unknown key {_key_name(loc)} in {where}{more}; "
+            "see `medzip config example` for the keys"
+        )
+    value = error.get("input")
+    shown = ""
+    if isinstance(value, (str, int, float, bool)) and "password" not in str(loc[-1]):
+        shown = f", got {redact_url(str(value))!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{_key_name(loc)} in {where}: {message}{shown}{more}"
+
+
 def load_settings(config_file: Path | None = None) -> Settings:
-    """Build the settings from an optional TOML file and the ``MEDZIP_*`` environment."""
+    """Build the settings from an optional TOML file and the ``MEDZIP_*`` environment.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or is not TOML, a key or variable is unknown, or a value
+        is invalid.
+    """
     data: dict[str, Any] = {}
     if config_file is not None:
-        with open(config_file, "rb") as fh:
-            data = tomllib.load(fh)
-    return Settings(**data)
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read configuration file {config_file}: {exc.strerror}"
+            ) from None
+    _refuse_unknown_variables(os.environ)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_invalid(exc, config_file, os.environ)) from None
+
+
+def describe_storage_failure(settings: Settings, exc: Exception) -> str | None:
+    """One line for the user when the archive of ``settings`` cannot be opened because of
+    ``exc`` (a folder or file it cannot write, a database it cannot reach); None for other
+    exceptions. Never shows a password of the database URL."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    storage = settings.storage
+    url = redact_url(storage.resolved_database_url())
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return (
+            f"cannot write {exc.filename}: {exc.strerror}; the data folder "
+            f"{storage.data_dir.resolve()} must be a folder this user can write: fix its "
+            "owner or permissions, or give another --data-dir ([storage] data_dir)"
+        )
+    if isinstance(exc, OperationalError):
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        if url.startswith("sqlite"):
+            return (
+                f"cannot write the index database {url.split(':///', 1)[-1]}: {reason}; the "
+                f"data folder {storage.data_dir.resolve()} and the files in it must be "
+                "writable by this user"
+            )
+        return (
+            f"cannot reach the index database at {url}: {redact_url(reason)}; check that it "
+            "runs and accepts connections, and [storage] database_url "
+            "(MEDZIP_STORAGE__DATABASE_URL)"
+        )
+    if isinstance(exc, ArgumentError):
+        return (
+            f"[storage] database_url {url!r} is not a usable SQLAlchemy URL ({exc}); "
+            "e.g. postgresql+psycopg://medzip@db.example/medzip, or empty for SQLite"
+        )
+    return None
 
 
 def parse_destination(text: str) -> MoveDestination:
@@ -273,7 +426,9 @@ def parse_destination(text: str) -> MoveDestination:
         host, port = address.rsplit(":", 1)
         return MoveDestination(ae_title=aet.strip(), host=host.strip("[] "), port=int(port))
     except ValueError as exc:
-        raise ValueError(f"move destination must be AET=HOST:PORT, got {text!r}") from exc
+        raise ValueError(
+            f"a C-MOVE destination is AET=HOST:PORT (e.g. VIEWER=10.0.0.5:11112), got {text!r}"
+        ) from exc
 
 
 EXAMPLE_CONFIG = """\

@@ -72,3 +72,90 @@ def test_query_settings_name_a_known_character_set() -> None:
             Settings(query={"character_set": wrong})
     with pytest.raises(ValueError, match="max_answers"):
         Settings(query={"max_answers": 0})
+
+
+def _one_line_error(args: list[str]) -> str:
+    """Run ``medzip ARGS``, which must fail with one line on stderr; that line."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an exception
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture
+def no_medzip_variables(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in list(__import__("os").environ):
+        if key.startswith("MEDZIP_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[node\nport = 1\n", "is not valid TOML: Expected ']' at the end of a table declaration"),
+        ('[node]\nport = 1\nport = "x"\n', "(at line 3, column"),
+        ('[node]\nport = "abc"\n', "[node] port in {config}: Input should be a valid integer"),
+        ("[node]\nportt = 104\n", "unknown key [node] portt in {config}"),
+        ("[[access.peers]]\nae_title = 'CT'\nright = ['echo']\n", "[access] peers[0].right"),
+        ("[nodes]\nport = 104\n", "unknown key nodes in {config}"),
+    ],
+)
+def test_configuration_file_errors_are_one_line(
+    tmp_path: Path, no_medzip_variables: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    config = tmp_path / "medzip.toml"
+    config.write_text(text)
+    line = _one_line_error(["config", "show", "--config", str(config)])
+    assert line.startswith("medzip: ") and str(config) in line
+    assert expected.format(config=config) in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MEDZIP_NODE_PORT", "104", "did you mean MEDZIP_NODE__PORT?"),
+        ("MEDZIP_NODE__PORTT", "104", "did you mean MEDZIP_NODE__PORT?"),
+        ("MEDZIP_DATABASE_URL", "sqlite://", "did you mean MEDZIP_STORAGE__DATABASE_URL?"),
+        ("MEDZIP_NODE__PORT", "abc", "[node] port in environment variable MEDZIP_NODE__PORT"),
+    ],
+)
+def test_environment_errors_name_the_variable(
+    no_medzip_variables: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    no_medzip_variables.setenv(variable, value)
+    line = _one_line_error(["config", "show"])
+    assert variable in line and expected in line
+
+
+def test_variables_that_are_not_settings_are_let_be(
+    no_medzip_variables: pytest.MonkeyPatch,
+) -> None:
+    no_medzip_variables.setenv("MEDZIP_TEST_PG_URL", "postgresql+psycopg://x@h/db")
+    no_medzip_variables.setenv("MEDZIP_STORAGE__DATABASE_URL", "sqlite://")
+    assert CliRunner().invoke(app, ["config", "show"]).exit_code == 0
+
+
+def test_an_invalid_password_is_not_shown(tmp_path: Path) -> None:
+    config = tmp_path / "medzip.toml"
+    config.write_text("[tls]\nprivate_key_password = 73318521\n")
+    line = _one_line_error(["config", "show", "--config", str(config)])
+    assert "[tls] private_key_password" in line and "73318521" not in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--move-destination", "VIEWER"], "--move-destination: a C-MOVE destination is"),
+        (["--move-destination", "VIEWER=h:0"], "AET=HOST:PORT (e.g. VIEWER=10.0.0.5:11112)"),
+        (["--aet", "A_TITLE_OF_20_CHARS_"], "--aet: AE title must be 1-16 characters"),
+    ],
+)
+def test_bad_flags_are_one_line(tmp_path: Path, flags: list[str], expected: str) -> None:
+    line = _one_line_error(["serve", "--data-dir", str(tmp_path / "d"), *flags])
+    assert expected in line
+    assert not (tmp_path / "d").exists()

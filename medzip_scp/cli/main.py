@@ -7,20 +7,26 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+import typer.core
+from pydantic import ValidationError
 
 from medzip_scp.cli.bench import bench_app
 from medzip_scp.cli.codec import codec_app
 from medzip_scp.cli.train import train_app
 from medzip_scp.config import (
+    DEBUG_VARIABLE,
     EXAMPLE_CONFIG,
+    ConfigError,
     NodeSettings,
     Settings,
     StorageSettings,
+    describe_storage_failure,
     load_settings,
     parse_destination,
 )
@@ -28,7 +34,32 @@ from medzip_scp.config import (
 if TYPE_CHECKING:
     from medzip_scp.archive import Archive
 
-app = typer.Typer(help="medzip: a lossless DICOM archive node.", no_args_is_help=True)
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """The ``medzip`` group: an unexpected exception in a command prints one line (its
+    traceback with ``--debug`` or ``MEDZIP_DEBUG=1``) and exits 1."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors and deliberate exits, printed as they are
+        except Exception as exc:
+            if ctx.meta.get("medzip.debug") or os.environ.get(DEBUG_VARIABLE) == "1":
+                raise
+            command = ctx.invoked_subcommand or ""
+            what = str(exc).splitlines()[0] if str(exc) else "failed"
+            typer.echo(
+                f"medzip {command}: {what} ({type(exc).__name__}); run "
+                f"`medzip --debug {command} ...` for the traceback",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    help="medzip: a lossless DICOM archive node.", no_args_is_help=True, cls=_OneLineErrors
+)
 config_app = typer.Typer(help="Configuration helpers.", no_args_is_help=True)
 db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
 keys_app = typer.Typer(help="Blob encryption keys.", no_args_is_help=True)
@@ -44,6 +75,23 @@ DataDirOption = Annotated[
 ]
 
 
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Show the traceback of an error ({DEBUG_VARIABLE}=1)."),
+    ] = False,
+) -> None:
+    ctx.meta["medzip.debug"] = debug
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print ``message`` as the one line of a failed command; raise what this returns."""
+    typer.echo(f"medzip: {message}", err=True)
+    return typer.Exit(1)
+
+
 def _settings(
     config: Path | None,
     data_dir: Path | None = None,
@@ -51,30 +99,54 @@ def _settings(
     aet: str | None = None,
     move_destinations: list[str] | None = None,
 ) -> Settings:
-    settings = load_settings(config)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     # Flags beat the environment: apply them to the validated sections, not as init values.
     storage = {"data_dir": data_dir} if data_dir is not None else {}
     node = {k: v for k, v in (("port", port), ("ae_title", aet)) if v is not None}
-    settings.storage = StorageSettings.model_validate(settings.storage.model_dump() | storage)
-    settings.node = NodeSettings.model_validate(settings.node.model_dump() | node)
+    try:
+        settings.storage = StorageSettings.model_validate(settings.storage.model_dump() | storage)
+        settings.node = NodeSettings.model_validate(settings.node.model_dump() | node)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = {"port": "--port", "ae_title": "--aet"}.get(str(error["loc"][-1]), "--data-dir")
+        raise _fail(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
     for text in move_destinations or []:
-        dest = parse_destination(text)
+        try:
+            dest = parse_destination(text)
+        except ValueError as exc:
+            raise _fail(f"--move-destination: {exc}") from None
         settings.retrieve.destinations = [
             d for d in settings.retrieve.destinations if d.ae_title != dest.ae_title
         ] + [dest]
     return settings
 
 
-def _open_archive(settings: Settings, migrate: bool = True) -> Archive:
-    """The archive, or a one-line error and exit 1 when its key is missing or wrong."""
-    from medzip_scp.archive import Archive
+@contextmanager
+def _storage_failures(settings: Settings) -> Iterator[None]:
+    """A one-line error and exit 1 when the archive's key is missing or wrong, its data
+    folder cannot be written or its database cannot be reached."""
     from medzip_scp.storage.local import KeyFileError
 
     try:
-        return Archive.open(settings, migrate=migrate)
+        yield
     except KeyFileError as exc:
-        typer.echo(f"medzip: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(str(exc)) from None
+    except Exception as exc:
+        message = describe_storage_failure(settings, exc)
+        if message is None:
+            raise
+        raise _fail(message) from None
+
+
+def _open_archive(settings: Settings, migrate: bool = True) -> Archive:
+    """The archive, or a one-line error and exit 1 (see :func:`_storage_failures`)."""
+    from medzip_scp.archive import Archive
+
+    with _storage_failures(settings):
+        return Archive.open(settings, migrate=migrate)
 
 
 def _logging(level: str) -> None:
@@ -109,8 +181,7 @@ def serve(
     try:
         run_node(settings, say=typer.echo, configure_logging=_logging)
     except NodeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -177,10 +248,12 @@ def db_upgrade(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
     from medzip_scp.index.db import current_revision, upgrade_database
 
     settings = _settings(config, data_dir)
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.storage.resolved_database_url()
-    upgrade_database(url)
-    typer.echo(f"database at revision {current_revision(url)}")
+    with _storage_failures(settings):
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_database(url)
+        revision = current_revision(url)
+    typer.echo(f"database at revision {revision}")
 
 
 @db_app.command("current")
@@ -189,22 +262,21 @@ def db_current(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
     from medzip_scp.index.db import current_revision
 
     settings = _settings(config, data_dir)
-    typer.echo(current_revision(settings.storage.resolved_database_url()) or "empty")
+    with _storage_failures(settings):
+        revision = current_revision(settings.storage.resolved_database_url())
+    typer.echo(revision or "empty")
 
 
 @keys_app.command("show")
 def keys_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the id of the blob key (never the key itself), creating it for an archive that
     holds no blob yet."""
-    from medzip_scp.storage.local import KeyFileError, open_blob_key
+    from medzip_scp.storage.local import open_blob_key
 
     settings = _settings(config, data_dir)
     path = settings.storage.resolved_key_file()
-    try:
+    with _storage_failures(settings):
         key = open_blob_key(path, settings.storage.resolved_blob_dir())
-    except KeyFileError as exc:
-        typer.echo(f"medzip: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"blob key id {key.key_id.hex()} in {path}")
 
 

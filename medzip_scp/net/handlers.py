@@ -94,13 +94,12 @@ def handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
         _prefer_requestor_syntaxes(assoc)
         return
     log.warning(
-        "association rejected: calling AE %r called AE %r from %s (reason %s)",
-        calling,
-        called,
+        "association rejected from %s (A-ASSOCIATE-RJ %s): %s",
         assoc.requestor.address,
-        rejection,
+        "/".join(str(field) for field in rejection.fields),
+        rejection.reason,
     )
-    assoc.acse.send_reject(*rejection)
+    assoc.acse.send_reject(*rejection.fields)
     # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and
     # the peer has closed (or the ARTIM timer fired) before the socket is shut down.
     assoc.kill()

@@ -28,7 +28,7 @@ from pathlib import Path
 from pynetdicom.transport import ThreadedAssociationServer
 
 from medzip_scp.archive import Archive, compressing_codec
-from medzip_scp.config import Settings
+from medzip_scp.config import NodeSettings, Settings, describe_storage_failure
 from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
 from medzip_scp.pipeline.compress import run_worker
 from medzip_scp.storage.local import KeyFileError
@@ -47,6 +47,30 @@ class NodeError(Exception):
     """The node cannot run; the message is one line for the user."""
 
 
+def check_port(node: NodeSettings) -> None:
+    """Bind the node's address and port and let them go again, as the node's listening
+    socket will (with ``SO_REUSEADDR``, as pynetdicom binds): so a port in use, one this
+    user may not bind or an address not on this machine fails before anything is created.
+
+    Raises
+    ------
+    NodeError
+        The address and port cannot be bound.
+    """
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            node.bind, node.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise NodeError(
+            f"cannot serve on {node.bind}:{node.port}: {exc.strerror or exc}; stop what uses "
+            "it, or choose another port (--port, [node] port) or address ([node] bind)"
+        ) from None
+
+
 def hold_data_dir(data_dir: Path) -> None:
     """Hold ``data_dir`` for this node until the process ends (an exclusive ``flock`` on
     its lock file, which names our pid; the kernel releases it however the process ends).
@@ -54,11 +78,18 @@ def hold_data_dir(data_dir: Path) -> None:
     Raises
     ------
     NodeError
-        Another node holds the folder.
+        Another node holds the folder, or it cannot be created or written.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / LOCK_FILE
-    held = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        held = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise NodeError(
+            f"cannot write {exc.filename or path}: {exc.strerror}; the data folder "
+            f"{data_dir.resolve()} must be a folder this user can write: fix its owner or "
+            "permissions, or give another --data-dir ([storage] data_dir)"
+        ) from None
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -86,18 +117,25 @@ def run_node(
     Raises
     ------
     NodeError
-        The data folder is in use, the port cannot be bound, or a node process did not
-        come up.
+        The port cannot be bound (checked before anything is created), the data folder is
+        in use or cannot be written, the archive cannot be opened, or a node process did
+        not come up.
     """
     stop = threading.Event()
     # From the very start: a stop during start-up ends it and every process it began.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    check_port(settings.node)
     hold_data_dir(settings.storage.data_dir)
     try:
         archive = Archive.open(settings)
     except KeyFileError as exc:
         raise NodeError(str(exc)) from None
+    except Exception as exc:
+        message = describe_storage_failure(settings, exc)
+        if message is None:
+            raise
+        raise NodeError(message) from None
     # Blobs a crash left unindexed (the newest only once no process can still commit them)
     threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
     processes = NodeProcesses(settings, archive, configure_logging)
@@ -109,7 +147,7 @@ def run_node(
         server = start_server(archive, dispatch_to=processes.channels)
     except OSError as exc:
         processes.close_channels()
-        raise NodeError(f"cannot serve on {node.bind}:{node.port}: {exc}") from None
+        raise NodeError(f"cannot serve on {node.bind}:{node.port}: {exc.strerror or exc}") from None
     compressing = None
     try:
         failed = processes.start(stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import (
 )
 
 from medzip_scp.config import PeerAE, Right, Settings
+from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.status import Status
 from tests.net.conftest import RunningNode, free_port
 from tests.net.test_store import ct_dataset, store
@@ -62,11 +64,21 @@ def test_echo(node: RunningNode) -> None:
     assoc.release()
 
 
-def test_wrong_called_ae_is_rejected(node: RunningNode) -> None:
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_wrong_called_ae_is_rejected(node: RunningNode, caplog: pytest.LogCaptureFixture) -> None:
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate(node.host, node.port, ae_title="NOTMEDZIP")
+    with caplog.at_level(logging.WARNING, logger="medzip_scp"):
+        assoc = ae.associate(node.host, node.port, ae_title="NOTMEDZIP")
     assert assoc.is_rejected
+    assert (
+        "association rejected from 127.0.0.1 (A-ASSOCIATE-RJ 1/1/7): called AE 'NOTMEDZIP' is "
+        "not ours ('MEDZIP', [node] ae_title); the peer must call that title, or set [access] "
+        "check_called_ae = false"
+    ) in _warnings(caplog)
 
 
 @pytest.fixture
@@ -79,13 +91,25 @@ def allow_list_only(node_settings: Settings) -> Settings:
     return node_settings
 
 
-def test_allow_list_and_rights(allow_list_only: Settings, node: RunningNode) -> None:
+def test_allow_list_and_rights(
+    allow_list_only: Settings, node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="medzip_scp")
     ae = AE(ae_title="STRANGER")
     ae.add_requested_context(Verification)
     assert ae.associate(node.host, node.port, ae_title=node.ae_title).is_rejected
     ae = AE(ae_title="ELSEWHERE")  # known AE, but calling from the wrong host
     ae.add_requested_context(Verification)
     assert ae.associate(node.host, node.port, ae_title=node.ae_title).is_rejected
+    assert _warnings(caplog) == [
+        "association rejected from 127.0.0.1 (A-ASSOCIATE-RJ 1/1/3): calling AE 'STRANGER' is "
+        "not in [[access.peers]] and allow_unknown_ae = false; add it under [[access.peers]] "
+        "(see `medzip config example`)",
+        "association rejected from 127.0.0.1 (A-ASSOCIATE-RJ 1/1/3): calling AE 'ELSEWHERE' "
+        "may call from 10.1.2.3 only, not from 127.0.0.1; add the address to its hosts under "
+        "[[access.peers]]",
+    ]
+    caplog.clear()
 
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
@@ -100,6 +124,37 @@ def test_allow_list_and_rights(allow_list_only: Settings, node: RunningNode) -> 
     )
     assoc.release()
     assert [int(status.Status) for status, _ in responses] == [Status.NOT_AUTHORIZED]
+    assert _warnings(caplog) == [
+        "refused find for calling AE 'MODALITY' from 127.0.0.1: it lacks the right 'find'; "
+        "add it to its rights under [[access.peers]]"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("access", "reason"),
+    [
+        (
+            {},
+            "calling AE 'VIEWER' is not in [[access.peers]] and 10.0.0.9 is not in [access] "
+            "unknown_ae_hosts; add the AE under [[access.peers]] or its network to "
+            "unknown_ae_hosts (see `medzip config example`)",
+        ),
+        (
+            {"unknown_ae_hosts": ["10.0.0.0/8"], "unknown_ae_rights": []},
+            "calling AE 'VIEWER' is not in [[access.peers]] and [access] unknown_ae_rights is "
+            "empty; add it under [[access.peers]] (see `medzip config example`)",
+        ),
+        (
+            {"peers": [{"ae_title": "VIEWER", "rights": []}]},
+            "calling AE 'VIEWER' has no rights under [[access.peers]]; add some to its rights "
+            "(see `medzip config example`)",
+        ),
+        ({"unknown_ae_hosts": ["10.0.0.0/8"]}, None),
+    ],
+)
+def test_refusals_name_the_setting_to_change(access: dict, reason: str | None) -> None:
+    policy = AccessPolicy(Settings(access=access).access, "MEDZIP")
+    assert policy.refusal("VIEWER", "10.0.0.9") == reason
 
 
 def test_find_one_response_per_study_with_counts(node: RunningNode) -> None:
