@@ -128,8 +128,9 @@ class Session:
     env: dict[str, str]
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     node: subprocess.Popen[bytes] | None = None
-    # StudyInstanceUID -> instances sent by storescu lines
+    # StudyInstanceUID -> instances sent by storescu lines, and their transfer syntaxes
     sent: Counter[str] = field(default_factory=Counter)
+    syntaxes: dict[str, set[str]] = field(default_factory=dict)
     move_destination_folder: Path | None = None
     logs: int = 0
 
@@ -167,17 +168,21 @@ class Session:
         return output
 
 
-def _study_counts(folder: Path) -> Counter[str]:
-    """StudyInstanceUID -> files under ``folder`` (DICOM files only, as storescu +sd sends)."""
-    counts: Counter[str] = Counter()
+def _note_sent(folder: Path, session: Session) -> None:
+    """Count the DICOM files under ``folder`` (what storescu +sd sends) by study."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
             except pydicom.errors.InvalidDicomError:
                 continue
-            counts[str(ds.StudyInstanceUID)] += 1
-    return counts
+            study_uid = str(ds.StudyInstanceUID)
+            session.sent[study_uid] += 1
+            session.syntaxes.setdefault(study_uid, set()).add(ds.file_meta.TransferSyntaxUID)
+
+
+def _syntaxes(files: list[Path]) -> set[str]:
+    return {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in files}
 
 
 def _study_uid(command: str) -> str:
@@ -216,8 +221,7 @@ def _run_trying_it(command: str, session: Session) -> None:
         output = session.run(command)
         # DCMTK reports a refused or unsent file as an error line (E:/F:)
         assert not re.search(r"^[EF]:", output, re.M), f"{command}:\n{output}"
-        folder = command.split()[-1]
-        session.sent += _study_counts(session.cwd / folder)
+        _note_sent(session.cwd / command.split()[-1], session)
     elif "/usr/bin/findscu " in command:
         output = session.run(command)
         for study_uid in session.sent:  # DCMTK shows an odd-length UID with its padding
@@ -231,6 +235,8 @@ def _run_trying_it(command: str, session: Session) -> None:
         assert folder, f"{command}: expected an output folder (-od)"
         got = _files(session.cwd / folder.group(1))
         assert len(got) == session.sent[study_uid], output
+        if "+xs" in command:  # the README says: in the transfer syntax it arrived in
+            assert _syntaxes(got) == session.syntaxes[study_uid]
     elif "/usr/bin/movescu " in command:
         study_uid = _study_uid(command)
         assert study_uid in session.sent, f"{command}: {study_uid} is no study stored above"
