@@ -203,7 +203,7 @@ def test_connections_from_one_address_are_capped_and_others_still_get_in(
     with _connect(node) as first, _connect(node) as second:
         time.sleep(0.2)  # both are being served
         with _connect(node) as third:
-            assert _closed_within(third, 1.0)
+            assert _closed_within(third, 5.0)  # at once; 5 s for a loaded machine
         assert not _closed_within(first, 0.1) and not _closed_within(second, 0.1)
         assert _echo(node, OTHER_ADDRESS) == Status.SUCCESS
 
