@@ -347,6 +347,9 @@ class Archive:
                 request = _StoreRequest(
                     received, attrs, blob, dataset_sha256, calling_ae_title, differences
                 )
+                # An unindexed blob counts as orphaned only once it has not changed for
+                # ORPHAN_MIN_AGE: comparisons may have held this one back, so renew it.
+                self.blobs.touch(blob.key)
                 outcome = self._committer.submit(request)
                 if not request.needs_comparison:
                     break
@@ -558,6 +561,8 @@ class Archive:
             raise InstanceIntegrityError(uid, "blob missing from the store") from None
         except EnvelopeError as exc:
             raise InstanceIntegrityError(uid, f"blob refused: {exc}") from None
+        except OSError as exc:
+            raise InstanceIntegrityError(uid, f"blob unreadable ({type(exc).__name__})") from None
         if hashlib.sha256(blob).hexdigest() != instance.stored_sha256:
             raise InstanceIntegrityError(uid, "blob hash differs from the one recorded at ingest")
         try:
@@ -580,7 +585,7 @@ class Archive:
 
     # -- Housekeeping --------------------------------------------------------------------
 
-    ORPHAN_MIN_AGE = 600.0
+    ORPHAN_MIN_AGE = 3600.0
     """Seconds an unindexed blob must have existed before it counts as orphaned: younger,
     it may be a C-STORE or compression of another process between fsync and commit."""
 

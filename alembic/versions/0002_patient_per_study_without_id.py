@@ -9,8 +9,11 @@ patient row took the attributes of its newest instance, so a study could be answ
 with another study's patient name and birth date. This revision
 
 * adds ``study.patient_name``, ``patient_birth_date`` and ``patient_sex`` (the values
-  each study's instances gave), filled here with what each study was answered with so
-  far (the original per-study values are in the blobs, not in the index);
+  each study's instances gave), filled here from the study's patient row, except where
+  that row was shared by several studies without a Patient ID: it held the newest
+  instance's values, maybe another patient's, so those studies get none (the original
+  per-study values are in the blobs, not in the index; an empty name is better than
+  another patient's);
 * adds ``patient.sole_study_uid`` to the patient key and gives every study whose patient
   had an empty Patient ID a patient row of its own, then drops the shared rows.
 
@@ -50,6 +53,12 @@ def upgrade() -> None:
             for name in _PATIENT_ATTRIBUTES
         )
     )
+    op.execute(
+        "UPDATE study SET "
+        + ", ".join(f"{name} = ''" for name in _PATIENT_ATTRIBUTES)
+        + " WHERE patient_fk IN (SELECT p.id FROM patient p WHERE p.patient_id = '' AND "
+        "(SELECT COUNT(*) FROM study s2 WHERE s2.patient_fk = p.id) > 1)"
+    )
 
     with op.batch_alter_table("patient") as batch:
         batch.add_column(_text("sole_study_uid"))
@@ -59,7 +68,9 @@ def upgrade() -> None:
             ["patient_id", "issuer_of_patient_id", "sole_study_uid"],
         )
     columns = ", ".join(_DESCRIPTIVE)
-    selected = ", ".join(f"p.{name}" for name in _DESCRIPTIVE)
+    # the study's own values, as set above (none where the shared row was ambiguous)
+    selected = ", ".join(f"s.{name}" for name in _PATIENT_ATTRIBUTES)
+    selected += ", p.specific_character_set"
     op.execute(
         f"INSERT INTO patient (patient_id, issuer_of_patient_id, sole_study_uid, {columns}) "
         f"SELECT '', p.issuer_of_patient_id, s.study_instance_uid, {selected} "

@@ -245,7 +245,9 @@ def _same_value(a: memoryview, b: memoryview, vr: str | None) -> bool:
         return _text_values(bytes(a), vr) == _text_values(bytes(b), vr)
     # an odd-length value and the same value with its pad byte (PS3.5 7.1.1)
     short, long = (a, b) if len(a) < len(b) else (b, a)
-    return len(short) % 2 == 1 and len(long) == len(short) + 1 and long[:-1] == short
+    return (
+        len(short) % 2 == 1 and len(long) == len(short) + 1 and long[-1] == 0 and long[:-1] == short
+    )
 
 
 def _as_items(element: _Element, depth: int) -> list[_DataSet] | None:

@@ -351,7 +351,15 @@ class StoredObject(Dataset):
 
     def read(self) -> bytes:
         """The whole object again (to convert it to another syntax)."""
-        return os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        size = os.fstat(self._fd).st_size
+        parts, done = [], 0
+        while done < size:  # one read() stops short of 2 GiB
+            part = os.pread(self._fd, size - done, done)
+            if not part:
+                raise OSError(f"restored object ended at byte {done} of {size}")
+            parts.append(part)
+            done += len(part)
+        return b"".join(parts)
 
     def close(self) -> None:
         self._closed()

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -322,18 +323,21 @@ def start_compression(
 def _end_unless_compressing(
     compressing: threading.Thread | None, server: ThreadedAssociationServer
 ) -> None:
-    """Return, for the usual exit, unless ``compressing`` is inside an encode: then wait
-    for the open associations only and end the process at once. Python's exit would wait
-    for the encode's native code or crash in it (a torch operation running while the
-    interpreter is torn down aborts the process). Abandoning the encode is safe: a blob
-    is indexed only once it is durable, so the original stays indexed."""
+    """Let the open associations finish (for at most :data:`STOP_SECONDS`: pynetdicom's
+    association threads are daemons, which the interpreter's exit would cut off), then
+    return, for the usual exit, unless ``compressing`` is inside an encode: then end the
+    process at once. Python's exit would wait for the encode's native code or crash in it
+    (a torch operation running while the interpreter is torn down aborts the process).
+    Abandoning the encode is safe: a blob is indexed only once it is durable, so the
+    original stays indexed."""
+    deadline = time.monotonic() + STOP_SECONDS
+    for association in server.ae.active_associations:
+        association.join(max(0.0, deadline - time.monotonic()))
     if compressing is None:
         return
     compressing.join(ABANDON_SECONDS)  # between two instances it ends at once
     if not compressing.is_alive():
         return
-    for association in server.ae.active_associations:
-        association.join()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -269,8 +269,15 @@ class LocalBlobStore:
         return sorted(p.name for p in self.root.glob("??") if p.is_dir())
 
     def age_seconds(self, key: str) -> float:
-        """Seconds since the blob was last written."""
-        return time.time() - self._path(key).stat().st_mtime
+        """Seconds since the blob was last written or touched; 0 for a blob that is gone."""
+        try:
+            return time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def touch(self, key: str) -> None:
+        """Mark a blob as written now (see :meth:`age_seconds`)."""
+        os.utime(self._path(key))
 
 
 def open_blob_key(key_file: Path, blob_root: Path) -> BlobKey:

@@ -18,7 +18,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medzip_scp.dicom import part10
-from medzip_scp.dicom.frames import ImageAttributes, check_frames
+from medzip_scp.dicom.frames import MAX_FRAGMENTS, ImageAttributes, check_frames
 from medzip_scp.dicom.part10 import (
     InvalidObjectError,
     RejectReason,
@@ -356,3 +356,21 @@ def test_frames_whose_size_is_unknown_are_stored_but_not_decoded(tmp_path: Path,
     assert read_received(path)
     with pytest.raises(TranscodeError, match="not decoded"):
         convert(pydicom.dcmread(path), ExplicitVRLittleEndian)
+
+
+def test_a_flood_of_empty_fragments_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    """Each 8-byte fragment item used to cost a hundred bytes to check: 4 million empty
+    fragments (32 MB on the wire) took 428 MB. Past MAX_FRAGMENTS they are refused."""
+    source = CONFORMANCE / "JPEGBaseline" / "JPEGBaseline_1s_1f_u_08_08.dcm"
+    if not source.is_file():
+        pytest.skip(f"real DICOM data not found at {source}")
+    ds = pydicom.dcmread(source)
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    empty_items = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" * (MAX_FRAGMENTS + 10)
+    ds.PixelData = encapsulate([frame], has_bot=False) + empty_items
+    path = tmp_path / "flood.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    for read in (read_received, part10._read_with_pydicom):
+        with pytest.raises(InvalidObjectError, match="fragments") as refused:
+            read(path)
+        assert refused.value.reason is RejectReason.PIXEL_DATA_INCONSISTENT

@@ -173,11 +173,12 @@ def test_upgrade_gives_each_study_without_patient_id_its_own_patient(db_url: str
                     "ON se.id = i.series_fk JOIN study s ON s.id = se.study_fk"
                 )
             ).scalar()
-        # Each study keeps what it was answered with so far, now as its own copy.
-        newest = ("Newest^Sent", "Newest^Sent", "19990909", "O")
+        # A study keeps its patient's values as its own copy, except where the patient row
+        # was shared by several studies without ID: those values may be another patient's.
+        unknown = ("", "", "", "")
         assert rows == [
-            ("1.2.3.10", "", "", *newest, "1.2.3.10"),
-            ("1.2.3.11", "", "", *newest, "1.2.3.11"),
+            ("1.2.3.10", "", "", *unknown, "1.2.3.10"),
+            ("1.2.3.11", "", "", *unknown, "1.2.3.11"),
             ("1.2.3.12", "PID-1", "", "Doe^John", "Doe^John", "19700101", "M", ""),
             ("1.2.3.13", "", "ISSUER-B", "Other^Issuer", "Other^Issuer", "", "", "1.2.3.13"),
         ]

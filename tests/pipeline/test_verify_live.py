@@ -59,3 +59,15 @@ def test_verify_during_compression_reports_nothing_false(node: RunningNode) -> N
     assert compressed == [6]
     assert problems == [], f"false damage in {passes} verify passes during compression"
     assert verify_archive(node.archive).ok
+
+
+def test_an_unreadable_blob_is_a_finding_not_an_abort(node: RunningNode) -> None:
+    for _ in range(2):
+        assert store(node, ct_dataset()) == Status.SUCCESS
+    first, second = _rows(node)
+    path = node.archive.blobs._path(first.blob_key)
+    path.unlink()
+    path.mkdir()  # reading it raises IsADirectoryError, an OSError
+    report = verify_archive(node.archive)
+    assert report.checked == 2 and report.ok_count == 1
+    assert report.problems == [(first.sop_instance_uid, "blob unreadable (IsADirectoryError)")]
