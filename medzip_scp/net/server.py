@@ -453,6 +453,9 @@ class _NodeRequestHandler(RequestHandler):
         read_pdu = functools.partial(sock.read_pdu, dul._read_pdu_data)
         dul._read_pdu_data = read_pdu  # type: ignore[method-assign]
         reactor.attach(dul)
+        server = cast(NodeServer, self.server)
+        start = assoc.start
+        assoc.start = lambda: server.start_counted(start, self.client_address[0])  # type: ignore[method-assign]
         return assoc
 
 
@@ -473,6 +476,7 @@ class NodeServer(ThreadedAssociationServer):
         # then on, the association's thread counts).
         self._starting: collections.Counter[str] = collections.Counter()
         self._starting_lock = threading.Lock()
+        self._counted = threading.local()  # per connection thread: start_counted ran
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -497,11 +501,26 @@ class NodeServer(ThreadedAssociationServer):
             self._started(host)
             raise
 
-    def _started(self, host: str) -> None:
+    def start_counted(self, start: Callable[[], None], host: str) -> None:
+        """Start an association's thread and stop counting its connection as starting, in
+        one step: in between, the connection was counted twice (a second peer from the
+        address was refused at a cap of 2) or, the other way round, not at all."""
         with self._starting_lock:
-            self._starting[host] -= 1
-            if not self._starting[host]:
-                del self._starting[host]
+            start()
+            self._uncount(host)
+        self._counted.done = True
+
+    def _started(self, host: str) -> None:
+        if getattr(self._counted, "done", False):  # start_counted has uncounted it
+            self._counted.done = False
+            return
+        with self._starting_lock:
+            self._uncount(host)
+
+    def _uncount(self, host: str) -> None:
+        self._starting[host] -= 1
+        if not self._starting[host]:
+            del self._starting[host]
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = _accept(self.socket)
