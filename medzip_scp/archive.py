@@ -517,7 +517,9 @@ class Archive:
                     if archived_sha256 is None:
                         add_instance(session, request.attrs, **fields)
                         return StoreOutcome(StoreResult.STORED, sop_uid)
-                    existing = get_instance(session, sop_uid)
+                    # Locked: a compression swap committing meanwhile would leave the
+                    # superseded version naming the blob it deletes.
+                    existing = get_instance(session, sop_uid, for_update=True)
                     if existing is None:  # removed meanwhile: look again
                         continue
                     replace_instance(session, existing, request.attrs, **fields)

@@ -196,11 +196,16 @@ def attributes_from_dataset(ds: AttributeSource) -> InstanceAttributes:
     )
 
 
-def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
-    """Return the indexed instance with this SOP Instance UID, or ``None``."""
-    return session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).one_or_none()
+def get_instance(
+    session: Session, sop_instance_uid: str, for_update: bool = False
+) -> Instance | None:
+    """Return the indexed instance with this SOP Instance UID, or ``None``; with
+    ``for_update``, its row locked (PostgreSQL; SQLite writers hold the database) and read
+    afresh, so that what is read stays true until the transaction ends."""
+    query = select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return session.scalars(query).one_or_none()
 
 
 def indexed_content(

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from io import BytesIO
 
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from medzip_scp import archive as archive_module
 from medzip_scp.archive import CODECS, MzpCodec, Part10Codec
-from medzip_scp.index.models import Instance, InstanceState
+from medzip_scp.config import DuplicatePolicyValues
+from medzip_scp.index.ingest import replace_instance
+from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import (
     CompressionSummary,
@@ -127,3 +132,36 @@ def test_shard_text() -> None:
     for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
         with pytest.raises(ValueError, match="K/N"):
             parse_shard(bad)
+
+
+def test_a_replace_and_a_compression_of_the_same_instance_keep_every_version(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A differing copy replaces an instance while compression swaps the same row: the
+    superseded version must keep a blob that exists (without a row lock, PostgreSQL let
+    the swap commit and delete the blob the superseded row then named)."""
+    node.settings.storage.duplicate_policy = DuplicatePolicyValues.REPLACE
+    first = ct_dataset()
+    assert store(node, first) == Status.SUCCESS
+    (row,) = _rows(node)
+    swaps: list[threading.Thread] = []
+
+    def replace_while_compressing(*args: object, **kwargs: object) -> None:
+        swap = threading.Thread(
+            target=compress_instance,
+            args=(node.archive, CODECS[MzpCodec.codec_id], row.id, CompressionSummary()),
+        )
+        swap.start()
+        swaps.append(swap)
+        time.sleep(1.0)  # the swap commits meanwhile, unless it waits for this transaction
+        replace_instance(*args, **kwargs)
+
+    monkeypatch.setattr(archive_module, "replace_instance", replace_while_compressing)
+    second = ct_dataset(SOPInstanceUID=first.SOPInstanceUID, SeriesDescription="changed")
+    assert store(node, second) == Status.SUCCESS
+    swaps[0].join(60)
+    with node.archive.sessions() as session:
+        superseded = session.scalars(select(SupersededInstance)).all()
+        keys = [version.blob_key for version in superseded]
+    assert len(keys) == 1 and node.archive.blobs.exists(keys[0])
+    assert verify_archive(node.archive).ok
