@@ -386,10 +386,14 @@ def load_settings(config_file: Path | None = None) -> Settings:
 
 def describe_storage_failure(settings: Settings, exc: Exception) -> str | None:
     """One line for the user when the archive of ``settings`` cannot be opened because of
-    ``exc`` (a folder or file it cannot write, a database it cannot reach); None for other
-    exceptions. Never shows a password of the database URL."""
+    ``exc`` (its blob key missing or wrong, a folder or file it cannot write, a database it
+    cannot reach); None for other exceptions. Never shows a password of the database URL."""
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    from medzip_scp.storage.local import KeyFileError
+
+    if isinstance(exc, KeyFileError):
+        return str(exc)  # names the key file and the key id the blobs need
     storage = settings.storage
     url = redact_url(storage.resolved_database_url())
     if isinstance(exc, OSError) and exc.filename is not None:

@@ -128,12 +128,8 @@ def _settings(
 def _storage_failures(settings: Settings) -> Iterator[None]:
     """A one-line error and exit 1 when the archive's key is missing or wrong, its data
     folder cannot be written or its database cannot be reached."""
-    from medzip_scp.storage.local import KeyFileError
-
     try:
         yield
-    except KeyFileError as exc:
-        raise _fail(str(exc)) from None
     except Exception as exc:
         message = describe_storage_failure(settings, exc)
         if message is None:

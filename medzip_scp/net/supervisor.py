@@ -32,7 +32,6 @@ from medzip_scp.archive import Archive, compressing_codec
 from medzip_scp.config import NodeSettings, Settings, describe_storage_failure
 from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
 from medzip_scp.pipeline.compress import run_worker
-from medzip_scp.storage.local import KeyFileError
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +129,6 @@ def run_node(
     hold_data_dir(settings.storage.data_dir)
     try:
         archive = Archive.open(settings)
-    except KeyFileError as exc:
-        raise NodeError(str(exc)) from None
     except Exception as exc:
         message = describe_storage_failure(settings, exc)
         if message is None:
