@@ -47,6 +47,11 @@ def sealed_key_id(stream: BinaryIO) -> bytes | None:
     return key_id if magic in (MAGIC, LEGACY_MAGIC) else None
 
 
+def _segment_aad(aad: bytes, index: int, final: bool) -> bytes:
+    """A segment's associated data: the blob's (header, binding), its index, final flag."""
+    return aad + struct.pack("<I?", index, final)
+
+
 class BlobKey:
     """The node's 256-bit blob key. Its repr never shows the key material."""
 
@@ -137,7 +142,7 @@ class BlobKey:
         final: bool,
     ) -> bytes:
         nonce = prefix + struct.pack(">I", index)
-        return self._aead.encrypt(nonce, data, aad + struct.pack("<I?", index, final))
+        return self._aead.encrypt(nonce, data, _segment_aad(aad, index, final))
 
     def open(self, stream: BinaryIO, binding: bytes) -> Iterator[bytes]:
         """Decrypt a sealed stream chunk by chunk; raises EnvelopeError on any tampering,
@@ -161,7 +166,7 @@ class BlobKey:
             final = not nxt
             nonce = prefix + struct.pack(">I", index)
             try:
-                yield self._aead.decrypt(nonce, current, aad + struct.pack("<I?", index, final))
+                yield self._aead.decrypt(nonce, current, _segment_aad(aad, index, final))
             except Exception as exc:  # InvalidTag carries no message
                 raise EnvelopeError(
                     f"segment {index} failed authentication (damaged, or not the blob"

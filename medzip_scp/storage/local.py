@@ -32,6 +32,13 @@ class KeyFileError(Exception):
     """The blob key file is missing or is not the key the store's blobs are sealed with."""
 
 
+def _blob_files(root: Path, folder: str = "??") -> Iterator[Path]:
+    """The blob files under a store's ``root``, or in one of its folders (``ab``)."""
+    for path in root.glob(f"{folder}/*"):
+        if path.is_file() and len(path.name) == 32:
+            yield path
+
+
 def _binding(key: str, bound_to: str) -> bytes:
     return f"{key}\n{bound_to}".encode()
 
@@ -260,9 +267,8 @@ class LocalBlobStore:
 
     def keys(self, folder: str = "??") -> Iterator[str]:
         """Keys of the blobs in the store, or in one folder of it (``ab``)."""
-        for path in self.root.glob(f"{folder}/*"):
-            if path.is_file() and len(path.name) == 32:
-                yield path.name
+        for path in _blob_files(self.root, folder):
+            yield path.name
 
     def folders(self) -> list[str]:
         """The store's folders (the first two hex digits of their blobs' keys)."""
@@ -289,12 +295,11 @@ def open_blob_key(key_file: Path, blob_root: Path) -> BlobKey:
     sealed with (a wrong file restored).
     """
     sealed_with: bytes | None = None
-    for path in blob_root.glob("??/*"):
-        if path.is_file() and len(path.name) == 32:
-            with open(path, "rb") as fh:
-                sealed_with = sealed_key_id(fh)
-            if sealed_with is not None:
-                break
+    for path in _blob_files(blob_root):
+        with open(path, "rb") as fh:
+            sealed_with = sealed_key_id(fh)
+        if sealed_with is not None:
+            break
     if not key_file.exists():
         if sealed_with is None:
             return BlobKey.create(key_file)
