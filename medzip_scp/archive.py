@@ -602,17 +602,21 @@ class Archive:
         removed = 0
         young: list[str] = []
         for folder in self.blobs.folders():
-            unnamed = self._unindexed_blobs(folder)
-            for key in unnamed:
+            for key in self._unindexed_blobs(folder):
                 if self.blobs.age_seconds(key) >= min_age:
-                    removed += self._remove_orphan(key)
+                    self._remove_orphan(key)
+                    removed += 1
                 else:
                     young.append(key)
         if young and wait:
             time.sleep(max(0.0, min_age - min(self.blobs.age_seconds(k) for k in young)))
             for folder in sorted({key[:2] for key in young}):
                 still = self._unindexed_blobs(folder)
-                removed += sum(self._remove_orphan(key) for key in young if key in still)
+                for key in young:
+                    # a C-STORE renews its blob before each commit attempt: age again
+                    if key in still and self.blobs.age_seconds(key) >= min_age:
+                        self._remove_orphan(key)
+                        removed += 1
         if removed:
             log.warning("removed %d orphaned blobs (written, never indexed)", removed)
         return removed
@@ -628,13 +632,9 @@ class Archive:
                 )
         return on_disk
 
-    def _remove_orphan(self, key: str) -> int:
-        try:
-            self.blobs.delete(key)
-        except FileNotFoundError:
-            return 0
+    def _remove_orphan(self, key: str) -> None:
+        self.blobs.delete(key)
         log.info("removed orphaned blob %s", key)
-        return 1
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""
