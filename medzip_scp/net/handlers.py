@@ -390,8 +390,7 @@ class _LoadAhead:
         for position, instance in enumerate(self.instances):
             current = self._ahead
             assert current is not None
-            current.exception()  # restored (or failed) before the next one starts
-            self._ahead = self._load(position + 1)
+            self._ahead = self._load(position + 1)  # starts once this one is restored
             yield instance, current
 
     def close(self) -> None:
