@@ -54,3 +54,12 @@ def store(session: Session, ds: Dataset, **overrides: Any) -> Instance:
     kwargs = storage_kwargs(ds)
     kwargs.update(overrides)
     return add_instance(session, attributes_from_dataset(ds), **kwargs)
+
+
+def identifier(level: str, **keys: Any) -> Dataset:
+    """A C-FIND/C-GET identifier at ``level`` with these keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds

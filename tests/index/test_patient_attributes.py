@@ -20,6 +20,7 @@ from medzip_scp.index.ingest import (
 )
 from medzip_scp.index.models import Patient, Study
 from medzip_scp.index.query import find, find_instances
+from tests.index.index_helpers import identifier
 
 INGEST_LOGGER = "medzip_scp.index.ingest"
 
@@ -27,16 +28,8 @@ ALPHA = {"PatientName": "Alpha^Ann", "PatientBirthDate": "19610101", "PatientSex
 BETA = {"PatientName": "Beta^Bob", "PatientBirthDate": "19720202", "PatientSex": "M"}
 
 
-def _identifier(level: str, **keys: Any) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
 def _find(session: Session, model: str, level: str, **keys: Any) -> list[Dataset]:
-    return list(find(session, model, _identifier(level, **keys)))  # type: ignore[arg-type]
+    return list(find(session, model, identifier(level, **keys)))  # type: ignore[arg-type]
 
 
 def _patient_of_each_study(responses: list[Dataset]) -> dict[str, tuple[str, Any, Any]]:
@@ -87,7 +80,7 @@ def test_studies_without_patient_id_are_never_merged(
         retrieved = find_instances(
             session,
             "STUDY",
-            _identifier("STUDY", StudyInstanceUID=alpha.StudyInstanceUID, PatientName=""),
+            identifier("STUDY", StudyInstanceUID=alpha.StudyInstanceUID, PatientName=""),
         )
         assert {i.sop_instance_uid for i in retrieved} == {
             alpha.SOPInstanceUID,

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.query import QueryError, find, find_instances
 from tests.conftest import DB_KINDS, database_url
+from tests.index.index_helpers import identifier
 
 S1, S2, S3, S4, S5 = (f"1.2.826.0.1.3680043.10.1234.1.{n}" for n in range(1, 6))
 SE = {n: f"1.2.826.0.1.3680043.10.1234.2.{n}" for n in range(1, 7)}
@@ -88,14 +89,6 @@ def sessions(module_db_url: str) -> Iterator[sessionmaker[Session]]:
         yield session_factory(engine, readonly=True)
     finally:
         engine.dispose()
-
-
-def identifier(level: str, **keys: Any) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def run(sessions: sessionmaker[Session], model: str, level: str, **keys: Any) -> list[Dataset]:
