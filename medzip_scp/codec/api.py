@@ -29,9 +29,13 @@ a split is tried or decoded; without them, or with ``learned=None``, the codec i
 
 Payload
 -------
-``payload`` (already encrypted) is stored in the ``PAYLOAD`` section (mode 1) unless a frame's
-high part is coded by the global path and the payload fits the bits its bits-back sampling
-absorbs: then it rides in that stream for free (mode 2) and comes back when the frame decodes.
+``payload`` (already encrypted) rides in a frame's global-path stream for free (mode 2) when
+a frame's high part is coded by the global path and the payload fits the bits its bits-back
+sampling absorbs. Otherwise it is spread over the frames' coded streams (mode 3: a segment
+inside each frame's stream, at a position taken from the frame's CRC, at most the stream's own
+length); what does not fit, and a blob without frames, keeps it in the ``PAYLOAD`` section.
+Pixels decode without knowing what the payload means; it costs its length (it is ciphertext:
+nothing compresses it) plus one or two bytes.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import logging
 import struct
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -56,8 +60,10 @@ from medzip_scp.codec.container import (
     PayloadMode,
     Section,
     SectionType,
+    get_varint,
     pack_frame_index,
     pack_layout_v3,
+    put_varint,
     read_container,
     unpack_frame_index,
     unpack_layout,
@@ -406,7 +412,8 @@ def compress(
     payload
         Already-encrypted metadata payload. Carried in the bits-back initial bits of the
         global path (mode 2) when a frame's high part is coded by it and the payload fits;
-        otherwise stored in the ``PAYLOAD`` section (mode 1).
+        otherwise spread over the frames' coded streams, the rest (all of it for a blob
+        without frames) in the ``PAYLOAD`` section (mode 3).
     paths
         Classical path ids to try per frame, in tie-break order (``constant`` and
         ``verbatim`` are always added).
@@ -457,6 +464,18 @@ def compress(
             )
             if progress is not None:
                 progress(i + 1, frames.n_frames)
+    payload_body = b""
+    if ctx.payload_frame is not None:
+        payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))
+    elif payload:
+        spread = _spread_lengths(len(payload), records)
+        carried = sum(spread)
+        if carried:
+            streams = _insert_segments(streams, records, payload, spread)
+        head = bytearray([PayloadMode.SPREAD])
+        put_varint(head, carried)
+        payload_body = bytes(head) + payload[carried:]
+    if frames is not None:
         index_body = pack_layout_v3(frames.layout, frames.n_frames) + pack_frame_index(
             records, FORMAT_VERSION
         )
@@ -466,13 +485,60 @@ def compress(
         ]
     if dataset_rest:
         sections.append(Section(SectionType.DATASET, _pack_dataset(bytes(dataset_rest))))
-    if ctx.payload_frame is not None:
-        payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))
+    if payload_body:
         sections.append(Section(SectionType.PAYLOAD, payload_body))
-    elif payload:
-        sections.append(Section(SectionType.PAYLOAD, bytes([PayloadMode.SECTION]) + payload))
     header = ContainerHeader(version=FORMAT_VERSION, models=tuple(ctx.models))
     return write_container(header, sections)
+
+
+def _spread_lengths(length: int, records: Sequence[FrameRecord]) -> list[int]:
+    """How many payload bytes each frame carries (mode 3; see the container's docstring)."""
+    if not records:
+        return []
+    share = -(-length // len(records))
+    out = []
+    for r in records:
+        take = min(share, r.stream_bytes, length)
+        out.append(take)
+        length -= take
+    return out
+
+
+def _segment_offset(r: FrameRecord) -> int:
+    """Where a frame's payload segment sits inside its coded stream."""
+    return r.crc32 % (r.stream_bytes + 1)
+
+
+def _insert_segments(
+    streams: bytearray, records: Sequence[FrameRecord], payload: bytes, spread: list[int]
+) -> bytearray:
+    out = bytearray()
+    pos = 0
+    carried = 0
+    for r, n in zip(records, spread, strict=True):
+        at = pos + _segment_offset(r)
+        out += streams[pos:at]
+        out += payload[carried : carried + n]
+        out += streams[at : pos + r.total_bytes]
+        pos += r.total_bytes
+        carried += n
+    return out
+
+
+def _remove_segments(
+    streams: bytes, records: Sequence[FrameRecord], spread: list[int]
+) -> tuple[bytes, bytes]:
+    """``(streams without the payload segments, the segments in frame order)``."""
+    pixels = bytearray()
+    carried = bytearray()
+    pos = 0
+    for r, n in zip(records, spread, strict=True):
+        at = pos + _segment_offset(r)
+        pixels += streams[pos:at]
+        carried += streams[at : at + n]
+        pixels += streams[at + n : pos + r.total_bytes + n]
+        pos += r.total_bytes + n
+    return bytes(pixels), bytes(carried)
 
 
 @dataclass(frozen=True)
@@ -482,6 +548,7 @@ class _Parsed:
     layout: PixelLayout | None
     records: list[FrameRecord]
     starts: list[int]
+    spread_payload: bytes = b""  # mode 3: the payload, taken out of STREAMS and the section
 
 
 def _parse(blob: bytes) -> _Parsed:
@@ -496,7 +563,7 @@ def _parse(blob: bytes) -> _Parsed:
     if header.version >= 3:
         index_body = by_type.get(SectionType.FRAME_INDEX)
         if index_body is None:
-            return _Parsed(header, by_type, None, [], [])
+            return _with_spread_payload(_Parsed(header, by_type, None, [], []))
         layout, n, pos = unpack_layout_v3(index_body)
         index_body = index_body[pos:]
     else:
@@ -542,11 +609,38 @@ def _parse(blob: bytes) -> _Parsed:
                 f"section FRAME_INDEX: frame {i} is split but has "
                 f"{layout.samples_per_pixel} samples per pixel (must be 1)"
             )
-    if pos != streams_len:
+    return _with_spread_payload(_Parsed(header, by_type, layout, records, starts), pos)
+
+
+def _with_spread_payload(parsed: _Parsed, frame_bytes: int = 0) -> _Parsed:
+    """Check that STREAMS holds the frames' bytes (and, mode 3, the payload segments in
+    them); for mode 3, take the segments out of STREAMS and join the payload."""
+    by_type = parsed.by_type
+    streams = by_type[SectionType.STREAMS]
+    body = by_type[SectionType.PAYLOAD]
+    spread, remainder = 0, b""
+    if parsed.header.version >= 3 and body[:1] == bytes([PayloadMode.SPREAD]):
+        try:
+            spread, at = get_varint(body, 1)
+        except (IndexError, ValueError):
+            raise CorruptStreamError("section PAYLOAD: mode SPREAD length is cut short") from None
+        remainder = body[at:]
+        lengths = _spread_lengths(spread + len(remainder), parsed.records)
+        if sum(lengths) != spread:
+            raise CorruptStreamError(
+                f"section PAYLOAD: frames can carry {sum(lengths)} of the payload's "
+                f"{spread + len(remainder)} bytes, the section says {spread}"
+            )
+    if frame_bytes + spread != len(streams):
         raise CorruptStreamError(
-            f"section STREAMS: frame index accounts for {pos} bytes, section has {streams_len}"
+            f"section STREAMS: frame index accounts for {frame_bytes + spread} bytes, section "
+            f"has {len(streams)}"
         )
-    return _Parsed(header, by_type, layout, records, starts)
+    if not spread:
+        return replace(parsed, spread_payload=remainder)
+    pixels, carried = _remove_segments(streams, parsed.records, lengths)
+    by_type[SectionType.STREAMS] = pixels
+    return replace(parsed, spread_payload=carried + remainder)
 
 
 def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
@@ -671,9 +765,7 @@ def decompress(
     parsed = _parse(blob)
     by_type = parsed.by_type
     store = models if models is not None else default_store()
-    mode, payload, carrier = _unpack_payload(
-        by_type[SectionType.PAYLOAD], parsed.header.version, len(parsed.records)
-    )
+    mode, payload, carrier = _unpack_payload(parsed)
     frames: FrameSet | None = None
     carried: bytes | None = None
     if parsed.layout is not None:
@@ -708,8 +800,11 @@ def decompress(
     return Decoded(frames, dataset_rest, payload)
 
 
-def _unpack_payload(body: bytes, version: int, n_frames: int) -> tuple[int, bytes, int | None]:
+def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
     """``(mode, payload, carrier frame)``; for mode 2, ``payload`` is zeros of its length."""
+    body = parsed.by_type[SectionType.PAYLOAD]
+    version = parsed.header.version
+    n_frames = len(parsed.records)
     if not body:
         raise CorruptStreamError("section PAYLOAD: must hold at least its mode byte, got 0 bytes")
     mode = body[0]
@@ -737,7 +832,9 @@ def _unpack_payload(body: bytes, version: int, n_frames: int) -> tuple[int, byte
                 f"section PAYLOAD: carrier frame must be < {n_frames}, got {frame}"
             )
         return mode, bytes(length), frame
-    raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1 or 2, got {mode}")
+    if mode == PayloadMode.SPREAD and version >= 3:
+        return mode, parsed.spread_payload, None
+    raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
 
 
 def read_dataset_rest(blob: bytes) -> bytes:
@@ -798,9 +895,7 @@ def describe(blob: bytes) -> dict[str, Any]:
         )
     ds_body = by_type[SectionType.DATASET]
     raw_len = _DATASET_HEAD.unpack_from(ds_body, 0)[1] if len(ds_body) >= _DATASET_HEAD.size else 0
-    mode, payload, _ = _unpack_payload(
-        by_type[SectionType.PAYLOAD], header.version, len(parsed.records)
-    )
+    mode, payload, _ = _unpack_payload(parsed)
     lay = parsed.layout
     first = refs[0] if refs else None
     return {

@@ -59,6 +59,13 @@ is)
     stream of the global path of one frame; this section then holds u32 frame index and u32
     payload length, and the global path's decoder returns the bits when it has decoded the
     latents. The pixels never depend on the payload, so they decode without the key.
+    Mode 3 (version 3): the payload is *spread* over the frames' coded streams; this section
+    holds LEB128 varint ``spread`` (the bytes carried in frames), then the remainder that did
+    not fit. With ``L`` the payload length, ``n`` frames and ``share = ceil(L / n)``, frame
+    ``j`` in order carries ``min(share, its coded stream's length, what is left of L)`` bytes
+    (so a frame at most doubles), inserted into its coded stream at byte
+    ``crc32 % (stream_bytes + 1)``; the STREAMS section holds those bytes as well. The payload
+    is the segments in frame order, then the remainder.
 
 Every section is covered by its CRC-32, the header by its own; any mismatch, an unknown
 section type, a missing or repeated mandatory section, or a length that disagrees with the
@@ -88,8 +95,10 @@ __all__ = [
     "PayloadMode",
     "Section",
     "SectionType",
+    "get_varint",
     "pack_frame_index",
     "pack_layout_v3",
+    "put_varint",
     "read_container",
     "unpack_frame_index",
     "unpack_layout",
@@ -126,6 +135,7 @@ class PayloadMode(IntEnum):
     NONE = 0
     SECTION = 1
     BITS_BACK = 2
+    SPREAD = 3
 
 
 @dataclass(frozen=True)
@@ -261,7 +271,7 @@ def _finish(version: int, body: bytearray, sections: list[Section]) -> bytes:
     body.append(len(sections))
     for s in sections:
         body.append(int(s.type))
-        _put_varint(body, len(s.data))
+        put_varint(body, len(s.data))
         body += struct.pack("<I", _crc(s.data))
     head = _PREFIX.pack(MAGIC, version, 0, len(body)) + bytes(body)
     out = bytearray(head)
@@ -358,7 +368,7 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
         pos += 1
         for _ in range(n_sections):
             stype = body[pos]
-            length, pos = _get_varint(body, pos + 1)
+            length, pos = get_varint(body, pos + 1)
             (crc,) = struct.unpack_from("<I", body, pos)
             pos += 4
             entries.append((stype, length, crc))
@@ -450,7 +460,7 @@ def pack_layout_v3(layout: PixelLayout, n_frames: int) -> bytes:
     allocated, u8 bits stored, u8 flags (bit 0 signed, bit 1 planar configuration 1)."""
     out = bytearray()
     for v in (layout.rows, layout.columns, n_frames):
-        _put_varint(out, v)
+        put_varint(out, v)
     flags = int(layout.signed) | (layout.planar_configuration << 1)
     out += _LAYOUT_V3_FLAGS.pack(
         layout.samples_per_pixel, layout.bits_allocated, layout.bits_stored, flags
@@ -472,9 +482,9 @@ def unpack_layout_v3(data: bytes) -> tuple[PixelLayout, int, int]:
         On truncation, unknown flag bits or values that break the DICOM rules.
     """
     try:
-        rows, pos = _get_varint(data, 0)
-        cols, pos = _get_varint(data, pos)
-        n, pos = _get_varint(data, pos)
+        rows, pos = get_varint(data, 0)
+        cols, pos = get_varint(data, pos)
+        n, pos = get_varint(data, pos)
         spp, ba, bs, flags = _LAYOUT_V3_FLAGS.unpack_from(data, pos)
     except (IndexError, ValueError, struct.error) as exc:
         raise CorruptStreamError(f"section FRAME_INDEX: truncated layout ({exc})") from None
@@ -492,7 +502,7 @@ def unpack_layout_v3(data: bytes) -> tuple[PixelLayout, int, int]:
     return layout, n, pos + _LAYOUT_V3_FLAGS.size
 
 
-def _put_varint(out: bytearray, value: int) -> None:
+def put_varint(out: bytearray, value: int) -> None:
     if value < 0:
         raise ValueError(f"varint must be non-negative, got {value}")
     while True:
@@ -505,7 +515,7 @@ def _put_varint(out: bytearray, value: int) -> None:
             return
 
 
-def _get_varint(data: bytes, pos: int) -> tuple[int, int]:
+def get_varint(data: bytes, pos: int) -> tuple[int, int]:
     value = 0
     for shift in range(0, 70, 7):
         byte = data[pos]
@@ -630,16 +640,16 @@ def pack_frame_index(records: list[FrameRecord], version: int = 1) -> bytes:
         )
         out += bytes([names.index(r.path), r.value_bits, r.split_planes, r.nbits, flags])
         for o in r.offsets:
-            _put_varint(out, o)
-        _put_varint(out, r.stream_bytes)
+            put_varint(out, o)
+        put_varint(out, r.stream_bytes)
         if version >= 2:
             out.append(_model_byte(r.high_model))
             if split:
                 assert r.low_path is not None
                 out += bytes([names.index(r.low_path), _model_byte(r.low_model)])
-                _put_varint(out, r.low_bytes)
+                put_varint(out, r.low_bytes)
         if r.residual_bytes is not None:
-            _put_varint(out, r.residual_bytes)
+            put_varint(out, r.residual_bytes)
         out += struct.pack("<I", r.crc32)
     return bytes(out)
 
@@ -696,9 +706,9 @@ def unpack_frame_index(
                 )
             offsets = []
             for _ in range(samples):
-                o, pos = _get_varint(data, pos)
+                o, pos = get_varint(data, pos)
                 offsets.append(o)
-            stream_len, pos = _get_varint(data, pos)
+            stream_len, pos = get_varint(data, pos)
             high_model = low_model = None
             low_path = None
             low_len = 0
@@ -715,10 +725,10 @@ def unpack_frame_index(
                         )
                     low_path = names[lix]
                     low_model = model_ix(i, lmb, "low")
-                    low_len, pos = _get_varint(data, pos)
+                    low_len, pos = get_varint(data, pos)
             residual_len = None
             if flags & _FLAG_RESIDUAL:
-                residual_len, pos = _get_varint(data, pos)
+                residual_len, pos = get_varint(data, pos)
             (crc,) = struct.unpack_from("<I", data, pos)
             pos += 4
             out.append(

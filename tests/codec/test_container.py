@@ -29,7 +29,7 @@ from medzip_scp.codec.errors import CorruptStreamError, UnknownModelError, Unsup
 from .golden import GOLDEN_V1
 
 
-def _sample_blob() -> bytes:
+def _sample_blob(payload: bytes = b"cipher") -> bytes:
     rng = np.random.default_rng(0)
     y, x = np.mgrid[:24, :20]
     a = (1000 + 300 * np.sin(x / 3) + rng.normal(0, 5, (24, 20))).astype(np.uint16)
@@ -40,7 +40,7 @@ def _sample_blob() -> bytes:
     return compress(
         FrameSet(PixelLayout(24, 20, 1, 16, 12, False), px),
         b"dataset bytes " * 20,
-        payload=b"cipher",
+        payload=payload,
     )
 
 
@@ -119,9 +119,11 @@ def test_not_a_blob() -> None:
 
 
 def _rewrite(blob: bytes, header: ContainerHeader | None = None, **replace: bytes) -> bytes:
-    """Re-serialise a blob with replaced section bodies and fresh, valid CRCs."""
+    """Re-serialise a blob with replaced (or added) section bodies and fresh, valid CRCs."""
     old_header, sections = read_container(blob)
     new = [Section(s.type, replace.get(s.type.name, s.data)) for s in sections]
+    present = {s.type.name for s in sections}
+    new += [Section(SectionType[name], data) for name, data in replace.items() if name not in present]
     return write_container(header or old_header, new)
 
 
@@ -181,7 +183,7 @@ def test_bits_back_payload_needs_version_2_and_a_carrier() -> None:
     with pytest.raises(UnsupportedFormatError, match="BITS_BACK"):
         decompress(v1)
     # frame 0 of the sample is classical: it cannot carry the payload
-    no_carrier = _rewrite(_sample_blob(), PAYLOAD=b"\x02" + struct.pack("<II", 0, 6))
+    no_carrier = _rewrite(_sample_blob(b""), PAYLOAD=b"\x02" + struct.pack("<II", 0, 6))
     with pytest.raises(CorruptStreamError, match="should carry 6 payload bytes"):
         decompress(no_carrier)
 

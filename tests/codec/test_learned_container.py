@@ -101,19 +101,19 @@ def test_payload_mode_2_rides_in_the_global_path() -> None:
     assert _roundtrip(blob, fs) == PAYLOAD
 
 
-def test_payload_too_large_for_bits_back_falls_back_to_mode_1() -> None:
+def test_payload_too_large_for_bits_back_is_spread_over_the_frames() -> None:
     fs = _fs(_frame(128))
     big = bytes(range(256)) * 4
     blob = compress(fs, payload=big, learned=LearnedOptions(force_split=2, high_paths=("global",)))
     info = describe(blob)
-    assert info["payload_mode"] == 1
+    assert info["payload_mode"] == 3
     assert info["frames"][0]["path"] == "global"
     assert _roundtrip(blob, fs) == big
 
 
-def test_payload_mode_1_without_learned(small: FrameSet) -> None:
+def test_payload_spread_without_learned(small: FrameSet) -> None:
     blob = compress(small, payload=PAYLOAD, learned=None)
-    assert describe(blob)["payload_mode"] == 1
+    assert describe(blob)["payload_mode"] == 3
     assert describe(blob)["format_version"] == 3
     assert _roundtrip(blob, small) == PAYLOAD
 

@@ -286,8 +286,13 @@ def test_corrupted_blob_never_returns_wrong_bytes() -> None:
 
 def test_encode_verifies_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _part10(np.arange(20, dtype="<u2").tobytes())
-    real = blob_module.decode_blob
-    monkeypatch.setattr(blob_module, "decode_blob", lambda b: real(b)[:-1] + b"\x01")
+    real = blob_module.open_blob
+
+    def damaged(blob: bytes) -> tuple[bytes, bytes]:
+        part10, payload = real(blob)
+        return part10[:-1] + b"\x01", payload
+
+    monkeypatch.setattr(blob_module, "open_blob", damaged)
     with pytest.raises(CodecError, match="verification failed"):
         encode_dataset(data)
 

@@ -1,0 +1,1 @@
+"""The patient's identity inside the image: keys, the sealed payload, instances that carry it."""
