@@ -27,12 +27,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.codec.api import DEFAULT_LEARNED
+from medzip_scp.codec.errors import UnknownModelError, UnsupportedFormatError
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset
 from medzip_scp.dicom.equivalence import first_difference
-from medzip_scp.dicom.part10 import ReceivedObject, dataset_offset_of
+from medzip_scp.dicom.identifying import identifying_tags
+from medzip_scp.dicom.part10 import ReceivedObject, dataset_offset_of, load_dataset
+from medzip_scp.identity.instance import (
+    IdentityCheckError,
+    IdentityPolicy,
+    OpenedInstance,
+    Verdict,
+    open_instance,
+    seal_instance,
+)
+from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
+from medzip_scp.identity.payload import IdentityRecord
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
+from medzip_scp.index.identity import identity_differences
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
@@ -79,7 +92,8 @@ class Part10Codec:
 
 
 class MzpCodec:
-    """The medzip codec: pixel data through the codec library, the rest compressed.
+    """The medzip codec without identity payload (blobs written before it existed): pixel
+    data through the codec library, the rest compressed.
 
     ``encode`` itself decodes its output and compares it with the input before returning.
     It tries the learned split paths only when ``learned`` (``[pipeline] learned``); any
@@ -98,13 +112,71 @@ class MzpCodec:
         return decode_blob(blob)
 
 
+class IdentityCodec:
+    """The medzip codec with the patient's identity sealed inside the blob
+    (:mod:`medzip_scp.identity`): what background compression writes.
+
+    ``encode`` opens its own blob again (payload included) and compares before returning;
+    ``decode`` runs every check of :func:`~medzip_scp.identity.instance.open_instance`.
+    """
+
+    codec_id = "mzp2"
+
+    def __init__(
+        self, keyring: IdentityKeyring | None, policy: IdentityPolicy, learned: bool = False
+    ) -> None:
+        self._keyring = keyring
+        self._policy = policy
+        self._learned = DEFAULT_LEARNED if learned else None
+
+    def encode(self, part10: bytes) -> bytes:
+        if self._keyring is None:
+            raise IdentityKeyError("no identity key file is configured")
+        return seal_instance(part10, self._keyring, self._policy, self._learned)
+
+    def decode(self, blob: bytes) -> bytes:
+        return self.open(blob, None).part10
+
+    def open(self, blob: bytes, sop_instance_uid: str | None) -> OpenedInstance:
+        """The original and its identity record; raises IdentityCheckError."""
+        return open_instance(blob, self._keyring, sop_instance_uid)
+
+
 # Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.
+# (IdentityCodec, which needs the node's keys, is the archive's own: Archive.codecs.)
 CODECS: dict[str, InstanceCodec] = {c.codec_id: c for c in (Part10Codec(), MzpCodec())}
 
 
-def compressing_codec(settings: Settings) -> MzpCodec:
-    """The codec background compression writes with, as the settings say."""
-    return MzpCodec(learned=settings.pipeline.learned)
+def identity_policy(settings: Settings) -> IdentityPolicy:
+    return IdentityPolicy(
+        identifying_tags(settings.identity.extra_attributes),
+        settings.identity.private_elements,
+    )
+
+
+def _open_identity_keys(
+    settings: Settings, sessions: sessionmaker[Session], required: bool
+) -> IdentityKeyring | None:
+    """The node's identity keys; created on first use, but never for an archive that holds
+    sealed instances (their identity would be lost to a new key), and never silently."""
+    path = settings.identity.resolved_key_file(settings.storage.data_dir)
+    if path.exists():
+        return IdentityKeyring.load(path)
+    with sessions() as session:
+        sealed = session.scalar(
+            select(Instance.id).where(Instance.codec_id == IdentityCodec.codec_id).limit(1)
+        )
+    if sealed is None:
+        keyring = IdentityKeyring.open_or_create(path)
+        log.warning("created identity key file %s: back it up, apart from the data", path)
+        return keyring
+    if not required:
+        return None
+    raise IdentityKeyError(
+        f"identity key file {path} is missing, but the archive holds instances sealed with "
+        "it: restore it from your key backup (or point [identity] key_file at it); no new key "
+        "is made for an archive that holds sealed instances"
+    )
 
 
 def _file_chunks(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
@@ -136,12 +208,16 @@ class StoreOutcome:
 
 class InstanceIntegrityError(Exception):
     """An instance's blob is not what its index row says (swapped, altered, unreadable):
-    it is never sent. The message names the check that failed, never a data set value."""
+    it is never sent. The message names the check that failed, never a data set value;
+    ``verdict`` is what ``medzip verify`` reports."""
 
-    def __init__(self, sop_instance_uid: str, reason: str) -> None:
+    def __init__(
+        self, sop_instance_uid: str, reason: str, verdict: Verdict = Verdict.TAMPERED
+    ) -> None:
         super().__init__(f"instance {sop_instance_uid}: {reason}")
         self.sop_instance_uid = sop_instance_uid
         self.reason = reason
+        self.verdict = verdict
 
 
 class BlobsNotDurableError(OSError):
@@ -258,8 +334,17 @@ class Archive:
         blobs: LocalBlobStore,
         codec: InstanceCodec,
         read_sessions: sessionmaker[Session] | None = None,
+        identity: IdentityKeyring | None = None,
     ) -> None:
         self.settings = settings
+        self.identity = identity
+        self.identity_codec = IdentityCodec(
+            identity, identity_policy(settings), settings.pipeline.learned
+        )
+        self.codecs: dict[str, InstanceCodec] = {
+            **CODECS,
+            IdentityCodec.codec_id: self.identity_codec,
+        }
         self.sessions = sessions
         # Queries and retrievals: on SQLite these must not take the write lock (BEGIN
         # IMMEDIATE), or a long C-FIND would stall every C-STORE behind it.
@@ -276,8 +361,12 @@ class Archive:
         self._comparing = threading.BoundedSemaphore(self.COMPARISONS_AT_ONCE)
 
     @classmethod
-    def open(cls, settings: Settings, migrate: bool = True) -> Archive:
-        """Open (creating on first use) the archive the settings describe."""
+    def open(cls, settings: Settings, migrate: bool = True, need_identity: bool = True) -> Archive:
+        """Open (creating on first use) the archive the settings describe.
+
+        Without ``need_identity`` (verification, rebuilding), a missing identity key file is
+        no error: the archive opens without it and reports the instances it cannot open.
+        """
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
@@ -287,13 +376,20 @@ class Archive:
         blob_dir = settings.storage.resolved_blob_dir()
         key = open_blob_key(settings.storage.resolved_key_file(), blob_dir)
         blobs = LocalBlobStore(blob_dir, key)
+        sessions = session_factory(engine)
+        identity = _open_identity_keys(settings, sessions, need_identity)
         return cls(
             settings,
-            session_factory(engine),
+            sessions,
             blobs,
             Part10Codec(),
             read_sessions=session_factory(engine, readonly=True),
+            identity=identity,
         )
+
+    def compressing_codec(self) -> IdentityCodec:
+        """The codec background compression writes with."""
+        return self.identity_codec
 
     # -- C-STORE -------------------------------------------------------------------------
 
@@ -533,7 +629,7 @@ class Archive:
 
     # -- Retrieval -----------------------------------------------------------------------
 
-    def load_part10(self, instance: Instance) -> bytes:
+    def load_part10(self, instance: Instance, check_identity: bool = False) -> bytes:
         """Restore the Part-10 object of an instance, bit-exact, after checking that it is
         the instance the row describes (before a byte of it is sent anywhere).
 
@@ -544,7 +640,7 @@ class Archive:
             instance's), or its content differs from the hashes recorded at ingest.
         """
         try:
-            return self._load_checked(instance)
+            return self._load_checked(instance, check_identity)
         except InstanceIntegrityError:
             # A compression worker may have swapped the blob (and deleted the one this row
             # named) since the row was read: check the current row before calling it damage.
@@ -553,22 +649,37 @@ class Archive:
                 if current is None or current.blob_key == instance.blob_key:
                     raise
                 session.expunge(current)
-            return self._load_checked(current)
+            return self._load_checked(current, check_identity)
 
-    def _load_checked(self, instance: Instance) -> bytes:
+    def _load_checked(self, instance: Instance, check_identity: bool) -> bytes:
         uid = instance.sop_instance_uid
         try:
             blob = self.blobs.read(instance.blob_key, bound_to=uid)
         except BlobNotFoundError:
-            raise InstanceIntegrityError(uid, "blob missing from the store") from None
+            raise InstanceIntegrityError(
+                uid, "blob missing from the store", Verdict.UNREADABLE
+            ) from None
         except EnvelopeError as exc:
             raise InstanceIntegrityError(uid, f"blob refused: {exc}") from None
         except OSError as exc:
-            raise InstanceIntegrityError(uid, f"blob unreadable ({type(exc).__name__})") from None
+            raise InstanceIntegrityError(
+                uid, f"blob unreadable ({type(exc).__name__})", Verdict.UNREADABLE
+            ) from None
         if hashlib.sha256(blob).hexdigest() != instance.stored_sha256:
             raise InstanceIntegrityError(uid, "blob hash differs from the one recorded at ingest")
+        record: IdentityRecord | None = None
         try:
-            part10 = self._decode(instance.codec_id, blob)
+            if instance.codec_id == IdentityCodec.codec_id:
+                opened = self.identity_codec.open(bytes(blob), uid)
+                part10, record = opened.part10, opened.record
+            else:
+                part10 = self._decode(instance.codec_id, blob)
+        except IdentityCheckError as exc:
+            raise InstanceIntegrityError(uid, exc.reason, exc.verdict) from None
+        except (UnknownModelError, UnsupportedFormatError, LookupError) as exc:
+            raise InstanceIntegrityError(
+                uid, f"blob needs what this node lacks ({exc})", Verdict.UNREADABLE
+            ) from None
         except Exception as exc:
             reason = f"blob does not decode ({type(exc).__name__})"
             raise InstanceIntegrityError(uid, reason) from None
@@ -577,10 +688,23 @@ class Archive:
             hashlib.sha256(dataset).hexdigest() != instance.original_sha256
         ):
             raise InstanceIntegrityError(uid, "decoded data set differs from what was received")
+        if record is not None and (check_identity or self.settings.identity.check_on_retrieve):
+            self._check_index_identity(instance, part10)
         return part10
 
+    def _check_index_identity(self, instance: Instance, part10: bytes) -> None:
+        """The index row's patient, study and series say what the sealed data set says."""
+        sealed = attributes_from_dataset(load_dataset(part10, stop_before_pixels=True))
+        with self.read_sessions() as session:
+            differing = identity_differences(session, instance.id, sealed)
+        if differing:
+            raise InstanceIntegrityError(
+                instance.sop_instance_uid,
+                f"index row differs from the sealed identity ({', '.join(differing)})",
+            )
+
     def _decode(self, codec_id: str, blob: bytes) -> bytes:
-        codec = CODECS.get(codec_id)
+        codec = self.codecs.get(codec_id)
         if codec is None:
             raise LookupError(f"instance stored with unknown codec {codec_id!r}")
         return codec.decode(blob)

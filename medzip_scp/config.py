@@ -229,6 +229,47 @@ class PipelineSettings(_Section):
     poll_seconds: float = Field(2.0, gt=0, description="Idle wait between compression passes.")
 
 
+class IdentitySettings(_Section):
+    """The patient's identity sealed inside each compressed blob (medzip_scp.identity)."""
+
+    key_file: Path | None = Field(
+        None,
+        description="Identity keys (master + signing keys, every generation); "
+        "data_dir/keys/identity.json. Keep it, and its backup, outside the data folder.",
+    )
+    extra_attributes: list[str] = Field(
+        default_factory=list,
+        description="Keywords sealed into the payload besides PS3.15's basic profile ones.",
+    )
+    private_elements: bool = Field(
+        False, description="Also seal every private element (vendors may keep names there)."
+    )
+    check_on_retrieve: bool = Field(
+        True,
+        description="On every retrieval also compare the sealed identity with the index row; "
+        "an instance that differs is not sent (failure status, an error line without PHI).",
+    )
+    sweep_hours: float = Field(
+        0.0,
+        ge=0,
+        description="Hours between the node's verification sweeps over every instance "
+        "(0: no sweep; `medzip verify` checks on demand).",
+    )
+
+    def resolved_key_file(self, data_dir: Path) -> Path:
+        return (self.key_file or data_dir / "keys" / "identity.json").resolve()
+
+    @field_validator("extra_attributes")
+    @classmethod
+    def _known_keywords(cls, keywords: list[str]) -> list[str]:
+        from pydicom.datadict import tag_for_keyword
+
+        unknown = [k for k in keywords if tag_for_keyword(k) is None]
+        if unknown:
+            raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
+        return keywords
+
+
 class TLSSettings(_Section):
     enabled: bool = False
     certificate: Path | None = None
@@ -249,6 +290,7 @@ class Settings(BaseSettings):
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     log_level: str = "INFO"
 
@@ -390,10 +432,11 @@ def describe_storage_failure(settings: Settings, exc: Exception) -> str | None:
     cannot reach); None for other exceptions. Never shows a password of the database URL."""
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    from medzip_scp.identity.keys import IdentityKeyError
     from medzip_scp.storage.local import KeyFileError
 
-    if isinstance(exc, KeyFileError):
-        return str(exc)  # names the key file and the key id the blobs need
+    if isinstance(exc, KeyFileError | IdentityKeyError):
+        return str(exc)  # names the key file (and the key id the blobs need)
     storage = settings.storage
     url = redact_url(storage.resolved_database_url())
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -502,6 +545,16 @@ compress = true              # compress stored originals in the background (medz
                              # or run `medzip worker` processes and set this to false
 poll_seconds = 2.0
 learned = false              # also try the learned paths: 0.1-0.7 % smaller, 12-40x slower
+
+[identity]
+# The patient's identifying attributes of every compressed instance are sealed (AES-256-GCM,
+# Ed25519-signed) inside its coded pixel streams and removed from the stored data set.
+# key_file = "/etc/medzip/identity.json"   # default data_dir/keys/identity.json; created on
+                             # first start. Back it up: without it, names and IDs are gone.
+extra_attributes = []        # keywords to seal besides the basic profile's, e.g. ["StudyComments"]
+private_elements = false     # also seal every private element
+check_on_retrieve = true     # compare the sealed identity with the index on every retrieval
+sweep_hours = 0.0            # verify every instance this often in the node (0: never)
 
 [tls]
 enabled = false

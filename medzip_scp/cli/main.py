@@ -62,7 +62,9 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Configuration helpers.", no_args_is_help=True)
 db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
-keys_app = typer.Typer(help="Blob encryption keys.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Keys: the blob encryption key and the identity keys.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
@@ -137,12 +139,12 @@ def _storage_failures(settings: Settings) -> Iterator[None]:
         raise _fail(message) from None
 
 
-def _open_archive(settings: Settings, migrate: bool = True) -> Archive:
+def _open_archive(settings: Settings, migrate: bool = True, need_identity: bool = True) -> Archive:
     """The archive, or a one-line error and exit 1 (see :func:`_storage_failures`)."""
     from medzip_scp.archive import Archive
 
     with _storage_failures(settings):
-        return Archive.open(settings, migrate=migrate)
+        return Archive.open(settings, migrate=migrate, need_identity=need_identity)
 
 
 def _logging(level: str) -> None:
@@ -193,7 +195,6 @@ def worker(
     ] = "0/1",
 ) -> None:
     """Compress stored originals (verify-before-replace) in a separate process."""
-    from medzip_scp.archive import compressing_codec
     from medzip_scp.pipeline.compress import compress_pending, parse_shard, run_worker
 
     try:
@@ -203,7 +204,7 @@ def worker(
     settings = _settings(config, data_dir)
     _logging(settings.log_level)
     archive = _open_archive(settings)
-    codec = compressing_codec(settings)
+    codec = archive.compressing_codec()
     if once:
         summary = compress_pending(
             archive, codec, progress=_progress_bar("compressing"), shard=part
@@ -265,15 +266,65 @@ def db_current(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
 
 @keys_app.command("show")
 def keys_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Print the id of the blob key (never the key itself), creating it for an archive that
-    holds no blob yet."""
-    from medzip_scp.storage.local import open_blob_key
-
+    """Print the ids of the blob key and of the identity keys (never the keys), creating
+    them for an archive that holds nothing yet."""
     settings = _settings(config, data_dir)
-    path = settings.storage.resolved_key_file()
-    with _storage_failures(settings):
-        key = open_blob_key(path, settings.storage.resolved_blob_dir())
-    typer.echo(f"blob key id {key.key_id.hex()} in {path}")
+    archive = _open_archive(settings)
+    typer.echo(
+        f"blob key id {archive.blobs.key_id.hex()} in {settings.storage.resolved_key_file()}"
+    )
+    _echo_identity_keys(archive)
+
+
+@keys_app.command("rotate")
+def keys_rotate(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Add a new identity key generation: new blobs are sealed and signed with it; every
+    older generation stays in the key file, so old blobs still open and verify."""
+    settings = _settings(config, data_dir)
+    archive = _open_archive(settings)
+    assert archive.identity is not None  # opened with need_identity
+    generation = archive.identity.rotate()
+    typer.echo(
+        f"added identity key generation {len(archive.identity.generations)}: master key "
+        f"{generation.master_id.hex()}, signing key {generation.signing_id.hex()}; restart the "
+        "node (and workers) to seal with it, and back up "
+        f"{archive.identity.path}"
+    )
+
+
+@keys_app.command("export-public")
+def keys_export_public(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Write the public verification keys (every generation; no secret): with them anyone
+    can check that a blob's identity payload was signed by this node."""
+    settings = _settings(config, data_dir)
+    archive = _open_archive(settings)
+    assert archive.identity is not None
+    text = archive.identity.export_public() + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {len(archive.identity.generations)} public keys to {output}")
+
+
+def _echo_identity_keys(archive: Archive) -> None:
+    keyring = archive.identity
+    if keyring is None:
+        typer.echo("identity keys: none (the key file is missing)")
+        return
+    typer.echo(f"identity keys in {keyring.path} (node {keyring.node_id}):")
+    for number, g in enumerate(keyring.generations, 1):
+        current = " (current)" if g is keyring.current else ""
+        typer.echo(
+            f"  generation {number}{current}: master key {g.master_id.hex()}, signing key "
+            f"{g.signing_id.hex()}, created {g.created}"
+        )
 
 
 @app.command()
@@ -283,16 +334,41 @@ def verify(
     sop_instance_uid: Annotated[
         list[str] | None, typer.Option("--uid", help="Only these SOP Instance UIDs.")
     ] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Only this study.")] = None,
+    series: Annotated[str | None, typer.Option("--series", help="Only this series.")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only instances received since this date (YYYY-MM-DD)."),
+    ] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Every instance (the default without a selection).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Decode every stored instance and check it against the hashes in the index."""
-    from medzip_scp.pipeline.verify import verify_archive
+    """Check each instance: blob, decode, sealed identity (signature, key, pixel and data set
+    hashes) and the index row. Exits 1 unless every one is OK."""
+    import datetime as dt
 
+    from medzip_scp.pipeline.verify import InstanceFilter, verify_archive
+
+    if every and (sop_instance_uid or study or series or since):
+        raise typer.BadParameter("--all checks every instance: give it alone", param_hint="--all")
+    since_date = None
+    if since is not None:
+        try:
+            since_date = dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise typer.BadParameter(
+                f"a date is YYYY-MM-DD (or an ISO date and time), got {since!r}",
+                param_hint="--since",
+            ) from None
+    which = InstanceFilter(tuple(sop_instance_uid or ()), study, series, since_date)
     settings = _settings(config, data_dir)
     _logging("WARNING")
-    archive = _open_archive(settings)
-    report = verify_archive(archive, sop_instance_uid, progress=_progress_bar("verifying"))
-    typer.echo(report.table())
-    raise typer.Exit(0 if report.ok else 1)
+    archive = _open_archive(settings, need_identity=False)
+    report = verify_archive(archive, which, progress=_progress_bar("verifying"))
+    typer.echo(report.json() if as_json else report.table())
+    raise typer.Exit(0 if report.ok and not report.interrupted else 1)
 
 
 def _progress_bar(label: str) -> Callable[[int, int], None] | None:

@@ -677,9 +677,9 @@ def _check_encapsulated(ds: Dataset, syntax: UID, path: Path, raw: Any) -> None:
         raise InvalidObjectError(RejectReason.PIXEL_DATA_INCONSISTENT, str(exc)) from None
 
 
-def load_dataset(part10: bytes) -> Dataset:
-    """Parse a stored Part-10 object completely (for retrieval)."""
+def load_dataset(part10: bytes, stop_before_pixels: bool = False) -> Dataset:
+    """Parse a stored Part-10 object completely (for retrieval), or up to its pixels."""
     # Closed once read: pydicom keeps the buffer in the data set, and with it the whole
     # object (a second copy of the pixels) for as long as the data set is being sent.
     with BytesIO(part10) as buffer:
-        return dcmread(buffer)
+        return dcmread(buffer, stop_before_pixels=stop_before_pixels)

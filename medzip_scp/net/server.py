@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from medzip_scp.archive import Archive
-from medzip_scp.config import TLSSettings
+from medzip_scp.config import Settings, TLSSettings
 from medzip_scp.net import reactor
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.handlers import (
@@ -750,6 +750,15 @@ def describe_startup(archive: Archive) -> list[str]:
         f"database: {_redact(s.storage.resolved_database_url())}",
         f"blobs: {s.storage.resolved_blob_dir()} (sealed with AES-256-GCM)",
     ]
+    if archive.identity is not None:
+        generation = archive.identity.current
+        lines.append(
+            f"identity keys: {archive.identity.path} (node {archive.identity.node_id}, "
+            f"master key {generation.master_id.hex()}, signing key "
+            f"{generation.signing_id.hex()}); patient identity sealed inside each compressed "
+            "blob"
+        )
+    lines += secret_keys_inside_data_folder(s)
     if access.allow_unknown_ae:
         lines.append(
             "access: any calling AE from "
@@ -765,6 +774,24 @@ def describe_startup(archive: Archive) -> list[str]:
     for dest in s.retrieve.destinations:
         lines.append(f"move destination: {dest.ae_title} = {dest.host}:{dest.port}")
     return lines
+
+
+def secret_keys_inside_data_folder(settings: Settings) -> list[str]:
+    """Warnings for secret key files kept in the data folder: a copy of the folder (a
+    backup, a stolen disk) then carries the keys to open it."""
+    data_dir = Path(settings.storage.data_dir).resolve()
+    keys = {
+        "blob key ([storage] key_file)": settings.storage.resolved_key_file(),
+        "identity keys ([identity] key_file)": settings.identity.resolved_key_file(
+            settings.storage.data_dir
+        ),
+    }
+    return [
+        f"warning: the {what} {path} is inside the data folder {data_dir}: whoever copies the "
+        "folder can open it; keep keys elsewhere (and backed up apart from the data)"
+        for what, path in keys.items()
+        if path.is_relative_to(data_dir)
+    ]
 
 
 def _redact(url: str) -> str:

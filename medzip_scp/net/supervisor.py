@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from medzip_scp.archive import Archive, compressing_codec
+from medzip_scp.archive import Archive
 from medzip_scp.config import NodeSettings, Settings, describe_storage_failure
 from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
 from medzip_scp.pipeline.compress import run_worker
@@ -154,6 +154,7 @@ def run_node(
         if stop.is_set():
             return
         compressing = start_compression(archive, stop, number=0)
+        start_verification_sweeps(archive, stop)
         for line in describe_startup(archive):
             say(line)
         say(
@@ -308,13 +309,24 @@ def start_compression(
         return None
     worker = threading.Thread(
         target=run_worker,
-        args=(archive, compressing_codec(settings), stop, settings.pipeline.poll_seconds),
+        args=(archive, archive.compressing_codec(), stop, settings.pipeline.poll_seconds),
         kwargs={"shard": (number, settings.node.processes)},
         name="medzip-compress",
         daemon=True,
     )
     worker.start()
     return worker
+
+
+def start_verification_sweeps(archive: Archive, stop: threading.Event) -> None:
+    """The first node process verifies every instance each ``[identity] sweep_hours``."""
+    from medzip_scp.pipeline.verify import run_sweeps
+
+    hours = archive.settings.identity.sweep_hours
+    if hours:
+        threading.Thread(
+            target=run_sweeps, args=(archive, stop, hours), name="medzip-sweep", daemon=True
+        ).start()
 
 
 def _end_unless_compressing(

@@ -1,63 +1,171 @@
-"""Integrity check of the whole archive: every blob decodes to what was received."""
+"""``medzip verify``: is every stored image still the image of the patient the index says?
+
+Per instance, the checks of every retrieval (:meth:`Archive.load_part10`) and then some: the
+blob opens for this name and instance; its hash is the one recorded; it decodes (stream and
+pixel CRCs); its sealed identity payload is signed by this node and decrypts; it names this
+instance; the identifying elements fit back; the pixel data and the rest of the data set hash
+to what the payload signed; the restored object is what was received; and the index row's
+patient, study and series say what the sealed data set says. Verdicts: OK, TAMPERED (with the
+check that failed), KEY-MISSING (an identity key is not in the key file) or UNREADABLE (the
+blob is missing or needs a model or format this node does not have).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from medzip_scp.archive import Archive, InstanceIntegrityError
-from medzip_scp.index.models import Instance
+from sqlalchemy import select
+
+from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError
+from medzip_scp.identity.instance import Verdict
+from medzip_scp.index.models import Instance, Series, Study
+
+__all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceFilter:
+    """Which instances to check (all of them when every field is empty)."""
+
+    sop_instance_uids: tuple[str, ...] = ()
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    since: dt.datetime | None = None  # received at or after
 
 
 @dataclass
 class VerifyReport:
-    checked: int = 0
-    ok_count: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (SOP Instance UID, what)
+    results: list[tuple[str, Verdict, str, str]] = field(default_factory=list)
+    # (SOP Instance UID, verdict, reason or "", codec id)
+    seconds: float = 0.0
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return all(verdict == Verdict.OK for _, verdict, _, _ in self.results)
+
+    @property
+    def checked(self) -> int:
+        return len(self.results)
+
+    @property
+    def ok_count(self) -> int:
+        return self.counts()[Verdict.OK]
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """(SOP Instance UID, which check failed) of each instance that is not OK."""
+        return [(uid, reason) for uid, verdict, reason, _ in self.results if verdict != Verdict.OK]
+
+    def counts(self) -> Counter[Verdict]:
+        return Counter(verdict for _, verdict, _, _ in self.results)
 
     def table(self) -> str:
+        counts = self.counts()
+        rate = len(self.results) / self.seconds if self.seconds else 0.0
+        sealed = sum(1 for *_, codec in self.results if codec == IdentityCodec.codec_id)
         lines = [
-            "| instances checked | intact | damaged |",
-            "|---|---|---|",
-            f"| {self.checked} | {self.ok_count} | {len(self.problems)} |",
+            "| checked | sealed identity | OK | TAMPERED | KEY-MISSING | UNREADABLE | "
+            "instances/s |",
+            "|---|---|---|---|---|---|---|",
+            f"| {len(self.results)} | {sealed} | {counts[Verdict.OK]} "
+            f"| {counts[Verdict.TAMPERED]} | {counts[Verdict.KEY_MISSING]} "
+            f"| {counts[Verdict.UNREADABLE]} | {rate:.1f} |",
         ]
-        for uid, what in self.problems:
-            lines.append(f"damaged: {uid}: {what}")
+        for uid, verdict, reason, _ in self.results:
+            if verdict != Verdict.OK:
+                lines.append(f"{verdict}: {uid}: {reason}")
+        if self.interrupted:
+            lines.append("interrupted: the instances above are the ones checked so far")
         return "\n".join(lines)
 
+    def json(self) -> str:
+        return json.dumps(
+            {
+                "counts": {str(v): self.counts()[v] for v in Verdict},
+                "seconds": round(self.seconds, 3),
+                "interrupted": self.interrupted,
+                "instances": [
+                    {"sop_instance_uid": uid, "verdict": str(v), "reason": r, "codec": c}
+                    for uid, v, r, c in self.results
+                ],
+            },
+            indent=1,
+        )
 
-def verify_instance(archive: Archive, instance: Instance) -> str | None:
-    """Return what is wrong with a stored instance, or None when it is intact.
 
-    The same checks as every retrieval (:meth:`Archive.load_part10`): the blob opens for
-    this name and instance, its hash and the decoded data set's hash are those recorded at
-    ingest. A row that moved to a compressed blob meanwhile is checked as it is now.
-    """
+def verify_instance(archive: Archive, instance: Instance) -> tuple[Verdict, str]:
+    """The verdict on one stored instance and, unless OK, which check failed (no PHI)."""
     try:
-        archive.load_part10(instance)
+        archive.load_part10(instance, check_identity=True)
     except InstanceIntegrityError as exc:
-        return exc.reason
-    return None
+        return exc.verdict, exc.reason
+    return Verdict.OK, ""
+
+
+def select_instances(archive: Archive, which: InstanceFilter) -> list[Instance]:
+    query = select(Instance).order_by(Instance.id)
+    if which.sop_instance_uids:
+        query = query.where(Instance.sop_instance_uid.in_(which.sop_instance_uids))
+    if which.study_instance_uid or which.series_instance_uid:
+        query = query.join(Series, Instance.series_fk == Series.id)
+        if which.series_instance_uid:
+            query = query.where(Series.series_instance_uid == which.series_instance_uid)
+        if which.study_instance_uid:
+            query = query.join(Study, Series.study_fk == Study.id).where(
+                Study.study_instance_uid == which.study_instance_uid
+            )
+    if which.since is not None:
+        query = query.where(Instance.received_at >= which.since)
+    with archive.read_sessions() as session:
+        rows = list(session.scalars(query))
+        session.expunge_all()
+    return rows
 
 
 def verify_archive(
     archive: Archive,
-    sop_instance_uids: list[str] | None = None,
+    which: InstanceFilter = InstanceFilter(),  # noqa: B008 - frozen, never mutated
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
-    instances = archive.instances(sop_instance_uids)
+    """Check the selected instances; Ctrl-C ends it early with what was checked so far."""
+    instances = select_instances(archive, which)
     report = VerifyReport()
-    for instance in instances:
-        problem = verify_instance(archive, instance)
-        report.checked += 1
-        if problem is None:
-            report.ok_count += 1
-        else:
-            report.problems.append((instance.sop_instance_uid, problem))
-        if progress is not None:
-            progress(report.checked, len(instances))
+    started = time.monotonic()
+    try:
+        for instance in instances:
+            verdict, reason = verify_instance(archive, instance)
+            report.results.append((instance.sop_instance_uid, verdict, reason, instance.codec_id))
+            if progress is not None:
+                progress(len(report.results), len(instances))
+    except KeyboardInterrupt:
+        report.interrupted = True
+    report.seconds = time.monotonic() - started
     return report
+
+
+def run_sweeps(archive: Archive, stop: threading.Event, hours: float) -> None:
+    """The node's periodic sweep (``[identity] sweep_hours``): every instance, one at a
+    time, an error line (UID and check, never a value) for each that is not OK."""
+    while not stop.wait(hours * 3600):
+        checked = failed = 0
+        for instance in select_instances(archive, InstanceFilter()):
+            if stop.is_set():
+                return
+            verdict, reason = verify_instance(archive, instance)
+            checked += 1
+            if verdict != Verdict.OK:
+                failed += 1
+                log.error(
+                    "verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason
+                )
+        log.info("verification sweep: %d instances checked, %d not OK", checked, failed)

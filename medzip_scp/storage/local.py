@@ -148,6 +148,7 @@ class LocalBlobStore:
     def __init__(self, root: Path, key: BlobKey) -> None:
         self.root = root
         self._key = key
+        self.key_id = key.key_id
         root.mkdir(parents=True, exist_ok=True)
         self._direct_io = _direct_io_supported(root)
 

@@ -26,7 +26,7 @@ def test_verify_reports_intact_then_damaged(node: RunningNode, tmp_path: Path) -
     runner = CliRunner()
     result = runner.invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
-    assert "| 3 | 3 | 0 |" in result.output
+    assert "| 3 | 0 | 3 | 0 | 0 | 0 |" in result.output  # checked, sealed, OK, TAMPERED, ...
 
     with node.archive.sessions() as session:
         victim = session.scalars(select(Instance).order_by(Instance.id)).first()
@@ -38,5 +38,5 @@ def test_verify_reports_intact_then_damaged(node: RunningNode, tmp_path: Path) -
     path.write_bytes(bytes(raw))
     result = runner.invoke(app, args, env=env)
     assert result.exit_code == 1
-    assert "| 3 | 2 | 1 |" in result.output
-    assert uid in result.output
+    assert "| 3 | 0 | 2 | 1 | 0 | 0 |" in result.output
+    assert f"TAMPERED: {uid}: blob refused" in result.output

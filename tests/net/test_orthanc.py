@@ -14,7 +14,7 @@ import pytest
 from pydicom.data import get_charset_files
 from pynetdicom import AE
 
-from medzip_scp.archive import Archive, compressing_codec
+from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination
 from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
@@ -220,6 +220,6 @@ def test_orthanc_moves_studies_back_identical_after_compression(setup: Setup) ->
     MR objects too: Orthanc, on its stock 10 s DICOM timeout, moves every study back (one
     such object took 55-150 s to decode with the learned paths, and Orthanc dropped the
     move)."""
-    summary = compress_pending(setup.archive, compressing_codec(setup.archive.settings))
+    summary = compress_pending(setup.archive, setup.archive.compressing_codec())
     assert summary.compressed == len(setup.files), summary.failures
     _move_back_and_compare(setup, "compressed")

@@ -12,6 +12,7 @@ from medzip_scp.archive import CODECS, MzpCodec
 from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance, compress_pending
+from medzip_scp.identity.instance import Verdict
 from medzip_scp.pipeline.verify import verify_archive, verify_instance
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
@@ -31,7 +32,7 @@ def test_a_row_read_before_compression_is_checked_as_it_is_now(node: RunningNode
     compress_instance(node.archive, CODECS[MzpCodec.codec_id], stale.id, summary)
     assert summary.compressed == 1  # ...and the original blob is gone before it is read
     assert not node.archive.blobs.exists(stale.blob_key)
-    assert verify_instance(node.archive, stale) is None
+    assert verify_instance(node.archive, stale) == (Verdict.OK, "")
 
 
 @pytest.mark.slow
