@@ -26,7 +26,17 @@ from rich.table import Table
 
 from medzip_scp.codec.api import DEFAULT_LEARNED, LearnedOptions
 from medzip_scp.codec.errors import CodecError
-from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
+from medzip_scp.dicom.blob import blob_info, encode_dataset
+from medzip_scp.dicom.identifying import identifying_tags
+from medzip_scp.identity.instance import (
+    IdentityCheckError,
+    IdentityPolicy,
+    open_instance,
+    seal_instance,
+    stored_object,
+)
+from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring, PublicKeys
+from medzip_scp.identity.payload import PayloadTamperedError, check_signature
 
 __all__ = ["codec_app"]
 
@@ -36,6 +46,12 @@ codec_app = typer.Typer(help="Encode, decode and inspect .mzp blobs.", no_args_i
 
 InArg = Annotated[Path, typer.Argument(exists=True, help="Input file or folder.")]
 OutArg = Annotated[Path, typer.Argument(help="Output file or folder.")]
+IdentityKeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--identity-keys", exists=True, help="The node's identity key file (secret keys)."
+    ),
+]
 
 
 def _inputs(root: Path, want_suffix: str | None) -> list[Path]:
@@ -147,11 +163,27 @@ def _run(
         raise typer.Exit(code=1)
 
 
-def _encode_one(src: Path, dst: Path | None, learned: LearnedOptions | None) -> dict[str, Any]:
+def _keyring(path: Path | None) -> IdentityKeyring | None:
+    if path is None:
+        return None
+    try:
+        return IdentityKeyring.load(path)
+    except IdentityKeyError as exc:
+        typer.echo(f"medzip codec: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _encode_one(
+    src: Path, dst: Path | None, learned: LearnedOptions | None, keyring: IdentityKeyring | None
+) -> dict[str, Any]:
     assert dst is not None
     data = src.read_bytes()
     t0 = time.perf_counter()
-    blob = encode_dataset(data, learned)
+    if keyring is None:
+        blob = encode_dataset(data, learned)
+    else:
+        policy = IdentityPolicy(identifying_tags())
+        blob = seal_instance(data, keyring, policy, learned)
     seconds = time.perf_counter() - t0
     _write(dst, blob)
     info = blob_info(blob)
@@ -168,21 +200,47 @@ def _encode_one(src: Path, dst: Path | None, learned: LearnedOptions | None) -> 
         "seconds": round(seconds, 4),
         "model": info["model"],
         "paths": info["paths"],
+        "payload_bytes": info["payload_bytes"],
     }
 
 
-def _decode_one(src: Path, dst: Path | None) -> dict[str, Any]:
+def _decode_one(src: Path, dst: Path | None, keyring: IdentityKeyring | None) -> dict[str, Any]:
     assert dst is not None
     blob = src.read_bytes()
     t0 = time.perf_counter()
-    data = decode_blob(blob)
+    record: dict[str, Any] = {}
+    try:
+        data, sealed = stored_object(blob)
+        if sealed and keyring is None:
+            record["identity"] = "unavailable: no identity key file given (--identity-keys)"
+        elif sealed:
+            data = open_instance(blob, keyring, None).part10
+            record["identity"] = "restored"
+    except IdentityCheckError as exc:
+        raise CodecError(f"{exc.verdict}: {exc.reason}") from None
     seconds = time.perf_counter() - t0
     _write(dst, data)
     return {
         "input_bytes": len(blob),
         "output_bytes": len(data),
         "seconds": round(seconds, 4),
+        **record,
     }
+
+
+def _signature_one(src: Path, dst: Path | None, trusted: PublicKeys) -> dict[str, Any]:
+    blob = src.read_bytes()
+    try:
+        sealed = stored_object(blob)[1]
+    except IdentityCheckError as exc:
+        raise CodecError(f"{exc.verdict}: {exc.reason}") from None
+    if not sealed:
+        raise CodecError("the blob carries no identity payload")
+    try:
+        signer = check_signature(sealed, trusted)
+    except PayloadTamperedError as exc:
+        raise CodecError(f"TAMPERED: {exc.reason}") from None
+    return {"signature": "valid", "signing_key": signer.hex(), "node": trusted.node_id}
 
 
 def _info_one(src: Path, dst: Path | None) -> dict[str, Any]:
@@ -203,16 +261,43 @@ def encode(
             "--learned", help="Also try the learned paths (0.1-0.7 % smaller, 12-40x slower)."
         ),
     ] = False,
+    identity_keys: IdentityKeysOption = None,
 ) -> None:
-    """Encode DICOM file(s) into .mzp blob(s), each verified by decoding it."""
+    """Encode DICOM file(s) into .mzp blob(s), each verified by decoding it; with
+    --identity-keys, the identifying attributes are sealed inside (as the node does)."""
     options = DEFAULT_LEARNED if learned else None
-    _run(inp, out, None, "encode", functools.partial(_encode_one, learned=options))
+    work = functools.partial(_encode_one, learned=options, keyring=_keyring(identity_keys))
+    _run(inp, out, None, "encode", work)
 
 
 @codec_app.command("decode")
-def decode(inp: InArg, out: OutArg) -> None:
-    """Decode .mzp blob(s) back into the original DICOM file(s), byte for byte."""
-    _run(inp, out, SUFFIX, "decode", _decode_one)
+def decode(inp: InArg, out: OutArg, identity_keys: IdentityKeysOption = None) -> None:
+    """Decode .mzp blob(s) back into the original DICOM file(s), byte for byte. A blob with
+    a sealed identity needs --identity-keys for that; without, its pixels still decode
+    bit-exact and the file is written without the identifying attributes (reported)."""
+    _run(
+        inp, out, SUFFIX, "decode", functools.partial(_decode_one, keyring=_keyring(identity_keys))
+    )
+
+
+@codec_app.command("signature")
+def signature(
+    inp: InArg,
+    public_keys: Annotated[
+        Path,
+        typer.Option(
+            "--public-keys", exists=True, help="Public keys (`medzip keys export-public`)."
+        ),
+    ],
+) -> None:
+    """Check that the identity payload of .mzp blob(s) was signed by the node whose public
+    keys are given (no secret key needed). Exits 1 unless every signature is valid."""
+    try:
+        trusted = PublicKeys.load(public_keys)
+    except IdentityKeyError as exc:
+        typer.echo(f"medzip codec: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _run(inp, None, SUFFIX, "signature", functools.partial(_signature_one, trusted=trusted))
 
 
 @codec_app.command("info")

@@ -97,3 +97,72 @@ def test_single_file_and_corrupt_blob(tmp_path: Path) -> None:
     res = runner.invoke(codec_app, ["decode", str(tmp_path / "x.mzp"), str(tmp_path / "y.dcm")])
     assert res.exit_code == 0
     assert (tmp_path / "y.dcm").read_bytes() == data
+
+
+@pytest.fixture(scope="module")
+def identity_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A node's identity key file and its exported public keys, and another node's."""
+    from medzip_scp.identity.keys import IdentityKeyring
+
+    folder = tmp_path_factory.mktemp("identity")
+    for name in ("ours", "theirs"):
+        keyring = IdentityKeyring.open_or_create(folder / f"{name}.json")
+        (folder / f"{name}-public.json").write_text(keyring.export_public())
+    return folder
+
+
+def test_sealed_blob_decodes_pixels_without_a_key_and_everything_with_it(
+    tmp_path: Path, identity_files: Path
+) -> None:
+    original = _write_dicom(tmp_path / "in.dcm", seed=7)
+    runner = CliRunner()
+    keys = str(identity_files / "ours.json")
+    result = runner.invoke(
+        codec_app, ["encode", "--identity-keys", keys, str(tmp_path / "in.dcm"), str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    blob = tmp_path / "in.dcm.mzp"
+    assert PHI.encode() not in blob.read_bytes()
+    assert _lines(result.output)[0]["payload_bytes"] > 100
+
+    result = runner.invoke(codec_app, ["decode", str(blob), str(tmp_path / "keyless.dcm")])
+    assert result.exit_code == 0, result.output
+    assert _lines(result.output)[0]["identity"].startswith("unavailable")
+    keyless = pydicom.dcmread(tmp_path / "keyless.dcm")
+    assert "PatientName" not in keyless  # unavailable, never invented
+    expected = pydicom.dcmread(tmp_path / "in.dcm")
+    assert np.array_equal(keyless.pixel_array, expected.pixel_array)
+    assert keyless.SOPInstanceUID == expected.SOPInstanceUID
+
+    args = ["decode", "--identity-keys", keys, str(blob), str(tmp_path / "full.dcm")]
+    result = runner.invoke(codec_app, args)
+    assert result.exit_code == 0, result.output
+    assert _lines(result.output)[0]["identity"] == "restored"
+    assert (tmp_path / "full.dcm").read_bytes() == original
+
+    theirs = str(identity_files / "theirs.json")
+    result = runner.invoke(codec_app, ["decode", "--identity-keys", theirs, str(blob), "x.dcm"])
+    assert result.exit_code == 1
+    assert "KEY-MISSING" in _lines(result.output)[0]["error"]
+
+
+def test_signature_checks_with_public_keys_only(tmp_path: Path, identity_files: Path) -> None:
+    _write_dicom(tmp_path / "in.dcm", seed=8)
+    runner = CliRunner()
+    keys = str(identity_files / "ours.json")
+    args = ["encode", "--identity-keys", keys, str(tmp_path / "in.dcm"), str(tmp_path)]
+    assert runner.invoke(codec_app, args).exit_code == 0
+    blob = str(tmp_path / "in.dcm.mzp")
+    ours = str(identity_files / "ours-public.json")
+    result = runner.invoke(codec_app, ["signature", blob, "--public-keys", ours])
+    assert result.exit_code == 0, result.output
+    assert _lines(result.output)[0]["signature"] == "valid"
+    theirs = str(identity_files / "theirs-public.json")
+    result = runner.invoke(codec_app, ["signature", blob, "--public-keys", theirs])
+    assert result.exit_code == 1
+    assert "TAMPERED" in _lines(result.output)[0]["error"]
+    plain = tmp_path / "plain"
+    assert runner.invoke(codec_app, ["encode", str(tmp_path / "in.dcm"), str(plain)]).exit_code == 0
+    result = runner.invoke(codec_app, ["signature", str(plain), "--public-keys", ours])
+    assert result.exit_code == 1
+    assert "no identity payload" in _lines(result.output)[0]["error"]
