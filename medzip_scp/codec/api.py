@@ -832,7 +832,11 @@ def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
                 f"section PAYLOAD: carrier frame must be < {n_frames}, got {frame}"
             )
         return mode, bytes(length), frame
-    if mode == PayloadMode.SPREAD and version >= 3:
+    if mode == PayloadMode.SPREAD:
+        if version < 3:
+            raise UnsupportedFormatError(
+                f"section PAYLOAD: mode SPREAD needs format version 3, blob is version {version}"
+            )
         return mode, parsed.spread_payload, None
     raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
 

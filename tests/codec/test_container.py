@@ -351,3 +351,8 @@ def test_cut_short_spread_length_is_corrupt(carrier_frames: FrameSet, body: byte
     with pytest.raises(CorruptStreamError, match="section PAYLOAD: mode SPREAD length"):
         decompress(_rewrite(blob, PAYLOAD=body))
 
+
+def test_spread_payload_needs_version_3() -> None:
+    v1 = _rewrite(GOLDEN_V1, PAYLOAD=_spread_body(0, b"cipher"))
+    with pytest.raises(UnsupportedFormatError, match="SPREAD needs format version 3"):
+        decompress(v1)
