@@ -35,7 +35,8 @@ sampling absorbs. Otherwise it is spread over the frames' coded streams (mode 3:
 inside each frame's stream, at a position taken from the frame's CRC, at most the stream's own
 length); what does not fit, and a blob without frames, keeps it in the ``PAYLOAD`` section.
 Pixels decode without knowing what the payload means; it costs its length (it is ciphertext:
-nothing compresses it) plus one or two bytes.
+nothing compresses it) plus 8 to 10 bytes below 16 KiB (the ``PAYLOAD`` section's table entry,
+its mode byte and the spread length).
 """
 
 from __future__ import annotations
