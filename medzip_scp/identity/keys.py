@@ -214,7 +214,10 @@ class IdentityKeyring:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a new file, never one left behind: O_CREAT keeps an existing file's mode (and
+        # follows a link), which the rename would then give the key file
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(doc, fh, indent=1)
             fh.flush()

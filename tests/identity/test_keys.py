@@ -70,6 +70,16 @@ def test_key_file_is_0600_in_a_0700_folder(keyring: IdentityKeyring) -> None:
     assert [p.name for p in keyring.path.parent.iterdir()] == [keyring.path.name]
 
 
+def test_key_file_stays_0600_over_a_stale_temporary_file(keyring: IdentityKeyring) -> None:
+    """A .tmp left behind (a crash before the rename) must not lend the key file its mode."""
+    stale = keyring.path.with_name(keyring.path.name + ".tmp")
+    stale.write_text("left over")
+    stale.chmod(0o644)
+    keyring.rotate()
+    assert _mode(keyring.path) == 0o600
+    assert not stale.exists()
+
+
 def test_save_is_atomic(keyring: IdentityKeyring, monkeypatch: pytest.MonkeyPatch) -> None:
     """A save that fails before its rename leaves the previous key file whole."""
     before = keyring.path.read_bytes()
