@@ -106,7 +106,7 @@ class PublicKeys:
     def load(cls, path: Path) -> PublicKeys:
         try:
             doc = json.loads(path.read_text())
-            if doc.get("format") != PUBLIC_FORMAT:
+            if not isinstance(doc, dict) or doc.get("format") != PUBLIC_FORMAT:
                 raise ValueError(f"format must be {PUBLIC_FORMAT!r}")
             keys = {
                 bytes.fromhex(k["id"]): Ed25519PublicKey.from_public_bytes(

@@ -177,7 +177,7 @@ def test_export_public_holds_no_secret_and_loads(keyring: IdentityKeyring, tmp_p
 
 @pytest.mark.parametrize(
     "change",
-    ["wrong id", "another key's id", "format", "not hex", "short key", "no keys"],
+    ["wrong id", "another key's id", "format", "not hex", "short key", "no keys", "list", "null"],
 )
 def test_public_key_file_is_checked(
     keyring: IdentityKeyring, other_keyring: IdentityKeyring, tmp_path: Path, change: str
@@ -195,8 +195,10 @@ def test_public_key_file_is_checked(
         first["public"] = "zz" * 32
     elif change == "short key":
         first["public"] = first["public"][:-2]
-    else:
+    elif change == "no keys":
         del doc["keys"]
+    else:
+        doc = [] if change == "list" else None
     path = tmp_path / "public.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(IdentityKeyError) as err:
