@@ -190,8 +190,12 @@ class IdentityKeyring:
         """Add a generation (new payloads use it; old ones still open) and save."""
         generation = KeyGeneration.new()
         self.generations.append(generation)
+        try:
+            self.save()
+        except BaseException:  # unsaved, it must not seal: nothing would open it after a restart
+            self.generations.pop()
+            raise
         self._by_master[generation.master_id] = generation
-        self.save()
         return generation
 
     def save(self) -> None:

@@ -81,8 +81,10 @@ def test_key_file_stays_0600_over_a_stale_temporary_file(keyring: IdentityKeyrin
 
 
 def test_save_is_atomic(keyring: IdentityKeyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A save that fails before its rename leaves the previous key file whole."""
+    """A save that fails before its rename leaves the previous key file whole, and the
+    key ring as it was."""
     before = keyring.path.read_bytes()
+    current = keyring.current
 
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
@@ -92,6 +94,8 @@ def test_save_is_atomic(keyring: IdentityKeyring, monkeypatch: pytest.MonkeyPatc
         keyring.rotate()
     monkeypatch.undo()
     assert keyring.path.read_bytes() == before
+    # nor is the unsaved generation used: what it sealed would not open after a restart
+    assert keyring.current is current and len(keyring.generations) == 1
     assert len(IdentityKeyring.load(keyring.path).generations) == 1
 
 
