@@ -139,7 +139,7 @@ def test_a_record_that_does_not_parse_is_tampered(keyring: IdentityKeyring) -> N
     generation = keyring.current
     deflated = _record().encode()
     assert deflated[0] == 1
-    for plaintext in (b"", b"\x07", b"\x01\x00", b"\x00\x02", deflated[:-2]):
+    for plaintext in (b"", b"\x07", b"\x01\x00", b"\x00\x02", deflated[:-1], deflated + b"\x00"):
         header = _HEADER.pack(1, generation.master_id, generation.signing_id, bytes(16))
         ciphertext = _instance_key(generation.master, bytes(16)).encrypt(
             bytes(12), plaintext, header
