@@ -181,7 +181,7 @@ def test_extra_keywords_are_cut_too() -> None:
     assert "Modality" in stored
 
 
-@pytest.mark.parametrize("keyword", ["NotADicomKeyword", "patientname"])
+@pytest.mark.parametrize("keyword", ["NotADicomKeyword", "patientname", ""])
 def test_unknown_keyword_is_refused(keyword: str) -> None:
     with pytest.raises(ValueError, match="not a DICOM keyword"):
         identifying_tags([keyword])
