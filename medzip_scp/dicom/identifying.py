@@ -253,9 +253,7 @@ def _spans(
     return [(t, s, v, end) for (t, s, v, _), end in zip(elements, ends, strict=True)]
 
 
-def _hashes(
-    part10: bytes, elements: list[tuple[int, int, int, int]] | None
-) -> tuple[bytes, bytes]:
+def _hashes(part10: bytes, elements: list[tuple[int, int, int, int]] | None) -> tuple[bytes, bytes]:
     pixel = (0, 0)
     for tag, _, value, end in _spans(part10, elements or []):
         if tag == _PIXEL_DATA:
