@@ -35,7 +35,8 @@ sampling absorbs. Otherwise it is spread over the frames' coded streams (mode 3:
 inside each frame's stream, at a position taken from the frame's CRC, at most the stream's own
 length); what does not fit, and a blob without frames, keeps it in the ``PAYLOAD`` section.
 Pixels decode without knowing what the payload means; it costs its length (it is ciphertext:
-nothing compresses it) plus one or two bytes.
+nothing compresses it) plus 8 to 10 bytes below 16 KiB (the ``PAYLOAD`` section's table entry,
+its mode byte and the spread length).
 """
 
 from __future__ import annotations
@@ -832,7 +833,11 @@ def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
                 f"section PAYLOAD: carrier frame must be < {n_frames}, got {frame}"
             )
         return mode, bytes(length), frame
-    if mode == PayloadMode.SPREAD and version >= 3:
+    if mode == PayloadMode.SPREAD:
+        if version < 3:
+            raise UnsupportedFormatError(
+                f"section PAYLOAD: mode SPREAD needs format version 3, blob is version {version}"
+            )
         return mode, parsed.spread_payload, None
     raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
 

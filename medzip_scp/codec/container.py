@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic b"MZP1"
-    4       2     format version (u16), 1 or 2
+    4       2     format version (u16), 1, 2 or 3
     6       2     header flags (u16), 0
     8       4     H: length of the header body (u32)
     12      H     header body, version 1:

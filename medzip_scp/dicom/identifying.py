@@ -151,7 +151,8 @@ def identifying_tags(extra_keywords: Iterable[str] = ()) -> frozenset[int]:
     """
     tags = set()
     for keyword in (*IDENTIFYING_KEYWORDS, *extra_keywords):
-        tag = tag_for_keyword(keyword)
+        # pydicom answers "" with (300A,0782), a dictionary entry without a keyword
+        tag = tag_for_keyword(keyword) if keyword else None
         if tag is None:
             raise ValueError(f"{keyword!r} is not a DICOM keyword")
         tags.add(tag)

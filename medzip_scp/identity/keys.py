@@ -106,7 +106,7 @@ class PublicKeys:
     def load(cls, path: Path) -> PublicKeys:
         try:
             doc = json.loads(path.read_text())
-            if doc.get("format") != PUBLIC_FORMAT:
+            if not isinstance(doc, dict) or doc.get("format") != PUBLIC_FORMAT:
                 raise ValueError(f"format must be {PUBLIC_FORMAT!r}")
             keys = {
                 bytes.fromhex(k["id"]): Ed25519PublicKey.from_public_bytes(
@@ -190,8 +190,12 @@ class IdentityKeyring:
         """Add a generation (new payloads use it; old ones still open) and save."""
         generation = KeyGeneration.new()
         self.generations.append(generation)
+        try:
+            self.save()
+        except BaseException:  # unsaved, it must not seal: nothing would open it after a restart
+            self.generations.pop()
+            raise
         self._by_master[generation.master_id] = generation
-        self.save()
         return generation
 
     def save(self) -> None:
@@ -214,7 +218,10 @@ class IdentityKeyring:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a new file, never one left behind: O_CREAT keeps an existing file's mode (and
+        # follows a link), which the rename would then give the key file
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(doc, fh, indent=1)
             fh.flush()

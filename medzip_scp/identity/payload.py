@@ -118,8 +118,8 @@ class IdentityRecord:
             (size,) = struct.unpack_from("<I", data, 1)
             unpacker = zlib.decompressobj(-15)
             raw = unpacker.decompress(data[5:], min(size, _MAX_PLAINTEXT))
-            if len(raw) != size:
-                raise ValueError("identity record: inflated length differs")
+            if len(raw) != size or not unpacker.eof or unpacker.unused_data:
+                raise ValueError("identity record: deflated stream is cut short or runs on")
         elif data[:1] == bytes([_STORED]):
             raw = data[1:]
         else:

@@ -236,3 +236,34 @@ def test_unknown_path_name_is_rejected() -> None:
     px = np.zeros((1, 2, 2, 1), np.uint8)
     with pytest.raises(CodecError, match="not registered"):
         compress(FrameSet(PixelLayout(2, 2, 1, 8, 8), px), paths=("no-such-path",))
+
+
+@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 600, 5000])
+def test_spread_payload_round_trip(carrier_frames: FrameSet, length: int) -> None:
+    """Payloads of 0, 1, n - 1, n and n + 1 bytes over n = 4 frames, one more than the
+    frames can carry; the frames are noise, noise with a residual, tiny and constant."""
+    payload = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
+    blob = compress(carrier_frames, b"rest", payload=payload, learned=None)
+    out = decompress(blob)
+    assert out.payload == payload
+    assert out.dataset_rest == b"rest"
+    assert out.frames is not None
+    np.testing.assert_array_equal(out.frames.pixels, carrier_frames.pixels)
+    info = describe(blob)
+    assert (info["payload_mode"], info["payload_bytes"]) == (3 if length else 0, length)
+    plain = describe(compress(carrier_frames, b"rest", learned=None))
+    assert info["frames"] == plain["frames"]  # per-frame byte counts leave the payload out
+
+
+@pytest.mark.parametrize("length", [1, 100, 600, 1000, 5000, 16383])
+def test_spread_payload_costs_its_length_and_a_few_bytes(
+    carrier_frames: FrameSet, length: int
+) -> None:
+    payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    plain = compress(carrier_frames, learned=None)
+    overhead = len(compress(carrier_frames, payload=payload, learned=None)) - len(plain) - length
+    # the PAYLOAD section's entry (type, length, CRC-32), its mode byte and spread length
+    assert 7 < overhead <= 10
+    no_frames = compress(None, b"rest")
+    overhead = len(compress(None, b"rest", payload=payload)) - len(no_frames) - length
+    assert 7 < overhead <= 10

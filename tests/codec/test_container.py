@@ -15,10 +15,13 @@ from medzip_scp.codec.container import (
     ContainerHeader,
     FrameRecord,
     ModelRef,
+    PayloadMode,
     Section,
     SectionType,
+    get_varint,
     pack_frame_index,
     pack_layout_v3,
+    put_varint,
     read_container,
     unpack_frame_index,
     unpack_layout_v3,
@@ -123,7 +126,9 @@ def _rewrite(blob: bytes, header: ContainerHeader | None = None, **replace: byte
     old_header, sections = read_container(blob)
     new = [Section(s.type, replace.get(s.type.name, s.data)) for s in sections]
     present = {s.type.name for s in sections}
-    new += [Section(SectionType[name], data) for name, data in replace.items() if name not in present]
+    new += [
+        Section(SectionType[name], data) for name, data in replace.items() if name not in present
+    ]
     return write_container(header or old_header, new)
 
 
@@ -214,3 +219,140 @@ def test_empty_sections_are_left_out_and_read_as_empty() -> None:
     assert [s.type for s in read_container(no_pixels)[1]] == [SectionType.DATASET]
     back = decompress(no_pixels)
     assert back.frames is None and back.dataset_rest == b"only a header"
+
+
+# -- payload mode 3 (SPREAD) -----------------------------------------------------------------
+
+SPREAD_LENGTHS = [1, 3, 4, 5, 600, 5000]  # 1, n - 1, n, n + 1 of 4 frames; a remainder
+
+
+def _payload(length: int) -> bytes:
+    return np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
+
+
+def _bodies(blob: bytes) -> dict[str, bytes]:
+    return {s.type.name: s.data for s in read_container(blob)[1]}
+
+
+def _spread_reference(
+    plain_streams: bytes, records: list[FrameRecord], payload: bytes
+) -> tuple[bytes, bytes, list[tuple[int, int]]]:
+    """The STREAMS and PAYLOAD bodies of mode 3 as the container's docstring specifies them,
+    made from the STREAMS of the same frames coded without a payload; and where each frame's
+    segment sits in that STREAMS (start, length)."""
+    share = -(-len(payload) // len(records))
+    streams = bytearray()
+    segments = []
+    pos = carried = 0
+    for r in records:
+        n = min(share, r.stream_bytes, len(payload) - carried)
+        at = r.crc32 % (r.stream_bytes + 1)
+        streams += plain_streams[pos : pos + at]
+        segments.append((len(streams), n))
+        streams += payload[carried : carried + n]
+        streams += plain_streams[pos + at : pos + r.total_bytes]
+        pos += r.total_bytes
+        carried += n
+    body = bytearray([PayloadMode.SPREAD])
+    put_varint(body, carried)
+    return bytes(streams), bytes(body + payload[carried:]), segments
+
+
+@pytest.mark.parametrize("length", SPREAD_LENGTHS)
+def test_spread_payload_sits_in_the_coded_streams_as_specified(
+    carrier_frames: FrameSet, length: int
+) -> None:
+    payload = _payload(length)
+    plain = compress(carrier_frames, b"rest", learned=None)
+    blob = compress(carrier_frames, b"rest", payload=payload, learned=None)
+    _, records = _records(plain)
+    assert _records(blob)[1] == records  # the frames are coded the same, payload or not
+    streams, body, segments = _spread_reference(_bodies(plain)["STREAMS"], records, payload)
+    sections = _bodies(blob)
+    assert sections["STREAMS"] == streams
+    assert sections["PAYLOAD"] == body
+    assert sections["DATASET"] == _bodies(plain)["DATASET"]
+    carried = sum(n for _, n in segments)
+    assert [n for _, n in segments][3] == 0  # the constant frame has no stream to hide in
+    assert segments[2][1] <= records[2].stream_bytes  # a frame at most doubles
+    if length >= 5:  # more than one frame carries a part: no contiguous run of the payload
+        assert sum(n > 0 for _, n in segments) > 1
+        assert payload[:carried] not in sections["STREAMS"]
+    assert payload[:carried] not in sections["PAYLOAD"]
+    if length == 5000:  # more than the frames can carry: the rest stays in the section
+        assert carried == sum(r.stream_bytes for r in records)
+        assert sections["PAYLOAD"].endswith(payload[carried:])
+
+
+def test_pixels_never_depend_on_the_spread_payload(carrier_frames: FrameSet) -> None:
+    payload = _payload(600)
+    blob = compress(carrier_frames, payload=payload, learned=None)
+    _, records = _records(blob)
+    plain_streams = _bodies(compress(carrier_frames, learned=None))["STREAMS"]
+    _, _, segments = _spread_reference(plain_streams, records, payload)
+    streams = bytearray(_bodies(blob)["STREAMS"])
+    for start, n in segments:
+        if n:  # the last payload byte of each segment, behind a valid STREAMS CRC
+            streams[start + n - 1] ^= 0xFF
+    out = decompress(_rewrite(blob, STREAMS=bytes(streams)))
+    assert out.frames is not None
+    np.testing.assert_array_equal(out.frames.pixels, carrier_frames.pixels)
+    changed = [i for i, (a, b) in enumerate(zip(out.payload, payload, strict=True)) if a != b]
+    ends = list(np.cumsum([n for _, n in segments if n]) - 1)
+    assert changed == ends
+
+
+def test_spread_payload_without_frames_is_all_in_the_section() -> None:
+    blob = compress(None, b"rest", payload=b"ciphertext")
+    sections = _bodies(blob)
+    assert "STREAMS" not in sections
+    assert sections["PAYLOAD"] == bytes([PayloadMode.SPREAD, 0]) + b"ciphertext"
+    assert decompress(blob).payload == b"ciphertext"
+
+
+def _spread_body(spread: int, remainder: bytes) -> bytes:
+    body = bytearray([PayloadMode.SPREAD])
+    put_varint(body, spread)
+    return bytes(body) + remainder
+
+
+def test_spread_length_the_frames_cannot_carry_is_corrupt(carrier_frames: FrameSet) -> None:
+    payload = _payload(600)
+    blob = compress(carrier_frames, payload=payload, learned=None)
+    spread, at = get_varint(_bodies(blob)["PAYLOAD"], 1)
+    remainder = _bodies(blob)["PAYLOAD"][at:]
+    for claimed, rest in [
+        (spread + 1, remainder[1:]),  # one byte more in the frames than they take
+        (spread - 1, payload[spread - 1 : spread] + remainder),  # one byte fewer
+        (spread + 10**6, b""),  # more than all their streams
+    ]:
+        bad = _rewrite(blob, PAYLOAD=_spread_body(claimed, rest))
+        with pytest.raises(CorruptStreamError, match=r"section PAYLOAD: frames can carry"):
+            decompress(bad)
+    no_frames = _rewrite(compress(None, b"rest"), PAYLOAD=_spread_body(1, b""))
+    with pytest.raises(CorruptStreamError, match="section PAYLOAD: frames can carry 0"):
+        decompress(no_frames)
+
+
+def test_streams_that_do_not_hold_the_spread_payload_are_corrupt(
+    carrier_frames: FrameSet,
+) -> None:
+    blob = compress(carrier_frames, payload=_payload(600), learned=None)
+    streams = _bodies(blob)["STREAMS"]
+    plain = _bodies(compress(carrier_frames, learned=None))["STREAMS"]
+    for wrong in (streams[:-1], streams + b"\x00", plain):
+        with pytest.raises(CorruptStreamError, match="section STREAMS: frame index accounts"):
+            decompress(_rewrite(blob, STREAMS=wrong))
+
+
+@pytest.mark.parametrize("body", [b"\x03", b"\x03\x80", b"\x03" + b"\xff" * 10 + b"\x00"])
+def test_cut_short_spread_length_is_corrupt(carrier_frames: FrameSet, body: bytes) -> None:
+    blob = compress(carrier_frames, payload=b"cipher", learned=None)
+    with pytest.raises(CorruptStreamError, match="section PAYLOAD: mode SPREAD length"):
+        decompress(_rewrite(blob, PAYLOAD=body))
+
+
+def test_spread_payload_needs_version_3() -> None:
+    v1 = _rewrite(GOLDEN_V1, PAYLOAD=_spread_body(0, b"cipher"))
+    with pytest.raises(UnsupportedFormatError, match="SPREAD needs format version 3"):
+        decompress(v1)
