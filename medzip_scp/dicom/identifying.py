@@ -4,8 +4,9 @@ What is cut (:data:`IDENTIFYING_KEYWORDS`): the attributes of PS3.15 Annex E's B
 Application Level Confidentiality Profile that identify a patient, a visit, a person or a place
 (patient module, accession number, physicians and operators, institution, study, series,
 acquisition and content dates and times, descriptions that may hold names), any top-level
-sequence that holds one of them at any depth, every private element (the profile removes them:
-vendors keep names in them), and the attributes a configuration adds. Each is cut as a whole
+sequence that holds one of them at any depth, the attributes a configuration adds and, with
+``private``, every top-level private element (the profile removes them: vendors keep names in
+them; private elements nested in standard sequences stay). Each is cut as a whole
 top-level element (tag, VR, length, value), so the object left behind is still a valid data
 set of the same transfer syntax, its pixels where they were, and putting the cut bytes back
 at their offsets gives the original byte for byte.

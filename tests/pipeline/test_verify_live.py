@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select
 
 from medzip_scp.archive import CODECS, MzpCodec
+from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance, compress_pending
-from medzip_scp.identity.instance import Verdict
 from medzip_scp.pipeline.verify import verify_archive, verify_instance
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
