@@ -11,7 +11,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from medzip_scp import archive as archive_module
-from medzip_scp.archive import CODECS, MzpCodec, Part10Codec
+from medzip_scp.archive import IdentityCodec, Part10Codec, identity_policy
 from medzip_scp.config import DuplicatePolicyValues
 from medzip_scp.index.ingest import replace_instance
 from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
@@ -40,11 +40,11 @@ def test_compress_replaces_originals_and_retrieval_is_identical(node: RunningNod
     before = {row.sop_instance_uid: node.archive.load_part10(row) for row in _rows(node)}
     old_keys = {row.blob_key for row in _rows(node)}
 
-    summary = compress_pending(node.archive, CODECS[MzpCodec.codec_id])
+    summary = compress_pending(node.archive, node.archive.compressing_codec())
     assert (summary.compressed, summary.failed) == (3, 0)
 
     rows = _rows(node)
-    assert {row.codec_id for row in rows} == {MzpCodec.codec_id}
+    assert {row.codec_id for row in rows} == {IdentityCodec.codec_id}
     assert {row.state for row in rows} == {InstanceState.COMPRESSED}
     for row in rows:
         assert node.archive.load_part10(row) == before[row.sop_instance_uid]
@@ -54,7 +54,7 @@ def test_compress_replaces_originals_and_retrieval_is_identical(node: RunningNod
     assert not old_keys & set(node.archive.blobs.keys())
     assert verify_archive(node.archive).ok
     # A second pass finds nothing to do.
-    assert compress_pending(node.archive, CODECS[MzpCodec.codec_id]).compressed == 0
+    assert compress_pending(node.archive, node.archive.compressing_codec()).compressed == 0
 
 
 class _LossyCodec:
@@ -82,7 +82,7 @@ def test_codec_that_does_not_round_trip_keeps_the_original(node: RunningNode) ->
     assert node.archive.load_part10(after) == original
     assert list(node.archive.blobs.keys()) == [row.blob_key]
     # Not retried forever.
-    assert compress_pending(node.archive, CODECS[MzpCodec.codec_id]).compressed == 0
+    assert compress_pending(node.archive, node.archive.compressing_codec()).compressed == 0
 
 
 def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
@@ -90,7 +90,7 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
     (row,) = _rows(node)
     data = node.archive.load_part10(row)
 
-    class _RacingCodec(MzpCodec):
+    class _RacingCodec(IdentityCodec):
         def encode(self, part10: bytes) -> bytes:
             # A differing duplicate replaces the row while the worker compresses.
             moved = node.archive.blobs.put_bytes(data, row.sop_instance_uid)
@@ -102,7 +102,8 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
             return super().encode(part10)
 
     summary = CompressionSummary()
-    compress_instance(node.archive, _RacingCodec(), row.id, summary)
+    racing = _RacingCodec(node.archive.identity, identity_policy(node.settings))
+    compress_instance(node.archive, racing, row.id, summary)
     assert summary.skipped == 1 and summary.compressed == 0
     (after,) = _rows(node)
     assert after.codec_id == Part10Codec.codec_id
@@ -120,11 +121,12 @@ def test_shards_split_the_backlog_without_overlap(node: RunningNode) -> None:
     assert not parts[0] & parts[1]
     assert parts[0] | parts[1] == {row.id for row in _rows(node)}
     summaries = [
-        compress_pending(node.archive, CODECS[MzpCodec.codec_id], shard=shard) for shard in shards
+        compress_pending(node.archive, node.archive.compressing_codec(), shard=shard)
+        for shard in shards
     ]
     assert [s.compressed for s in summaries] == [len(part) for part in parts]
     assert all(s.skipped == 0 and s.failed == 0 for s in summaries)
-    assert {row.codec_id for row in _rows(node)} == {MzpCodec.codec_id}
+    assert {row.codec_id for row in _rows(node)} == {IdentityCodec.codec_id}
 
 
 def test_shard_text() -> None:
@@ -149,7 +151,7 @@ def test_a_replace_and_a_compression_of_the_same_instance_keep_every_version(
     def replace_while_compressing(*args: object, **kwargs: object) -> None:
         swap = threading.Thread(
             target=compress_instance,
-            args=(node.archive, CODECS[MzpCodec.codec_id], row.id, CompressionSummary()),
+            args=(node.archive, node.archive.compressing_codec(), row.id, CompressionSummary()),
         )
         swap.start()
         swaps.append(swap)

@@ -8,7 +8,6 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from medzip_scp.archive import CODECS, MzpCodec
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
@@ -29,7 +28,7 @@ def test_a_row_read_before_compression_is_checked_as_it_is_now(node: RunningNode
     assert store(node, ct_dataset()) == Status.SUCCESS
     (stale,) = _rows(node)  # verify has read the row...
     summary = CompressionSummary()
-    compress_instance(node.archive, CODECS[MzpCodec.codec_id], stale.id, summary)
+    compress_instance(node.archive, node.archive.compressing_codec(), stale.id, summary)
     assert summary.compressed == 1  # ...and the original blob is gone before it is read
     assert not node.archive.blobs.exists(stale.blob_key)
     assert verify_instance(node.archive, stale) == (Verdict.OK, "")
@@ -44,7 +43,9 @@ def test_verify_during_compression_reports_nothing_false(node: RunningNode) -> N
 
     def compress() -> None:
         try:
-            compressed.append(compress_pending(node.archive, CODECS[MzpCodec.codec_id]).compressed)
+            compressed.append(
+                compress_pending(node.archive, node.archive.compressing_codec()).compressed
+            )
         finally:
             done.set()
 
