@@ -183,7 +183,12 @@ class IdentityKeyring:
         if path.exists():
             return cls.load(path)
         keyring = cls(str(uuid.uuid4()), [KeyGeneration.new()], path)
-        keyring.save()
+        try:
+            keyring.save(exclusive=True)
+        except FileExistsError:
+            # another process (a node process, a worker) made it meanwhile: use that one,
+            # or payloads sealed here would name a key no file holds
+            return cls.load(path)
         return keyring
 
     def rotate(self) -> KeyGeneration:
@@ -198,8 +203,9 @@ class IdentityKeyring:
         self._by_master[generation.master_id] = generation
         return generation
 
-    def save(self) -> None:
-        """Write the key file atomically (0600, fsynced, then renamed into place)."""
+    def save(self, exclusive: bool = False) -> None:
+        """Write the key file atomically (0600, fsynced, then renamed into place); with
+        ``exclusive``, only if there is none yet (else FileExistsError)."""
         from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
 
         doc = {
@@ -217,16 +223,22 @@ class IdentityKeyring:
             ],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         # a new file, never one left behind: O_CREAT keeps an existing file's mode (and
         # follows a link), which the rename would then give the key file
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if exclusive:
+                os.link(tmp, self.path)  # fails if the file exists: no replacing it
+            else:
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -72,12 +72,26 @@ def test_key_file_is_0600_in_a_0700_folder(keyring: IdentityKeyring) -> None:
 
 def test_key_file_stays_0600_over_a_stale_temporary_file(keyring: IdentityKeyring) -> None:
     """A .tmp left behind (a crash before the rename) must not lend the key file its mode."""
-    stale = keyring.path.with_name(keyring.path.name + ".tmp")
+    stale = keyring.path.with_name(f"{keyring.path.name}.{os.getpid()}.tmp")
     stale.write_text("left over")
     stale.chmod(0o644)
     keyring.rotate()
     assert _mode(keyring.path) == 0o600
     assert not stale.exists()
+
+
+def test_concurrent_first_starts_share_one_key_file(tmp_path: Path) -> None:
+    """Two processes opening a fresh archive at once (node and worker) end up with the same
+    keys: the second never replaces the file the first created."""
+    path = tmp_path / "keys" / "identity.json"
+    first = IdentityKeyring.open_or_create(path)
+    racing = IdentityKeyring(
+        "another-node", [KeyGeneration.new()], path
+    )  # what a process that found no file a moment ago made
+    with pytest.raises(FileExistsError):
+        racing.save(exclusive=True)
+    assert IdentityKeyring.load(path).current.master_id == first.current.master_id
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left
 
 
 def test_save_is_atomic(keyring: IdentityKeyring, monkeypatch: pytest.MonkeyPatch) -> None:
