@@ -234,15 +234,21 @@ def open_payload(sealed: bytes, keyring: IdentityKeyring) -> IdentityRecord:
     Raises
     ------
     PayloadKeyMissingError
-        It names a master key the key file does not hold.
+        It names a key generation the key file does not hold (neither its master key nor
+        its signing key).
     PayloadTamperedError
-        Anything else is wrong (signature, signer, ciphertext, record).
+        Anything else is wrong (signature, signer, ciphertext, record), including a master
+        key id altered in a payload signed by this node.
     """
-    header, master_id, _signing_id, ciphertext, _signature = _split(sealed)
+    header, master_id, signing_id, ciphertext, _signature = _split(sealed)
     master = keyring.master(master_id)
+    trusted = keyring.public_keys()
+    # The signature covers the master key id: checked whenever either key is ours, it tells
+    # an altered id from a key generation this key file lacks (both of its keys unknown).
+    if master is not None or signing_id in trusted.keys:
+        check_signature(sealed, trusted)
     if master is None:
         raise PayloadKeyMissingError(master_id)
-    check_signature(sealed, keyring.public_keys())
     try:
         plaintext = _instance_key(master, header[-16:]).decrypt(_NONCE, ciphertext, header)
     except InvalidTag:

@@ -339,6 +339,7 @@ def test_one_pixel_value_altered(archive: SealedArchive, victim: str) -> None:
 
 
 # a sealed payload: format byte, master key id, signing key id, salt, ciphertext, signature
+_MASTER_ID = slice(1, 1 + ID_BYTES)
 _SIGNING_ID = slice(1 + ID_BYTES, 1 + 2 * ID_BYTES)
 _SIGNATURE = 64
 
@@ -364,6 +365,20 @@ def test_payload_signed_by_another_nodes_key(
         )
     else:
         assert reason == "payload signature does not verify"
+
+
+def test_payload_naming_a_master_key_this_node_lacks(archive: SealedArchive) -> None:
+    """Signed by our key, the header's master key id is covered by the signature: another id
+    there is tampering, not a key generation the key file lacks (which would have its own
+    signing key, unknown too)."""
+    victim = archive.uids["mr"]
+    stored, payload = _stored(archive.archive, victim)
+    altered = bytearray(payload)
+    altered[_MASTER_ID] = bytes(b ^ 0xFF for b in payload[_MASTER_ID])
+    _substitute(archive.archive, victim, encode_dataset(stored, payload=bytes(altered)))
+    assert _not_ok(archive.archive) == {
+        victim: (Verdict.TAMPERED, "payload signature does not verify")
+    }
 
 
 def test_payload_sealed_by_a_key_generation_this_node_lacks(
