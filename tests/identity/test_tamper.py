@@ -74,7 +74,7 @@ class SealedArchive:
         return self.node.archive
 
     @property
-    def sealed(self) -> list[str]:
+    def sealed_uids(self) -> list[str]:
         return [uid for name, uid in self.uids.items() if name != "unsealed"]
 
 
@@ -137,7 +137,7 @@ def _snapshot(archive: Archive) -> tuple[list[dict[str, object]], list[dict[str,
 
 
 @pytest.fixture
-def archive(sealed_archive: SealedArchive) -> Iterator[SealedArchive]:
+def sealed(sealed_archive: SealedArchive) -> Iterator[SealedArchive]:
     """The sealed archive; afterwards its rows and blob files are put back as they were
     (each case tampers with it its own way, and finds every other instance OK)."""
     blobs = sealed_archive.archive.blobs
@@ -209,26 +209,26 @@ def _not_ok(archive: Archive) -> dict[str, tuple[Verdict, str]]:
 # -- the cases -------------------------------------------------------------------------------
 
 
-def test_patient_name_edited_in_the_index(archive: SealedArchive) -> None:
-    with archive.archive.sessions() as session:
+def test_patient_name_edited_in_the_index(sealed: SealedArchive) -> None:
+    with sealed.archive.sessions() as session:
         session.execute(
             update(Study)
-            .where(Study.study_instance_uid == archive.study["mr"])
+            .where(Study.study_instance_uid == sealed.study["mr"])
             .values(patient_name="Someone^Else")
         )
         session.commit()
-    assert _not_ok(archive.archive) == {
-        archive.uids["mr"]: (
+    assert _not_ok(sealed.archive) == {
+        sealed.uids["mr"]: (
             Verdict.TAMPERED,
             "index row differs from the sealed identity (PatientName)",
         )
     }
 
 
-def test_instance_filed_under_another_patients_study(archive: SealedArchive) -> None:
-    victim = archive.uids["ct0"]
-    with archive.archive.sessions() as session:
-        mr_series = select(Series.id).where(Series.series_instance_uid == archive.series["mr"])
+def test_instance_filed_under_another_patients_study(sealed: SealedArchive) -> None:
+    victim = sealed.uids["ct0"]
+    with sealed.archive.sessions() as session:
+        mr_series = select(Series.id).where(Series.series_instance_uid == sealed.series["mr"])
         session.execute(
             update(Instance)
             .where(Instance.sop_instance_uid == victim)
@@ -236,22 +236,22 @@ def test_instance_filed_under_another_patients_study(archive: SealedArchive) -> 
         )
         session.commit()
     differing = "StudyInstanceUID, SeriesInstanceUID, PatientID, PatientName, PatientSex, StudyDate"
-    assert _not_ok(archive.archive) == {
+    assert _not_ok(sealed.archive) == {
         victim: (Verdict.TAMPERED, f"index row differs from the sealed identity ({differing})")
     }
 
 
 @pytest.mark.parametrize("where", ["blob files swapped", "rows name each other's blob"])
-def test_two_blobs_swapped(archive: SealedArchive, where: str) -> None:
-    a, b = archive.uids["ct0"], archive.uids["mr"]
-    row_a, row_b = _row(archive.archive, a), _row(archive.archive, b)
+def test_two_blobs_swapped(sealed: SealedArchive, where: str) -> None:
+    a, b = sealed.uids["ct0"], sealed.uids["mr"]
+    row_a, row_b = _row(sealed.archive, a), _row(sealed.archive, b)
     if where == "blob files swapped":
-        path_a, path_b = (archive.archive.blobs._path(r.blob_key) for r in (row_a, row_b))
+        path_a, path_b = (sealed.archive.blobs._path(r.blob_key) for r in (row_a, row_b))
         data_a, data_b = path_a.read_bytes(), path_b.read_bytes()
         path_a.write_bytes(data_b)
         path_b.write_bytes(data_a)
     else:
-        with archive.archive.sessions() as session:
+        with sealed.archive.sessions() as session:
             for row, other in ((row_a, row_b), (row_b, row_a)):
                 session.execute(
                     update(Instance)
@@ -259,17 +259,17 @@ def test_two_blobs_swapped(archive: SealedArchive, where: str) -> None:
                     .values(blob_key=other.blob_key, stored_sha256=other.stored_sha256)
                 )
             session.commit()
-    problems = _not_ok(archive.archive)
+    problems = _not_ok(sealed.archive)
     assert problems.keys() == {a, b}
     for verdict, reason in problems.values():
         assert verdict == Verdict.TAMPERED
         assert reason.startswith("blob refused: segment 0 failed authentication"), reason
 
 
-def test_another_instances_blob_sealed_for_this_one(archive: SealedArchive) -> None:
-    victim, donor = archive.uids["ct0"], archive.uids["ct1"]
-    _substitute(archive.archive, victim, _blob(archive.archive, donor))
-    assert _not_ok(archive.archive) == {
+def test_another_instances_blob_sealed_for_this_one(sealed: SealedArchive) -> None:
+    victim, donor = sealed.uids["ct0"], sealed.uids["ct1"]
+    _substitute(sealed.archive, victim, _blob(sealed.archive, donor))
+    assert _not_ok(sealed.archive) == {
         victim: (Verdict.TAMPERED, f"payload is that of another instance ({donor})")
     }
 
@@ -301,39 +301,39 @@ def _flipped_in_streams(blob: bytes, payload: bytes, in_payload: bool) -> bytes:
         ("in the payload segment", "payload signature does not verify"),
     ],
 )
-def test_bit_flipped_in_a_coded_stream(archive: SealedArchive, flip: str, reason: str) -> None:
-    victim = archive.uids["ct1"]
-    blob = _blob(archive.archive, victim)
+def test_bit_flipped_in_a_coded_stream(sealed: SealedArchive, flip: str, reason: str) -> None:
+    victim = sealed.uids["ct1"]
+    blob = _blob(sealed.archive, victim)
     _stored_object, payload = open_blob(blob)
     flipped = _flipped_in_streams(blob, payload, in_payload=flip == "in the payload segment")
     if flip.endswith("CRCs left"):  # the container's own CRCs then catch it
         header_end = len(flipped) - sum(len(s.data) for s in read_container(blob)[1])
         flipped = blob[:header_end] + flipped[header_end:]
-    _substitute(archive.archive, victim, flipped)
-    assert _not_ok(archive.archive) == {victim: (Verdict.TAMPERED, reason)}
+    _substitute(sealed.archive, victim, flipped)
+    assert _not_ok(sealed.archive) == {victim: (Verdict.TAMPERED, reason)}
 
 
-def test_stored_data_set_replaced(archive: SealedArchive) -> None:
-    victim = archive.uids["enhanced"]
-    stored, payload = _stored(archive.archive, victim)
+def test_stored_data_set_replaced(sealed: SealedArchive) -> None:
+    victim = sealed.uids["enhanced"]
+    stored, payload = _stored(sealed.archive, victim)
     offset, length = _element_value(stored, "SeriesNumber")  # not an identifying element
     assert stored[offset : offset + length] != b"9" * length
     altered = _with_bytes(stored, offset, b"9" * length)
-    _substitute(archive.archive, victim, encode_dataset(altered, payload=payload))
-    assert _not_ok(archive.archive) == {
+    _substitute(sealed.archive, victim, encode_dataset(altered, payload=payload))
+    assert _not_ok(sealed.archive) == {
         victim: (Verdict.TAMPERED, "data set differs from the signed hash")
     }
 
 
 @pytest.mark.parametrize("victim", ["ct2", "enhanced"])
-def test_one_pixel_value_altered(archive: SealedArchive, victim: str) -> None:
-    uid = archive.uids[victim]
-    stored, payload = _stored(archive.archive, uid)
+def test_one_pixel_value_altered(sealed: SealedArchive, victim: str) -> None:
+    uid = sealed.uids[victim]
+    stored, payload = _stored(sealed.archive, uid)
     offset, length = _element_value(stored, "PixelData")
     pixel = offset + length - 1000  # in the last frame
     altered = _with_bytes(stored, pixel, bytes([stored[pixel] ^ 0x01]))
-    _substitute(archive.archive, uid, encode_dataset(altered, payload=payload))
-    assert _not_ok(archive.archive) == {
+    _substitute(sealed.archive, uid, encode_dataset(altered, payload=payload))
+    assert _not_ok(sealed.archive) == {
         uid: (Verdict.TAMPERED, "pixel data differs from the signed hash")
     }
 
@@ -346,17 +346,17 @@ _SIGNATURE = 64
 
 @pytest.mark.parametrize("claimed", ["the other node's signing key", "our signing key"])
 def test_payload_signed_by_another_nodes_key(
-    archive: SealedArchive, tmp_path: Path, claimed: str
+    sealed: SealedArchive, tmp_path: Path, claimed: str
 ) -> None:
-    victim = archive.uids["mr"]
+    victim = sealed.uids["mr"]
     other = IdentityKeyring("another-node", [KeyGeneration.new()], tmp_path / "other.json")
-    stored, payload = _stored(archive.archive, victim)
+    stored, payload = _stored(sealed.archive, victim)
     signed = bytearray(payload[:-_SIGNATURE])  # our master key id stays in the header
     if claimed == "the other node's signing key":
         signed[_SIGNING_ID] = other.current.signing_id
     forged = bytes(signed) + other.current.signing.sign(bytes(signed))
-    _substitute(archive.archive, victim, encode_dataset(stored, payload=forged))
-    ((uid, (verdict, reason)),) = _not_ok(archive.archive).items()
+    _substitute(sealed.archive, victim, encode_dataset(stored, payload=forged))
+    ((uid, (verdict, reason)),) = _not_ok(sealed.archive).items()
     assert (uid, verdict) == (victim, Verdict.TAMPERED)
     if claimed == "the other node's signing key":
         assert reason == (
@@ -367,32 +367,32 @@ def test_payload_signed_by_another_nodes_key(
         assert reason == "payload signature does not verify"
 
 
-def test_payload_naming_a_master_key_this_node_lacks(archive: SealedArchive) -> None:
+def test_payload_naming_a_master_key_this_node_lacks(sealed: SealedArchive) -> None:
     """Signed by our key, the header's master key id is covered by the signature: another id
     there is tampering, not a key generation the key file lacks (which would have its own
     signing key, unknown too)."""
-    victim = archive.uids["mr"]
-    stored, payload = _stored(archive.archive, victim)
+    victim = sealed.uids["mr"]
+    stored, payload = _stored(sealed.archive, victim)
     altered = bytearray(payload)
     altered[_MASTER_ID] = bytes(b ^ 0xFF for b in payload[_MASTER_ID])
-    _substitute(archive.archive, victim, encode_dataset(stored, payload=bytes(altered)))
-    assert _not_ok(archive.archive) == {
+    _substitute(sealed.archive, victim, encode_dataset(stored, payload=bytes(altered)))
+    assert _not_ok(sealed.archive) == {
         victim: (Verdict.TAMPERED, "payload signature does not verify")
     }
 
 
 def test_payload_sealed_by_a_key_generation_this_node_lacks(
-    archive: SealedArchive, tmp_path: Path
+    sealed: SealedArchive, tmp_path: Path
 ) -> None:
     """A payload sealed and signed with keys the key file does not hold (a generation lost
     with an old backup, another node's) cannot be checked: KEY-MISSING, naming the key."""
-    victim = archive.uids["mr"]
-    stored, payload = _stored(archive.archive, victim)
-    record = open_payload(payload, archive.archive.identity)  # type: ignore[arg-type]
+    victim = sealed.uids["mr"]
+    stored, payload = _stored(sealed.archive, victim)
+    record = open_payload(payload, sealed.archive.identity)  # type: ignore[arg-type]
     lost = IdentityKeyring(record.node_id, [KeyGeneration.new()], tmp_path / "lost.json")
     resealed = seal_payload(record, lost)
-    _substitute(archive.archive, victim, encode_dataset(stored, payload=resealed))
-    assert _not_ok(archive.archive) == {
+    _substitute(sealed.archive, victim, encode_dataset(stored, payload=resealed))
+    assert _not_ok(sealed.archive) == {
         victim: (
             Verdict.KEY_MISSING,
             f"identity key {lost.current.master_id.hex()} is not in the key file",
@@ -400,12 +400,12 @@ def test_payload_sealed_by_a_key_generation_this_node_lacks(
     }
 
 
-def test_payload_of_another_instance(archive: SealedArchive) -> None:
-    victim, donor = archive.uids["mr"], archive.uids["ct0"]
-    stored, _payload = _stored(archive.archive, victim)
-    _donor_stored, donor_payload = _stored(archive.archive, donor)
-    _substitute(archive.archive, victim, encode_dataset(stored, payload=donor_payload))
-    assert _not_ok(archive.archive) == {
+def test_payload_of_another_instance(sealed: SealedArchive) -> None:
+    victim, donor = sealed.uids["mr"], sealed.uids["ct0"]
+    stored, _payload = _stored(sealed.archive, victim)
+    _donor_stored, donor_payload = _stored(sealed.archive, donor)
+    _substitute(sealed.archive, victim, encode_dataset(stored, payload=donor_payload))
+    assert _not_ok(sealed.archive) == {
         victim: (Verdict.TAMPERED, f"payload is that of another instance ({donor})")
     }
 
@@ -444,17 +444,17 @@ def _get_study(node: RunningNode, study_uid: str) -> tuple[Dataset, Dataset | No
 
 
 def test_c_get_sends_the_others_and_names_the_tampered_one(
-    archive: SealedArchive, caplog: pytest.LogCaptureFixture
+    sealed: SealedArchive, caplog: pytest.LogCaptureFixture
 ) -> None:
-    victim = archive.uids["ct1"]
-    stored, payload = _stored(archive.archive, victim)
+    victim = sealed.uids["ct1"]
+    stored, payload = _stored(sealed.archive, victim)
     offset, _length = _element_value(stored, "PixelData")
     altered = _with_bytes(stored, offset, bytes([stored[offset] ^ 0x01]))
-    _substitute(archive.archive, victim, encode_dataset(altered, payload=payload))
+    _substitute(sealed.archive, victim, encode_dataset(altered, payload=payload))
 
     with caplog.at_level(logging.INFO):
-        final, identifier, received = _get_study(archive.node, archive.study["ct"])
-    assert sorted(received) == sorted([archive.uids["ct0"], archive.uids["ct2"]])
+        final, identifier, received = _get_study(sealed.node, sealed.study["ct"])
+    assert sorted(received) == sorted([sealed.uids["ct0"], sealed.uids["ct2"]])
     assert final.Status == Status.WARNING_SUBOPERATIONS
     assert identifier is not None and identifier.FailedSOPInstanceUIDList == victim
     refusals = [m for m in caplog.messages if victim in m]
@@ -465,15 +465,15 @@ def test_c_get_sends_the_others_and_names_the_tampered_one(
     assert leaked == []
 
 
-def _cli_env(archive: SealedArchive) -> dict[str, str]:
-    return {"MEDZIP_STORAGE__DATABASE_URL": archive.node.settings.storage.database_url}
+def _cli_env(sealed: SealedArchive) -> dict[str, str]:
+    return {"MEDZIP_STORAGE__DATABASE_URL": sealed.node.settings.storage.database_url}
 
 
-def _verify(archive: SealedArchive, *options: str) -> tuple[int, dict[str, Any]]:
+def _verify(sealed: SealedArchive, *options: str) -> tuple[int, dict[str, Any]]:
     """``medzip verify --json`` with ``options``: exit code and the report."""
-    data_dir = str(archive.node.settings.storage.data_dir)
+    data_dir = str(sealed.node.settings.storage.data_dir)
     result = CliRunner().invoke(
-        app, ["verify", "--data-dir", data_dir, "--json", *options], env=_cli_env(archive)
+        app, ["verify", "--data-dir", data_dir, "--json", *options], env=_cli_env(sealed)
     )
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result.exit_code, json.loads(result.stdout)
@@ -483,14 +483,14 @@ def _verdicts(report: dict[str, Any]) -> dict[str, str]:
     return {i["sop_instance_uid"]: i["verdict"] for i in report["instances"]}
 
 
-def test_medzip_verify_reports_the_tampered_instance(archive: SealedArchive) -> None:
-    victim = archive.uids["ct2"]
-    stored, payload = _stored(archive.archive, victim)
+def test_medzip_verify_reports_the_tampered_instance(sealed: SealedArchive) -> None:
+    victim = sealed.uids["ct2"]
+    stored, payload = _stored(sealed.archive, victim)
     offset, _length = _element_value(stored, "PixelData")
     altered = _with_bytes(stored, offset, bytes([stored[offset] ^ 0x01]))
-    _substitute(archive.archive, victim, encode_dataset(altered, payload=payload))
+    _substitute(sealed.archive, victim, encode_dataset(altered, payload=payload))
 
-    code, report = _verify(archive)
+    code, report = _verify(sealed)
     assert code == 1
     assert report["counts"] == {"OK": 5, "TAMPERED": 1, "KEY-MISSING": 0, "UNREADABLE": 0}
     (tampered,) = [i for i in report["instances"] if i["verdict"] != "OK"]
@@ -501,23 +501,23 @@ def test_medzip_verify_reports_the_tampered_instance(archive: SealedArchive) -> 
         "codec": IdentityCodec.codec_id,
     }
 
-    code, report = _verify(archive, "--study", archive.study["ct"])
+    code, report = _verify(sealed, "--study", sealed.study["ct"])
     assert code == 1
     assert _verdicts(report) == {
-        archive.uids["ct0"]: "OK",
-        archive.uids["ct1"]: "OK",
+        sealed.uids["ct0"]: "OK",
+        sealed.uids["ct1"]: "OK",
         victim: "TAMPERED",
     }
-    code, report = _verify(archive, "--series", archive.series["enhanced"])
-    assert (code, _verdicts(report)) == (0, {archive.uids["enhanced"]: "OK"})
+    code, report = _verify(sealed, "--series", sealed.series["enhanced"])
+    assert (code, _verdicts(report)) == (0, {sealed.uids["enhanced"]: "OK"})
 
     # --since: only what was received since that day (the CT study arrived years ago)
-    with archive.archive.sessions() as session:
+    with sealed.archive.sessions() as session:
         ct_rows = (
             select(Instance.id)
             .join(Series, Instance.series_fk == Series.id)
             .join(Study, Series.study_fk == Study.id)
-            .where(Study.study_instance_uid == archive.study["ct"])
+            .where(Study.study_instance_uid == sealed.study["ct"])
         )
         session.execute(
             update(Instance)
@@ -525,10 +525,10 @@ def test_medzip_verify_reports_the_tampered_instance(archive: SealedArchive) -> 
             .values(received_at=dt.datetime(2019, 6, 1, tzinfo=dt.UTC))
         )
         session.commit()
-    code, report = _verify(archive, "--since", "2020-01-01")
+    code, report = _verify(sealed, "--since", "2020-01-01")
     assert code == 0
-    assert _verdicts(report).keys() == {archive.uids[n] for n in ("mr", "enhanced", "unsealed")}
-    code, report = _verify(archive, "--since", "2019-01-01")
+    assert _verdicts(report).keys() == {sealed.uids[n] for n in ("mr", "enhanced", "unsealed")}
+    code, report = _verify(sealed, "--since", "2019-01-01")
     assert code == 1 and len(_verdicts(report)) == 6
 
 
@@ -536,10 +536,10 @@ def test_medzip_verify_reports_the_tampered_instance(archive: SealedArchive) -> 
 
 
 @pytest.fixture
-def identity_key_moved_away(archive: SealedArchive, tmp_path: Path) -> Iterator[Path]:
+def identity_key_moved_away(sealed: SealedArchive, tmp_path: Path) -> Iterator[Path]:
     """The identity key file, moved out of its place (and back afterwards); yields where it
     belongs. The running node keeps the keys it read."""
-    settings = archive.node.settings
+    settings = sealed.node.settings
     key_file = settings.identity.resolved_key_file(settings.storage.data_dir)
     backup = tmp_path / "identity-backup.json"
     shutil.move(key_file, backup)
@@ -550,13 +550,13 @@ def identity_key_moved_away(archive: SealedArchive, tmp_path: Path) -> Iterator[
 
 
 def test_verify_without_the_identity_key(
-    archive: SealedArchive, identity_key_moved_away: Path
+    sealed: SealedArchive, identity_key_moved_away: Path
 ) -> None:
-    code, report = _verify(archive)
+    code, report = _verify(sealed)
     assert code == 1
     verdicts = {i["sop_instance_uid"]: i for i in report["instances"]}
-    assert verdicts.pop(archive.uids["unsealed"])["verdict"] == "OK"
-    assert verdicts.keys() == set(archive.sealed)
+    assert verdicts.pop(sealed.uids["unsealed"])["verdict"] == "OK"
+    assert verdicts.keys() == set(sealed.sealed_uids)
     for found in verdicts.values():
         assert (found["verdict"], found["codec"]) == ("KEY-MISSING", IdentityCodec.codec_id)
         assert "identity key" in found["reason"]
@@ -564,27 +564,27 @@ def test_verify_without_the_identity_key(
 
 
 def test_worker_refuses_to_start_without_the_identity_key(
-    archive: SealedArchive, identity_key_moved_away: Path
+    sealed: SealedArchive, identity_key_moved_away: Path
 ) -> None:
-    data_dir = str(archive.node.settings.storage.data_dir)
+    data_dir = str(sealed.node.settings.storage.data_dir)
     result = CliRunner().invoke(
-        app, ["worker", "--once", "--data-dir", data_dir], env=_cli_env(archive)
+        app, ["worker", "--once", "--data-dir", data_dir], env=_cli_env(sealed)
     )
     assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()
     assert str(identity_key_moved_away) in line and "missing" in line
     assert not identity_key_moved_away.exists()
-    assert _row(archive.archive, archive.uids["unsealed"]).codec_id == Part10Codec.codec_id
+    assert _row(sealed.archive, sealed.uids["unsealed"]).codec_id == Part10Codec.codec_id
 
 
 def test_serve_refuses_to_start_without_the_identity_key(
-    archive: SealedArchive, identity_key_moved_away: Path
+    sealed: SealedArchive, identity_key_moved_away: Path
 ) -> None:
-    data_dir = str(archive.node.settings.storage.data_dir)
+    data_dir = str(sealed.node.settings.storage.data_dir)
     result = subprocess.run(
         [sys.executable, "-m", "medzip_scp.cli.main", "serve", "--data-dir", data_dir]
         + ["--port", str(free_port())],
-        env={**_cli_env(archive), "PATH": "/usr/bin:/bin"},
+        env={**_cli_env(sealed), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,
