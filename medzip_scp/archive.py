@@ -131,7 +131,7 @@ class IdentityCodec:
 
     def encode(self, part10: bytes) -> bytes:
         if self._keyring is None:
-            raise IdentityKeyError("no identity key file is configured")
+            raise IdentityKeyError("the identity key file is missing: compression cannot seal")
         return seal_instance(part10, self._keyring, self._policy, self._learned)
 
     def decode(self, blob: bytes) -> bytes:

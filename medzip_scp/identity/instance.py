@@ -164,7 +164,9 @@ def open_instance(
     if not sealed:
         raise IdentityCheckError(Verdict.TAMPERED, "blob carries no identity payload")
     if keyring is None:
-        raise IdentityCheckError(Verdict.KEY_MISSING, "no identity key file is configured")
+        raise IdentityCheckError(
+            Verdict.KEY_MISSING, "the identity key file is missing (or none was given)"
+        )
     try:
         record = open_payload(sealed, keyring)
     except PayloadKeyMissingError as exc:
