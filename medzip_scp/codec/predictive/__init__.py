@@ -67,7 +67,7 @@ Free bits in the flush
 The arithmetic coder (modes 1 and 2) ends by writing the 4 bytes of its interval's low end
 ``x1`` (big-endian, the last 4 bytes of the arithmetic-coded payload).  Any 32-bit value in the
 final interval ``[x1, x2]`` decodes to the same frame, and the decoder ends with that value in
-its window.  So a stream carries ``floor(log2(x2 - x1 + 1))`` bits (1..32, typically 24-31)
+its window.  So a stream carries ``floor(log2(x2 - x1 + 1))`` bits (1..32, about 26 on CT and MR)
 for free as ``k = value - x1``: :func:`encode_frame_slot` and :func:`decode_frame_slot` report
 the :class:`FlushSlot`, :meth:`FlushSlot.flush_bytes` gives the 4 bytes that carry ``k``.
 """
