@@ -32,7 +32,7 @@ from medzip_scp.codec.errors import CorruptStreamError, UnknownModelError, Unsup
 from medzip_scp.codec.paths import PredictivePath
 from medzip_scp.codec.predictive import FlushSlot
 
-from .golden import GOLDEN_V1
+from .golden import GOLDEN_V1, GOLDEN_V3, GOLDEN_V3_PAYLOAD, GOLDEN_V3_PIXELS
 
 
 def _sample_blob(payload: bytes = b"cipher") -> bytes:
@@ -511,3 +511,12 @@ def test_spread_payload_needs_version_3() -> None:
     v1 = _rewrite(GOLDEN_V1, PAYLOAD=_mode3_body(0, 0, b"cipher"))
     with pytest.raises(UnsupportedFormatError, match="SPREAD needs format version 3"):
         decompress(v1)
+
+
+def test_mode_3_blobs_with_free_bits_still_decode() -> None:
+    out = decompress(GOLDEN_V3)
+    assert out.frames is not None
+    np.testing.assert_array_equal(out.frames.pixels, GOLDEN_V3_PIXELS)
+    assert out.payload == GOLDEN_V3_PAYLOAD and out.dataset_rest == b"rest"
+    assert _free_and_spread(GOLDEN_V3) == (7, 157, GOLDEN_V3_PAYLOAD[-16:])
+    assert GOLDEN_V3_PAYLOAD[:7] not in GOLDEN_V3  # the free bytes are in the flushes only
