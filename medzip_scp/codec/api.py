@@ -31,12 +31,16 @@ Payload
 -------
 ``payload`` (already encrypted) rides in a frame's global-path stream for free (mode 2) when
 a frame's high part is coded by the global path and the payload fits the bits its bits-back
-sampling absorbs. Otherwise it is spread over the frames' coded streams (mode 3: a segment
-inside each frame's stream, at a position taken from the frame's CRC, at most the stream's own
-length); what does not fit, and a blob without frames, keeps it in the ``PAYLOAD`` section.
-Pixels decode without knowing what the payload means; it costs its length (it is ciphertext:
-nothing compresses it) plus 8 to 10 bytes below 16 KiB (the ``PAYLOAD`` section's table entry,
-its mode byte and the spread length).
+sampling absorbs. Otherwise (mode 3) its first bytes ride for free in the final flush of the
+arithmetic coder of each frame coded by ``pred`` (any value in the coder's final interval
+decodes the same: 1 to 32 bits a frame, 26 on average on CT and MR), the rest is spread over
+the frames' coded streams (a segment inside each frame's stream, at a position taken from the
+frame's CRC, at most the stream's own length); what does not fit, and a blob without frames,
+keeps it in the ``PAYLOAD`` section. Pixels decode without knowing what the payload means. A
+payload costs what the free bits do not carry (it is ciphertext: nothing compresses it) plus 9
+to 12 bytes below 16 KiB (the ``PAYLOAD`` section's table entry, its mode byte and two
+lengths): a 520-frame 80x80 MR object carries about 1.6 KB in free bits, so an identity
+payload costs it those few bytes alone.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import logging
 import struct
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -74,7 +78,8 @@ from medzip_scp.codec.container import (
 from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
 from medzip_scp.codec.learned.paths import LearnedOptions, SplitCode
-from medzip_scp.codec.paths import PixelPath, ZstdPath, get_path, values_dtype
+from medzip_scp.codec.paths import CarrierPath, PixelPath, ZstdPath, get_path, values_dtype
+from medzip_scp.codec.predictive import FlushSlot
 from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 
 __all__ = [
@@ -203,8 +208,9 @@ def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
 
 def _best_stream(
     values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath]
-) -> tuple[PixelPath, bytes]:
-    """Encode with every path, then return the smallest one that decodes back exactly."""
+) -> tuple[PixelPath, bytes, list[FlushSlot]]:
+    """Encode with every path, then return the smallest one that decodes back exactly, with
+    the flush slots its verifying decode found (a :class:`CarrierPath`'s; else none)."""
     coded: list[tuple[int, int, PixelPath, bytes]] = []
     for order, path in enumerate(paths):
         try:
@@ -216,24 +222,31 @@ def _best_stream(
     coded.sort(key=lambda c: (c[0], c[1]))
     shape = tuple(values.shape)
     for _, _, path, data in coded:
+        slots: list[FlushSlot] = []
         try:
-            back = path.decode(data, shape, nbits)  # type: ignore[arg-type]
+            if isinstance(path, CarrierPath):
+                back, slots = path.decode_carrying(data, shape, nbits)  # type: ignore[arg-type]
+            else:
+                back = path.decode(data, shape, nbits)  # type: ignore[arg-type]
         except Exception:
             continue
         if back.shape == values.shape and np.array_equal(back, values):
-            return path, data
+            return path, data, slots
     raise CodecError(f"no lossless path reproduced the frame exactly (tried {len(coded)})")
 
 
 @dataclass
 class _EncodeContext:
-    """Per-blob state of :func:`compress`: learned options, models, the payload's carrier."""
+    """Per-blob state of :func:`compress`: learned options, models, the payload's carriers
+    (mode 2: a global-path frame; mode 3: the flush slots of the carrier frames, offsets into
+    the streams coded so far)."""
 
     learned: LearnedOptions | None
     store: ModelStore
     payload: bytes
     models: list[ModelRef]
     payload_frame: int | None = None
+    flush_slots: list[FlushSlot] = field(default_factory=list)
 
     def model_index(self, ref: ModelRef | None) -> int | None:
         if ref is None:
@@ -301,7 +314,7 @@ def _encode_frame(
         shifted = lo - offsets
         nbits = int(shifted.max()).bit_length()
         values = shifted.astype(values_dtype(nbits))
-        path, data = _best_stream(values, nbits, paths)
+        path, data, slots = _best_stream(values, nbits, paths)
         split = _try_split(values, nbits, len(data), ctx)
         res_data: bytes | None = None
         if hi is not None:
@@ -319,10 +332,11 @@ def _encode_frame(
             cost = split.cost(carry) + _split_overhead(ctx, split) + res_len
         if best is None or cost < best[0]:
             offs = tuple(int(o) for o in offsets)
-            best = (cost, (value_bits, nbits, offs, path, data, res_data, split))
+            best = (cost, (value_bits, nbits, offs, path, data, slots, res_data, split))
     assert best is not None
-    value_bits, nbits, offsets, path, data, res_data, split = best[1]
+    value_bits, nbits, offsets, path, data, slots, res_data, split = best[1]
     if split is None:
+        start = len(streams)
         streams += data
         record = FrameRecord(
             path=path.name,
@@ -334,6 +348,8 @@ def _encode_frame(
             residual_bytes=None if res_data is None else len(res_data),
             crc32=_frame_crc(frame),
         )
+        if _is_free_bits_carrier(record):
+            ctx.flush_slots += [replace(slot, offset=start + slot.offset) for slot in slots]
     else:
         from medzip_scp.codec.learned.paths import LOCAL_PATH
 
@@ -413,8 +429,9 @@ def compress(
     payload
         Already-encrypted metadata payload. Carried in the bits-back initial bits of the
         global path (mode 2) when a frame's high part is coded by it and the payload fits;
-        otherwise spread over the frames' coded streams, the rest (all of it for a blob
-        without frames) in the ``PAYLOAD`` section (mode 3).
+        otherwise (mode 3) in the free bits of the ``pred`` frames' coder flushes, then spread
+        over the frames' coded streams, the rest (all of it for a blob without frames) in the
+        ``PAYLOAD`` section.
     paths
         Classical path ids to try per frame, in tie-break order (``constant`` and
         ``verbatim`` are always added).
@@ -469,13 +486,16 @@ def compress(
     if ctx.payload_frame is not None:
         payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))
     elif payload:
-        spread = _spread_lengths(len(payload), records)
+        free = _carry_free_bits(streams, ctx.flush_slots, payload)
+        rest = payload[free:]
+        spread = _spread_lengths(len(rest), records)
         carried = sum(spread)
-        if carried:
-            streams = _insert_segments(streams, records, payload, spread)
+        if carried:  # after the free bits: the segments move flush bytes, never change them
+            streams = _insert_segments(streams, records, rest, spread)
         head = bytearray([PayloadMode.SPREAD])
+        put_varint(head, free)
         put_varint(head, carried)
-        payload_body = bytes(head) + payload[carried:]
+        payload_body = bytes(head) + rest[carried:]
     if frames is not None:
         index_body = pack_layout_v3(frames.layout, frames.n_frames) + pack_frame_index(
             records, FORMAT_VERSION
@@ -490,6 +510,61 @@ def compress(
         sections.append(Section(SectionType.PAYLOAD, payload_body))
     header = ContainerHeader(version=FORMAT_VERSION, models=tuple(ctx.models))
     return write_container(header, sections)
+
+
+_FREE_BITS_PATH = "pred"
+"""Mode 3: frames coded whole by this path carry free bits in their coders' flushes."""
+
+
+def _is_free_bits_carrier(r: FrameRecord) -> bool:
+    """Whether a frame's coder flushes carry payload bits (mode 3; the container's docstring)."""
+    return r.path == _FREE_BITS_PATH and r.split_planes == 0
+
+
+def _free_bit_counts(capacities: Sequence[int], free: int) -> list[int]:
+    """Bits of the first ``free`` payload bytes each flush slot carries, in order."""
+    left = 8 * free
+    out = []
+    for capacity in capacities:
+        take = min(capacity, left)
+        out.append(take)
+        left -= take
+    return out
+
+
+def _carry_free_bits(streams: bytearray, slots: Sequence[FlushSlot], payload: bytes) -> int:
+    """Write the first payload bytes, as many as the slots hold, into their flush bytes in
+    ``streams``; return how many."""
+    free = min(len(payload), sum(s.capacity for s in slots) // 8)
+    bits = int.from_bytes(payload[:free], "big")
+    left = 8 * free
+    for slot, take in zip(slots, _free_bit_counts([s.capacity for s in slots], free), strict=True):
+        if not take:
+            break
+        left -= take
+        streams[slot.offset : slot.offset + 4] = slot.flush_bytes(
+            (bits >> left) & ((1 << take) - 1)
+        )
+    return free
+
+
+def _free_payload(slots: Sequence[tuple[int, FlushSlot]], free: int) -> bytes:
+    """The first ``free`` payload bytes from the ``(frame, slot)`` flushes of the carriers."""
+    counts = _free_bit_counts([s.capacity for _, s in slots], free)
+    if sum(counts) != 8 * free:
+        raise CorruptStreamError(
+            f"section PAYLOAD: the frames' coder flushes carry {sum(counts)} free bits, the "
+            f"section says {free} free bytes ({8 * free} bits)"
+        )
+    bits = 0
+    for (frame, slot), take in zip(slots, counts, strict=True):
+        if slot.carried >> take:
+            raise CorruptStreamError(
+                f"section PAYLOAD: frame {frame}'s coder flush carries {slot.carried}, which "
+                f"does not fit the {take} free bits it holds"
+            )
+        bits = (bits << take) | slot.carried
+    return bits.to_bytes(free, "big")
 
 
 def _spread_lengths(length: int, records: Sequence[FrameRecord]) -> list[int]:
@@ -549,7 +624,8 @@ class _Parsed:
     layout: PixelLayout | None
     records: list[FrameRecord]
     starts: list[int]
-    spread_payload: bytes = b""  # mode 3: the payload, taken out of STREAMS and the section
+    free_bytes: int = 0  # mode 3: payload bytes in the carriers' coder flushes
+    spread_payload: bytes = b""  # mode 3: the rest, taken out of STREAMS and the section
 
 
 def _parse(blob: bytes) -> _Parsed:
@@ -615,16 +691,26 @@ def _parse(blob: bytes) -> _Parsed:
 
 def _with_spread_payload(parsed: _Parsed, frame_bytes: int = 0) -> _Parsed:
     """Check that STREAMS holds the frames' bytes (and, mode 3, the payload segments in
-    them); for mode 3, take the segments out of STREAMS and join the payload."""
+    them); for mode 3, take the segments out of STREAMS and join the rest of the payload (the
+    free bytes come out of the frames' decoding)."""
     by_type = parsed.by_type
     streams = by_type[SectionType.STREAMS]
     body = by_type[SectionType.PAYLOAD]
-    spread, remainder = 0, b""
+    free, spread, remainder = 0, 0, b""
     if parsed.header.version >= 3 and body[:1] == bytes([PayloadMode.SPREAD]):
         try:
-            spread, at = get_varint(body, 1)
+            free, at = get_varint(body, 1)
+            spread, at = get_varint(body, at)
         except (IndexError, ValueError):
             raise CorruptStreamError("section PAYLOAD: mode SPREAD length is cut short") from None
+        carriers = sum(map(_is_free_bits_carrier, parsed.records))
+        if parsed.layout is not None:
+            carriers *= parsed.layout.samples_per_pixel
+        if 8 * free > 32 * carriers:  # the exact capacity is known once the frames decode
+            raise CorruptStreamError(
+                f"section PAYLOAD: {free} free bytes, but the frames have {carriers} streams "
+                f"coded by {_FREE_BITS_PATH} (at most 32 free bits each)"
+            )
         remainder = body[at:]
         lengths = _spread_lengths(spread + len(remainder), parsed.records)
         if sum(lengths) != spread:
@@ -638,10 +724,10 @@ def _with_spread_payload(parsed: _Parsed, frame_bytes: int = 0) -> _Parsed:
             f"has {len(streams)}"
         )
     if not spread:
-        return replace(parsed, spread_payload=remainder)
+        return replace(parsed, free_bytes=free, spread_payload=remainder)
     pixels, carried = _remove_segments(streams, parsed.records, lengths)
     by_type[SectionType.STREAMS] = pixels
-    return replace(parsed, spread_payload=carried + remainder)
+    return replace(parsed, free_bytes=free, spread_payload=carried + remainder)
 
 
 def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
@@ -658,7 +744,10 @@ def _decode_frame(
     store: ModelStore,
     threads: int | None,
     batch_chunks: int,
+    flush_slots: list[tuple[int, FlushSlot]] | None = None,
 ) -> tuple[npt.NDArray[np.generic], bytes | None]:
+    """Decode frame ``i``: ``(frame, the payload its global-path stream carries)``. With
+    ``flush_slots`` (mode 3), a carrier frame appends ``(i, slot)`` for each coder flush."""
     shape = layout.frame_shape
     w = _word_bits(layout)
     data = streams[start : start + r.stream_bytes]
@@ -695,7 +784,12 @@ def _decode_frame(
                     f"frame {i}: path {r.path!r} is not available in this decoder; install the "
                     "package that registers it"
                 )
-            values = path.decode(data, shape, r.nbits)
+            if flush_slots is not None and _is_free_bits_carrier(r):
+                assert isinstance(path, CarrierPath)  # "pred" is always the predictive path
+                values, slots = path.decode_carrying(data, shape, r.nbits)
+                flush_slots += [(i, slot) for slot in slots]
+            else:
+                values = path.decode(data, shape, r.nbits)
         hi = None
         if r.residual_bytes is not None:
             hi = _RESIDUAL.decode(
@@ -769,6 +863,7 @@ def decompress(
     mode, payload, carrier = _unpack_payload(parsed)
     frames: FrameSet | None = None
     carried: bytes | None = None
+    flush_slots: list[tuple[int, FlushSlot]] | None = [] if mode == PayloadMode.SPREAD else None
     if parsed.layout is not None:
         layout = parsed.layout
         streams = by_type[SectionType.STREAMS]
@@ -784,6 +879,7 @@ def decompress(
                 store,
                 threads,
                 batch_chunks,
+                flush_slots,
             )
             if i == carrier:
                 carried = frame_payload
@@ -797,12 +893,16 @@ def decompress(
                 f"in its global-path stream, got {None if carried is None else len(carried)}"
             )
         payload = carried
+    if flush_slots is not None:
+        free = parsed.free_bytes
+        payload = _free_payload(flush_slots, free) + payload[free:]
     dataset_rest = _unpack_dataset(by_type[SectionType.DATASET])
     return Decoded(frames, dataset_rest, payload)
 
 
 def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
-    """``(mode, payload, carrier frame)``; for mode 2, ``payload`` is zeros of its length."""
+    """``(mode, payload, carrier frame)``; for mode 2, ``payload`` is zeros of its length,
+    for mode 3 its first ``free`` bytes are (the frames' coder flushes hold them)."""
     body = parsed.by_type[SectionType.PAYLOAD]
     version = parsed.header.version
     n_frames = len(parsed.records)
@@ -838,7 +938,7 @@ def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
             raise UnsupportedFormatError(
                 f"section PAYLOAD: mode SPREAD needs format version 3, blob is version {version}"
             )
-        return mode, parsed.spread_payload, None
+        return mode, bytes(parsed.free_bytes) + parsed.spread_payload, None
     raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
 
 

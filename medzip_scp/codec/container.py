@@ -59,13 +59,37 @@ is)
     stream of the global path of one frame; this section then holds u32 frame index and u32
     payload length, and the global path's decoder returns the bits when it has decoded the
     latents. The pixels never depend on the payload, so they decode without the key.
-    Mode 3 (version 3): the payload is *spread* over the frames' coded streams; this section
-    holds LEB128 varint ``spread`` (the bytes carried in frames), then the remainder that did
-    not fit. With ``L`` the payload length, ``n`` frames and ``share = ceil(L / n)``, frame
-    ``j`` in order carries ``min(share, its coded stream's length, what is left of L)`` bytes
-    (so a frame at most doubles), inserted into its coded stream at byte
-    ``crc32 % (stream_bytes + 1)``; the STREAMS section holds those bytes as well. The payload
-    is the segments in frame order, then the remainder.
+    Mode 3 (version 3): the payload is carried by the frames; this section holds LEB128 varint
+    ``free`` (payload bytes in the frames' coder flushes), LEB128 varint ``spread`` (payload
+    bytes in the frames' coded streams), then the remainder. The payload is the ``free``
+    bytes, then the ``spread`` bytes, then the remainder. With ``L`` the payload length:
+
+    1. *Free bits.* The carriers are the frames coded whole (``split_planes`` 0) by path
+       ``pred``, in frame order; within a frame, its sample streams in sample order that are in
+       predictive mode 1 or 2 (they end in an arithmetic coder's flush, see
+       :mod:`medzip_scp.codec.predictive`; modes 0 and 3 carry nothing). Decoding such a
+       stream ends with the coder's interval ``[x1, x2]`` and its last 4 arithmetic-coded
+       bytes, read big-endian, as the window ``x`` (``x1 <= x <= x2``, else the stream is
+       corrupt); its capacity is ``c = floor(log2(x2 - x1 + 1))`` bits (1 to 32). The first
+       ``free`` payload bytes form a string of ``8 * free`` bits, each byte most significant
+       bit first. Carrier ``i`` in order takes ``t_i = min(c_i, bits not yet taken)`` bits,
+       as the integer ``k_i = x - x1`` whose ``t_i``-bit binary form, most significant bit
+       first, is those bits; so ``k_i < 2 ** t_i``, and a carrier that takes none has
+       ``x = x1``, its flush as the encoder writes it without a payload. A decoder rejects
+       ``8 * free`` above the carriers' total capacity and any ``k_i >= 2 ** t_i``. Any value
+       in ``[x1, x2]`` decodes to the same pixels, so the frames' bytes cost nothing more.
+       Writers take ``free = min(L, floor(total capacity / 8))``.
+    2. *Spread.* With ``R = L - free``, ``n`` frames and ``share = ceil(R / n)``, frame ``j``
+       in order carries ``min(share, its coded stream's length, what is left of R)`` bytes
+       (so a frame at most doubles), inserted into its coded stream at byte
+       ``crc32 % (stream_bytes + 1)``; the STREAMS section holds those bytes as well, and
+       ``spread`` is their sum. Segments are inserted after the flush bytes hold their free
+       bits (a segment may split a flush; it moves those bytes, never changes them) and
+       taken out before the frames are decoded.
+    3. *Remainder.* What neither carries (``R - spread`` bytes) closes this section.
+
+    A payload that fits the free bits costs only this section (about 9 bytes: its table
+    entry, the mode byte and the two varints).
 
 Every section is covered by its CRC-32, the header by its own; any mismatch, an unknown
 section type, a missing or repeated mandatory section, or a length that disagrees with the

@@ -7,12 +7,14 @@ are part of the format and are never reused. :func:`register_path` lets other pa
 predictive coder, later the learned paths) add theirs.
 
 Every path here is deterministic. The caller (:mod:`medzip_scp.codec.api`) verifies each
-candidate by decoding it before choosing it.
+candidate by decoding it before choosing it. A :class:`CarrierPath` (``pred``) also reports
+where its streams can carry bits for free (:class:`~medzip_scp.codec.predictive.FlushSlot`).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
 import imagecodecs
@@ -21,8 +23,10 @@ import numpy.typing as npt
 import zstandard
 
 from medzip_scp.codec import predictive
+from medzip_scp.codec.predictive import FlushSlot
 
 __all__ = [
+    "CarrierPath",
     "ConstantPath",
     "JpegLsPath",
     "JpegXlPath",
@@ -60,6 +64,18 @@ class PixelPath(Protocol):
         self, data: bytes, shape: tuple[int, int, int], nbits: int
     ) -> npt.NDArray[np.unsignedinteger]:
         """Return the array of shape ``shape`` and dtype ``values_dtype(nbits)``."""
+        ...
+
+
+@runtime_checkable
+class CarrierPath(PixelPath, Protocol):
+    """A path whose streams end in arithmetic-coder flushes that carry bits for free."""
+
+    def decode_carrying(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> tuple[npt.NDArray[np.unsignedinteger], list[FlushSlot]]:
+        """:meth:`decode`, and the flush slots of ``data`` in stream order (offsets into
+        ``data``), one per part that has an arithmetic coder."""
         ...
 
 
@@ -186,6 +202,7 @@ class PredictivePath:
 
     Its streams carry their own coder version, so this one id decodes every version ever
     written. Samples are coded as separate planes, each stream prefixed with its length.
+    A :class:`CarrierPath`: a sample stream in mode 1 or 2 has a flush slot.
     """
 
     name = "pred"
@@ -202,6 +219,18 @@ class PredictivePath:
     def decode(
         self, data: bytes, shape: tuple[int, int, int], nbits: int
     ) -> npt.NDArray[np.unsignedinteger]:
+        return self._decode(data, shape, nbits, None)
+
+    def decode_carrying(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> tuple[npt.NDArray[np.unsignedinteger], list[FlushSlot]]:
+        slots: list[FlushSlot] = []
+        return self._decode(data, shape, nbits, slots), slots
+
+    def _decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int, slots: list[FlushSlot] | None
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """Decode; when ``slots`` is a list, append each sample stream's flush slot to it."""
         rows, columns, samples = shape
         out = np.empty(shape, values_dtype(nbits))
         offset = 0
@@ -212,7 +241,13 @@ class PredictivePath:
             offset += 4
             if offset + length > len(data):
                 raise ValueError("pred path: sample stream is truncated")
-            plane = predictive.decode_frame(data[offset : offset + length], (rows, columns), nbits)
+            stream = data[offset : offset + length]
+            if slots is None:
+                plane = predictive.decode_frame(stream, (rows, columns), nbits)
+            else:
+                plane, slot = predictive.decode_frame_slot(stream, (rows, columns), nbits)
+                if slot is not None:
+                    slots.append(replace(slot, offset=offset + slot.offset))
             out[:, :, sample] = plane
             offset += length
         if offset != len(data):

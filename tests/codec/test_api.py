@@ -14,6 +14,7 @@ from medzip_scp.codec.api import (
     decompress,
     describe,
 )
+from medzip_scp.codec.container import SectionType, get_varint, read_container
 from medzip_scp.codec.errors import CodecError
 from medzip_scp.codec.paths import get_path, register_path, values_dtype
 
@@ -238,21 +239,65 @@ def test_unknown_path_name_is_rejected() -> None:
         compress(FrameSet(PixelLayout(2, 2, 1, 8, 8), px), paths=("no-such-path",))
 
 
-@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 600, 5000])
-def test_spread_payload_round_trip(carrier_frames: FrameSet, length: int) -> None:
-    """Payloads of 0, 1, n - 1, n and n + 1 bytes over n = 4 frames, one more than the
-    frames can carry; the frames are noise, noise with a residual, tiny and constant."""
-    payload = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
-    blob = compress(carrier_frames, b"rest", payload=payload, learned=None)
+def _check_payload_round_trip(frames: FrameSet, payload: bytes, **kw: object) -> bytes:
+    blob = compress(frames, b"rest", payload=payload, learned=None, **kw)  # type: ignore[arg-type]
     out = decompress(blob)
     assert out.payload == payload
     assert out.dataset_rest == b"rest"
     assert out.frames is not None
-    np.testing.assert_array_equal(out.frames.pixels, carrier_frames.pixels)
+    np.testing.assert_array_equal(out.frames.pixels, frames.pixels)
     info = describe(blob)
-    assert (info["payload_mode"], info["payload_bytes"]) == (3 if length else 0, length)
-    plain = describe(compress(carrier_frames, b"rest", learned=None))
+    assert (info["payload_mode"], info["payload_bytes"]) == (3 if payload else 0, len(payload))
+    plain = describe(compress(frames, b"rest", learned=None, **kw))  # type: ignore[arg-type]
     assert info["frames"] == plain["frames"]  # per-frame byte counts leave the payload out
+    return blob
+
+
+def _random_payload(length: int) -> bytes:
+    return np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("frames", ["carrier_frames", "free_bits_frames"])
+@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 600, 5000])
+def test_spread_payload_round_trip(
+    request: pytest.FixtureRequest, frames: str, length: int
+) -> None:
+    """Payloads of 0, 1, n - 1, n and n + 1 bytes over n = 4 frames, one more than the
+    frames can carry; the frames are noise, noise with a residual, tiny and constant (no
+    free bits), or three frames coded by the arithmetic coder among others (free bits)."""
+    _check_payload_round_trip(request.getfixturevalue(frames), _random_payload(length))
+
+
+def _free_bytes(blob: bytes) -> int:
+    body = next(s.data for s in read_container(blob)[1] if s.type == SectionType.PAYLOAD)
+    return get_varint(body, 1)[0]
+
+
+def test_free_bits_round_trip_at_every_length_near_their_capacity(
+    free_bits_frames: FrameSet,
+) -> None:
+    capacity = _free_bytes(compress(free_bits_frames, payload=bytes(100), learned=None))
+    assert capacity >= 6
+    for length in range(1, capacity + 8):
+        blob = _check_payload_round_trip(free_bits_frames, _random_payload(length))
+        assert _free_bytes(blob) == min(length, capacity)
+    for payload in (bytes(capacity), b"\xff" * capacity):  # every free bit 0, every bit 1
+        _check_payload_round_trip(free_bits_frames, payload)
+
+
+def test_free_bits_ride_in_every_sample_stream() -> None:
+    """A 3-sample frame coded by ``pred`` has three coder flushes, carried in sample order."""
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[:40, :36]
+    planes = [(y * (2 + i) + x * (3 - i) + rng.integers(0, 6, y.shape)) % 256 for i in range(3)]
+    rgb = np.stack(planes, -1).astype(np.uint8)[None]
+    frames = FrameSet(PixelLayout(40, 36, 3, 8, 8, False), np.concatenate([rgb, rgb[:, ::-1]]))
+    plain = compress(frames, paths=("pred",), learned=None)
+    assert [f["path"] for f in describe(plain)["frames"]] == ["pred", "pred"]
+    capacity = _free_bytes(compress(frames, payload=bytes(100), paths=("pred",), learned=None))
+    assert capacity > 8  # more than two flushes hold
+    for length in (1, 4, capacity - 1, capacity, capacity + 1, 300):
+        _check_payload_round_trip(frames, _random_payload(length), paths=("pred",))
 
 
 @pytest.mark.parametrize("length", [1, 100, 600, 1000, 5000, 16383])
@@ -262,8 +307,18 @@ def test_spread_payload_costs_its_length_and_a_few_bytes(
     payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
     plain = compress(carrier_frames, learned=None)
     overhead = len(compress(carrier_frames, payload=payload, learned=None)) - len(plain) - length
-    # the PAYLOAD section's entry (type, length, CRC-32), its mode byte and spread length
-    assert 7 < overhead <= 10
+    # the PAYLOAD section's entry (type, length, CRC-32), its mode byte and two lengths (no
+    # free bits: the frames' pred streams are raw)
+    assert 8 < overhead <= 11
     no_frames = compress(None, b"rest")
     overhead = len(compress(None, b"rest", payload=payload)) - len(no_frames) - length
-    assert 7 < overhead <= 10
+    assert 8 < overhead <= 11
+
+
+def test_a_payload_in_the_free_bits_costs_only_the_section(free_bits_frames: FrameSet) -> None:
+    plain = len(compress(free_bits_frames, learned=None))
+    capacity = _free_bytes(compress(free_bits_frames, payload=bytes(100), learned=None))
+    for length in (1, capacity // 2, capacity, capacity + 1, capacity + 10):
+        blob = compress(free_bits_frames, payload=_random_payload(length), learned=None)
+        # the section's entry (type, 1-byte length, CRC-32), mode, free and spread: 9 bytes
+        assert len(blob) - plain == 9 + max(0, length - capacity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -28,8 +29,10 @@ from medzip_scp.codec.container import (
     write_container,
 )
 from medzip_scp.codec.errors import CorruptStreamError, UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.paths import PredictivePath
+from medzip_scp.codec.predictive import FlushSlot
 
-from .golden import GOLDEN_V1
+from .golden import GOLDEN_V1, GOLDEN_V3, GOLDEN_V3_PAYLOAD, GOLDEN_V3_PIXELS
 
 
 def _sample_blob(payload: bytes = b"cipher") -> bytes:
@@ -221,7 +224,7 @@ def test_empty_sections_are_left_out_and_read_as_empty() -> None:
     assert back.frames is None and back.dataset_rest == b"only a header"
 
 
-# -- payload mode 3 (SPREAD) -----------------------------------------------------------------
+# -- payload mode 3 (free bits, SPREAD) ------------------------------------------------------
 
 SPREAD_LENGTHS = [1, 3, 4, 5, 600, 5000]  # 1, n - 1, n, n + 1 of 4 frames; a remainder
 
@@ -234,54 +237,125 @@ def _bodies(blob: bytes) -> dict[str, bytes]:
     return {s.type.name: s.data for s in read_container(blob)[1]}
 
 
-def _spread_reference(
-    plain_streams: bytes, records: list[FrameRecord], payload: bytes
-) -> tuple[bytes, bytes, list[tuple[int, int]]]:
+def _flush_slots(
+    plain_streams: bytes, records: list[FrameRecord], layout: PixelLayout
+) -> list[FlushSlot]:
+    """The carriers' flush slots in the STREAMS of frames coded without a payload (offsets
+    into it): frames coded whole by ``pred``, each sample stream with an arithmetic coder."""
+    shape = (layout.rows, layout.columns, layout.samples_per_pixel)
+    pred = PredictivePath()
+    slots = []
+    pos = 0
+    for r in records:
+        if r.path == "pred" and r.split_planes == 0:
+            _, found = pred.decode_carrying(
+                plain_streams[pos : pos + r.stream_bytes], shape, r.nbits
+            )
+            slots += [replace(s, offset=pos + s.offset) for s in found]
+        pos += r.total_bytes
+    return slots
+
+
+def _free_capacity(frames: FrameSet) -> int:
+    """Whole payload bytes the free bits of ``frames``' coder flushes hold."""
+    plain = compress(frames, learned=None)
+    slots = _flush_slots(_bodies(plain)["STREAMS"], _records(plain)[1], frames.layout)
+    return sum(s.capacity for s in slots) // 8
+
+
+def _mode3_reference(
+    plain_streams: bytes, records: list[FrameRecord], layout: PixelLayout, payload: bytes
+) -> tuple[bytes, bytes, int, list[tuple[int, int]]]:
     """The STREAMS and PAYLOAD bodies of mode 3 as the container's docstring specifies them,
-    made from the STREAMS of the same frames coded without a payload; and where each frame's
-    segment sits in that STREAMS (start, length)."""
-    share = -(-len(payload) // len(records))
+    made from the STREAMS of the same frames coded without a payload; the free bytes; and where
+    each frame's segment sits in that STREAMS (start, length)."""
+    slots = _flush_slots(plain_streams, records, layout)
+    free = min(len(payload), sum(s.capacity for s in slots) // 8)
+    bits = "".join(f"{b:08b}" for b in payload[:free])
+    plain = bytearray(plain_streams)
+    for slot in slots:
+        take, bits = bits[: slot.capacity], bits[slot.capacity :]
+        plain[slot.offset : slot.offset + 4] = (slot.low + int(take or "0", 2)).to_bytes(4, "big")
+    rest = payload[free:]
+    share = -(-len(rest) // len(records))
     streams = bytearray()
     segments = []
     pos = carried = 0
     for r in records:
-        n = min(share, r.stream_bytes, len(payload) - carried)
+        n = min(share, r.stream_bytes, len(rest) - carried)
         at = r.crc32 % (r.stream_bytes + 1)
-        streams += plain_streams[pos : pos + at]
+        streams += plain[pos : pos + at]
         segments.append((len(streams), n))
-        streams += payload[carried : carried + n]
-        streams += plain_streams[pos + at : pos + r.total_bytes]
+        streams += rest[carried : carried + n]
+        streams += plain[pos + at : pos + r.total_bytes]
         pos += r.total_bytes
         carried += n
     body = bytearray([PayloadMode.SPREAD])
+    put_varint(body, free)
     put_varint(body, carried)
-    return bytes(streams), bytes(body + payload[carried:]), segments
+    return bytes(streams), bytes(body + rest[carried:]), free, segments
+
+
+def _check_mode3(frames: FrameSet, length: int) -> tuple[int, list[tuple[int, int]]]:
+    """Code ``frames`` with a payload of ``length`` bytes and check every section against
+    :func:`_mode3_reference`; return the free bytes and the segments."""
+    payload = _payload(length)
+    plain = compress(frames, b"rest", learned=None)
+    blob = compress(frames, b"rest", payload=payload, learned=None)
+    _, records = _records(plain)
+    assert _records(blob)[1] == records  # the frames are coded the same, payload or not
+    streams, body, free, segments = _mode3_reference(
+        _bodies(plain)["STREAMS"], records, frames.layout, payload
+    )
+    sections = _bodies(blob)
+    assert sections["STREAMS"] == streams
+    assert sections["PAYLOAD"] == body
+    assert sections["DATASET"] == _bodies(plain)["DATASET"]
+    carried = sum(n for _, n in segments)
+    if carried >= 5:  # segments in more than one frame: no contiguous run of the payload
+        assert sum(n > 0 for _, n in segments) > 1
+        assert payload[free : free + carried] not in sections["STREAMS"]
+        assert payload[free : free + carried] not in sections["PAYLOAD"]
+    return free, segments
 
 
 @pytest.mark.parametrize("length", SPREAD_LENGTHS)
 def test_spread_payload_sits_in_the_coded_streams_as_specified(
     carrier_frames: FrameSet, length: int
 ) -> None:
-    payload = _payload(length)
-    plain = compress(carrier_frames, b"rest", learned=None)
-    blob = compress(carrier_frames, b"rest", payload=payload, learned=None)
-    _, records = _records(plain)
-    assert _records(blob)[1] == records  # the frames are coded the same, payload or not
-    streams, body, segments = _spread_reference(_bodies(plain)["STREAMS"], records, payload)
-    sections = _bodies(blob)
-    assert sections["STREAMS"] == streams
-    assert sections["PAYLOAD"] == body
-    assert sections["DATASET"] == _bodies(plain)["DATASET"]
+    free, segments = _check_mode3(carrier_frames, length)
+    assert free == 0  # pred stores the noise raw: no coder flush to carry free bits
     carried = sum(n for _, n in segments)
     assert [n for _, n in segments][3] == 0  # the constant frame has no stream to hide in
+    _, records = _records(compress(carrier_frames, learned=None))
     assert segments[2][1] <= records[2].stream_bytes  # a frame at most doubles
-    if length >= 5:  # more than one frame carries a part: no contiguous run of the payload
-        assert sum(n > 0 for _, n in segments) > 1
-        assert payload[:carried] not in sections["STREAMS"]
-    assert payload[:carried] not in sections["PAYLOAD"]
     if length == 5000:  # more than the frames can carry: the rest stays in the section
         assert carried == sum(r.stream_bytes for r in records)
-        assert sections["PAYLOAD"].endswith(payload[carried:])
+
+
+def test_free_bits_sit_in_the_coder_flushes_as_specified(free_bits_frames: FrameSet) -> None:
+    capacity = _free_capacity(free_bits_frames)
+    assert capacity >= 6  # three flushes of 20-32 bits
+    n = free_bits_frames.n_frames
+    for length in [1, capacity - 1, capacity, capacity + 1, capacity + n, capacity + n + 1, 600]:
+        free, segments = _check_mode3(free_bits_frames, length)
+        assert free == min(length, capacity)
+        assert (sum(n for _, n in segments) == 0) == (length <= capacity)
+    free, segments = _check_mode3(free_bits_frames, 30000)  # free bits, segments, remainder
+    assert free == capacity
+
+
+def test_a_payload_in_the_free_bits_changes_only_the_flushes(free_bits_frames: FrameSet) -> None:
+    plain = compress(free_bits_frames, learned=None)
+    _, records = _records(plain)
+    slots = _flush_slots(_bodies(plain)["STREAMS"], records, free_bits_frames.layout)
+    assert len(slots) == 3
+    capacity = sum(s.capacity for s in slots) // 8
+    blob = compress(free_bits_frames, payload=_payload(capacity), learned=None)
+    streams, plain_streams = _bodies(blob)["STREAMS"], _bodies(plain)["STREAMS"]
+    changed = {i for i, (a, b) in enumerate(zip(streams, plain_streams, strict=True)) if a != b}
+    assert changed and changed <= {s.offset + j for s in slots for j in range(4)}
+    assert _bodies(blob)["PAYLOAD"] == bytes([PayloadMode.SPREAD, capacity, 0])
 
 
 def test_pixels_never_depend_on_the_spread_payload(carrier_frames: FrameSet) -> None:
@@ -289,7 +363,7 @@ def test_pixels_never_depend_on_the_spread_payload(carrier_frames: FrameSet) -> 
     blob = compress(carrier_frames, payload=payload, learned=None)
     _, records = _records(blob)
     plain_streams = _bodies(compress(carrier_frames, learned=None))["STREAMS"]
-    _, _, segments = _spread_reference(plain_streams, records, payload)
+    *_, segments = _mode3_reference(plain_streams, records, carrier_frames.layout, payload)
     streams = bytearray(_bodies(blob)["STREAMS"])
     for start, n in segments:
         if n:  # the last payload byte of each segment, behind a valid STREAMS CRC
@@ -302,36 +376,115 @@ def test_pixels_never_depend_on_the_spread_payload(carrier_frames: FrameSet) -> 
     assert changed == ends
 
 
+def _set_flush(blob: bytes, slot: FlushSlot, carried: int) -> bytes:
+    """``blob`` (a payload in the free bits only: STREAMS as without one) with the flush of
+    ``slot`` carrying ``carried``, behind a valid STREAMS CRC."""
+    streams = bytearray(_bodies(blob)["STREAMS"])
+    streams[slot.offset : slot.offset + 4] = (slot.low + carried).to_bytes(4, "big")
+    return _rewrite(blob, STREAMS=bytes(streams))
+
+
+def test_pixels_never_depend_on_the_free_bits(free_bits_frames: FrameSet) -> None:
+    capacity = _free_capacity(free_bits_frames)
+    payload = _payload(capacity)
+    blob = compress(free_bits_frames, payload=payload, learned=None)
+    _, records = _records(blob)
+    slots = _flush_slots(_bodies(blob)["STREAMS"], records, free_bits_frames.layout)
+    assert all(s.carried for s in slots[:-1])  # the bits did go into the flushes
+    taken = 0
+    for slot in slots:
+        take = min(slot.capacity, 8 * capacity - taken)
+        taken += take
+        if not take:
+            continue
+        out = decompress(_set_flush(blob, slot, slot.carried ^ 1))  # its last bit flipped
+        assert out.frames is not None
+        np.testing.assert_array_equal(out.frames.pixels, free_bits_frames.pixels)
+        flipped = int.from_bytes(out.payload, "big") ^ int.from_bytes(payload, "big")
+        assert flipped == 1 << (8 * capacity - taken)
+
+
+def test_a_flush_carrying_more_than_its_bits_is_corrupt(free_bits_frames: FrameSet) -> None:
+    blob = compress(free_bits_frames, payload=b"\xa5", learned=None)
+    _, records = _records(blob)
+    first, second, *_ = _flush_slots(_bodies(blob)["STREAMS"], records, free_bits_frames.layout)
+    assert first.carried == 0xA5 and second.carried == 0 and first.capacity > 8
+    assert decompress(_set_flush(blob, first, 0xA4)).payload == b"\xa4"
+    for slot, carried, bits in [(first, 0x1A5, 8), (second, 1, 0)]:
+        with pytest.raises(
+            CorruptStreamError,
+            match=rf"section PAYLOAD: frame \d's coder flush carries {carried}, .* {bits} free",
+        ):
+            decompress(_set_flush(blob, slot, carried))
+
+
 def test_spread_payload_without_frames_is_all_in_the_section() -> None:
     blob = compress(None, b"rest", payload=b"ciphertext")
     sections = _bodies(blob)
     assert "STREAMS" not in sections
-    assert sections["PAYLOAD"] == bytes([PayloadMode.SPREAD, 0]) + b"ciphertext"
+    assert sections["PAYLOAD"] == bytes([PayloadMode.SPREAD, 0, 0]) + b"ciphertext"
     assert decompress(blob).payload == b"ciphertext"
 
 
-def _spread_body(spread: int, remainder: bytes) -> bytes:
+def _mode3_body(free: int, spread: int, remainder: bytes) -> bytes:
     body = bytearray([PayloadMode.SPREAD])
+    put_varint(body, free)
     put_varint(body, spread)
     return bytes(body) + remainder
+
+
+def _free_and_spread(blob: bytes) -> tuple[int, int, bytes]:
+    body = _bodies(blob)["PAYLOAD"]
+    free, at = get_varint(body, 1)
+    spread, at = get_varint(body, at)
+    return free, spread, body[at:]
 
 
 def test_spread_length_the_frames_cannot_carry_is_corrupt(carrier_frames: FrameSet) -> None:
     payload = _payload(600)
     blob = compress(carrier_frames, payload=payload, learned=None)
-    spread, at = get_varint(_bodies(blob)["PAYLOAD"], 1)
-    remainder = _bodies(blob)["PAYLOAD"][at:]
+    free, spread, remainder = _free_and_spread(blob)
     for claimed, rest in [
         (spread + 1, remainder[1:]),  # one byte more in the frames than they take
         (spread - 1, payload[spread - 1 : spread] + remainder),  # one byte fewer
         (spread + 10**6, b""),  # more than all their streams
     ]:
-        bad = _rewrite(blob, PAYLOAD=_spread_body(claimed, rest))
+        bad = _rewrite(blob, PAYLOAD=_mode3_body(free, claimed, rest))
         with pytest.raises(CorruptStreamError, match=r"section PAYLOAD: frames can carry"):
             decompress(bad)
-    no_frames = _rewrite(compress(None, b"rest"), PAYLOAD=_spread_body(1, b""))
+    no_frames = _rewrite(compress(None, b"rest"), PAYLOAD=_mode3_body(0, 1, b""))
     with pytest.raises(CorruptStreamError, match="section PAYLOAD: frames can carry 0"):
         decompress(no_frames)
+
+
+def test_free_bytes_the_flushes_cannot_carry_are_corrupt(
+    free_bits_frames: FrameSet, carrier_frames: FrameSet
+) -> None:
+    capacity = _free_capacity(free_bits_frames)
+    blob = compress(free_bits_frames, payload=_payload(capacity), learned=None)
+    assert _free_and_spread(blob) == (capacity, 0, b"")
+    one_more = _rewrite(blob, PAYLOAD=_mode3_body(capacity + 1, 0, b""))
+    describe(one_more)  # within what three flushes could hold: known once they decode
+    with pytest.raises(
+        CorruptStreamError,
+        match=rf"section PAYLOAD: the frames' coder flushes carry \d+ free bits, the section "
+        rf"says {capacity + 1} free bytes",
+    ):
+        decompress(one_more)
+    no_flush = _rewrite(compress(carrier_frames, learned=None), PAYLOAD=_mode3_body(1, 0, b""))
+    with pytest.raises(CorruptStreamError, match="coder flushes carry 0 free bits"):
+        decompress(no_flush)  # its two pred frames are stored raw
+    cases = [
+        (blob, 17, 4),  # four pred streams hold at most 16 bytes
+        (compress(carrier_frames, learned=None), 9, 2),
+        (compress(None, b"rest"), 1, 0),
+    ]
+    for base, free, streams in cases:
+        bad = _rewrite(base, PAYLOAD=_mode3_body(free, 0, b""))
+        message = rf"section PAYLOAD: {free} free bytes, but the frames have {streams} streams"
+        for read in (decompress, describe):
+            with pytest.raises(CorruptStreamError, match=message):
+                read(bad)
 
 
 def test_streams_that_do_not_hold_the_spread_payload_are_corrupt(
@@ -345,7 +498,9 @@ def test_streams_that_do_not_hold_the_spread_payload_are_corrupt(
             decompress(_rewrite(blob, STREAMS=wrong))
 
 
-@pytest.mark.parametrize("body", [b"\x03", b"\x03\x80", b"\x03" + b"\xff" * 10 + b"\x00"])
+@pytest.mark.parametrize(
+    "body", [b"\x03", b"\x03\x80", b"\x03" + b"\xff" * 10 + b"\x00", b"\x03\x00", b"\x03\x00\x80"]
+)
 def test_cut_short_spread_length_is_corrupt(carrier_frames: FrameSet, body: bytes) -> None:
     blob = compress(carrier_frames, payload=b"cipher", learned=None)
     with pytest.raises(CorruptStreamError, match="section PAYLOAD: mode SPREAD length"):
@@ -353,6 +508,15 @@ def test_cut_short_spread_length_is_corrupt(carrier_frames: FrameSet, body: byte
 
 
 def test_spread_payload_needs_version_3() -> None:
-    v1 = _rewrite(GOLDEN_V1, PAYLOAD=_spread_body(0, b"cipher"))
+    v1 = _rewrite(GOLDEN_V1, PAYLOAD=_mode3_body(0, 0, b"cipher"))
     with pytest.raises(UnsupportedFormatError, match="SPREAD needs format version 3"):
         decompress(v1)
+
+
+def test_mode_3_blobs_with_free_bits_still_decode() -> None:
+    out = decompress(GOLDEN_V3)
+    assert out.frames is not None
+    np.testing.assert_array_equal(out.frames.pixels, GOLDEN_V3_PIXELS)
+    assert out.payload == GOLDEN_V3_PAYLOAD and out.dataset_rest == b"rest"
+    assert _free_and_spread(GOLDEN_V3) == (7, 157, GOLDEN_V3_PAYLOAD[-16:])
+    assert GOLDEN_V3_PAYLOAD[:7] not in GOLDEN_V3  # the free bytes are in the flushes only

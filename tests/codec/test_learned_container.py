@@ -118,6 +118,24 @@ def test_payload_spread_without_learned(small: FrameSet) -> None:
     assert _roundtrip(blob, small) == PAYLOAD
 
 
+def _payload_section(blob: bytes) -> bytes:
+    return next(s.data for s in read_container(blob)[1] if s.type.name == "PAYLOAD")
+
+
+def test_a_split_frame_carries_no_free_bits(small: FrameSet) -> None:
+    """Only frames coded whole by ``pred`` carry payload bits in their coder's flush."""
+    opts = LearnedOptions(force_split=2, high_paths=("pred",))
+    blob = compress(small, payload=PAYLOAD, learned=opts)
+    f = describe(blob)["frames"][0]
+    assert (f["path"], f["split_planes"]) == ("pred", 2)
+    assert _payload_section(blob)[:2] == b"\x03\x00"  # mode 3, no free bytes
+    assert _roundtrip(blob, small) == PAYLOAD
+    whole = compress(small, payload=PAYLOAD, learned=None)
+    assert describe(whole)["frames"][0]["path"] == "pred"
+    assert _payload_section(whole)[1] > 0
+    assert _roundtrip(whole, small) == PAYLOAD
+
+
 def test_encode_is_deterministic(small: FrameSet, forced_pred_blob: bytes) -> None:
     again = compress(small, learned=LearnedOptions(force_split=2, high_paths=("pred",)))
     assert again == forced_pred_blob

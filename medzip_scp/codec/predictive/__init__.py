@@ -61,6 +61,15 @@ bytes      field
            thresholds[K-1], int32 coefficients[K][nn]), u32 n, n bytes arithmetic-coded payload
 4          CRC-32 of the decoded frame as little-endian uint16, row-major
 =========  ==============================================================================
+
+Free bits in the flush
+----------------------
+The arithmetic coder (modes 1 and 2) ends by writing the 4 bytes of its interval's low end
+``x1`` (big-endian, the last 4 bytes of the arithmetic-coded payload).  Any 32-bit value in the
+final interval ``[x1, x2]`` decodes to the same frame, and the decoder ends with that value in
+its window.  So a stream carries ``floor(log2(x2 - x1 + 1))`` bits (1..32, about 26 on CT and MR)
+for free as ``k = value - x1``: :func:`encode_frame_slot` and :func:`decode_frame_slot` report
+the :class:`FlushSlot`, :meth:`FlushSlot.flush_bytes` gives the 4 bytes that carry ``k``.
 """
 
 from __future__ import annotations
@@ -75,7 +84,15 @@ import numpy.typing as npt
 
 from . import _build
 
-__all__ = ["CODER_ID", "CorruptStreamError", "decode_frame", "encode_frame"]
+__all__ = [
+    "CODER_ID",
+    "CorruptStreamError",
+    "FlushSlot",
+    "decode_frame",
+    "decode_frame_slot",
+    "encode_frame",
+    "encode_frame_slot",
+]
 
 CODER_ID = "pred-v2"
 
@@ -118,6 +135,49 @@ _PACK_FRACTION = 0.7
 
 class CorruptStreamError(ValueError):
     """The stream is truncated, corrupted or not a predictive-coder stream."""
+
+
+@dataclass(frozen=True)
+class FlushSlot:
+    """The 4 flush bytes of a stream's arithmetic coder and the final interval they lie in.
+
+    Attributes
+    ----------
+    offset
+        Byte offset of the flush bytes in the stream.
+    low, high
+        The coder's final interval ``[x1, x2]``: any value in it, written big-endian as the
+        flush bytes, decodes to the same frame.
+    value
+        The value the flush bytes hold (``low`` as the encoder writes them).
+    """
+
+    offset: int
+    low: int
+    high: int
+    value: int
+
+    @property
+    def capacity(self) -> int:
+        """Bits the flush carries for free: ``floor(log2(high - low + 1))``."""
+        return (self.high - self.low + 1).bit_length() - 1
+
+    @property
+    def carried(self) -> int:
+        """The number the flush carries, ``value - low`` (0 as the encoder writes it)."""
+        return self.value - self.low
+
+    def flush_bytes(self, carried: int) -> bytes:
+        """The 4 flush bytes that carry ``carried`` (``0 <= carried < 2**capacity``).
+
+        Raises
+        ------
+        ValueError
+            If ``carried`` does not fit in the slot's capacity.
+        """
+        if not 0 <= carried < 1 << self.capacity:
+            raise ValueError(f"carried value must be in [0, 2**{self.capacity}), got {carried}")
+        return struct.pack(">I", self.low + carried)
 
 
 @dataclass(frozen=True)
@@ -216,8 +276,13 @@ def _fit(
 
 
 def _encode_body(
-    img: npt.NDArray[np.uint16], bits: int, cfg: _Config | None = None, version: int = _VERSION
+    img: npt.NDArray[np.uint16],
+    bits: int,
+    final: npt.NDArray[np.uint32],
+    cfg: _Config | None = None,
+    version: int = _VERSION,
 ) -> bytes:
+    """Modes 1 and 2 body; ``final`` receives the coder's final interval ``x1, x2``."""
     lib = _build.load()
     H, W = img.shape
     if cfg is None:
@@ -239,6 +304,7 @@ def _encode_body(
         _ptr(coef, ctypes.c_int32),
         _ptr(out, ctypes.c_uint8),
         cap,
+        _ptr(final, ctypes.c_uint32),
     )
     if n < 0:
         raise RuntimeError(f"predictive core failed to encode (code {n})")
@@ -264,6 +330,11 @@ def _unpack_raw(blob: bytes, H: int, W: int, bits: int) -> npt.NDArray[np.uint16
 
 
 def encode_frame(frame: npt.NDArray[np.integer], bits: int) -> bytes:
+    """Encode one 2-D frame losslessly (:func:`encode_frame_slot` without the slot)."""
+    return encode_frame_slot(frame, bits)[0]
+
+
+def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes, FlushSlot | None]:
     """Encode one 2-D frame losslessly.
 
     Parameters
@@ -275,8 +346,9 @@ def encode_frame(frame: npt.NDArray[np.integer], bits: int) -> bytes:
 
     Returns
     -------
-    bytes
-        A self-delimiting stream; ``decode_frame(stream, frame.shape, bits)`` returns the frame.
+    tuple of bytes and FlushSlot or None
+        A self-delimiting stream (``decode_frame(stream, frame.shape, bits)`` returns the frame)
+        and, for modes 1 and 2, the coder's flush as the encoder left it.
 
     Raises
     ------
@@ -303,6 +375,7 @@ def encode_frame(frame: npt.NDArray[np.integer], bits: int) -> bytes:
     img = np.ascontiguousarray(arr, dtype=np.uint16)
     H, W = img.shape
     head = _MAGIC + struct.pack("<BBII", _VERSION, bits, H, W)
+    final = np.zeros(2, np.uint32)
     if lo == hi:
         body = struct.pack("<BH", _MODE_CONSTANT, lo)
     else:
@@ -315,15 +388,19 @@ def encode_frame(frame: npt.NDArray[np.integer], bits: int) -> bytes:
             body = (
                 struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table))
                 + table
-                + _encode_body(ranks.reshape(H, W).astype(np.uint16), rank_bits)
+                + _encode_body(ranks.reshape(H, W).astype(np.uint16), rank_bits, final)
             )
         else:
-            body = struct.pack("<B", _MODE_DIRECT) + _encode_body(img, bits)
+            body = struct.pack("<B", _MODE_DIRECT) + _encode_body(img, bits, final)
         raw = _pack_raw(img, bits)
         if len(raw) + 1 < len(body):  # incompressible (noise): store the bits as they are
             body = struct.pack("<B", _MODE_RAW) + raw
     crc = zlib.crc32(img.astype("<u2").tobytes())
-    return head + body + struct.pack("<I", crc)
+    stream = head + body + struct.pack("<I", crc)
+    if body[0] not in (_MODE_DIRECT, _MODE_PACKED):
+        return stream, None
+    low, high = int(final[0]), int(final[1])
+    return stream, FlushSlot(len(stream) - 8, low, high, low)
 
 
 class _Reader:
@@ -362,7 +439,9 @@ def _inflate(blob: bytes, what: str) -> bytes:
 
 def _decode_body(
     rd: _Reader, H: int, W: int, max_bits: int, version: int
-) -> npt.NDArray[np.uint16]:
+) -> tuple[npt.NDArray[np.uint16], FlushSlot | None]:
+    """Modes 1 and 2 body; the slot is ``None`` when the coder did not end on the stream's
+    last 4 arithmetic-coded bytes (never for a stream the encoder wrote)."""
     lib = _build.load()
     cbits, nn, K, shift = rd.unpack("<BBBB")
     if not (
@@ -383,6 +462,7 @@ def _decode_body(
     (n,) = rd.unpack("<I")
     payload = np.frombuffer(rd.take(n), np.uint8).copy()
     img = np.empty((H, W), np.uint16)
+    final = np.zeros(3, np.uint32)
     rc = lib.mz_decode(
         version,
         _ptr(payload, ctypes.c_uint8),
@@ -396,10 +476,14 @@ def _decode_body(
         _ptr(thr, ctypes.c_int32),
         _ptr(coef, ctypes.c_int32),
         _ptr(img, ctypes.c_uint16),
+        _ptr(final, ctypes.c_uint32),
     )
     if rc != 0:
         raise CorruptStreamError(f"predictive stream: payload does not decode (core code {rc})")
-    return img
+    low, high, value = (int(v) for v in final)
+    if n < 4 or value != int.from_bytes(payload[-4:].tobytes(), "big") or not low <= value <= high:
+        return img, None
+    return img, FlushSlot(rd.pos - 4, low, high, value)
 
 
 def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[np.uint16]:
@@ -417,6 +501,7 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
     Returns
     -------
     ndarray of uint16, shape ``shape``
+        The frame (:func:`decode_frame_slot` also reports the coder's flush).
 
     Raises
     ------
@@ -424,6 +509,38 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
         If the stream is truncated, corrupted (CRC-32 of the decoded pixels differs), of an
         unknown version, or does not match ``shape`` and ``bits``.
     """
+    return _decode(data, shape, bits)[0]
+
+
+def decode_frame_slot(
+    data: bytes, shape: tuple[int, int], bits: int
+) -> tuple[npt.NDArray[np.uint16], FlushSlot | None]:
+    """Decode a stream and report the flush of its arithmetic coder.
+
+    Returns
+    -------
+    tuple of ndarray of uint16 and FlushSlot or None
+        The frame and, for modes 1 and 2, the slot (its ``value`` as read from the stream);
+        ``None`` for modes 0 and 3, which have no arithmetic coder.
+
+    Raises
+    ------
+    CorruptStreamError (a ValueError)
+        As :func:`decode_frame`, and if the coder did not end on the stream's last 4
+        arithmetic-coded bytes inside its final interval.
+    """
+    img, mode, slot = _decode(data, shape, bits)
+    if mode in (_MODE_DIRECT, _MODE_PACKED) and slot is None:
+        raise CorruptStreamError(
+            "predictive stream: the arithmetic coder does not end on its 4 flush bytes"
+        )
+    return img, slot
+
+
+def _decode(
+    data: bytes, shape: tuple[int, int], bits: int
+) -> tuple[npt.NDArray[np.uint16], int, FlushSlot | None]:
+    """``(frame, mode, flush slot)``; the slot as :func:`_decode_body` reports it."""
     rd = _Reader(bytes(data))
     magic = rd.take(4)
     if magic != _MAGIC:
@@ -445,18 +562,19 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
     if H < 1 or W < 1 or not 1 <= sbits <= 16:
         raise CorruptStreamError(f"predictive stream: invalid header {H}x{W}, {sbits} bits")
     (mode,) = rd.unpack("<B")
+    slot = None
     if mode == _MODE_CONSTANT:
         (v,) = rd.unpack("<H")
         img = np.full((H, W), v, np.uint16)
     elif mode == _MODE_DIRECT:
-        img = _decode_body(rd, H, W, sbits, version)
+        img, slot = _decode_body(rd, H, W, sbits, version)
     elif mode == _MODE_PACKED:
         lo, hi, tlen = rd.unpack("<HHI")
         used = np.unpackbits(np.frombuffer(_inflate(rd.take(tlen), "value table"), np.uint8))
         if hi < lo or used.size < hi - lo + 1:
             raise CorruptStreamError("predictive stream: corrupted value table")
         lut = (np.flatnonzero(used[: hi - lo + 1]) + lo).astype(np.uint16)
-        ranks = _decode_body(rd, H, W, 16, version)
+        ranks, slot = _decode_body(rd, H, W, 16, version)
         if lut.size == 0 or int(ranks.max()) >= lut.size:
             raise CorruptStreamError("predictive stream: value rank outside the value table")
         img = lut[ranks]
@@ -473,4 +591,4 @@ def decode_frame(data: bytes, shape: tuple[int, int], bits: int) -> npt.NDArray[
         raise CorruptStreamError(f"predictive stream decodes to values above {sbits} bits")
     if zlib.crc32(img.astype("<u2").tobytes()) != crc:
         raise CorruptStreamError("predictive stream: CRC-32 of the decoded pixels does not match")
-    return img
+    return img, mode, slot

@@ -72,6 +72,7 @@ def load() -> ctypes.CDLL:
         i32p = ctypes.POINTER(ctypes.c_int32)
         u16p = ctypes.POINTER(ctypes.c_uint16)
         u8p = ctypes.POINTER(ctypes.c_uint8)
+        u32p = ctypes.POINTER(ctypes.c_uint32)
         c_int, i64 = ctypes.c_int, ctypes.c_int64
         lib.mz_activity.argtypes = [u16p, c_int, c_int, i32p]
         lib.mz_activity.restype = c_int
@@ -88,6 +89,7 @@ def load() -> ctypes.CDLL:
             i32p,
             u8p,
             i64,
+            u32p,
         ]
         lib.mz_encode.restype = i64
         lib.mz_decode.argtypes = [
@@ -103,6 +105,7 @@ def load() -> ctypes.CDLL:
             i32p,
             i32p,
             u16p,
+            u32p,
         ]
         lib.mz_decode.restype = c_int
         lib.mz_init.argtypes = []

@@ -437,8 +437,11 @@ static int check_params(int ver, int H, int W, int bits, int nn, int K, int shif
     return 0;
 }
 
+/* final (may be NULL): receives x1, x2 of the last interval, before the flush writes x1.  Any
+ * value in [x1, x2] flushed instead decodes the same (see mz_decode's final). */
 int64_t mz_encode(int ver, const uint16_t *img, int H, int W, int bits, int nn, int K, int shift,
-                  const int32_t *thr, const int32_t *coef, uint8_t *out, int64_t cap) {
+                  const int32_t *thr, const int32_t *coef, uint8_t *out, int64_t cap,
+                  uint32_t *final) {
     init_tables();
     if (check_params(ver, H, W, bits, nn, K, shift)) return -3;
     Params P = {ver, nn, K, shift, thr, coef};
@@ -452,13 +455,16 @@ int64_t mz_encode(int ver, const uint16_t *img, int H, int W, int bits, int nn, 
     free(src);
     img_free(&im);
     if (rc) return rc;
+    if (final) { final[0] = c.x1; final[1] = c.x2; }
     for (int i = 0; i < 4; i++) { out_byte(&c, (uint8_t)(c.x1 >> 24)); c.x1 <<= 8; }
     if (c.overflow) return -4;
     return c.pos;
 }
 
+/* final (may be NULL): receives x1, x2 of the last interval and the window x (for a stream as the
+ * encoder wrote it: its last 4 bytes, the flush, and x1 <= x <= x2). */
 int mz_decode(int ver, const uint8_t *data, int64_t len, int H, int W, int bits, int nn, int K, int shift,
-              const int32_t *thr, const int32_t *coef, uint16_t *img) {
+              const int32_t *thr, const int32_t *coef, uint16_t *img, uint32_t *final) {
     init_tables();
     if (check_params(ver, H, W, bits, nn, K, shift)) return -3;
     Params P = {ver, nn, K, shift, thr, coef};
@@ -472,6 +478,7 @@ int mz_decode(int ver, const uint8_t *data, int64_t len, int H, int W, int bits,
             for (int x = 0; x < W; x++) img[(int64_t)y * W + x] = (uint16_t)*PX(&im, y, x);
         /* the encoder flushed 4 bytes; reading well past the end means a truncated stream */
         if (c.pos > len + 4) rc = -5;
+        if (final) { final[0] = c.x1; final[1] = c.x2; final[2] = c.x; }
     }
     img_free(&im);
     return rc;

@@ -14,8 +14,11 @@ import pytest
 from medzip_scp.codec.predictive import (
     CODER_ID,
     CorruptStreamError,
+    FlushSlot,
     decode_frame,
+    decode_frame_slot,
     encode_frame,
+    encode_frame_slot,
 )
 
 DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
@@ -278,3 +281,90 @@ def test_version_2_bitstream_is_pinned() -> None:
 
     f, _ = _golden_frames()
     assert hashlib.sha256(encode_frame(f, 12)).hexdigest() == GOLDEN_V2_SHA256
+
+
+# -- free bits in the arithmetic coder's flush ------------------------------------------------
+
+
+def _with_flush(stream: bytes, slot: FlushSlot, value: int) -> bytes:
+    return stream[: slot.offset] + value.to_bytes(4, "big") + stream[slot.offset + 4 :]
+
+
+def _packed_frame() -> np.ndarray:
+    return ((np.arange(40 * 30).reshape(40, 30) % 23) * 150).astype(np.uint16)  # mode 2
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_encoder_and_decoder_agree_on_the_flush(mode: int) -> None:
+    frame = _sample_stream()[0] if mode == 1 else _packed_frame()
+    stream, slot = encode_frame_slot(frame, 12)
+    assert stream[14] == mode
+    assert stream == encode_frame(frame, 12)  # reporting the slot changes no byte
+    assert slot is not None
+    # the flush is the last 4 arithmetic-coded bytes (then the CRC), holding x1
+    assert slot.offset == len(stream) - 8
+    assert slot.value == slot.low == int.from_bytes(stream[-8:-4], "big")
+    assert slot.carried == 0
+    assert 1 <= slot.capacity <= 32
+    assert slot.high - slot.low + 1 >= 1 << slot.capacity
+    assert slot.high - slot.low + 1 < 2 << slot.capacity
+    out, read = decode_frame_slot(stream, frame.shape, 12)
+    np.testing.assert_array_equal(out, frame)
+    assert read == slot
+
+
+def test_any_value_in_the_final_interval_decodes_the_same() -> None:
+    frame, stream = _sample_stream()
+    _, slot = encode_frame_slot(frame, 12)
+    assert slot is not None
+    rng = np.random.default_rng(3)
+    cap = slot.capacity
+    for carried in [0, 1, (1 << cap) - 1, *rng.integers(0, 1 << cap, 50).tolist()]:
+        carrying = _with_flush(stream, slot, slot.low + carried)
+        assert carrying[: slot.offset] == stream[: slot.offset]
+        assert slot.flush_bytes(carried) == carrying[slot.offset : slot.offset + 4]
+        out, read = decode_frame_slot(carrying, frame.shape, 12)
+        np.testing.assert_array_equal(out, frame)
+        assert read is not None
+        assert (read.low, read.high, read.carried) == (slot.low, slot.high, carried)
+    # the interval's top end as well, though it may lie above the capacity
+    np.testing.assert_array_equal(
+        decode_frame_slot(_with_flush(stream, slot, slot.high), frame.shape, 12)[0], frame
+    )
+    with pytest.raises(ValueError, match="carried value"):
+        slot.flush_bytes(1 << cap)
+    with pytest.raises(ValueError, match="carried value"):
+        slot.flush_bytes(-1)
+
+
+def test_a_flush_outside_the_final_interval_is_corrupt() -> None:
+    frame, stream = _sample_stream()
+    _, slot = encode_frame_slot(frame, 12)
+    assert slot is not None
+    outside = [v for v in (slot.low - 1, slot.high + 1) if 0 <= v < 1 << 32]
+    assert outside
+    for value in outside:
+        with pytest.raises(CorruptStreamError):
+            decode_frame_slot(_with_flush(stream, slot, value), frame.shape, 12)
+
+
+@pytest.mark.parametrize(
+    "frame", [np.full((8, 8), 9, np.uint16), np.random.default_rng(1).integers(0, 4096, (8, 8))]
+)
+def test_constant_and_raw_streams_have_no_flush(frame: np.ndarray) -> None:
+    stream, slot = encode_frame_slot(frame, 12)
+    assert stream[14] in (0, 3)  # mode constant or raw: no arithmetic coder
+    assert slot is None
+    out, read = decode_frame_slot(stream, frame.shape, 12)
+    np.testing.assert_array_equal(out, frame)
+    assert read is None
+
+
+def test_version_1_streams_report_their_flush() -> None:
+    import base64
+
+    f, _ = _golden_frames()
+    stream = base64.b64decode(GOLDEN_V1[0])
+    out, slot = decode_frame_slot(stream, f.shape, 12)
+    np.testing.assert_array_equal(out, f)
+    assert slot is not None and slot.carried == 0 and slot.offset == len(stream) - 8
