@@ -279,10 +279,13 @@ def _flipped_in_streams(blob: bytes, payload: bytes, in_payload: bool) -> bytes:
     frame carries, or in the middle of the frame's coded pixels around it."""
     header, sections = read_container(blob)
     (streams,) = [s for s in sections if s.type == SectionType.STREAMS]
-    at = streams.data.find(payload)
-    assert at >= 0, "a single frame carries the whole payload in its stream"
+    # The payload's first bytes may ride in the frame's coder flush (free bits); the rest,
+    # its signature last, is a segment inside the frame's stream ending at ``end``.
+    end = streams.data.find(payload[-64:]) + 64
+    assert end >= 64, "a single frame carries the payload's tail in its stream"
+    at = end - len(payload)
     if in_payload:
-        position = at + len(payload) // 2
+        position = end - 32
     elif at > len(streams.data) - at - len(payload):
         position = at // 2
     else:
