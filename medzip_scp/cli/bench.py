@@ -20,6 +20,7 @@ import medzip_scp
 BENCHMARKS = {
     "codec": "codec.py",
     "ingest": "ingest.py",
+    "identity": "identity.py",
 }
 
 bench_app = typer.Typer(no_args_is_help=True)
@@ -71,3 +72,13 @@ def bench_ingest(ctx: typer.Context, benchmarks: BenchDirOption = None) -> None:
     --no-write, --help).
     """
     _run(BENCHMARKS["ingest"], benchmarks, ctx.args)
+
+
+@bench_app.command("identity", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_identity(ctx: typer.Context, benchmarks: BenchDirOption = None) -> None:
+    """What sealing the patient's identity in each blob costs: bytes, bits per pixel, speed.
+
+    Runs benchmarks/identity.py with the options that follow (--limit N, --learned N,
+    --no-write, --help).
+    """
+    _run(BENCHMARKS["identity"], benchmarks, ctx.args)

@@ -24,6 +24,44 @@ def test_bench_codec_runs_the_codec_benchmark(tmp_path: Path) -> None:
     assert "all round trips exact" in result.output
 
 
+def _tables(output: str) -> list[dict[str, list[str]]]:
+    """The markdown tables in ``output``: per table, its cells by first cell ("set" for the
+    header), separator lines left out."""
+    tables: list[dict[str, list[str]]] = []
+    previous = ""
+    for line in output.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            if not previous.startswith("|"):
+                tables.append({})
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            tables[-1][cells[0]] = cells
+        previous = line
+    return tables
+
+
+def test_bench_identity_reports_each_set_with_and_without_identity(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for folder, name in (("conformance", "CT_small.dcm"), ("series/fmri-ge", "MR_small.dcm")):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(get_testdata_file(name), data / folder / name)
+    result = CliRunner().invoke(
+        app, ["bench", "identity", "--data", str(data), "--limit", "1", "--no-write"]
+    )
+    assert result.exit_code == 0, result.output
+    sizes, speeds = _tables(result.output)
+    assert list(sizes) == list(speeds) == ["set", "conformance", "fmri-ge", "all"]
+    assert sizes["set"][5:9] == ["bpp without", "bpp with", "relative cost", "net B per instance"]
+    assert all(len(row) == len(sizes["set"]) for row in sizes.values())
+    assert all(len(row) == len(speeds["set"]) for row in speeds.values())
+    for name in ("conformance", "fmri-ge"):
+        assert sizes[name][1] == "1"  # --limit 1
+        assert float(sizes[name][6]) > float(sizes[name][5])  # the payload costs bits
+        # classical paths: nothing rides free
+        assert sizes[name][-1].endswith("/ 0 %")
+        assert speeds[name][-1] == "1 / 1"  # verified OK on a real archive
+    assert sizes["all"][1] == "2"
+
+
 def test_bench_without_benchmark_scripts_says_where_it_looked(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "ingest", "--benchmarks", str(tmp_path)])
     assert result.exit_code == 2
