@@ -15,12 +15,13 @@ paths (the node's default):
 Reports per set the sealed payload's size, the identifying elements' raw size, whole-blob
 bits per pixel with and without identity, the net bytes per instance (the cut elements leave
 the zstd DATASET section, so the net cost is below the payload's size), where the payload
-rode (inside the frames' coded streams, in the PAYLOAD section, or free by bits-back), and the
+rode (free in pred-v2 frames' coder flushes or by bits-back, inside the frames' coded streams,
+or in the PAYLOAD section), and the
 speed of sealing, opening (every check) and of ``verify_archive`` on a real archive (SQLite in
 a temporary folder: ``Archive.store`` of each file, ``compress_pending`` with the archive's
 compressing codec, then ``verify_archive``). ``--learned N`` also codes the first N instances
 of each set of at most 1 MPx with the learned paths, with and without identity (slow: minutes
-for a 520-frame object); only they can carry a payload free (bits-back, mode 2).
+for a 520-frame object); a learned global-path frame carries a payload free by bits-back.
 Ctrl-C prints the tables of what was measured so far (RESULTS.md is then left alone).
 Replaces the "## Identity payload" section of ``benchmarks/RESULTS.md``.
 """
@@ -84,8 +85,8 @@ LEARNED_MAX_PIXELS = 1_000_000  # --learned skips larger objects (a 3.3 MPx one 
 
 @dataclass
 class Placement:
-    """Where a blob's payload rode: bits-back (free), inside the frames' streams, or in the
-    PAYLOAD section."""
+    """Where a blob's payload rode: free (bits-back, or pred-v2 frames' coder flushes),
+    inside the frames' streams, or in the PAYLOAD section."""
 
     free: int = 0
     in_streams: int = 0
@@ -99,9 +100,10 @@ def placement(blob: bytes) -> Placement:
         return Placement()
     if body[0] == PayloadMode.BITS_BACK:
         return Placement(free=describe(blob)["payload_bytes"])
-    if body[0] == PayloadMode.SPREAD:
-        carried, pos = get_varint(body, 1)
-        return Placement(in_streams=carried, in_section=len(body) - pos)
+    if body[0] == PayloadMode.SPREAD:  # varint free (coder flushes), varint spread, rest
+        free, pos = get_varint(body, 1)
+        spread, pos = get_varint(body, pos)
+        return Placement(free=free, in_streams=spread, in_section=len(body) - pos)
     return Placement(in_section=len(body) - 1)  # mode SECTION
 
 
@@ -345,8 +347,10 @@ def interpretation(tallies: dict[str, Tally]) -> str:
         f"{(total.sealed_bytes - total.plain_bytes) / n:.0f} bytes net per instance for a "
         f"sealed payload of {statistics.mean(total.payload):.0f} bytes. The payload is "
         "ciphertext, which nothing compresses, so each of its bytes costs a byte wherever it "
-        "rides; with classical paths none rides free (bits-back needs a frame whose high part "
-        f"the learned global path codes): free share {_share(total.placed.free, paid)}. The "
+        "rides, except the bits a pred-v2 frame's arithmetic coder can flush at no cost (any "
+        "value of its final interval, 16-31 bits a frame): "
+        f"free share {_share(total.placed.free, paid)}, all of it in multi-frame objects; "
+        "a single-frame image carries 2-3 bytes free. The "
         "net cost is below the payload's size because the identifying elements it holds "
         f"({statistics.mean(total.removed):.0f} bytes raw per instance) leave the stored data "
         f"set, whose zstd DATASET section shrinks by {total.dataset_saved / n:.0f} bytes per "
@@ -370,9 +374,9 @@ def interpretation(tallies: dict[str, Tally]) -> str:
         carried = placed.free + placed.in_streams + placed.in_section
         text += (
             " With the learned paths (the instances of the last table) the share carried "
-            f"free was {_share(placed.free, carried)}: a payload rides free only whole, in one "
-            "frame whose high part the global path codes and whose bits-back sampling absorbs "
-            "at least the payload's length" + (" (no frame here did)." if not placed.free else ".")
+            f"free was {_share(placed.free, carried)}: by bits-back a payload rides free only "
+            "whole, in one frame whose high part the global path codes and whose bits-back "
+            "sampling absorbs at least the payload's length; otherwise as with classical paths."
         )
     return text
 
