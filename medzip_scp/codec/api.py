@@ -94,6 +94,7 @@ __all__ = [
     "decompress",
     "describe",
     "read_dataset_rest",
+    "read_dataset_rest_and_payload",
 ]
 
 DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
@@ -953,6 +954,16 @@ def read_dataset_rest(blob: bytes) -> bytes:
         As :func:`decompress`.
     """
     return _unpack_dataset(_parse(blob).by_type[SectionType.DATASET])
+
+
+def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
+    """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels;
+    the payload is None when it rides in a frame's coded bits (mode BITS_BACK: only
+    :func:`decompress` gives it). Checks and raises as :func:`read_dataset_rest`."""
+    parsed = _parse(blob)
+    mode, payload, _ = _unpack_payload(parsed)
+    rest = _unpack_dataset(parsed.by_type[SectionType.DATASET])
+    return rest, None if mode == PayloadMode.BITS_BACK else payload
 
 
 def describe(blob: bytes) -> dict[str, Any]:
