@@ -8,6 +8,7 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import functools
 import hashlib
 import logging
@@ -129,10 +130,14 @@ class IdentityCodec:
         self._policy = policy
         self._learned = DEFAULT_LEARNED if learned else None
 
-    def encode(self, part10: bytes) -> bytes:
+    def encode(self, part10: bytes, received_at: dt.datetime | None = None) -> bytes:
+        """The payload says the instance was received at ``received_at`` (default now):
+        compression gives its index row's, so that a rebuilt index (``medzip db rebuild``)
+        orders instances as they arrived, not as compressed."""
         if self._keyring is None:
             raise IdentityKeyError("the identity key file is missing: compression cannot seal")
-        return seal_instance(part10, self._keyring, self._policy, self._learned)
+        received_us = None if received_at is None else _microseconds(received_at)
+        return seal_instance(part10, self._keyring, self._policy, self._learned, received_us)
 
     def decode(self, blob: bytes) -> bytes:
         return self.open(blob, None).part10
@@ -140,6 +145,11 @@ class IdentityCodec:
     def open(self, blob: bytes, sop_instance_uid: str | None) -> OpenedInstance:
         """The original and its identity record; raises IdentityCheckError."""
         return open_instance(blob, self._keyring, sop_instance_uid)
+
+
+def _microseconds(moment: dt.datetime) -> int:
+    """Microseconds since the Unix epoch (exact: no float in between)."""
+    return (moment - dt.datetime.fromtimestamp(0, dt.UTC)) // dt.timedelta(microseconds=1)
 
 
 # Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.

@@ -77,9 +77,11 @@ def seal_instance(
     keyring: IdentityKeyring,
     policy: IdentityPolicy,
     learned: LearnedOptions | None = None,
-    archived_at: int | None = None,
+    archived_at_us: int | None = None,
 ) -> bytes:
-    """A blob of ``part10`` whose identifying elements are only in its sealed payload.
+    """A blob of ``part10`` whose identifying elements are only in its sealed payload;
+    ``archived_at_us`` is when the node received it (microseconds since the epoch; default
+    now).
 
     Raises
     ------
@@ -90,7 +92,7 @@ def seal_instance(
     uids = instance_uids(part10)
     record = IdentityRecord(
         node_id=keyring.node_id,
-        archived_at=int(time.time()) if archived_at is None else archived_at,
+        archived_at_us=time.time_ns() // 1000 if archived_at_us is None else archived_at_us,
         study_instance_uid=uids[0],
         series_instance_uid=uids[1],
         sop_instance_uid=uids[2],
