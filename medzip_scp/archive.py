@@ -28,12 +28,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.codec.api import DEFAULT_LEARNED
-from medzip_scp.codec.errors import UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
+from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.config import DuplicatePolicyValues, Settings
-from medzip_scp.dicom.blob import decode_blob, encode_dataset
+from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
 from medzip_scp.dicom.equivalence import first_difference
 from medzip_scp.dicom.identifying import identifying_tags
-from medzip_scp.dicom.part10 import ReceivedObject, dataset_offset_of, load_dataset
+from medzip_scp.dicom.part10 import (
+    ReceivedObject,
+    dataset_offset_of,
+    instance_uids,
+    load_dataset,
+)
 from medzip_scp.identity.instance import (
     IdentityCheckError,
     IdentityPolicy,
@@ -164,19 +170,92 @@ def identity_policy(settings: Settings) -> IdentityPolicy:
     )
 
 
+@dataclass(frozen=True)
+class BlobClaim:
+    """What a blob's plaintext, read WITHOUT authentication, says it is (``medzip db
+    rebuild``, which has no index row to say so): the codec that wrote it and what names
+    its instance. Only a claim: the blob is then read authenticated, bound to the SOP
+    Instance UID it leads to, and only that is used."""
+
+    codec_id: str
+    stored: bytes  # the object as stored (a codec blob's up to its pixel data)
+    payload: bytes  # the sealed identity payload (codec mzp2); b"" for the others
+
+    def sop_instance_uid(self) -> str:
+        """The SOP Instance UID the stored object names; "" when it names none (an object
+        sealed whole names it in its payload only)."""
+        return instance_uids(self.stored)[2]
+
+
+def claim_of(plaintext: bytes) -> BlobClaim:
+    """What ``plaintext`` claims to be, by its content: a codec container with an identity
+    payload is mzp2, one without mzp1, anything else a Part-10 original.
+
+    Raises
+    ------
+    CodecError
+        A codec container that does not parse (UnknownModelError, UnsupportedFormatError:
+        one this node cannot read).
+    """
+    if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
+        return BlobClaim(Part10Codec.codec_id, plaintext, b"")
+    stored, payload = peek_blob(plaintext)
+    if payload is None:  # it rides in a frame's coded bits: only decoding gives it
+        stored, payload = open_blob(plaintext)
+    codec_id = IdentityCodec.codec_id if payload else MzpCodec.codec_id
+    return BlobClaim(codec_id, stored, payload)
+
+
+def claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
+    """Whether a blob says it carries a sealed identity (unauthenticated; False for a blob
+    that cannot say: gone, not sealed with this store's key, or not parsable)."""
+    try:
+        if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
+            return False  # the first bytes tell a Part-10 original: no need to read all
+        return claim_of(blobs.read_unauthenticated(key)).codec_id == IdentityCodec.codec_id
+    except (BlobNotFoundError, EnvelopeError, CodecError, OSError):
+        return False
+
+
+def _unindexed_blobs(
+    blobs: LocalBlobStore, sessions: sessionmaker[Session], folder: str
+) -> set[str]:
+    """Blobs in one folder of the store (named by the first two hex digits of their key)
+    that no index row, current or superseded, names."""
+    on_disk = set(blobs.keys(folder))
+    with sessions() as session:
+        for table in (Instance, SupersededInstance):
+            on_disk -= set(
+                session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
+            )
+    return on_disk
+
+
+def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobStore) -> bool:
+    """Whether the index, or a blob no index row names (the index was lost, or rebuilt
+    without the identity keys), holds an instance sealed with identity keys."""
+    with sessions() as session:
+        for table in (Instance, SupersededInstance):
+            sealed = select(table.id).where(table.codec_id == IdentityCodec.codec_id).limit(1)
+            if session.scalar(sealed) is not None:
+                return True
+    return any(
+        claims_sealed_identity(blobs, key)
+        for folder in blobs.folders()
+        for key in _unindexed_blobs(blobs, sessions, folder)
+    )
+
+
 def _open_identity_keys(
-    settings: Settings, sessions: sessionmaker[Session], required: bool
+    settings: Settings, sessions: sessionmaker[Session], blobs: LocalBlobStore, required: bool
 ) -> IdentityKeyring | None:
     """The node's identity keys; created on first use, but never for an archive that holds
-    sealed instances (their identity would be lost to a new key), and never silently."""
+    sealed instances, indexed or not (their identity would be lost to a new key, and the
+    instances sealed with the new key once the old file is restored), and never silently."""
     path = settings.identity.resolved_key_file(settings.storage.data_dir)
     if path.exists():
         return IdentityKeyring.load(path)
-    with sessions() as session:
-        sealed = session.scalar(
-            select(Instance.id).where(Instance.codec_id == IdentityCodec.codec_id).limit(1)
-        )
-    if sealed is None:
+    if not _holds_sealed_instances(sessions, blobs):
         keyring = IdentityKeyring.open_or_create(path)
         log.warning("created identity key file %s: back it up, apart from the data", path)
         return keyring
@@ -387,7 +466,7 @@ class Archive:
         key = open_blob_key(settings.storage.resolved_key_file(), blob_dir)
         blobs = LocalBlobStore(blob_dir, key)
         sessions = session_factory(engine)
-        identity = _open_identity_keys(settings, sessions, need_identity)
+        identity = _open_identity_keys(settings, sessions, blobs, need_identity)
         return cls(
             settings,
             sessions,
@@ -756,15 +835,7 @@ class Archive:
         return removed
 
     def _unindexed_blobs(self, folder: str) -> set[str]:
-        """Blobs in one folder of the store (named by the first two hex digits of their key)
-        that no index row, current or superseded, names."""
-        on_disk = set(self.blobs.keys(folder))
-        with self.read_sessions() as session:
-            for table in (Instance, SupersededInstance):
-                on_disk -= set(
-                    session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
-                )
-        return on_disk
+        return _unindexed_blobs(self.blobs, self.read_sessions, folder)
 
     def _remove_orphan(self, key: str) -> None:
         self.blobs.delete(key)
