@@ -808,15 +808,27 @@ class Archive:
         """Delete the blobs no index row names, left by a crash between a blob's write and
         its commit (C-STORE or compression); returns how many.
 
+        Only what a crash leaves goes (:meth:`_crash_leftover`), and nothing while the index
+        is empty: an index lost, or being rebuilt, names no blob, and every one would go.
         A blob younger than ``min_age`` is only deleted once it is that old and still
         unnamed (``wait``; else left for a later sweep). One folder at a time, so memory
         stays bounded by a folder's blobs.
         """
-        removed = 0
+        if self._index_is_empty():
+            if next(self.blobs.keys(), None) is not None:
+                log.warning(
+                    "the index is empty but the blob store %s holds blobs: none removed as "
+                    "orphans (was the index lost? `medzip db rebuild` builds it from the blobs)",
+                    self.blobs.root,
+                )
+            return 0
+        removed = kept = 0
         young: list[str] = []
         for folder in self.blobs.folders():
             for key in self._unindexed_blobs(folder):
-                if self.blobs.age_seconds(key) >= min_age:
+                if not self._crash_leftover(key):
+                    kept += 1
+                elif self.blobs.age_seconds(key) >= min_age:
                     self._remove_orphan(key)
                     removed += 1
                 else:
@@ -832,7 +844,42 @@ class Archive:
                         removed += 1
         if removed:
             log.warning("removed %d orphaned blobs (written, never indexed)", removed)
+        if kept:
+            log.warning(
+                "kept %d blobs no index row names that no crash leaves behind (compressed "
+                "instances the index does not know, or blobs this node cannot read): an "
+                "index rebuilt without a key or model they need? `medzip db rebuild` lists them",
+                kept,
+            )
         return removed
+
+    def _index_is_empty(self) -> bool:
+        with self.read_sessions() as session:
+            return all(
+                session.scalar(select(table.id).limit(1)) is None
+                for table in (Instance, SupersededInstance)
+            )
+
+    def _crash_leftover(self, key: str) -> bool:
+        """Whether an unindexed blob is what a crash leaves: an original a C-STORE wrote but
+        did not commit, or a codec blob of an instance the index knows (its compression's
+        swap did not commit, or the blob it replaced was not yet removed). A codec blob of
+        an instance the index does not know, or one this node cannot read, is not: the index
+        lacks it (rebuilt without the identity key or a model it needs), so it is kept."""
+        try:
+            if self.blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
+                return True
+            uid = claim_of(self.blobs.read_unauthenticated(key)).sop_instance_uid()
+        except Exception:  # gone, another key, a model this node lacks, damage: keep it
+            return False
+        if not uid:
+            return False
+        with self.read_sessions() as session:
+            return any(
+                session.scalar(select(table.id).where(table.sop_instance_uid == uid).limit(1))
+                is not None
+                for table in (Instance, SupersededInstance)
+            )
 
     def _unindexed_blobs(self, folder: str) -> set[str]:
         return _unindexed_blobs(self.blobs, self.read_sessions, folder)
