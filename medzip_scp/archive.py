@@ -206,15 +206,23 @@ def claim_of(plaintext: bytes) -> BlobClaim:
     return BlobClaim(codec_id, stored, payload)
 
 
-def claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
-    """Whether a blob says it carries a sealed identity (unauthenticated; False for a blob
-    that cannot say: gone, not sealed with this store's key, or not parsable)."""
+def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
+    """What a codec blob in the store claims to be (:func:`claim_of`, read without
+    authentication); None for a Part-10 original, told by its first bytes (the rest is not
+    read). Raises as :func:`claim_of` and :meth:`LocalBlobStore.read_unauthenticated`."""
+    if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
+        return None
+    return claim_of(blobs.read_unauthenticated(key))
+
+
+def _claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
+    """Whether a blob says it carries a sealed identity (False for one that cannot say:
+    gone, not sealed with this store's key, or not parsable)."""
     try:
-        if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
-            return False  # the first bytes tell a Part-10 original: no need to read all
-        return claim_of(blobs.read_unauthenticated(key)).codec_id == IdentityCodec.codec_id
+        claim = codec_blob_claim(blobs, key)
     except (BlobNotFoundError, EnvelopeError, CodecError, OSError):
         return False
+    return claim is not None and claim.codec_id == IdentityCodec.codec_id
 
 
 def _unindexed_blobs(
@@ -240,7 +248,7 @@ def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobSto
             if session.scalar(sealed) is not None:
                 return True
     return any(
-        claims_sealed_identity(blobs, key)
+        _claims_sealed_identity(blobs, key)
         for folder in blobs.folders()
         for key in _unindexed_blobs(blobs, sessions, folder)
     )
@@ -867,9 +875,10 @@ class Archive:
         an instance the index does not know, or one this node cannot read, is not: the index
         lacks it (rebuilt without the identity key or a model it needs), so it is kept."""
         try:
-            if self.blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
-                return True
-            uid = claim_of(self.blobs.read_unauthenticated(key)).sop_instance_uid()
+            claim = codec_blob_claim(self.blobs, key)
+            if claim is None:
+                return True  # an original
+            uid = claim.sop_instance_uid()
         except Exception:  # gone, another key, a model this node lacks, damage: keep it
             return False
         if not uid:

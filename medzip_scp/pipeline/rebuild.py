@@ -41,8 +41,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from medzip_scp.archive import Archive, BlobClaim, IdentityCodec, Part10Codec, claim_of
-from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
+from medzip_scp.archive import (
+    Archive,
+    BlobClaim,
+    IdentityCodec,
+    Part10Codec,
+    claim_of,
+    codec_blob_claim,
+)
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.dicom.part10 import InvalidObjectError, file_meta_of, load_dataset
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
@@ -187,10 +193,9 @@ def _arrivals(
 def _arrived_at(archive: Archive, key: str) -> dt.datetime:
     """When the instance of a blob arrived, as its sealed identity says, else when its file
     was written (read without authentication: this only orders the blobs)."""
-    if archive.blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) == CONTAINER_MAGIC:
-        claim = claim_of(archive.blobs.read_unauthenticated(key))
-        if claim.codec_id == IdentityCodec.codec_id:
-            return _EPOCH + dt.timedelta(microseconds=_sealed_record(archive, claim).archived_at_us)
+    claim = codec_blob_claim(archive.blobs, key)
+    if claim is not None and claim.codec_id == IdentityCodec.codec_id:
+        return _EPOCH + dt.timedelta(microseconds=_sealed_record(archive, claim).archived_at_us)
     return archive.blobs.modified_at(key)
 
 
