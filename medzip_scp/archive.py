@@ -178,18 +178,24 @@ class BlobClaim:
     Instance UID it leads to, and only that is used."""
 
     codec_id: str
+    plaintext: bytes
     stored: bytes  # the object as stored (a codec blob's up to its pixel data)
-    payload: bytes  # the sealed identity payload (codec mzp2); b"" for the others
+    payload: bytes | None  # the sealed identity payload (b"": none), None: in the coded bits
 
     def sop_instance_uid(self) -> str:
         """The SOP Instance UID the stored object names; "" when it names none (an object
         sealed whole names it in its payload only)."""
         return instance_uids(self.stored)[2]
 
+    def sealed_payload(self) -> bytes:
+        """The sealed identity payload, decoding the blob when its coded bits carry some."""
+        return open_blob(self.plaintext)[1] if self.payload is None else self.payload
+
 
 def claim_of(plaintext: bytes) -> BlobClaim:
     """What ``plaintext`` claims to be, by its content: a codec container with an identity
-    payload is mzp2, one without mzp1, anything else a Part-10 original.
+    payload is mzp2, one without mzp1, anything else a Part-10 original. Pixels are not
+    decoded.
 
     Raises
     ------
@@ -198,12 +204,10 @@ def claim_of(plaintext: bytes) -> BlobClaim:
         one this node cannot read).
     """
     if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
-        return BlobClaim(Part10Codec.codec_id, plaintext, b"")
+        return BlobClaim(Part10Codec.codec_id, plaintext, plaintext, b"")
     stored, payload = peek_blob(plaintext)
-    if payload is None:  # it rides in a frame's coded bits: only decoding gives it
-        stored, payload = open_blob(plaintext)
-    codec_id = IdentityCodec.codec_id if payload else MzpCodec.codec_id
-    return BlobClaim(codec_id, stored, payload)
+    codec_id = MzpCodec.codec_id if payload == b"" else IdentityCodec.codec_id
+    return BlobClaim(codec_id, plaintext, stored, payload)
 
 
 def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:

@@ -957,13 +957,16 @@ def read_dataset_rest(blob: bytes) -> bytes:
 
 
 def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
-    """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels;
-    the payload is None when it rides in a frame's coded bits (mode BITS_BACK: only
-    :func:`decompress` gives it). Checks and raises as :func:`read_dataset_rest`."""
+    """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels.
+    The payload is ``b""`` when the blob carries none, and None when some of it rides in
+    the frames' coded bits (mode BITS_BACK, and mode SPREAD's free bits): only
+    :func:`decompress` gives it then. Checks and raises as :func:`read_dataset_rest`."""
     parsed = _parse(blob)
     mode, payload, _ = _unpack_payload(parsed)
     rest = _unpack_dataset(parsed.by_type[SectionType.DATASET])
-    return rest, None if mode == PayloadMode.BITS_BACK else payload
+    if mode == PayloadMode.BITS_BACK or parsed.free_bytes:
+        return rest, None
+    return rest, payload
 
 
 def describe(blob: bytes) -> dict[str, Any]:

@@ -413,7 +413,7 @@ def peek_blob(blob: bytes) -> tuple[bytes, bytes | None]:
     """``(the stored file up to its Pixel Data value, the payload)``, without decoding pixels:
     what a blob holds, cheaply. The first is the whole file when its pixels are not coded
     apart (encapsulated or other files kept whole); every element before the pixel data is
-    whole in it. The payload is None when only decoding gives it
+    whole in it. The payload is ``b""`` when there is none, None when only decoding gives it
     (:func:`medzip_scp.codec.api.read_dataset_rest_and_payload`).
 
     Raises

@@ -9,9 +9,10 @@ identity keys. From them the index comes back as a C-STORE of each instance made
    (:attr:`~medzip_scp.identity.payload.IdentityRecord.archived_at_us`); for other blobs, the
    time their file was written.
 2. Oldest first, each blob is read again, authenticated for the instance it claims to hold
-   (its sealed identity names it, else its stored object does: :func:`archive.claim_of`),
-   decoded with every check a retrieval makes (a sealed identity: signature, key, UIDs and
-   hashes), and indexed from the restored original. Several blobs of one SOP Instance UID
+   (its stored object names it, an object sealed whole its sealed identity:
+   :func:`archive.claim_of`), decoded with every check a retrieval makes (a sealed identity:
+   signature, key, that it names that instance, hashes), and indexed from the restored
+   original. Several blobs of one SOP Instance UID
    are the versions a differing duplicate replaced: each newer one replaces the one before,
    which is kept as superseded. In arrival order the index comes out as it was: a patient's
    attributes are those first received, a study's and a series' the newest.
@@ -205,7 +206,7 @@ def _sealed_record(archive: Archive, claim: BlobClaim) -> IdentityRecord:
     if archive.identity is None:
         raise _NotIndexed(Verdict.KEY_MISSING, "the identity key file is missing")
     try:
-        return open_payload(claim.payload, archive.identity)
+        return open_payload(claim.sealed_payload(), archive.identity)
     except PayloadKeyMissingError as exc:
         raise _NotIndexed(Verdict.KEY_MISSING, str(exc)) from None
     except PayloadTamperedError as exc:
@@ -288,10 +289,9 @@ def _claim(archive: Archive, key: str) -> tuple[str, str, str]:
     authentication (the plaintext is let go: a large object is held once, not twice)."""
     plaintext = archive.blobs.read_unauthenticated(key)
     claim = claim_of(plaintext)
-    if claim.codec_id == IdentityCodec.codec_id:
-        uid = _sealed_record(archive, claim).sop_instance_uid  # as this node sealed it
-    else:
-        uid = claim.sop_instance_uid()
+    uid = claim.sop_instance_uid()
+    if not uid and claim.codec_id == IdentityCodec.codec_id:
+        uid = _sealed_record(archive, claim).sop_instance_uid  # an object sealed whole
     if not uid:
         raise _NotIndexed(Verdict.TAMPERED, "the object names no SOP Instance UID")
     return claim.codec_id, uid, hashlib.sha256(plaintext).hexdigest()
