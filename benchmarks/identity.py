@@ -406,6 +406,19 @@ def run_set(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Quiet the archive's key file warning, until the end: `medzip bench identity` runs this
+    # in the calling process (runpy), which must log as before afterwards (a test suite's
+    # later tests lost every medzip_scp warning).
+    quiet = logging.getLogger("medzip_scp")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _measure(argv)
+    finally:
+        quiet.setLevel(level)
+
+
+def _measure(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--limit", type=int, default=0, help="at most N files per set (0: all)")
@@ -421,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     if not data_root.is_dir():
         print(f"data folder not found: {data_root}", file=sys.stderr)
         return 2
-    logging.getLogger("medzip_scp").setLevel(logging.ERROR)  # the archive's key file warning
     warnings.simplefilter("ignore")  # pydicom's warnings about the files' values
 
     tallies: dict[str, Tally] = {}

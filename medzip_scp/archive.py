@@ -8,6 +8,7 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import functools
 import hashlib
 import logging
@@ -27,12 +28,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.codec.api import DEFAULT_LEARNED
-from medzip_scp.codec.errors import UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
+from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.config import DuplicatePolicyValues, Settings
-from medzip_scp.dicom.blob import decode_blob, encode_dataset
+from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
 from medzip_scp.dicom.equivalence import first_difference
 from medzip_scp.dicom.identifying import identifying_tags
-from medzip_scp.dicom.part10 import ReceivedObject, dataset_offset_of, load_dataset
+from medzip_scp.dicom.part10 import (
+    ReceivedObject,
+    dataset_offset_of,
+    instance_uids,
+    load_dataset,
+)
 from medzip_scp.identity.instance import (
     IdentityCheckError,
     IdentityPolicy,
@@ -129,10 +136,14 @@ class IdentityCodec:
         self._policy = policy
         self._learned = DEFAULT_LEARNED if learned else None
 
-    def encode(self, part10: bytes) -> bytes:
+    def encode(self, part10: bytes, received_at: dt.datetime | None = None) -> bytes:
+        """The payload says the instance was received at ``received_at`` (default now):
+        compression gives its index row's, so that a rebuilt index (``medzip db rebuild``)
+        orders instances as they arrived, not as compressed."""
         if self._keyring is None:
             raise IdentityKeyError("the identity key file is missing: compression cannot seal")
-        return seal_instance(part10, self._keyring, self._policy, self._learned)
+        received_us = None if received_at is None else _microseconds(received_at)
+        return seal_instance(part10, self._keyring, self._policy, self._learned, received_us)
 
     def decode(self, blob: bytes) -> bytes:
         return self.open(blob, None).part10
@@ -140,6 +151,11 @@ class IdentityCodec:
     def open(self, blob: bytes, sop_instance_uid: str | None) -> OpenedInstance:
         """The original and its identity record; raises IdentityCheckError."""
         return open_instance(blob, self._keyring, sop_instance_uid)
+
+
+def _microseconds(moment: dt.datetime) -> int:
+    """Microseconds since the Unix epoch (exact: no float in between)."""
+    return (moment - dt.datetime.fromtimestamp(0, dt.UTC)) // dt.timedelta(microseconds=1)
 
 
 # Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.
@@ -154,19 +170,104 @@ def identity_policy(settings: Settings) -> IdentityPolicy:
     )
 
 
+@dataclass(frozen=True)
+class BlobClaim:
+    """What a blob's plaintext, read WITHOUT authentication, says it is (``medzip db
+    rebuild``, which has no index row to say so): the codec that wrote it and what names
+    its instance. Only a claim: the blob is then read authenticated, bound to the SOP
+    Instance UID it leads to, and only that is used."""
+
+    codec_id: str
+    plaintext: bytes
+    stored: bytes  # the object as stored (a codec blob's up to its pixel data)
+    payload: bytes | None  # the sealed identity payload (b"": none), None: in the coded bits
+
+    def sop_instance_uid(self) -> str:
+        """The SOP Instance UID the stored object names; "" when it names none (an object
+        sealed whole names it in its payload only)."""
+        return instance_uids(self.stored)[2]
+
+    def sealed_payload(self) -> bytes:
+        """The sealed identity payload, decoding the blob when its coded bits carry some."""
+        return open_blob(self.plaintext)[1] if self.payload is None else self.payload
+
+
+def claim_of(plaintext: bytes) -> BlobClaim:
+    """What ``plaintext`` claims to be, by its content: a codec container with an identity
+    payload is mzp2, one without mzp1, anything else a Part-10 original. Pixels are not
+    decoded.
+
+    Raises
+    ------
+    CodecError
+        A codec container that does not parse (UnknownModelError, UnsupportedFormatError:
+        one this node cannot read).
+    """
+    if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
+        return BlobClaim(Part10Codec.codec_id, plaintext, plaintext, b"")
+    stored, payload = peek_blob(plaintext)
+    codec_id = MzpCodec.codec_id if payload == b"" else IdentityCodec.codec_id
+    return BlobClaim(codec_id, plaintext, stored, payload)
+
+
+def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
+    """What a codec blob in the store claims to be (:func:`claim_of`, read without
+    authentication); None for a Part-10 original, told by its first bytes (the rest is not
+    read). Raises as :func:`claim_of` and :meth:`LocalBlobStore.read_unauthenticated`."""
+    if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
+        return None
+    return claim_of(blobs.read_unauthenticated(key))
+
+
+def _claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
+    """Whether a blob says it carries a sealed identity (False for one that cannot say:
+    gone, not sealed with this store's key, or not parsable)."""
+    try:
+        claim = codec_blob_claim(blobs, key)
+    except (BlobNotFoundError, EnvelopeError, CodecError, OSError):
+        return False
+    return claim is not None and claim.codec_id == IdentityCodec.codec_id
+
+
+def _unindexed_blobs(
+    blobs: LocalBlobStore, sessions: sessionmaker[Session], folder: str
+) -> set[str]:
+    """Blobs in one folder of the store (named by the first two hex digits of their key)
+    that no index row, current or superseded, names."""
+    on_disk = set(blobs.keys(folder))
+    with sessions() as session:
+        for table in (Instance, SupersededInstance):
+            on_disk -= set(
+                session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
+            )
+    return on_disk
+
+
+def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobStore) -> bool:
+    """Whether the index, or a blob no index row names (the index was lost, or rebuilt
+    without the identity keys), holds an instance sealed with identity keys."""
+    with sessions() as session:
+        for table in (Instance, SupersededInstance):
+            sealed = select(table.id).where(table.codec_id == IdentityCodec.codec_id).limit(1)
+            if session.scalar(sealed) is not None:
+                return True
+    return any(
+        _claims_sealed_identity(blobs, key)
+        for folder in blobs.folders()
+        for key in _unindexed_blobs(blobs, sessions, folder)
+    )
+
+
 def _open_identity_keys(
-    settings: Settings, sessions: sessionmaker[Session], required: bool
+    settings: Settings, sessions: sessionmaker[Session], blobs: LocalBlobStore, required: bool
 ) -> IdentityKeyring | None:
     """The node's identity keys; created on first use, but never for an archive that holds
-    sealed instances (their identity would be lost to a new key), and never silently."""
+    sealed instances, indexed or not (their identity would be lost to a new key, and the
+    instances sealed with the new key once the old file is restored), and never silently."""
     path = settings.identity.resolved_key_file(settings.storage.data_dir)
     if path.exists():
         return IdentityKeyring.load(path)
-    with sessions() as session:
-        sealed = session.scalar(
-            select(Instance.id).where(Instance.codec_id == IdentityCodec.codec_id).limit(1)
-        )
-    if sealed is None:
+    if not _holds_sealed_instances(sessions, blobs):
         keyring = IdentityKeyring.open_or_create(path)
         log.warning("created identity key file %s: back it up, apart from the data", path)
         return keyring
@@ -377,7 +478,7 @@ class Archive:
         key = open_blob_key(settings.storage.resolved_key_file(), blob_dir)
         blobs = LocalBlobStore(blob_dir, key)
         sessions = session_factory(engine)
-        identity = _open_identity_keys(settings, sessions, need_identity)
+        identity = _open_identity_keys(settings, sessions, blobs, need_identity)
         return cls(
             settings,
             sessions,
@@ -719,15 +820,27 @@ class Archive:
         """Delete the blobs no index row names, left by a crash between a blob's write and
         its commit (C-STORE or compression); returns how many.
 
+        Only what a crash leaves goes (:meth:`_crash_leftover`), and nothing while the index
+        is empty: an index lost, or being rebuilt, names no blob, and every one would go.
         A blob younger than ``min_age`` is only deleted once it is that old and still
         unnamed (``wait``; else left for a later sweep). One folder at a time, so memory
         stays bounded by a folder's blobs.
         """
-        removed = 0
+        if self._index_is_empty():
+            if next(self.blobs.keys(), None) is not None:
+                log.warning(
+                    "the index is empty but the blob store %s holds blobs: none removed as "
+                    "orphans (was the index lost? `medzip db rebuild` builds it from the blobs)",
+                    self.blobs.root,
+                )
+            return 0
+        removed = kept = 0
         young: list[str] = []
         for folder in self.blobs.folders():
             for key in self._unindexed_blobs(folder):
-                if self.blobs.age_seconds(key) >= min_age:
+                if not self._crash_leftover(key):
+                    kept += 1
+                elif self.blobs.age_seconds(key) >= min_age:
                     self._remove_orphan(key)
                     removed += 1
                 else:
@@ -743,18 +856,46 @@ class Archive:
                         removed += 1
         if removed:
             log.warning("removed %d orphaned blobs (written, never indexed)", removed)
+        if kept:
+            log.warning(
+                "kept %d blobs no index row names that no crash leaves behind (compressed "
+                "instances the index does not know, or blobs this node cannot read): an "
+                "index rebuilt without a key or model they need? `medzip db rebuild` lists them",
+                kept,
+            )
         return removed
 
-    def _unindexed_blobs(self, folder: str) -> set[str]:
-        """Blobs in one folder of the store (named by the first two hex digits of their key)
-        that no index row, current or superseded, names."""
-        on_disk = set(self.blobs.keys(folder))
+    def _index_is_empty(self) -> bool:
         with self.read_sessions() as session:
-            for table in (Instance, SupersededInstance):
-                on_disk -= set(
-                    session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
-                )
-        return on_disk
+            return all(
+                session.scalar(select(table.id).limit(1)) is None
+                for table in (Instance, SupersededInstance)
+            )
+
+    def _crash_leftover(self, key: str) -> bool:
+        """Whether an unindexed blob is what a crash leaves: an original a C-STORE wrote but
+        did not commit, or a codec blob of an instance the index knows (its compression's
+        swap did not commit, or the blob it replaced was not yet removed). A codec blob of
+        an instance the index does not know, or one this node cannot read, is not: the index
+        lacks it (rebuilt without the identity key or a model it needs), so it is kept."""
+        try:
+            claim = codec_blob_claim(self.blobs, key)
+            if claim is None:
+                return True  # an original
+            uid = claim.sop_instance_uid()
+        except Exception:  # gone, another key, a model this node lacks, damage: keep it
+            return False
+        if not uid:
+            return False
+        with self.read_sessions() as session:
+            return any(
+                session.scalar(select(table.id).where(table.sop_instance_uid == uid).limit(1))
+                is not None
+                for table in (Instance, SupersededInstance)
+            )
+
+    def _unindexed_blobs(self, folder: str) -> set[str]:
+        return _unindexed_blobs(self.blobs, self.read_sessions, folder)
 
     def _remove_orphan(self, key: str) -> None:
         self.blobs.delete(key)

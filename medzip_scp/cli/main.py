@@ -264,6 +264,49 @@ def db_current(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
     typer.echo(revision or "empty")
 
 
+@db_app.command("rebuild")
+def db_rebuild(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="Build into this empty database, not the configured one."
+        ),
+    ] = None,
+) -> None:
+    """Build a new index from the blob store and the keys alone (the index lost, or moving
+    to another database), into an empty database, with the node stopped. Every blob is
+    authenticated and checked; one that fails is listed, not indexed. Exits 1 unless every
+    blob was indexed."""
+    from medzip_scp.config import redact_url
+    from medzip_scp.net.supervisor import NodeError, hold_data_dir
+    from medzip_scp.pipeline.rebuild import IndexNotEmptyError, rebuild_index
+
+    settings = _settings(config, data_dir)
+    if database_url is not None:
+        settings.storage = StorageSettings.model_validate(
+            settings.storage.model_dump() | {"database_url": database_url}
+        )
+    _logging("WARNING")
+    try:
+        held = hold_data_dir(settings.storage.data_dir)  # no node stores or compresses meanwhile
+    except NodeError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        archive = _open_archive(settings, need_identity=False)
+        report = rebuild_index(archive, progress=_progress_bars())
+    except IndexNotEmptyError as exc:
+        url = redact_url(settings.storage.resolved_database_url())
+        raise _fail(
+            f"{exc} ({url}): move it away, or give --database-url for an empty one"
+        ) from None
+    finally:
+        os.close(held)
+    typer.echo(report.table())
+    raise typer.Exit(0 if report.complete else 1)
+
+
 @keys_app.command("show")
 def keys_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the ids of the blob key and of the identity keys (never the keys), creating
@@ -386,6 +429,23 @@ def _progress_bar(label: str) -> Callable[[int, int], None] | None:
         progress.update(task, completed=done, total=total)
         if done >= total:
             progress.stop()
+
+    return update
+
+
+def _progress_bars() -> Callable[[str, int, int], None] | None:
+    """A progress callback drawing a bar per phase on stderr (each from the phase's first
+    report on), or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    bars: dict[str, Callable[[int, int], None] | None] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in bars:
+            bars[phase] = _progress_bar(phase)
+        bar = bars[phase]
+        if bar is not None:
+            bar(done, total)
 
     return update
 

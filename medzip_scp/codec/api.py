@@ -94,6 +94,7 @@ __all__ = [
     "decompress",
     "describe",
     "read_dataset_rest",
+    "read_dataset_rest_and_payload",
 ]
 
 DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
@@ -953,6 +954,19 @@ def read_dataset_rest(blob: bytes) -> bytes:
         As :func:`decompress`.
     """
     return _unpack_dataset(_parse(blob).by_type[SectionType.DATASET])
+
+
+def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
+    """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels.
+    The payload is ``b""`` when the blob carries none, and None when some of it rides in
+    the frames' coded bits (mode BITS_BACK, and mode SPREAD's free bits): only
+    :func:`decompress` gives it then. Checks and raises as :func:`read_dataset_rest`."""
+    parsed = _parse(blob)
+    mode, payload, _ = _unpack_payload(parsed)
+    rest = _unpack_dataset(parsed.by_type[SectionType.DATASET])
+    if mode == PayloadMode.BITS_BACK or parsed.free_bytes:
+        return rest, None
+    return rest, payload
 
 
 def describe(blob: bytes) -> dict[str, Any]:

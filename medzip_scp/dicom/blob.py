@@ -44,10 +44,11 @@ from medzip_scp.codec.api import (
     decompress,
     describe,
     read_dataset_rest,
+    read_dataset_rest_and_payload,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
 
-__all__ = ["BlobMode", "blob_info", "decode_blob", "encode_dataset", "open_blob"]
+__all__ = ["BlobMode", "blob_info", "decode_blob", "encode_dataset", "open_blob", "peek_blob"]
 
 _MAGIC = b"MZD1"
 _VERSION = 1
@@ -406,6 +407,30 @@ def open_blob(blob: bytes) -> tuple[bytes, bytes]:
             f"actual {digest.hex()}"
         )
     return out, decoded.payload
+
+
+def peek_blob(blob: bytes) -> tuple[bytes, bytes | None]:
+    """``(the stored file up to its Pixel Data value, the payload)``, without decoding pixels:
+    what a blob holds, cheaply. The first is the whole file when its pixels are not coded
+    apart (encapsulated or other files kept whole); every element before the pixel data is
+    whole in it. The payload is ``b""`` when there is none, None when only decoding gives it
+    (:func:`medzip_scp.codec.api.read_dataset_rest_and_payload`).
+
+    Raises
+    ------
+    CorruptStreamError, UnknownModelError, UnsupportedFormatError
+        As :func:`decode_blob`.
+    """
+    rest, payload = read_dataset_rest_and_payload(blob)
+    head = _read_head(rest)
+    body = rest[head.body_offset :]
+    if head.mode == BlobMode.NATIVE:
+        if head.prefix_len > len(body):
+            raise CorruptStreamError(
+                f"DICOM adapter: prefix {head.prefix_len} bytes exceed the {len(body)} stored"
+            )
+        body = body[: head.prefix_len]
+    return body, payload
 
 
 def blob_info(blob: bytes) -> dict[str, Any]:

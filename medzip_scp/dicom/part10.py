@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -675,6 +676,23 @@ def _check_encapsulated(ds: Dataset, syntax: UID, path: Path, raw: Any) -> None:
             check_frames(ds.PixelData, 0, syntax, image, delimited=False)
     except FrameHeaderError as exc:
         raise InvalidObjectError(RejectReason.PIXEL_DATA_INCONSISTENT, str(exc)) from None
+
+
+def instance_uids(part10: bytes) -> tuple[str, str, str]:
+    """The Study, Series and SOP Instance UIDs an object names ("" for each it lacks); it may
+    be cut short after them (the elements before its pixel data, say)."""
+    with warnings.catch_warnings():  # pydicom's warnings may quote values (PHI)
+        warnings.simplefilter("ignore")
+        ds = dcmread(
+            BytesIO(part10),
+            force=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+    study, series, sop = (
+        str(ds.get(k, "") or "").strip()
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    )
+    return study, series, sop
 
 
 def load_dataset(part10: bytes, stop_before_pixels: bool = False) -> Dataset:

@@ -12,15 +12,14 @@ pixels decode without any key (:func:`stored_object`).
 from __future__ import annotations
 
 import enum
-import io
 import time
-import warnings
 from dataclasses import dataclass
 
 from medzip_scp.codec.api import LearnedOptions
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.dicom.blob import encode_dataset, open_blob
 from medzip_scp.dicom.identifying import content_hashes, restore, split
+from medzip_scp.dicom.part10 import instance_uids
 from medzip_scp.identity.keys import IdentityKeyring
 from medzip_scp.identity.payload import (
     IdentityRecord,
@@ -78,9 +77,11 @@ def seal_instance(
     keyring: IdentityKeyring,
     policy: IdentityPolicy,
     learned: LearnedOptions | None = None,
-    archived_at: int | None = None,
+    archived_at_us: int | None = None,
 ) -> bytes:
-    """A blob of ``part10`` whose identifying elements are only in its sealed payload.
+    """A blob of ``part10`` whose identifying elements are only in its sealed payload;
+    ``archived_at_us`` is when the node received it (microseconds since the epoch; default
+    now).
 
     Raises
     ------
@@ -88,10 +89,10 @@ def seal_instance(
         The blob does not give back ``part10`` (keep the original).
     """
     cut = split(part10, policy.tags, policy.private)
-    uids = _uids(part10)
+    uids = instance_uids(part10)
     record = IdentityRecord(
         node_id=keyring.node_id,
-        archived_at=int(time.time()) if archived_at is None else archived_at,
+        archived_at_us=time.time_ns() // 1000 if archived_at_us is None else archived_at_us,
         study_instance_uid=uids[0],
         series_instance_uid=uids[1],
         sop_instance_uid=uids[2],
@@ -107,23 +108,6 @@ def seal_instance(
     if opened.part10 != part10:
         raise CodecError("verification failed: the original did not come back")
     return blob
-
-
-def _uids(part10: bytes) -> tuple[str, str, str]:
-    """Study, Series and SOP Instance UIDs of an object (empty when absent)."""
-    import pydicom
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(
-            io.BytesIO(part10),
-            force=True,
-            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
-        )
-    return tuple(  # type: ignore[return-value]
-        str(ds.get(k, "") or "").strip()
-        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-    )
 
 
 def stored_object(blob: bytes) -> tuple[bytes, bytes]:

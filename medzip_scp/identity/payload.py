@@ -1,10 +1,10 @@
 """The identity payload: who an image belongs to, encrypted and signed, carried in the blob.
 
 Plaintext (:class:`IdentityRecord`, compact binary, raw-deflated when that is smaller): the
-node id, archive time, the Study/Series/SOP Instance UIDs, the SHA-256 of the original Pixel
-Data value and of the rest of the original file, and the identifying elements cut out of the
-stored file (each as its original bytes and where it was), so the original comes back byte
-for byte.
+node id, when the node received the instance, the Study/Series/SOP Instance UIDs, the SHA-256
+of the original Pixel Data value and of the rest of the original file, and the identifying
+elements cut out of the stored file (each as its original bytes and where it was), so the
+original comes back byte for byte.
 
 Sealed form (what the codec carries; every field is needed to open it, none reveals PHI)::
 
@@ -53,7 +53,9 @@ OVERHEAD = _HEADER.size + _TAG + _SIGNATURE
 """Bytes a sealed payload adds to its plaintext."""
 _INFO = b"medzip identity payload 1"
 _NONCE = bytes(12)
-_RECORD_VERSION = 1
+# 2: the receive time in microseconds (version 1, whole seconds, is still read)
+_RECORD_VERSION = 2
+_SECONDS_RECORD_VERSION = 1
 _STORED, _DEFLATED = 0, 1
 _MAX_PLAINTEXT = 1 << 31
 
@@ -79,7 +81,9 @@ class IdentityRecord:
     """What a payload says about its instance."""
 
     node_id: str
-    archived_at: int  # Unix seconds
+    # When the node received the instance, in microseconds since the Unix epoch: with it
+    # `medzip db rebuild` indexes instances in the order they arrived.
+    archived_at_us: int
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
@@ -96,7 +100,7 @@ class IdentityRecord:
             self.sop_instance_uid,
         ):
             _put_bytes(out, text.encode())
-        _put_varint(out, self.archived_at)
+        _put_varint(out, self.archived_at_us)
         out += self.pixel_sha256 + self.rest_sha256
         _put_varint(out, len(self.removed))
         previous = 0
@@ -124,7 +128,7 @@ class IdentityRecord:
             raw = data[1:]
         else:
             raise ValueError("identity record: unknown packing")
-        if raw[:1] != bytes([_RECORD_VERSION]):
+        if raw[:1] not in (bytes([_RECORD_VERSION]), bytes([_SECONDS_RECORD_VERSION])):
             raise ValueError("identity record: unknown version")
         pos = 1
         texts = []
@@ -132,6 +136,8 @@ class IdentityRecord:
             value, pos = _get_bytes(raw, pos)
             texts.append(value.decode())
         archived_at, pos = _get_varint(raw, pos)
+        if raw[0] == _SECONDS_RECORD_VERSION:
+            archived_at *= 1_000_000
         pixel, rest = raw[pos : pos + 32], raw[pos + 32 : pos + 64]
         pos += 64
         count, pos = _get_varint(raw, pos)

@@ -18,6 +18,7 @@ cannot deadlock.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import logging
 from collections.abc import Collection
@@ -494,6 +495,8 @@ def _instance_values(
     stored_sha256: str,
     codec_id: str,
     calling_ae_title: str,
+    received_at: dt.datetime | None = None,
+    state: InstanceState = InstanceState.STORED,
 ) -> dict[str, Any]:
     return {
         "sop_class_uid": attrs.sop_class_uid,
@@ -509,9 +512,9 @@ def _instance_values(
         "stored_size": stored_size,
         "stored_sha256": stored_sha256,
         "codec_id": codec_id,
-        "state": InstanceState.STORED,
+        "state": state,
         "calling_ae_title": calling_ae_title.strip(),
-        "received_at": utcnow(),
+        "received_at": utcnow() if received_at is None else received_at,
     }
 
 
@@ -527,6 +530,8 @@ def add_instance(
     stored_sha256: str,
     codec_id: str,
     calling_ae_title: str,
+    received_at: dt.datetime | None = None,
+    state: InstanceState = InstanceState.STORED,
     known_series: KnownSeries | None = None,
 ) -> Instance:
     """Index a newly stored instance; the caller commits.
@@ -547,6 +552,9 @@ def add_instance(
     transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
 stored_sha256, codec_id, calling_ae_title
         Storage facts of the blob written for this instance.
+    received_at, state : optional
+        When it was received (default: now) and its state (default: as received); given
+        by ``medzip db rebuild``, which indexes what was received long ago.
     known_series : KnownSeries, optional
         Skip the patient/study/series look-ups for a series this process committed with
         the same values (the caller reports its commit or rollback to it).
@@ -580,6 +588,8 @@ stored_sha256, codec_id, calling_ae_title
             stored_sha256=stored_sha256,
             codec_id=codec_id,
             calling_ae_title=calling_ae_title,
+            received_at=received_at,
+            state=state,
         ),
     )
     session.flush()  # write hierarchy updates outside the savepoint below
@@ -659,6 +669,8 @@ def replace_instance(
     stored_sha256: str,
     codec_id: str,
     calling_ae_title: str,
+    received_at: dt.datetime | None = None,
+    state: InstanceState = InstanceState.STORED,
     known_series: KnownSeries | None = None,
 ) -> Instance:
     """Replace an indexed instance by a differing new version; the caller commits.
@@ -678,6 +690,8 @@ def replace_instance(
     transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
 stored_sha256, codec_id, calling_ae_title
         Storage facts of the new version's blob.
+    received_at, state : optional
+        As :func:`add_instance`.
     known_series : KnownSeries, optional
         Told the values the new version's series now has (it may have moved).
 
@@ -727,6 +741,8 @@ stored_sha256, codec_id, calling_ae_title
         stored_sha256=stored_sha256,
         codec_id=codec_id,
         calling_ae_title=calling_ae_title,
+        received_at=received_at,
+        state=state,
     )
     for name, value in values.items():
         setattr(existing, name, value)

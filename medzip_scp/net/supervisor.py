@@ -71,9 +71,10 @@ def check_port(node: NodeSettings) -> None:
         ) from None
 
 
-def hold_data_dir(data_dir: Path) -> None:
+def hold_data_dir(data_dir: Path) -> int:
     """Hold ``data_dir`` for this node until the process ends (an exclusive ``flock`` on
-    its lock file, which names our pid; the kernel releases it however the process ends).
+    its lock file, which names our pid; the kernel releases it however the process ends),
+    or until the descriptor returned is closed.
 
     Raises
     ------
@@ -101,7 +102,7 @@ def hold_data_dir(data_dir: Path) -> None:
         ) from None
     os.ftruncate(held, 0)
     os.write(held, f"{os.getpid()}\n".encode())
-    # `held` stays open (not inherited by child processes) for the life of the process
+    return held  # not inherited by child processes
 
 
 def run_node(

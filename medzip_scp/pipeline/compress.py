@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 
-from medzip_scp.archive import Archive, InstanceCodec, Part10Codec
+from medzip_scp.archive import Archive, IdentityCodec, InstanceCodec, Part10Codec
 from medzip_scp.index.models import Instance, InstanceState
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,10 @@ def compress_instance(
         # Checked against the hashes recorded at ingest: a damaged original is never
         # compressed (and its damage never made permanent by the swap).
         original = archive.load_part10(row)
-        blob = codec.encode(original)
+        if isinstance(codec, IdentityCodec):  # its payload records when the row arrived
+            blob = codec.encode(original, row.received_at)
+        else:
+            blob = codec.encode(original)
         if codec.decode(blob) != original:
             raise ValueError("decoded blob differs from the original")
     except Exception as exc:

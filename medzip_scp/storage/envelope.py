@@ -12,6 +12,10 @@ and (format 2) the blob's *binding*: the caller's statement of what this blob is
 binds its file name and the SOP Instance UID). A blob moved under another name, or read for
 another instance, fails authentication: a swapped file can never be served as another
 patient's image. Format 1 (``MZE1``, no binding) is still read.
+
+:meth:`BlobKey.open_unauthenticated` decrypts without checking anything: only to learn which
+instance a blob claims to hold (the binding it needs) when no index says so (``medzip db
+rebuild``); what is then used is what :meth:`BlobKey.open` gives for that claim.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"MZE2"
@@ -59,6 +64,7 @@ class BlobKey:
         if len(material) != 32:
             raise ValueError(f"blob key must be 32 bytes, got {len(material)}")
         self._aead = AESGCM(material)
+        self._material = material
         self.key_id = hashlib.sha256(b"medzip-key-id" + material).digest()[:8]
 
     def __repr__(self) -> str:
@@ -144,9 +150,8 @@ class BlobKey:
         nonce = prefix + struct.pack(">I", index)
         return self._aead.encrypt(nonce, data, _segment_aad(aad, index, final))
 
-    def open(self, stream: BinaryIO, binding: bytes) -> Iterator[bytes]:
-        """Decrypt a sealed stream chunk by chunk; raises EnvelopeError on any tampering,
-        and when the blob was sealed with another ``binding`` (format 2)."""
+    def _read_header(self, stream: BinaryIO) -> tuple[bytes, bytes, int]:
+        """``(header, nonce prefix, segment size)`` of a stream sealed with this key."""
         header = stream.read(HEADER.size)
         if len(header) != HEADER.size:
             raise EnvelopeError("sealed blob is shorter than its header")
@@ -157,6 +162,12 @@ class BlobKey:
             raise EnvelopeError(
                 f"blob sealed with key {key_id.hex()}, node key is {self.key_id.hex()}"
             )
+        return header, prefix, segment_size
+
+    def open(self, stream: BinaryIO, binding: bytes) -> Iterator[bytes]:
+        """Decrypt a sealed stream chunk by chunk; raises EnvelopeError on any tampering,
+        and when the blob was sealed with another ``binding`` (format 2)."""
+        header, prefix, segment_size = self._read_header(stream)
         aad = self._aad_prefix(header, binding)
         index = 0
         record = segment_size + TAG_SIZE
@@ -176,3 +187,35 @@ class BlobKey:
                 return
             current = nxt
             index += 1
+
+    def open_unauthenticated(self, stream: BinaryIO, limit: int | None = None) -> bytes:
+        """The plaintext of a sealed stream (its first ``limit`` bytes at most) WITHOUT
+        authentication: tags, binding, order and length are not checked, so the bytes may
+        be altered or another blob's. Use them only to learn what the blob claims to be
+        (:meth:`open` with that claim is what to trust).
+
+        AES-GCM encrypts with AES-CTR, its counter block the 12-byte nonce then a 32-bit
+        counter that starts at 2 for the first block of plaintext (1 encrypts the tag);
+        each segment is decrypted so, its 16-byte tag ignored.
+
+        Raises
+        ------
+        EnvelopeError
+            Not a sealed blob, or sealed with another key.
+        """
+        _header, prefix, segment_size = self._read_header(stream)
+        plaintext = bytearray()
+        index = 0
+        while limit is None or len(plaintext) < limit:
+            take = segment_size if limit is None else min(segment_size, limit - len(plaintext))
+            # With the tag's length more: a record shorter than that is the last one.
+            record = stream.read(take + TAG_SIZE)
+            last = len(record) < take + TAG_SIZE
+            ciphertext = record[:-TAG_SIZE] if last else record[:take]
+            counter = prefix + struct.pack(">II", index, 2)
+            decryptor = Cipher(algorithms.AES(self._material), modes.CTR(counter)).decryptor()
+            plaintext += decryptor.update(ciphertext) + decryptor.finalize()
+            if last:
+                break
+            index += 1  # (a take shorter than a segment ends the loop: no record is half read)
+        return bytes(plaintext)

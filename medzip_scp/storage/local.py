@@ -9,6 +9,7 @@ that instance, so a swapped file or a row pointing at another blob is refused, n
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import mmap
 import os
@@ -22,6 +23,8 @@ from typing import BinaryIO
 
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import BlobKey, sealed_key_id
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class BlobNotFoundError(KeyError):
@@ -255,6 +258,19 @@ class LocalBlobStore:
             plaintext += chunk
         return plaintext
 
+    def read_unauthenticated(self, key: str, limit: int | None = None) -> bytes:
+        """The plaintext (its first ``limit`` bytes at most) WITHOUT authentication (see
+        :meth:`BlobKey.open_unauthenticated`): only to learn which instance a blob claims to
+        hold when no index row says so, to then :meth:`read` it bound to that claim. Never
+        index, serve or trust these bytes. Raises EnvelopeError when the file is not a blob
+        sealed with this store's key."""
+        try:
+            fh = open(self._path(key), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise BlobNotFoundError(key) from None
+        with fh:
+            return self._key.open_unauthenticated(fh, limit)
+
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
@@ -274,6 +290,14 @@ class LocalBlobStore:
     def folders(self) -> list[str]:
         """The store's folders (the first two hex digits of their blobs' keys)."""
         return sorted(p.name for p in self.root.glob("??") if p.is_dir())
+
+    def modified_at(self, key: str) -> dt.datetime:
+        """When the blob was last written or touched (UTC, to the microsecond)."""
+        try:
+            nanoseconds = self._path(key).stat().st_mtime_ns
+        except FileNotFoundError:
+            raise BlobNotFoundError(key) from None
+        return _EPOCH + dt.timedelta(microseconds=nanoseconds // 1000)
 
     def age_seconds(self, key: str) -> float:
         """Seconds since the blob was last written or touched; 0 for a blob that is gone."""

@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete
 from typer.testing import CliRunner
 
+from medzip_scp.archive import Archive
 from medzip_scp.cli.main import app
+from medzip_scp.index.models import Instance, Patient, Series, Study
 from medzip_scp.net.status import Status
+from medzip_scp.pipeline.compress import compress_pending
 from tests.net.conftest import RunningNode, free_port
 from tests.net.test_store import ct_dataset, store
 
@@ -56,3 +60,26 @@ def test_serve_refuses_to_start_without_its_key(
     assert result.returncode == 1
     assert f"key id {key_id}" in result.stderr and "ready" not in result.stdout
     assert not (data_dir / "keys" / "blob.key").exists()
+
+
+def test_no_identity_key_is_made_for_sealed_blobs_the_index_lost(node: RunningNode) -> None:
+    """An index lost (or rebuilt without the identity key) names no sealed instance, but
+    the blob store holds them: a new identity key would seal new instances with a key that
+    the old one, once restored, replaces."""
+    assert store(node, ct_dataset()) == Status.SUCCESS
+    assert compress_pending(node.archive, node.archive.compressing_codec()).compressed == 1
+    key_file = node.settings.identity.resolved_key_file(node.settings.storage.data_dir)
+    key_file.unlink()
+    with node.archive.sessions() as session:
+        for table in (Instance, Series, Study, Patient):
+            session.execute(delete(table))
+        session.commit()
+    env = {"MEDZIP_STORAGE__DATABASE_URL": node.settings.storage.database_url}
+    data_dir = str(node.settings.storage.data_dir)
+    result = CliRunner().invoke(app, ["keys", "show", "--data-dir", data_dir], env=env)
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"medzip: identity key file {key_file} is missing, but the archive")
+    assert not key_file.exists()
+    assert Archive.open(node.settings, need_identity=False).identity is None
+    assert not key_file.exists()

@@ -23,7 +23,7 @@ from pydicom.uid import (
 from medzip_scp.codec.api import LearnedOptions, decompress
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
 from medzip_scp.dicom import blob as blob_module
-from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
+from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset, open_blob, peek_blob
 from tests.data_paths import PYDICOM_FILES, SHARED_DATA
 
 PHI = "ZZSECRET^PATIENTNAME"
@@ -305,3 +305,27 @@ def test_learned_paths_are_opt_in_and_decode() -> None:
     learned = encode_dataset(data, LearnedOptions(force_split=2))
     assert blob_info(learned)["codec"]["models"], "the learned options did not reach the codec"
     assert decode_blob(learned) == data
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "readable"),
+    [
+        ("CT_small.dcm", b"", True),  # no payload: mzp1
+        ("CT_small.dcm", bytes(range(256)) * 3, False),  # its first bytes in coder flushes
+        ("rtstruct.dcm", bytes(range(256)) * 3, True),  # no pixels: in a section
+    ],
+)
+def test_peek_gives_the_stored_head_and_the_payload_unless_decoding_is_needed(
+    name: str, payload: bytes, readable: bool
+) -> None:
+    part10 = Path(pydicom.data.get_testdata_file(name)).read_bytes()
+    blob = encode_dataset(part10, payload=payload)
+    head, peeked = peek_blob(blob)
+    assert open_blob(blob) == (part10, payload)
+    assert peeked == (payload if readable else None)
+    ds = pydicom.dcmread(io.BytesIO(part10), force=True)
+    if "PixelData" in ds:  # up to its value (explicit VR: tag, OW, 2 reserved bytes, length)
+        assert head == part10[: part10.index(b"\xe0\x7f\x10\x00OW") + 12]
+    else:
+        assert head == part10
+    assert pydicom.dcmread(io.BytesIO(head), force=True).SOPInstanceUID == ds.SOPInstanceUID

@@ -3,7 +3,9 @@ and every altered bit; its signature checks with exported public keys alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import zlib
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ def _record(removed: tuple[tuple[int, bytes], ...] | None = None) -> IdentityRec
         removed = ((132 + 200, b"\x10\x00\x10\x00PN\x12\x00" + NAME + b" "), (400, b"\x00" * 9))
     return IdentityRecord(
         node_id="6f1c2a90-node",
-        archived_at=1_764_921_600,
+        archived_at_us=1_764_921_600_123_456,
         study_instance_uid="1.2.826.0.1.3680043.8.498.1",
         series_instance_uid="1.2.826.0.1.3680043.8.498.2",
         sop_instance_uid="1.2.826.0.1.3680043.8.498.3",
@@ -57,6 +59,25 @@ def _record(removed: tuple[tuple[int, bytes], ...] | None = None) -> IdentityRec
 )
 def test_record_encodes_and_decodes(record: IdentityRecord) -> None:
     assert IdentityRecord.decode(record.encode()) == record
+
+
+def _stored(record: IdentityRecord, version: int) -> bytes:
+    """``record`` encoded with ``version`` as its version byte, stored (not deflated)."""
+    packed = record.encode()
+    raw = zlib.decompress(packed[5:], -15) if packed[0] == 1 else packed[1:]
+    assert raw[0] == 2  # the version encode writes
+    return bytes([0, version]) + raw[1:]
+
+
+def test_a_version_1_record_gives_its_time_in_whole_seconds() -> None:
+    record = _record(())
+    assert IdentityRecord.decode(_stored(record, 2)) == record
+    in_seconds = dataclasses.replace(record, archived_at_us=1_764_921_600)
+    assert IdentityRecord.decode(_stored(in_seconds, 1)) == dataclasses.replace(
+        record, archived_at_us=1_764_921_600_000_000
+    )
+    with pytest.raises(ValueError, match="unknown version"):
+        IdentityRecord.decode(_stored(record, 3))
 
 
 def test_record_is_deflated_only_when_that_is_smaller() -> None:

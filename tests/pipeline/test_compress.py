@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from io import BytesIO
@@ -27,6 +28,8 @@ from medzip_scp.pipeline.verify import verify_archive
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
 
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
 
 def _rows(node: RunningNode) -> list[Instance]:
     with node.archive.sessions() as session:
@@ -49,6 +52,10 @@ def test_compress_replaces_originals_and_retrieval_is_identical(node: RunningNod
     for row in rows:
         assert node.archive.load_part10(row) == before[row.sop_instance_uid]
         assert row.stored_size < len(before[row.sop_instance_uid])
+        # The payload says when the instance arrived (its row's time), not when compressed.
+        blob = node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid)
+        record = node.archive.identity_codec.open(bytes(blob), row.sop_instance_uid).record
+        assert record.archived_at_us == (row.received_at - EPOCH) // dt.timedelta(microseconds=1)
     # The originals are gone from the store; only the verified blobs remain.
     assert set(node.archive.blobs.keys()) == {row.blob_key for row in rows}
     assert not old_keys & set(node.archive.blobs.keys())
@@ -91,7 +98,7 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
     data = node.archive.load_part10(row)
 
     class _RacingCodec(IdentityCodec):
-        def encode(self, part10: bytes) -> bytes:
+        def encode(self, part10: bytes, received_at: dt.datetime | None = None) -> bytes:
             # A differing duplicate replaces the row while the worker compresses.
             moved = node.archive.blobs.put_bytes(data, row.sop_instance_uid)
             with node.archive.sessions() as session:
@@ -99,7 +106,7 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
                 assert current is not None
                 current.blob_key = moved.key
                 session.commit()
-            return super().encode(part10)
+            return super().encode(part10, received_at)
 
     summary = CompressionSummary()
     racing = _RacingCodec(node.archive.identity, identity_policy(node.settings))

@@ -7,11 +7,12 @@ import os
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import make_url
 
-from medzip_scp.index.models import Instance
+from medzip_scp.index.models import Instance, Patient, Series, Study
 from medzip_scp.net.status import Status
+from medzip_scp.pipeline.compress import compress_pending
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
 
@@ -37,6 +38,47 @@ def test_orphaned_blobs_are_removed_and_indexed_ones_kept(node: RunningNode) -> 
     # the young one goes once it is old enough and still unnamed
     assert node.archive.remove_orphan_blobs(min_age=0.5, wait=True) == 1
     assert set(node.archive.blobs.keys()) == indexed
+
+
+def test_an_empty_index_removes_no_blob(node: RunningNode) -> None:
+    """A lost index names no blob: every one would have gone as an orphan."""
+    for _ in range(2):
+        assert store(node, ct_dataset()) == Status.SUCCESS
+    stored = set(node.archive.blobs.keys())
+    with node.archive.sessions() as session:
+        for table in (Instance, Series, Study, Patient):
+            session.execute(delete(table))
+        session.commit()
+    for key in stored:
+        _age(node, key, 2 * node.archive.ORPHAN_MIN_AGE)
+    assert node.archive.remove_orphan_blobs(wait=False) == 0
+    assert set(node.archive.blobs.keys()) == stored
+
+
+def test_compressed_blobs_the_index_does_not_know_are_kept(node: RunningNode) -> None:
+    """After a rebuild without the identity key (say) the index lacks sealed instances:
+    their blobs are no crash's leftovers. A compression's leftover (its instance indexed)
+    and a C-STORE's (an original) still go."""
+    for _ in range(3):
+        assert store(node, ct_dataset()) == Status.SUCCESS
+    codec = node.archive.compressing_codec()
+    assert compress_pending(node.archive, codec).compressed == 3
+    with node.archive.sessions() as session:
+        rows = list(session.scalars(select(Instance).order_by(Instance.id)))
+        session.expunge_all()
+    unknown, known = rows[0], rows[1]
+    with node.archive.sessions() as session:
+        session.execute(delete(Instance).where(Instance.id == unknown.id))
+        session.commit()
+    again = codec.encode(node.archive.load_part10(known))  # a compression whose swap failed
+    leftover = node.archive.blobs.put_bytes(again, known.sop_instance_uid).key
+    original = node.archive.blobs.put_bytes(b"never indexed", "1.2.3.4").key
+    for key in [*(row.blob_key for row in rows), leftover, original]:
+        _age(node, key, 2 * node.archive.ORPHAN_MIN_AGE)
+
+    assert node.archive.remove_orphan_blobs(wait=False) == 2
+    assert not node.archive.blobs.exists(leftover) and not node.archive.blobs.exists(original)
+    assert set(node.archive.blobs.keys()) == {row.blob_key for row in rows}
 
 
 def test_the_index_database_is_private(node: RunningNode) -> None:

@@ -232,3 +232,35 @@ def test_a_missing_key_is_created_only_for_an_empty_store(tmp_path: Path) -> Non
     BlobKey.create(key_file)  # a new key in the old place: refused as well
     with pytest.raises(KeyFileError, match=f"sealed with key id {key.key_id.hex()}"):
         open_blob_key(key_file, root)
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 15, 16, 17, SEGMENT_SIZE - 1, SEGMENT_SIZE, SEGMENT_SIZE + 1, 2 * SEGMENT_SIZE]
+)
+@pytest.mark.parametrize("limit", [None, 0, 4, 16, SEGMENT_SIZE, SEGMENT_SIZE + 5])
+def test_unauthenticated_read_gives_the_plaintext(
+    store: LocalBlobStore, size: int, limit: int | None
+) -> None:
+    data = os.urandom(size)
+    blob = store.put_bytes(data, UID)
+    assert store.read_unauthenticated(blob.key, limit) == data[:limit]
+
+
+def test_unauthenticated_read_checks_nothing_but_the_key(store: LocalBlobStore) -> None:
+    data = os.urandom(SEGMENT_SIZE + 1000)
+    blob = store.put_bytes(data, UID)
+    path = store._path(blob.key)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER.size + 100] ^= 1  # a flipped ciphertext bit flips that plaintext bit (CTR)
+    raw[-1] ^= 1  # and a tag: not looked at
+    path.write_bytes(bytes(raw))
+    altered = bytearray(data)
+    altered[100] ^= 1
+    assert store.read_unauthenticated(blob.key) == altered
+    with pytest.raises(EnvelopeError):
+        store.read(blob.key, UID)  # the authenticated read refuses it
+    other = LocalBlobStore(store.root, BlobKey(os.urandom(32)))
+    with pytest.raises(EnvelopeError, match="sealed with key"):
+        other.read_unauthenticated(blob.key)
+    with pytest.raises(BlobNotFoundError):
+        store.read_unauthenticated("0" * 32)
