@@ -817,8 +817,11 @@ class Archive:
     it may be a C-STORE or compression of another process between fsync and commit."""
 
     def remove_orphan_blobs(self, min_age: float = ORPHAN_MIN_AGE, wait: bool = True) -> int:
-        """Delete the blobs no index row names, left by a crash between a blob's write and
-        its commit (C-STORE or compression); returns how many.
+        """Set aside (``blobs/set-aside``, never delete) the blobs no index row names, left
+        by a crash between a blob's write and its commit (C-STORE or compression); returns
+        how many. Never deleted: an index restored from an older backup names no blob stored
+        since, and those instances were acknowledged; an admin moves them back and runs
+        ``medzip db rebuild``, or deletes them once they are known to be leftovers.
 
         Only what a crash leaves goes (:meth:`_crash_leftover`), and nothing while the index
         is empty: an index lost, or being rebuilt, names no blob, and every one would go.
@@ -855,7 +858,14 @@ class Archive:
                         self._remove_orphan(key)
                         removed += 1
         if removed:
-            log.warning("removed %d orphaned blobs (written, never indexed)", removed)
+            log.warning(
+                "set aside %d blobs no index row names in %s (written, never indexed: a crash "
+                "before the commit, or an index older than the blob store); to index them "
+                "again move them back (a key starting ab into ab/) and run `medzip db "
+                "rebuild`; delete them once you know they are leftovers",
+                removed,
+                self.blobs.root / self.blobs.SET_ASIDE,
+            )
         if kept:
             log.warning(
                 "kept %d blobs no index row names that no crash leaves behind (compressed "
@@ -898,8 +908,7 @@ class Archive:
         return _unindexed_blobs(self.blobs, self.read_sessions, folder)
 
     def _remove_orphan(self, key: str) -> None:
-        self.blobs.delete(key)
-        log.info("removed orphaned blob %s", key)
+        log.info("set aside unindexed blob %s: %s", key, self.blobs.set_aside(key))
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""

@@ -282,6 +282,21 @@ class LocalBlobStore:
         path.unlink(missing_ok=True)
         _fsync(path.parent, os.O_DIRECTORY)
 
+    SET_ASIDE = "set-aside"
+    """Folder (under the store's root) of blobs taken out of the store but not deleted."""
+
+    def set_aside(self, key: str) -> Path:
+        """Move a blob out of the store into ``root/set-aside`` (durably); returns where.
+        It still opens there under its key (an admin moves it back to index it again)."""
+        source = self._path(key)
+        folder = self.root / self.SET_ASIDE
+        folder.mkdir(mode=0o700, exist_ok=True)
+        target = folder / key
+        os.replace(source, target)
+        _fsync(folder, os.O_DIRECTORY)
+        _fsync(source.parent, os.O_DIRECTORY)
+        return target
+
     def keys(self, folder: str = "??") -> Iterator[str]:
         """Keys of the blobs in the store, or in one folder of it (``ab``)."""
         for path in _blob_files(self.root, folder):

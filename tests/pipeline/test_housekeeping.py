@@ -22,7 +22,7 @@ def _age(node: RunningNode, key: str, seconds: float) -> None:
     os.utime(node.archive.blobs._path(key), (then, then))
 
 
-def test_orphaned_blobs_are_removed_and_indexed_ones_kept(node: RunningNode) -> None:
+def test_orphaned_blobs_are_set_aside_and_indexed_ones_kept(node: RunningNode) -> None:
     for _ in range(3):
         assert store(node, ct_dataset()) == Status.SUCCESS
     with node.archive.sessions() as session:
@@ -38,6 +38,11 @@ def test_orphaned_blobs_are_removed_and_indexed_ones_kept(node: RunningNode) -> 
     # the young one goes once it is old enough and still unnamed
     assert node.archive.remove_orphan_blobs(min_age=0.5, wait=True) == 1
     assert set(node.archive.blobs.keys()) == indexed
+    # set aside, never deleted: an index older than the store names none of the newer ones
+    aside = node.archive.blobs.root / node.archive.blobs.SET_ASIDE
+    assert {p.name for p in aside.iterdir()} == {old_orphan, young_orphan}
+    with open(aside / old_orphan, "rb") as sealed:
+        assert b"".join(node.archive.blobs._key.open(sealed, f"{old_orphan}\n1.2.3.4".encode()))
 
 
 def test_an_empty_index_removes_no_blob(node: RunningNode) -> None:
