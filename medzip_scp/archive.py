@@ -77,11 +77,15 @@ log = logging.getLogger(__name__)
 
 
 class InstanceCodec(Protocol):
-    """Turns a complete Part-10 object into the blob the store keeps, and back, bit-exact."""
+    """Turns a complete Part-10 object into the blob the store keeps, and back, bit-exact.
+
+    ``encode`` decodes its blob and compares it with its input before returning it (verify
+    before replace); ``verify=False`` is for a caller that does exactly that itself (the
+    compression worker), so that a blob is decoded once."""
 
     codec_id: str
 
-    def encode(self, part10: bytes) -> bytes: ...
+    def encode(self, part10: bytes, verify: bool = True) -> bytes: ...
 
     def decode(self, blob: bytes) -> bytes: ...
 
@@ -91,7 +95,7 @@ class Part10Codec:
 
     codec_id = "part10"
 
-    def encode(self, part10: bytes) -> bytes:
+    def encode(self, part10: bytes, verify: bool = True) -> bytes:
         return part10
 
     def decode(self, blob: bytes) -> bytes:
@@ -112,8 +116,8 @@ class MzpCodec:
     def __init__(self, learned: bool = False) -> None:
         self._learned = DEFAULT_LEARNED if learned else None
 
-    def encode(self, part10: bytes) -> bytes:
-        return encode_dataset(part10, self._learned)
+    def encode(self, part10: bytes, verify: bool = True) -> bytes:
+        return encode_dataset(part10, self._learned, verify=verify)
 
     def decode(self, blob: bytes) -> bytes:
         return decode_blob(blob)
@@ -136,14 +140,18 @@ class IdentityCodec:
         self._policy = policy
         self._learned = DEFAULT_LEARNED if learned else None
 
-    def encode(self, part10: bytes, received_at: dt.datetime | None = None) -> bytes:
+    def encode(
+        self, part10: bytes, verify: bool = True, received_at: dt.datetime | None = None
+    ) -> bytes:
         """The payload says the instance was received at ``received_at`` (default now):
         compression gives its index row's, so that a rebuilt index (``medzip db rebuild``)
         orders instances as they arrived, not as compressed."""
         if self._keyring is None:
             raise IdentityKeyError("the identity key file is missing: compression cannot seal")
         received_us = None if received_at is None else _microseconds(received_at)
-        return seal_instance(part10, self._keyring, self._policy, self._learned, received_us)
+        return seal_instance(
+            part10, self._keyring, self._policy, self._learned, received_us, verify=verify
+        )
 
     def decode(self, blob: bytes) -> bytes:
         return self.open(blob, None).part10

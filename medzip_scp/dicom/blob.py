@@ -316,7 +316,7 @@ def _encode(part10: bytes, learned: LearnedOptions | None, payload: bytes) -> by
 
 
 def encode_dataset(
-    part10: bytes, learned: LearnedOptions | None = None, payload: bytes = b""
+    part10: bytes, learned: LearnedOptions | None = None, payload: bytes = b"", verify: bool = True
 ) -> bytes:
     """Code a complete DICOM Part-10 file into a blob, verified by decoding it.
 
@@ -333,6 +333,9 @@ def encode_dataset(
     payload
         Opaque (encrypted) bytes the codec carries in the pixel streams
         (:func:`medzip_scp.codec.api.compress`); :func:`open_blob` returns them.
+    verify
+        Decode the blob and compare (default). Only a caller that verifies the blob itself
+        right after (:func:`medzip_scp.identity.instance.seal_instance`) turns it off.
 
     Returns
     -------
@@ -347,6 +350,8 @@ def encode_dataset(
     """
     part10 = bytes(part10)
     blob = _encode(part10, learned, payload)
+    if not verify:
+        return blob
     try:
         restored, carried = open_blob(blob)
     except CodecError as exc:

@@ -78,10 +78,12 @@ def seal_instance(
     policy: IdentityPolicy,
     learned: LearnedOptions | None = None,
     archived_at_us: int | None = None,
+    verify: bool = True,
 ) -> bytes:
     """A blob of ``part10`` whose identifying elements are only in its sealed payload;
     ``archived_at_us`` is when the node received it (microseconds since the epoch; default
-    now).
+    now). It is opened again, every check included, and compared with ``part10`` unless
+    ``verify`` is off (for a caller that decodes and compares it itself).
 
     Raises
     ------
@@ -100,7 +102,12 @@ def seal_instance(
         rest_sha256=cut.rest_sha256,
         removed=cut.removed,
     )
-    blob = encode_dataset(cut.stored, learned, payload=seal_payload(record, keyring))
+    # verified once, below (opening decodes every frame and checks the whole round trip),
+    # or by the caller (``verify=False``)
+    sealed = seal_payload(record, keyring)
+    blob = encode_dataset(cut.stored, learned, payload=sealed, verify=False)
+    if not verify:
+        return blob
     try:
         opened = open_instance(blob, keyring, uids[2])
     except IdentityCheckError as exc:

@@ -69,7 +69,7 @@ class _LossyCodec:
 
     codec_id = "lossy-test"
 
-    def encode(self, part10: bytes) -> bytes:
+    def encode(self, part10: bytes, verify: bool = True) -> bytes:
         return part10[:-1] + bytes([part10[-1] ^ 1])
 
     def decode(self, blob: bytes) -> bytes:
@@ -98,7 +98,9 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
     data = node.archive.load_part10(row)
 
     class _RacingCodec(IdentityCodec):
-        def encode(self, part10: bytes, received_at: dt.datetime | None = None) -> bytes:
+        def encode(
+            self, part10: bytes, verify: bool = True, received_at: dt.datetime | None = None
+        ) -> bytes:
             # A differing duplicate replaces the row while the worker compresses.
             moved = node.archive.blobs.put_bytes(data, row.sop_instance_uid)
             with node.archive.sessions() as session:
@@ -106,7 +108,7 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
                 assert current is not None
                 current.blob_key = moved.key
                 session.commit()
-            return super().encode(part10, received_at)
+            return super().encode(part10, verify, received_at)
 
     summary = CompressionSummary()
     racing = _RacingCodec(node.archive.identity, identity_policy(node.settings))
