@@ -738,7 +738,7 @@ class Archive:
 
     # -- Retrieval -----------------------------------------------------------------------
 
-    def load_part10(self, instance: Instance, check_identity: bool = False) -> bytes:
+    def load_part10(self, instance: Instance) -> bytes:
         """Restore the Part-10 object of an instance, bit-exact, after checking that it is
         the instance the row describes (before a byte of it is sent anywhere).
 
@@ -749,7 +749,7 @@ class Archive:
             instance's), or its content differs from the hashes recorded at ingest.
         """
         try:
-            return self._load_checked(instance, check_identity)
+            return self._load_checked(instance)
         except InstanceIntegrityError:
             # A compression worker may have swapped the blob (and deleted the one this row
             # named) since the row was read: check the current row before calling it damage.
@@ -758,9 +758,9 @@ class Archive:
                 if current is None or current.blob_key == instance.blob_key:
                     raise
                 session.expunge(current)
-            return self._load_checked(current, check_identity)
+            return self._load_checked(current)
 
-    def _load_checked(self, instance: Instance, check_identity: bool) -> bytes:
+    def _load_checked(self, instance: Instance) -> bytes:
         uid = instance.sop_instance_uid
         try:
             blob = self.blobs.read(instance.blob_key, bound_to=uid)
@@ -797,12 +797,13 @@ class Archive:
             hashlib.sha256(dataset).hexdigest() != instance.original_sha256
         ):
             raise InstanceIntegrityError(uid, "decoded data set differs from what was received")
-        if record is not None and (check_identity or self.settings.identity.check_on_retrieve):
+        if record is not None and self.settings.identity.check_on_retrieve:
             self._check_index_identity(instance, part10)
         return part10
 
     def _check_index_identity(self, instance: Instance, part10: bytes) -> None:
-        """The index row's patient, study and series say what the sealed data set says."""
+        """The index row's patient, study and series say what the sealed data set says
+        (``[identity] check_on_retrieve``; strict: see the setting)."""
         sealed = attributes_from_dataset(load_dataset(part10, stop_before_pixels=True))
         with self.read_sessions() as session:
             differing = identity_differences(session, instance.id, sealed)

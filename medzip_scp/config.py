@@ -245,9 +245,12 @@ class IdentitySettings(_Section):
         False, description="Also seal every private element (vendors may keep names there)."
     )
     check_on_retrieve: bool = Field(
-        True,
-        description="On every retrieval also compare the sealed identity with the index row; "
-        "an instance that differs is not sent (failure status, an error line without PHI).",
+        False,
+        description="On every retrieval also compare the index row's patient and study with "
+        "this instance's sealed identity and refuse to send it when they differ. Strict: a "
+        "study whose later instances changed its patient attributes (a corrected name) is "
+        "then refused too; `medzip verify` and the sweep allow what another instance of the "
+        "study gave.",
     )
     sweep_hours: float = Field(
         0.0,
@@ -553,7 +556,8 @@ learned = false              # also try the learned paths: 0.1-0.7 % smaller, 12
                              # first start. Back it up: without it, names and IDs are gone.
 extra_attributes = []        # keywords to seal besides the basic profile's, e.g. ["StudyComments"]
 private_elements = false     # also seal every private element
-check_on_retrieve = true     # compare the sealed identity with the index on every retrieval
+check_on_retrieve = false    # also compare the index with the sealed identity on every
+                             # retrieval (strict: a study renamed by later instances is refused)
 sweep_hours = 0.0            # verify every instance this often in the node (0: never)
 
 [tls]

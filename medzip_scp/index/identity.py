@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from medzip_scp.index.ingest import InstanceAttributes
 from medzip_scp.index.models import Instance, Patient, Series, Study
 
-__all__ = ["identity_differences"]
+__all__ = ["identity_differences", "study_instances"]
 
 # (keyword, index column, InstanceAttributes field): what identifies whose image this is
 _COMPARED = (
@@ -26,12 +28,19 @@ _COMPARED = (
 
 
 def identity_differences(
-    session: Session, instance_id: int, sealed: InstanceAttributes
+    session: Session,
+    instance_id: int,
+    sealed: InstanceAttributes,
+    study_sealed: Iterable[InstanceAttributes] = (),
 ) -> list[str]:
     """Keywords (never values) where the index row of an instance, its series, study and
     patient differ from the attributes of its sealed data set.
 
-    Study-level copies hold the newest non-empty value a study's instances gave, so an
+    Study and patient rows follow the newest instance of a study (its non-empty values; a
+    study or series moves where its newest instance says), so a value that another instance
+    of the same study gave (``study_sealed``: what each of them holds) is no difference,
+    unless the instance is filed in a series that is not its own (or in a study no
+    instance of its series names): then every attribute is compared strictly. An
     attribute the sealed data set leaves empty is not compared.
     """
     row = session.execute(
@@ -44,9 +53,46 @@ def identity_differences(
     ).one_or_none()
     if row is None:
         return ["index row"]
+    indexed = dict(zip((field for _, _, field in _COMPARED), row, strict=True))
+    # Where the instance is filed: its series row never changes UID, and its series moves
+    # to another study only as another instance of the same series says.
+    same_series = [
+        other for other in study_sealed if other.series_instance_uid == sealed.series_instance_uid
+    ]
+    misfiled = sealed.series_instance_uid != indexed["series_instance_uid"] or (
+        sealed.study_instance_uid != indexed["study_instance_uid"]
+        and all(o.study_instance_uid != indexed["study_instance_uid"] for o in same_series)
+    )
+    # A misfiled instance is compared strictly; otherwise what another instance of its
+    # study gave is no difference.
+    others = [] if misfiled else list(study_sealed)
     differing = []
-    for (keyword, _, field), indexed in zip(_COMPARED, row, strict=True):
+    for keyword, _, field in _COMPARED:
         value = getattr(sealed, field)
-        if value and value != indexed:
+        if not value or value == indexed[field]:
+            continue
+        if field == "series_instance_uid" or not any(
+            getattr(other, field) == indexed[field]
+            for other in (same_series if field == "study_instance_uid" else others)
+        ):
             differing.append(keyword)
     return differing
+
+
+def study_instances(session: Session, instance_ids: Iterable[int]) -> dict[int, list[int]]:
+    """The ids of every instance of each study these instances belong to, by study id."""
+    study_of = (
+        select(Series.study_fk)
+        .join(Instance, Instance.series_fk == Series.id)
+        .where(Instance.id.in_(list(instance_ids)))
+    )
+    rows = session.execute(
+        select(Series.study_fk, Instance.id)
+        .join(Instance, Instance.series_fk == Series.id)
+        .where(Series.study_fk.in_(study_of))
+        .order_by(Series.study_fk, Instance.id)
+    )
+    out: dict[int, list[int]] = {}
+    for study_id, instance_id in rows:
+        out.setdefault(study_id, []).append(instance_id)
+    return out

@@ -12,19 +12,23 @@ blob is missing or needs a model or format this node does not have).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
 from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError
+from medzip_scp.dicom.part10 import load_dataset
 from medzip_scp.identity.instance import Verdict
+from medzip_scp.index.identity import identity_differences, study_instances
+from medzip_scp.index.ingest import InstanceAttributes, attributes_from_dataset
 from medzip_scp.index.models import Instance, Series, Study
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
@@ -104,12 +108,55 @@ class VerifyReport:
 
 
 def verify_instance(archive: Archive, instance: Instance) -> tuple[Verdict, str]:
-    """The verdict on one stored instance and, unless OK, which check failed (no PHI)."""
-    try:
-        archive.load_part10(instance, check_identity=True)
-    except InstanceIntegrityError as exc:
-        return exc.verdict, exc.reason
-    return Verdict.OK, ""
+    """The verdict on one stored instance and, unless OK, which check failed (no PHI).
+    Its study's other instances are decoded too: the study's index row follows the newest
+    of them (see :func:`~medzip_scp.index.identity.identity_differences`)."""
+    with archive.read_sessions() as session:
+        (members,) = study_instances(session, [instance.id]).values()
+    return _verify_study(archive, _rows(archive, members), {instance.id})[instance.id]
+
+
+def _rows(archive: Archive, ids: list[int]) -> list[Instance]:
+    with archive.read_sessions() as session:
+        rows = list(session.scalars(select(Instance).where(Instance.id.in_(ids))))
+        session.expunge_all()
+    return sorted(rows, key=lambda row: row.id)
+
+
+def _verify_study(
+    archive: Archive, members: list[Instance], selected: set[int]
+) -> dict[int, tuple[Verdict, str]]:
+    """Verdicts on the ``selected`` instances of one study, whose ``members`` are all its
+    instances: every blob check, then the index rows against what each sealed data set
+    and the study's other instances say."""
+    verdicts: dict[int, tuple[Verdict, str]] = {}
+    received: dict[int, InstanceAttributes] = {}
+    for instance in members:
+        try:
+            part10 = archive.load_part10(instance)
+        except InstanceIntegrityError as exc:
+            verdicts[instance.id] = (exc.verdict, exc.reason)
+            continue
+        verdicts[instance.id] = (Verdict.OK, "")
+        with contextlib.suppress(Exception):  # an attribute pydicom cannot read: not compared
+            received[instance.id] = attributes_from_dataset(
+                load_dataset(part10, stop_before_pixels=True)
+            )
+    with archive.read_sessions() as session:
+        for instance in members:
+            sealed = received.get(instance.id)
+            if instance.id not in selected or sealed is None:
+                continue
+            if instance.codec_id != IdentityCodec.codec_id:
+                continue  # not sealed yet: its original is checked against ingest's hashes
+            others = [attrs for other, attrs in received.items() if other != instance.id]
+            differing = identity_differences(session, instance.id, sealed, others)
+            if differing:
+                verdicts[instance.id] = (
+                    Verdict.TAMPERED,
+                    f"index row differs from the sealed identity ({', '.join(differing)})",
+                )
+    return {i: verdict for i, verdict in verdicts.items() if i in selected}
 
 
 def select_instances(archive: Archive, which: InstanceFilter) -> list[Instance]:
@@ -142,8 +189,7 @@ def verify_archive(
     report = VerifyReport()
     started = time.monotonic()
     try:
-        for instance in instances:
-            verdict, reason = verify_instance(archive, instance)
+        for instance, verdict, reason in _verdicts(archive, instances):
             report.results.append((instance.sop_instance_uid, verdict, reason, instance.codec_id))
             if progress is not None:
                 progress(len(report.results), len(instances))
@@ -153,19 +199,43 @@ def verify_archive(
     return report
 
 
+def _verdicts(
+    archive: Archive, instances: list[Instance]
+) -> Iterator[tuple[Instance, Verdict, str]]:
+    """Verdicts on ``instances``, study by study (each study's other instances decoded too)."""
+    by_id = {instance.id: instance for instance in instances}
+    with archive.read_sessions() as session:
+        studies = study_instances(session, by_id)
+    for members in studies.values():
+        selected = {i for i in members if i in by_id}
+        try:
+            verdicts = _verify_study(archive, _rows(archive, members), selected)
+        except Exception as exc:  # the database went away, say: report it, go on
+            failure = (Verdict.UNREADABLE, f"could not be checked ({type(exc).__name__})")
+            verdicts = dict.fromkeys(selected, failure)
+        for instance_id in sorted(selected):
+            yield by_id[instance_id], *verdicts[instance_id]
+
+
 def run_sweeps(archive: Archive, stop: threading.Event, hours: float) -> None:
     """The node's periodic sweep (``[identity] sweep_hours``): every instance, one at a
     time, an error line (UID and check, never a value) for each that is not OK."""
     while not stop.wait(hours * 3600):
-        checked = failed = 0
-        for instance in select_instances(archive, InstanceFilter()):
-            if stop.is_set():
-                return
-            verdict, reason = verify_instance(archive, instance)
-            checked += 1
-            if verdict != Verdict.OK:
-                failed += 1
-                log.error(
-                    "verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason
-                )
-        log.info("verification sweep: %d instances checked, %d not OK", checked, failed)
+        try:
+            _sweep(archive, stop)
+        except Exception as exc:  # the next sweep tries again
+            log.error("verification sweep failed: %s", type(exc).__name__)
+
+
+def _sweep(archive: Archive, stop: threading.Event) -> None:
+    checked = failed = 0
+    for instance, verdict, reason in _verdicts(
+        archive, select_instances(archive, InstanceFilter())
+    ):
+        if stop.is_set():
+            return
+        checked += 1
+        if verdict != Verdict.OK:
+            failed += 1
+            log.error("verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason)
+    log.info("verification sweep: %d instances checked, %d not OK", checked, failed)

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from medzip_scp.index.models import Instance, Series, Study
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
-from medzip_scp.pipeline.verify import run_sweeps
+from medzip_scp.pipeline.verify import run_sweeps, verify_archive
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
 
@@ -56,3 +56,26 @@ def test_sweep_logs_the_tampered_instance_only(
     assert errors and all(victim in e and "PatientName" in e for e in errors)
     assert first.SOPInstanceUID not in caplog.text
     assert MARKER not in caplog.text and str(first.PatientName) not in caplog.text
+
+
+def test_a_study_renamed_by_its_newer_instance_is_no_tampering(node: RunningNode) -> None:
+    """A study's index row follows its newest instance: an older instance sealed with the
+    name before the correction is OK, retrievable, and a name no instance sent is not."""
+    older, newer = ct_dataset(), ct_dataset()
+    newer.PatientName = "Corrected^Name"
+    for ds in (older, newer):
+        assert store(node, ds) == Status.SUCCESS
+    assert compress_pending(node.archive, node.archive.compressing_codec()).compressed == 2
+    assert verify_archive(node.archive).ok
+    with node.archive.read_sessions() as session:
+        row = session.scalar(
+            select(Instance).where(Instance.sop_instance_uid == older.SOPInstanceUID)
+        )
+        session.expunge_all()
+    assert node.archive.load_part10(row)  # retrieval sends it
+    with node.archive.sessions() as session:
+        session.execute(update(Study).values(patient_name=MARKER))
+        session.commit()
+    problems = dict(verify_archive(node.archive).problems)
+    assert problems.keys() == {older.SOPInstanceUID, newer.SOPInstanceUID}
+    assert all("PatientName" in reason for reason in problems.values())
