@@ -326,7 +326,13 @@ def keys_rotate(config: ConfigOption = None, data_dir: DataDirOption = None) -> 
     settings = _settings(config, data_dir)
     archive = _open_archive(settings)
     assert archive.identity is not None  # opened with need_identity
-    generation = archive.identity.rotate()
+    try:
+        generation = archive.identity.rotate()
+    except OSError as exc:
+        raise _fail(
+            f"cannot write the identity key file {archive.identity.path}: {exc.strerror}; "
+            "nothing was changed ([identity] key_file must be writable by this user)"
+        ) from None
     typer.echo(
         f"added identity key generation {len(archive.identity.generations)}: master key "
         f"{generation.master_id.hex()}, signing key {generation.signing_id.hex()}; restart the "
@@ -352,7 +358,10 @@ def keys_export_public(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            raise _fail(f"cannot write {output}: {exc.strerror}; give another --output") from None
         typer.echo(f"wrote {len(archive.identity.generations)} public keys to {output}")
 
 

@@ -22,6 +22,7 @@ holding it can check the signature of a blob's payload, nobody can open it.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -192,15 +193,23 @@ class IdentityKeyring:
         return keyring
 
     def rotate(self) -> KeyGeneration:
-        """Add a generation (new payloads use it; old ones still open) and save."""
-        generation = KeyGeneration.new()
-        self.generations.append(generation)
+        """Add a generation (new payloads use it; old ones still open) and save. Under a
+        lock on the key folder, after reading the file again: two rotations at once each
+        add theirs."""
+        before = (self.node_id, self.generations, self._by_master)
+        folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            current = type(self).load(self.path)
+            generation = KeyGeneration.new()
+            self.node_id, self.generations = current.node_id, [*current.generations, generation]
+            self._by_master = {g.master_id: g for g in self.generations}
             self.save()
-        except BaseException:  # unsaved, it must not seal: nothing would open it after a restart
-            self.generations.pop()
+        except BaseException:  # unsaved, it must not seal: nothing would open it later
+            self.node_id, self.generations, self._by_master = before
             raise
-        self._by_master[generation.master_id] = generation
+        finally:
+            os.close(folder)
         return generation
 
     def save(self, exclusive: bool = False) -> None:

@@ -228,3 +228,38 @@ def test_a_generation_is_new_each_time() -> None:
     a, b = KeyGeneration.new(), KeyGeneration.new()
     assert a.master != b.master and a.signing_id != b.signing_id
     assert len(a.master) == 32 and len(a.master_id) == 4
+
+
+def test_two_rotations_from_separate_loads_keep_both_generations(tmp_path: Path) -> None:
+    """Two admins (or a script run twice) rotating from key rings loaded before either
+    saved: neither generation is lost (a node may already seal with the first)."""
+    path = tmp_path / "identity.json"
+    IdentityKeyring.open_or_create(path)
+    first, second = IdentityKeyring.load(path), IdentityKeyring.load(path)
+    a, b = first.rotate(), second.rotate()
+    on_disk = {g.master_id for g in IdentityKeyring.load(path).generations}
+    assert {a.master_id, b.master_id} <= on_disk and len(on_disk) == 3
+
+
+def test_rotate_on_an_unwritable_key_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from medzip_scp.cli.main import app
+
+    data = tmp_path / "data"
+    runner = CliRunner()
+    assert runner.invoke(app, ["keys", "show", "--data-dir", str(data)]).exit_code == 0
+    before = (data / "keys" / "identity.json").read_bytes()
+
+    def read_only(*_: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    result = runner.invoke(app, ["keys", "rotate", "--data-dir", str(data)])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "cannot write the identity key file" in result.output
+    assert "Read-only file system" in result.output
+    assert (data / "keys" / "identity.json").read_bytes() == before
