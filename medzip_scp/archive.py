@@ -896,7 +896,10 @@ class Archive:
         did not commit, or a codec blob of an instance the index knows (its compression's
         swap did not commit, or the blob it replaced was not yet removed). A codec blob of
         an instance the index does not know, or one this node cannot read, is not: the index
-        lacks it (rebuilt without the identity key or a model it needs), so it is kept."""
+        lacks it (rebuilt without the identity key or a model it needs), so it is kept. Nor
+        is a codec blob of an indexed instance whose row names a blob that is gone (an
+        index older than the store: the row still names the original compression removed):
+        it may be the instance's only copy."""
         try:
             claim = codec_blob_claim(self.blobs, key)
             if claim is None:
@@ -907,11 +910,14 @@ class Archive:
         if not uid:
             return False
         with self.read_sessions() as session:
-            return any(
-                session.scalar(select(table.id).where(table.sop_instance_uid == uid).limit(1))
-                is not None
+            named = [
+                key
                 for table in (Instance, SupersededInstance)
-            )
+                for key in session.scalars(
+                    select(table.blob_key).where(table.sop_instance_uid == uid)
+                )
+            ]
+        return bool(named) and all(self.blobs.exists(key) for key in named)
 
     def _unindexed_blobs(self, folder: str) -> set[str]:
         return _unindexed_blobs(self.blobs, self.read_sessions, folder)

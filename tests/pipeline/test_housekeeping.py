@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import make_url
 
 from medzip_scp.index.models import Instance, Patient, Series, Study
@@ -97,3 +97,30 @@ def test_the_index_database_is_private(node: RunningNode) -> None:
         assert files, "no SQLite files found"
         for path in files:
             assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_a_compressed_blob_whose_row_names_a_lost_original_is_kept(node: RunningNode) -> None:
+    """An index restored from a backup older than the compression names the original,
+    which compression removed: the unindexed compressed blob is the only copy."""
+    assert store(node, ct_dataset()) == Status.SUCCESS
+    (before,) = _rows_of(node)
+    assert compress_pending(node.archive, node.archive.compressing_codec()).compressed == 1
+    (after,) = _rows_of(node)
+    assert not node.archive.blobs.exists(before.blob_key)
+    with node.archive.sessions() as session:  # the old index, restored
+        session.execute(
+            update(Instance)
+            .where(Instance.id == after.id)
+            .values(blob_key=before.blob_key, codec_id=before.codec_id)
+        )
+        session.commit()
+    _age(node, after.blob_key, 2 * node.archive.ORPHAN_MIN_AGE)
+    assert node.archive.remove_orphan_blobs(wait=False) == 0
+    assert node.archive.blobs.exists(after.blob_key)
+
+
+def _rows_of(node: RunningNode) -> list[Instance]:
+    with node.archive.sessions() as session:
+        rows = list(session.scalars(select(Instance).order_by(Instance.id)))
+        session.expunge_all()
+    return rows
