@@ -15,12 +15,11 @@ import pytest
 from psycopg import sql
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
 )
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
@@ -35,7 +34,7 @@ from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode
+from tests.net.conftest import RunningNode, c_get
 from tests.net.test_query_retrieve import _query
 from tests.net.test_store import ct_dataset, store
 
@@ -140,20 +139,7 @@ def _get_study(node: RunningNode, study_uid: str) -> dict[str, bytes]:
         arrived[event.request.AffectedSOPInstanceUID] = data[dataset_offset_of(data) :]
         return Status.SUCCESS
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        ae_title=node.ae_title,
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
-    query = _query("STUDY", StudyInstanceUID=study_uid)
-    responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-    assoc.release()
+    responses = c_get(node, _query("STUDY", StudyInstanceUID=study_uid), on_store)
     assert responses[-1][0].Status == Status.SUCCESS
     return arrived
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
 
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode, sending_files_as_they_are
+from tests.net.conftest import RunningNode, c_get, sending_files_as_they_are
 
 
 def with_identity(source: Path, target: Path, identity: Mapping[str, str]) -> Path:
@@ -69,25 +69,9 @@ def get_patient(
         arrived[str(event.request.AffectedSOPInstanceUID)] = raw[dataset_offset_of(raw) :]
         return Status.SUCCESS
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
-    for sop_class, syntax in sorted(contexts):
-        ae.add_requested_context(sop_class, [syntax])
-    roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in contexts})]
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        ae_title=node.ae_title,
-        ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "PATIENT"
     query.PatientID = patient_id
-    try:
-        responses = list(assoc.send_c_get(query, PatientRootQueryRetrieveInformationModelGet))
-    finally:
-        assoc.release()
+    responses = c_get(node, query, on_store, contexts, PatientRootQueryRetrieveInformationModelGet)
     final, identifier = responses[-1]
     return final, identifier, arrived

@@ -27,9 +27,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom import evt
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
@@ -46,7 +44,13 @@ from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from medzip_scp.pipeline.verify import verify_archive
 from tests.identity.node_traffic import send_files, with_identity
-from tests.net.conftest import RunningNode, free_port, make_settings, shared_data  # noqa: F401
+from tests.net.conftest import (  # noqa: F401
+    RunningNode,
+    c_get,
+    free_port,
+    make_settings,
+    shared_data,
+)
 
 CT_SLICES = ("I1000.dcm", "I1010.dcm", "I1020.dcm")  # of series/ct-phantom-1mm
 PATIENTS = {  # per study: who the images belong to (never to be seen in a log line)
@@ -425,24 +429,10 @@ def _get_study(node: RunningNode, study_uid: str) -> tuple[Dataset, Dataset | No
         received.append(str(event.request.AffectedSOPInstanceUID))
         return Status.SUCCESS
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        ae_title=node.ae_title,
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
-    try:
-        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-    finally:
-        assoc.release()
+    responses = c_get(node, query, on_store)
     return responses[-1][0], responses[-1][1], received
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pynetdicom import _config
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
@@ -50,6 +53,37 @@ class RunningNode:
         self.settings.retrieve.destinations.append(
             MoveDestination(ae_title=ae_title, host=host, port=port)
         )
+
+
+CT_EXPLICIT = {(str(CTImageStorage), str(ExplicitVRLittleEndian))}
+
+
+def c_get(
+    node: RunningNode,
+    query: Dataset,
+    on_store: Callable[[evt.Event], int],
+    contexts: Iterable[tuple[str, str]] = CT_EXPLICIT,
+    model: str = StudyRootQueryRetrieveInformationModelGet,
+) -> list[tuple[Dataset, Dataset | None]]:
+    """A C-GET of ``query`` from the node, taking the C-STOREs it sends with ``on_store``
+    (SCP role for each SOP class of ``contexts``, one transfer syntax each); its responses."""
+    contexts = sorted(contexts)
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(model)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, [syntax])
+    assoc = ae.associate(
+        node.host,
+        node.port,
+        ae_title=node.ae_title,
+        ext_neg=[build_role(c, scp_role=True) for c in sorted({c for c, _ in contexts})],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    try:
+        return list(assoc.send_c_get(query, model))
+    finally:
+        assoc.release()
 
 
 def make_settings(data_dir: Path, db_url: str, **node: object) -> Settings:

@@ -7,15 +7,13 @@ import logging
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom import evt
 from sqlalchemy import select, update
 
 from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode
+from tests.net.conftest import RunningNode, c_get
 from tests.net.test_store import ct_dataset, store
 
 
@@ -28,24 +26,12 @@ def _get(node: RunningNode, ds: Dataset) -> tuple[Dataset, Dataset | None, list[
         received.append(event.dataset)
         return Status.SUCCESS
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        ae_title=node.ae_title,
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "IMAGE"
     query.StudyInstanceUID = ds.StudyInstanceUID
     query.SeriesInstanceUID = ds.SeriesInstanceUID
     query.SOPInstanceUID = ds.SOPInstanceUID
-    responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-    assoc.release()
+    responses = c_get(node, query, on_store)
     return responses[-1][0], responses[-1][1], received
 
 
