@@ -51,12 +51,6 @@ sys.path.insert(0, str(REPO))
 
 from medzip_scp.archive import Archive, identity_policy  # noqa: E402
 from medzip_scp.codec.api import LearnedOptions, describe  # noqa: E402
-from medzip_scp.codec.container import (  # noqa: E402
-    PayloadMode,
-    SectionType,
-    get_varint,
-    read_container,
-)
 from medzip_scp.config import Settings, StorageSettings  # noqa: E402
 from medzip_scp.dicom.blob import encode_dataset  # noqa: E402
 from medzip_scp.dicom.part10 import read_received  # noqa: E402
@@ -94,17 +88,12 @@ class Placement:
 
 
 def placement(blob: bytes) -> Placement:
-    _, sections = read_container(blob)
-    body = next((s.data for s in sections if s.type == SectionType.PAYLOAD), b"")
-    if not body or body[0] == PayloadMode.NONE:
-        return Placement()
-    if body[0] == PayloadMode.BITS_BACK:
-        return Placement(free=describe(blob)["payload_bytes"])
-    if body[0] == PayloadMode.SPREAD:  # varint free (coder flushes), varint spread, rest
-        free, pos = get_varint(body, 1)
-        spread, pos = get_varint(body, pos)
-        return Placement(free=free, in_streams=spread, in_section=len(body) - pos)
-    return Placement(in_section=len(body) - 1)  # mode SECTION
+    info = describe(blob)
+    return Placement(
+        free=info["payload_free_bytes"],
+        in_streams=info["payload_stream_bytes"],
+        in_section=info["payload_section_bytes"],
+    )
 
 
 @dataclass

@@ -626,6 +626,7 @@ class _Parsed:
     records: list[FrameRecord]
     starts: list[int]
     free_bytes: int = 0  # mode 3: payload bytes in the carriers' coder flushes
+    spread_bytes: int = 0  # mode 3: payload bytes in segments inside the frames' streams
     spread_payload: bytes = b""  # mode 3: the rest, taken out of STREAMS and the section
 
 
@@ -728,7 +729,7 @@ def _with_spread_payload(parsed: _Parsed, frame_bytes: int = 0) -> _Parsed:
         return replace(parsed, free_bytes=free, spread_payload=remainder)
     pixels, carried = _remove_segments(streams, parsed.records, lengths)
     by_type[SectionType.STREAMS] = pixels
-    return replace(parsed, free_bytes=free, spread_payload=carried + remainder)
+    return replace(parsed, free_bytes=free, spread_bytes=spread, spread_payload=carried + remainder)
 
 
 def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
@@ -981,7 +982,9 @@ def describe(blob: bytes) -> dict[str, Any]:
         (list of dicts with ``path``, ``bytes``, ``residual_bytes``, ``nbits``,
         ``value_bits``, ``split_planes``, ``low_path``, ``low_bytes``, ``models``),
         ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``, ``payload_bytes``,
-        ``payload_mode``, ``total_bytes``.
+        ``payload_mode``, where the payload rides: ``payload_free_bytes`` (bits-back, coder
+        flushes), ``payload_stream_bytes`` (segments in the frames' streams),
+        ``payload_section_bytes`` (the PAYLOAD section); ``total_bytes``.
 
     Raises
     ------
@@ -1015,6 +1018,7 @@ def describe(blob: bytes) -> dict[str, Any]:
     ds_body = by_type[SectionType.DATASET]
     raw_len = _DATASET_HEAD.unpack_from(ds_body, 0)[1] if len(ds_body) >= _DATASET_HEAD.size else 0
     mode, payload, _ = _unpack_payload(parsed)
+    free = len(payload) if mode == PayloadMode.BITS_BACK else parsed.free_bytes
     lay = parsed.layout
     first = refs[0] if refs else None
     return {
@@ -1047,5 +1051,8 @@ def describe(blob: bytes) -> dict[str, Any]:
         "dataset_raw_bytes": raw_len,
         "payload_bytes": len(payload),
         "payload_mode": int(mode),
+        "payload_free_bytes": free,
+        "payload_stream_bytes": parsed.spread_bytes,
+        "payload_section_bytes": len(payload) - free - parsed.spread_bytes,
         "total_bytes": len(blob),
     }

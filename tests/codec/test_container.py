@@ -312,6 +312,12 @@ def _check_mode3(frames: FrameSet, length: int) -> tuple[int, list[tuple[int, in
     assert sections["PAYLOAD"] == body
     assert sections["DATASET"] == _bodies(plain)["DATASET"]
     carried = sum(n for _, n in segments)
+    info = describe(blob)  # where the payload rides, as the reference places it
+    assert (
+        info["payload_free_bytes"],
+        info["payload_stream_bytes"],
+        info["payload_section_bytes"],
+    ) == (free, carried, length - free - carried)
     if carried >= 5:  # segments in more than one frame: no contiguous run of the payload
         assert sum(n > 0 for _, n in segments) > 1
         assert payload[free : free + carried] not in sections["STREAMS"]
