@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from medzip_scp.codec.container import get_varint, put_varint
 from medzip_scp.identity.keys import ID_BYTES, IdentityKeyring, PublicKeys
 
 __all__ = [
@@ -100,12 +101,12 @@ class IdentityRecord:
             self.sop_instance_uid,
         ):
             _put_bytes(out, text.encode())
-        _put_varint(out, self.archived_at_us)
+        put_varint(out, self.archived_at_us)
         out += self.pixel_sha256 + self.rest_sha256
-        _put_varint(out, len(self.removed))
+        put_varint(out, len(self.removed))
         previous = 0
         for offset, data in self.removed:
-            _put_varint(out, offset - previous)  # ascending: small deltas
+            put_varint(out, offset - previous)  # ascending: small deltas
             _put_bytes(out, data)
             previous = offset
         raw = bytes(out)
@@ -153,28 +154,15 @@ class IdentityRecord:
         return cls(texts[0], archived_at, texts[1], texts[2], texts[3], pixel, rest, tuple(removed))
 
 
-def _put_varint(out: bytearray, value: int) -> None:
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-
-
 def _get_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = 0
-    for shift in range(0, 64, 7):
-        if pos >= len(data):
-            raise ValueError("identity record: cut short")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise ValueError("identity record: varint too long")
+    try:
+        return get_varint(data, pos)
+    except IndexError:
+        raise ValueError("identity record: cut short") from None
 
 
 def _put_bytes(out: bytearray, data: bytes) -> None:
-    _put_varint(out, len(data))
+    put_varint(out, len(data))
     out += data
 
 
