@@ -86,6 +86,15 @@ class Placement:
     in_streams: int = 0
     in_section: int = 0
 
+    @property
+    def total(self) -> int:
+        return self.free + self.in_streams + self.in_section
+
+    def shares(self) -> str:
+        """``streams % / section % / free %`` of the payload bytes."""
+        parts = (self.in_streams, self.in_section, self.free)
+        return " / ".join(_share(part, self.total) for part in parts)
+
 
 def placement(blob: bytes) -> Placement:
     info = describe(blob)
@@ -178,10 +187,7 @@ def measure(
     t.payload.append(sealed_info["payload_bytes"])
     t.removed.append(sum(len(value) for _, value in opened.record.removed))
     t.dataset_saved += plain_info["dataset_bytes"] - sealed_info["dataset_bytes"]
-    placed = placement(sealed)
-    t.placed.free += placed.free
-    t.placed.in_streams += placed.in_streams
-    t.placed.in_section += placed.in_section
+    _add(t.placed, placement(sealed))
     t.plain_s += b - a
     t.seal_s += c - b
     t.open_s += d - c
@@ -198,10 +204,7 @@ def measure_learned(
     t.learned_pixels += pixels
     t.learned_plain_bytes += len(plain)
     t.learned_sealed_bytes += len(sealed)
-    placed = placement(sealed)
-    t.learned_placed.free += placed.free
-    t.learned_placed.in_streams += placed.in_streams
-    t.learned_placed.in_section += placed.in_section
+    _add(t.learned_placed, placement(sealed))
 
 
 def verify_on_archive(files: list[Path], work: Path, t: Tally) -> None:
@@ -259,7 +262,6 @@ def size_table(tallies: dict[str, Tally]) -> str:
         rows["all"] = _all(rows)
     for name, t in rows.items():
         n = t.instances
-        paid = sum(t.payload)
         lines.append(
             f"| {name} | {n} | {t.pixels / 1e6:.2f} "
             f"| {statistics.mean(t.payload):.0f} ({min(t.payload)}-{max(t.payload)}) "
@@ -267,8 +269,7 @@ def size_table(tallies: dict[str, Tally]) -> str:
             f"| {8 * t.plain_bytes / t.pixels:.4f} | {8 * t.sealed_bytes / t.pixels:.4f} "
             f"| {100 * (t.sealed_bytes / t.plain_bytes - 1):+.2f} % "
             f"| {(t.sealed_bytes - t.plain_bytes) / n:.0f} | {t.dataset_saved / n:.0f} "
-            f"| {_share(t.placed.in_streams, paid)} / {_share(t.placed.in_section, paid)} / "
-            f"{_share(t.placed.free, paid)} |"
+            f"| {t.placed.shares()} |"
         )
     return "\n".join(lines)
 
@@ -307,13 +308,11 @@ def learned_table(tallies: dict[str, Tally]) -> str:
         if not t.learned:
             continue
         placed = t.learned_placed
-        paid = placed.free + placed.in_streams + placed.in_section
         lines.append(
             f"| {name} | {t.learned} | {8 * t.learned_plain_bytes / t.learned_pixels:.4f} "
             f"| {8 * t.learned_sealed_bytes / t.learned_pixels:.4f} "
             f"| {100 * (t.learned_sealed_bytes / t.learned_plain_bytes - 1):+.2f} % "
-            f"| {_share(placed.in_streams, paid)} / {_share(placed.in_section, paid)} / "
-            f"{_share(placed.free, paid)} | {t.learned_s:.0f} |"
+            f"| {placed.shares()} | {t.learned_s:.0f} |"
         )
     return "\n".join(lines)
 
@@ -330,16 +329,16 @@ def interpretation(tallies: dict[str, Tally]) -> str:
 
     ranked = sorted(rows, key=lambda name: cost(rows[name]))
     n = total.instances
-    paid = sum(total.payload)
     text = (
         f"Sealing the identity into each blob costs {cost(total):+.2f} % over these sets: "
         f"{(total.sealed_bytes - total.plain_bytes) / n:.0f} bytes net per instance for a "
         f"sealed payload of {statistics.mean(total.payload):.0f} bytes. The payload is "
         "ciphertext, which nothing compresses, so each of its bytes costs a byte wherever it "
         "rides, except the bits a pred-v2 frame's arithmetic coder can flush at no cost (any "
-        "value of its final interval, 16-31 bits a frame): "
-        f"free share {_share(total.placed.free, paid)}: an object of some dozens of pred-v2 "
-        "frames carries its whole payload free, a single-frame image at most 4 bytes. The "
+        "value of its final interval, 16-31 bits a frame): free share "
+        f"{_share(total.placed.free, total.placed.total)}: an object of some dozens of "
+        "pred-v2 frames carries its whole payload free, a single-frame image at most 4 bytes. "
+        "The "
         "net cost is below the payload's size because the identifying elements it holds "
         f"({statistics.mean(total.removed):.0f} bytes raw per instance) leave the stored data "
         f"set, whose zstd DATASET section shrinks by {total.dataset_saved / n:.0f} bytes per "
@@ -360,10 +359,9 @@ def interpretation(tallies: dict[str, Tally]) -> str:
     learned = [t for t in rows.values() if t.learned]
     if learned:
         placed = _all({str(i): t for i, t in enumerate(learned)}).learned_placed
-        carried = placed.free + placed.in_streams + placed.in_section
         text += (
             " With the learned paths (the instances of the last table) the share carried "
-            f"free was {_share(placed.free, carried)}: by bits-back a payload rides free only "
+            f"free was {_share(placed.free, placed.total)}: by bits-back a payload rides free only "
             "whole, in one frame whose high part the global path codes and whose bits-back "
             "sampling absorbs at least the payload's length; otherwise as with classical paths."
         )
