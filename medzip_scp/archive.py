@@ -52,7 +52,7 @@ from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
-from medzip_scp.index.identity import identity_differences
+from medzip_scp.index.identity import index_identity_mismatch
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
@@ -264,6 +264,11 @@ def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobSto
         for folder in blobs.folders()
         for key in _unindexed_blobs(blobs, sessions, folder)
     )
+
+
+def attributes_of(part10: bytes) -> InstanceAttributes:
+    """The index attributes of a Part-10 object (read up to its pixels)."""
+    return attributes_from_dataset(load_dataset(part10, stop_before_pixels=True))
 
 
 def _open_identity_keys(
@@ -804,14 +809,10 @@ class Archive:
     def _check_index_identity(self, instance: Instance, part10: bytes) -> None:
         """The index row's patient, study and series say what the sealed data set says
         (``[identity] check_on_retrieve``; strict: see the setting)."""
-        sealed = attributes_from_dataset(load_dataset(part10, stop_before_pixels=True))
         with self.read_sessions() as session:
-            differing = identity_differences(session, instance.id, sealed)
-        if differing:
-            raise InstanceIntegrityError(
-                instance.sop_instance_uid,
-                f"index row differs from the sealed identity ({', '.join(differing)})",
-            )
+            mismatch = index_identity_mismatch(session, instance.id, attributes_of(part10))
+        if mismatch is not None:
+            raise InstanceIntegrityError(instance.sop_instance_uid, mismatch)
 
     def _decode(self, codec_id: str, blob: bytes) -> bytes:
         codec = self.codecs.get(codec_id)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from medzip_scp.index.ingest import InstanceAttributes
 from medzip_scp.index.models import Instance, Patient, Series, Study
 
-__all__ = ["identity_differences", "study_instances"]
+__all__ = ["identity_differences", "index_identity_mismatch", "study_instances"]
 
 # (keyword, index column, InstanceAttributes field): what identifies whose image this is
 _COMPARED = (
@@ -77,6 +77,20 @@ def identity_differences(
         ):
             differing.append(keyword)
     return differing
+
+
+def index_identity_mismatch(
+    session: Session,
+    instance_id: int,
+    sealed: InstanceAttributes,
+    study_sealed: Iterable[InstanceAttributes] = (),
+) -> str | None:
+    """What ``medzip verify`` and retrieval say when :func:`identity_differences` finds
+    some (the keywords, never a value); None when there are none."""
+    differing = identity_differences(session, instance_id, sealed, study_sealed)
+    if not differing:
+        return None
+    return f"index row differs from the sealed identity ({', '.join(differing)})"
 
 
 def study_instances(session: Session, instance_ids: Iterable[int]) -> dict[int, list[int]]:

@@ -47,11 +47,12 @@ from medzip_scp.archive import (
     BlobClaim,
     IdentityCodec,
     Part10Codec,
+    attributes_of,
     claim_of,
     codec_blob_claim,
 )
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
-from medzip_scp.dicom.part10 import InvalidObjectError, file_meta_of, load_dataset
+from medzip_scp.dicom.part10 import InvalidObjectError, file_meta_of
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
 from medzip_scp.identity.payload import (
     IdentityRecord,
@@ -64,7 +65,6 @@ from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
     add_instance,
-    attributes_from_dataset,
     get_instance,
     replace_instance,
 )
@@ -310,7 +310,7 @@ def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, dict[
     else:
         original = archive.codecs[codec_id].decode(blob)
     offset, transfer_syntax_uid = file_meta_of(original)
-    attrs = attributes_from_dataset(load_dataset(original, stop_before_pixels=True))
+    attrs = attributes_of(original)
     if attrs.sop_instance_uid != uid:
         raise _NotIndexed(
             Verdict.TAMPERED, f"holds instance {attrs.sop_instance_uid}, sealed for {uid}"

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError
-from medzip_scp.dicom.part10 import load_dataset
+from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError, attributes_of
 from medzip_scp.identity.instance import Verdict
-from medzip_scp.index.identity import identity_differences, study_instances
-from medzip_scp.index.ingest import InstanceAttributes, attributes_from_dataset
+from medzip_scp.index.identity import index_identity_mismatch, study_instances
+from medzip_scp.index.ingest import InstanceAttributes
 from medzip_scp.index.models import Instance, Series, Study
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
@@ -139,9 +138,7 @@ def _verify_study(
             continue
         verdicts[instance.id] = (Verdict.OK, "")
         with contextlib.suppress(Exception):  # an attribute pydicom cannot read: not compared
-            received[instance.id] = attributes_from_dataset(
-                load_dataset(part10, stop_before_pixels=True)
-            )
+            received[instance.id] = attributes_of(part10)
     with archive.read_sessions() as session:
         for instance in members:
             sealed = received.get(instance.id)
@@ -150,12 +147,9 @@ def _verify_study(
             if instance.codec_id != IdentityCodec.codec_id:
                 continue  # not sealed yet: its original is checked against ingest's hashes
             others = [attrs for other, attrs in received.items() if other != instance.id]
-            differing = identity_differences(session, instance.id, sealed, others)
-            if differing:
-                verdicts[instance.id] = (
-                    Verdict.TAMPERED,
-                    f"index row differs from the sealed identity ({', '.join(differing)})",
-                )
+            mismatch = index_identity_mismatch(session, instance.id, sealed, others)
+            if mismatch is not None:
+                verdicts[instance.id] = (Verdict.TAMPERED, mismatch)
     return {i: verdict for i, verdict in verdicts.items() if i in selected}
 
 
