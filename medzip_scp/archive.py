@@ -854,8 +854,7 @@ class Archive:
                 if not self._crash_leftover(key):
                     kept += 1
                 elif self.blobs.age_seconds(key) >= min_age:
-                    self._remove_orphan(key)
-                    removed += 1
+                    removed += self._remove_orphan(key)
                 else:
                     young.append(key)
         if young and wait:
@@ -865,8 +864,7 @@ class Archive:
                 for key in young:
                     # a C-STORE renews its blob before each commit attempt: age again
                     if key in still and self.blobs.age_seconds(key) >= min_age:
-                        self._remove_orphan(key)
-                        removed += 1
+                        removed += self._remove_orphan(key)
         if removed:
             log.warning(
                 "set aside %d blobs no index row names in %s (written, never indexed: a crash "
@@ -912,19 +910,24 @@ class Archive:
             return False
         with self.read_sessions() as session:
             named = [
-                key
+                named_key
                 for table in (Instance, SupersededInstance)
-                for key in session.scalars(
+                for named_key in session.scalars(
                     select(table.blob_key).where(table.sop_instance_uid == uid)
                 )
             ]
-        return bool(named) and all(self.blobs.exists(key) for key in named)
+        return bool(named) and all(self.blobs.exists(named_key) for named_key in named)
 
     def _unindexed_blobs(self, folder: str) -> set[str]:
         return _unindexed_blobs(self.blobs, self.read_sessions, folder)
 
-    def _remove_orphan(self, key: str) -> None:
-        log.info("set aside unindexed blob %s: %s", key, self.blobs.set_aside(key))
+    def _remove_orphan(self, key: str) -> int:
+        """Set one blob aside; 1 if it was, 0 if it was gone already."""
+        where = self.blobs.set_aside(key)
+        if where is None:
+            return 0
+        log.info("set aside unindexed blob %s: %s", key, where)
+        return 1
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""

@@ -285,14 +285,18 @@ class LocalBlobStore:
     SET_ASIDE = "set-aside"
     """Folder (under the store's root) of blobs taken out of the store but not deleted."""
 
-    def set_aside(self, key: str) -> Path:
-        """Move a blob out of the store into ``root/set-aside`` (durably); returns where.
-        It still opens there under its key (an admin moves it back to index it again)."""
+    def set_aside(self, key: str) -> Path | None:
+        """Move a blob out of the store into ``root/set-aside`` (durably); returns where, or
+        None when it is gone already. It still opens there under its key (an admin moves it
+        back to index it again)."""
         source = self._path(key)
         folder = self.root / self.SET_ASIDE
         folder.mkdir(mode=0o700, exist_ok=True)
         target = folder / key
-        os.replace(source, target)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:  # deleted meanwhile (a compression swap removes originals)
+            return None
         _fsync(folder, os.O_DIRECTORY)
         _fsync(source.parent, os.O_DIRECTORY)
         return target
