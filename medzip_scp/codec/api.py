@@ -522,15 +522,19 @@ def _is_free_bits_carrier(r: FrameRecord) -> bool:
     return r.path == _FREE_BITS_PATH and r.split_planes == 0
 
 
-def _free_bit_counts(capacities: Sequence[int], free: int) -> list[int]:
-    """Bits of the first ``free`` payload bytes each flush slot carries, in order."""
-    left = 8 * free
+def _fill(capacities: Sequence[int], amount: int) -> list[int]:
+    """How much of ``amount`` each place holds, filled in order up to its capacity."""
     out = []
     for capacity in capacities:
-        take = min(capacity, left)
+        take = min(capacity, amount)
         out.append(take)
-        left -= take
+        amount -= take
     return out
+
+
+def _free_bit_counts(capacities: Sequence[int], free: int) -> list[int]:
+    """Bits of the first ``free`` payload bytes each flush slot carries, in order."""
+    return _fill(capacities, 8 * free)
 
 
 def _carry_free_bits(streams: bytearray, slots: Sequence[FlushSlot], payload: bytes) -> int:
@@ -573,12 +577,7 @@ def _spread_lengths(length: int, records: Sequence[FrameRecord]) -> list[int]:
     if not records:
         return []
     share = -(-length // len(records))
-    out = []
-    for r in records:
-        take = min(share, r.stream_bytes, length)
-        out.append(take)
-        length -= take
-    return out
+    return _fill([min(share, r.stream_bytes) for r in records], length)
 
 
 def _segment_offset(r: FrameRecord) -> int:
