@@ -203,7 +203,9 @@ def _verdicts(
     for members in studies.values():
         selected = {i for i in members if i in by_id}
         try:
-            verdicts = _verify_study(archive, _rows(archive, members), selected)
+            others = _rows(archive, [i for i in members if i not in by_id])  # not loaded yet
+            rows = sorted([by_id[i] for i in selected] + others, key=lambda row: row.id)
+            verdicts = _verify_study(archive, rows, selected)
         except Exception as exc:  # the database went away, say: report it, go on
             failure = (Verdict.UNREADABLE, f"could not be checked ({type(exc).__name__})")
             verdicts = dict.fromkeys(selected, failure)
