@@ -93,7 +93,6 @@ __all__ = [
     "compress",
     "decompress",
     "describe",
-    "read_dataset_rest",
     "read_dataset_rest_and_payload",
 ]
 
@@ -943,24 +942,17 @@ def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
     raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
 
 
-def read_dataset_rest(blob: bytes) -> bytes:
-    """Return the opaque dataset bytes of a blob without decoding its pixels.
-
-    All checksums are validated as in :func:`decompress`.
+def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
+    """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels.
+    The payload is ``b""`` when the blob carries none, and None when some of it rides in
+    the frames' coded bits (mode BITS_BACK, and mode SPREAD's free bits): only
+    :func:`decompress` gives it then. All checksums are validated as in :func:`decompress`.
 
     Raises
     ------
     CorruptStreamError, UnknownModelError, UnsupportedFormatError
         As :func:`decompress`.
     """
-    return _unpack_dataset(_parse(blob).by_type[SectionType.DATASET])
-
-
-def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
-    """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels.
-    The payload is ``b""`` when the blob carries none, and None when some of it rides in
-    the frames' coded bits (mode BITS_BACK, and mode SPREAD's free bits): only
-    :func:`decompress` gives it then. Checks and raises as :func:`read_dataset_rest`."""
     parsed = _parse(blob)
     mode, payload, _ = _unpack_payload(parsed)
     rest = _unpack_dataset(parsed.by_type[SectionType.DATASET])

@@ -43,7 +43,6 @@ from medzip_scp.codec.api import (
     compress,
     decompress,
     describe,
-    read_dataset_rest,
     read_dataset_rest_and_payload,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
@@ -455,7 +454,7 @@ def blob_info(blob: bytes) -> dict[str, Any]:
         As :func:`decode_blob`.
     """
     codec = describe(blob)
-    head = _read_head(read_dataset_rest(blob))
+    head = _read_head(read_dataset_rest_and_payload(blob)[0])
     return {
         "mode": head.mode.name.lower(),
         "reason": head.reason or None,
