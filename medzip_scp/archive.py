@@ -79,8 +79,8 @@ log = logging.getLogger(__name__)
 class InstanceCodec(Protocol):
     """Turns a complete Part-10 object into the blob the store keeps, and back, bit-exact.
 
-    ``encode`` decodes its blob and compares it with its input before returning it (verify
-    before replace); ``verify=False`` is for a caller that does exactly that itself (the
+    ``encode`` decodes its blob once and compares it with its input before returning it
+    (verify before replace); ``verify=False`` is for a caller that does exactly that itself (the
     compression worker), so that a blob is decoded once."""
 
     codec_id: str

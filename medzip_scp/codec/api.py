@@ -1,7 +1,8 @@
 """The codec's only import surface: :func:`compress`, :func:`decompress`, :func:`describe`.
 
 Per frame, every available lossless path is tried on the frame's values and the smallest one
-that decodes back exactly is kept (verify before choose). Values are prepared losslessly
+that decodes back exactly is kept (verify before choose; or, with ``verify=False``, the
+smallest, when the caller decodes the whole blob once instead). Values are prepared losslessly
 before a path sees them:
 
 1. the stored word is split at ``value_bits`` (Bits Stored): the low bits are the pixel
@@ -18,7 +19,7 @@ after decoding: a blob never decodes to wrong pixels silently.
 
 Learned split frames
 --------------------
-With ``learned`` options (the default), a single-sample frame of 2..16 bits may instead be
+With ``learned`` options (off by default), a single-sample frame of 2..16 bits may instead be
 coded split at bit plane ``s`` (1..4): the high part by ``pred`` or the global path, the low
 part by the local path (:mod:`medzip_scp.codec.learned.paths` documents which ``s`` is tried
 and why). The split is chosen only when its verified size is below the best verified
@@ -100,7 +101,7 @@ DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
 """Paths tried per frame, in tie-break order. ``constant`` and ``verbatim`` are always added."""
 
 DEFAULT_LEARNED = LearnedOptions()
-"""Learned split frames as :func:`compress` tries them by default."""
+"""Learned split frames as :func:`compress` tries them when asked (``learned=``)."""
 
 ProgressCallback = Callable[[int, int], None]
 _PAYLOAD_V2 = struct.Struct("<BII")
@@ -207,27 +208,31 @@ def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
 
 
 def _best_stream(
-    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath]
+    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath], verify: bool
 ) -> tuple[PixelPath, bytes, list[FlushSlot]]:
-    """Encode with every path, then return the smallest one that decodes back exactly, with
-    the flush slots its verifying decode found (a :class:`CarrierPath`'s; else none)."""
-    coded: list[tuple[int, int, PixelPath, bytes]] = []
+    """Encode with every path and return the smallest, with the flush slots its encoder left
+    (a :class:`CarrierPath`'s; else none). With ``verify`` the smallest that decodes back
+    exactly; without, the smallest, unchecked (the caller decodes the whole blob)."""
+    coded: list[tuple[int, int, PixelPath, bytes, list[FlushSlot]]] = []
     for order, path in enumerate(paths):
-        try:
-            data = path.encode(values, nbits)
-        except Exception:  # a path that cannot take this input is simply not a candidate
-            data = None
-        if data is not None:
-            coded.append((len(data), order, path, data))
-    coded.sort(key=lambda c: (c[0], c[1]))
-    shape = tuple(values.shape)
-    for _, _, path, data in coded:
         slots: list[FlushSlot] = []
         try:
             if isinstance(path, CarrierPath):
-                back, slots = path.decode_carrying(data, shape, nbits)  # type: ignore[arg-type]
+                carried = path.encode_carrying(values, nbits)
+                data, slots = carried if carried is not None else (None, [])
             else:
-                back = path.decode(data, shape, nbits)  # type: ignore[arg-type]
+                data = path.encode(values, nbits)
+        except Exception:  # a path that cannot take this input is simply not a candidate
+            data = None
+        if data is not None:
+            coded.append((len(data), order, path, data, slots))
+    coded.sort(key=lambda c: (c[0], c[1]))
+    if coded and not verify:
+        return coded[0][2], coded[0][3], coded[0][4]
+    shape = tuple(values.shape)
+    for _, _, path, data, slots in coded:
+        try:
+            back = path.decode(data, shape, nbits)  # type: ignore[arg-type]
         except Exception:
             continue
         if back.shape == values.shape and np.array_equal(back, values):
@@ -245,6 +250,7 @@ class _EncodeContext:
     store: ModelStore
     payload: bytes
     models: list[ModelRef]
+    verify: bool = True
     payload_frame: int | None = None
     flush_slots: list[FlushSlot] = field(default_factory=list)
 
@@ -314,7 +320,7 @@ def _encode_frame(
         shifted = lo - offsets
         nbits = int(shifted.max()).bit_length()
         values = shifted.astype(values_dtype(nbits))
-        path, data, slots = _best_stream(values, nbits, paths)
+        path, data, slots = _best_stream(values, nbits, paths, ctx.verify)
         split = _try_split(values, nbits, len(data), ctx)
         res_data: bytes | None = None
         if hi is not None:
@@ -322,9 +328,10 @@ def _encode_frame(
             res_vals = hi.astype(values_dtype(res_bits))
             res_data = _RESIDUAL.encode(res_vals, res_bits)
             assert res_data is not None
-            back = _RESIDUAL.decode(res_data, layout.frame_shape, res_bits)
-            if not np.array_equal(back, res_vals):
-                raise CodecError("residual stream did not decode back exactly")
+            if ctx.verify:
+                back = _RESIDUAL.decode(res_data, layout.frame_shape, res_bits)
+                if not np.array_equal(back, res_vals):
+                    raise CodecError("residual stream did not decode back exactly")
         res_len = len(res_data) if res_data is not None else 0
         carry = len(ctx.payload) if ctx.payload_frame is None else 0
         cost = len(data) + carry + res_len
@@ -414,9 +421,10 @@ def compress(
     *,
     payload: bytes = b"",
     paths: Sequence[str] = DEFAULT_PATHS,
-    learned: LearnedOptions | None = DEFAULT_LEARNED,
+    learned: LearnedOptions | None = None,
     models: ModelStore | None = None,
     progress: ProgressCallback | None = None,
+    verify: bool = True,
 ) -> bytes:
     """Code pixel frames and opaque non-pixel bytes into one blob, losslessly.
 
@@ -436,13 +444,20 @@ def compress(
         Classical path ids to try per frame, in tie-break order (``constant`` and
         ``verbatim`` are always added).
     learned
-        How learned split frames are tried (:class:`LearnedOptions`); ``None``: classical
-        paths only. Ignored (classical only) when torch or the named models are not
+        How learned split frames are tried (:class:`LearnedOptions`, e.g.
+        :data:`DEFAULT_LEARNED`); ``None`` (default): classical paths only. Ignored
+        (classical only) when torch or the named models are not
         installed, unless ``learned.force_split`` is set.
     models
         Where models are loaded from (default: the repository's ``models/``).
     progress
         Called as ``progress(done_frames, total_frames)`` after each frame.
+    verify
+        Decode each frame's smallest candidate stream and compare before choosing it (the
+        next smallest when it differs). ``False``: choose the smallest unchecked; the caller
+        must then decode the whole blob and compare before trusting it, and code again with
+        ``verify`` on when that fails (:func:`medzip_scp.dicom.blob.encode_dataset`): one
+        decode instead of two. Learned split streams are always verified.
 
     Returns
     -------
@@ -461,6 +476,9 @@ def compress(
 
     .. versionchanged:: 0.3
         Format version 3 (compact model table and layout, empty sections left out).
+
+    .. versionchanged:: 0.4
+        ``verify``; ``learned`` defaults to ``None`` (the learned paths saved under 2 %).
     """
     candidates = _candidate_paths(paths)
     store = models if models is not None else default_store()
@@ -470,7 +488,7 @@ def compress(
         if not learned_available(store, learned):
             log.info("learned paths unavailable (torch or models not installed): classical only")
             learned = None
-    ctx = _EncodeContext(learned, store, bytes(payload), [])
+    ctx = _EncodeContext(learned, store, bytes(payload), [], verify)
     streams = bytearray()
     records: list[FrameRecord] = []
     sections = []
@@ -842,6 +860,12 @@ def decompress(
         Local-path chunks decoded per network batch (speed and memory only; never the result).
     progress
         Called as ``progress(done_frames, total_frames)`` after each frame.
+    verify
+        Decode each frame's smallest candidate stream and compare before choosing it (the
+        next smallest when it differs). ``False``: choose the smallest unchecked; the caller
+        must then decode the whole blob and compare before trusting it, and code again with
+        ``verify`` on when that fails (:func:`medzip_scp.dicom.blob.encode_dataset`): one
+        decode instead of two. Learned split streams are always verified.
 
     Returns
     -------

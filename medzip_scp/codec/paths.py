@@ -71,6 +71,13 @@ class PixelPath(Protocol):
 class CarrierPath(PixelPath, Protocol):
     """A path whose streams end in arithmetic-coder flushes that carry bits for free."""
 
+    def encode_carrying(
+        self, values: npt.NDArray[np.unsignedinteger], nbits: int
+    ) -> tuple[bytes, list[FlushSlot]] | None:
+        """:meth:`encode`, and the flush slots of its bytes as the encoder left them (what
+        :meth:`decode_carrying` finds in them)."""
+        ...
+
     def decode_carrying(
         self, data: bytes, shape: tuple[int, int, int], nbits: int
     ) -> tuple[npt.NDArray[np.unsignedinteger], list[FlushSlot]]:
@@ -208,13 +215,23 @@ class PredictivePath:
     name = "pred"
 
     def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        coded = self.encode_carrying(values, nbits)
+        return None if coded is None else coded[0]
+
+    def encode_carrying(
+        self, values: npt.NDArray[np.unsignedinteger], nbits: int
+    ) -> tuple[bytes, list[FlushSlot]] | None:
         if not 1 <= nbits <= 16:
             return None
-        parts = []
+        out = bytearray()
+        slots: list[FlushSlot] = []
         for sample in range(values.shape[2]):
-            stream = predictive.encode_frame(values[:, :, sample], nbits)
-            parts.append(struct.pack("<I", len(stream)) + stream)
-        return b"".join(parts)
+            stream, slot = predictive.encode_frame_slot(values[:, :, sample], nbits)
+            out += struct.pack("<I", len(stream))
+            if slot is not None:
+                slots.append(replace(slot, offset=len(out) + slot.offset))
+            out += stream
+        return bytes(out), slots
 
     def decode(
         self, data: bytes, shape: tuple[int, int, int], nbits: int

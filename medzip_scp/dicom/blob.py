@@ -22,10 +22,13 @@ The blob also records the sha256 and length of the original file, checked on dec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import logging
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -46,6 +49,8 @@ from medzip_scp.codec.api import (
     read_dataset_rest_and_payload,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BlobMode", "blob_info", "decode_blob", "encode_dataset", "open_blob", "peek_blob"]
 
@@ -287,12 +292,16 @@ def _read_head(rest: bytes) -> _Head:
     return _Head(bmode, sha, length, bool(big), prefix_len, tail_len, pad, ts, reason, pos)
 
 
-def _encode(part10: bytes, learned: LearnedOptions | None, payload: bytes) -> bytes:
+def _encode(
+    part10: bytes, learned: LearnedOptions | None, payload: bytes, verify_frames: bool
+) -> bytes:
     try:
         native = _analyse(part10)
     except _Fallback as fb:
         rest = _head(fb.mode, part10, transfer_syntax=fb.transfer_syntax, reason=fb.reason)
-        return compress(None, rest + part10, learned=learned, payload=payload)
+        return compress(
+            None, rest + part10, learned=learned, payload=payload, verify=verify_frames
+        )
     start = native.value_offset
     pix_end = start + native.pixel_bytes
     value_end = start + native.value_length
@@ -311,11 +320,19 @@ def _encode(part10: bytes, learned: LearnedOptions | None, payload: bytes) -> by
         transfer_syntax=native.transfer_syntax,
     )
     rest += part10[:start] + part10[pix_end:value_end] + part10[value_end:]
-    return compress(frames, rest, learned=learned, payload=payload)
+    return compress(frames, rest, learned=learned, payload=payload, verify=verify_frames)
+
+
+BlobCheck = Callable[[bytes], None]
+"""Checks a new blob against what it was made from; raises :class:`CodecError` when it differs."""
 
 
 def encode_dataset(
-    part10: bytes, learned: LearnedOptions | None = None, payload: bytes = b"", verify: bool = True
+    part10: bytes,
+    learned: LearnedOptions | None = None,
+    payload: bytes = b"",
+    verify: bool = True,
+    check: BlobCheck | None = None,
 ) -> bytes:
     """Code a complete DICOM Part-10 file into a blob, verified by decoding it.
 
@@ -333,8 +350,16 @@ def encode_dataset(
         Opaque (encrypted) bytes the codec carries in the pixel streams
         (:func:`medzip_scp.codec.api.compress`); :func:`open_blob` returns them.
     verify
-        Decode the blob and compare (default). Only a caller that verifies the blob itself
-        right after (:func:`medzip_scp.identity.instance.seal_instance`) turns it off.
+        Check the blob once, whole (default): decode it and compare with ``part10`` and
+        ``payload``, or run ``check``. The codec does not also decode each frame's stream:
+        only when this check fails is the blob coded again with every frame's stream
+        verified before it is chosen (a path whose decoder disagrees with its encoder is
+        then passed over), and checked again. ``False``: unchecked, for a caller that
+        decodes and compares it itself (the compression worker) and calls again with
+        ``verify`` on when that fails.
+    check
+        Replaces the comparison (:func:`medzip_scp.identity.instance.seal_instance` opens
+        the blob with every identity check).
 
     Returns
     -------
@@ -348,9 +373,22 @@ def encode_dataset(
         must then keep the original).
     """
     part10 = bytes(part10)
-    blob = _encode(part10, learned, payload)
+    blob = _encode(part10, learned, payload, verify_frames=False)
     if not verify:
         return blob
+    if check is None:
+        check = functools.partial(_check_round_trip, part10, payload)
+    try:
+        check(blob)
+        return blob
+    except CodecError as exc:
+        log.warning("new blob failed its check (%s): coding it again, every frame verified", exc)
+    blob = _encode(part10, learned, payload, verify_frames=True)
+    check(blob)
+    return blob
+
+
+def _check_round_trip(part10: bytes, payload: bytes, blob: bytes) -> None:
     try:
         restored, carried = open_blob(blob)
     except CodecError as exc:
@@ -363,7 +401,6 @@ def encode_dataset(
             f"(sha256 expected {hashlib.sha256(part10).hexdigest()}, "
             f"actual {hashlib.sha256(restored).hexdigest()})"
         )
-    return blob
 
 
 def decode_blob(blob: bytes) -> bytes:

@@ -82,8 +82,9 @@ def seal_instance(
 ) -> bytes:
     """A blob of ``part10`` whose identifying elements are only in its sealed payload;
     ``archived_at_us`` is when the node received it (microseconds since the epoch; default
-    now). It is opened again, every check included, and compared with ``part10`` unless
-    ``verify`` is off (for a caller that decodes and compares it itself).
+    now). It is opened again, every check included, and compared with ``part10`` (the one
+    decode that verifies it: :func:`~medzip_scp.dicom.blob.encode_dataset`) unless ``verify``
+    is off (for a caller that decodes and compares it itself).
 
     Raises
     ------
@@ -102,19 +103,20 @@ def seal_instance(
         rest_sha256=cut.rest_sha256,
         removed=cut.removed,
     )
-    # verified once, below (opening decodes every frame and checks the whole round trip),
-    # or by the caller (``verify=False``)
     sealed = seal_payload(record, keyring)
-    blob = encode_dataset(cut.stored, learned, payload=sealed, verify=False)
-    if not verify:
-        return blob
-    try:
-        opened = open_instance(blob, keyring, uids[2])
-    except IdentityCheckError as exc:
-        raise CodecError(f"verification failed: {exc.reason}") from None
-    if opened.part10 != part10:
-        raise CodecError("verification failed: the original did not come back")
-    return blob
+
+    def opens_to_original(blob: bytes) -> None:
+        # verified once: opening decodes every frame and checks the whole round trip
+        try:
+            opened = open_instance(blob, keyring, uids[2])
+        except IdentityCheckError as exc:
+            raise CodecError(f"verification failed: {exc.reason}") from None
+        if opened.part10 != part10:
+            raise CodecError("verification failed: the original did not come back")
+
+    return encode_dataset(
+        cut.stored, learned, payload=sealed, verify=verify, check=opens_to_original
+    )
 
 
 def stored_object(blob: bytes) -> tuple[bytes, bytes]:

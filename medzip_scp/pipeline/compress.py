@@ -2,8 +2,9 @@
 
 C-STORE acknowledges the original as received (fast, durable). This worker then, per instance:
 1. reads the original and encodes it with the archive's compressing codec;
-2. decodes the new blob (once: the codec does not verify it as well) and compares it with
-   the original byte for byte;
+2. decodes the new blob (once: the codec does not decode each frame's stream as well) and
+   compares it with the original byte for byte; when they differ, the codec codes it again
+   verifying every frame's stream (``verify=True``) and the result is compared again;
 3. writes the new blob durably, then swaps the index row to it in one committed UPDATE that
    only succeeds if the row still points at the original (a concurrent replace wins);
 4. deletes the original blob only after that commit.
@@ -72,6 +73,12 @@ def pending_ids(archive: Archive, limit: int, shard: Shard = (0, 1)) -> list[int
         return list(session.scalars(query.order_by(Instance.id).limit(limit)))
 
 
+def _encode(codec: InstanceCodec, original: bytes, row: Instance, verify: bool) -> bytes:
+    if isinstance(codec, IdentityCodec):  # its payload records when the row arrived
+        return codec.encode(original, verify=verify, received_at=row.received_at)
+    return codec.encode(original, verify=verify)
+
+
 def compress_instance(
     archive: Archive, codec: InstanceCodec, instance_id: int, summary: CompressionSummary
 ) -> None:
@@ -87,12 +94,12 @@ def compress_instance(
         # compressed (and its damage never made permanent by the swap).
         original = archive.load_part10(row)
         # verified here, once, whatever the codec: decoded and compared byte for byte
-        if isinstance(codec, IdentityCodec):  # its payload records when the row arrived
-            blob = codec.encode(original, verify=False, received_at=row.received_at)
-        else:
-            blob = codec.encode(original, verify=False)
+        blob = _encode(codec, original, row, verify=False)
         if codec.decode(blob) != original:
-            raise ValueError("decoded blob differs from the original")
+            log.warning("new blob of %s differs from the original: coding it again", sop_uid)
+            blob = _encode(codec, original, row, verify=True)
+            if codec.decode(blob) != original:
+                raise ValueError("decoded blob differs from the original")
     except Exception as exc:
         # Keep the original; mark it so the worker does not retry forever.
         reason = f"{type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from medzip_scp.codec.api import (
+    DEFAULT_LEARNED,
     FrameSet,
     LearnedOptions,
     PixelLayout,
@@ -194,7 +195,7 @@ def test_unregistered_model_or_hash_raises_unknown_model(forced_pred_blob: bytes
 
 
 def test_compress_without_installed_models_is_classical(small: FrameSet, tmp_path: Path) -> None:
-    blob = compress(small, models=ModelStore(root=tmp_path))
+    blob = compress(small, models=ModelStore(root=tmp_path), learned=DEFAULT_LEARNED)
     assert describe(blob)["format_version"] == 3
     assert compress(small, learned=None) == blob
     with pytest.raises(UnknownModelError):
@@ -203,8 +204,8 @@ def test_compress_without_installed_models_is_classical(small: FrameSet, tmp_pat
 
 def test_never_worse_than_classical() -> None:
     for fs in (_fs(_frame(64)), _fs(_frame(96, seed=5, bits=16), bits=16)):
-        learned = compress(fs)
-        classical = compress(fs, learned=None)
+        learned = compress(fs, learned=DEFAULT_LEARNED)
+        classical = compress(fs)
         assert len(learned) <= len(classical)
         _roundtrip(learned, fs)
 

@@ -21,7 +21,10 @@ from pydicom.uid import (
 )
 
 from medzip_scp.codec.api import LearnedOptions, decompress
+from medzip_scp.codec import predictive
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
+from medzip_scp.codec.paths import PredictivePath
+from medzip_scp.codec.predictive import FlushSlot
 from medzip_scp.dicom import blob as blob_module
 from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset, open_blob, peek_blob
 from tests.data_paths import PYDICOM_FILES, SHARED_DATA
@@ -295,6 +298,57 @@ def test_encode_verifies_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blob_module, "open_blob", damaged)
     with pytest.raises(CodecError, match="verification failed"):
         encode_dataset(data)
+
+
+def _count_pred_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    for name in ("decode_frame", "decode_frame_slot"):
+        real = getattr(predictive, name)
+
+        def counting(*args: object, _real: Callable[..., object] = real) -> object:
+            calls[0] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(predictive, name, counting)
+    return calls
+
+
+def test_a_blob_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verify once: the whole blob is decoded and compared; the codec does not decode each
+    frame's chosen stream as well (it did: two decodes of every frame)."""
+    data = (PYDICOM_FILES / "CT_small.dcm").read_bytes()
+    calls = _count_pred_decodes(monkeypatch)
+    blob = encode_dataset(data)
+    assert blob_info(blob)["codec"]["frames"][0]["path"] == "pred"
+    assert calls[0] == 1
+    assert decode_blob(blob) == data
+
+
+def test_a_stream_that_does_not_decode_back_is_passed_over(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the one check of the whole blob fails (here pred-v2's encoder codes another
+    frame than it was given), the blob is coded again with every frame's stream verified
+    before it is chosen: another path takes the frame and the result is exact."""
+    data = (PYDICOM_FILES / "CT_small.dcm").read_bytes()
+    real = PredictivePath.encode_carrying
+
+    def lying(
+        self: PredictivePath, values: npt.NDArray[np.unsignedinteger], nbits: int
+    ) -> tuple[bytes, list[FlushSlot]] | None:
+        other = values.copy()
+        other[0, 0, 0] ^= 1
+        return real(self, other, nbits)
+
+    monkeypatch.setattr(PredictivePath, "encode_carrying", lying)
+    unchecked = encode_dataset(data, verify=False)
+    with pytest.raises(CodecError):
+        decode_blob(unchecked)
+    with caplog.at_level("WARNING"):
+        blob = encode_dataset(data)
+    assert "coding it again" in caplog.text
+    assert decode_blob(blob) == data
+    assert blob_info(blob)["codec"]["frames"][0]["path"] != "pred"
 
 
 def test_learned_paths_are_opt_in_and_decode() -> None:
