@@ -299,9 +299,7 @@ def _encode(
         native = _analyse(part10)
     except _Fallback as fb:
         rest = _head(fb.mode, part10, transfer_syntax=fb.transfer_syntax, reason=fb.reason)
-        return compress(
-            None, rest + part10, learned=learned, payload=payload, verify=verify_frames
-        )
+        return compress(None, rest + part10, learned=learned, payload=payload, verify=verify_frames)
     start = native.value_offset
     pix_end = start + native.pixel_bytes
     value_end = start + native.value_length

@@ -20,8 +20,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medzip_scp.codec.api import LearnedOptions, decompress
 from medzip_scp.codec import predictive
+from medzip_scp.codec.api import LearnedOptions, decompress
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
 from medzip_scp.codec.paths import PredictivePath
 from medzip_scp.codec.predictive import FlushSlot
