@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,6 +47,10 @@ codec_app = typer.Typer(help="Encode, decode and inspect .mzp blobs.", no_args_i
 
 InArg = Annotated[Path, typer.Argument(exists=True, help="Input file or folder.")]
 OutArg = Annotated[Path, typer.Argument(help="Output file or folder.")]
+JobsOption = Annotated[
+    int,
+    typer.Option("--jobs", "-j", min=0, help="Files coded at once (0, the default: one per CPU)."),
+]
 IdentityKeysOption = Annotated[
     Path | None,
     typer.Option(
@@ -136,28 +141,47 @@ def _summary(title: str, rows: list[dict[str, Any]], is_folder: bool) -> None:
     Console(stderr=True).print(table)
 
 
+def default_jobs() -> int:
+    """Files coded at once: one per CPU this process may use (the codec's C core, OpenJPEG,
+    libjxl and CharLS release the GIL, so threads use the cores)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def _run(
     inp: Path,
     out: Path | None,
     want_suffix: str | None,
     label: str,
     work: Callable[[Path, Path | None], dict[str, Any]],
+    jobs: int = 1,
 ) -> None:
     files = _inputs(inp, want_suffix)
+
+    def one(src: Path) -> dict[str, Any]:
+        rel = src.name if inp.is_file() else str(src.relative_to(inp))
+        dst = None if out is None else _target(src, inp, out, encode=label == "encode")
+        t0 = time.perf_counter()
+        try:
+            record = {"file": rel, **work(src, dst)}
+        except (CodecError, OSError) as exc:
+            record = {"file": rel, "error": f"{type(exc).__name__}: {exc}"}
+        record.setdefault("seconds", round(time.perf_counter() - t0, 4))
+        return record
+
     rows: list[dict[str, Any]] = []
-    with _progress(len(files), label) as advance:
-        for src in files:
-            rel = src.name if inp.is_file() else str(src.relative_to(inp))
-            dst = None if out is None else _target(src, inp, out, encode=label == "encode")
-            t0 = time.perf_counter()
-            try:
-                record = {"file": rel, **work(src, dst)}
-            except (CodecError, OSError) as exc:
-                record = {"file": rel, "error": f"{type(exc).__name__}: {exc}"}
-            record.setdefault("seconds", round(time.perf_counter() - t0, 4))
-            rows.append(record)
-            _emit(record)
-            advance()
+    with (
+        _progress(len(files), label) as advance,
+        ThreadPoolExecutor(max(1, min(jobs, len(files) or 1))) as pool,
+    ):
+        try:
+            for record in pool.map(one, files):  # in input order
+                rows.append(record)
+                _emit(record)
+                advance()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            _summary(f"medzip codec {label} (interrupted)", rows, True)
+            raise
     _summary(f"medzip codec {label}", rows, inp.is_dir())
     if any("error" in r for r in rows):
         raise typer.Exit(code=1)
@@ -262,22 +286,24 @@ def encode(
         ),
     ] = False,
     identity_keys: IdentityKeysOption = None,
+    jobs: JobsOption = 0,
 ) -> None:
     """Encode DICOM file(s) into .mzp blob(s), each verified by decoding it; with
     --identity-keys, the identifying attributes are sealed inside (as the node does)."""
     options = DEFAULT_LEARNED if learned else None
     work = functools.partial(_encode_one, learned=options, keyring=_keyring(identity_keys))
-    _run(inp, out, None, "encode", work)
+    _run(inp, out, None, "encode", work, jobs or default_jobs())
 
 
 @codec_app.command("decode")
-def decode(inp: InArg, out: OutArg, identity_keys: IdentityKeysOption = None) -> None:
+def decode(
+    inp: InArg, out: OutArg, identity_keys: IdentityKeysOption = None, jobs: JobsOption = 0
+) -> None:
     """Decode .mzp blob(s) back into the original DICOM file(s), byte for byte. A blob with
     a sealed identity needs --identity-keys for that; without, its pixels still decode
     bit-exact and the file is written without the identifying attributes (reported)."""
-    _run(
-        inp, out, SUFFIX, "decode", functools.partial(_decode_one, keyring=_keyring(identity_keys))
-    )
+    work = functools.partial(_decode_one, keyring=_keyring(identity_keys))
+    _run(inp, out, SUFFIX, "decode", work, jobs or default_jobs())
 
 
 @codec_app.command("signature")

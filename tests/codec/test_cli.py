@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
+from medzip_scp.cli import codec as codec_cli
 from medzip_scp.cli.codec import codec_app
 
 PHI = "ZZCLI^SECRETNAME"
@@ -79,6 +81,36 @@ def test_folder_encode_decode_info(tmp_path: Path, tree: tuple[Path, dict[str, b
     assert info["mode"] == "native"
     assert PHI not in res.output
     assert pydicom.dcmread(tmp_path / "dec" / "a.dcm").PatientName == PHI
+
+
+def test_files_coded_at_once_give_the_same_blobs_in_input_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "in"
+    for i in range(6):
+        _write_dicom(src / f"f{i}.dcm", i)
+    runner = CliRunner()
+    one = runner.invoke(codec_app, ["encode", "-j", "1", str(src), str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    started: set[int] = set()
+    overlapped = threading.Event()
+    real = codec_cli.encode_dataset
+
+    def watched(data: bytes, learned: object) -> bytes:
+        started.add(threading.get_ident())
+        if len(started) > 1:
+            overlapped.set()
+        overlapped.wait(5)  # the first file waits until another thread codes one too
+        return real(data, learned)
+
+    monkeypatch.setattr(codec_cli, "encode_dataset", watched)
+    many = runner.invoke(codec_app, ["encode", "--jobs", "3", str(src), str(tmp_path / "many")])
+    assert many.exit_code == 0, many.output
+    assert overlapped.is_set(), "files were not coded at once"
+    assert [r["file"] for r in _lines(many.stdout)] == [f"f{i}.dcm" for i in range(6)]
+    for i in range(6):
+        name = f"f{i}.dcm.mzp"
+        assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
 
 def test_single_file_and_corrupt_blob(tmp_path: Path) -> None:
