@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medzip_scp.codec.api import DEFAULT_LEARNED
 from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
 from medzip_scp.dicom.equivalence import first_difference
@@ -482,6 +483,8 @@ class Archive:
         no error: the archive opens without it and reports the instances it cannot open.
         """
         data_dir = settings.storage.data_dir
+        if settings.pipeline.models_dir is not None:
+            use_models_folder(settings.pipeline.models_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
         if migrate:

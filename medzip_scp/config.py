@@ -227,6 +227,18 @@ class PipelineSettings(_Section):
         "(each blob replaces its original only after a bit-exact decode).",
     )
     poll_seconds: float = Field(2.0, gt=0, description="Idle wait between compression passes.")
+    models_dir: Path | None = Field(
+        None,
+        description="Folder of the learned codec's models (default: the installation's "
+        "models/); blobs coded with a learned path name the exact model they need.",
+    )
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"models folder {value} does not exist")
+        return value
 
 
 class IdentitySettings(_Section):
@@ -548,6 +560,7 @@ compress = true              # compress stored originals in the background (medz
                              # or run `medzip worker` processes and set this to false
 poll_seconds = 2.0
 learned = false              # also try the learned paths: 0.1-0.7 % smaller, 12-40x slower
+# models_dir = "/opt/medzip/models"  # learned models; default: the installation's models/
 
 [identity]
 # The patient's identifying attributes of every compressed instance are sealed (AES-256-GCM,

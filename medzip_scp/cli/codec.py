@@ -27,6 +27,7 @@ from rich.table import Table
 
 from medzip_scp.codec.api import DEFAULT_LEARNED, LearnedOptions
 from medzip_scp.codec.errors import CodecError
+from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.dicom.blob import blob_info, encode_dataset
 from medzip_scp.dicom.identifying import identifying_tags
 from medzip_scp.identity.instance import (
@@ -50,6 +51,12 @@ OutArg = Annotated[Path, typer.Argument(help="Output file or folder.")]
 JobsOption = Annotated[
     int,
     typer.Option("--jobs", "-j", min=0, help="Files coded at once (0, the default: one per CPU)."),
+]
+ModelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--models", help="Folder of the learned codec's models (default: the installed models/)."
+    ),
 ]
 IdentityKeysOption = Annotated[
     Path | None,
@@ -187,6 +194,16 @@ def _run(
         raise typer.Exit(code=1)
 
 
+def _use_models(folder: Path | None) -> None:
+    if folder is None:
+        return
+    try:
+        use_models_folder(folder)
+    except ValueError as exc:
+        typer.echo(f"medzip codec: --models: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _keyring(path: Path | None) -> IdentityKeyring | None:
     if path is None:
         return None
@@ -287,9 +304,11 @@ def encode(
     ] = False,
     identity_keys: IdentityKeysOption = None,
     jobs: JobsOption = 0,
+    models: ModelsOption = None,
 ) -> None:
     """Encode DICOM file(s) into .mzp blob(s), each verified by decoding it; with
     --identity-keys, the identifying attributes are sealed inside (as the node does)."""
+    _use_models(models)
     options = DEFAULT_LEARNED if learned else None
     work = functools.partial(_encode_one, learned=options, keyring=_keyring(identity_keys))
     _run(inp, out, None, "encode", work, jobs or default_jobs())
@@ -297,11 +316,16 @@ def encode(
 
 @codec_app.command("decode")
 def decode(
-    inp: InArg, out: OutArg, identity_keys: IdentityKeysOption = None, jobs: JobsOption = 0
+    inp: InArg,
+    out: OutArg,
+    identity_keys: IdentityKeysOption = None,
+    jobs: JobsOption = 0,
+    models: ModelsOption = None,
 ) -> None:
     """Decode .mzp blob(s) back into the original DICOM file(s), byte for byte. A blob with
     a sealed identity needs --identity-keys for that; without, its pixels still decode
     bit-exact and the file is written without the identifying attributes (reported)."""
+    _use_models(models)
     work = functools.partial(_decode_one, keyring=_keyring(identity_keys))
     _run(inp, out, SUFFIX, "decode", work, jobs or default_jobs())
 

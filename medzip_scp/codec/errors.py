@@ -49,5 +49,6 @@ class UnknownModelError(CodecError):
         super().__init__(
             f"blob was coded with model {model_id!r} (weights sha256 {model_sha256}, "
             f"adapter sha256 {adapter_sha256}), which is not installed; install the model "
-            f"whose manifest lists sha256 {model_sha256} under models/ to decode it"
+            f"whose manifest lists sha256 {model_sha256} in the models folder (models/, or "
+            "the one given by --models or [pipeline] models_dir) to decode it"
         )

@@ -245,9 +245,31 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_store() -> ModelStore:
-    """The process-wide store over :data:`DEFAULT_MODELS_ROOT` (created on first use)."""
+    """The process-wide store over :data:`DEFAULT_MODELS_ROOT`, or the folder given to
+    :func:`use_models_folder` (created on first use)."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
             _DEFAULT = ModelStore()
         return _DEFAULT
+
+
+def use_models_folder(root: Path) -> None:
+    """Load models from ``root`` from now on in this process (``medzip codec --models``,
+    ``[pipeline] models_dir``).
+
+    Raises
+    ------
+    ValueError
+        If ``root`` is not a folder (one line naming it).
+    """
+    global _DEFAULT
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(
+            f"models folder {root} does not exist: give the folder that holds the shipped "
+            "models (local-lm/, global-vae/; the repository's models/)"
+        )
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None or _DEFAULT.root != root:
+            _DEFAULT = ModelStore(root=root)

@@ -131,7 +131,9 @@ def stored_object(blob: bytes) -> tuple[bytes, bytes]:
     try:
         return open_blob(blob)
     except (UnknownModelError, UnsupportedFormatError) as exc:
-        raise IdentityCheckError(Verdict.UNREADABLE, f"blob needs {exc}") from None
+        raise IdentityCheckError(
+            Verdict.UNREADABLE, f"blob needs what this node lacks ({exc})"
+        ) from None
     except CodecError as exc:
         raise IdentityCheckError(
             Verdict.TAMPERED, f"coded stream fails its checks ({type(exc).__name__})"

@@ -9,12 +9,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydantic import ValidationError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 from medzip_scp.cli import codec as codec_cli
 from medzip_scp.cli.codec import codec_app
+from medzip_scp.codec.api import LearnedOptions
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, use_models_folder
+from medzip_scp.config import PipelineSettings
+from medzip_scp.dicom.blob import blob_info, encode_dataset
+from tests.data_paths import PYDICOM_FILES
 
 PHI = "ZZCLI^SECRETNAME"
 
@@ -198,3 +204,43 @@ def test_signature_checks_with_public_keys_only(tmp_path: Path, identity_files: 
     result = runner.invoke(codec_app, ["signature", str(plain), "--public-keys", ours])
     assert result.exit_code == 1
     assert "no identity payload" in _lines(result.output)[0]["error"]
+
+
+def test_models_folder_is_chosen_and_a_missing_model_is_named(tmp_path: Path) -> None:
+    data = (PYDICOM_FILES / "MR_small.dcm").read_bytes()
+    blob = tmp_path / "learned.mzp"
+    blob.write_bytes(encode_dataset(data, LearnedOptions(force_split=2)))
+    model_ids = [m["id"] for m in blob_info(blob.read_bytes())["codec"]["models"]]
+    runner = CliRunner()
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    try:
+        res = runner.invoke(
+            codec_app, ["decode", "--models", str(empty), str(blob), str(tmp_path / "x.dcm")]
+        )
+        assert res.exit_code == 1
+        (line,) = _lines(res.stdout)
+        assert "not installed" in line["error"]
+        assert any(m in line["error"] for m in model_ids)
+        assert "Traceback" not in res.output
+        res = runner.invoke(
+            codec_app,
+            ["decode", "--models", str(DEFAULT_MODELS_ROOT), str(blob), str(tmp_path / "y.dcm")],
+        )
+        assert res.exit_code == 0, res.output
+    finally:
+        use_models_folder(DEFAULT_MODELS_ROOT)
+    res = runner.invoke(codec_app, ["decode", str(blob), str(tmp_path / "y.dcm")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "y.dcm").read_bytes() == data
+    res = runner.invoke(
+        codec_app, ["decode", "--models", str(tmp_path / "nowhere"), str(blob), "z"]
+    )
+    assert res.exit_code == 1
+    assert "models folder" in res.output and "nowhere" in res.output
+
+
+def test_models_folder_setting_must_exist(tmp_path: Path) -> None:
+    assert PipelineSettings(models_dir=tmp_path).models_dir == tmp_path
+    with pytest.raises(ValidationError, match="models folder"):
+        PipelineSettings(models_dir=tmp_path / "missing")
