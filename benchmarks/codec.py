@@ -1,36 +1,49 @@
-"""Codec benchmark: medzip's pixel codec against JPEG-XL, JPEG-LS and JPEG 2000 lossless.
+"""Codec benchmark: medzip's whole blobs against JPEG-XL, JPEG-LS and JPEG 2000 lossless.
 
-    python benchmarks/codec.py [--data ../shared/data] [--limit N] [--no-write]
+    python benchmarks/codec.py [--data ../shared/data] [--limit N] [--jobs J]
+                               [--learned-limit N] [--no-write]
 
-Groups the lossless-origin images of ``--data`` by set (CT, MR-EPI, MR, CR/DX, other; lossy
-inputs, the deliberately broken ``*_bad`` file and files that do not decode are skipped), reads
-their pixels with pydicom (no rescale) and codes the same frames with
+Every lossless-origin DICOM file of ``--data`` (lossy inputs, the deliberately broken
+``*_bad`` file and files whose pixels do not decode are skipped) is grouped into a set and
+coded as a whole file, as the node stores it:
 
-* medzip (``medzip_scp.codec.api.compress``) twice, as whole blobs (container, index,
-  per-frame CRCs): with the adaptive learned split (the default: per frame the smallest
-  verified of the classical paths and, where the estimate says it can win, a split at s in
-  1..4 with pred-v2/global high part and local-path low part), and with classical paths only
-  (``learned=None``), so the learned gain is visible;
-* JPEG-XL lossless effort 9 and 7, JPEG-LS (CharLS), JPEG 2000 lossless (OpenJPEG), all via
-  imagecodecs on each frame shifted to start at 0 with its bit depth (uint8/uint16).
+* **medzip** with the default settings: ``encode_dataset`` (classical paths, candidates
+  chosen per frame by the gate, the whole blob decoded once and compared) and
+  ``decode_blob``, ``--jobs`` files at once (default: one per CPU), timed by wall clock;
+* **baselines** JPEG-XL lossless effort 9 and 7, JPEG-LS (CharLS) and JPEG 2000 lossless
+  (OpenJPEG), via imagecodecs, each frame shifted to start at 0 with its bit depth, plus the
+  rest of the file (everything but the pixel data) deflated (zlib level 9): what a store
+  of standard codec streams and a compressed header would keep. One thread, per frame.
 
-Reports pixel-weighted bits per pixel per set, encode/decode MPx/s over all sets, the share of
-frames that chose a split (s > 0), the decode time of a 512x512 CT slice (as chosen, and forced
-learned at s = 1), and checks that every round trip is exact. Replaces the "## Codec" section
-of ``benchmarks/RESULTS.md``.
+Encapsulated lossless inputs (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) are decoded with
+pydicom and written as native Explicit VR Little Endian files first, so every codec sees
+the same pixels (the node itself keeps such files as received, zstd over their fragments:
+the series issue recompresses them).
+
+Reports per set: bits per pixel of the whole files (total bytes x 8 / pixels) for each codec,
+medzip against the best baseline, the frames where a baseline's own stream is smaller than
+medzip's (and by how many bytes in all), medzip's encode and decode MPx/s (wall, ``--jobs``
+threads) and per CPU second; the learned path's own rows (``--learned-limit`` files per set,
+``LearnedOptions()`` against classical on the same files); the encode and decode CPU time of
+one whole 520-frame Enhanced MR. Checks that every round trip is exact. Replaces the
+"## Codec" section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import platform
 import sys
 import time
 import warnings
+import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imagecodecs
@@ -39,6 +52,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.uid import (
     JPEG2000,
+    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
@@ -48,39 +62,51 @@ from results_file import write_section  # benchmarks/ is on sys.path when run as
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medzip_scp.codec.api import (  # noqa: E402
-    FrameSet,
-    LearnedOptions,
-    PixelLayout,
-    compress,
-    decompress,
-    describe,
-)
+from medzip_scp.codec.api import DEFAULT_LEARNED  # noqa: E402
+from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset  # noqa: E402
 
 LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000}
-SETS = ("CT", "MR", "MR-EPI", "CR/DX", "other")
-DTI_FRAME_STEP = 26  # mr-dti-enhanced: 520 frames per object, keep every 26th
+SETS = ("CT", "MR", "MR fMRI 64x64", "MR-EPI", "MR DTI 80x80", "CR/DX", "other")
+DTI = "series/mr-dti-enhanced"
+_PIXEL_DATA = 0x7FE00010
 
 Frame = npt.NDArray[np.generic]
 
 
-def classify(path: Path, data_root: Path, modality: str) -> str:
-    rel = path.relative_to(data_root).parts
+def classify(rel: tuple[str, ...], modality: str) -> str:
     if rel[0] == "mr-epi":
         return "MR-EPI"
     if rel[0] == "series":
-        return "CT" if rel[1] == "ct-phantom-1mm" else "MR"
-    if modality == "CT":
-        return "CT"
-    if modality == "MR":
-        return "MR"
+        return {
+            "ct-phantom-1mm": "CT",
+            "fmri-ge": "MR fMRI 64x64",
+            "mr-dti-enhanced": "MR DTI 80x80",
+        }.get(rel[1], "MR")
+    if modality in ("CT", "MR"):
+        return modality
     if modality in ("CR", "DX"):
         return "CR/DX"
     return "other"
 
 
-def load(path: Path, data_root: Path) -> tuple[str, FrameSet] | str:
-    """Return (set, frames) or a reason to skip."""
+@dataclass
+class Item:
+    """One file as every codec sees it: native Part-10 bytes, its frames, its header."""
+
+    name: str
+    set_name: str
+    part10: bytes
+    frames: list[Frame]
+    header: bytes  # the file without its pixel data value
+    transcoded: bool
+
+    @property
+    def pixels(self) -> int:
+        return sum(f.shape[0] * f.shape[1] for f in self.frames)
+
+
+def load(path: Path, data_root: Path) -> Item | str:
+    """The file as an :class:`Item`, or a reason to skip it."""
     if path.name.endswith("_bad.dcm"):
         return "deliberately broken"
     try:
@@ -92,20 +118,35 @@ def load(path: Path, data_root: Path) -> tuple[str, FrameSet] | str:
                 return "lossy origin"
             if "PixelData" not in ds:
                 return "no pixel data"
-            arr = ds.pixel_array
+            arr = np.asarray(ds.pixel_array)
+            transcoded = ts.is_compressed
+            if transcoded:
+                ds.decompress(generate_instance_uid=False)
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                buf = io.BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                part10 = buf.getvalue()
+            else:
+                part10 = path.read_bytes()
+            raw = pydicom.dcmread(io.BytesIO(part10), defer_size=1024)
+            elem = raw.get_item(_PIXEL_DATA, keep_deferred=True)
     except Exception as exc:
         return f"does not decode ({type(exc).__name__})"
+    start = int(elem.value_tell)
+    header = part10[:start] + part10[start + int(elem.length) :]
     rows, cols = int(ds.Rows), int(ds.Columns)
     spp = int(ds.get("SamplesPerPixel", 1))
     n = int(ds.get("NumberOfFrames", 1) or 1)
-    ba = int(ds.BitsAllocated)
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    px = np.asarray(arr).reshape(n, rows, cols, spp)
-    if "mr-dti-enhanced" in str(path):
-        px = px[::DTI_FRAME_STEP]
-    layout = PixelLayout(rows, cols, spp, ba, int(ds.BitsStored), signed and ba > 1, 0)
-    px = px.astype(layout.dtype, copy=False)
-    return classify(path, data_root, str(ds.get("Modality", ""))), FrameSet(layout, px)
+    px = arr.reshape(n, rows, cols, spp)
+    rel = path.relative_to(data_root).parts
+    return Item(
+        str(path.relative_to(data_root)),
+        classify(rel, str(ds.get("Modality", ""))),
+        part10,
+        list(px),
+        header,
+        transcoded,
+    )
 
 
 def shifted(frame: Frame) -> tuple[npt.NDArray[np.unsignedinteger], int] | None:
@@ -121,157 +162,229 @@ def shifted(frame: Frame) -> tuple[npt.NDArray[np.unsignedinteger], int] | None:
 
 Baseline = tuple[Callable[[np.ndarray, int], bytes], Callable[[bytes], np.ndarray]]
 BASELINES: dict[str, Baseline] = {
-    "JPEG-XL lossless effort 9": (
+    "JPEG-XL e9": (
         lambda a, n: imagecodecs.jpegxl_encode(a, lossless=True, effort=9, bitspersample=n),
         imagecodecs.jpegxl_decode,
     ),
-    "JPEG-XL lossless effort 7": (
+    "JPEG-XL e7": (
         lambda a, n: imagecodecs.jpegxl_encode(a, lossless=True, effort=7, bitspersample=n),
         imagecodecs.jpegxl_decode,
     ),
-    "JPEG-LS (CharLS)": (lambda a, n: imagecodecs.jpegls_encode(a), imagecodecs.jpegls_decode),
-    "JPEG 2000 lossless (OpenJPEG)": (
+    "JPEG-LS": (lambda a, n: imagecodecs.jpegls_encode(a), imagecodecs.jpegls_decode),
+    "JPEG 2000": (
         lambda a, n: imagecodecs.jpeg2k_encode(a, level=0, reversible=True, bitspersample=n),
         imagecodecs.jpeg2k_decode,
     ),
 }
-OURS_BLOB = "medzip, adaptive learned split (whole blob)"
-OURS_CLASSICAL = "medzip, classical paths only (whole blob)"
-OURS = {OURS_BLOB: {}, OURS_CLASSICAL: {"learned": None}}
+MEDZIP = "medzip"
 
 
+@dataclass
 class Tally:
-    def __init__(self) -> None:
-        self.bits: dict[tuple[str, str], float] = defaultdict(float)
-        self.pixels: dict[str, int] = defaultdict(int)
-        self.files: dict[str, int] = defaultdict(int)
-        self.enc_s: dict[str, float] = defaultdict(float)
-        self.dec_s: dict[str, float] = defaultdict(float)
-        self.timed_px: dict[str, int] = defaultdict(int)
-        self.inexact: list[str] = []
-        self.failed: dict[str, int] = defaultdict(int)
-        self.skipped: dict[str, int] = defaultdict(int)
-        self.frames: dict[str, int] = defaultdict(int)
-        self.split_frames: dict[str, int] = defaultdict(int)
-        self.split_s: dict[int, int] = defaultdict(int)
-        self.high_paths: dict[str, int] = defaultdict(int)
-
-
-def bench_file(name: str, set_name: str, fs: FrameSet, t: Tally) -> None:
-    n_px = fs.n_frames * fs.layout.rows * fs.layout.columns
-    t.pixels[set_name] += n_px
-    t.files[set_name] += 1
-    for key, kwargs in OURS.items():
-        t0 = time.perf_counter()
-        blob = compress(fs, **kwargs)
-        t1 = time.perf_counter()
-        out = decompress(blob)
-        t2 = time.perf_counter()
-        if out.frames is None or not np.array_equal(out.frames.pixels, fs.pixels):
-            t.inexact.append(f"{key} {name}")
-        t.bits[(key, set_name)] += 8 * len(blob)
-        t.enc_s[key] += t1 - t0
-        t.dec_s[key] += t2 - t1
-        t.timed_px[key] += n_px
-        if key == OURS_BLOB:
-            for f in describe(blob)["frames"]:
-                t.frames[set_name] += 1
-                if f["split_planes"]:
-                    t.split_frames[set_name] += 1
-                    t.split_s[f["split_planes"]] += 1
-                    t.high_paths[f["path"]] += 1
-    for codec, (enc, dec) in BASELINES.items():
-        for frame in fs.pixels:
-            prepared = shifted(frame)
-            if prepared is None:  # beyond 16 bits: counted at its raw size
-                t.failed[codec] += 1
-                t.bits[(codec, set_name)] += 8 * frame.nbytes
-                continue
-            values, nbits = prepared
-            try:
-                a = time.perf_counter()
-                data = bytes(enc(values, nbits))
-                b = time.perf_counter()
-                back = dec(data)
-                c = time.perf_counter()
-            except Exception:
-                t.failed[codec] += 1
-                t.bits[(codec, set_name)] += 8 * frame.nbytes
-                continue
-            if not np.array_equal(np.asarray(back).reshape(values.shape), values):
-                t.inexact.append(f"{codec} {name}")
-            t.bits[(codec, set_name)] += 8 * len(data)
-            t.enc_s[codec] += b - a
-            t.dec_s[codec] += c - b
-            t.timed_px[codec] += values.shape[0] * values.shape[1]
-
-
-def table(t: Tally) -> str:
-    sets = [s for s in SETS if t.pixels[s]]
-    head = "| codec | " + " | ".join(sets) + " | encode MPx/s | decode MPx/s |"
-    lines = [head, "|" + "---|" * (len(sets) + 3)]
-    for codec in (*OURS, *BASELINES):
-        cells = [f"{t.bits[(codec, s)] / t.pixels[s]:.3f}" for s in sets]
-        px = t.timed_px[codec] / 1e6
-        enc = f"{px / t.enc_s[codec]:.2f}" if t.enc_s[codec] else "-"
-        dec = f"{px / t.dec_s[codec]:.2f}" if t.dec_s[codec] else "-"
-        lines.append(f"| {codec} | " + " | ".join(cells) + f" | {enc} | {dec} |")
-    lines.append(
-        "| files / MPx | "
-        + " | ".join(f"{t.files[s]} / {t.pixels[s] / 1e6:.2f}" for s in sets)
-        + " | | |"
+    bytes_: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    pixels: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    files: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    frames: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    worse_frames: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    worse_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    enc_wall: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    dec_wall: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    enc_cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    dec_cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    base_s: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    paths: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
     )
-    best = []
-    for s in sets:
-        ref = min(t.bits[(c, s)] for c in BASELINES)
-        best.append(f"{t.bits[(OURS_BLOB, s)] / ref:.4f}")
-    lines.append("| medzip learned / best baseline | " + " | ".join(best) + " | | |")
-    gain = [f"{t.bits[(OURS_BLOB, s)] / t.bits[(OURS_CLASSICAL, s)]:.4f}" for s in sets]
-    lines.append("| medzip learned / medzip classical | " + " | ".join(gain) + " | | |")
-    share = [
-        f"{t.split_frames[s]} / {t.frames[s]} ({pct:.0f} %)"
-        for s in sets
-        for pct in [100 * t.split_frames[s] / max(1, t.frames[s])]
+    inexact: list[str] = field(default_factory=list)
+    failed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    transcoded: int = 0
+
+
+def _timed_map(
+    fn: Callable[[bytes], bytes], inputs: list[bytes], jobs: int
+) -> tuple[list[bytes], float, float]:
+    """``fn`` over ``inputs`` on ``jobs`` threads: results, wall seconds, CPU seconds."""
+    w, c = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(jobs) as pool:
+        out = list(pool.map(fn, inputs))
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def bench_medzip(set_name: str, items: list[Item], jobs: int, t: Tally) -> list[list[int]]:
+    """Code the set's files; returns medzip's bytes per frame of each file."""
+    blobs, wall, cpu = _timed_map(encode_dataset, [i.part10 for i in items], jobs)
+    t.enc_wall[set_name] += wall
+    t.enc_cpu[set_name] += cpu
+    back, wall, cpu = _timed_map(decode_blob, blobs, jobs)
+    t.dec_wall[set_name] += wall
+    t.dec_cpu[set_name] += cpu
+    per_frame = []
+    for item, blob, restored in zip(items, blobs, back, strict=True):
+        if restored != item.part10:
+            t.inexact.append(f"{MEDZIP} {item.name}")
+        t.bytes_[(MEDZIP, set_name)] += len(blob)
+        info = blob_info(blob)
+        frames = info["codec"]["frames"] if info["codec"] else []
+        for f in frames:
+            t.paths[set_name][f["path"]] += 1
+        per_frame.append([f["bytes"] for f in frames])
+    return per_frame
+
+
+def bench_baselines(set_name: str, items: list[Item], ours: list[list[int]], t: Tally) -> None:
+    for item, our_frames in zip(items, ours, strict=True):
+        best_per_frame = [float("inf")] * len(item.frames)
+        for codec, (enc, dec) in BASELINES.items():
+            total = len(zlib.compress(item.header, 9))
+            for k, frame in enumerate(item.frames):
+                prepared = shifted(frame)
+                data = None
+                if prepared is not None:
+                    values, nbits = prepared
+                    try:
+                        a = time.perf_counter()
+                        data = bytes(enc(values, nbits))
+                        t.base_s[(codec, "enc")] += time.perf_counter() - a
+                        a = time.perf_counter()
+                        back = dec(data)
+                        t.base_s[(codec, "dec")] += time.perf_counter() - a
+                        t.base_s[(codec, "px")] += values.shape[0] * values.shape[1]
+                    except Exception:
+                        data = None
+                    if data is not None and not np.array_equal(
+                        np.asarray(back).reshape(values.shape), values
+                    ):
+                        t.inexact.append(f"{codec} {item.name}")
+                if data is None:  # beyond 16 bits or refused: counted at its raw size
+                    t.failed[codec] += 1
+                    size = frame.nbytes
+                else:
+                    size = len(data)
+                total += size
+                best_per_frame[k] = min(best_per_frame[k], size)
+            t.bytes_[(codec, set_name)] += total
+        if len(our_frames) == len(item.frames):
+            for ours_k, best_k in zip(our_frames, best_per_frame, strict=True):
+                t.frames[set_name] += 1
+                if ours_k > best_k:
+                    t.worse_frames[set_name] += 1
+                    t.worse_bytes[set_name] += int(ours_k - best_k)
+
+
+def whole_file_table(t: Tally) -> str:
+    sets = [s for s in SETS if t.pixels[s]]
+    codecs = (MEDZIP, *BASELINES)
+    lines = [
+        "| set | files | MPx | " + " | ".join(codecs) + " | medzip / best baseline "
+        "| frames a baseline codes smaller (bytes) | encode MPx/s | decode MPx/s "
+        "| encode MPx per CPU s | decode MPx per CPU s |",
+        "|---|---:|---:|" + "---:|" * (len(codecs) + 6),
     ]
-    lines.append("| frames with s > 0 | " + " | ".join(share) + " | | |")
+    rows = [*sets, "all"]
+    for s in rows:
+        group = sets if s == "all" else [s]
+        px = sum(t.pixels[g] for g in group)
+        bpp = {c: 8 * sum(t.bytes_[(c, g)] for g in group) / px for c in codecs}
+        best = min(bpp[c] for c in BASELINES)
+        worse = sum(t.worse_frames[g] for g in group)
+        frames = sum(t.frames[g] for g in group)
+        worse_b = sum(t.worse_bytes[g] for g in group)
+
+        def rate(d: dict[str, float], group: list[str] = group, px: int = px) -> str:
+            seconds = sum(d[g] for g in group)
+            return f"{px / 1e6 / seconds:.2f}" if seconds else "-"
+
+        lines.append(
+            f"| {s} | {sum(t.files[g] for g in group)} | {px / 1e6:.2f} | "
+            + " | ".join(f"{bpp[c]:.3f}" for c in codecs)
+            + f" | {bpp[MEDZIP] / best:.4f} | {worse} / {frames} ({worse_b} B) | "
+            f"{rate(t.enc_wall)} | {rate(t.dec_wall)} | {rate(t.enc_cpu)} | {rate(t.dec_cpu)} |"
+        )
+    speed = ", ".join(
+        f"{c} {t.base_s[(c, 'px')] / 1e6 / t.base_s[(c, 'enc')]:.2f} / "
+        f"{t.base_s[(c, 'px')] / 1e6 / t.base_s[(c, 'dec')]:.2f}"
+        for c in BASELINES
+        if t.base_s[(c, "enc")]
+    )
+    paths = "; ".join(
+        f"{s}: " + ", ".join(f"{p} {n}" for p, n in sorted(t.paths[s].items(), key=lambda x: -x[1]))
+        for s in sets
+    )
+    lines += [
+        "",
+        f"Baselines, encode / decode MPx/s, one thread, pixels only: {speed}.",
+        "",
+        f"Paths medzip chose, frames per set: {paths}.",
+    ]
     return "\n".join(lines)
 
 
-def time_ct_decode(data_root: Path) -> str:
-    """Decode time of one 512x512 CT slice: as chosen, and forced learned (s = 1)."""
-    files = sorted((data_root / "series" / "ct-phantom-1mm").glob("*"))
-    if not files:
-        return "no CT series found"
-    loaded = load(files[len(files) // 2], data_root)
-    if isinstance(loaded, str):
-        return loaded
-    _, fs = loaded
-    parts = []
-    for label, opts in (
-        ("as chosen", LearnedOptions()),
-        ("forced learned s=1 (pred high + local low)", LearnedOptions(force_split=1)),
-    ):
-        blob = compress(fs, learned=opts)
-        best = float("inf")
-        for _ in range(2):
+def bench_learned(groups: dict[str, list[Item]], limit: int) -> tuple[str, list[str]]:
+    """The learned path's own rows: ``LearnedOptions()`` against classical, same files."""
+    lines = [
+        "| set | files | MPx | classical bpp | learned bpp | learned / classical "
+        "| frames split | learned encode MPx/s | learned decode MPx/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    inexact: list[str] = []
+    for s in SETS:
+        items = groups.get(s, [])[:limit]
+        if not items:
+            continue
+        px = sum(i.pixels for i in items)
+        classical = sum(len(encode_dataset(i.part10)) for i in items)
+        learned = 0
+        enc = dec = 0.0
+        split = frames = 0
+        for item in items:
             a = time.perf_counter()
-            out = decompress(blob)
-            best = min(best, time.perf_counter() - a)
-        assert out.frames is not None and np.array_equal(out.frames.pixels, fs.pixels)
-        split = describe(blob)["frames"][0]["split_planes"]
-        parts.append(f"{label} (s={split}, {8 * len(blob) / fs.pixels.size:.3f} bpp): {best:.2f} s")
-    shape = f"{fs.layout.rows}x{fs.layout.columns}"
-    return f"decode of one {shape} CT slice, best of 2, 1 torch thread: " + "; ".join(parts)
+            blob = encode_dataset(item.part10, DEFAULT_LEARNED)
+            b = time.perf_counter()
+            if decode_blob(blob) != item.part10:
+                inexact.append(f"learned {item.name}")
+            dec += time.perf_counter() - b
+            enc += b - a
+            learned += len(blob)
+            for f in blob_info(blob)["codec"]["frames"]:
+                frames += 1
+                split += bool(f["split_planes"])
+        lines.append(
+            f"| {s} | {len(items)} | {px / 1e6:.2f} | {8 * classical / px:.3f} | "
+            f"{8 * learned / px:.3f} | {learned / classical:.4f} | {split} / {frames} | "
+            f"{px / 1e6 / enc:.3f} | {px / 1e6 / dec:.3f} |"
+        )
+    return "\n".join(lines), inexact
 
 
-def write_results(section: str) -> None:
-    write_section("Codec", section)
+def bench_dti(items: Iterable[Item]) -> str:
+    """Encode and decode CPU seconds of one whole 520-frame Enhanced MR, default settings."""
+    item = next((i for i in items if i.name.startswith(DTI)), None)
+    if item is None:
+        return "no Enhanced MR object found"
+    a = time.process_time()
+    blob = encode_dataset(item.part10)
+    b = time.process_time()
+    assert decode_blob(blob) == item.part10
+    c = time.process_time()
+    return (
+        f"one whole Enhanced MR object ({item.name}, {len(item.frames)} frames of "
+        f"{item.frames[0].shape[0]}x{item.frames[0].shape[1]}), default settings, one thread: "
+        f"encode {b - a:.1f} s CPU (verification included), decode {c - b:.1f} s CPU, "
+        f"{8 * len(blob) / item.pixels:.3f} bpp"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--limit", type=int, default=0, help="at most N files per set (0: all)")
+    parser.add_argument(
+        "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="medzip threads"
+    )
+    parser.add_argument(
+        "--learned-limit", type=int, default=2, help="files per set for the learned rows (0: none)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
     data_root = args.data.resolve()
@@ -284,34 +397,47 @@ def main(argv: list[str] | None = None) -> int:
         for p in data_root.rglob("*")
         if p.is_file() and p.suffix not in skip_suffix and "LICENSE" not in p.name
     )
-    # warm-up (imports, codec initialisation)
-    warm = np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64, 1)
-    decompress(compress(FrameSet(PixelLayout(64, 64), warm)))
-    decompress(compress(FrameSet(PixelLayout(64, 64), warm), learned=LearnedOptions(force_split=1)))
-    for enc, dec in BASELINES.values():
-        dec(enc(warm[0, ..., 0], 12))
-
-    t = Tally()
-    per_set: dict[str, int] = defaultdict(int)
     started = time.perf_counter()
+    t = Tally()
+    groups: dict[str, list[Item]] = defaultdict(list)
     for path in files:
         loaded = load(path, data_root)
         if isinstance(loaded, str):
             t.skipped[loaded] += 1
             continue
-        set_name, fs = loaded
-        if args.limit and per_set[set_name] >= args.limit:
+        if args.limit and len(groups[loaded.set_name]) >= args.limit:
             continue
-        per_set[set_name] += 1
-        bench_file(str(path.relative_to(data_root)), set_name, fs, t)
-        print(f"{set_name:7s} {path.relative_to(data_root)}", file=sys.stderr)
+        groups[loaded.set_name].append(loaded)
+        t.transcoded += loaded.transcoded
+    # warm-up (imports, the C core's build, codec initialisation)
+    first = next(iter(groups.values()))[0]
+    decode_blob(encode_dataset(first.part10))
+    interrupted = False
+    try:
+        for s in SETS:
+            items = groups.get(s, [])
+            if not items:
+                continue
+            ours = bench_medzip(s, items, args.jobs, t)
+            bench_baselines(s, items, ours, t)
+            t.pixels[s] += sum(i.pixels for i in items)
+            t.files[s] += len(items)
+            print(f"{s}: {len(items)} files", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: the table covers the sets finished so far", file=sys.stderr)
+    md = whole_file_table(t)
+    print(md)
+    if interrupted:
+        return 130
+    dti_line = bench_dti(groups.get("MR DTI 80x80", []))
+    print(dti_line, file=sys.stderr)
+    learned_md, learned_inexact = ("", [])
+    if args.learned_limit:
+        learned_md, learned_inexact = bench_learned(groups, args.learned_limit)
+        print(learned_md)
+    t.inexact += learned_inexact
     elapsed = time.perf_counter() - started
-    ct_line = time_ct_decode(data_root)
-    print(ct_line, file=sys.stderr)
-    split_s = ", ".join(f"s={k}: {v}" for k, v in sorted(t.split_s.items())) or "none"
-    high = ", ".join(f"{k}: {v}" for k, v in sorted(t.high_paths.items())) or "none"
-
-    md = table(t)
     exact = "all round trips exact" if not t.inexact else f"INEXACT: {t.inexact}"
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(t.skipped.items())) or "none"
     failed = ", ".join(f"{k}: {v} frames" for k, v in t.failed.items()) or "none"
@@ -322,34 +448,30 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- machine: `{' '.join(platform.uname())}`, {os.cpu_count()} CPUs "
-            "(shared; run with `nice -n 10`)",
+            f"(shared; run with `nice -n 10`; load average at the end "
+            f"{os.getloadavg()[1]:.1f})",
             f"- command: `{cmd}`",
-            f"- bits per pixel, pixel-weighted per set; {exact}; "
-            f"skipped files: {skipped}; baseline frames not coded (raw size counted): {failed}",
-            "- medzip encode time includes verifying every candidate path by decoding it; "
-            "MPx/s are over all sets (single process, 1 torch thread)",
-            f"- split frames by s: {split_s}; their high-part path: {high}",
-            f"- {ct_line}",
+            f"- whole files, bits per pixel (file bytes x 8 / pixels); {exact}; skipped files: "
+            f"{skipped}; encapsulated lossless inputs written native first: {t.transcoded}; "
+            f"baseline frames not coded (raw size counted): {failed}",
+            f"- medzip: default settings (`encode_dataset`, `decode_blob`), {args.jobs} files "
+            "at once (threads); encode time includes the one verifying decode; MPx/s by wall "
+            "clock, MPx per CPU second over all threads",
+            f"- {dti_line}",
             f"- wall time {elapsed:.0f} s",
             "",
             md,
             "",
-            "Which frames are split (rule in `medzip_scp/codec/learned/paths.py`): pred-v2 codes "
-            "the high part for s = 1..4; a split survives only if the bytes left for the low "
-            "part exceed 0.70 bit per low bit (the local path never did better on held-out "
-            "data); the local model's ideal code length on <= 65,536 sampled pixels (tile-row "
-            "bands) must promise >= 0.25 % over the best verified classical size; only then are "
-            "the high part (pred-v2 and the global path) and the low part coded and decoded for "
-            "real, and the split is kept when its verified size, model-table bytes included, is "
-            "smaller. Learned encode and decode speed is dominated by the local path "
-            "(~0.1 MPx/s on split frames) and by the screen on frames that stay classical.",
+            f"Learned paths (`LearnedOptions()`), the first {args.learned_limit} files of each "
+            "set, against classical on the same files (one thread):",
+            "",
+            learned_md or "(not run)",
             "",
         ]
     )
-    print(md)
     print(exact)
     if not args.no_write:
-        write_results(section)
+        write_section("Codec", section)
     return 0 if not t.inexact else 1
 
 
