@@ -20,8 +20,14 @@ def test_bench_codec_runs_the_codec_benchmark(tmp_path: Path) -> None:
         app, ["bench", "codec", "--data", str(tmp_path / "data"), "--no-write"]
     )
     assert result.exit_code == 0, result.output
-    assert "| codec | CT | encode MPx/s | decode MPx/s |" in result.output
-    assert "JPEG-XL lossless effort 9" in result.output
+    whole, learned = _tables(result.output)
+    assert whole["set"][3:8] == ["medzip", "JPEG-XL e9", "JPEG-XL e7", "JPEG-LS", "JPEG 2000"]
+    ct = whole["CT"]
+    assert ct[1:3] == ["1", "0.02"]  # CT_small: 128 x 128
+    medzip, *baselines = (float(v) for v in ct[3:8])
+    assert float(ct[8]) == pytest.approx(medzip / min(baselines), abs=1e-3)  # rounded bpp
+    assert ct[9].startswith("0 / 1")  # no frame a baseline codes smaller
+    assert float(learned["CT"][5]) <= 1.0  # learned never above classical
     assert "all round trips exact" in result.output
 
 
