@@ -15,6 +15,7 @@
 #define MAXK 64
 #define NQ 48          /* error-energy levels */
 #define NQB 12         /* coarse levels used where contexts are multiplied */
+#define CLS_LUT 4096   /* activities below this find their class in a table */
 
 /* ------------------------------------------------------------------ binary arithmetic coder */
 
@@ -87,8 +88,8 @@ static int SQT[33] = {1, 2, 3, 6, 10, 16, 27, 45, 73, 120, 194, 310, 488, 747, 1
                       4089, 4092, 4093, 4094};
 static int STRETCH[4096];
 
-/* 1/(1+exp(-d/256)) scaled to 12 bits; d in 1/256 units */
-static inline int squash(int d) {
+/* 1/(1+exp(-d/256)) scaled to 12 bits; d in 1/256 units (interpolated; SQUASH tabulates it) */
+static int squash_interp(int d) {
     if (d > 2047) return 4095;
     if (d < -2047) return 1;
     int w = d & 127;
@@ -96,7 +97,16 @@ static inline int squash(int d) {
     return (SQT[i] * (128 - w) + SQT[i + 1] * w + 64) >> 7;
 }
 
+static int SQUASH[4095];  /* squash_interp(d) at SQUASH[d + 2047], d in [-2047, 2047] */
+
+static inline int squash(int d) {
+    if (d > 2047) return 4095;
+    if (d < -2047) return 1;
+    return SQUASH[d + 2047];
+}
+
 static void init_mix_tables(void) {
+    for (int d = -2047; d <= 2047; d++) SQUASH[d + 2047] = squash_interp(d);
     int pi = 0;
     for (int x = -2047; x <= 2047; x++) {
         int v = squash(x);
@@ -148,7 +158,16 @@ static inline int code_mix(Coder *c, Prob *a, Prob *b, Prob *d, Mixer *mx, int l
 
 static inline int iabs(int v) { return v < 0 ? -v : v; }
 
-static inline int bitlen(uint32_t v) { int n = 0; while (v) { n++; v >>= 1; } return n; }
+/* number of significant bits of v (0 for 0) */
+static inline int bitlen(uint32_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+    return v ? 32 - __builtin_clz(v) : 0;
+#else
+    int n = 0;
+    while (v) { n++; v >>= 1; }
+    return n;
+#endif
+}
 
 /* log-scale quantiser: two levels per octave */
 static inline int qlog(uint32_t e) {
@@ -212,27 +231,33 @@ typedef struct {
     const int32_t *coef;   /* K * nn fixed-point coefficients (2^-shift) */
 } Params;
 
+typedef struct { int32_t sum, cnt; } Bias;
+
+/* the state of one predictor class (contexts that are multiplied by the class) */
+typedef struct {
+    Bias bias[64][NQB];  /* texture pattern x coarse energy */
+    Prob zero3[NQB][3];
+    Prob big3[20][NQB];
+    Prob mant3[20][2];
+    Prob sign3[4][4];
+} ClassModel;
+
 typedef struct {
     Prob zero[NQ][4];
     Prob big[NQ][20];
     Prob mant[20][NQB][4];
     Prob low[20][20];
     Prob sign[3][3][NQB];
-    int32_t bsum[MAXK][64][NQB];
-    int32_t bcnt[MAXK][64][NQB];
     /* version 2: second and third models and the mixers */
     Prob zero2[12][12][3];
-    Prob zero3[MAXK][NQB][3];
     Prob big2[20][12][12];
-    Prob big3[20][MAXK][NQB];
     Prob mant2[20][2][12][12];
-    Prob mant3[20][2][MAXK];
     Prob sign2[3][3][3][3];
-    Prob sign3[MAXK][4][4];
     Mixer mzero[NQ];
     Mixer mbig[20][NQB];
     Mixer mmant[20][4];
     Mixer msign[NQB];
+    ClassModel cm[];  /* K of them: memory and set-up grow with the classes a frame uses */
 } Model;
 
 static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_t *src) {
@@ -240,27 +265,37 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
     const int maxv = (1 << bits) - 1;
     int off[MAXNN];
     for (int i = 0; i < P->nn; i++) off[i] = OFF[i][0] * S + OFF[i][1];
-    Model *m = (Model *)malloc(sizeof(Model));
+    Model *m = (Model *)malloc(sizeof(Model) + (size_t)P->K * sizeof(ClassModel));
     if (!m) return -1;
     prob_init(&m->zero[0][0], sizeof(m->zero) / sizeof(Prob));
     prob_init(&m->big[0][0], sizeof(m->big) / sizeof(Prob));
     prob_init(&m->mant[0][0][0], sizeof(m->mant) / sizeof(Prob));
     prob_init(&m->low[0][0], sizeof(m->low) / sizeof(Prob));
     prob_init(&m->sign[0][0][0], sizeof(m->sign) / sizeof(Prob));
-    memset(m->bsum, 0, sizeof(m->bsum));
-    memset(m->bcnt, 0, sizeof(m->bcnt));
     prob_init(&m->zero2[0][0][0], sizeof(m->zero2) / sizeof(Prob));
-    prob_init(&m->zero3[0][0][0], sizeof(m->zero3) / sizeof(Prob));
     prob_init(&m->big2[0][0][0], sizeof(m->big2) / sizeof(Prob));
-    prob_init(&m->big3[0][0][0], sizeof(m->big3) / sizeof(Prob));
     prob_init(&m->mant2[0][0][0][0], sizeof(m->mant2) / sizeof(Prob));
-    prob_init(&m->mant3[0][0][0], sizeof(m->mant3) / sizeof(Prob));
     prob_init(&m->sign2[0][0][0][0], sizeof(m->sign2) / sizeof(Prob));
-    prob_init(&m->sign3[0][0][0], sizeof(m->sign3) / sizeof(Prob));
     mixer_init(&m->mzero[0], sizeof(m->mzero) / sizeof(Mixer));
     mixer_init(&m->mbig[0][0], sizeof(m->mbig) / sizeof(Mixer));
     mixer_init(&m->mmant[0][0], sizeof(m->mmant) / sizeof(Mixer));
     mixer_init(&m->msign[0], sizeof(m->msign) / sizeof(Mixer));
+    for (int k = 0; k < P->K; k++) {
+        ClassModel *cm = &m->cm[k];
+        memset(cm->bias, 0, sizeof(cm->bias));
+        prob_init(&cm->zero3[0][0], sizeof(cm->zero3) / sizeof(Prob));
+        prob_init(&cm->big3[0][0], sizeof(cm->big3) / sizeof(Prob));
+        prob_init(&cm->mant3[0][0], sizeof(cm->mant3) / sizeof(Prob));
+        prob_init(&cm->sign3[0][0], sizeof(cm->sign3) / sizeof(Prob));
+    }
+    /* class of each small activity value, as the threshold scan below finds it (with one or
+     * two classes the scan is as cheap as the table) */
+    uint8_t cls_of[CLS_LUT];
+    const int nlut = P->K <= 2 ? 0 : 6 * maxv + 1 < CLS_LUT ? 6 * maxv + 1 : CLS_LUT;
+    for (int a = 0, k = 0; a < nlut; a++) {
+        while (k < P->K - 1 && a > P->thr[k]) k++;
+        cls_of[a] = (uint8_t)k;
+    }
     const int v2 = P->ver >= 2;
     const int LIM = P->ver >= 2 ? 1000 : 255;
     const int sh = P->shift;
@@ -270,14 +305,15 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
             int32_t *p = PX(im, y, x);
             int32_t *e = EX(im, y, x);
             int pred16;           /* prediction in 1/16 units */
-            int cls = 0, tex = 0;
+            int cls = 0, tex = 0, act = 0, corr = 0;
             int full = (y > 0 && x > 0);
             if (!full) {
                 int v = (y == 0 && x == 0) ? (1 << (bits - 1)) : (y == 0 ? p[-1] : p[-S]);
                 pred16 = v * 16;
             } else {
-                int a = activity(p, S);
-                while (cls < P->K - 1 && a > P->thr[cls]) cls++;
+                int a = act = activity(p, S);
+                if (a < nlut) cls = cls_of[a];
+                else while (cls < P->K - 1 && a > P->thr[cls]) cls++;
                 const int32_t *cf = P->coef + cls * P->nn;
                 int64_t acc = 0;
                 for (int i = 0; i < P->nn; i++) acc += (int64_t)cf[i] * p[off[i]];
@@ -288,7 +324,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
             /* error energy context */
             int E = 3 * iabs(e[-1]) + 3 * iabs(e[-S]) + 2 * iabs(e[-S - 1]) + 2 * iabs(e[-S + 1]) +
                     iabs(e[-2]) + iabs(e[-2 * S]) + iabs(e[-S - 2]) + iabs(e[-S + 2]);
-            if (full) E += activity(p, S) / 2;
+            E += act / 2;  /* act is 0 where !full */
             int q = qlog((uint32_t)E);
             if (q >= NQ) q = NQ - 1;
             int qb = q / 4;
@@ -298,9 +334,9 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
                 int pv = pred16 >> 4;
                 tex = (p[-1] > pv) | ((p[-S] > pv) << 1) | ((p[-S - 1] > pv) << 2) |
                       ((p[-S + 1] > pv) << 3) | ((p[-2] > pv) << 4) | ((p[-2 * S] > pv) << 5);
-                int32_t bs = m->bsum[cls][tex][qb], bc = m->bcnt[cls][tex][qb];
+                int32_t bs = m->cm[cls].bias[tex][qb].sum, bc = m->cm[cls].bias[tex][qb].cnt;
                 if (bc > 0) {
-                    int corr = bs >= 0 ? (bs + bc / 2) / bc : -((-bs + bc / 2) / bc);
+                    corr = bs >= 0 ? (bs + bc / 2) / bc : -((-bs + bc / 2) / bc);
                     pred16 += corr;
                 }
             }
@@ -321,7 +357,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
             int qd = qlog((uint32_t)(iabs(e[-S - 1]) + iabs(e[-S + 1]) + iabs(e[-2]) + iabs(e[-2 * S])));
             int qd3 = qd / 2 > NQB - 1 ? NQB - 1 : qd / 2;
             int isz;
-            if (v2) isz = code_mix(c, &m->zero[q][zc], &m->zero2[qw][qn][zc], &m->zero3[cls][qd3][zc],
+            if (v2) isz = code_mix(c, &m->zero[q][zc], &m->zero2[qw][qn][zc], &m->cm[cls].zero3[qd3][zc],
                                    &m->mzero[q], LIM, mag == 0);
             else isz = code_bit(c, &m->zero[q][zc], LIM, mag == 0);
             int M = 0;
@@ -330,7 +366,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
                 int k = 1;            /* M in [2^(k-1), 2^k) */
                 while (k < maxk - 1 && k < 19) {
                     int bit = mag >= (1 << k);
-                    if (v2) bit = code_mix(c, &m->big[q][k], &m->big2[k][qw][qn], &m->big3[k][cls][qd3],
+                    if (v2) bit = code_mix(c, &m->big[q][k], &m->big2[k][qw][qn], &m->cm[cls].big3[k][qd3],
                                            &m->mbig[k][qb], LIM, bit);
                     else bit = code_bit(c, &m->big[q][k], LIM, bit);
                     if (!bit) break;
@@ -342,7 +378,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
                     int pos = k - 2 - b;
                     if (pos < 2) {
                         if (v2) bit = code_mix(c, &m->mant[k][qb][pos * 2 + (M & 1)],
-                                               &m->mant2[k][pos][qw][qn], &m->mant3[k][pos][cls],
+                                               &m->mant2[k][pos][qw][qn], &m->cm[cls].mant3[k][pos],
                                                &m->mmant[k][pos * 2 + (M & 1)], LIM, bit);
                         else bit = code_bit(c, &m->mant[k][qb][pos * 2 + (M & 1)], LIM, bit);
                     }
@@ -356,7 +392,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
                     int frac = ((pred16 - 8) & 15) >> 2;   /* where the prediction fell in its bin */
                     int kk = k > 3 ? 3 : k;
                     sg = code_mix(c, &m->sign[ez][nz][qb], &m->sign2[ez][nz][ewz][nwz],
-                                  &m->sign3[cls][frac][kk], &m->msign[qb], LIM, sg);
+                                  &m->cm[cls].sign3[frac][kk], &m->msign[qb], LIM, sg);
                 }
                 else sg = code_bit(c, &m->sign[ez][nz][qb], LIM, sg);
                 r = sg ? -M : M;
@@ -374,10 +410,8 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
             if (full) {
                 int err16 = v * 16 - (pred16 - 0);
                 /* accumulate error of the uncorrected prediction, halve periodically */
-                int32_t *bs = &m->bsum[cls][tex][qb], *bc = &m->bcnt[cls][tex][qb];
-                int32_t bsv = *bs, bcv = *bc;
-                int corr = bcv > 0 ? (bsv >= 0 ? (bsv + bcv / 2) / bcv : -((-bsv + bcv / 2) / bcv)) : 0;
-                *bs += err16 + corr;
+                int32_t *bs = &m->cm[cls].bias[tex][qb].sum, *bc = &m->cm[cls].bias[tex][qb].cnt;
+                *bs += err16 + corr;  /* corr: the correction applied above (0 when bc was 0) */
                 *bc += 1;
                 if (*bc >= 64) { *bs = *bs >= 0 ? *bs / 2 : -((-*bs) / 2); *bc /= 2; }
             }
