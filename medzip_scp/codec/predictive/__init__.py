@@ -228,51 +228,37 @@ def _fit(
     if H < 2 or W < 2:
         q = np.round(default * (1 << cfg.shift)).astype(np.int32)
         return np.zeros(0, np.int32), q[None]
-    act = np.empty((H, W), np.int32)
-    lib.mz_activity(_ptr(img, ctypes.c_uint16), H, W, _ptr(act, ctypes.c_int32))
-    idx = np.arange((H - 1) * (W - 1))
-    if idx.size > max_samples:  # a regular subsample keeps the fit cheap on large frames
-        idx = idx[:: -(-idx.size // max_samples)]
-    ys, xs = idx // (W - 1) + 1, idx % (W - 1) + 1
-    a = act[ys, xs]
+    # a regular subsample of the pixels with a full neighbourhood keeps the fit cheap
+    step = -(-(H - 1) * (W - 1) // max_samples)
+    a = np.empty(-(-(H - 1) * (W - 1) // step), np.int32)
+    if lib.mz_sample_activity(_ptr(img, ctypes.c_uint16), H, W, step, _ptr(a, ctypes.c_int32)):
+        raise MemoryError("predictive core: no memory for the fit")
     K = cfg.K
     if K > 1:
-        thr = np.unique(np.quantile(a, np.arange(1, K) / K, method="lower").astype(np.int64))
+        thr = np.unique(np.quantile(a, np.arange(1, K) / K, method="lower").astype(np.int32))
         thr = thr[thr < a.max()] if thr.size else thr
     else:
-        thr = np.zeros(0, np.int64)
+        thr = np.zeros(0, np.int32)
     K = thr.size + 1
-    cls = np.searchsorted(thr, a, side="left")
-    P = _padded(img)
-    X = np.stack([P[ys + _PAD + dy, xs + _PAD + dx] for dy, dx in _OFFSETS[:nn]], 1)
-    X = X.astype(np.float64)
-    y = img[ys, xs].astype(np.float64)
-    order = np.argsort(cls, kind="stable")
-    bounds = np.searchsorted(cls[order], np.arange(K + 1))
+    thr = np.ascontiguousarray(thr, np.int32)
     coefs = np.tile(default, (K, 1))
-    for k in range(K):
-        sel = order[bounds[k] : bounds[k + 1]]
-        if sel.size < 8 * nn:
-            continue
-        Xk, yk = X[sel], y[sel]
-        w = np.ones(sel.size)
-        for _ in range(cfg.irls + 1):
-            Xw = Xk * w[:, None]
-            A = np.einsum("ni,nj->ij", Xw, Xk)  # no BLAS threads: they thrash on 2 cores
-            reg = 1e-7 * np.trace(A) / nn + 1e-9
-            A = A + reg * np.eye(nn)
-            b = np.einsum("ni,n->i", Xw, yk) + reg * default
-            try:
-                c = np.linalg.solve(A, b)
-            except np.linalg.LinAlgError:
-                break
-            if not np.all(np.isfinite(c)):
-                break
-            coefs[k] = c
-            r = np.abs(yk - np.einsum("ni,i->n", Xk, c))
-            w = 1.0 / (r + max(0.5, float(np.median(r))))
+    rc = lib.mz_fit(
+        _ptr(img, ctypes.c_uint16),
+        H,
+        W,
+        step,
+        nn,
+        K,
+        _ptr(thr, ctypes.c_int32),
+        cfg.irls + 1,
+        0,
+        _ptr(default, ctypes.c_double),
+        _ptr(coefs, ctypes.c_double),
+    )
+    if rc:
+        raise MemoryError("predictive core: no memory for the fit")
     q = np.clip(np.round(coefs * (1 << cfg.shift)), -(1 << 24), 1 << 24)
-    return thr.astype(np.int32), q.astype(np.int32)
+    return thr, q.astype(np.int32)
 
 
 def _encode_body(
@@ -379,22 +365,21 @@ def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes,
     if lo == hi:
         body = struct.pack("<BH", _MODE_CONSTANT, lo)
     else:
-        values, ranks = np.unique(img, return_inverse=True)
-        if values.size <= _PACK_FRACTION * (hi - lo + 1):
-            used = np.zeros(hi - lo + 1, bool)
-            used[values - lo] = True
+        used = np.bincount((img - lo).ravel(), minlength=hi - lo + 1) > 0  # no sort: a count
+        n_values = int(np.count_nonzero(used))
+        if n_values <= _PACK_FRACTION * (hi - lo + 1):
             table = zlib.compress(np.packbits(used).tobytes(), 9)
-            rank_bits = max(1, (values.size - 1).bit_length())
+            rank_bits = max(1, (n_values - 1).bit_length())
+            rank_of = (np.cumsum(used, dtype=np.int64) - 1).astype(np.uint16)
             body = (
                 struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table))
                 + table
-                + _encode_body(ranks.reshape(H, W).astype(np.uint16), rank_bits, final)
+                + _encode_body(rank_of[img - lo], rank_bits, final)
             )
         else:
             body = struct.pack("<B", _MODE_DIRECT) + _encode_body(img, bits, final)
-        raw = _pack_raw(img, bits)
-        if len(raw) + 1 < len(body):  # incompressible (noise): store the bits as they are
-            body = struct.pack("<B", _MODE_RAW) + raw
+        if (H * W * bits + 7) // 8 + 1 < len(body):  # incompressible (noise): store the bits
+            body = struct.pack("<B", _MODE_RAW) + _pack_raw(img, bits)
     crc = zlib.crc32(img.astype("<u2").tobytes())
     stream = head + body + struct.pack("<I", crc)
     if body[0] not in (_MODE_DIRECT, _MODE_PACKED):

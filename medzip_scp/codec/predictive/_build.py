@@ -73,9 +73,24 @@ def load() -> ctypes.CDLL:
         u16p = ctypes.POINTER(ctypes.c_uint16)
         u8p = ctypes.POINTER(ctypes.c_uint8)
         u32p = ctypes.POINTER(ctypes.c_uint32)
+        f64p = ctypes.POINTER(ctypes.c_double)
         c_int, i64 = ctypes.c_int, ctypes.c_int64
-        lib.mz_activity.argtypes = [u16p, c_int, c_int, i32p]
-        lib.mz_activity.restype = c_int
+        lib.mz_sample_activity.argtypes = [u16p, c_int, c_int, i64, i32p]
+        lib.mz_sample_activity.restype = c_int
+        lib.mz_fit.argtypes = [
+            u16p,
+            c_int,
+            c_int,
+            i64,
+            c_int,
+            c_int,
+            i32p,
+            c_int,
+            c_int,
+            f64p,
+            f64p,
+        ]
+        lib.mz_fit.restype = c_int
         lib.mz_encode.argtypes = [
             c_int,
             u16p,

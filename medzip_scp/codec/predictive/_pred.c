@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>  /* isfinite only: no libm function is called */
 
 #define PAD 3
 #define MAXNN 24
@@ -429,39 +430,255 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
 /* fill the constant tables; called once by the loader, before any other entry point */
 void mz_init(void) { init_tables(); }
 
-/* activity of every pixel (encoder side, for choosing classes and fitting predictors) */
-int mz_activity(const uint16_t *img, int H, int W, int32_t *act) {
-    Img im;
-    if (img_alloc(&im, H, W)) return -1;
+/* ------------------------------------------------------------------ encoder-side fit */
+
+/* The fit is floating point, but it only chooses the integer coefficients that the stream
+ * stores, so it is outside the probability path.  It is still deterministic (plain IEEE double
+ * arithmetic in a fixed order, no contraction, no libm): the same frame gives the same stream
+ * everywhere. */
+
+/* the padded frame as the coder sees it once every pixel is known */
+static int img_fill(Img *im, const uint16_t *img, int H, int W) {
+    if (img_alloc(im, H, W)) return -1;
     for (int y = 0; y < H; y++) {
-        for (int x = 0; x < W; x++) *PX(&im, y, x) = img[(int64_t)y * W + x];
-        pad_left(&im, y);
-        pad_row_done(&im, y);
+        for (int x = 0; x < W; x++) *PX(im, y, x) = img[(int64_t)y * W + x];
+        pad_left(im, y);
+        pad_row_done(im, y);
     }
-    for (int y = 0; y < H; y++)
-        for (int x = 0; x < W; x++) act[(int64_t)y * W + x] = activity(PX(&im, y, x), im.S);
+    return 0;
+}
+
+/* The fit's samples: every step-th of the (H-1) x (W-1) pixels with y, x >= 1, raster order. */
+static int64_t sample_count(int H, int W, int64_t step) {
+    return ((int64_t)(H - 1) * (W - 1) + step - 1) / step;
+}
+static inline int32_t *sample_px(Img *im, int64_t i, int64_t step) {
+    int64_t j = i * step;
+    return PX(im, (int)(j / (im->W - 1)) + 1, (int)(j % (im->W - 1)) + 1);
+}
+
+/* activity of each sample (for the class thresholds); act has sample_count() entries */
+int mz_sample_activity(const uint16_t *img, int H, int W, int64_t step, int32_t *act) {
+    Img im;
+    if (H < 2 || W < 2 || step < 1) return -3;
+    if (img_fill(&im, img, H, W)) return -1;
+    int64_t n = sample_count(H, W, step);
+    for (int64_t i = 0; i < n; i++) act[i] = activity(sample_px(&im, i, step), im.S);
     img_free(&im);
     return 0;
 }
 
-/* neighbour values of every pixel as the coder sees them: out[(y*W+x)*nn + i] */
-int mz_neighbours(const uint16_t *img, int H, int W, int nn, int32_t *out) {
-    Img im;
-    if (nn > MAXNN) return -3;
-    if (img_alloc(&im, H, W)) return -1;
-    for (int y = 0; y < H; y++) {
-        for (int x = 0; x < W; x++) *PX(&im, y, x) = img[(int64_t)y * W + x];
-        pad_left(&im, y);
-        pad_row_done(&im, y);
-    }
-    for (int y = 0; y < H; y++)
-        for (int x = 0; x < W; x++) {
-            int32_t *p = PX(&im, y, x);
-            int32_t *o = out + ((int64_t)y * W + x) * nn;
-            for (int i = 0; i < nn; i++) o[i] = p[OFF[i][0] * im.S + OFF[i][1]];
+/* a[k]-th smallest of a[0..n) (a is reordered) */
+static double select_kth(double *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        double pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) { double t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
         }
-    img_free(&im);
+        if (k <= j) hi = j; else if (k >= i) lo = i; else break;
+    }
+    return a[k];
+}
+
+/* median as numpy computes it (mean of the two middle values for an even count) */
+static double median(double *a, int64_t n) {
+    double hi = select_kth(a, n, n / 2);
+    if (n & 1) return hi;
+    double lo = a[0];  /* the largest of the lower half */
+    for (int64_t i = 1; i < n / 2; i++) if (a[i] > lo) lo = a[i];
+    return (lo + hi) / 2;
+}
+
+/* solve A c = b for symmetric positive definite A (n x n, row-major; only the lower triangle
+ * is read) by an LDL^T factorisation; 0, or -1 when A is not positive definite */
+static int solve_spd(const double *A, const double *b, int n, double *c) {
+    double L[MAXNN][MAXNN], D[MAXNN], z[MAXNN];
+    for (int j = 0; j < n; j++) {
+        double d = A[j * n + j];
+        for (int k = 0; k < j; k++) d -= L[j][k] * L[j][k] * D[k];
+        if (!(d > 0)) return -1;
+        D[j] = d;
+        for (int i = j + 1; i < n; i++) {
+            double v = A[i * n + j];
+            for (int k = 0; k < j; k++) v -= L[i][k] * L[j][k] * D[k];
+            L[i][j] = v / d;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        double v = b[i];
+        for (int k = 0; k < i; k++) v -= L[i][k] * z[k];
+        z[i] = v;
+    }
+    for (int i = n - 1; i >= 0; i--) {
+        double v = z[i] / D[i];
+        for (int k = i + 1; k < n; k++) v -= L[k][i] * c[k];
+        c[i] = v;
+    }
+    for (int i = 0; i < n; i++) if (!isfinite(c[i])) return -1;
     return 0;
+}
+
+/* The samples of one class are stored in blocks of GB: block t holds, feature by feature, the
+ * GB values of each of the nn taps and then y (X[t][i][s], i = nn is y); the last block is
+ * zero-padded.  Sums over a block run in 4 interleaved partial sums, so the compiler can keep
+ * them in vector registers without reordering any addition. */
+#define GB 64
+
+static inline double *gblock(double *X, int64_t t, int nn) { return X + t * (nn + 1) * GB; }
+
+/* |y - X c| of the m samples of one class */
+static void abs_residuals(double *X, int64_t m, int nn, const double *c, double *r) {
+    double v[GB];
+    for (int64_t t = 0; t * GB < m; t++) {
+        const double *blk = gblock(X, t, nn);
+        for (int s = 0; s < GB; s++) v[s] = blk[nn * GB + s];
+        for (int i = 0; i < nn; i++)
+            for (int s = 0; s < GB; s++) v[s] -= blk[i * GB + s] * c[i];
+        const int64_t n = m - t * GB < GB ? m - t * GB : GB;
+        for (int s = 0; s < n; s++) r[t * GB + s] = v[s] < 0 ? -v[s] : v[s];
+    }
+}
+
+/* the four sums u0.v0, u0.v1, u1.v0, u1.v1 over a block, each in two interleaved partial sums */
+static inline void block_dot2x2(const double *u0, const double *u1, const double *v0,
+                                const double *v1, double out[4]) {
+    double a[4][2] = {{0}};
+    for (int s = 0; s < GB; s += 2) {
+        for (int h = 0; h < 2; h++) {
+            a[0][h] += u0[s + h] * v0[s + h];
+            a[1][h] += u0[s + h] * v1[s + h];
+            a[2][h] += u1[s + h] * v0[s + h];
+            a[3][h] += u1[s + h] * v1[s + h];
+        }
+    }
+    for (int q = 0; q < 4; q++) out[q] = a[q][0] + a[q][1];
+}
+
+/* lower triangle of X^T W X (row-major nn x nn) and X^T W y of the m samples, weights w */
+static void normal_equations(double *X, int64_t m, int nn, const double *w, double *A, double *b) {
+    double wx[MAXNN + 2][GB];
+    const double zero[GB] = {0};
+    for (int64_t t = 0; t * GB < m; t++) {
+        const double *blk = gblock(X, t, nn);
+        const int64_t n = m - t * GB < GB ? m - t * GB : GB;
+        for (int i = 0; i < nn; i++) {
+            const double *xi = blk + i * GB;
+            for (int s = 0; s < n; s++) wx[i][s] = w[t * GB + s] * xi[s];
+            for (int s = (int)n; s < GB; s++) wx[i][s] = 0;
+        }
+        /* rows i, i+1 against columns j, j+1 (and y); a tile on the diagonal also computes the
+         * upper entry A[i][i+1], which is never read */
+        for (int i = 0; i < nn; i += 2) {
+            const double *u1 = i + 1 < nn ? wx[i + 1] : zero;
+            double o[4];
+            for (int j = 0; j <= i; j += 2) {
+                const double *v1 = j + 1 < nn ? blk + (j + 1) * GB : zero;
+                block_dot2x2(wx[i], u1, blk + j * GB, v1, o);
+                A[i * nn + j] += o[0];
+                if (j + 1 < nn) A[i * nn + j + 1] += o[1];
+                if (i + 1 < nn) {
+                    A[(i + 1) * nn + j] += o[2];
+                    if (j + 1 < nn) A[(i + 1) * nn + j + 1] += o[3];
+                }
+            }
+            block_dot2x2(wx[i], u1, blk + nn * GB, zero, o);
+            b[i] += o[0];
+            if (i + 1 < nn) b[i + 1] += o[2];
+        }
+    }
+}
+
+/* IRLS weights 1 / (|r| + max(0.5, median |r|)): an approximate L1 fit, robust to edges */
+static void irls_weights(double *r, double *tmp, int64_t m, double *w) {
+    memcpy(tmp, r, sizeof(double) * (size_t)m);
+    double med = median(tmp, m);
+    double floor_ = med > 0.5 ? med : 0.5;
+    for (int64_t s = 0; s < m; s++) w[s] = 1.0 / (r[s] + floor_);
+}
+
+/* Fit one nn-tap predictor per activity class on the samples (thresholds thr[K-1]) by
+ * iteratively reweighted least squares with `solves` solves, ridge-regularised towards dflt.
+ * coef[K*nn] holds the starting coefficients: a class with fewer than 8*nn samples keeps them,
+ * and with warm != 0 the first weights come from their residuals (else all weights are 1). */
+int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, const int32_t *thr,
+           int solves, int warm, const double *dflt, double *coef) {
+    if (H < 2 || W < 2 || step < 1 || nn < 1 || nn > MAXNN || K < 1 || K > MAXK) return -3;
+    Img im;
+    if (img_fill(&im, img, H, W)) return -1;
+    const int64_t n = sample_count(H, W, step);
+    int off[MAXNN];
+    for (int i = 0; i < nn; i++) off[i] = OFF[i][0] * im.S + OFF[i][1];
+    uint8_t *cls = (uint8_t *)malloc((size_t)n);
+    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+    int64_t start[MAXK + 1] = {0};
+    int rc = -1;
+    double *X = NULL, *w = NULL, *r = NULL, *tmp = NULL;
+    if (!cls || !order) goto done;
+    for (int64_t i = 0; i < n; i++) {
+        int a = activity(sample_px(&im, i, step), im.S), k = 0;
+        while (k < K - 1 && a > thr[k]) k++;
+        cls[i] = (uint8_t)k;
+        start[k + 1]++;
+    }
+    int64_t most = 0;
+    for (int k = 0; k < K; k++) {
+        if (start[k + 1] > most) most = start[k + 1];
+        start[k + 1] += start[k];
+    }
+    {
+        int64_t fill[MAXK];
+        memcpy(fill, start, sizeof(fill));
+        for (int64_t i = 0; i < n; i++) order[fill[cls[i]]++] = i;  /* stable, by class */
+    }
+    X = (double *)malloc(sizeof(double) * (size_t)((most + GB - 1) / GB * GB * (nn + 1) + 1));
+    w = (double *)malloc(sizeof(double) * (size_t)(most + 1));
+    r = (double *)malloc(sizeof(double) * (size_t)(most + 1));
+    tmp = (double *)malloc(sizeof(double) * (size_t)(most + 1));
+    if (!X || !w || !r || !tmp) goto done;
+    for (int k = 0; k < K; k++) {
+        const int64_t m = start[k + 1] - start[k];
+        double *c = coef + (int64_t)k * nn;
+        if (m < 8 * nn) continue;
+        memset(X, 0, sizeof(double) * (size_t)((m + GB - 1) / GB * GB * (nn + 1)));
+        for (int64_t s = 0; s < m; s++) {
+            const int32_t *p = sample_px(&im, order[start[k] + s], step);
+            double *x = gblock(X, s / GB, nn) + s % GB;
+            for (int i = 0; i < nn; i++) x[i * GB] = p[off[i]];
+            x[nn * GB] = p[0];
+        }
+        if (warm) {
+            abs_residuals(X, m, nn, c, r);
+            irls_weights(r, tmp, m, w);
+        } else {
+            for (int64_t s = 0; s < m; s++) w[s] = 1.0;
+        }
+        for (int it = 0; it < solves; it++) {
+            double A[MAXNN * MAXNN] = {0}, b[MAXNN] = {0}, sol[MAXNN];
+            normal_equations(X, m, nn, w, A, b);
+            double trace = 0;
+            for (int i = 0; i < nn; i++) trace += A[i * nn + i];
+            double reg = 1e-7 * trace / nn + 1e-9;
+            for (int i = 0; i < nn; i++) {
+                A[i * nn + i] += reg;
+                b[i] += reg * dflt[i];
+            }
+            if (solve_spd(A, b, nn, sol)) break;
+            memcpy(c, sol, sizeof(double) * nn);
+            if (it + 1 < solves) {
+                abs_residuals(X, m, nn, c, r);
+                irls_weights(r, tmp, m, w);
+            }
+        }
+    }
+    rc = 0;
+done:
+    free(cls); free(order); free(X); free(w); free(r); free(tmp);
+    img_free(&im);
+    return rc;
 }
 
 static int check_params(int ver, int H, int W, int bits, int nn, int K, int shift) {
