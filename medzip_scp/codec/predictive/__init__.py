@@ -74,7 +74,6 @@ the :class:`FlushSlot`, :meth:`FlushSlot.flush_bytes` gives the 4 bytes that car
 
 from __future__ import annotations
 
-import ctypes
 import struct
 import zlib
 from dataclasses import dataclass
@@ -201,8 +200,10 @@ def _default_config(npix: int) -> _Config:
     return _Config(nn=4, K=1, shift=8, irls=1)
 
 
-def _ptr(a: np.ndarray, ctype: type) -> ctypes._Pointer:  # type: ignore[type-arg]
-    return a.ctypes.data_as(ctypes.POINTER(ctype))
+def _ptr(a: np.ndarray) -> int:
+    """The address of a C-contiguous array's data, for a pointer argument of the core (a plain
+    address: typed ctypes pointers cost microseconds each, which shows on small frames)."""
+    return a.ctypes.data
 
 
 def _padded(img: npt.NDArray[np.uint16]) -> npt.NDArray[np.int64]:
@@ -231,7 +232,7 @@ def _fit(
     # a regular subsample of the pixels with a full neighbourhood keeps the fit cheap
     step = -(-(H - 1) * (W - 1) // max_samples)
     a = np.empty(-(-(H - 1) * (W - 1) // step), np.int32)
-    if lib.mz_sample_activity(_ptr(img, ctypes.c_uint16), H, W, step, _ptr(a, ctypes.c_int32)):
+    if lib.mz_sample_activity(_ptr(img), H, W, step, _ptr(a)):
         raise MemoryError("predictive core: no memory for the fit")
     K = cfg.K
     if K > 1:
@@ -243,17 +244,17 @@ def _fit(
     thr = np.ascontiguousarray(thr, np.int32)
     coefs = np.tile(default, (K, 1))
     rc = lib.mz_fit(
-        _ptr(img, ctypes.c_uint16),
+        _ptr(img),
         H,
         W,
         step,
         nn,
         K,
-        _ptr(thr, ctypes.c_int32),
+        _ptr(thr),
         cfg.irls + 1,
         0,
-        _ptr(default, ctypes.c_double),
-        _ptr(coefs, ctypes.c_double),
+        _ptr(default),
+        _ptr(coefs),
     )
     if rc:
         raise MemoryError("predictive core: no memory for the fit")
@@ -279,18 +280,18 @@ def _encode_body(
     out = np.empty(cap, np.uint8)
     n = lib.mz_encode(
         version,
-        _ptr(img, ctypes.c_uint16),
+        _ptr(img),
         H,
         W,
         bits,
         cfg.nn,
         K,
         cfg.shift,
-        _ptr(thr, ctypes.c_int32),
-        _ptr(coef, ctypes.c_int32),
-        _ptr(out, ctypes.c_uint8),
+        _ptr(thr),
+        _ptr(coef),
+        _ptr(out),
         cap,
-        _ptr(final, ctypes.c_uint32),
+        _ptr(final),
     )
     if n < 0:
         raise RuntimeError(f"predictive core failed to encode (code {n})")
@@ -450,7 +451,7 @@ def _decode_body(
     final = np.zeros(3, np.uint32)
     rc = lib.mz_decode(
         version,
-        _ptr(payload, ctypes.c_uint8),
+        _ptr(payload),
         n,
         H,
         W,
@@ -458,10 +459,10 @@ def _decode_body(
         nn,
         K,
         shift,
-        _ptr(thr, ctypes.c_int32),
-        _ptr(coef, ctypes.c_int32),
-        _ptr(img, ctypes.c_uint16),
-        _ptr(final, ctypes.c_uint32),
+        _ptr(thr),
+        _ptr(coef),
+        _ptr(img),
+        _ptr(final),
     )
     if rc != 0:
         raise CorruptStreamError(f"predictive stream: payload does not decode (core code {rc})")
@@ -558,7 +559,7 @@ def _decode(
         used = np.unpackbits(np.frombuffer(_inflate(rd.take(tlen), "value table"), np.uint8))
         if hi < lo or used.size < hi - lo + 1:
             raise CorruptStreamError("predictive stream: corrupted value table")
-        lut = (np.flatnonzero(used[: hi - lo + 1]) + lo).astype(np.uint16)
+        lut = (np.flatnonzero(used[: hi - lo + 1].view(bool)) + lo).astype(np.uint16)
         ranks, slot = _decode_body(rd, H, W, 16, version)
         if lut.size == 0 or int(ranks.max()) >= lut.size:
             raise CorruptStreamError("predictive stream: value rank outside the value table")

@@ -134,21 +134,22 @@ static inline void prob_update(Prob *s, int limit, int bit) {
     if (s->n < limit) s->n++;
 }
 
-/* code one decision with the mixed prediction of three adaptive models */
+/* code one decision with the mixed prediction of three adaptive models (the mixer's inputs
+ * are the three stretched probabilities and a constant bias input of 256) */
 static inline int code_mix(Coder *c, Prob *a, Prob *b, Prob *d, Mixer *mx, int limit, int bit) {
-    int st[NI];
-    st[0] = STRETCH[a->p >> 4];
-    st[1] = STRETCH[b->p >> 4];
-    st[2] = STRETCH[d->p >> 4];
-    st[3] = 256;
-    int64_t dot = 0;
-    for (int i = 0; i < NI; i++) dot += (int64_t)mx->w[i] * st[i];
+    const int s0 = STRETCH[a->p >> 4], s1 = STRETCH[b->p >> 4], s2 = STRETCH[d->p >> 4];
+    int32_t *w = mx->w;
+    const int64_t dot = (int64_t)w[0] * s0 + (int64_t)w[1] * s1 + (int64_t)w[2] * s2 +
+                        (int64_t)w[3] * 256;
     int pr = squash((int)(dot >> 16));
     uint32_t p16 = (uint32_t)pr * 16 + 8;
     if (p16 < 32) p16 = 32; else if (p16 > 65536 - 32) p16 = 65536 - 32;
     bit = code_raw(c, p16, bit);
     int err = ((bit << 12) - pr) * 6;
-    for (int i = 0; i < NI; i++) mx->w[i] += (st[i] * err + 0x2000) >> 14;
+    w[0] += (s0 * err + 0x2000) >> 14;
+    w[1] += (s1 * err + 0x2000) >> 14;
+    w[2] += (s2 * err + 0x2000) >> 14;
+    w[3] += (256 * err + 0x2000) >> 14;
     prob_update(a, limit, bit);
     prob_update(b, limit, bit);
     prob_update(d, limit, bit);
