@@ -76,6 +76,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,11 +89,14 @@ from . import _build
 __all__ = [
     "CODER_ID",
     "CorruptStreamError",
+    "Fit",
     "FlushSlot",
     "decode_frame",
     "decode_frame_slot",
     "encode_frame",
+    "encode_frame_fit",
     "encode_frame_slot",
+    "warm_start",
 ]
 
 CODER_ID = "pred-v2"
@@ -99,35 +105,7 @@ _MAGIC = b"MZPF"
 _VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # every version ever written must stay decodable
 _MODE_CONSTANT, _MODE_DIRECT, _MODE_PACKED, _MODE_RAW = 0, 1, 2, 3
-_PAD = 3
-# Causal neighbour offsets (dy, dx); must match OFF in _pred.c.
-_OFFSETS = [
-    (0, -1),
-    (-1, 0),
-    (-1, -1),
-    (-1, 1),
-    (0, -2),
-    (-2, 0),
-    (-1, -2),
-    (-2, -1),
-    (-2, 1),
-    (-1, 2),
-    (0, -3),
-    (-3, 0),
-    (-2, -2),
-    (-2, 2),
-    (-1, -3),
-    (-1, 3),
-    (-3, -1),
-    (-3, 1),
-    (-3, -2),
-    (-3, 2),
-    (-2, -3),
-    (-2, 3),
-    (-3, -3),
-    (-3, 3),
-]
-_MAX_NN = len(_OFFSETS)
+_MAX_NN = 24  # predictor taps: the causal neighbours OFF in _pred.c
 _MAX_K = 64
 _PACK_FRACTION = 0.7
 
@@ -179,6 +157,43 @@ class FlushSlot:
         return struct.pack(">I", self.low + carried)
 
 
+@dataclass(frozen=True, eq=False)
+class Fit:
+    """The predictors the encoder fitted to one frame: a warm-start hint for the next frame.
+
+    A hint only steers the encoder's least-squares fit (it starts from these coefficients and
+    solves once instead of three times): the stream stores its own coefficients, so decoding
+    never needs the hint.  A hint that does not match the frame (another tap count or number of
+    classes) is ignored.
+
+    Attributes
+    ----------
+    coefficients
+        ``(classes, taps)`` float coefficients per activity class, before quantisation.
+    """
+
+    coefficients: npt.NDArray[np.float64]
+
+
+_chain: ContextVar[list[Fit] | None] = ContextVar("medzip_predictive_fit_chain", default=None)
+
+
+@contextmanager
+def warm_start() -> Iterator[None]:
+    """Within the block, each frame encoded without an explicit hint is warm-started from the
+    fit of the frame encoded before it in the same context (the frames of one multi-frame
+    object, coded in order).
+
+    The chain is per context (:mod:`contextvars`): frames coded concurrently must each run in
+    their own context, in a fixed order, for the streams to be reproducible.
+    """
+    token = _chain.set([])
+    try:
+        yield
+    finally:
+        _chain.reset(token)
+
+
 @dataclass(frozen=True)
 class _Config:
     nn: int  # predictor taps
@@ -206,21 +221,14 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def _padded(img: npt.NDArray[np.uint16]) -> npt.NDArray[np.int64]:
-    """The frame with the causal padding the C core uses (replicated edges, top = row 0)."""
-    H, W = img.shape
-    P = np.empty((H + _PAD, W + 2 * _PAD), np.int64)
-    P[_PAD:, _PAD : W + _PAD] = img
-    P[_PAD:, :_PAD] = img[:, :1]
-    P[_PAD:, W + _PAD :] = img[:, -1:]
-    P[:_PAD] = P[_PAD]
-    return P
+_WARM_SOLVES = 1  # least-squares solves of a warm-started fit (a cold one does irls + 1)
 
 
 def _fit(
-    img: npt.NDArray[np.uint16], cfg: _Config, max_samples: int = 100_000
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
-    """Choose class thresholds and fit one integer predictor per class (encoder only)."""
+    img: npt.NDArray[np.uint16], cfg: _Config, hint: Fit | None = None, max_samples: int = 100_000
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], Fit | None]:
+    """Choose class thresholds and fit one integer predictor per class (encoder only); also
+    the fit as a hint for the next frame (``None`` for a frame too small to fit)."""
     lib = _build.load()
     H, W = img.shape
     nn = cfg.nn
@@ -228,38 +236,34 @@ def _fit(
     default[:3] = [0.75, 0.75, -0.5] if nn >= 3 else [1.0 / nn] * nn
     if H < 2 or W < 2:
         q = np.round(default * (1 << cfg.shift)).astype(np.int32)
-        return np.zeros(0, np.int32), q[None]
+        return np.zeros(0, np.int32), q[None], None
     # a regular subsample of the pixels with a full neighbourhood keeps the fit cheap
     step = -(-(H - 1) * (W - 1) // max_samples)
-    a = np.empty(-(-(H - 1) * (W - 1) // step), np.int32)
-    if lib.mz_sample_activity(_ptr(img), H, W, step, _ptr(a)):
-        raise MemoryError("predictive core: no memory for the fit")
-    K = cfg.K
-    if K > 1:
-        thr = np.unique(np.quantile(a, np.arange(1, K) / K, method="lower").astype(np.int32))
-        thr = thr[thr < a.max()] if thr.size else thr
-    else:
-        thr = np.zeros(0, np.int32)
-    K = thr.size + 1
-    thr = np.ascontiguousarray(thr, np.int32)
-    coefs = np.tile(default, (K, 1))
-    rc = lib.mz_fit(
+    coefs = np.empty((cfg.K, nn))
+    hint_k = 0
+    if hint is not None and hint.coefficients.shape[1] == nn and len(hint.coefficients) <= cfg.K:
+        hint_k = len(hint.coefficients)  # used only if the frame has as many classes
+        coefs[:hint_k] = hint.coefficients
+    thr = np.empty(cfg.K, np.int32)
+    K = lib.mz_fit(
         _ptr(img),
         H,
         W,
         step,
         nn,
-        K,
-        _ptr(thr),
+        cfg.K,
+        hint_k,
         cfg.irls + 1,
-        0,
+        _WARM_SOLVES,
         _ptr(default),
         _ptr(coefs),
+        _ptr(thr),
     )
-    if rc:
-        raise MemoryError("predictive core: no memory for the fit")
+    if K < 1:
+        raise MemoryError(f"predictive core: no memory to fit a {H}x{W} frame (code {K})")
+    thr, coefs = thr[: K - 1], coefs[:K]
     q = np.clip(np.round(coefs * (1 << cfg.shift)), -(1 << 24), 1 << 24)
-    return thr, q.astype(np.int32)
+    return thr, q.astype(np.int32), Fit(coefs)
 
 
 def _encode_body(
@@ -268,13 +272,15 @@ def _encode_body(
     final: npt.NDArray[np.uint32],
     cfg: _Config | None = None,
     version: int = _VERSION,
-) -> bytes:
-    """Modes 1 and 2 body; ``final`` receives the coder's final interval ``x1, x2``."""
+    hint: Fit | None = None,
+) -> tuple[bytes, Fit | None]:
+    """Modes 1 and 2 body and the fit; ``final`` receives the coder's final interval
+    ``x1, x2``."""
     lib = _build.load()
     H, W = img.shape
     if cfg is None:
         cfg = _default_config(H * W)
-    thr, coef = _fit(img, cfg)
+    thr, coef, fit = _fit(img, cfg, hint)
     K = thr.size + 1
     cap = H * W * 3 + 4096
     out = np.empty(cap, np.uint8)
@@ -301,7 +307,7 @@ def _encode_body(
         + params
         + struct.pack("<I", n)
         + out[:n].tobytes()
-    )
+    ), fit
 
 
 def _pack_raw(img: npt.NDArray[np.uint16], bits: int) -> bytes:
@@ -316,12 +322,27 @@ def _unpack_raw(blob: bytes, H: int, W: int, bits: int) -> npt.NDArray[np.uint16
     return np.packbits(full, axis=1).view(">u2").reshape(H, W).astype(np.uint16)
 
 
-def encode_frame(frame: npt.NDArray[np.integer], bits: int) -> bytes:
+def encode_frame(frame: npt.NDArray[np.integer], bits: int, hint: Fit | None = None) -> bytes:
     """Encode one 2-D frame losslessly (:func:`encode_frame_slot` without the slot)."""
-    return encode_frame_slot(frame, bits)[0]
+    return _encode(frame, bits, hint)[0]
 
 
-def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes, FlushSlot | None]:
+def encode_frame_fit(
+    frame: npt.NDArray[np.integer], bits: int, hint: Fit | None = None
+) -> tuple[bytes, Fit | None]:
+    """Encode one 2-D frame losslessly and return its fit, the hint for the next frame.
+
+    ``encode_frame_fit(f1, bits, encode_frame_fit(f0, bits)[1])`` codes ``f1`` with a fit
+    warm-started from ``f0``'s (:class:`Fit`).  The fit is ``None`` for frames that need none
+    (constant, tiny).  See :func:`encode_frame_slot` for the parameters.
+    """
+    stream, _, fit = _encode(frame, bits, hint)
+    return stream, fit
+
+
+def encode_frame_slot(
+    frame: npt.NDArray[np.integer], bits: int, hint: Fit | None = None
+) -> tuple[bytes, FlushSlot | None]:
     """Encode one 2-D frame losslessly.
 
     Parameters
@@ -330,6 +351,10 @@ def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes,
         Pixel values in ``[0, 2**bits)``; signed data must be shifted by the caller.
     bits : int
         Bits stored, 1..16 (DICOM PS3.3 C.7.6.3.1, Bits Stored).
+    hint : Fit, optional
+        A similar frame's fit to warm-start the encoder's predictor fit from (faster, the
+        stream nearly as small); without one, inside :func:`warm_start` the fit of the frame
+        encoded before.  Decoding never needs it.
 
     Returns
     -------
@@ -343,6 +368,14 @@ def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes,
         If ``frame`` is not a non-empty 2-D integer array, ``bits`` is outside 1..16 or a value
         lies outside ``[0, 2**bits)``.
     """
+    stream, slot, _ = _encode(frame, bits, hint)
+    return stream, slot
+
+
+def _encode(
+    frame: npt.NDArray[np.integer], bits: int, hint: Fit | None
+) -> tuple[bytes, FlushSlot | None, Fit | None]:
+    """``(stream, flush slot, fit)``; keeps the fit in the :func:`warm_start` chain."""
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
     bits = int(bits)
@@ -359,10 +392,14 @@ def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes,
             f"frame values must lie in [0, {(1 << bits) - 1}] for bits={bits}, got [{lo}, {hi}]; "
             "shift signed data by 2**(bits-1) first"
         )
+    chain = _chain.get()
+    if hint is None and chain:
+        hint = chain[-1]
     img = np.ascontiguousarray(arr, dtype=np.uint16)
     H, W = img.shape
     head = _MAGIC + struct.pack("<BBII", _VERSION, bits, H, W)
     final = np.zeros(2, np.uint32)
+    fit = None
     if lo == hi:
         body = struct.pack("<BH", _MODE_CONSTANT, lo)
     else:
@@ -372,21 +409,21 @@ def encode_frame_slot(frame: npt.NDArray[np.integer], bits: int) -> tuple[bytes,
             table = zlib.compress(np.packbits(used).tobytes(), 9)
             rank_bits = max(1, (n_values - 1).bit_length())
             rank_of = (np.cumsum(used, dtype=np.int64) - 1).astype(np.uint16)
-            body = (
-                struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table))
-                + table
-                + _encode_body(rank_of[img - lo], rank_bits, final)
-            )
+            coded, fit = _encode_body(rank_of[img - lo], rank_bits, final, hint=hint)
+            body = struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table)) + table + coded
         else:
-            body = struct.pack("<B", _MODE_DIRECT) + _encode_body(img, bits, final)
+            coded, fit = _encode_body(img, bits, final, hint=hint)
+            body = struct.pack("<B", _MODE_DIRECT) + coded
         if (H * W * bits + 7) // 8 + 1 < len(body):  # incompressible (noise): store the bits
             body = struct.pack("<B", _MODE_RAW) + _pack_raw(img, bits)
+    if chain is not None and fit is not None:
+        chain[:] = [fit]
     crc = zlib.crc32(img.astype("<u2").tobytes())
     stream = head + body + struct.pack("<I", crc)
     if body[0] not in (_MODE_DIRECT, _MODE_PACKED):
-        return stream, None
+        return stream, None, fit
     low, high = int(final[0]), int(final[1])
-    return stream, FlushSlot(len(stream) - 8, low, high, low)
+    return stream, FlushSlot(len(stream) - 8, low, high, low), fit
 
 
 class _Reader:

@@ -71,9 +71,8 @@ def load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
         # pointer arguments are plain addresses (the callers pass contiguous arrays' data)
         ptr, c_int, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.mz_sample_activity.argtypes = [ptr, c_int, c_int, i64, ptr]
-        lib.mz_sample_activity.restype = c_int
-        lib.mz_fit.argtypes = [ptr, c_int, c_int, i64, c_int, c_int, ptr, c_int, c_int, ptr, ptr]
+        lib.mz_fit.argtypes = [ptr, c_int, c_int, i64, c_int, c_int, c_int, c_int, c_int]
+        lib.mz_fit.argtypes += [ptr, ptr, ptr]
         lib.mz_fit.restype = c_int
         lib.mz_encode.argtypes = [c_int, ptr, c_int, c_int, c_int, c_int, c_int, c_int]
         lib.mz_encode.argtypes += [ptr, ptr, ptr, i64, ptr]

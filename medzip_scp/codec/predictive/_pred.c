@@ -453,21 +453,6 @@ static int img_fill(Img *im, const uint16_t *img, int H, int W) {
 static int64_t sample_count(int H, int W, int64_t step) {
     return ((int64_t)(H - 1) * (W - 1) + step - 1) / step;
 }
-static inline int32_t *sample_px(Img *im, int64_t i, int64_t step) {
-    int64_t j = i * step;
-    return PX(im, (int)(j / (im->W - 1)) + 1, (int)(j % (im->W - 1)) + 1);
-}
-
-/* activity of each sample (for the class thresholds); act has sample_count() entries */
-int mz_sample_activity(const uint16_t *img, int H, int W, int64_t step, int32_t *act) {
-    Img im;
-    if (H < 2 || W < 2 || step < 1) return -3;
-    if (img_fill(&im, img, H, W)) return -1;
-    int64_t n = sample_count(H, W, step);
-    for (int64_t i = 0; i < n; i++) act[i] = activity(sample_px(&im, i, step), im.S);
-    img_free(&im);
-    return 0;
-}
 
 /* a[k]-th smallest of a[0..n) (a is reordered) */
 static double select_kth(double *a, int64_t n, int64_t k) {
@@ -601,26 +586,59 @@ static void irls_weights(double *r, double *tmp, int64_t m, double *w) {
     for (int64_t s = 0; s < m; s++) w[s] = 1.0 / (r[s] + floor_);
 }
 
-/* Fit one nn-tap predictor per activity class on the samples (thresholds thr[K-1]) by
- * iteratively reweighted least squares with `solves` solves, ridge-regularised towards dflt.
- * coef[K*nn] holds the starting coefficients: a class with fewer than 8*nn samples keeps them,
- * and with warm != 0 the first weights come from their residuals (else all weights are 1). */
-int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, const int32_t *thr,
-           int solves, int warm, const double *dflt, double *coef) {
+/* Choose the class thresholds and fit one nn-tap predictor per class on the samples.
+ *
+ * The K-1 thresholds are the activities of rank floor((n-1) * k/K), k = 1..K-1, among the n
+ * samples (numpy's "lower" quantiles), without repeats and below the largest activity; they
+ * are written to thr and the number of classes they make is returned (or < 0: no memory, bad
+ * arguments).  Each class's predictor is fitted by iteratively reweighted least squares with
+ * `solves` solves, ridge-regularised towards dflt; a class with fewer than 8*nn samples keeps
+ * dflt.  Warm start: when hint_K, the number of classes of the hint in coef[hint_K * nn], equals
+ * the classes chosen, each class starts from the hint instead (its first weights come from the
+ * hint's residuals) and takes warm_solves solves.  coef[K * nn] receives the coefficients. */
+int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, int hint_K, int solves,
+           int warm_solves, const double *dflt, double *coef, int32_t *thr) {
     if (H < 2 || W < 2 || step < 1 || nn < 1 || nn > MAXNN || K < 1 || K > MAXK) return -3;
     Img im;
     if (img_fill(&im, img, H, W)) return -1;
     const int64_t n = sample_count(H, W, step);
     int off[MAXNN];
     for (int i = 0; i < nn; i++) off[i] = OFF[i][0] * im.S + OFF[i][1];
-    uint8_t *cls = (uint8_t *)malloc((size_t)n);
+    int32_t *act = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
+    int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);   /* sample offsets in v */
     int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
     int64_t start[MAXK + 1] = {0};
     int rc = -1;
     double *X = NULL, *w = NULL, *r = NULL, *tmp = NULL;
-    if (!cls || !order) goto done;
+    if (!act || !pos || !order) goto done;
+    int32_t amax = 0;
     for (int64_t i = 0; i < n; i++) {
-        int a = activity(sample_px(&im, i, step), im.S), k = 0;
+        const int64_t j = i * step;
+        const int32_t *p = PX(&im, (int)(j / (W - 1)) + 1, (int)(j % (W - 1)) + 1);
+        pos[i] = p - im.v;
+        act[i] = activity(p, im.S);
+        if (act[i] > amax) amax = act[i];
+    }
+    int nthr = 0;
+    if (K > 1) {
+        tmp = (double *)malloc(sizeof(double) * (size_t)n);
+        if (!tmp) goto done;
+        for (int64_t i = 0; i < n; i++) tmp[i] = act[i];
+        int64_t from = 0;
+        for (int k = 1; k < K; k++) {
+            /* ranks rise with k: the k-th selection only reorders what lies above the last */
+            const int64_t rank = (int64_t)((double)(n - 1) * ((double)k / K));
+            const int32_t t = (int32_t)select_kth(tmp + from, n - from, rank - from);
+            from = rank;
+            if (t < amax && (nthr == 0 || t != thr[nthr - 1])) thr[nthr++] = t;
+        }
+        free(tmp);
+        tmp = NULL;
+    }
+    K = nthr + 1;
+    uint8_t *cls = (uint8_t *)act;  /* the activities are no longer needed */
+    for (int64_t i = 0; i < n; i++) {
+        int a = act[i], k = 0;
         while (k < K - 1 && a > thr[k]) k++;
         cls[i] = (uint8_t)k;
         start[k + 1]++;
@@ -633,8 +651,11 @@ int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, const
     {
         int64_t fill[MAXK];
         memcpy(fill, start, sizeof(fill));
-        for (int64_t i = 0; i < n; i++) order[fill[cls[i]]++] = i;  /* stable, by class */
+        for (int64_t i = 0; i < n; i++) order[fill[cls[i]]++] = pos[i];  /* stable, by class */
     }
+    const int warm = hint_K == K;
+    if (!warm)
+        for (int k = 0; k < K; k++) memcpy(coef + (int64_t)k * nn, dflt, sizeof(double) * nn);
     X = (double *)malloc(sizeof(double) * (size_t)((most + GB - 1) / GB * GB * (nn + 1) + 1));
     w = (double *)malloc(sizeof(double) * (size_t)(most + 1));
     r = (double *)malloc(sizeof(double) * (size_t)(most + 1));
@@ -643,10 +664,13 @@ int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, const
     for (int k = 0; k < K; k++) {
         const int64_t m = start[k + 1] - start[k];
         double *c = coef + (int64_t)k * nn;
-        if (m < 8 * nn) continue;
+        if (m < 8 * nn) {
+            memcpy(c, dflt, sizeof(double) * nn);
+            continue;
+        }
         memset(X, 0, sizeof(double) * (size_t)((m + GB - 1) / GB * GB * (nn + 1)));
         for (int64_t s = 0; s < m; s++) {
-            const int32_t *p = sample_px(&im, order[start[k] + s], step);
+            const int32_t *p = im.v + order[start[k] + s];
             double *x = gblock(X, s / GB, nn) + s % GB;
             for (int i = 0; i < nn; i++) x[i * GB] = p[off[i]];
             x[nn * GB] = p[0];
@@ -657,7 +681,8 @@ int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, const
         } else {
             for (int64_t s = 0; s < m; s++) w[s] = 1.0;
         }
-        for (int it = 0; it < solves; it++) {
+        const int nsolve = warm ? warm_solves : solves;
+        for (int it = 0; it < nsolve; it++) {
             double A[MAXNN * MAXNN] = {0}, b[MAXNN] = {0}, sol[MAXNN];
             normal_equations(X, m, nn, w, A, b);
             double trace = 0;
@@ -669,15 +694,15 @@ int mz_fit(const uint16_t *img, int H, int W, int64_t step, int nn, int K, const
             }
             if (solve_spd(A, b, nn, sol)) break;
             memcpy(c, sol, sizeof(double) * nn);
-            if (it + 1 < solves) {
+            if (it + 1 < nsolve) {
                 abs_residuals(X, m, nn, c, r);
                 irls_weights(r, tmp, m, w);
             }
         }
     }
-    rc = 0;
+    rc = K;
 done:
-    free(cls); free(order); free(X); free(w); free(r); free(tmp);
+    free(act); free(pos); free(order); free(X); free(w); free(r); free(tmp);
     img_free(&im);
     return rc;
 }
