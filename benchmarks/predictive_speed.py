@@ -11,7 +11,9 @@ Sets: 10 slices of ``series/ct-phantom-1mm``, 20 ``mr-epi`` files, 40 frames of 
 pydicom (no rescale), signed data shifted by 2**(BitsStored-1).  ``--chain`` codes the frames of
 each file (and consecutive files of a set) with the previous frame's fit as the warm-start hint,
 as :func:`medzip_scp.codec.api.compress` does for a multi-frame object.  Encode and decode times
-are single-thread wall time (best of ``--repeat`` runs per frame); prints a markdown table.
+are the CPU time of the calling thread (``time.thread_time``, best of ``--repeat`` runs per
+frame): per-core speed, steady on a shared machine where wall time is not.  Prints a markdown
+table.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ static inline int code_raw(Coder *c, uint32_t p1, int bit) {
 
 /* state: high 16 bits probability of a one (scaled to 65536), low bits a hit counter. */
 static void init_mix_tables(void);
-static int RECIP[1024];
+static int RECIP[1024];  /* 65536 / (n + 2); |d| <= 65535, so d * RECIP[n] fits an int */
 static int tables_ready = 0;
 static void init_tables(void) {
     if (tables_ready) return;
@@ -77,7 +77,7 @@ static inline int code_bit(Coder *c, Prob *s, int limit, int bit) {
     bit = code_raw(c, p, bit);
     int target = bit ? 65535 : 0;
     int d = target - (int)s->p;
-    s->p = (uint16_t)((int)s->p + (int)(((int64_t)d * RECIP[s->n]) >> 16));
+    s->p = (uint16_t)((int)s->p + (int)((d * RECIP[s->n]) >> 16));
     if (s->n < limit) s->n++;
     return bit;
 }
@@ -130,7 +130,7 @@ static inline void mixer_init(Mixer *m, int n) {
 static inline void prob_update(Prob *s, int limit, int bit) {
     int target = bit ? 65535 : 0;
     int d = target - (int)s->p;
-    s->p = (uint16_t)((int)s->p + (int)(((int64_t)d * RECIP[s->n]) >> 16));
+    s->p = (uint16_t)((int)s->p + (int)((d * RECIP[s->n]) >> 16));
     if (s->n < limit) s->n++;
 }
 
