@@ -18,7 +18,7 @@ Design
    solves anything and the prediction is exact integer arithmetic.  **Warm start**: given a
    similar frame's fit (a :class:`Fit` hint, or the previous frame's inside :func:`warm_start`,
    which :func:`medzip_scp.codec.api.compress` uses for the frames of one object), the fit
-   starts from those coefficients and solves once instead of three times: encoding is 12-17 %
+   starts from those coefficients and solves once instead of three times: encoding is 4-14 %
    faster and the streams are within 0.03 % of the cold fit's size.  Only the encoder uses it.
 3. **Bias cancellation** (as in CALIC): the mean error of the uncorrected prediction is tracked in
    1/16 pixel units per context (class x 6-bit texture pattern x error-energy level) and added
@@ -42,8 +42,8 @@ Why a C core and not constriction: the model has about 5,000 adaptive binary con
 probabilities change after every symbol, so each symbol has its own distribution; constriction
 codes such per-symbol tables at well under 1 M symbols/s from Python, and the prediction itself
 is a serial causal recursion.  The C core (``_pred.c``, compiled on first use by ``_build.py``)
-decodes about 4.5-8.5 MPx/s per core (a 512x512 CT slice in ~30 ms) and encodes 3.5-5.5 MPx/s,
-a third of that the least-squares fit on a 100k-pixel subsample, also in C
+decodes about 5-9 MPx/s per core (a 512x512 CT slice in ~30 ms) and encodes 3.5-6 MPx/s, about
+a third of that the least-squares fit on a 70k-pixel subsample, also in C
 (``benchmarks/predictive_speed.py``).
 
 Determinism: the whole probability path (prediction, bias, contexts, probabilities, coder) is
@@ -182,7 +182,14 @@ class Fit:
     coefficients: npt.NDArray[np.float64]
 
 
-_chain: ContextVar[list[Fit] | None] = ContextVar("medzip_predictive_fit_chain", default=None)
+@dataclass
+class _Chain:
+    """The fit of the frame last encoded inside a :func:`warm_start` block."""
+
+    last: Fit | None = None
+
+
+_chain: ContextVar[_Chain | None] = ContextVar("medzip_predictive_fit_chain", default=None)
 
 
 @contextmanager
@@ -194,7 +201,7 @@ def warm_start() -> Iterator[None]:
     The chain is per context (:mod:`contextvars`): frames coded concurrently must each run in
     their own context, in a fixed order, for the streams to be reproducible.
     """
-    token = _chain.set([])
+    token = _chain.set(_Chain())
     try:
         yield
     finally:
@@ -401,8 +408,8 @@ def _encode(
             "shift signed data by 2**(bits-1) first"
         )
     chain = _chain.get()
-    if hint is None and chain:
-        hint = chain[-1]
+    if hint is None and chain is not None:
+        hint = chain.last
     img = np.ascontiguousarray(arr, dtype=np.uint16)
     H, W = img.shape
     head = _MAGIC + struct.pack("<BBII", _VERSION, bits, H, W)
@@ -425,7 +432,7 @@ def _encode(
         if (H * W * bits + 7) // 8 + 1 < len(body):  # incompressible (noise): store the bits
             body = struct.pack("<B", _MODE_RAW) + _pack_raw(img, bits)
     if chain is not None and fit is not None:
-        chain[:] = [fit]
+        chain.last = fit
     crc = zlib.crc32(img.astype("<u2").tobytes())
     stream = head + body + struct.pack("<I", crc)
     if body[0] not in (_MODE_DIRECT, _MODE_PACKED):
