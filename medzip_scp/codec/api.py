@@ -80,7 +80,7 @@ from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedF
 from medzip_scp.codec.frames import FrameSet, PixelLayout
 from medzip_scp.codec.learned.paths import LearnedOptions, SplitCode
 from medzip_scp.codec.paths import CarrierPath, PixelPath, ZstdPath, get_path, values_dtype
-from medzip_scp.codec.predictive import FlushSlot
+from medzip_scp.codec.predictive import FlushSlot, warm_start
 from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 
 __all__ = [
@@ -494,12 +494,13 @@ def compress(
     sections = []
     if frames is not None:
         frames.validate()
-        for i in range(frames.n_frames):
-            records.append(
-                _encode_frame(i, frames.pixels[i], frames.layout, candidates, streams, ctx)
-            )
-            if progress is not None:
-                progress(i + 1, frames.n_frames)
+        with warm_start():  # each frame's predictor fit starts from the previous frame's
+            for i in range(frames.n_frames):
+                records.append(
+                    _encode_frame(i, frames.pixels[i], frames.layout, candidates, streams, ctx)
+                )
+                if progress is not None:
+                    progress(i + 1, frames.n_frames)
     payload_body = b""
     if ctx.payload_frame is not None:
         payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pydicom
 import pytest
 
+from medzip_scp.codec import api
 from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
 from tests.data_paths import SHARED_DATA
 
@@ -52,3 +55,25 @@ def test_pred_path_codes_each_sample_of_rgb() -> None:
     assert describe(blob)["frames"][0]["path"] in {"pred", "constant", "verbatim"}
     back = decompress(blob).frames
     assert back is not None and np.array_equal(back.pixels, pixels)
+
+
+def test_frames_of_one_object_warm_start_each_others_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[0:160, 0:200]
+    scene = 1500 + 800 * np.sin(yy / 23.0) * np.cos(xx / 31.0) + 3 * yy
+    pixels = np.stack([scene + rng.normal(0, 12, scene.shape) for _ in range(3)])
+    pixels = pixels.clip(0, 4095).astype(np.uint16)[..., None]
+    layout = PixelLayout(
+        rows=160, columns=200, samples_per_pixel=1, bits_allocated=16, bits_stored=12,
+        signed=False, planar_configuration=0,
+    )  # fmt: skip
+    frames = FrameSet(layout, pixels)
+    warm = compress(frames, paths=("pred",), learned=None)
+    monkeypatch.setattr(api, "warm_start", contextlib.nullcontext)
+    cold = compress(frames, paths=("pred",), learned=None)
+    assert warm != cold  # frames 1 and 2 were fitted from the frame before
+    assert abs(len(warm) - len(cold)) < 0.005 * len(cold)
+    for blob in (warm, cold):
+        assert [f["path"] for f in describe(blob)["frames"]] == ["pred"] * 3
+        back = decompress(blob).frames
+        assert back is not None and np.array_equal(back.pixels, pixels)

@@ -69,44 +69,16 @@ def load() -> ctypes.CDLL:
         if not target.exists():
             _compile(target)
         lib = ctypes.CDLL(str(target))
-        i32p = ctypes.POINTER(ctypes.c_int32)
-        u16p = ctypes.POINTER(ctypes.c_uint16)
-        u8p = ctypes.POINTER(ctypes.c_uint8)
-        u32p = ctypes.POINTER(ctypes.c_uint32)
-        c_int, i64 = ctypes.c_int, ctypes.c_int64
-        lib.mz_activity.argtypes = [u16p, c_int, c_int, i32p]
-        lib.mz_activity.restype = c_int
-        lib.mz_encode.argtypes = [
-            c_int,
-            u16p,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            i32p,
-            i32p,
-            u8p,
-            i64,
-            u32p,
-        ]
+        # pointer arguments are plain addresses (the callers pass contiguous arrays' data)
+        ptr, c_int, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.mz_fit.argtypes = [ptr, c_int, c_int, i64, c_int, c_int, c_int, c_int, c_int]
+        lib.mz_fit.argtypes += [ptr, ptr, ptr]
+        lib.mz_fit.restype = c_int
+        lib.mz_encode.argtypes = [c_int, ptr, c_int, c_int, c_int, c_int, c_int, c_int]
+        lib.mz_encode.argtypes += [ptr, ptr, ptr, i64, ptr]
         lib.mz_encode.restype = i64
-        lib.mz_decode.argtypes = [
-            c_int,
-            u8p,
-            i64,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            i32p,
-            i32p,
-            u16p,
-            u32p,
-        ]
+        lib.mz_decode.argtypes = [c_int, ptr, i64, c_int, c_int, c_int, c_int, c_int, c_int]
+        lib.mz_decode.argtypes += [ptr, ptr, ptr, ptr]
         lib.mz_decode.restype = c_int
         lib.mz_init.argtypes = []
         lib.mz_init.restype = None

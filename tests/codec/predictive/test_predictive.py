@@ -14,11 +14,14 @@ import pytest
 from medzip_scp.codec.predictive import (
     CODER_ID,
     CorruptStreamError,
+    Fit,
     FlushSlot,
     decode_frame,
     decode_frame_slot,
     encode_frame,
+    encode_frame_fit,
     encode_frame_slot,
+    warm_start,
 )
 
 DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
@@ -186,8 +189,8 @@ print(hashlib.sha256(encode_frame(f, 12)).hexdigest())
 
 
 def test_same_bytes_with_one_or_two_threads() -> None:
-    # the core is single-threaded; the fit uses BLAS, whose thread count must not leak into
-    # the stream (coefficients are rounded to integers and the fit is well conditioned)
+    # the core, the fit included, is single-threaded: BLAS thread counts must not reach the
+    # stream
     digests = set()
     for threads in ("1", "2"):
         env = {
@@ -368,3 +371,60 @@ def test_version_1_streams_report_their_flush() -> None:
     out, slot = decode_frame_slot(stream, f.shape, 12)
     np.testing.assert_array_equal(out, f)
     assert slot is not None and slot.carried == 0 and slot.offset == len(stream) - 8
+
+
+# -- warm start: a similar frame's fit as the starting point of the encoder's fit ------------
+
+
+def _similar_frames(n: int = 3) -> list[np.ndarray]:
+    """Frames of one smooth scene with fresh noise each: 200x200 (several activity classes)."""
+    rng = np.random.default_rng(21)
+    yy, xx = np.mgrid[0:200, 0:200]
+    scene = 1500 + 800 * np.sin(yy / 23.0) * np.cos(xx / 31.0) + 3 * yy
+    scene[60:140, 70:130] += 900  # an edge, so the classes differ
+    return [
+        np.clip(scene + rng.normal(0, 12, scene.shape), 0, 4095).astype(np.uint16) for _ in range(n)
+    ]
+
+
+def test_warm_start_hint_changes_only_the_fit() -> None:
+    f0, f1, _ = _similar_frames()
+    _, fit0 = encode_frame_fit(f0, 12)
+    assert isinstance(fit0, Fit) and fit0.coefficients.shape[1] == 12
+    cold = encode_frame(f1, 12)
+    warm = encode_frame(f1, 12, hint=fit0)
+    assert warm != cold  # the hint steered the fit
+    # the stream stands alone: it decodes without the hint, with its flush slot
+    np.testing.assert_array_equal(decode_frame(warm, f1.shape, 12), f1)
+    out, slot = decode_frame_slot(warm, f1.shape, 12)
+    np.testing.assert_array_equal(out, f1)
+    assert slot == encode_frame_slot(f1, 12, hint=fit0)[1]
+    assert abs(len(warm) - len(cold)) < 0.005 * len(cold)
+    assert encode_frame(f1, 12, hint=fit0) == warm  # deterministic
+
+
+def test_warm_start_context_chains_each_frame_to_the_last() -> None:
+    frames = _similar_frames()
+    fits: list[Fit | None] = [None]
+    for f in frames[:-1]:
+        fits.append(encode_frame_fit(f, 12, fits[-1])[1])
+    chained = [encode_frame(f, 12, hint=h) for f, h in zip(frames, fits, strict=True)]
+    with warm_start():
+        in_context = [encode_frame(f, 12) for f in frames]
+    assert in_context == chained
+    assert in_context[1:] != [encode_frame(f, 12) for f in frames[1:]]
+    # outside the block no chain is kept
+    assert encode_frame(frames[1], 12) == encode_frame(frames[1], 12, hint=None)
+    for f, stream in zip(frames, in_context, strict=True):
+        np.testing.assert_array_equal(decode_frame(stream, f.shape, 12), f)
+
+
+def test_a_hint_that_does_not_fit_the_frame_is_ignored() -> None:
+    f0, f1, _ = _similar_frames()
+    small = np.ascontiguousarray(f0[:60, :60])  # 3,600 pixels: 4 taps, 1 class
+    _, small_fit = encode_frame_fit(small, 12)
+    assert small_fit is not None and small_fit.coefficients.shape == (1, 4)
+    assert encode_frame(f1, 12, hint=small_fit) == encode_frame(f1, 12)
+    _, big_fit = encode_frame_fit(f1, 12)
+    assert encode_frame(small, 12, hint=big_fit) == encode_frame(small, 12)
+    assert encode_frame_fit(np.full((8, 8), 7), 12)[1] is None  # constant: nothing fitted
