@@ -96,6 +96,7 @@ __all__ = [
     "MODEL_ID",
     "V1_LIBRARIES",
     "LocalModel",
+    "check_v1_libraries",
     "choose_split",
     "decode_low",
     "encode_low",
