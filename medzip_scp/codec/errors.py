@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CodecError",
     "CorruptStreamError",
+    "IncompatibleLibraryError",
     "UnknownModelError",
     "UnsupportedFormatError",
 ]
@@ -27,6 +28,35 @@ class CorruptStreamError(CodecError):
 
 class UnsupportedFormatError(CodecError):
     """A well-formed blob uses a format version or feature this decoder does not implement."""
+
+
+class IncompatibleLibraryError(UnsupportedFormatError):
+    """Decoding needs a library that is missing or outside the versions known to decode it.
+
+    A kind of :class:`UnsupportedFormatError`: the blob is well-formed, this installation cannot
+    decode it (e.g. ``local-lm-v1`` streams need ``torch`` and a ``transformers`` release whose
+    GPT-2 API the float model was written against).
+
+    Parameters
+    ----------
+    what
+        What needs the library, e.g. ``"local-lm-v1 streams"``.
+    library
+        The distribution name, e.g. ``"transformers"``.
+    required
+        Its version specifier, e.g. ``">=5.24,<5.26"``.
+    installed
+        The installed version, or ``None`` when it is not installed.
+    """
+
+    def __init__(self, what: str, library: str, required: str, installed: str | None) -> None:
+        self.library = library
+        self.required = required
+        self.installed = installed
+        have = "not installed" if installed is None else f"installed {installed}"
+        super().__init__(
+            f"{what} need {library}{required} ({have}): pip install '{library}{required}'"
+        )
 
 
 class UnknownModelError(CodecError):

@@ -10,8 +10,11 @@ A blob that names a model that is not listed, whose hash differs from the listed
 is not installed (folder missing, a file that fails its manifest) raises
 :class:`~medzip_scp.codec.errors.UnknownModelError` naming it.
 
-Loading needs ``torch`` (local path) and ``safetensors``: they are imported only when a model
-is actually loaded, so classical blobs never import them.
+Loading needs ``safetensors`` (and ``torch`` for ``local-lm-v1`` and the global path): they are
+imported only when a model is actually loaded, so classical blobs never import them; integer
+local models (``local-lm-v2``) never import ``torch``.  A model whose library is missing or of
+an incompatible version raises
+:class:`~medzip_scp.codec.errors.IncompatibleLibraryError` naming the library and the versions.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from medzip_scp.codec.container import ZERO_SHA256, ContainerHeader, ModelRef
-from medzip_scp.codec.errors import CodecError, UnknownModelError
+from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 
 __all__ = [
     "DEFAULT_MODELS_ROOT",
@@ -62,7 +65,8 @@ class ModelEntry:
     manifest_sha256
         Hex sha256 of the folder's ``manifest.json``.
     adapters
-        Adapter name -> hex sha256 of its weights (``adapter_model.safetensors``).
+        Adapter name -> hex sha256 of its weights (``adapter_model.safetensors``; integer
+        models: ``adapter.safetensors``).
     """
 
     model_id: str
@@ -107,6 +111,18 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
                 {
                     "ct": "0d5aff5f161b074c0dbde6d9a73ad214ed11af84b68b4835f225261cfe498633",
                     "mr": "1aa0fe369437ca6f4ed0a8c83602eba4aa989d9a320a10167f35b74291736bce",
+                }
+            ),
+        ),
+        "local-lm-v2": ModelEntry(
+            "local-lm-v2",
+            "local",
+            "local-lm/v2",
+            "c10e0d8d590d4e0835a3d487a52a6894804bdb1c7c0cca197326dc41113012eb",
+            MappingProxyType(
+                {
+                    "ct": "57c851fa2596a6d83bd690307a00a11a44191a15f881a921425dd0de5dc6207d",
+                    "mr": "131b2ba74df8d211a01d2ddaf84ba22ae798ab455fffc9a5d0d4a64617834add",
                 }
             ),
         ),
@@ -233,8 +249,8 @@ class ModelStore:
             from medzip_scp.codec.learned.global_path.model import load_model_dir
 
             return load_model_dir(entry.model_id, folder)
-        except UnknownModelError:
-            raise
+        except (UnknownModelError, UnsupportedFormatError):
+            raise  # incl. IncompatibleLibraryError: names the library to install
         except (CodecError, OSError, KeyError, ValueError) as exc:
             log.warning("model %s failed to load: %s", entry.model_id, type(exc).__name__)
             raise UnknownModelError(entry.model_id, sha_hex, asha_hex) from exc

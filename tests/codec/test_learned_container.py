@@ -27,8 +27,8 @@ from medzip_scp.codec.zoo import MODELS, ModelStore, default_store
 from .golden import GOLDEN_V1, GOLDEN_V2, GOLDEN_V2_PIXELS
 
 pytest.importorskip("torch")
-if not (default_store().installed("local-lm-v1") and default_store().installed("global-vae-v1")):
-    pytest.skip("models/local-lm/v1 or models/global-vae/v1 not installed", allow_module_level=True)
+if not all(default_store().installed(m) for m in ("local-lm-v1", "local-lm-v2", "global-vae-v1")):
+    pytest.skip("models/local-lm/v1, v2 or global-vae/v1 not installed", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[2]
 PAYLOAD = b"\x8f\x01secret\x00"
@@ -69,11 +69,11 @@ def test_forced_split_round_trip_names_its_model(small: FrameSet, forced_pred_bl
     assert info["format_version"] == 3
     f = info["frames"][0]
     assert (f["split_planes"], f["path"], f["low_path"]) == (2, "pred", "local")
-    assert f["models"] == ["local-lm-v1"]
+    assert f["models"] == ["local-lm-v2"]
     assert info["models"] == [
         {
-            "id": "local-lm-v1",
-            "sha256": MODELS["local-lm-v1"].manifest_sha256,
+            "id": "local-lm-v2",
+            "sha256": MODELS["local-lm-v2"].manifest_sha256,
             "adapter_sha256": "0" * 64,
         }
     ]
@@ -87,7 +87,7 @@ def test_forced_split_every_s_with_global_high(s: int) -> None:
     info = describe(blob)
     assert [f["split_planes"] for f in info["frames"]] == [s, s]
     assert [f["path"] for f in info["frames"]] == ["global", "global"]
-    assert {m["id"] for m in info["models"]} == {"local-lm-v1", "global-vae-v1"}
+    assert {m["id"] for m in info["models"]} == {"local-lm-v2", "global-vae-v1"}
 
 
 def test_payload_mode_2_rides_in_the_global_path() -> None:
@@ -170,10 +170,10 @@ def test_decode_is_thread_and_batch_invariant() -> None:
 def test_missing_model_raises_unknown_model_naming_it(
     forced_pred_blob: bytes, tmp_path: Path
 ) -> None:
-    with pytest.raises(UnknownModelError, match="local-lm-v1") as err:
+    with pytest.raises(UnknownModelError, match="local-lm-v2") as err:
         decompress(forced_pred_blob, models=ModelStore(root=tmp_path))
-    assert err.value.model_id == "local-lm-v1"
-    assert err.value.model_sha256 == MODELS["local-lm-v1"].manifest_sha256
+    assert err.value.model_id == "local-lm-v2"
+    assert err.value.model_sha256 == MODELS["local-lm-v2"].manifest_sha256
 
 
 def test_unregistered_model_or_hash_raises_unknown_model(forced_pred_blob: bytes) -> None:
@@ -182,8 +182,9 @@ def test_unregistered_model_or_hash_raises_unknown_model(forced_pred_blob: bytes
     header, sections = read_container(forced_pred_blob)
     for ref in (
         ModelRef("local-lm-v99", header.models[0].model_sha256),
-        ModelRef("local-lm-v1", bytes(32)),
-        ModelRef("local-lm-v1", header.models[0].model_sha256, b"\x01" * 32),
+        ModelRef("local-lm-v2", bytes(32)),
+        ModelRef("local-lm-v1", header.models[0].model_sha256),  # v2's hash under v1's id
+        ModelRef("local-lm-v2", header.models[0].model_sha256, b"\x01" * 32),
     ):
         forged = container.write_container(
             container.ContainerHeader(version=3, models=(ref,)), sections
@@ -231,9 +232,10 @@ def test_version_2_blobs_still_decode() -> None:
     info = describe(GOLDEN_V2)
     assert info["frames"][0]["split_planes"] == 2 and info["frames"][0]["low_path"] == "local"
     assert info["models"][0]["adapter_sha256"] == "00" * 32
-    # the same frame written today: version 3, same streams, 31 bytes less model table
+    # the same frame written today with the same model: version 3, same streams, 31 bytes less
+    # model table
     fs = FrameSet(PixelLayout(8, 8, 1, 16, 12, False), GOLDEN_V2_PIXELS)
-    opts = LearnedOptions(force_split=2, high_paths=("pred",))
+    opts = LearnedOptions(force_split=2, high_paths=("pred",), local_model="local-lm-v1")
     blob = compress(fs, b"rest", payload=b"p", learned=opts)
     assert describe(blob)["format_version"] == 3
     assert describe(blob)["models"] == info["models"]
@@ -250,3 +252,21 @@ def test_classical_import_does_not_load_torch() -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch loaded'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_integer_local_path_decodes_without_torch(forced_pred_blob: bytes, small: FrameSet) -> None:
+    """A split frame (pred high part, local-lm-v2 low part) decodes with torch, transformers and
+    peft unimportable: the integer kernel is numpy only."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'peft'):\n"
+        "    sys.modules[name] = None\n"
+        "from medzip_scp.codec.api import decompress\n"
+        f"out = decompress(bytes.fromhex({forced_pred_blob.hex()!r}))\n"
+        "sys.stdout.write(out.frames.pixels.tobytes().hex())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert bytes.fromhex(r.stdout) == small.pixels.tobytes()

@@ -106,7 +106,7 @@ class LearnedOptions:
 
     splits: tuple[int, ...] = (1, 2, 3, 4)
     high_paths: tuple[str, ...] = HIGH_PATHS
-    local_model: str = "local-lm-v1"
+    local_model: str = "local-lm-v2"
     local_adapter: str = ""
     global_model: str = "global-vae-v1"
     force_split: int | None = None

@@ -2,143 +2,222 @@
 
 A frame is split at plane ``s`` (:mod:`medzip_scp.codec.learned.bitplanes`); the high part is
 coded first (pred-v2 or the global model), so the decoder knows it entirely before the low part.
-This module codes the low part with a small causal transformer language model
-(:class:`~.model.LocalNet`, a 2-layer GPT-2 from ``transformers`` trained from scratch) driving
-``constriction``'s ANS coder.
+This module codes the low part with a small causal transformer language model (a 2-layer GPT-2
+trained from scratch, :mod:`.float_net`) driving ``constriction``'s ANS coder.
 
 Tokens and parallelism
 ----------------------
 A token is a 2x2 block of low values.  The frame is cut into tiles of 8x8 blocks (16x16 pixels);
 each tile is one causal sequence of 64 tokens in raster order, and *all tiles decode as one
-batch*: 64 network steps with a KV cache (``past_key_values``) whatever the frame size.  Each
-token's input is a "visual prompt" (the high part of its 6x6 pixel neighbourhood) merged with the
-already decoded low values of earlier tokens of its tile (exact full values where known); its
-output is, for each of the 4 pixels, the location and scale of a logistic over the full value
-restricted to the pixel's known interval ``[high << s, (high + 1) << s)``.  The encoder scores
-all tokens in one causal pass (teacher forcing).
+batch*: 64 network steps with a key/value cache whatever the frame size.  Each token's input is a
+"visual prompt" (the high part of its 6x6 pixel neighbourhood) merged with the already decoded
+low values of earlier tokens of its tile (exact full values where known); its output is, for each
+of the 4 pixels, the location and scale of a logistic over the full value restricted to the
+pixel's known interval ``[high << s, (high + 1) << s)``, quantised (1/8 pixel, 1/8 log-scale)
+to index a *shipped* integer frequency table (sum ``2**16``, sha256 in the model manifest).  The
+encoder scores all tokens in one causal pass (teacher forcing).
 
-Determinism (why encoder and decoder build identical integer tables)
---------------------------------------------------------------------
-1. Everything before the network is exact: features are integers and halves (< 2**17) divided by
-   powers of two, in float64.  The ANS coder sees only integer frequency tables.
-2. The network runs in float64.  The encoder (one full causal pass, any batch) and the decoder
-   (incremental, KV cache, any batch, any thread count, CPU or GPU) evaluate the same function
-   on the same inputs (the decoded low values are exact by induction over the steps), with a
-   different order of floating-point operations.  For a network of this size the difference is
-   a few hundred ulp at most: measured max |delta| ~1e-15 on the hidden states between the full
-   pass and the KV-cache decode, i.e. ~1e-13 in the quantised units below, seven orders of
-   magnitude under the margin.  (On a GPU, TF32 must stay off: it is float32-only anyway.)
-3. Each pixel's two outputs are quantised: location in 1/8 pixel, log-scale in 1/8, each by
-   ``floor(v + 0.5)``; the indices select a *shipped* integer table (sum 2**16, every entry >= 1,
-   sha256 in the model manifest), so no transcendental function is evaluated on the probability
-   path at decode time.
-4. Margin check: the encoder marks a token *unsafe* when any of its 8 quantised values lies
-   within ``EPS = 1e-6`` of a rounding boundary (or is not finite).  For a safe token any
-   perturbation below EPS rounds identically, so the decoder's indices equal the encoder's.  The
-   unsafe tokens (expected ~1.6e-5 of tokens; measured 0-2 per 512x512 slice) are listed in the
-   stream (4 bytes each) and coded with the uniform table, which both sides use without
-   evaluating the network's output.
-5. A CRC-32 of the decoded low values ends the stream: a corrupted stream (or a violated
-   assumption) raises :class:`~medzip_scp.codec.errors.CorruptStreamError`, never returns wrong
-   values silently.
+Stream versions and models
+--------------------------
+**Version 2** (written by default, models ``local-lm-v2`` and later): the network runs in the
+project's own integer kernel (:mod:`.intnet`, numpy, integer weights and lookup tables shipped in
+the model folder, every product exact).  The table indices are integers computed by integer
+floor division, so the encoder and any decoder (any CPU, thread count, batch size, numpy/BLAS
+version; no ``torch`` or ``transformers`` imported) compute the same indices: no margin check.
+
+**Version 1** (``local-lm-v1``; still decoded, written only when asked with that model): the
+float64 ``transformers`` network.  Encoder and decoder evaluate it with a different order of
+floating-point operations (full pass vs. key/value cache, any batch), which moves the outputs by
+~1e-13 quantisation steps; a token whose 8 quantised values lie within ``EPS = 1e-6`` of a
+rounding boundary is *unsafe*, listed in the stream and coded with the uniform table.  This needs
+``torch`` and the ``transformers`` releases whose GPT-2 API the model code uses
+(:data:`V1_LIBRARIES`, the same bounds as ``pyproject.toml``); with any other version loading the
+model raises :class:`~medzip_scp.codec.errors.IncompatibleLibraryError` naming the library.
+
+Both versions end with a CRC-32 of the decoded low values: a corrupted stream (or a violated
+assumption) raises :class:`~medzip_scp.codec.errors.CorruptStreamError`, never returns wrong
+values silently.
 
 Stream layout (little-endian)
 -----------------------------
-``b"MZLL"``, u8 version (1), u8 s, u8 bits, u32 rows, u32 cols, u32 tiles per chunk, 8 bytes of
-the model's manifest sha256 (and 8 of the adapter's, zeros for none), u32 n_unsafe, u32[n_unsafe]
-token indices (tile * 64 + t), u32 n_chunks, then per chunk u32 n_words and n_words uint32 ANS
-words (the chunk's symbols in decode order: step, tile, pixel), then u32 CRC-32 of the low part
-as uint16 LE row-major.  Chunks are independent ANS streams of ``tiles per chunk`` consecutive
-tiles, so a decoder may batch any number of chunks per network call.
+``b"MZLL"``, u8 version, u8 s, u8 bits, u32 rows, u32 cols, u32 tiles per chunk, 8 bytes of the
+model's manifest sha256 (and 8 of the adapter's, zeros for none); version 1 only: u32 n_unsafe,
+u32[n_unsafe] token indices (tile * 64 + t); then u32 n_chunks, per chunk u32 n_words and n_words
+uint32 ANS words (the chunk's symbols in decode order: step, tile, pixel), then u32 CRC-32 of the
+low part as uint16 LE row-major.  Chunks are independent ANS streams of ``tiles per chunk``
+consecutive tiles, so a decoder may batch any number of chunks per network call.
 
 Speed
 -----
-One float64 pass of the 79k-parameter network per token: a 512x512 slice (65,536 tokens) encodes
-or decodes in ~2.5 s on one core of the shared 2-core development machine (~0.1 MPx/s).  Coding
-functions run torch with one intra-op thread by default (``threads=``): on a loaded 2-core
-machine two threads of these small ops were up to 10x slower.  Results never depend on it.
+One pass of the 79k-parameter network per token (65,536 tokens for a 512x512 slice).  Version 2
+(integer kernel, float64 BLAS products of integer arrays): see ``models/local-lm/v2/CARD.md``
+for measured MPx/s; version 1 (torch float64): ~0.1 MPx/s on one core of the shared 2-core
+development machine.  ``threads`` sets torch's intra-op threads for version 1 (default 1: on a
+loaded 2-core machine two threads of these small ops were up to 10x slower); results never depend
+on it, nor on BLAS threads for version 2.
 
 Adapters
 --------
-``load_model(name, adapter="ct")`` merges a LoRA adapter (``peft``, trained per modality by
-:mod:`.train`) into the weights; its sha256 is part of :attr:`LocalModel.adapter_sha256` and of
-the stream header, so a stream names the adapter it needs.
+``load_model(name, adapter="ct")`` merges a per-modality LoRA adapter into the weights: for
+integer models as integer LoRA factors merged in int64 (:func:`.quantize.merge_adapter`), for
+``local-lm-v1`` with ``peft``.  Its sha256 is :attr:`LocalModel.adapter_sha256` and in the stream
+header, so a stream names the adapter it needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import constriction
 import numpy as np
 import numpy.typing as npt
-import torch
 
-from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnknownModelError
+from medzip_scp.codec.errors import (
+    CorruptStreamError,
+    IncompatibleLibraryError,
+    UnknownModelError,
+    UnsupportedFormatError,
+)
 
 from . import model as M
+from .intnet import IntNet
 
 __all__ = [
     "MODEL_ID",
+    "V1_LIBRARIES",
     "LocalModel",
+    "check_v1_libraries",
     "choose_split",
     "decode_low",
     "encode_low",
     "estimate_bits",
     "load_model",
+    "write_manifest",
 ]
 
-MODEL_ID = "local-lm-v1"
+MODEL_ID = "local-lm-v2"
+"""The model new streams are coded with by default."""
 _MAGIC = b"MZLL"
-_VERSION = 1
+_FLOAT_VERSION = 1  # float64 transformers network, margin check, unsafe-token list
+_INT_VERSION = 2  # integer kernel
 _CHUNK_TILES = 1024
-_HEADER = struct.Struct("<4sBBBIII8s8sI")
+_HEADER = struct.Struct("<4sBBBIII8s8s")
 MODELS_ROOT = Path(__file__).resolve().parents[4] / "models"
 # sha256 of each released model's manifest.json (which lists the sha256 of every file): a model
 # id is never reused, so its manifest may never change.
 PINNED_MANIFESTS = {
     "local-lm-v1": "da280dcb29bd0cb704057f05715e110b2d47866ead21f1f4716843f75e4a80b0",
+    "local-lm-v2": "c10e0d8d590d4e0835a3d487a52a6894804bdb1c7c0cca197326dc41113012eb",
 }
+V1_LIBRARIES = {
+    "torch": ((2, 3), (2, 14)),
+    "transformers": ((5, 24), (5, 26)),
+    "peft": ((0, 10), (0, 22)),
+}
+"""Versions ``[lower, upper)`` that decode ``local-lm-v1`` streams (``peft`` only for its
+adapters); ``pyproject.toml`` pins the same bounds.  transformers 5.24.0 and 5.25.0 decode the
+version-1 goldens; 4.57.6, 5.20.2, 5.21.1, 5.22.2 and 5.23.0 lack the ``cache=`` argument and
+output of GPT-2 that the model code uses."""
+_INT_KERNEL = "int-v1"
+
+
+def _spec(lib: str) -> str:
+    lo, hi = V1_LIBRARIES[lib]
+    return f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check_v1_libraries(adapter: bool = False) -> None:
+    """Raise :class:`IncompatibleLibraryError` unless the installed ``torch``, ``transformers``
+    (and ``peft`` for an adapter) are within :data:`V1_LIBRARIES`."""
+    for lib in ("torch", "transformers", *(("peft",) if adapter else ())):
+        try:
+            have = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            raise IncompatibleLibraryError("local-lm-v1 streams", lib, _spec(lib), None) from None
+        lo, hi = V1_LIBRARIES[lib]
+        if not lo <= _release(have) < hi:
+            raise IncompatibleLibraryError("local-lm-v1 streams", lib, _spec(lib), have)
 
 
 @dataclass
 class LocalModel:
-    """Loaded local-path model: the float64 network and its shipped integer tables."""
+    """Loaded local-path model: its network and shipped integer frequency tables.
+
+    Exactly one of ``int_net`` (integer kernel: streams version 2) and ``net`` (the float64
+    ``transformers`` network of ``local-lm-v1``: streams version 1) is set.
+    """
 
     model_id: str
-    net: M.LocalNet
     tables: dict[int, npt.NDArray[np.int64]]
     sha256: bytes  # sha256 of manifest.json (which lists every file's sha256)
     adapter: str = ""
     adapter_sha256: bytes = field(default=bytes(32))
+    int_net: IntNet | None = None
+    net: Any = None
+
+    @property
+    def stream_version(self) -> int:
+        return _INT_VERSION if self.int_net is not None else _FLOAT_VERSION
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads (``None``: leave as is), restoring the old count.
+def _threads(model: LocalModel, n: int | None) -> Iterator[None]:
+    """Run the network with ``n`` threads (``None``: leave the process setting as is): torch's
+    intra-op threads for a float model, the BLAS threads (``threadpoolctl``, when installed) for
+    an integer model.
 
-    Results never depend on the thread count (see the determinism argument); speed does: on a
-    loaded 2-core machine two threads of tiny ops are up to 10x slower than one.
+    Results never depend on the thread count; speed does: on a loaded 2-core machine two threads
+    of these small products were 10-15x slower than one (torch and OpenBLAS alike).
     """
+    if n is None:
+        yield
+        return
+    if model.net is None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional: speed only
+            yield
+            return
+        with threadpool_limits(n, user_api="blas"):
+            yield
+        return
+    import torch
+
     old = torch.get_num_threads()
-    if n is not None and n != old:
+    if n != old:
         torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n is not None and n != old:
+        if n != old:
             torch.set_num_threads(old)
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(out_dir: Path) -> None:
+    """Write ``out_dir/manifest.json``: the sha256 of every file but itself and ``CARD.md``."""
+    files = sorted(
+        p for p in out_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", "CARD.md")
+    )
+    man = {"files": {p.relative_to(out_dir).as_posix(): _sha(p) for p in files}}
+    (out_dir / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
 
 
 def _model_dir(name: str, root: Path | None) -> Path:
@@ -166,6 +245,11 @@ def load_model(
     ------
     UnknownModelError
         If the folder, a file or the adapter is missing, or a sha256 differs from the manifest.
+    IncompatibleLibraryError
+        ``local-lm-v1`` only: if torch, transformers (or peft, for an adapter) is missing or
+        outside :data:`V1_LIBRARIES`.
+    UnsupportedFormatError
+        If the model needs an integer kernel this decoder does not implement.
     """
     d = _model_dir(name, root)
     manifest_path = d / "manifest.json"
@@ -188,23 +272,49 @@ def load_model(
             )
     from safetensors.numpy import load_file
 
-    cfg = M.NetConfig(**json.loads((d / "config.json").read_text())["net"])
-    net = M.LocalNet(cfg)
-    weights = load_file(d / "weights.safetensors")
-    net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    ad_sha = bytes(32)
-    if adapter:
-        rel = f"adapters/{adapter}/adapter_model.safetensors"
-        if rel not in manifest["files"]:
-            raise UnknownModelError(name, man_sha.hex(), f"(adapter {adapter!r} not installed)")
-        ad_sha = bytes.fromhex(manifest["files"][rel])
-        from .adapters import merge_adapter
-
-        merge_adapter(net, d / "adapters" / adapter)
-    net = net.double().eval()
+    config = json.loads((d / "config.json").read_text())
+    cfg = M.NetConfig(**config["net"])
+    integer = "kernel" in config
+    ad_rel = f"adapters/{adapter}/adapter{'' if integer else '_model'}.safetensors"
+    if adapter and ad_rel not in manifest["files"]:
+        raise UnknownModelError(name, man_sha.hex(), f"(adapter {adapter!r} not installed)")
+    ad_sha = bytes.fromhex(manifest["files"][ad_rel]) if adapter else bytes(32)
     tabs = load_file(d / "tables.safetensors")
     tables = {s: tabs[f"s{s}"].astype(np.int64) for s in range(1, M.S_MAX + 1)}
-    return LocalModel(name, net, tables, man_sha, adapter or "", ad_sha)
+    model = LocalModel(name, tables, man_sha, adapter or "", ad_sha)
+    if integer:
+        if config["kernel"].get("format") != _INT_KERNEL:
+            raise UnsupportedFormatError(
+                f"model {name} needs integer kernel {config['kernel'].get('format')!r}; this "
+                f"decoder implements {_INT_KERNEL!r}: upgrade medzip"
+            )
+        weights = load_file(d / "weights.safetensors")
+        if adapter:
+            from .quantize import merge_adapter
+
+            weights = merge_adapter(weights, load_file(d / ad_rel))
+        model.int_net = IntNet(weights, cfg.heads)
+        return model
+    check_v1_libraries(bool(adapter))
+    try:
+        import torch
+
+        from .float_net import LocalNet
+
+        net = LocalNet(cfg)
+        net.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in load_file(d / "weights.safetensors").items()}
+        )
+        if adapter:
+            from .adapters import merge_adapter as merge_lora
+
+            merge_lora(net, d / "adapters" / adapter)
+    except ImportError as exc:  # installed (per its metadata) but not importable
+        lib = (exc.name or "torch").split(".")[0]
+        spec = _spec(lib) if lib in V1_LIBRARIES else ""
+        raise IncompatibleLibraryError("local-lm-v1 streams", lib, spec, None) from exc
+    model.net = net.double().eval()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +336,16 @@ def _check(low, high, s: int, bits: int) -> None:  # noqa: ANN001
             raise ValueError(f"low values must be below 2**s = {1 << s}")
 
 
-@torch.no_grad()
+def _float_pass(model: LocalModel, full, base, y0, x0, ts, s: int, bits: int, n_tiles: int):  # noqa: ANN001, ANN202
+    """Version 1: quantised parameters and unsafe flags of whole tiles (one causal pass)."""
+    import torch
+
+    f, off = M.features(full, base, y0, x0, ts, s, bits)
+    with torch.no_grad():
+        raw, _ = model.net(torch.from_numpy(f).view(n_tiles, M.TOKENS, M.N_FEAT))
+    return M.quantise(raw.reshape(-1, 4, 2).numpy(), off, s)
+
+
 def _full_pass(
     model: LocalModel,
     high: npt.NDArray,
@@ -235,10 +354,10 @@ def _full_pass(
     bits: int,
     batch_tiles: int = 1024,
 ):
-    """Quantised parameters of every token by one causal pass per batch of tiles.
+    """Table indices of every token by one causal pass per batch of tiles.
 
-    Returns table indices ``mi, li`` (n_tiles, 64, 4), unsafe (n_tiles, 64), symbols and validity
-    (n_tiles, 64, 4).
+    Returns the geometry, table indices ``mi, li`` (n_tiles, 64, 4), unsafe flags (n_tiles, 64;
+    always false for integer models), symbols and validity (n_tiles, 64, 4).
     """
     g = M.Geometry.of(*high.shape)
     base = g.pad(high, "edge") << s
@@ -246,23 +365,24 @@ def _full_pass(
     n = g.n_tiles
     mi = np.empty((n, M.TOKENS, 4), np.int64)
     li = np.empty((n, M.TOKENS, 4), np.int64)
-    bad = np.empty((n, M.TOKENS), bool)
+    bad = np.zeros((n, M.TOKENS), bool)
     sym = np.empty((n, M.TOKENS, 4), np.int64)
     val = np.empty((n, M.TOKENS, 4), bool)
-    t = np.tile(np.arange(M.TOKENS), 1)
     for a in range(0, n, batch_tiles):
         tiles = np.arange(a, min(n, a + batch_tiles))
         tt = np.repeat(tiles, M.TOKENS)
-        ts = np.tile(t, len(tiles))
+        ts = np.tile(np.arange(M.TOKENS), len(tiles))
         y0, x0 = g.block_origin(tt, ts)
-        f, off = M.features(full, base, y0, x0, ts, s, bits)
-        raw, _ = model.net(torch.from_numpy(f).view(len(tiles), M.TOKENS, M.N_FEAT))
-        raw = raw.reshape(-1, 4, 2).numpy()
-        m_, l_, b_ = M.quantise(raw, off, s)
         sl = slice(a, a + len(tiles))
+        if model.int_net is not None:
+            f, ref8 = model.int_net.features(full, base, y0, x0, ts, s)
+            raw = model.int_net.forward(f.reshape(len(tiles), M.TOKENS, M.N_FEAT))
+            m_, l_ = model.int_net.indices(raw.reshape(-1, 8), ref8, s)
+        else:
+            m_, l_, b_ = _float_pass(model, full, base, y0, x0, ts, s, bits, len(tiles))
+            bad[sl] = b_.reshape(-1, M.TOKENS)
         mi[sl] = m_.reshape(-1, M.TOKENS, 4)
         li[sl] = l_.reshape(-1, M.TOKENS, 4)
-        bad[sl] = b_.reshape(-1, M.TOKENS)
         py = y0[:, None] + M._POFF[None, :, 0]
         px = x0[:, None] + M._POFF[None, :, 1]
         sym[sl] = (full[py, px] - base[py, px]).reshape(-1, M.TOKENS, 4)
@@ -291,7 +411,7 @@ def estimate_bits(
     low = np.asarray(low)
     high = np.asarray(high)
     _check(low, high, s, bits)
-    with _threads(threads):
+    with _threads(model, threads):
         _, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
     f = _freqs(model, s, mi, li, bad[..., None].repeat(4, -1))
     p = np.take_along_axis(f, sym[..., None], -1)[..., 0]
@@ -310,6 +430,9 @@ def encode_low(
 ) -> bytes:
     """Encode the low ``s`` planes of a frame given its high part.
 
+    Writes stream version 2 with an integer model (``local-lm-v2``), version 1 with
+    ``local-lm-v1``.
+
     Parameters
     ----------
     low, high
@@ -323,7 +446,8 @@ def encode_low(
     chunk_tiles
         Tiles per independent ANS chunk (recorded in the stream; decoders may batch chunks).
     threads
-        torch intra-op threads while coding (``None``: unchanged); never changes the bytes.
+        torch intra-op threads while coding a version-1 stream (``None``: unchanged); never
+        changes the bytes.
 
     Returns
     -------
@@ -333,33 +457,35 @@ def encode_low(
     Raises
     ------
     ValueError
-        If the shapes, ``s``, ``bits`` or the low values are out of range.
+        If the shapes, ``s``, ``bits``, ``chunk_tiles`` or the low values are out of range.
     """
     low = np.asarray(low)
     high = np.asarray(high)
     _check(low, high, s, bits)
-    with _threads(threads):
+    if chunk_tiles < 1:
+        raise ValueError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
+    with _threads(model, threads):
         g, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
-    unsafe = np.flatnonzero(bad.reshape(-1)).astype("<u4")
     f = _freqs(model, s, mi, li, bad[..., None].repeat(4, -1))
     fam = constriction.stream.model.Categorical(perfect=False)
+    version = model.stream_version
+    rows, cols = high.shape
     out = [
         _HEADER.pack(
             _MAGIC,
-            _VERSION,
+            version,
             s,
             bits,
-            high.shape[0],
-            high.shape[1],
+            rows,
+            cols,
             chunk_tiles,
             model.sha256[:8],
             model.adapter_sha256[:8],
-            len(unsafe),
-        ),
-        unsafe.tobytes(),
+        )
     ]
-    if chunk_tiles < 1:
-        raise ValueError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
+    if version == _FLOAT_VERSION:
+        unsafe = np.flatnonzero(bad.reshape(-1)).astype("<u4")
+        out += [struct.pack("<I", len(unsafe)), unsafe.tobytes()]
     chunks = range(0, g.n_tiles, chunk_tiles)
     out.append(struct.pack("<I", len(chunks)))
     for a in chunks:
@@ -377,7 +503,6 @@ def encode_low(
     return b"".join(out)
 
 
-@torch.no_grad()
 def decode_low(
     data: bytes,
     high,
@@ -389,9 +514,10 @@ def decode_low(
 ) -> npt.NDArray[np.uint16]:
     """Decode a stream of :func:`encode_low` given the (already decoded) high part.
 
-    ``batch_chunks`` chunks (of 1024 tiles = 262,144 pixels) go through the network together;
-    it changes speed and memory, never the result; so does ``threads`` (torch intra-op threads,
-    ``None`` leaves the process setting alone).
+    ``batch_chunks`` chunks (of 1024 tiles = 262,144 pixels by default) go through the network
+    together; it changes speed and memory (the key/value cache holds ~130 kB per tile), never
+    the result; so does ``threads`` (torch intra-op threads for version 1, ``None`` leaves the
+    process setting alone).
 
     Raises
     ------
@@ -403,17 +529,15 @@ def decode_low(
     _check(None, high, s, bits)
     mv = memoryview(data)
     try:
-        (magic, ver, s_, bits_, rows, cols, chunk_tiles, msha, asha, n_unsafe) = (
-            _HEADER.unpack_from(mv, 0)
-        )
+        (magic, ver, s_, bits_, rows, cols, chunk_tiles, msha, asha) = _HEADER.unpack_from(mv, 0)
     except struct.error as e:
         raise CorruptStreamError(f"local-path stream truncated: {len(data)} bytes") from e
     if magic != _MAGIC:
         raise CorruptStreamError(
             f"local-path stream must start with {_MAGIC!r}, got {bytes(magic)!r}"
         )
-    if ver != _VERSION:
-        raise CorruptStreamError(f"local-path stream version must be {_VERSION}, got {ver}")
+    if ver not in (_FLOAT_VERSION, _INT_VERSION):
+        raise CorruptStreamError(f"local-path stream version must be 1 or 2, got {ver}")
     if (s_, bits_, rows, cols) != (s, bits, *high.shape):
         raise CorruptStreamError(
             f"local-path stream is for s={s_}, bits={bits_}, shape=({rows}, {cols}); "
@@ -424,11 +548,22 @@ def decode_low(
             f"local-path stream was coded with model {msha.hex()}/adapter {asha.hex()}; "
             f"the loaded model is {model.sha256[:8].hex()}/{model.adapter_sha256[:8].hex()}"
         )
+    if ver != model.stream_version:
+        raise CorruptStreamError(
+            f"local-path stream version {ver} cannot be decoded with {model.model_id} "
+            f"(version {model.stream_version} streams)"
+        )
     g = M.Geometry.of(rows, cols)
     pos = _HEADER.size
+    bad_all = np.zeros(g.n_tiles * M.TOKENS, bool)
     try:
-        unsafe = np.frombuffer(mv, "<u4", n_unsafe, pos).astype(np.int64)
-        pos += 4 * n_unsafe
+        if ver == _FLOAT_VERSION:
+            (n_unsafe,) = struct.unpack_from("<I", mv, pos)
+            unsafe = np.frombuffer(mv, "<u4", n_unsafe, pos + 4).astype(np.int64)
+            pos += 4 + 4 * n_unsafe
+            if n_unsafe and (unsafe.max() >= len(bad_all)):
+                raise CorruptStreamError("local-path stream lists an unsafe token beyond the frame")
+            bad_all[unsafe] = True
         (n_chunks,) = struct.unpack_from("<I", mv, pos)
         pos += 4
         if chunk_tiles < 1 or n_chunks != -(-g.n_tiles // chunk_tiles):
@@ -447,66 +582,64 @@ def decode_low(
         raise CorruptStreamError(f"local-path stream truncated or malformed: {e}") from e
     if pos != len(data):
         raise CorruptStreamError(f"local-path stream has {len(data) - pos} trailing bytes")
-    bad_all = np.zeros(g.n_tiles * M.TOKENS, bool)
-    if n_unsafe and (unsafe.max() >= len(bad_all)):
-        raise CorruptStreamError("local-path stream lists an unsafe token beyond the frame")
-    bad_all[unsafe] = True
     bad_all = bad_all.reshape(g.n_tiles, M.TOKENS)
-
     base = g.pad(high, "edge") << s
     full = base.copy()
     coders = [constriction.stream.stack.AnsCoder(w) for w in words]
-    with _threads(threads):
-        low = _decode_steps(
-            model, g, s, bits, base, full, bad_all, coders, n_chunks, chunk_tiles, batch_chunks
-        )
+    with _threads(model, threads):
+        for c0 in range(0, n_chunks, max(1, batch_chunks)):
+            cs = range(c0, min(n_chunks, c0 + max(1, batch_chunks)))
+            _decode_chunks(model, g, s, bits, base, full, bad_all, coders, cs, chunk_tiles)
     b = M.BORDER
-    low = low[b : b + rows, b : b + cols].astype(np.uint16)
+    low = (full - base)[b : b + rows, b : b + cols].astype(np.uint16)
     if _crc(low) != crc or not all(c.is_empty() for c in coders):
         raise CorruptStreamError("local-path stream CRC-32 mismatch: the stream is corrupted")
     return low
 
 
-def _decode_steps(
-    model, g, s, bits, base, full, bad_all, coders, n_chunks, chunk_tiles, batch_chunks
-):  # noqa: ANN001, ANN202
+def _float_step(model: LocalModel, full, base, y0, x0, ts, s: int, bits: int, cache, t: int):  # noqa: ANN001, ANN202
+    import torch
+
+    f, off = M.features(full, base, y0, x0, ts, s, bits)
+    with torch.no_grad():
+        raw, cache = model.net(torch.from_numpy(f)[:, None, :], cache, position=t)
+    mi, li, _ = M.quantise(raw.reshape(-1, 4, 2).numpy(), off, s)
+    return mi, li, cache
+
+
+def _decode_chunks(model, g, s, bits, base, full, bad_all, coders, cs, chunk_tiles) -> None:  # noqa: ANN001
+    """Decode the chunks ``cs`` together (64 network steps), writing ``full`` in place."""
     fam = constriction.stream.model.Categorical(perfect=False)
-    try:
-        for c0 in range(0, n_chunks, max(1, batch_chunks)):
-            cs = range(c0, min(n_chunks, c0 + max(1, batch_chunks)))
-            tiles = np.arange(cs[0] * chunk_tiles, min(g.n_tiles, (cs[-1] + 1) * chunk_tiles))
-            cache = None
-            for t in range(M.TOKENS):
-                ts = np.full(len(tiles), t)
-                y0, x0 = g.block_origin(tiles, ts)
-                f, off = M.features(full, base, y0, x0, ts, s, bits)
-                raw, cache = model.net(torch.from_numpy(f)[:, None, :], cache, position=t)
-                mi, li, _ = M.quantise(raw.reshape(-1, 4, 2).numpy(), off, s)
-                bad = np.repeat(bad_all[tiles, t][:, None], 4, 1)
-                fr = _freqs(model, s, mi, li, bad)
-                py = y0[:, None] + M._POFF[None, :, 0]
-                px = x0[:, None] + M._POFF[None, :, 1]
-                v = g.valid(py, px)
-                vals = np.zeros((len(tiles), 4), np.int64)
-                for c in cs:
-                    r = slice(
-                        c * chunk_tiles - tiles[0],
-                        min(len(tiles), (c + 1) * chunk_tiles - tiles[0]),
-                    )
-                    vv = v[r].reshape(-1)
-                    if not vv.any():
-                        continue
-                    pr = fr[r].reshape(-1, 1 << s)[vv] / float(1 << M.PREC)
-                    d = coders[c].decode(fam, pr)
-                    tmp = np.zeros(len(vv), np.int64)
-                    tmp[vv] = d
-                    vals[r] = tmp.reshape(-1, 4)
-                full[py, px] = base[py, px] + vals
-    except CodecError:
-        raise
-    except Exception as e:  # constriction raises on exhausted / malformed words
-        raise CorruptStreamError(f"local-path stream could not be decoded: {e}") from e
-    return full - base
+    tiles = np.arange(cs[0] * chunk_tiles, min(g.n_tiles, (cs[-1] + 1) * chunk_tiles))
+    cache = model.int_net.new_cache(len(tiles)) if model.int_net is not None else None
+    for t in range(M.TOKENS):
+        ts = np.full(len(tiles), t)
+        y0, x0 = g.block_origin(tiles, ts)
+        if model.int_net is not None:
+            f, ref8 = model.int_net.features(full, base, y0, x0, ts, s)
+            mi, li = model.int_net.indices(model.int_net.step(f, cache, t), ref8, s)
+        else:
+            mi, li, cache = _float_step(model, full, base, y0, x0, ts, s, bits, cache, t)
+        bad = np.repeat(bad_all[tiles, t][:, None], 4, 1)
+        fr = _freqs(model, s, mi, li, bad)
+        py = y0[:, None] + M._POFF[None, :, 0]
+        px = x0[:, None] + M._POFF[None, :, 1]
+        v = g.valid(py, px)
+        vals = np.zeros((len(tiles), 4), np.int64)
+        for c in cs:
+            r = slice(c * chunk_tiles - tiles[0], min(len(tiles), (c + 1) * chunk_tiles - tiles[0]))
+            vv = v[r].reshape(-1)
+            if not vv.any():
+                continue
+            pr = fr[r].reshape(-1, 1 << s)[vv] / float(1 << M.PREC)
+            try:
+                d = coders[c].decode(fam, pr)
+            except Exception as e:  # constriction raises on exhausted / malformed words
+                raise CorruptStreamError(f"local-path stream could not be decoded: {e}") from e
+            tmp = np.zeros(len(vv), np.int64)
+            tmp[vv] = d
+            vals[r] = tmp.reshape(-1, 4)
+        full[py, px] = base[py, px] + vals
 
 
 def choose_split(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import model as M
+from . import float_net as F
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def lora_wrap(net: M.LocalNet, r: int = 4):  # noqa: ANN201
+def lora_wrap(net: F.LocalNet, r: int = 4):  # noqa: ANN201
     """Wrap ``net.backbone`` with fresh LoRA layers (only those train); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
@@ -32,7 +32,7 @@ def lora_wrap(net: M.LocalNet, r: int = 4):  # noqa: ANN201
     return net.backbone
 
 
-def merge_adapter(net: M.LocalNet, adapter_dir: Path) -> None:
+def merge_adapter(net: F.LocalNet, adapter_dir: Path) -> None:
     """Load the LoRA adapter at ``adapter_dir`` and merge it into ``net`` in place."""
     from peft import PeftModel
 

@@ -3,10 +3,14 @@
 Usage::
 
     nice -n 10 .venv/bin/python -m medzip_scp.codec.learned.local_path.train \
-        --data ../shared/data --out models/local-lm/v2 --seed 0 --minutes 8
+        --data ../shared/data --out /tmp/local-float --seed 0 --minutes 8
     # then optional per-modality LoRA adapters on it (3 minutes each):
     nice -n 10 .venv/bin/python -m medzip_scp.codec.learned.local_path.train \
-        --out models/local-lm/v2 --adapter ct --seed 0 --minutes 3
+        --out /tmp/local-float --adapter ct --seed 0 --minutes 3
+    # the integer model the codec runs (:mod:`.quantize`; seconds, no torch), released as a new
+    # version (local-lm-v2 was made this way from local-lm-v1):
+    .venv/bin/python -m medzip_scp.codec.learned.local_path.train \
+        --quantize-from /tmp/local-float --out models/local-lm/v3
 
 One torch thread by default (``--threads``): on a shared 2-core machine two threads of these small
 ops run several times slower.  Training stops on wall time, so the step count (recorded in
@@ -24,7 +28,6 @@ SV1.  Held out (dev): ``series/ct-phantom-1mm``, ``series/mr-t1-3d``, mr-epi ``s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -36,7 +39,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from . import float_net as F
 from . import model as M
+from . import write_manifest
 
 TRAIN_FILES = [
     "conformance/JPEG2000Lossless/693_J2KR.dcm",
@@ -150,14 +155,14 @@ def build_set(
     return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
 
 
-def _loss(net: M.LocalNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(net: F.LocalNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     raw, _ = net(b["f"])
-    bits = M.nll_bits(raw, b["off"], b["low"], b["s"][:, None, None].float())
+    bits = F.nll_bits(raw, b["off"], b["low"], b["s"][:, None, None].float())
     v = b["val"]
     return (bits * v).sum(), (b["s"][:, None, None] * v).sum()
 
 
-def evaluate(net: M.LocalNet, data: dict[str, npt.NDArray], batch: int = 64) -> float:
+def evaluate(net: F.LocalNet, data: dict[str, npt.NDArray], batch: int = 64) -> float:
     """Bits per low bit (1.0 = incompressible) on a set of tiles."""
     tot = ref = 0.0
     with torch.no_grad():
@@ -169,7 +174,7 @@ def evaluate(net: M.LocalNet, data: dict[str, npt.NDArray], batch: int = 64) -> 
     return tot / max(ref, 1.0)
 
 
-def save_model(net: M.LocalNet, out_dir: Path, info: dict) -> None:
+def save_model(net: F.LocalNet, out_dir: Path, info: dict) -> None:
     """Write weights, tables, config and the sha256 manifest to ``out_dir``."""
     from safetensors.numpy import save_file
 
@@ -182,18 +187,6 @@ def save_model(net: M.LocalNet, out_dir: Path, info: dict) -> None:
         json.dumps({"net": net.cfg.to_dict(), "train": info}, indent=1)
     )
     write_manifest(out_dir)
-
-
-def write_manifest(out_dir: Path) -> None:
-    files = sorted(
-        p for p in out_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", "CARD.md")
-    )
-    man = {
-        "files": {
-            str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
-        }
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
 
 
 def train(
@@ -224,7 +217,7 @@ def train(
         for k, v in dev_sources(data_root).items()
     }
     prep_s = time.perf_counter() - t0
-    net = M.LocalNet(cfg or M.NetConfig())
+    net = F.LocalNet(cfg or M.NetConfig())
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     n = len(train_set["s"])
     batch = 32
@@ -301,7 +294,7 @@ def train_adapter(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cfg = M.NetConfig(**json.loads((model_dir / "config.json").read_text())["net"])
-    net = M.LocalNet(cfg)
+    net = F.LocalNet(cfg)
     net.load_state_dict(
         {k: torch.from_numpy(v) for k, v in load_file(model_dir / "weights.safetensors").items()}
     )
@@ -372,7 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--adapter", default=None, help="train this LoRA adapter (ct, mr) on --out")
+    ap.add_argument(
+        "--quantize-from",
+        type=Path,
+        default=None,
+        help="write the integer model (with its adapters) of this float model folder to --out, "
+        "e.g. --quantize-from models/local-lm/v1 --out models/local-lm/v2 (no training)",
+    )
     a = ap.parse_args(argv)
+    if a.quantize_from is not None:
+        from .quantize import quantize_model
+
+        print(json.dumps(quantize_model(a.quantize_from, a.out), indent=1))
+        return 0
     torch.set_num_threads(a.threads)
     if a.adapter:
         info = train_adapter(
