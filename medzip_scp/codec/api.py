@@ -1,7 +1,9 @@
 """The codec's only import surface: :func:`compress`, :func:`decompress`, :func:`describe`.
 
-Per frame, every available lossless path is tried on the frame's values and the smallest one
-that decodes back exactly is kept (verify before choose). Values are prepared losslessly
+Per frame, the candidate lossless paths are tried on the frame's values and the smallest one
+that decodes back exactly is kept (verify before choose). By default the candidates are
+:data:`DEFAULT_PATHS` plus what :mod:`medzip_scp.codec.gate` adds for the frame (JPEG-XL,
+JPEG 2000, zstd where cheap statistics say they can win). Values are prepared losslessly
 before a path sees them:
 
 1. the stored word is split at ``value_bits`` (Bits Stored): the low bits are the pixel
@@ -77,8 +79,16 @@ from medzip_scp.codec.container import (
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
+from medzip_scp.codec.gate import extra_candidates
 from medzip_scp.codec.learned.paths import LearnedOptions, SplitCode
-from medzip_scp.codec.paths import CarrierPath, PixelPath, ZstdPath, get_path, values_dtype
+from medzip_scp.codec.paths import (
+    CarrierPath,
+    PixelPath,
+    ZstdPath,
+    get_encoder,
+    get_path,
+    values_dtype,
+)
 from medzip_scp.codec.predictive import FlushSlot
 from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 
@@ -96,8 +106,9 @@ __all__ = [
     "read_dataset_rest_and_payload",
 ]
 
-DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
-"""Paths tried per frame, in tie-break order. ``constant`` and ``verbatim`` are always added."""
+DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegls")
+"""Candidates every frame tries by default, in tie-break order; :mod:`medzip_scp.codec.gate`
+adds the others where they can win. ``constant`` and ``verbatim`` are always added."""
 
 DEFAULT_LEARNED = LearnedOptions()
 """Learned split frames as :func:`compress` tries them by default."""
@@ -195,7 +206,7 @@ def _words_to_frame(u: npt.NDArray[np.uint64], layout: PixelLayout) -> npt.NDArr
 def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
     out: list[PixelPath] = []
     for name in ("constant", *names, "verbatim"):
-        p = get_path(name)
+        p = get_encoder(name)
         if p is None:
             raise CodecError(
                 f"path {name!r} is not registered; registered paths come from "
@@ -206,11 +217,19 @@ def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
     return out
 
 
+def _gated_paths(values: npt.NDArray[np.unsignedinteger], nbits: int) -> list[PixelPath]:
+    """The default candidates for this frame: :data:`DEFAULT_PATHS` and the gate's extras."""
+    return _candidate_paths((*DEFAULT_PATHS, *extra_candidates(values, nbits)))
+
+
 def _best_stream(
-    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath]
+    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath] | None
 ) -> tuple[PixelPath, bytes, list[FlushSlot]]:
-    """Encode with every path, then return the smallest one that decodes back exactly, with
-    the flush slots its verifying decode found (a :class:`CarrierPath`'s; else none)."""
+    """Encode with every path (``None``: the gated default), then return the smallest one that
+    decodes back exactly, with the flush slots its verifying decode found (a
+    :class:`CarrierPath`'s; else none)."""
+    if paths is None:
+        paths = _gated_paths(values, nbits)
     coded: list[tuple[int, int, PixelPath, bytes]] = []
     for order, path in enumerate(paths):
         try:
@@ -296,7 +315,7 @@ def _encode_frame(
     index: int,
     frame: npt.NDArray[np.generic],
     layout: PixelLayout,
-    paths: list[PixelPath],
+    paths: list[PixelPath] | None,
     streams: bytearray,
     ctx: _EncodeContext,
 ) -> FrameRecord:
@@ -413,7 +432,7 @@ def compress(
     dataset_rest: bytes = b"",
     *,
     payload: bytes = b"",
-    paths: Sequence[str] = DEFAULT_PATHS,
+    paths: Sequence[str] | None = None,
     learned: LearnedOptions | None = DEFAULT_LEARNED,
     models: ModelStore | None = None,
     progress: ProgressCallback | None = None,
@@ -433,8 +452,10 @@ def compress(
         over the frames' coded streams, the rest (all of it for a blob without frames) in the
         ``PAYLOAD`` section.
     paths
-        Classical path ids to try per frame, in tie-break order (``constant`` and
-        ``verbatim`` are always added).
+        Classical candidates to try on every frame, in tie-break order: path ids or encoder
+        variants such as ``jpegxl-e9`` (:func:`medzip_scp.codec.paths.get_encoder`);
+        ``constant`` and ``verbatim`` are always added. ``None``: :data:`DEFAULT_PATHS` plus
+        what :mod:`medzip_scp.codec.gate` adds for each frame.
     learned
         How learned split frames are tried (:class:`LearnedOptions`); ``None``: classical
         paths only. Ignored (classical only) when torch or the named models are not
@@ -461,8 +482,11 @@ def compress(
 
     .. versionchanged:: 0.3
         Format version 3 (compact model table and layout, empty sections left out).
+
+    .. versionchanged:: 0.4
+        ``paths=None`` (the default) gates JPEG-XL, JPEG 2000 and zstd per frame.
     """
-    candidates = _candidate_paths(paths)
+    candidates = None if paths is None else _candidate_paths(paths)
     store = models if models is not None else default_store()
     if learned is not None and learned.force_split is None:
         from medzip_scp.codec.learned.paths import learned_available
