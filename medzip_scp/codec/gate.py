@@ -69,8 +69,9 @@ length); ``pred/x`` is ``pred``'s size over the smaller of JPEG-XL effort 7 and 
 
 Result (``benchmarks/gate.py``, whole classical blobs, subsampled sets): on each set the
 gated default is within 0.01 % of trying every candidate on every frame (one conformance
-frame is 0.16 % larger, the CT frame above), and 3.8 % smaller than the candidates before the gate on the
-conformance set (JPEG 2000 on the DX frame, JPEG-XL effort 9 on colour and ultrasound).
+frame is 0.16 % larger, the CT frame above), and 3.8 % smaller than the candidates before
+the gate on the conformance set (JPEG 2000 on the DX frame, JPEG-XL effort 9 on colour and
+ultrasound).
 Encode time is 0.6-0.7x that of the candidates before the gate on CT, MR-EPI and the
 conformance frames, and 2.4-2.7x on the 64x64 to 128x128 series (JPEG-XL effort 9 on every
 frame there: about 50 ms a frame).
