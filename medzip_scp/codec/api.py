@@ -1,8 +1,10 @@
 """The codec's only import surface: :func:`compress`, :func:`decompress`, :func:`describe`.
 
-Per frame, every available lossless path is tried on the frame's values and the smallest one
+Per frame, the candidate lossless paths are tried on the frame's values and the smallest one
 that decodes back exactly is kept (verify before choose; or, with ``verify=False``, the
-smallest, when the caller decodes the whole blob once instead). Values are prepared losslessly
+smallest, when the caller decodes the whole blob once instead). By default the candidates are
+:data:`DEFAULT_PATHS` plus what :mod:`medzip_scp.codec.gate` adds for the frame (JPEG-XL,
+JPEG 2000, zstd where cheap statistics say they can win). Values are prepared losslessly
 before a path sees them:
 
 1. the stored word is split at ``value_bits`` (Bits Stored): the low bits are the pixel
@@ -78,8 +80,16 @@ from medzip_scp.codec.container import (
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
+from medzip_scp.codec.gate import extra_candidates
 from medzip_scp.codec.learned.paths import LearnedOptions, SplitCode
-from medzip_scp.codec.paths import CarrierPath, PixelPath, ZstdPath, get_path, values_dtype
+from medzip_scp.codec.paths import (
+    CarrierPath,
+    PixelPath,
+    ZstdPath,
+    get_encoder,
+    get_path,
+    values_dtype,
+)
 from medzip_scp.codec.predictive import FlushSlot, warm_start
 from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 
@@ -97,8 +107,9 @@ __all__ = [
     "read_dataset_rest_and_payload",
 ]
 
-DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegxl", "jpegls", "zstd")
-"""Paths tried per frame, in tie-break order. ``constant`` and ``verbatim`` are always added."""
+DEFAULT_PATHS: tuple[str, ...] = ("pred", "jpegls")
+"""Candidates every frame tries by default, in tie-break order; :mod:`medzip_scp.codec.gate`
+adds the others where they can win. ``constant`` and ``verbatim`` are always added."""
 
 DEFAULT_LEARNED = LearnedOptions()
 """Learned split frames as :func:`compress` tries them when asked (``learned=``)."""
@@ -196,7 +207,7 @@ def _words_to_frame(u: npt.NDArray[np.uint64], layout: PixelLayout) -> npt.NDArr
 def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
     out: list[PixelPath] = []
     for name in ("constant", *names, "verbatim"):
-        p = get_path(name)
+        p = get_encoder(name)
         if p is None:
             raise CodecError(
                 f"path {name!r} is not registered; registered paths come from "
@@ -207,12 +218,23 @@ def _candidate_paths(names: Sequence[str]) -> list[PixelPath]:
     return out
 
 
+def _gated_paths(values: npt.NDArray[np.unsignedinteger], nbits: int) -> list[PixelPath]:
+    """The default candidates for this frame: :data:`DEFAULT_PATHS` and the gate's extras."""
+    return _candidate_paths((*DEFAULT_PATHS, *extra_candidates(values, nbits)))
+
+
 def _best_stream(
-    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath], verify: bool
+    values: npt.NDArray[np.unsignedinteger],
+    nbits: int,
+    paths: list[PixelPath] | None,
+    verify: bool,
 ) -> tuple[PixelPath, bytes, list[FlushSlot]]:
-    """Encode with every path and return the smallest, with the flush slots its encoder left
-    (a :class:`CarrierPath`'s; else none). With ``verify`` the smallest that decodes back
-    exactly; without, the smallest, unchecked (the caller decodes the whole blob)."""
+    """Encode with every path (``None``: the gated default) and return the smallest, with the
+    flush slots its encoder left (a :class:`CarrierPath`'s; else none). With ``verify`` the
+    smallest that decodes back exactly; without, the smallest, unchecked (the caller decodes
+    the whole blob)."""
+    if paths is None:
+        paths = _gated_paths(values, nbits)
     coded: list[tuple[int, int, PixelPath, bytes, list[FlushSlot]]] = []
     for order, path in enumerate(paths):
         slots: list[FlushSlot] = []
@@ -302,7 +324,7 @@ def _encode_frame(
     index: int,
     frame: npt.NDArray[np.generic],
     layout: PixelLayout,
-    paths: list[PixelPath],
+    paths: list[PixelPath] | None,
     streams: bytearray,
     ctx: _EncodeContext,
 ) -> FrameRecord:
@@ -420,7 +442,7 @@ def compress(
     dataset_rest: bytes = b"",
     *,
     payload: bytes = b"",
-    paths: Sequence[str] = DEFAULT_PATHS,
+    paths: Sequence[str] | None = None,
     learned: LearnedOptions | None = None,
     models: ModelStore | None = None,
     progress: ProgressCallback | None = None,
@@ -441,8 +463,10 @@ def compress(
         over the frames' coded streams, the rest (all of it for a blob without frames) in the
         ``PAYLOAD`` section.
     paths
-        Classical path ids to try per frame, in tie-break order (``constant`` and
-        ``verbatim`` are always added).
+        Classical candidates to try on every frame, in tie-break order: path ids or encoder
+        variants such as ``jpegxl-e9`` (:func:`medzip_scp.codec.paths.get_encoder`);
+        ``constant`` and ``verbatim`` are always added. ``None``: :data:`DEFAULT_PATHS` plus
+        what :mod:`medzip_scp.codec.gate` adds for each frame.
     learned
         How learned split frames are tried (:class:`LearnedOptions`, e.g.
         :data:`DEFAULT_LEARNED`); ``None`` (default): classical paths only. Ignored
@@ -478,9 +502,10 @@ def compress(
         Format version 3 (compact model table and layout, empty sections left out).
 
     .. versionchanged:: 0.4
-        ``verify``; ``learned`` defaults to ``None`` (the learned paths saved under 2 %).
+        ``verify``; ``learned`` defaults to ``None`` (the learned paths saved under 2 %);
+        ``paths=None`` (the default) gates JPEG-XL, JPEG 2000 and zstd per frame.
     """
-    candidates = _candidate_paths(paths)
+    candidates = None if paths is None else _candidate_paths(paths)
     store = models if models is not None else default_store()
     if learned is not None and learned.force_split is None:
         from medzip_scp.codec.learned.paths import learned_available

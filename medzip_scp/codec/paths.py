@@ -6,6 +6,10 @@ bytes and back. Paths are looked up by their string id, which the blob records p
 are part of the format and are never reused. :func:`register_path` lets other packages (the
 predictive coder, later the learned paths) add theirs.
 
+A *candidate* names an encoder: a registered id, or an encoder variant that writes a registered
+id with other encoder settings (:func:`get_encoder`; ``jpegxl-e9`` is JPEG-XL at effort 9,
+recorded as ``jpegxl``, whose decoder reads every effort).
+
 Every path here is deterministic. The caller (:mod:`medzip_scp.codec.api`) verifies each
 candidate by decoding it before choosing it. A :class:`CarrierPath` (``pred``) also reports
 where its streams can carry bits for free (:class:`~medzip_scp.codec.predictive.FlushSlot`).
@@ -28,12 +32,14 @@ from medzip_scp.codec.predictive import FlushSlot
 __all__ = [
     "CarrierPath",
     "ConstantPath",
+    "Jpeg2000Path",
     "JpegLsPath",
     "JpegXlPath",
     "PixelPath",
     "PredictivePath",
     "VerbatimPath",
     "ZstdPath",
+    "get_encoder",
     "get_path",
     "register_path",
     "registered_paths",
@@ -112,7 +118,8 @@ class ConstantPath:
 
 
 class JpegXlPath:
-    """JPEG XL lossless (libjxl through imagecodecs), 1 or 3 samples, 1..16 bits."""
+    """JPEG XL lossless (libjxl through imagecodecs), 1 or 3 samples, 1..16 bits. The decoder
+    reads streams of every effort, so one id serves them all (``jpegxl-e9`` writes it too)."""
 
     def __init__(self, effort: int = 7, name: str = "jpegxl") -> None:
         self.effort = effort
@@ -147,6 +154,39 @@ class JpegLsPath:
         self, data: bytes, shape: tuple[int, int, int], nbits: int
     ) -> npt.NDArray[np.unsignedinteger]:
         return np.asarray(imagecodecs.jpegls_decode(data)).reshape(shape)
+
+
+class Jpeg2000Path:
+    """JPEG 2000 lossless (OpenJPEG through imagecodecs, reversible 5/3 wavelet), 1 or 3 samples
+    (3: with the reversible colour transform), 1..16 bits.
+
+    Written as a raw codestream (the JP2 file boxes would add 85 bytes a frame). Options by
+    measurement (imagecodecs 2026.3.6, OpenJPEG 2.5.4) on the frames where JPEG 2000 wins (the
+    16-bit DX conformance frame, 2x-interpolated MR and CT; see :mod:`medzip_scp.codec.gate`):
+    5 to 7 resolution levels are within 0.1 % of each other, 3 cost 1-3 %, so the library's
+    default (6, fewer where the frame is too small for them) stays. Code-block size and tiles
+    cannot be set through imagecodecs (it writes one tile).
+    """
+
+    name = "jpeg2000"
+
+    def encode(self, values: npt.NDArray[np.unsignedinteger], nbits: int) -> bytes | None:
+        if not 1 <= nbits <= 16 or values.shape[2] not in (1, 3):
+            return None
+        return bytes(
+            imagecodecs.jpeg2k_encode(
+                _as_codec_input(values),
+                level=0,
+                reversible=True,
+                bitspersample=nbits,
+                codecformat="J2K",
+            )
+        )
+
+    def decode(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        return np.asarray(imagecodecs.jpeg2k_decode(data)).reshape(shape)
 
 
 class ZstdPath:
@@ -299,10 +339,21 @@ def registered_paths() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+_VARIANTS: dict[str, PixelPath] = {"jpegxl-e9": JpegXlPath(effort=9)}
+"""Encoder variants by candidate name; each writes (``name``) and is decoded as a registered id."""
+
+
+def get_encoder(candidate: str) -> PixelPath | None:
+    """The path that encodes candidate ``candidate`` (a registered id or an encoder variant such
+    as ``jpegxl-e9``), or ``None``. Its ``name`` is the id the blob records."""
+    return _REGISTRY.get(candidate) or _VARIANTS.get(candidate)
+
+
 for _p in (
     ConstantPath(),
     JpegXlPath(),
     JpegLsPath(),
+    Jpeg2000Path(),
     ZstdPath(),
     VerbatimPath(),
     PredictivePath(),
