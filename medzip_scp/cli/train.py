@@ -1,7 +1,7 @@
 """``medzip train``: train the learned codec's models into a new model folder.
 
-``medzip train local --out models/local-lm/v2 --seed 0 --minutes 8`` and
-``medzip train global --out models/global-vae/v2 --seed 0 --minutes 4`` call the learned
+``medzip train local --out models/local-lm/v3 --seed 0 --minutes 8`` and
+``medzip train global --out models/global-vae/v3 --seed 0 --minutes 4`` call the learned
 modules' ``train()`` functions, show progress on stderr and end with a summary table. They
 refuse to write into a folder that already holds a model (``manifest.json``), and into any
 folder of a released model (:data:`medzip_scp.codec.zoo.MODELS`): model ids are never reused.
@@ -31,7 +31,17 @@ train_app = typer.Typer(
 
 _DATA_DEFAULT = DEFAULT_MODELS_ROOT.parents[1] / "shared" / "data"
 
-OutOpt = Annotated[Path, typer.Option("--out", help="New model folder, e.g. models/local-lm/v2.")]
+QuantizeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--quantize-from",
+        exists=True,
+        file_okay=False,
+        help="Train nothing: write the integer model (integer-exact decoding) of this float "
+        "model folder, e.g. models/local-lm/v1, to --out.",
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="New model folder, e.g. models/local-lm/v3.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of numpy and torch.")]
 MinutesOpt = Annotated[float, typer.Option("--minutes", help="Wall-time budget of training.")]
 DataOpt = Annotated[Path, typer.Option("--data", help="The shared data folder (training data).")]
@@ -93,8 +103,18 @@ def train_local(
         typer.Option("--adapter", help="Train this LoRA adapter (ct, mr) on the model in --out."),
     ] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads.")] = 1,
+    quantize_from: QuantizeOpt = None,
 ) -> None:
-    """Train the local-path model (low bit planes) from scratch, or one LoRA adapter."""
+    """Train the local-path model (low bit planes) from scratch, or one LoRA adapter; or
+    quantise a trained one (--quantize-from)."""
+    if quantize_from is not None:
+        _refuse_released(out)
+        from medzip_scp.codec.learned.local_path.quantize import quantize_model
+
+        info = quantize_model(quantize_from, out)
+        _summary(f"local-path quantisation -> {out}", info)
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
     if not data.is_dir():
         _fail(f"data folder {data} not found")
     if adapter is None:

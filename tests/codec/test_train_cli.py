@@ -53,3 +53,16 @@ def test_global_model_is_named_after_its_version_folder(tmp_path: Path) -> None:
     summary = train(data, out, steps=2, n_crops=40, minutes=1)
     assert summary["model_id"] == "global-vae-v7"
     assert load_model_dir("global-vae-v7", out).sha256 == summary["sha256"]
+
+
+def test_quantize_from_rebuilds_the_released_integer_local_model(tmp_path: Path) -> None:
+    out = tmp_path / "local-v2"
+    src = DEFAULT_MODELS_ROOT / "local-lm" / "v1"
+    result = CliRunner().invoke(
+        train_app, ["local", "--quantize-from", str(src), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    released = DEFAULT_MODELS_ROOT / "local-lm" / "v2" / "manifest.json"
+    assert (out / "manifest.json").read_bytes() == released.read_bytes()
+    again = CliRunner().invoke(train_app, ["local", "--quantize-from", str(src), "--out", str(out)])
+    assert again.exit_code == 2 and "already holds a model" in again.output
