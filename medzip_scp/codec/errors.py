@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CodecError",
     "CorruptStreamError",
+    "IncompatibleLibraryError",
     "UnknownModelError",
     "UnsupportedFormatError",
 ]
@@ -22,6 +23,13 @@ class CorruptStreamError(CodecError):
     """A blob failed validation: bad magic, length, CRC, or an inconsistent record.
 
     A blob that raises this is never decoded to pixels.
+    """
+
+
+class IncompatibleLibraryError(CodecError):
+    """Decoding a blob needs a library (or library version) that is not installed.
+
+    The message names the library, the stream or model that needs it, and what to install.
     """
 
 
