@@ -11,7 +11,8 @@ is not installed (folder missing, a file that fails its manifest) raises
 :class:`~medzip_scp.codec.errors.UnknownModelError` naming it.
 
 Loading needs ``torch`` (local path) and ``safetensors``: they are imported only when a model
-is actually loaded, so classical blobs never import them.
+is actually loaded, so classical blobs never import them. The global-path models need no torch
+(``global-vae-v2`` decodes with numpy alone; ``global-vae-v1`` streams need ``constriction``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
             "global",
             "global-vae/v1",
             "e5415c2c6fb2dee2f096cb748d56c285d643c7a59e1c0d94130b5430c267f9d6",
+        ),
+        "global-vae-v2": ModelEntry(
+            "global-vae-v2",
+            "global",
+            "global-vae/v2",
+            "d1d62e28a55dbf2b1518a99b6db1b5f154e9f2316ece1346d1bc83a0f07637e9",
         ),
     }
 )
