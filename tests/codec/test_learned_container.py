@@ -249,3 +249,22 @@ def test_classical_import_does_not_load_torch() -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch loaded'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_payload_mode_2_with_the_integer_global_model(tmp_path: Path) -> None:
+    """global-vae-v2 (stream version 2, integer coder) carries the payload like v1 did, and a
+    blob that needs it names it by hash when it is not installed."""
+    fs = _fs(_frame(128))
+    opts = LearnedOptions(force_split=2, high_paths=("global",), global_model="global-vae-v2")
+    blob = compress(fs, payload=PAYLOAD, learned=opts)
+    info = describe(blob)
+    assert info["payload_mode"] == 2
+    assert {m["id"] for m in info["models"]} == {"local-lm-v1", "global-vae-v2"}
+    assert PAYLOAD not in blob
+    assert _roundtrip(blob, fs) == PAYLOAD
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "local-lm").symlink_to(REPO / "models" / "local-lm")
+    with pytest.raises(UnknownModelError, match="global-vae-v2") as err:
+        decompress(blob, models=ModelStore(root=root))
+    assert err.value.model_sha256 == MODELS["global-vae-v2"].manifest_sha256
