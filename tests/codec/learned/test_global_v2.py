@@ -27,7 +27,6 @@ from medzip_scp.codec.learned.global_path import (
     encode_high,
     load_model,
 )
-from medzip_scp.codec.learned.global_path import coder as gcoder
 from medzip_scp.codec.learned.global_path.fixed import (
     exp2neg_table,
     frequency_table,
@@ -36,12 +35,7 @@ from medzip_scp.codec.learned.global_path.fixed import (
     log2_fixed,
 )
 from medzip_scp.codec.learned.global_path.model import load_model_dir, save_model_dir
-from medzip_scp.codec.learned.global_path.rans import (
-    LaneDecoder,
-    LaneEncoder,
-    SymbolTable,
-    WordStack,
-)
+from medzip_scp.codec.learned.global_path.rans import WordStack, cumulative
 from medzip_scp.codec.learned.global_path.train import quantize_from
 from medzip_scp.codec.zoo import MODELS, ModelStore
 
@@ -104,44 +98,34 @@ def test_log2_fixed_and_exp2neg_are_close_to_the_float_values():
 # the integer coder
 
 
-def test_lanes_round_trip_with_tables_and_raw_bits():
+def test_pixel_loops_are_the_single_symbol_coder():
+    """encode_pixels/decode_pixels (written out for speed) code exactly what encode/decode do
+    symbol by symbol: a bucket symbol, then its mantissa as a uniform k-bit symbol."""
     rng = np.random.default_rng(1)
     w = rng.integers(0, 5000, (40, 30))
     w[:, 0] += 2
-    table = SymbolTable(frequency_table(w, 24), 24)
-    pmf = (table.freq.reshape(40, 30) / (1 << 24)).astype(np.float64)
-    lanes = 5
-    calls = []
-    for _ in range(400):
-        n = int(rng.integers(1, lanes + 1))
-        rows = rng.integers(0, 40, n)
-        syms = np.array([rng.choice(30, p=pmf[r]) for r in rows])
-        nbits = rng.integers(0, 14, n) * (rng.random(n) < 0.5)
-        vals = rng.integers(0, 1 << 14, n) & ((1 << nbits) - 1)
-        calls.append((rows, syms, nbits, vals))
-    enc = LaneEncoder(lanes)
-    for rows, syms, nbits, vals in reversed(calls):
-        enc.encode_bits(vals, nbits)
-        enc.encode(table, rows, syms)
-    words = enc.finish()
-    dec = LaneDecoder(words, lanes)
-    for rows, syms, nbits, vals in calls:
-        np.testing.assert_array_equal(dec.decode(table, rows), syms)
-        np.testing.assert_array_equal(dec.decode_bits(nbits), vals)
-    dec.check_end()
-    # a missing or an extra word is detected
-    with pytest.raises(CorruptStreamError):
-        dec = LaneDecoder(words[:-1], lanes)
-        for rows, _, nbits, _ in calls:
-            dec.decode(table, rows)
-            dec.decode_bits(nbits)
-        dec.check_end()
-    dec = LaneDecoder(np.append(words, np.uint32(7)), lanes)
-    for rows, _, nbits, _ in calls:
-        dec.decode(table, rows)
-        dec.decode_bits(nbits)
-    with pytest.raises(CorruptStreamError, match="do not end"):
-        dec.check_end()
+    tables = cumulative(frequency_table(w, 24))
+    mbits_of = rng.integers(0, 7, 30).tolist()
+    pmf = np.diff(np.array(tables), axis=1) / (1 << 24)
+    n = 3000
+    rows = rng.integers(0, 40, n).tolist()
+    syms = [int(rng.choice(30, p=pmf[r])) for r in rows]
+    mbits = [mbits_of[s] for s in syms]
+    mant = [int(rng.integers(0, 1 << k)) for k in mbits]
+    batch = WordStack()
+    batch.encode_pixels(tables, 24, rows, syms, mbits, mant)
+    single = WordStack()
+    for r, s, k, v in reversed(list(zip(rows, syms, mbits, mant, strict=True))):
+        if k:
+            single.encode(list(range((1 << k) + 1)), v, k)
+        single.encode(tables[r], s, 24)
+    assert batch.words() == single.words()
+    words = batch.words()
+    back = WordStack(words)
+    assert back.decode_pixels(tables, 24, rows, mbits_of) == (syms, mant)
+    assert back.words() == [0, 1]  # an empty stack: state 2**32
+    with pytest.raises(CorruptStreamError, match="ran out"):
+        WordStack(words[1:]).decode_pixels(tables, 24, rows, mbits_of)
 
 
 def test_word_stack_decode_then_encode_restores_the_words():
@@ -195,6 +179,9 @@ def test_v2_model_with_inexact_tables_is_refused(tmp_path, v1):
     save_model_dir(tmp_path / "v7", "global-vae-v7", tensors, {"block": "8", "stream": "2"})
     with pytest.raises(ModelNotFoundError, match="global-vae-v7.*'pmf' is not an exact"):
         load_model_dir("global-vae-v7", tmp_path / "v7")
+    save_model_dir(tmp_path / "v8", "global-vae-v8", tensors, {"block": "8", "stream": "3"})
+    with pytest.raises(ModelNotFoundError, match="global-vae-v8.*stream version 3.*update"):
+        load_model_dir("global-vae-v8", tmp_path / "v8")
 
 
 def test_registry_pins_v2_and_a_missing_model_is_named_by_hash(tmp_path):
@@ -223,22 +210,19 @@ def test_a_stream_names_the_model_it_needs(v1, v2):
         decode_high(s1, img.shape, 12, v2)
 
 
-def test_encode_and_decode_agree_on_lanes_and_rounds(v2):
-    """Frames with 1, 2 and many lanes, steps longer and shorter than a round."""
+def test_frames_of_every_shape_round_trip(v2):
     rng = np.random.default_rng(3)
-    for shape in ((128, 160), (200, 90), (30, 700)):
+    for shape in ((128, 160), (200, 90), (3, 700), (700, 2)):
         img = np.clip(np.cumsum(rng.integers(-9, 10, shape), 1) + 500, 0, 1023).astype(np.uint16)
-        data = encode_high(img, 10, v2, b"lanes")
-        assert int.from_bytes(data[34:36], "little") == gcoder.lane_count(*shape)
-        out, payload = decode_high(data, shape, 10, v2)
+        out, payload = decode_high(encode_high(img, 10, v2, b"shape"), shape, 10, v2)
         np.testing.assert_array_equal(out, img)
-        assert payload == b"lanes"
-    assert gcoder.lane_count(512, 512) == 32 and gcoder.lane_count(30, 700) == 2
+        assert payload == b"shape"
 
 
 def test_integer_kernel_code_length_matches_the_float_reference(v1, v2):
     """v2 (exact integer tables, own coder) against v1 (the same kernel with float tables
-    re-quantised by constriction) on real held-out frames: within 1.5 % (+16 bytes)."""
+    re-quantised by constriction) on real held-out frames: within 0.5 % (+8 bytes) each, 0.2 %
+    in total (measured: -0.2 .. +0.1 %)."""
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
     from medzip_scp.codec.learned.global_path.train import read_frames
@@ -264,10 +248,10 @@ def test_integer_kernel_code_length_matches_the_float_reference(v1, v2):
             high, _ = split(frame, bits, s)
             a = len(encode_high(high, bits - s, v1))
             b = len(encode_high(high, bits - s, v2))
-            assert abs(b - a) <= 0.015 * a + 16, (rel, s, a, b)
+            assert abs(b - a) <= 0.005 * a + 8, (rel, s, a, b)
             total[0] += a
             total[1] += b
-    assert abs(total[1] / total[0] - 1) < 0.01
+    assert abs(total[1] / total[0] - 1) < 0.002
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +268,7 @@ def _golden_pixels(name: str) -> tuple[np.ndarray, int, bytes]:
         y, x = np.mgrid[:9, :13]
         img = np.where((x + y) % 3 == 0, 65535, (x * 4099 + y * 257) % 65536)
         return img.astype(np.uint16), 16, b""
-    if name == "two-lanes-10bit":
+    if name == "flat-half-10bit":
         y, x = np.mgrid[:128, :136]
         img = 300 + (x // 16) * 20 + (y * y // 64) + (x * 31 + y * 17) % 5
         img[:, :60] = 200  # flat: several classes tie, the latents carry the payload
@@ -292,7 +276,7 @@ def _golden_pixels(name: str) -> tuple[np.ndarray, int, bytes]:
     raise KeyError(name)
 
 
-GOLDEN_NAMES = ("ramp-12bit", "extremes-16bit", "two-lanes-10bit")
+GOLDEN_NAMES = ("ramp-12bit", "extremes-16bit", "flat-half-10bit")
 
 
 def _golden() -> dict:
@@ -317,7 +301,6 @@ def test_v2_goldens_are_what_the_encoder_writes(v2):
     for name in GOLDEN_NAMES:
         img, bits, payload = _golden_pixels(name)
         assert encode_high(img, bits, v2, payload).hex() == golden[name]["stream"], name
-    assert gcoder.lane_count(128, 136) == 2
 
 
 _DECODE_GOLDENS = """

@@ -181,8 +181,10 @@ def payload_capacity(high: npt.NDArray[np.uint16], bits_high: int, model: Global
     """Payload bytes that ride for free on this frame (measured with the fill stream).
 
     The sampling of z consumes ``C`` bits from the initial stack (measured exactly by encoding
-    with the fixed fill stream). 32 of them are the length word; a 64-bit margin covers the
-    variation of ``C`` with the payload's actual bits. Returns ``max(0, (C - 96) // 8)``.
+    with the fixed fill stream; version 2 counts the information the sampling took from the
+    stack, version 1 constriction's ``num_valid_bits``). 32 of them are the length word; a
+    64-bit margin covers the variation of ``C`` with the payload's actual bits. Returns
+    ``max(0, (C - 96) // 8)``.
     """
     img = _check(high, bits_high)
     stats = _coder.encode(img, int(bits_high), model, b"", False)[1]

@@ -2,24 +2,20 @@
 
 Stream version 2 (written by models with ``stream_version == 2``, e.g. ``global-vae-v2``)
 --------------------------------------------------------------------------------------------
-All little-endian::
+Header ``<4s B B I I 8s I I I``: magic ``MZGL``, version 2, bits, H, W, model tag (8 bytes of
+the weights' sha256), ``n_init`` (words of the initial stack that decoding restores), CRC-32
+of the values (little-endian uint16, row-major), ``n_words``; then ``n_words`` little-endian
+uint32: one :class:`.rans.WordStack` (the project's integer rANS), top of the stack last.
 
-    4s magic "MZGL" | u8 version 2 | u8 bits | u32 H | u32 W | 8s model tag | u32 n_init |
-    u32 crc32 | u32 n_zwords | u16 lanes | u32 n_xwords | n_zwords x u32 | n_xwords x u32
+The stack holds, from the bottom: what remains of the initial words (fill, payload, length
+word) after the latents were sampled from them under q(z|x) (:func:`.kernel.posterior_freq`,
+24-bit tables, block 0 first); the pixels in reverse decode order (wavefront steps
+``t = x + 2y``, rows ascending within a step; per pixel its bucket symbol from ``pmf`` row
+``sidx * 8 + phase`` (24-bit), then its mantissa bits); on top, z of every block under p(z)
+(``prior``, 16-bit, block 0 on top).
 
-* ``zwords``: the latent stack (:class:`.rans.WordStack`): z of every block under p(z)
-  (``prior``, 16-bit table), pushed on top of what remains of the initial words after the
-  latents were sampled from them under q(z|x) (:func:`.kernel.posterior_freq`, 24-bit tables).
-* ``xwords``: the pixels, ``lanes`` interleaved rANS states (:class:`.rans.LaneEncoder`). The
-  pixels are decoded in wavefront steps (``t = x + 2y``); the pixels of a step are split, in
-  order, into rounds of ``lanes`` pixels, pixel ``i`` of a round on lane ``i``; per round: the
-  bucket symbols (``pmf`` row ``sidx * 8 + phase``, 24-bit), then the mantissa bits.
-* ``n_init``: words of the initial stack (fill, payload, length word) that decoding restores.
-
-Every table is integer when it reaches the coder and the coder is integer arithmetic, so
-neither the float behaviour of a CPU nor the version of a library can change a stream. The
-encoder chooses ``lanes`` (:func:`lane_count`); more lanes make decoding faster and cost
-about 32 bits each (a lane's initial state).
+Every table is integer when it reaches the coder and the coder is Python integer arithmetic, so
+neither the float behaviour of a CPU nor the version of a library can change a stream.
 
 Stream version 1 (``global-vae-v1``)
 ------------------------------------
@@ -61,20 +57,17 @@ from .kernel import (
     symbol_mbits,
     to_symbols,
 )
-from .model import NQ, PRIOR_BITS, GlobalModel
-from .rans import LaneDecoder, LaneEncoder, WordStack
+from .model import NQ, PMF_BITS, PRIOR_BITS, GlobalModel
+from .rans import WordStack, cumulative
 
-__all__ = ["PayloadTooLargeError", "decode", "encode", "lane_count"]
+__all__ = ["PayloadTooLargeError", "Q_BITS", "decode", "encode"]
 
 _MAGIC = b"MZGL"
-_HEAD_V1 = struct.Struct("<4sBBII8sIII")
-_HEAD_V2 = struct.Struct("<4sBBII8sIIIHI")
+_HEAD = struct.Struct("<4sBBII8sIII")  # both versions
 _LEN_FLAG = 0x80000000
 _MAX_PAYLOAD = _LEN_FLAG - 1
 Q_BITS = 24
 """Precision of the q(z|x) tables of stream version 2."""
-_PIXELS_PER_LANE = 8192
-_MAX_LANES = 1024
 
 
 class PayloadTooLargeError(ValueError):
@@ -96,12 +89,6 @@ def _steps(H: int, W: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for t in range(W + 2 * (H - 1)):
         ys = np.arange(max(0, -(-(t - W + 1) // 2)), min(H - 1, t // 2) + 1)
         yield ys, t - 2 * ys
-
-
-def lane_count(H: int, W: int) -> int:
-    """Lanes the encoder uses: one per ``_PIXELS_PER_LANE`` pixels (at least 1), no more than
-    a step has pixels (``min(H, ceil(W / 2))``) and at most ``_MAX_LANES``."""
-    return max(1, min(H * W // _PIXELS_PER_LANE, H, -(-W // 2), _MAX_LANES))
 
 
 def _initial_words(payload: bytes, fill: int) -> npt.NDArray[np.uint32]:
@@ -170,12 +157,7 @@ def encode(
     _check_payload(payload)
     if model.stream_version == 2:
         return _encode_v2(high, bits, model, payload, strict)
-    if model.stream_version == 1:
-        return _encode_v1(high, bits, model, payload, strict)
-    raise CorruptStreamError(
-        f"model {model.model_id} writes global stream version {model.stream_version}, this "
-        f"build writes versions 1 and 2"
-    )
+    return _encode_v1(high, bits, model, payload, strict)
 
 
 def decode(
@@ -188,39 +170,41 @@ def decode(
         raise CorruptStreamError(f"not a global-path stream: magic {magic!r}, expected {_MAGIC!r}")
     if ver not in (1, 2):
         raise CorruptStreamError(f"global-path stream version {ver}, this build reads 1 and 2")
-    head = (_HEAD_V1 if ver == 1 else _HEAD_V2).size
-    if len(data) < head:
+    if len(data) < _HEAD.size:
         raise CorruptStreamError(
-            f"global-path stream truncated: {len(data)} bytes, header needs {head}"
+            f"global-path stream truncated: {len(data)} bytes, header needs {_HEAD.size}"
         )
+    _, _, sbits, H, W, tag, ninit, crc, nwords = _HEAD.unpack_from(data)
     if ver != model.stream_version:
         raise CorruptStreamError(
             f"global-path stream version {ver} cannot be decoded with model {model.model_id} "
             f"(it writes version {model.stream_version}); the stream names model tag "
             f"{data[14:22].hex()}"
         )
+    _check_header(H, W, sbits, tag, shape, bits, model)
+    if len(data) != _HEAD.size + 4 * nwords:
+        raise CorruptStreamError(
+            f"global-path stream has {len(data)} bytes, header announces {_HEAD.size + 4 * nwords}"
+        )
+    words = np.frombuffer(data, "<u4", offset=_HEAD.size).astype(np.uint32)
     if ver == 1:
-        return _decode_v1(data, shape, bits, model)
-    return _decode_v2(data, shape, bits, model)
+        return _decode_v1(words, H, W, bits, model, ninit, crc)
+    return _decode_v2(words, H, W, bits, model, ninit, crc)
 
 
 # ----------------------------------------------------------------------------------------------
 # stream version 2: integer tables, the project's rANS
 
 
-def _rounds(H: int, W: int, lanes: int) -> Iterator[np.ndarray]:
-    """Pixel indices (row-major) of each round, in decode order."""
-    for ys, xs in _steps(H, W):
-        idx = ys * W + xs
-        for r0 in range(0, idx.size, lanes):
-            yield idx[r0 : r0 + lanes]
+def _order(H: int, W: int) -> list[np.ndarray]:
+    """Pixel indices (row-major) of each wavefront step, in decode order."""
+    return [ys * W + xs for ys, xs in _steps(H, W)]
 
 
-def _q_cums(L: np.ndarray, model: GlobalModel) -> list[list[int]]:
-    q = posterior_freq(L, model, Q_BITS)
-    cum = np.zeros((q.shape[0], q.shape[1] + 1), np.int64)
-    np.cumsum(q, axis=1, out=cum[:, 1:])
-    return cum.tolist()
+def _q_cums(img: np.ndarray, bits: int, model: GlobalModel) -> tuple[list[list[int]], np.ndarray]:
+    """q(z|x) of every block as cumulative integer tables, and the block index of each pixel."""
+    L, bidx = block_costs(img, bits, model)
+    return cumulative(posterior_freq(L, model, Q_BITS)), bidx
 
 
 def _encode_v2(
@@ -228,9 +212,7 @@ def _encode_v2(
 ) -> tuple[bytes, dict[str, float]]:
     H, W = high.shape
     img = high.astype(np.int64)
-    maxv = (1 << bits) - 1
-    L, bidx = block_costs(img, bits, model)
-    qcum = _q_cums(L, model)
+    qcum, bidx = _q_cums(img, bits, model)
     nb = len(qcum)
     # sampling a latent pops at most one word (24-bit tables, 32-bit words): nb + 2 fill words
     # never run out; the ones it did not reach are dropped below
@@ -245,53 +227,43 @@ def _encode_v2(
     init = init[unread:]
     fill -= unread
     _check_strict(strict, payload, consumed)
-    for b in range(nb - 1, -1, -1):
-        stack.encode(model.prior_cum, int(z[b]), PRIOR_BITS)
-    zwords = np.array(stack.words(), np.uint32)
-
+    # x | z: pixels in reverse decode order, then z under the prior (block 0 on top)
     F, lg8e, lg8q = all_features(img, bits)
-    base, phase, sidx = params(F, lg8e, lg8q, z[bidx], model, maxv)
+    base, phase, sidx = params(F, lg8e, lg8q, z[bidx], model, (1 << bits) - 1)
     sym, m, off = to_symbols(img.reshape(-1) - base)
     rows = sidx * NQ + phase
-    lanes = lane_count(H, W)
-    table = model.pixel_table
-    coder = LaneEncoder(lanes)
-    for idx in reversed(list(_rounds(H, W, lanes))):
-        coder.encode_bits(off[idx], m[idx])
-        coder.encode(table, rows[idx], sym[idx])
-    xwords = coder.finish()
-    crc = zlib.crc32(high.astype("<u2").tobytes())
-    head = _HEAD_V2.pack(
-        _MAGIC, 2, bits, H, W, model.tag, init.size, crc, zwords.size, lanes, xwords.size
+    idx = np.concatenate(_order(H, W))
+    stack.encode_pixels(
+        model.pixel_cums,
+        PMF_BITS,
+        rows[idx].tolist(),
+        sym[idx].tolist(),
+        m[idx].tolist(),
+        off[idx].tolist(),
     )
+    for b in range(nb - 1, -1, -1):
+        stack.encode(model.prior_cum, int(z[b]), PRIOR_BITS)
+    words = np.array(stack.words(), np.uint32)
+    crc = zlib.crc32(high.astype("<u2").tobytes())
+    head = _HEAD.pack(_MAGIC, 2, bits, H, W, model.tag, init.size, crc, words.size)
     stats = {
         "consumed_bits": float(consumed),
         "fill_words": float(fill),
         "payload_bits": 8.0 * len(payload),
     }
-    body = zwords.astype("<u4").tobytes() + xwords.astype("<u4").tobytes()
-    return head + body, stats
+    return head + words.astype("<u4").tobytes(), stats
 
 
 def _decode_v2(
-    data: bytes, shape: tuple[int, int], bits: int, model: GlobalModel
+    words: np.ndarray, H: int, W: int, bits: int, model: GlobalModel, ninit: int, crc: int
 ) -> tuple[np.ndarray, bytes]:
-    _, _, sbits, H, W, tag, ninit, crc, nz, lanes, nx = _HEAD_V2.unpack_from(data)
-    _check_header(H, W, sbits, tag, shape, bits, model)
-    if len(data) != _HEAD_V2.size + 4 * (nz + nx):
-        raise CorruptStreamError(
-            f"global-path stream has {len(data)} bytes, header announces "
-            f"{_HEAD_V2.size + 4 * (nz + nx)}"
-        )
-    zwords = np.frombuffer(data, "<u4", nz, _HEAD_V2.size)
-    xwords = np.frombuffer(data, "<u4", nx, _HEAD_V2.size + 4 * nz)
     maxv = (1 << bits) - 1
     bidx, bh, bw = block_index(H, W, model.block)
-    stack = WordStack(zwords)
+    stack = WordStack(words)
     z = np.array([stack.decode(model.prior_cum, PRIOR_BITS) for _ in range(bh * bw)], np.int64)
     zpix = z[bidx]
-    coder = LaneDecoder(xwords, lanes)
-    table = model.pixel_table
+    tables = model.pixel_cums
+    mbits_of = MBITS.tolist()
     P = np.full((H + PAD, W + 2 * PAD), 1 << (bits - 1), np.int64)
     Pf = P.reshape(-1)
     Qf = np.zeros_like(Pf)
@@ -302,21 +274,14 @@ def _decode_v2(
         fidx = (ys + PAD) * WP + xs + PAD
         F, lg8e, lg8q = features([Pf[fidx + o] for o in offs], [Qf[fidx + o] for o in qoffs])
         base, phase, sidx = params(F, lg8e, lg8q, zpix[ys * W + xs], model, maxv)
-        rows = sidx * NQ + phase
-        sym = np.empty(ys.size, np.int64)
-        off = np.empty(ys.size, np.int64)
-        for r0 in range(0, ys.size, lanes):
-            sl = slice(r0, r0 + lanes)
-            sym[sl] = coder.decode(table, rows[sl])
-            off[sl] = coder.decode_bits(MBITS[sym[sl]])
-        sign, b, m = symbol_mbits(sym)
-        v = base + from_symbols(sign, b, m, off)
+        sym, off = stack.decode_pixels(tables, PMF_BITS, (sidx * NQ + phase).tolist(), mbits_of)
+        s = np.array(sym, np.int64)
+        sign, b, m = symbol_mbits(s)
+        v = base + from_symbols(sign, b, m, np.array(off, np.int64))
         _place(P, Pf, Qf, fidx, ys, xs, v, F[:, 0], maxv, H, W)
-    coder.check_end()
     img = P[PAD:, PAD : W + PAD].copy()
     # bits back: re-encode z under q(z|x), which returns the initial words (payload + fill)
-    L, _ = block_costs(img, bits, model)
-    qcum = _q_cums(L, model)
+    qcum, _ = _q_cums(img, bits, model)
     for b in range(len(qcum) - 1, -1, -1):
         stack.encode(qcum[b], int(z[b]), Q_BITS)
     return _finish(np.array(stack.words(), np.uint32), ninit, img, crc)
@@ -445,7 +410,7 @@ def _encode_v1(
     )
     words = np.asarray(coder.get_compressed(), np.uint32)
     crc = zlib.crc32(high.astype("<u2").tobytes())
-    head = _HEAD_V1.pack(_MAGIC, 1, bits, H, W, model.tag, init.size, crc, words.size)
+    head = _HEAD.pack(_MAGIC, 1, bits, H, W, model.tag, init.size, crc, words.size)
     stats = {
         "consumed_bits": float(consumed),
         "hq_bits": hq,
@@ -456,17 +421,9 @@ def _encode_v1(
 
 
 def _decode_v1(
-    data: bytes, shape: tuple[int, int], bits: int, model: GlobalModel
+    words: np.ndarray, H: int, W: int, bits: int, model: GlobalModel, ninit: int, crc: int
 ) -> tuple[np.ndarray, bytes]:
-    _, _, sbits, H, W, tag, ninit, crc, nwords = _HEAD_V1.unpack_from(data)
-    _check_header(H, W, sbits, tag, shape, bits, model)
-    if len(data) != _HEAD_V1.size + 4 * nwords:
-        raise CorruptStreamError(
-            f"global-path stream has {len(data)} bytes, header announces "
-            f"{_HEAD_V1.size + 4 * nwords}"
-        )
     cn = _constriction()
-    words = np.frombuffer(data, "<u4", offset=_HEAD_V1.size).astype(np.uint32)
     maxv = (1 << bits) - 1
     try:
         coder = cn.stream.stack.AnsCoder(words)

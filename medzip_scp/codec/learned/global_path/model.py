@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from medzip_scp.codec.errors import CodecError
 
-from .rans import SymbolTable
+from .rans import cumulative
 
 __all__ = [
     "COEF_SHIFT",
@@ -100,9 +100,9 @@ class GlobalModel:
         return int(self.coef.shape[0])
 
     @cached_property
-    def pixel_table(self) -> SymbolTable:
-        """``pmf`` as the integer coder's table: row ``sidx * NQ + phase``, exact (stream 2)."""
-        return SymbolTable(self.pmf.reshape(NS * NQ, NSYM), PMF_BITS)
+    def pixel_cums(self) -> list[list[int]]:
+        """Cumulative ``pmf`` rows (Python ints) for stream 2; row ``sidx * NQ + phase``."""
+        return cumulative(self.pmf.reshape(NS * NQ, NSYM))
 
     @cached_property
     def prior_cum(self) -> list[int]:
@@ -246,7 +246,12 @@ def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     i64 = {k: v.astype(np.int64) for k, v in t.items()}
     stream_version = int(meta.get("stream", "1"))
-    if stream_version >= 2:
+    if stream_version not in (1, 2):
+        raise ModelNotFoundError(
+            f"global-path model {model_id!r} in {directory} writes global stream version "
+            f"{stream_version}; this build of medzip codes versions 1 and 2, update medzip"
+        )
+    if stream_version == 2:
         _check_exact_tables(model_id, directory, i64["pmf"], i64["prior"])
     return GlobalModel(
         model_id=meta.get("model_id", model_id),
