@@ -2,11 +2,13 @@
 
 Every function maps integer arrays to integer arrays (numpy ``int64``; no float, no BLAS, no
 threads), so its results do not depend on the CPU, the thread count, the batch it runs in or a
-library version. Bounds (frames of at most 16 bits, values ``< 2**16``):
+library version. No int64 value can overflow, whatever int32 weights a model file holds
+(inputs are at most 16 bits, checked by the API):
 
-* features ``< 2**16``, coefficients ``|c| <= 2**20``: predictions ``|sum| < 10 * 2**36``;
+* features ``< 2**16``; a prediction sums 10 products ``|F * coef| < 2**16 * 2**31``:
+  ``< 2**51``; the scale index ``a * lg8 + c * lg8 + b < 3 * 2**31 * 2**8``;
 * gradient energies ``< 7 * 2**16 + 1 < 2**20`` (the range of :func:`.fixed.lg8`);
-* a block's code length: 64 pixels of at most ``256 * 40`` (1/256 bit) each, ``< 2**20``;
+* a block's code length: 64 pixels of ``sym_len < 2**31`` plus ``prior_len``: ``< 2**38``;
 * posterior weights ``<= 2**24``; :func:`posterior_freq` products ``< 2**48``.
 """
 

@@ -14,7 +14,8 @@ Parameters (``weights.safetensors``, all ``int32``)
 ``prior``     (K,)          counts of the categorical prior p(z) (sum ``2**16``, each >= 1)
 ``prior_len`` (K,)          -log2 p(z) in 1/256 bit (used only by q(z|x))
 ``pmf``       (NS, NQ, 127) counts of the signed residual bucket per scale index and
-                            eighth-pixel phase of the prediction (sum ``2**24`` per row)
+                            eighth-pixel phase of the prediction (rows sum to ``2**24``
+                            exactly in v2; within -16 .. +123 of it in v1)
 ``sym_len``   (NS, NQ, 127) -log2 pmf + mantissa bits, in 1/256 bit (used only by q(z|x))
 ``exp2neg``   (D,)          ``round(2**24 * 2**(-d/256))``: posterior weights from code lengths
 
