@@ -35,7 +35,8 @@ class IncompatibleLibraryError(UnsupportedFormatError):
 
     A kind of :class:`UnsupportedFormatError`: the blob is well-formed, this installation cannot
     decode it (e.g. ``local-lm-v1`` streams need ``torch`` and a ``transformers`` release whose
-    GPT-2 API the float model was written against).
+    GPT-2 API the float model was written against; ``global-vae-v1`` streams need
+    ``constriction``, whose table quantiser is part of their format).
 
     Parameters
     ----------

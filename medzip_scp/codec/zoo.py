@@ -10,10 +10,10 @@ A blob that names a model that is not listed, whose hash differs from the listed
 is not installed (folder missing, a file that fails its manifest) raises
 :class:`~medzip_scp.codec.errors.UnknownModelError` naming it.
 
-Loading needs ``safetensors`` (and ``torch`` for ``local-lm-v1`` and the global path): they are
-imported only when a model is actually loaded, so classical blobs never import them; integer
-local models (``local-lm-v2``) never import ``torch``.  A model whose library is missing or of
-an incompatible version raises
+Loading needs ``safetensors``, imported only when a model is actually loaded, so classical
+blobs never import it. The integer models (``local-lm-v2``, ``global-vae-v2``) decode with
+numpy alone; ``local-lm-v1`` streams need ``torch`` and ``transformers``, ``global-vae-v1``
+streams ``constriction``. A library missing or of an incompatible version raises
 :class:`~medzip_scp.codec.errors.IncompatibleLibraryError` naming the library and the versions.
 """
 
@@ -131,6 +131,12 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
             "global",
             "global-vae/v1",
             "e5415c2c6fb2dee2f096cb748d56c285d643c7a59e1c0d94130b5430c267f9d6",
+        ),
+        "global-vae-v2": ModelEntry(
+            "global-vae-v2",
+            "global",
+            "global-vae/v2",
+            "d1d62e28a55dbf2b1518a99b6db1b5f154e9f2316ece1346d1bc83a0f07637e9",
         ),
     }
 )

@@ -270,3 +270,22 @@ def test_integer_local_path_decodes_without_torch(forced_pred_blob: bytes, small
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert bytes.fromhex(r.stdout) == small.pixels.tobytes()
+
+
+def test_payload_mode_2_with_the_integer_global_model(tmp_path: Path) -> None:
+    """global-vae-v2 (stream version 2, integer coder) carries the payload like v1 did, and a
+    blob that needs it names it by hash when it is not installed."""
+    fs = _fs(_frame(128))
+    opts = LearnedOptions(force_split=2, high_paths=("global",), global_model="global-vae-v2")
+    blob = compress(fs, payload=PAYLOAD, learned=opts)
+    info = describe(blob)
+    assert info["payload_mode"] == 2
+    assert {m["id"] for m in info["models"]} == {"local-lm-v2", "global-vae-v2"}
+    assert PAYLOAD not in blob
+    assert _roundtrip(blob, fs) == PAYLOAD
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "local-lm").symlink_to(REPO / "models" / "local-lm")
+    with pytest.raises(UnknownModelError, match="global-vae-v2") as err:
+        decompress(blob, models=ModelStore(root=root))
+    assert err.value.model_sha256 == MODELS["global-vae-v2"].manifest_sha256

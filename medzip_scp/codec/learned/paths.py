@@ -35,7 +35,6 @@ deterministic, and decoding never depends on the estimates, thread counts or bat
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +107,7 @@ class LearnedOptions:
     high_paths: tuple[str, ...] = HIGH_PATHS
     local_model: str = "local-lm-v2"
     local_adapter: str = ""
-    global_model: str = "global-vae-v1"
+    global_model: str = "global-vae-v2"
     force_split: int | None = None
     chunk_tiles: int = 1024
     threads: int | None = 1
@@ -146,9 +145,9 @@ class SplitCode:
 
 
 def learned_available(store: ModelStore, options: LearnedOptions) -> bool:
-    """Whether torch is importable and the models ``options`` names are installed."""
-    if importlib.util.find_spec("torch") is None:
-        return False
+    """Whether the models ``options`` names are installed. The integer models (the defaults)
+    need numpy alone; a float ``local-lm-v1`` also needs torch and transformers, which loading
+    it checks (:class:`~medzip_scp.codec.errors.IncompatibleLibraryError`)."""
     needed = [options.local_model]
     if GLOBAL_PATH in options.high_paths:
         needed.append(options.global_model)

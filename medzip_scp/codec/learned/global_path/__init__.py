@@ -1,21 +1,25 @@
 """Global path: the high bit planes of a frame, coded by a latent-variable model with bits-back ANS.
 
-Model (``global-vae-v1``)
--------------------------
+Model (``global-vae-v2``; ``global-vae-v1`` has the same parameters)
+--------------------------------------------------------------------
 * **Latent** z: one of K=16 classes per 8x8 block of the high part ``frame >> s``.
 * **p(x|z)**: per pixel, a discretised logistic. Its mean is the class's linear causal predictor
   over ``[MED, W, N, NW, NE, WW, NN, NWW, NNW, NNE]`` (integer coefficients, ``2**-12``), its
-  scale index ``clip((a_z * lg8(e) + b_z) >> 8, 0, 143)`` on the grid ``2**(k/8 - 3)``, where
-  ``lg8(e)`` is an integer 1/8-octave log of a causal gradient energy. Residuals are coded as one
-  of 127 signed magnitude buckets (exact up to 15, four per octave above, uniform mantissa
-  bits), from integer count tables indexed by (scale index, eighth-pixel phase of the mean).
+  scale index ``clip((a_z * lg8(e) + c_z * lg8(e2) + b_z) >> 8, 0, 143)`` on the grid
+  ``2**(k/8 - 3)``, where ``lg8`` is an integer 1/8-octave log of a causal gradient energy
+  ``e`` and of the neighbours' MED errors ``e2``. Residuals are coded as one of 127 signed
+  magnitude buckets (exact up to 15, four per octave above, uniform mantissa bits), from integer
+  frequency tables indexed by (scale index, eighth-pixel phase of the mean).
 * **p(z)**: a learned categorical (integer counts).
 * **q(z|x)**: the model's exact block posterior ``p(z) p(x_b|z) / sum``, computed from integer
   code lengths (1/256 bit) and an integer ``2**(-d/256)`` table. No amortisation gap; no
   encoder network is needed because the posterior is cheap to enumerate (K passes).
 * Pixels are coded in the wavefront order ``t = x + 2y`` (every neighbour above satisfies
-  ``dx + 2dy < 0``), so each step decodes a whole anti-diagonal as one batched ``decode`` call
+  ``dx + 2dy < 0``), so each step decodes a whole anti-diagonal in a few batched calls
   (W + 2H steps per frame).
+
+The "network" is this integer kernel (:mod:`.kernel`); there is no float network and torch is
+never imported by this package (torch only trains the parameters, :mod:`.train`).
 
 Bits-back and the payload
 -------------------------
@@ -24,20 +28,29 @@ z is *decoded* from it under q(z|x) (consuming payload bits first), then x is en
 p(x|z) and z under p(z). Decode reverses this: z under p(z), x under p(x|z), then z is
 *encoded* back under q(z|x), which restores the initial words exactly; the payload is parsed
 from them and the fill words are checked against the fixed sha256 fill stream. Without a
-payload the fill words are overhead and are in the stream (their number is trimmed to what the
-sampling consumed, plus under 3 words): bits-back is free only for the part of a payload the
-sampling absorbs, :func:`payload_capacity`.
+payload the fill words the sampling consumed are overhead and are in the stream (version 2:
+exactly the words it read; version 1: plus under 3 words): bits-back is free only for the part
+of a payload the sampling absorbs, :func:`payload_capacity`.
 
-Determinism
------------
-Every quantity that reaches the coder is computed in int64 from the decoded pixels and the
-integer tensors of the weights file: features, predictions, phase, scale index, table rows,
-block code lengths and posterior weights (float64 bincount sums of integers < 2**53 are exact
-in any order). The only floats are (a) ``frexp`` of integers (exact) and (b) the probability
-rows handed to constriction, which are integers converted to float64 (exact); constriction's
-``Categorical(perfect=False)`` quantises them with IEEE basic arithmetic only. No network runs
-at coding time, so thread count, batch size and BLAS cannot change a probability; decode splits
-the same values into different batches than encode does (steps vs. whole image) and must agree.
+Stream versions and determinism
+-------------------------------
+The model decides the stream version it writes (``GlobalModel.stream_version``); decoding
+reads the version from the stream and needs the model it names (tag = 8 bytes of its weights'
+sha256). Formats: :mod:`.coder`.
+
+* **Version 2** (``global-vae-v2``): everything that reaches the entropy coder is an integer
+  computed in int64/uint64 from the decoded pixels and the integer tensors of the weights file:
+  features, predictions, phase, scale index, table rows, block code lengths, posterior weights,
+  the q(z|x) frequency tables (:func:`.fixed.frequency_table`, 24-bit), and the tables
+  themselves, which are exact (each ``pmf`` row sums to ``2**24``, the prior to ``2**16``, every
+  entry >= 1) and go to the project's own rANS coder (:mod:`.rans`) unchanged. No float, no
+  transcendental function, no BLAS, no threads and no third-party coder: the bytes are the same
+  on any CPU, thread count, batch split (encode codes the whole frame, decode step by step) and
+  library version. The decoder needs numpy and safetensors only.
+* **Version 1** (``global-vae-v1``, still decoded): the same integer kernel, but the tables are
+  handed to ``constriction``'s float ``Categorical(perfect=False)``, which re-quantises them
+  with its own algorithm (its table sums were not exact powers of two), so these streams depend
+  on constriction's quantiser (written with 0.5.0).
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from medzip_scp.codec.errors import CorruptStreamError
+from medzip_scp.codec.errors import CorruptStreamError, IncompatibleLibraryError
 
 from . import coder as _coder
 from .coder import PayloadTooLargeError
@@ -57,6 +70,7 @@ __all__ = [
     "MODEL_ID",
     "CorruptStreamError",
     "GlobalModel",
+    "IncompatibleLibraryError",
     "ModelNotFoundError",
     "PayloadTooLargeError",
     "decode_high",
@@ -65,7 +79,7 @@ __all__ = [
     "payload_capacity",
 ]
 
-MODEL_ID = "global-vae-v1"
+MODEL_ID = "global-vae-v2"
 
 
 def _model_dir(name: str, root: Path | None) -> Path:
@@ -152,6 +166,8 @@ def decode_high(
     CorruptStreamError
         Truncated or corrupted stream, wrong shape/bits/model, payload words that do not
         parse, fill words that differ from the fill stream, or a CRC-32 mismatch of the values.
+    IncompatibleLibraryError
+        A version 1 stream and constriction is not installed.
     """
     try:
         return _coder.decode(bytes(data), (int(shape[0]), int(shape[1])), int(bits_high), model)
@@ -165,8 +181,10 @@ def payload_capacity(high: npt.NDArray[np.uint16], bits_high: int, model: Global
     """Payload bytes that ride for free on this frame (measured with the fill stream).
 
     The sampling of z consumes ``C`` bits from the initial stack (measured exactly by encoding
-    with the fixed fill stream). 32 of them are the length word; a 64-bit margin covers the
-    variation of ``C`` with the payload's actual bits. Returns ``max(0, (C - 96) // 8)``.
+    with the fixed fill stream; version 2 counts the information the sampling took from the
+    stack, version 1 constriction's ``num_valid_bits``). 32 of them are the length word; a
+    64-bit margin covers the variation of ``C`` with the payload's actual bits. Returns
+    ``max(0, (C - 96) // 8)``.
     """
     img = _check(high, bits_high)
     stats = _coder.encode(img, int(bits_high), model, b"", False)[1]

@@ -1,43 +1,77 @@
-"""Integer features, the wavefront order and the bits-back ANS coder of the global path."""
+"""Global-path streams: the wavefront order, the bits-back latents and the two stream versions.
+
+Stream version 2 (written by models with ``stream_version == 2``, e.g. ``global-vae-v2``)
+--------------------------------------------------------------------------------------------
+Header ``<4s B B I I 8s I I I``: magic ``MZGL``, version 2, bits, H, W, model tag (8 bytes of
+the weights' sha256), ``n_init`` (words of the initial stack that decoding restores), CRC-32
+of the values (little-endian uint16, row-major), ``n_words``; then ``n_words`` little-endian
+uint32: one :class:`.rans.WordStack` (the project's integer rANS), top of the stack last.
+
+The stack holds, from the bottom: what remains of the initial words (fill, payload, length
+word) after the latents were sampled from them under q(z|x) (:func:`.kernel.posterior_freq`,
+24-bit tables, block 0 first); the pixels in reverse decode order (wavefront steps
+``t = x + 2y``, rows ascending within a step; per pixel its bucket symbol from ``pmf`` row
+``sidx * 8 + phase`` (24-bit), then its mantissa bits); on top, z of every block under p(z)
+(``prior``, 16-bit, block 0 on top).
+
+Every table is integer when it reaches the coder and the coder is Python integer arithmetic, so
+neither the float behaviour of a CPU nor the version of a library can change a stream.
+
+Stream version 1 (``global-vae-v1``)
+------------------------------------
+Header ``4s B B I I 8s I I I`` (magic, version 1, bits, H, W, tag, n_init, crc32, n_words), then
+one constriction ``AnsCoder`` stack: pixels, mantissas and latents on top of the initial words.
+Its tables are handed to ``constriction.stream.model.Categorical(perfect=False)`` as float64
+copies of the integer tables, and constriction re-quantises them with its own algorithm, so
+version 1 streams are only as stable as that algorithm across constriction versions (written
+with constriction 0.5.0). It needs constriction; decoding without it raises
+:class:`~medzip_scp.codec.errors.IncompatibleLibraryError`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import struct
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Any
 
-import constriction
 import numpy as np
 import numpy.typing as npt
 
-from medzip_scp.codec.errors import CorruptStreamError
+from medzip_scp.codec.errors import CorruptStreamError, IncompatibleLibraryError
 
-from .model import COEF_SHIFT, NQ, NS, GlobalModel
+from .kernel import (
+    MBITS,
+    OFFS,
+    PAD,
+    QOFFS,
+    all_features,
+    block_costs,
+    block_index,
+    features,
+    from_symbols,
+    params,
+    posterior_freq,
+    posterior_weights,
+    symbol_mbits,
+    to_symbols,
+)
+from .model import NQ, PMF_BITS, PRIOR_BITS, GlobalModel
+from .rans import WordStack, cumulative
 
-__all__ = ["decode", "encode", "posterior_bits", "PayloadTooLargeError"]
+__all__ = ["PayloadTooLargeError", "Q_BITS", "decode", "encode"]
 
 _MAGIC = b"MZGL"
-_VERSION = 1
-_HEAD = struct.Struct("<4sBBII8sIII")  # magic, version, bits, H, W, model tag, n_init, crc, n_words
-_PAD = 2
-# (dy, dx) of the causal neighbours, in FEATURES order after MED. All satisfy dx + 2*dy < 0, so
-# they are decoded before (y, x) in the wavefront order t = x + 2*y.
-_OFFS = ((0, -1), (-1, 0), (-1, -1), (-1, 1), (0, -2), (-2, 0), (-1, -2), (-2, -1), (-2, 1))
+_HEAD = struct.Struct("<4sBBII8sIII")  # both versions
 _LEN_FLAG = 0x80000000
 _MAX_PAYLOAD = _LEN_FLAG - 1
-
-_stack = constriction.stream.stack
-_cmodel = constriction.stream.model
+Q_BITS = 24
+"""Precision of the q(z|x) tables of stream version 2."""
 
 
 class PayloadTooLargeError(ValueError):
     """The payload does not fit (over 2**31 - 1 bytes, or over capacity when ``strict``)."""
-
-
-def _cat() -> object:
-    # ``perfect`` is part of the format: fixed explicitly (its default changes between versions).
-    return _cmodel.Categorical(perfect=False)
 
 
 def _seed_words(n: int) -> npt.NDArray[np.uint32]:
@@ -50,178 +84,11 @@ def _seed_words(n: int) -> npt.NDArray[np.uint32]:
     return np.frombuffer(bytes(out[: 4 * n]), "<u4").astype(np.uint32)
 
 
-# ----------------------------------------------------------------------------------------------
-# causal padding and features
-
-
-def padded(img: npt.NDArray[np.integer], bits: int) -> npt.NDArray[np.int64]:
-    """The frame in the causally padded layout the decoder rebuilds as it goes.
-
-    Padded shape (H+2, W+4), pixel (y, x) at [y+2, x+2]. Pad rules (each pad cell is a copy of
-    a pixel decoded before every pixel that reads it): top rows at column x' hold x[0, x'-2];
-    left pad of row y >= 1 holds x[y-1, 0]; right pad of row y holds x[y, W-1]; the rest holds
-    ``2**(bits-1)``.
-    """
-    H, W = img.shape
-    P = np.full((H + _PAD, W + 2 * _PAD), 1 << (bits - 1), np.int64)
-    P[_PAD:, _PAD : W + _PAD] = img
-    # top: padded column c' (x' = c' - 2) holds x[0, x' - 2] -> padded columns 4 .. W+3
-    P[:_PAD, 4 : W + 4] = img[0][None, :]
-    if H > 1:
-        P[_PAD + 1 :, :_PAD] = img[:-1, :1]
-    P[_PAD:, W + _PAD :] = img[:, -1:]
-    return P
-
-
-def _med(w: np.ndarray, n: np.ndarray, nw: np.ndarray) -> np.ndarray:
-    mx = np.maximum(w, n)
-    mn = np.minimum(w, n)
-    return np.where(nw >= mx, mn, np.where(nw <= mn, mx, w + n - nw))
-
-
-def _lg8(e: np.ndarray) -> np.ndarray:
-    """Integer log2 in 1/8 octave (piecewise linear) of e >= 1."""
-    k = np.frexp(e.astype(np.float64))[1].astype(np.int64) - 1  # exact: e < 2**53
-    return 8 * k + (((e << 3) >> k) & 7)
-
-
-def _features(
-    nb: list[np.ndarray], qb: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features (n, 10), lg8 of the gradient energy and lg8 of the neighbours' MED errors.
-
-    ``nb``: the 9 neighbour values (``_OFFS`` order); ``qb``: |x - MED| at W, N, NW, NE.
-    """
-    W_, N_, NW_, NE_, WW_, NN_, _NWW, NNW_, NNE_ = nb
-    F = np.stack([_med(W_, N_, NW_), *nb], axis=1)
-    e = (
-        np.abs(W_ - NW_)
-        + np.abs(N_ - NW_)
-        + np.abs(N_ - NE_)
-        + np.abs(W_ - WW_)
-        + np.abs(N_ - NN_)
-        + np.abs(NE_ - NNE_)
-        + np.abs(NW_ - NNW_)
-    ) + 1
-    e2 = 2 * qb[0] + 2 * qb[1] + qb[2] + qb[3] + 1
-    return F, _lg8(e), _lg8(e2)
-
-
-def _params(
-    F: np.ndarray, lg8: np.ndarray, lg8b: np.ndarray, z: np.ndarray, model: GlobalModel, maxv: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integer base prediction, phase and scale index of each pixel under its class z."""
-    mu = np.einsum("ni,ni->n", F, model.coef[z])
-    base = np.clip(mu >> COEF_SHIFT, 0, maxv)
-    phase = (mu >> (COEF_SHIFT - 3)) & (NQ - 1)
-    sidx = np.clip(
-        (model.scale_a[z] * lg8 + model.scale_c[z] * lg8b + model.scale_b[z]) >> 8, 0, NS - 1
-    )
-    return base, phase, sidx
-
-
-def _to_symbols(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    a = np.abs(r)
-    k = np.frexp(np.maximum(a, 1).astype(np.float64))[1].astype(np.int64) - 1
-    big = a >= 16
-    kk = np.where(big, k, 4)
-    bucket = np.where(big, 16 + (kk - 4) * 4 + ((a >> (kk - 2)) & 3), a)
-    m = np.where(big, kk - 2, 0)
-    off = a & ((1 << m) - 1)
-    return 63 + np.sign(r) * bucket, m, off
-
-
-def _sym_mbits(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sign, bucket, mantissa bits) of decoded symbols."""
-    b = np.abs(sym - 63)
-    m = np.where(b >= 16, (b - 16) // 4 + 2, 0)
-    return np.sign(sym - 63), b, m
-
-
-def _from_symbols(sign: np.ndarray, b: np.ndarray, m: np.ndarray, off: np.ndarray) -> np.ndarray:
-    k = m + 2
-    a = np.where(b >= 16, (1 << k) + (((b - 16) & 3) << m) + off, b)
-    return sign * a
-
-
-_QOFFS = _OFFS[:4]  # W, N, NW, NE of the MED-error plane (zero outside the frame)
-
-
-def _all_features(img: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    H, W = img.shape
-    P = padded(img, bits)
-    nb = [P[_PAD + dy : _PAD + dy + H, _PAD + dx : _PAD + dx + W].reshape(-1) for dy, dx in _OFFS]
-    med = _med(nb[0], nb[1], nb[2])
-    Q = np.zeros_like(P)
-    Q[_PAD:, _PAD : W + _PAD] = np.abs(img.astype(np.int64) - med.reshape(H, W))
-    qb = [Q[_PAD + dy : _PAD + dy + H, _PAD + dx : _PAD + dx + W].reshape(-1) for dy, dx in _QOFFS]
-    return _features(nb, qb)
-
-
-# ----------------------------------------------------------------------------------------------
-# latent posterior q(z|x): exact posterior of the model, in integers
-
-
-def _block_index(H: int, W: int, block: int) -> tuple[np.ndarray, int, int]:
-    bh, bw = -(-H // block), -(-W // block)
-    ys, xs = np.divmod(np.arange(H * W), W)
-    return (ys // block) * bw + xs // block, bh, bw
-
-
-def _block_costs(img: np.ndarray, bits: int, model: GlobalModel) -> tuple[np.ndarray, np.ndarray]:
-    """Code length of each block under each class, in 1/256 bit (int64): (nblocks, K)."""
-    H, W = img.shape
-    F, lg8, lg8b = _all_features(img, bits)
-    x = img.reshape(-1).astype(np.int64)
-    bidx, bh, bw = _block_index(H, W, model.block)
-    maxv = (1 << bits) - 1
-    K = model.K
-    L = np.zeros((bh * bw, K), np.int64)
-    for z in range(K):
-        zz = np.full(x.size, z)
-        base, phase, sidx = _params(F, lg8, lg8b, zz, model, maxv)
-        sym, _, _ = _to_symbols(x - base)
-        # float64 sums of integers below 2**53 are exact, whatever the summation order
-        L[:, z] = np.bincount(
-            bidx, model.sym_len[sidx, phase, sym].astype(np.float64), minlength=bh * bw
-        ).astype(np.int64)
-    return L + model.prior_len[None, :], bidx
-
-
-def _posterior(L: np.ndarray, model: GlobalModel) -> np.ndarray:
-    """Integer weights of q(z|x) per block, from integer code lengths (deterministic)."""
-    d = L - L.min(axis=1, keepdims=True)
-    w = model.exp2neg[np.minimum(d, model.exp2neg.size - 1)]
-    w[d >= model.exp2neg.size - 1] = 0
-    return w
-
-
-def posterior_bits(img: np.ndarray, bits: int, model: GlobalModel) -> float:
-    """Expected bits the sampling of z consumes (entropy of q), for capacity estimates."""
-    L, _ = _block_costs(img, bits, model)
-    w = _posterior(L, model).astype(np.float64)
-    p = w / w.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(p > 0, p * np.log2(p), 0.0).sum()
-    return float(h)
-
-
-# ----------------------------------------------------------------------------------------------
-# wavefront steps
-
-
-@dataclass
-class _Steps:
-    H: int
-    W: int
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        H, W = self.H, self.W
-        for t in range(W + 2 * (H - 1)):
-            y0 = max(0, -(-(t - W + 1) // 2))
-            y1 = min(H - 1, t // 2)
-            ys = np.arange(y0, y1 + 1)
-            yield t, ys, t - 2 * ys
+def _steps(H: int, W: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows and columns of each wavefront step ``t = x + 2y``, rows ascending."""
+    for t in range(W + 2 * (H - 1)):
+        ys = np.arange(max(0, -(-(t - W + 1) // 2)), min(H - 1, t // 2) + 1)
+        yield ys, t - 2 * ys
 
 
 def _initial_words(payload: bytes, fill: int) -> npt.NDArray[np.uint32]:
@@ -252,34 +119,258 @@ def _parse_initial(words: np.ndarray) -> bytes:
     return raw[:n]
 
 
-def _sample_z(words: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, object]:
-    coder = _stack.AnsCoder(words)
-    z = coder.decode(_cat(), probs)
-    return np.asarray(z, np.int64), coder
+def _check_payload(payload: bytes) -> None:
+    if len(payload) > _MAX_PAYLOAD:
+        raise PayloadTooLargeError(
+            f"payload must be at most {_MAX_PAYLOAD} bytes, got {len(payload)}"
+        )
+
+
+def _check_strict(strict: bool, payload: bytes, consumed: int) -> None:
+    if strict and payload and len(payload) * 8 + 32 > consumed:
+        raise PayloadTooLargeError(
+            f"payload of {len(payload)} bytes exceeds this frame's free capacity "
+            f"({max(0, (consumed - 32) // 8)} bytes); pass strict=False to store the excess"
+        )
+
+
+def _check_header(
+    H: int, W: int, sbits: int, tag: bytes, shape: tuple[int, int], bits: int, model: GlobalModel
+) -> None:
+    if (H, W, sbits) != (int(shape[0]), int(shape[1]), int(bits)):
+        raise CorruptStreamError(
+            f"global-path stream holds {H}x{W} of {sbits} bits, expected "
+            f"{shape[0]}x{shape[1]} of {bits} bits"
+        )
+    if tag != model.tag:
+        raise CorruptStreamError(
+            f"global-path stream was written by model tag {tag.hex()}, loaded model "
+            f"{model.model_id} has tag {model.tag.hex()}"
+        )
 
 
 def encode(
     high: np.ndarray, bits: int, model: GlobalModel, payload: bytes, strict: bool
 ) -> tuple[bytes, dict[str, float]]:
-    """Encode; returns the stream and accounting (bits consumed by sampling z, fill words)."""
+    """Encode in the model's stream version; returns the stream and accounting (bits consumed
+    by sampling z, fill words)."""
+    _check_payload(payload)
+    if model.stream_version == 2:
+        return _encode_v2(high, bits, model, payload, strict)
+    return _encode_v1(high, bits, model, payload, strict)
+
+
+def decode(
+    data: bytes, shape: tuple[int, int], bits: int, model: GlobalModel
+) -> tuple[np.ndarray, bytes]:
+    if len(data) < 5:
+        raise CorruptStreamError(f"global-path stream truncated: {len(data)} bytes")
+    magic, ver = data[:4], data[4]
+    if magic != _MAGIC:
+        raise CorruptStreamError(f"not a global-path stream: magic {magic!r}, expected {_MAGIC!r}")
+    if ver not in (1, 2):
+        raise CorruptStreamError(f"global-path stream version {ver}, this build reads 1 and 2")
+    if len(data) < _HEAD.size:
+        raise CorruptStreamError(
+            f"global-path stream truncated: {len(data)} bytes, header needs {_HEAD.size}"
+        )
+    _, _, sbits, H, W, tag, ninit, crc, nwords = _HEAD.unpack_from(data)
+    if ver != model.stream_version:
+        raise CorruptStreamError(
+            f"global-path stream version {ver} cannot be decoded with model {model.model_id} "
+            f"(it writes version {model.stream_version}); the stream names model tag "
+            f"{data[14:22].hex()}"
+        )
+    _check_header(H, W, sbits, tag, shape, bits, model)
+    if len(data) != _HEAD.size + 4 * nwords:
+        raise CorruptStreamError(
+            f"global-path stream has {len(data)} bytes, header announces {_HEAD.size + 4 * nwords}"
+        )
+    words = np.frombuffer(data, "<u4", offset=_HEAD.size).astype(np.uint32)
+    if ver == 1:
+        return _decode_v1(words, H, W, bits, model, ninit, crc)
+    return _decode_v2(words, H, W, bits, model, ninit, crc)
+
+
+# ----------------------------------------------------------------------------------------------
+# stream version 2: integer tables, the project's rANS
+
+
+def _order(H: int, W: int) -> list[np.ndarray]:
+    """Pixel indices (row-major) of each wavefront step, in decode order."""
+    return [ys * W + xs for ys, xs in _steps(H, W)]
+
+
+def _q_cums(img: np.ndarray, bits: int, model: GlobalModel) -> tuple[list[list[int]], np.ndarray]:
+    """q(z|x) of every block as cumulative integer tables, and the block index of each pixel."""
+    L, bidx = block_costs(img, bits, model)
+    return cumulative(posterior_freq(L, model, Q_BITS)), bidx
+
+
+def _encode_v2(
+    high: np.ndarray, bits: int, model: GlobalModel, payload: bytes, strict: bool
+) -> tuple[bytes, dict[str, float]]:
+    H, W = high.shape
+    img = high.astype(np.int64)
+    qcum, bidx = _q_cums(img, bits, model)
+    nb = len(qcum)
+    # sampling a latent pops at most one word (24-bit tables, 32-bit words): nb + 2 fill words
+    # never run out; the ones it did not reach are dropped below
+    fill = nb + 2
+    init = _initial_words(payload, fill)
+    stack = WordStack(init)
+    before = stack.valid_bits()
+    z = np.array([stack.decode(qcum[b], Q_BITS) for b in range(nb)], np.int64)
+    consumed = before - stack.valid_bits()
+    unread = min(len(stack.bulk), fill, init.size - 2)
+    del stack.bulk[:unread]
+    init = init[unread:]
+    fill -= unread
+    _check_strict(strict, payload, consumed)
+    # x | z: pixels in reverse decode order, then z under the prior (block 0 on top)
+    F, lg8e, lg8q = all_features(img, bits)
+    base, phase, sidx = params(F, lg8e, lg8q, z[bidx], model, (1 << bits) - 1)
+    sym, m, off = to_symbols(img.reshape(-1) - base)
+    rows = sidx * NQ + phase
+    idx = np.concatenate(_order(H, W))
+    stack.encode_pixels(
+        model.pixel_cums,
+        PMF_BITS,
+        rows[idx].tolist(),
+        sym[idx].tolist(),
+        m[idx].tolist(),
+        off[idx].tolist(),
+    )
+    for b in range(nb - 1, -1, -1):
+        stack.encode(model.prior_cum, int(z[b]), PRIOR_BITS)
+    words = np.array(stack.words(), np.uint32)
+    crc = zlib.crc32(high.astype("<u2").tobytes())
+    head = _HEAD.pack(_MAGIC, 2, bits, H, W, model.tag, init.size, crc, words.size)
+    stats = {
+        "consumed_bits": float(consumed),
+        "fill_words": float(fill),
+        "payload_bits": 8.0 * len(payload),
+    }
+    return head + words.astype("<u4").tobytes(), stats
+
+
+def _decode_v2(
+    words: np.ndarray, H: int, W: int, bits: int, model: GlobalModel, ninit: int, crc: int
+) -> tuple[np.ndarray, bytes]:
+    maxv = (1 << bits) - 1
+    bidx, bh, bw = block_index(H, W, model.block)
+    stack = WordStack(words)
+    z = np.array([stack.decode(model.prior_cum, PRIOR_BITS) for _ in range(bh * bw)], np.int64)
+    zpix = z[bidx]
+    tables = model.pixel_cums
+    mbits_of = MBITS.tolist()
+    P = np.full((H + PAD, W + 2 * PAD), 1 << (bits - 1), np.int64)
+    Pf = P.reshape(-1)
+    Qf = np.zeros_like(Pf)
+    WP = W + 2 * PAD
+    offs = [dy * WP + dx for dy, dx in OFFS]
+    qoffs = [dy * WP + dx for dy, dx in QOFFS]
+    for ys, xs in _steps(H, W):
+        fidx = (ys + PAD) * WP + xs + PAD
+        F, lg8e, lg8q = features([Pf[fidx + o] for o in offs], [Qf[fidx + o] for o in qoffs])
+        base, phase, sidx = params(F, lg8e, lg8q, zpix[ys * W + xs], model, maxv)
+        sym, off = stack.decode_pixels(tables, PMF_BITS, (sidx * NQ + phase).tolist(), mbits_of)
+        s = np.array(sym, np.int64)
+        sign, b, m = symbol_mbits(s)
+        v = base + from_symbols(sign, b, m, np.array(off, np.int64))
+        _place(P, Pf, Qf, fidx, ys, xs, v, F[:, 0], maxv, H, W)
+    img = P[PAD:, PAD : W + PAD].copy()
+    # bits back: re-encode z under q(z|x), which returns the initial words (payload + fill)
+    qcum, _ = _q_cums(img, bits, model)
+    for b in range(len(qcum) - 1, -1, -1):
+        stack.encode(qcum[b], int(z[b]), Q_BITS)
+    return _finish(np.array(stack.words(), np.uint32), ninit, img, crc)
+
+
+def _place(
+    P: np.ndarray,
+    Pf: np.ndarray,
+    Qf: np.ndarray,
+    fidx: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    v: np.ndarray,
+    med: np.ndarray,
+    maxv: int,
+    H: int,
+    W: int,
+) -> None:
+    """Store one step's decoded values and the pad cells that copy them."""
+    if v.size and (int(v.min()) < 0 or int(v.max()) > maxv):
+        raise CorruptStreamError("global-path stream decodes to values outside the bit depth")
+    Pf[fidx] = v
+    Qf[fidx] = np.abs(v - med)
+    top = ys == 0
+    if top.any():
+        P[:PAD, xs[top] + 4] = v[top][None]  # columns beyond W+3 do not exist
+    left = (xs == 0) & (ys + 1 < H)
+    if left.any():
+        P[ys[left] + PAD + 1, :PAD] = v[left][:, None]
+    right = xs == W - 1
+    if right.any():
+        P[ys[right] + PAD, W + PAD :] = v[right][:, None]
+
+
+def _finish(init: np.ndarray, ninit: int, img: np.ndarray, crc: int) -> tuple[np.ndarray, bytes]:
+    if init.size != ninit:
+        raise CorruptStreamError(
+            f"global-path stream: bits-back returned {init.size} words, header says {ninit}"
+        )
+    payload = _parse_initial(init)
+    high = img.astype(np.uint16)
+    if zlib.crc32(high.astype("<u2").tobytes()) != crc:
+        raise CorruptStreamError("global-path stream: CRC-32 of the decoded values does not match")
+    return high, payload
+
+
+# ----------------------------------------------------------------------------------------------
+# stream version 1: float tables re-quantised by constriction (kept so old streams decode)
+
+
+def _constriction() -> Any:
+    try:
+        import constriction
+    except ImportError as exc:
+        raise IncompatibleLibraryError(
+            "global-path stream version 1 (global-vae-v1) blobs", "constriction", ">=0.4,<0.6", None
+        ) from exc
+    return constriction
+
+
+def _cat(constriction: Any) -> Any:
+    # ``perfect`` is part of the format: fixed explicitly (its default changes between versions).
+    return constriction.stream.model.Categorical(perfect=False)
+
+
+def _encode_v1(
+    high: np.ndarray, bits: int, model: GlobalModel, payload: bytes, strict: bool
+) -> tuple[bytes, dict[str, float]]:
+    cn = _constriction()
+    stack_mod = cn.stream.stack
     H, W = high.shape
     img = high.astype(np.int64)
     maxv = (1 << bits) - 1
-    if len(payload) > _MAX_PAYLOAD:
-        raise PayloadTooLargeError(
-            f"payload must be at most {_MAX_PAYLOAD} bytes, got {len(payload)}"
-        )
-    L, bidx = _block_costs(img, bits, model)
-    qw = _posterior(L, model).astype(np.float64)
+    L, bidx = block_costs(img, bits, model)
+    qw = posterior_weights(L, model).astype(np.float64)
     p = qw / qw.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        hq = float(-np.where(p > 0, p * np.log2(p), 0.0).sum())
+        hq = float(-np.where(p > 0, p * np.log2(p), 0.0).sum())  # only sizes the fill
+
+    def sample(words: np.ndarray) -> tuple[np.ndarray, Any]:
+        c = stack_mod.AnsCoder(words)
+        return np.asarray(c.decode(_cat(cn), qw), np.int64), c
+
     avail = 32 * (-(-len(payload) // 4)) + 31
     fill = max(0, int(np.ceil((hq * 1.05 + 96 - avail) / 32)))
     while True:
         init = _initial_words(payload, fill)
-        c0 = _stack.AnsCoder(init).num_valid_bits()
-        z, coder = _sample_z(init, qw)
+        c0 = stack_mod.AnsCoder(init).num_valid_bits()
+        z, coder = sample(init)
         left = coder.num_valid_bits()
         if left >= 64 or fill > 1 << 24:
             break
@@ -288,25 +379,20 @@ def encode(
     if fill and left > 96:
         trim = min(fill, (left - 64) // 32)
         init2 = _initial_words(payload, fill - trim)
-        z2, coder2 = _sample_z(init2, qw)
+        z2, coder2 = sample(init2)
         if np.array_equal(z2, z) and coder2.num_valid_bits() >= 32:
             fill -= trim
             init, coder = init2, coder2
             left = coder.num_valid_bits()
     consumed = c0 - left
-    if strict and len(payload) * 8 + 32 > consumed:
-        raise PayloadTooLargeError(
-            f"payload of {len(payload)} bytes exceeds this frame's free capacity "
-            f"({max(0, (consumed - 32) // 8)} bytes); pass strict=False to store the excess"
-        )
+    _check_strict(strict, payload, consumed)
     # x | z in wavefront order: the decoder pops step 0 first, so push the last step first
-    F, lg8, lg8b = _all_features(img, bits)
-    zpix = z[bidx]
-    base, phase, sidx = _params(F, lg8, lg8b, zpix, model, maxv)
-    sym, m, off = _to_symbols(img.reshape(-1) - base)
-    cat, uni = _cat(), _cmodel.Uniform()
+    F, lg8e, lg8q = all_features(img, bits)
+    base, phase, sidx = params(F, lg8e, lg8q, z[bidx], model, maxv)
+    sym, m, off = to_symbols(img.reshape(-1) - base)
+    cat, uni = _cat(cn), cn.stream.model.Uniform()
     pmf = model.pmf
-    for _t, ys, xs in reversed(list(_Steps(H, W))):
+    for ys, xs in reversed(list(_steps(H, W))):
         idx = ys * W + xs
         mm = m[idx]
         sel = mm > 0
@@ -323,7 +409,7 @@ def encode(
     )
     words = np.asarray(coder.get_compressed(), np.uint32)
     crc = zlib.crc32(high.astype("<u2").tobytes())
-    head = _HEAD.pack(_MAGIC, _VERSION, bits, H, W, model.tag, init.size, crc, words.size)
+    head = _HEAD.pack(_MAGIC, 1, bits, H, W, model.tag, init.size, crc, words.size)
     stats = {
         "consumed_bits": float(consumed),
         "hq_bits": hq,
@@ -333,90 +419,44 @@ def encode(
     return head + words.astype("<u4").tobytes(), stats
 
 
-def decode(
-    data: bytes, shape: tuple[int, int], bits: int, model: GlobalModel
+def _decode_v1(
+    words: np.ndarray, H: int, W: int, bits: int, model: GlobalModel, ninit: int, crc: int
 ) -> tuple[np.ndarray, bytes]:
-    if len(data) < _HEAD.size:
-        raise CorruptStreamError(
-            f"global-path stream truncated: {len(data)} bytes, header needs {_HEAD.size}"
-        )
-    magic, ver, sbits, H, W, tag, ninit, crc, nwords = _HEAD.unpack_from(data)
-    if magic != _MAGIC:
-        raise CorruptStreamError(f"not a global-path stream: magic {magic!r}, expected {_MAGIC!r}")
-    if ver != _VERSION:
-        raise CorruptStreamError(f"global-path stream version {ver}, this build reads {_VERSION}")
-    if (H, W, sbits) != (int(shape[0]), int(shape[1]), int(bits)):
-        raise CorruptStreamError(
-            f"global-path stream holds {H}x{W} of {sbits} bits, expected "
-            f"{shape[0]}x{shape[1]} of {bits} bits"
-        )
-    if tag != model.tag:
-        raise CorruptStreamError(
-            f"global-path stream was written by model tag {tag.hex()}, loaded model "
-            f"{model.model_id} has tag {model.tag.hex()}"
-        )
-    if len(data) != _HEAD.size + 4 * nwords:
-        raise CorruptStreamError(
-            f"global-path stream has {len(data)} bytes, header announces {_HEAD.size + 4 * nwords}"
-        )
-    words = np.frombuffer(data, "<u4", offset=_HEAD.size).astype(np.uint32)
+    cn = _constriction()
     maxv = (1 << bits) - 1
     try:
-        coder = _stack.AnsCoder(words)
+        coder = cn.stream.stack.AnsCoder(words)
     except ValueError as exc:
         raise CorruptStreamError(f"global-path stream: invalid ANS data ({exc})") from exc
     K = model.K
-    bidx, bh, bw = _block_index(H, W, model.block)
+    bidx, bh, bw = block_index(H, W, model.block)
     nb = bh * bw
-    cat, uni = _cat(), _cmodel.Uniform()
+    cat, uni = _cat(cn), cn.stream.model.Uniform()
     z = np.asarray(
         coder.decode(cat, np.broadcast_to(model.prior.astype(np.float64), (nb, K)).copy()), np.int64
     )
     zpix = z[bidx]
-    P = np.full((H + _PAD, W + 2 * _PAD), 1 << (bits - 1), np.int64)
+    P = np.full((H + PAD, W + 2 * PAD), 1 << (bits - 1), np.int64)
     Pf = P.reshape(-1)
     Qf = np.zeros_like(Pf)
-    WP = W + 2 * _PAD
-    offs = [dy * WP + dx for dy, dx in _OFFS]
-    qoffs = [dy * WP + dx for dy, dx in _QOFFS]
+    WP = W + 2 * PAD
+    offs = [dy * WP + dx for dy, dx in OFFS]
+    qoffs = [dy * WP + dx for dy, dx in QOFFS]
     pmf = model.pmf
-    for _t, ys, xs in _Steps(H, W):
-        fidx = (ys + _PAD) * WP + xs + _PAD
-        F, lg8, lg8b = _features([Pf[fidx + o] for o in offs], [Qf[fidx + o] for o in qoffs])
-        zz = zpix[ys * W + xs]
-        base, phase, sidx = _params(F, lg8, lg8b, zz, model, maxv)
+    for ys, xs in _steps(H, W):
+        fidx = (ys + PAD) * WP + xs + PAD
+        F, lg8e, lg8q = features([Pf[fidx + o] for o in offs], [Qf[fidx + o] for o in qoffs])
+        base, phase, sidx = params(F, lg8e, lg8q, zpix[ys * W + xs], model, maxv)
         sym = np.asarray(coder.decode(cat, pmf[sidx, phase].astype(np.float64)), np.int64)
-        sign, b, m = _sym_mbits(sym)
+        sign, b, m = symbol_mbits(sym)
         sel = m > 0
         off = np.zeros(sym.size, np.int64)
         if sel.any():
             off[sel] = coder.decode(uni, (1 << m[sel]).astype(np.int32))
-        v = base + _from_symbols(sign, b, m, off)
-        if v.size and (int(v.min()) < 0 or int(v.max()) > maxv):
-            raise CorruptStreamError("global-path stream decodes to values outside the bit depth")
-        Pf[fidx] = v
-        Qf[fidx] = np.abs(v - F[:, 0])
-        top = ys == 0
-        if top.any():
-            P[:_PAD, xs[top] + 4] = v[top][None]  # columns beyond W+3 do not exist
-        left = (xs == 0) & (ys + 1 < H)
-        if left.any():
-            P[ys[left] + _PAD + 1, :_PAD] = v[left][:, None]
-        right = xs == W - 1
-        if right.any():
-            P[ys[right] + _PAD, W + _PAD :] = v[right][:, None]
-    img = P[_PAD:, _PAD : W + _PAD].copy()
+        _place(P, Pf, Qf, fidx, ys, xs, base + from_symbols(sign, b, m, off), F[:, 0], maxv, H, W)
+    img = P[PAD:, PAD : W + PAD].copy()
     # bits back: re-encode z under q(z|x), which returns the initial words (payload + fill)
-    L, _ = _block_costs(img, bits, model)
-    qw = _posterior(L, model).astype(np.float64)
+    L, _ = block_costs(img, bits, model)
+    qw = posterior_weights(L, model).astype(np.float64)
     coder.encode_reverse(z.astype(np.int32), cat, qw)
-    init = np.asarray(coder.get_compressed(), np.uint32)
-    if init.size != ninit:
-        raise CorruptStreamError(
-            f"global-path stream: bits-back returned {init.size} words, header says {ninit}"
-        )
-    payload = _parse_initial(init)
-    high = img.astype(np.uint16)
-    if zlib.crc32(high.astype("<u2").tobytes()) != crc:
-        raise CorruptStreamError("global-path stream: CRC-32 of the decoded values does not match")
-    return high, payload
+    return _finish(np.asarray(coder.get_compressed(), np.uint32), ninit, img, crc)

@@ -14,9 +14,19 @@ Parameters (``weights.safetensors``, all ``int32``)
 ``prior``     (K,)          counts of the categorical prior p(z) (sum ``2**16``, each >= 1)
 ``prior_len`` (K,)          -log2 p(z) in 1/256 bit (used only by q(z|x))
 ``pmf``       (NS, NQ, 127) counts of the signed residual bucket per scale index and
-                            eighth-pixel phase of the prediction (sum ``2**24`` per row)
+                            eighth-pixel phase of the prediction (rows sum to ``2**24``
+                            exactly in v2; within -16 .. +123 of it in v1)
 ``sym_len``   (NS, NQ, 127) -log2 pmf + mantissa bits, in 1/256 bit (used only by q(z|x))
 ``exp2neg``   (D,)          ``round(2**24 * 2**(-d/256))``: posterior weights from code lengths
+
+Metadata ``stream`` (absent: 1) is the global stream version the model writes. Version 2
+(``global-vae-v2``, written by ``train --quantize-from``) codes with the project's integer rANS
+(:mod:`.rans`) and requires exact tables: every ``pmf`` row sums to ``2**24`` and ``prior`` to
+``2**16``, all entries >= 1, so the tables reach the coder unchanged. Version 1 hands float
+copies of the tables to constriction, which re-quantises them (see the package docstring).
+
+The weights file is written by :func:`save_model_dir` with sorted keys and no other variable
+content, so the same tensors always give the same bytes (and sha256).
 """
 
 from __future__ import annotations
@@ -24,12 +34,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from medzip_scp.codec.errors import CodecError
+
+from .rans import cumulative
 
 __all__ = [
     "COEF_SHIFT",
@@ -39,6 +52,8 @@ __all__ = [
     "NQ",
     "NS",
     "NSYM",
+    "PMF_BITS",
+    "PRIOR_BITS",
     "build_tables",
     "default_models_root",
     "load_model_dir",
@@ -51,8 +66,10 @@ NQ = 8  # phase of the prediction inside its integer bin, eighths
 NSYM = 127  # signed magnitude buckets: 63 + sign * bucket, bucket 0..63
 FEATURES = ("MED", "W", "N", "NW", "NE", "WW", "NN", "NWW", "NNW", "NNE")
 EXP2NEG_LEN = 256 * 40
-PMF_TOTAL = 1 << 24
-PRIOR_TOTAL = 1 << 16
+PMF_BITS = 24
+PRIOR_BITS = 16
+PMF_TOTAL = 1 << PMF_BITS
+PRIOR_TOTAL = 1 << PRIOR_BITS
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -77,10 +94,21 @@ class GlobalModel:
     exp2neg: npt.NDArray[np.int64]
     sha256: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    stream_version: int = 1
 
     @property
     def K(self) -> int:  # noqa: N802 - paper symbol
         return int(self.coef.shape[0])
+
+    @cached_property
+    def pixel_cums(self) -> list[list[int]]:
+        """Cumulative ``pmf`` rows (Python ints) for stream 2; row ``sidx * NQ + phase``."""
+        return cumulative(self.pmf.reshape(NS * NQ, NSYM))
+
+    @cached_property
+    def prior_cum(self) -> list[int]:
+        """Cumulative prior counts (``K + 1`` Python ints, last ``2**16``) for stream 2."""
+        return [0, *np.cumsum(self.prior).tolist()]
 
     @property
     def tag(self) -> bytes:
@@ -147,19 +175,30 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _safetensors_bytes(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
+    """A safetensors file of int32 tensors, keys sorted: the same input gives the same bytes
+    (``safetensors.numpy.save_file`` writes the metadata in hash order)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<i4")
+        span = [offset, offset + a.nbytes]
+        header[name] = {"dtype": "I32", "shape": list(a.shape), "data_offsets": span}
+        blobs.append(a.tobytes())
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
 def save_model_dir(
     out_dir: Path, model_id: str, tensors: dict[str, np.ndarray], meta: dict[str, str]
 ) -> str:
     """Write ``weights.safetensors`` and ``manifest.json``; return the weights' sha256."""
-    from safetensors.numpy import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / WEIGHTS_FILE
-    save_file(
-        {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in tensors.items()},
-        str(path),
-        metadata={"model_id": model_id, **meta},
-    )
+    path.write_bytes(_safetensors_bytes(tensors, {"model_id": model_id, **meta}))
     digest = _sha256(path)
     manifest = {"model_id": model_id, "files": {WEIGHTS_FILE: digest}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -207,6 +246,14 @@ def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
         meta = dict(f.metadata() or {})
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     i64 = {k: v.astype(np.int64) for k, v in t.items()}
+    stream_version = int(meta.get("stream", "1"))
+    if stream_version not in (1, 2):
+        raise ModelNotFoundError(
+            f"global-path model {model_id!r} in {directory} writes global stream version "
+            f"{stream_version}; this build of medzip codes versions 1 and 2, update medzip"
+        )
+    if stream_version == 2:
+        _check_exact_tables(model_id, directory, i64["pmf"], i64["prior"])
     return GlobalModel(
         model_id=meta.get("model_id", model_id),
         block=int(meta["block"]),
@@ -221,4 +268,18 @@ def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
         exp2neg=i64["exp2neg"],
         sha256=files[WEIGHTS_FILE],
         extra=meta,
+        stream_version=stream_version,
     )
+
+
+def _check_exact_tables(
+    model_id: str, directory: Path, pmf: npt.NDArray[np.int64], prior: npt.NDArray[np.int64]
+) -> None:
+    """Stream version 2 codes with the tables as stored: they must already be exact."""
+    for name, table, total in (("pmf", pmf, PMF_TOTAL), ("prior", prior, PRIOR_TOTAL)):
+        if int(table.min()) < 1 or np.any(table.sum(axis=-1) != total):
+            raise ModelNotFoundError(
+                f"global-path model {model_id!r} in {directory}: table {name!r} is not an exact "
+                f"integer table (entries >= 1, rows summing to {total}); rebuild it with "
+                f"`python -m medzip_scp.codec.learned.global_path.train --quantize-from`"
+            )

@@ -14,6 +14,10 @@ Usage::
 
     nice -n 10 .venv/bin/python -m medzip_scp.codec.learned.global_path.train \
         --data ../shared/data --out models/global-vae/v1 --seed 0 --minutes 4
+
+``--quantize-from models/global-vae/v1 --out models/global-vae/v2`` trains nothing: it turns a
+released model into one for stream version 2 (:func:`quantize_from`), in integer arithmetic
+only, so the command gives the same bytes on every machine.
 """
 
 from __future__ import annotations
@@ -28,10 +32,30 @@ from pathlib import Path
 
 import numpy as np
 
-from .coder import _all_features
-from .model import COEF_SHIFT, NS, PRIOR_TOTAL, build_tables, save_model_dir
+from .fixed import exp2neg_table, frequency_table, log2_fixed
+from .kernel import all_features as _all_features
+from .model import (
+    COEF_SHIFT,
+    EXP2NEG_LEN,
+    NS,
+    PMF_BITS,
+    PRIOR_BITS,
+    PRIOR_TOTAL,
+    bucket_edges,
+    build_tables,
+    load_model_dir,
+    save_model_dir,
+)
 
-__all__ = ["DEV_SETS", "TRAIN_GLOBS", "dev_files", "main", "read_frames", "train"]
+__all__ = [
+    "DEV_SETS",
+    "TRAIN_GLOBS",
+    "dev_files",
+    "main",
+    "quantize_from",
+    "read_frames",
+    "train",
+]
 
 MODEL_FAMILY = "global-vae"
 
@@ -372,6 +396,54 @@ def _write(fit: dict, data_root: Path, out_dir: Path, seed: int, minutes: float,
     return summary
 
 
+def _len256(counts: np.ndarray, total_bits: int) -> np.ndarray:
+    """``round(-256 * log2(counts / 2**total_bits))`` in integer arithmetic (1/256 bit)."""
+    return (total_bits << 8) - ((log2_fixed(counts, 16) + 128) >> 8)
+
+
+def quantize_from(src_dir: Path, out_dir: Path) -> dict[str, str]:
+    """Write the stream-version-2 model of the released model in ``src_dir`` to ``out_dir``.
+
+    The trained parameters (predictor coefficients, scale parameters) are copied; the tables
+    become exact integer tables for the integer coder, computed in integer arithmetic only:
+    ``pmf`` rows and ``prior`` scaled to sum exactly to ``2**24`` / ``2**16`` (entries >= 1,
+    :func:`.fixed.frequency_table`), ``sym_len`` / ``prior_len`` from them
+    (:func:`.fixed.log2_fixed`), ``exp2neg`` from integer roots (:func:`.fixed.exp2neg_table`).
+    Refuses to overwrite a model folder.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if (out_dir / "manifest.json").exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a model; a model version is never rewritten"
+        )
+    src = load_model_dir(model_id_for(src_dir), src_dir)
+    pmf = frequency_table(src.pmf.astype(np.int64), PMF_BITS)
+    prior = frequency_table(src.prior[None, :], PRIOR_BITS)[0]
+    _, _, mbits = bucket_edges()
+    mant = np.concatenate([mbits[1:][::-1], mbits])  # mantissa bits of symbols 0..126
+    tensors = {
+        "coef": src.coef,
+        "scale_a": src.scale_a,
+        "scale_b": src.scale_b,
+        "scale_c": src.scale_c,
+        "prior": prior,
+        "prior_len": _len256(prior, PRIOR_BITS),
+        "pmf": pmf,
+        "sym_len": _len256(pmf, PMF_BITS) + (mant << 8),
+        "exp2neg": exp2neg_table(EXP2NEG_LEN, 256, PMF_BITS),
+    }
+    meta = {
+        "block": str(src.block),
+        "K": str(src.K),
+        "features": src.extra.get("features", ""),
+        "stream": "2",
+        "quantized_from": f"{src.model_id} {src.sha256}",
+    }
+    model_id = model_id_for(out_dir)
+    digest = save_model_dir(out_dir, model_id, tensors, meta)
+    return {"model_id": model_id, "sha256": digest, "quantized_from": meta["quantized_from"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[4]
     ap = argparse.ArgumentParser(description="Train the global-path model (medzip train global)")
@@ -380,7 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=None, help="exact number of steps")
+    ap.add_argument(
+        "--quantize-from",
+        type=Path,
+        default=None,
+        help="released model folder to turn into a stream-version-2 model at --out (no training)",
+    )
     args = ap.parse_args(argv)
+    if args.quantize_from is not None:
+        print(json.dumps(quantize_from(args.quantize_from, args.out), indent=1))
+        return 0
     if not args.data.is_dir():
         print(f"data folder {args.data} not found", file=sys.stderr)
         return 2
