@@ -511,7 +511,7 @@ def compress(
         from medzip_scp.codec.learned.paths import learned_available
 
         if not learned_available(store, learned):
-            log.info("learned paths unavailable (torch or models not installed): classical only")
+            log.info("learned paths unavailable (models not installed): classical only")
             learned = None
     ctx = _EncodeContext(learned, store, bytes(payload), [], verify)
     streams = bytearray()

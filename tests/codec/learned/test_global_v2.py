@@ -373,4 +373,4 @@ def test_v1_stream_without_constriction_names_the_library(v1):
         timeout=120,
         check=True,
     )
-    assert "'constriction'" in out.stdout and "global-vae-v1" in out.stdout
+    assert "constriction>=0.4,<0.6" in out.stdout and "global-vae-v1" in out.stdout
