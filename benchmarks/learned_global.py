@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="0,1,2,4")
     ap.add_argument("--sets", default="CT,MR-EPI,MR,CR/DX", help="comma-separated dev sets")
     ap.add_argument("--jxl", action="store_true", help="also JPEG-XL e9 on the same high part")
-    ap.add_argument("--model", default=None, help="model directory (default: shipped v1)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model directory (default: the shipped model the global path codes with)",
+    )
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"data folder {args.data} not found", file=sys.stderr)

@@ -37,8 +37,8 @@ QuantizeOpt = Annotated[
         "--quantize-from",
         exists=True,
         file_okay=False,
-        help="Train nothing: write the integer model (integer-exact decoding) of this float "
-        "model folder, e.g. models/local-lm/v1, to --out.",
+        help="Train nothing: write the integer model (integer-exact decoding) of this trained "
+        "model folder, e.g. models/local-lm/v1 or models/global-vae/v1, to --out.",
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="New model folder, e.g. models/local-lm/v3.")]
@@ -151,12 +151,20 @@ def train_global(
     steps: Annotated[
         int | None, typer.Option("--steps", help="Exact number of steps (reproducible).")
     ] = None,
+    quantize_from: QuantizeOpt = None,
 ) -> None:
-    """Train the global-path model (high bit planes, bits-back latent classes)."""
-    if not data.is_dir():
-        _fail(f"data folder {data} not found")
+    """Train the global-path model (high bit planes, bits-back latent classes); or write the
+    exact-integer-table version of a trained one (--quantize-from)."""
     _refuse_released(out)
     from medzip_scp.codec.learned.global_path import train as global_train
+
+    if quantize_from is not None:
+        info = global_train.quantize_from(quantize_from, out)
+        _summary(f"global-path quantisation -> {out}", info)
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    if not data.is_dir():
+        _fail(f"data folder {data} not found")
 
     console = Console(stderr=True)
     started = time.perf_counter()

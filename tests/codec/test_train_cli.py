@@ -66,3 +66,14 @@ def test_quantize_from_rebuilds_the_released_integer_local_model(tmp_path: Path)
     assert (out / "manifest.json").read_bytes() == released.read_bytes()
     again = CliRunner().invoke(train_app, ["local", "--quantize-from", str(src), "--out", str(out)])
     assert again.exit_code == 2 and "already holds a model" in again.output
+
+
+def test_quantize_from_rebuilds_the_released_integer_global_model(tmp_path: Path) -> None:
+    out = tmp_path / "global-vae" / "v2"  # the model id comes from the folder names
+    src = DEFAULT_MODELS_ROOT / "global-vae" / "v1"
+    result = CliRunner().invoke(
+        train_app, ["global", "--quantize-from", str(src), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    released = DEFAULT_MODELS_ROOT / "global-vae" / "v2" / "manifest.json"
+    assert (out / "manifest.json").read_bytes() == released.read_bytes()
