@@ -87,7 +87,7 @@ def test_forced_split_every_s_with_global_high(s: int) -> None:
     info = describe(blob)
     assert [f["split_planes"] for f in info["frames"]] == [s, s]
     assert [f["path"] for f in info["frames"]] == ["global", "global"]
-    assert {m["id"] for m in info["models"]} == {"local-lm-v2", "global-vae-v1"}
+    assert {m["id"] for m in info["models"]} == {"local-lm-v2", "global-vae-v2"}
 
 
 def test_payload_mode_2_rides_in_the_global_path() -> None:
