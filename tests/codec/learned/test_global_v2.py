@@ -35,8 +35,8 @@ from medzip_scp.codec.learned.global_path.fixed import (
     log2_fixed,
 )
 from medzip_scp.codec.learned.global_path.model import load_model_dir, save_model_dir
-from medzip_scp.codec.learned.global_path.rans import WordStack, cumulative
 from medzip_scp.codec.learned.global_path.train import quantize_from
+from medzip_scp.codec.learned.rans import WordStack, cumulative
 from medzip_scp.codec.zoo import MODELS, ModelStore
 
 REPO = Path(__file__).resolve().parents[3]

@@ -43,7 +43,7 @@ sha256). Formats: :mod:`.coder`.
   features, predictions, phase, scale index, table rows, block code lengths, posterior weights,
   the q(z|x) frequency tables (:func:`.fixed.frequency_table`, 24-bit), and the tables
   themselves, which are exact (each ``pmf`` row sums to ``2**24``, the prior to ``2**16``, every
-  entry >= 1) and go to the project's own rANS coder (:mod:`.rans`) unchanged. No float, no
+  entry >= 1) and go to the project's own rANS coder (:mod:`..rans`) unchanged. No float, no
   transcendental function, no BLAS, no threads and no third-party coder: the bytes are the same
   on any CPU, thread count, batch split (encode codes the whole frame, decode step by step) and
   library version. The decoder needs numpy and safetensors only.

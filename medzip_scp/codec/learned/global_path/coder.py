@@ -5,7 +5,7 @@ Stream version 2 (written by models with ``stream_version == 2``, e.g. ``global-
 Header ``<4s B B I I 8s I I I``: magic ``MZGL``, version 2, bits, H, W, model tag (8 bytes of
 the weights' sha256), ``n_init`` (words of the initial stack that decoding restores), CRC-32
 of the values (little-endian uint16, row-major), ``n_words``; then ``n_words`` little-endian
-uint32: one :class:`.rans.WordStack` (the project's integer rANS), top of the stack last.
+uint32: one :class:`..rans.WordStack` (the project's integer rANS), top of the stack last.
 
 The stack holds, from the bottom: what remains of the initial words (fill, payload, length
 word) after the latents were sampled from them under q(z|x) (:func:`.kernel.posterior_freq`,
@@ -41,6 +41,7 @@ import numpy.typing as npt
 
 from medzip_scp.codec.errors import CorruptStreamError, IncompatibleLibraryError
 
+from ..rans import WordStack, cumulative
 from .kernel import (
     MBITS,
     OFFS,
@@ -58,7 +59,6 @@ from .kernel import (
     to_symbols,
 )
 from .model import NQ, PMF_BITS, PRIOR_BITS, GlobalModel
-from .rans import WordStack, cumulative
 
 __all__ = ["PayloadTooLargeError", "Q_BITS", "decode", "encode"]
 

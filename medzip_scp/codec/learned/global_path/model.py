@@ -21,7 +21,7 @@ Parameters (``weights.safetensors``, all ``int32``)
 
 Metadata ``stream`` (absent: 1) is the global stream version the model writes. Version 2
 (``global-vae-v2``, written by ``train --quantize-from``) codes with the project's integer rANS
-(:mod:`.rans`) and requires exact tables: every ``pmf`` row sums to ``2**24`` and ``prior`` to
+(:mod:`..rans`) and requires exact tables: every ``pmf`` row sums to ``2**24`` and ``prior`` to
 ``2**16``, all entries >= 1, so the tables reach the coder unchanged. Version 1 hands float
 copies of the tables to constriction, which re-quantises them (see the package docstring).
 
@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from medzip_scp.codec.errors import CodecError
 
-from .rans import cumulative
+from ..rans import cumulative
 
 __all__ = [
     "COEF_SHIFT",

@@ -78,7 +78,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import constriction
 import numpy as np
 import numpy.typing as npt
 
@@ -89,6 +88,7 @@ from medzip_scp.codec.errors import (
     UnsupportedFormatError,
 )
 
+from ..rans import WordStack, cumulative
 from . import model as M
 from .intnet import IntNet
 
@@ -281,6 +281,13 @@ def load_model(
     ad_sha = bytes.fromhex(manifest["files"][ad_rel]) if adapter else bytes(32)
     tabs = load_file(d / "tables.safetensors")
     tables = {s: tabs[f"s{s}"].astype(np.int64) for s in range(1, M.S_MAX + 1)}
+    for s, tab in tables.items():
+        # version 2 hands these rows to the integer rANS unchanged: they must be exact
+        if tab.min() < 1 or (tab.sum(-1) != 1 << M.PREC).any():
+            raise UnsupportedFormatError(
+                f"model {name}: tables.safetensors s{s} rows must sum to 2**{M.PREC} with every "
+                "entry >= 1: reinstall the model"
+            )
     model = LocalModel(name, tables, man_sha, adapter or "", ad_sha)
     if integer:
         if config["kernel"].get("format") != _INT_KERNEL:
@@ -397,6 +404,39 @@ def _freqs(model: LocalModel, s: int, mi, li, bad) -> npt.NDArray[np.int64]:  # 
     return f
 
 
+def _constriction() -> Any:
+    """constriction, which version 1 streams need (its float ``Categorical`` re-quantiser is part
+    of their format); version 2 never imports it."""
+    try:
+        import constriction
+    except ImportError:
+        raise IncompatibleLibraryError(
+            "local-lm-v1 streams", "constriction", ">=0.4,<0.6", None
+        ) from None
+    return constriction
+
+
+def _rans_encode(freqs: npt.NDArray[np.int64], symbols: npt.NDArray[np.int64]) -> npt.NDArray:
+    """Version 2: one chunk's symbols (in decode order), each with its integer frequency row
+    (sum ``2**PREC``, entries >= 1), as the words of one :class:`..rans.WordStack`."""
+    idx = np.arange(len(symbols))
+    f = freqs[idx, symbols]
+    start = np.cumsum(freqs, axis=1)[idx, symbols] - f
+    stack = WordStack()
+    stack.encode_symbols(start.tolist(), f.tolist(), M.PREC)
+    return np.asarray(stack.words(), "<u4")
+
+
+def _constriction_encode(freqs: npt.NDArray[np.int64], symbols: npt.NDArray[np.int64]):  # noqa: ANN202
+    """Version 1: the rows as float probabilities, re-quantised by constriction (its format)."""
+    constriction = _constriction()
+    coder = constriction.stream.stack.AnsCoder()
+    if len(symbols):
+        fam = constriction.stream.model.Categorical(perfect=False)
+        coder.encode_reverse(symbols.astype(np.int32), fam, freqs / float(1 << M.PREC))
+    return coder.get_compressed().astype("<u4")
+
+
 def _crc(low: npt.NDArray) -> int:
     return zlib.crc32(np.ascontiguousarray(low, dtype="<u2").tobytes())
 
@@ -467,7 +507,6 @@ def encode_low(
     with _threads(model, threads):
         g, mi, li, bad, sym, val = _full_pass(model, high, low, s, bits)
     f = _freqs(model, s, mi, li, bad[..., None].repeat(4, -1))
-    fam = constriction.stream.model.Categorical(perfect=False)
     version = model.stream_version
     rows, cols = high.shape
     out = [
@@ -493,11 +532,8 @@ def encode_low(
         # decode order: step, tile, pixel
         v = val[sl].transpose(1, 0, 2).reshape(-1)
         sy = sym[sl].transpose(1, 0, 2).reshape(-1)[v]
-        pr = f[sl].transpose(1, 0, 2, 3).reshape(-1, 1 << s)[v] / float(1 << M.PREC)
-        coder = constriction.stream.stack.AnsCoder()
-        if len(sy):
-            coder.encode_reverse(sy.astype(np.int32), fam, pr)
-        w = coder.get_compressed().astype("<u4")
+        fr = f[sl].transpose(1, 0, 2, 3).reshape(-1, 1 << s)[v]
+        w = _rans_encode(fr, sy) if version == _INT_VERSION else _constriction_encode(fr, sy)
         out += [struct.pack("<I", len(w)), w.tobytes()]
     out.append(struct.pack("<I", _crc(low)))
     return b"".join(out)
@@ -585,7 +621,14 @@ def decode_low(
     bad_all = bad_all.reshape(g.n_tiles, M.TOKENS)
     base = g.pad(high, "edge") << s
     full = base.copy()
-    coders = [constriction.stream.stack.AnsCoder(w) for w in words]
+    if ver == _INT_VERSION:
+        try:
+            coders = [WordStack(w) for w in words]
+        except CorruptStreamError as e:
+            raise CorruptStreamError(f"local-path stream could not be decoded: {e}") from e
+    else:
+        constriction = _constriction()
+        coders = [constriction.stream.stack.AnsCoder(w) for w in words]
     with _threads(model, threads):
         for c0 in range(0, n_chunks, max(1, batch_chunks)):
             cs = range(c0, min(n_chunks, c0 + max(1, batch_chunks)))
@@ -609,19 +652,21 @@ def _float_step(model: LocalModel, full, base, y0, x0, ts, s: int, bits: int, ca
 
 def _decode_chunks(model, g, s, bits, base, full, bad_all, coders, cs, chunk_tiles) -> None:  # noqa: ANN001
     """Decode the chunks ``cs`` together (64 network steps), writing ``full`` in place."""
-    fam = constriction.stream.model.Categorical(perfect=False)
+    integer = model.int_net is not None
+    n_ls = model.tables[s].shape[1]
+    fam = None if integer else _constriction().stream.model.Categorical(perfect=False)
     tiles = np.arange(cs[0] * chunk_tiles, min(g.n_tiles, (cs[-1] + 1) * chunk_tiles))
-    cache = model.int_net.new_cache(len(tiles)) if model.int_net is not None else None
+    cache = model.int_net.new_cache(len(tiles)) if integer else None
     for t in range(M.TOKENS):
         ts = np.full(len(tiles), t)
         y0, x0 = g.block_origin(tiles, ts)
-        if model.int_net is not None:
+        if integer:
             f, ref8 = model.int_net.features(full, base, y0, x0, ts, s)
             mi, li = model.int_net.indices(model.int_net.step(f, cache, t), ref8, s)
+            row_id = mi * n_ls + li  # (tiles, 4) rows of the flattened table
         else:
             mi, li, cache = _float_step(model, full, base, y0, x0, ts, s, bits, cache, t)
-        bad = np.repeat(bad_all[tiles, t][:, None], 4, 1)
-        fr = _freqs(model, s, mi, li, bad)
+            fr = _freqs(model, s, mi, li, np.repeat(bad_all[tiles, t][:, None], 4, 1))
         py = y0[:, None] + M._POFF[None, :, 0]
         px = x0[:, None] + M._POFF[None, :, 1]
         v = g.valid(py, px)
@@ -631,10 +676,16 @@ def _decode_chunks(model, g, s, bits, base, full, bad_all, coders, cs, chunk_til
             vv = v[r].reshape(-1)
             if not vv.any():
                 continue
-            pr = fr[r].reshape(-1, 1 << s)[vv] / float(1 << M.PREC)
             try:
-                d = coders[c].decode(fam, pr)
-            except Exception as e:  # constriction raises on exhausted / malformed words
+                if integer:
+                    # cumulative tables of the distinct rows only: building Python lists of
+                    # every symbol's row cost twice the rANS loop itself
+                    u, inv = np.unique(row_id[r].reshape(-1)[vv], return_inverse=True)
+                    cum = cumulative(model.tables[s].reshape(-1, 1 << s)[u])
+                    d = coders[c].decode_symbols(cum, M.PREC, inv.tolist())
+                else:
+                    d = coders[c].decode(fam, fr[r].reshape(-1, 1 << s)[vv] / float(1 << M.PREC))
+            except Exception as e:  # the word stack ran out / constriction on malformed words
                 raise CorruptStreamError(f"local-path stream could not be decoded: {e}") from e
             tmp = np.zeros(len(vv), np.int64)
             tmp[vv] = d

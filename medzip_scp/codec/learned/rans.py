@@ -1,7 +1,9 @@
-"""The global path's own range-ANS coder: integer frequency tables in, 32-bit words out.
+"""The learned codec's own range-ANS coder: integer frequency tables in, 32-bit words out.
 
-Why not constriction: its ``Categorical`` takes float probabilities and re-quantises them with
-an algorithm that belongs to the library version (stream version 1 depends on it). Here every
+Used by global-path stream version 2 (``global-vae-v2``) and local-path stream version 2
+(``local-lm-v2``, MZLL 2). Why not constriction: its ``Categorical`` takes float probabilities
+and re-quantises them with an algorithm that belongs to the library version (version 1 streams
+of both paths depend on it). Here every
 table is an integer frequency table summing to ``2**prec`` (every entry >= 1) when it reaches
 the coder, and the coder is a few lines of Python integer arithmetic (exact, unbounded), so a
 stream decodes the same with any CPU and any library version.
@@ -17,7 +19,8 @@ always suffices). A uniform ``k``-bit value ``v`` is the symbol ``f = 1, c = v, 
 A table is its cumulative frequencies: a list of ``n + 1`` Python ints from 0 to ``2**prec``.
 The pixel methods (:meth:`WordStack.encode_pixels`, :meth:`WordStack.decode_pixels`) are the
 same arithmetic written out for a bucket symbol followed by its mantissa bits, so that a frame
-costs one Python loop iteration per pixel.
+costs one Python loop iteration per pixel; :meth:`WordStack.encode_symbols` and
+:meth:`WordStack.decode_symbols` likewise for plain symbols, each of its own table.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class WordStack:
         w = [int(v) for v in words]
         if len(w) < 2 or w[-1] == 0:
             raise CorruptStreamError(
-                f"global-path stream: a word stack needs 2 words with a non-zero top, got {len(w)}"
+                f"rANS stream: a word stack needs 2 words with a non-zero top, got {len(w)}"
             )
         self.bulk = w[:-2]
         self.x = (w[-1] << 32) | w[-2]
@@ -93,9 +96,50 @@ class WordStack:
         self.x = x
         return s
 
+    def encode_symbols(self, starts: list[int], freqs: list[int], prec: int) -> None:
+        """Push symbols ``len - 1`` down to 0, symbol ``i`` given by its cumulative frequency
+        ``starts[i]`` and frequency ``freqs[i]`` (>= 1), so that :meth:`decode_symbols` pops
+        symbol 0 first."""
+        x = self.x
+        bulk = self.bulk
+        shift = 64 - prec
+        for i in range(len(freqs) - 1, -1, -1):
+            f = freqs[i]
+            if x >= f << shift:
+                bulk.append(x & _M32)
+                x >>= 32
+            x = ((x // f) << prec) + x % f + starts[i]
+        self.x = x
+
+    def decode_symbols(self, tables: Sequence[list[int]], prec: int, rows: list[int]) -> list[int]:
+        """Pop ``len(rows)`` symbols pushed by :meth:`encode_symbols`, symbol ``i`` of the
+        cumulative table ``tables[rows[i]]``."""
+        x = self.x
+        bulk = self.bulk
+        mask = (1 << prec) - 1
+        out = [0] * len(rows)
+        try:
+            for i, r in enumerate(rows):
+                cum = tables[r]
+                slot = x & mask
+                s = bisect_right(cum, slot) - 1
+                c = cum[s]
+                x = (cum[s + 1] - c) * (x >> prec) + slot - c
+                if x < _LOW:
+                    x = (x << 32) | bulk.pop()
+                out[i] = s
+        except IndexError:
+            raise CorruptStreamError("rANS stream: the word stack ran out") from None
+        self.x = x
+        return out
+
+    def is_empty(self) -> bool:
+        """True when every pushed symbol has been popped (the state is back to its start)."""
+        return not self.bulk and self.x == _LOW
+
     def _pop(self) -> int:
         if not self.bulk:
-            raise CorruptStreamError("global-path stream: the word stack ran out")
+            raise CorruptStreamError("rANS stream: the word stack ran out")
         return self.bulk.pop()
 
     def encode_pixels(
@@ -158,6 +202,6 @@ class WordStack:
                         x = (x << 32) | bulk.pop()
                 symbols[i] = s
         except IndexError:
-            raise CorruptStreamError("global-path stream: the word stack ran out") from None
+            raise CorruptStreamError("rANS stream: the word stack ran out") from None
         self.x = x
         return symbols, mantissas
