@@ -200,6 +200,36 @@ def test_missing_model_names_it(tmp_path, name):
         L.load_model(name, root=tmp_path)
 
 
+def test_inexact_frequency_tables_are_refused(tmp_path):
+    """Version 2 hands the shipped rows to the integer rANS unchanged: a row that does not sum to
+    2**16, or has a zero entry, is refused at load time (not coded with)."""
+    from safetensors.numpy import load_file, save_file
+
+    dst = tmp_path / "local-lm" / "v99"
+    shutil.copytree(L.MODELS_ROOT / "local-lm" / "v2", dst)
+    tabs = load_file(dst / "tables.safetensors")
+    for zero_entry in (True, False):  # a zero entry (sum kept), then a sum of 2**16 - 1
+        bad = {k: v.copy() for k, v in tabs.items()}
+        row = bad["s2"][7, 3]
+        big = row.argmax()
+        if zero_entry:
+            small = row.argmin()
+            row[big] += row[small]
+            row[small] = 0
+        else:
+            row[big] -= 1
+        save_file(bad, dst / "tables.safetensors")
+        L.write_manifest(dst)
+        with pytest.raises(UnsupportedFormatError, match="local-lm-v99.*s2.*2\\*\\*16"):
+            L.load_model("local-lm-v99", root=tmp_path)
+
+
+def test_v1_streams_without_constriction_name_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "constriction", None)
+    with pytest.raises(IncompatibleLibraryError, match="constriction"):
+        L._constriction()
+
+
 def test_store_names_a_missing_model_or_adapter_by_hash(tmp_path):
     entry = MODELS["local-lm-v2"]
     with pytest.raises(UnknownModelError, match="local-lm-v2") as err:
@@ -402,6 +432,18 @@ for g in json.load(open({golden!r}))["streams"]:
 {check}
 """
 _NO_TORCH = "for name in ('torch', 'transformers', 'peft'):\n    sys.modules[name] = None"
+_NO_TORCH_NOR_CONSTRICTION = _NO_TORCH.replace("'peft')", "'peft', 'constriction')")
+# version 2 streams are encoded too with those imports blocked: same bytes as the goldens
+_ENCODE_V2_GOLDENS = """
+for g in json.load(open({golden!r}))["streams"]:
+    if g["model"] != "local-lm-v2":
+        continue
+    frame = np.frombuffer(bytes.fromhex(g["frame"]), "<u2").reshape(g["shape"])
+    high, low = bitplanes.split(frame, g["bits"], g["s"])
+    m = L.load_model(g["model"], adapter=g["adapter"] or None)
+    data = L.encode_low(low, high, g["s"], g["bits"], m, chunk_tiles=g["chunk_tiles"])
+    assert data.hex() == g["stream"], g["name"]
+"""
 
 
 def _run_decode(version: str, setup: str, check: str, batch, threads, env: dict) -> str:
@@ -429,17 +471,19 @@ def _run_decode(version: str, setup: str, check: str, batch, threads, env: dict)
     ],
 )
 def test_v2_goldens_decode_without_torch_anywhere(batch, threads, env):
-    """Decoding version-2 streams needs no torch/transformers (their import is blocked) and gives
-    the same values under other BLAS kernels (SSE vs AVX2 vs the default), numpy without its
-    run-time SIMD loops, other thread counts and batch sizes."""
+    """Coding version-2 streams needs no torch/transformers/constriction (their import is
+    blocked) and gives the same values under other BLAS kernels (SSE vs AVX2 vs the default),
+    numpy without its run-time SIMD loops, other thread counts and batch sizes."""
     if env.get("NPY_DISABLE_CPU_FEATURES") == "<dispatched>":
         from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
 
         # every SIMD target numpy dispatches to at run time (AVX2, AVX-512, ...): baseline only
         wide = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
         env = {"NPY_DISABLE_CPU_FEATURES": ",".join(wide)}
-    check = "assert all(sys.modules.get(n) is None for n in ('torch', 'transformers'))"
-    out = _run_decode("-v2", _NO_TORCH, check, batch, threads, env)
+    check = _ENCODE_V2_GOLDENS.format(golden=str(GOLDEN)) + (
+        "assert all(sys.modules.get(n) is None for n in ('torch', 'transformers', 'constriction'))"
+    )
+    out = _run_decode("-v2", _NO_TORCH_NOR_CONSTRICTION, check, batch, threads, env)
     assert out.count("ok") == sum(g["model"] == "local-lm-v2" for g in _goldens())
 
 

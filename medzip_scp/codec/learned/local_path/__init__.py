@@ -3,7 +3,8 @@
 A frame is split at plane ``s`` (:mod:`medzip_scp.codec.learned.bitplanes`); the high part is
 coded first (pred-v2 or the global model), so the decoder knows it entirely before the low part.
 This module codes the low part with a small causal transformer language model (a 2-layer GPT-2
-trained from scratch, :mod:`.float_net`) driving ``constriction``'s ANS coder.
+trained from scratch, :mod:`.float_net`; run in integers by :mod:`.intnet`) driving an ANS coder:
+the project's integer rANS (:mod:`..rans`) for version 2, ``constriction``'s for version 1.
 
 Tokens and parallelism
 ----------------------
@@ -23,13 +24,21 @@ Stream versions and models
 project's own integer kernel (:mod:`.intnet`, numpy, integer weights and lookup tables shipped in
 the model folder, every product exact).  The table indices are integers computed by integer
 floor division, so the encoder and any decoder (any CPU, thread count, batch size, numpy/BLAS
-version; no ``torch`` or ``transformers`` imported) compute the same indices: no margin check.
+version) compute the same indices: no margin check.  The indexed rows of ``tables.safetensors``
+(integers, each summing to ``2**16``, every entry >= 1: :func:`load_model` refuses others) go
+to the project's integer rANS (:class:`..rans.WordStack`, Python integers) unchanged: no float
+probability and no third-party coder, so neither ``torch``, ``transformers`` nor
+``constriction`` is imported to encode or decode.  (Version 2 coded with constriction's float
+``Categorical`` until it moved to the integer rANS, in place, before any version-2 stream left
+development; its goldens were regenerated then.)
 
 **Version 1** (``local-lm-v1``; still decoded, written only when asked with that model): the
 float64 ``transformers`` network.  Encoder and decoder evaluate it with a different order of
 floating-point operations (full pass vs. key/value cache, any batch), which moves the outputs by
 ~1e-13 quantisation steps; a token whose 8 quantised values lie within ``EPS = 1e-6`` of a
-rounding boundary is *unsafe*, listed in the stream and coded with the uniform table.  This needs
+rounding boundary is *unsafe*, listed in the stream and coded with the uniform table.  The ANS
+coder is ``constriction``'s, fed the integer rows as float probabilities, which it re-quantises
+with its own algorithm (written with 0.5.0; part of the format).  This needs ``constriction``,
 ``torch`` and the ``transformers`` releases whose GPT-2 API the model code uses
 (:data:`V1_LIBRARIES`, the same bounds as ``pyproject.toml``); with any other version loading the
 model raises :class:`~medzip_scp.codec.errors.IncompatibleLibraryError` naming the library.
@@ -44,8 +53,11 @@ Stream layout (little-endian)
 model's manifest sha256 (and 8 of the adapter's, zeros for none); version 1 only: u32 n_unsafe,
 u32[n_unsafe] token indices (tile * 64 + t); then u32 n_chunks, per chunk u32 n_words and n_words
 uint32 ANS words (the chunk's symbols in decode order: step, tile, pixel), then u32 CRC-32 of the
-low part as uint16 LE row-major.  Chunks are independent ANS streams of ``tiles per chunk``
-consecutive tiles, so a decoder may batch any number of chunks per network call.
+low part as uint16 LE row-major.  Version 2 chunk words: one :class:`..rans.WordStack` (64-bit
+state, 32-bit words, precision 16; top of the stack last, at least 2 words, ``[0, 1]`` for a
+chunk without pixels); version 1: ``constriction``'s ``AnsCoder.get_compressed()``.  Chunks are
+independent ANS streams of ``tiles per chunk`` consecutive tiles, so a decoder may batch any
+number of chunks per network call.
 
 Speed
 -----
