@@ -12,8 +12,8 @@ is not installed (folder missing, a file that fails its manifest) raises
 
 Loading needs ``safetensors``, imported only when a model is actually loaded, so classical
 blobs never import it. The integer models (``local-lm-v2``, ``global-vae-v2``) decode with
-numpy alone; ``local-lm-v1`` streams need ``torch`` and ``transformers``, ``global-vae-v1``
-streams ``constriction``. A library missing or of an incompatible version raises
+numpy alone; ``local-lm-v1`` streams need ``torch``, ``transformers`` and ``constriction``,
+``global-vae-v1`` streams ``constriction``. A library missing or of an incompatible version raises
 :class:`~medzip_scp.codec.errors.IncompatibleLibraryError` naming the library and the versions.
 """
 
