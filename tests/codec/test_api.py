@@ -16,7 +16,7 @@ from medzip_scp.codec.api import (
 )
 from medzip_scp.codec.container import SectionType, get_varint, read_container
 from medzip_scp.codec.errors import CodecError
-from medzip_scp.codec.gate import EXTRA_CANDIDATES
+from medzip_scp.codec.gate import extra_candidates
 from medzip_scp.codec.paths import get_encoder, get_path, register_path, values_dtype
 
 
@@ -173,7 +173,7 @@ def test_chosen_path_is_smallest_candidate() -> None:
     blob = compress(FrameSet(PixelLayout(64, 64, 1, 16, 12, False), px))
     chosen = describe(blob)["frames"][0]
     values = img.astype(values_dtype(12))[..., None]
-    for name in (*DEFAULT_PATHS, *EXTRA_CANDIDATES):  # a small frame tries every candidate
+    for name in (*DEFAULT_PATHS, *extra_candidates(values, 12)):
         data = get_encoder(name).encode(values, 12)  # type: ignore[union-attr]
         assert data is not None
         assert chosen["bytes"] <= len(data), name

@@ -9,7 +9,12 @@ import pydicom
 import pytest
 
 from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
-from medzip_scp.codec.gate import EXTRA_CANDIDATES, extra_candidates, frame_stats
+from medzip_scp.codec.gate import (
+    EXTRA_CANDIDATES,
+    SMALL_FRAME_CANDIDATES,
+    extra_candidates,
+    frame_stats,
+)
 from medzip_scp.codec.paths import get_encoder, get_path, values_dtype
 from tests.data_paths import SHARED_DATA
 
@@ -218,9 +223,15 @@ def test_gate_skips_the_slow_codecs_on_a_ct_like_frame() -> None:
     assert _chosen(img, 12)[0] == "pred"
 
 
-def test_gate_tries_everything_on_small_frames_and_zstd_beyond_16_bits() -> None:
+def test_gate_tries_every_codec_on_small_frames_effort_9_when_mostly_flat() -> None:
+    """Effort 9 only on small frames that are mostly background (the MR edge slices it wins);
+    effort 7, JPEG 2000 and zstd on every small frame; zstd alone beyond 16 bits."""
     small, nbits = _values(_ct_like(128, 6))
-    assert extra_candidates(small, nbits) == EXTRA_CANDIDATES
+    assert extra_candidates(small, nbits) == SMALL_FRAME_CANDIDATES
+    edge = np.zeros((128, 128), np.int64)
+    edge[40:80, 30:90] = _ct_like(128, 6)[40:80, 30:90]  # a small object on background
+    values, nbits = _values(edge)
+    assert extra_candidates(values, nbits) == EXTRA_CANDIDATES
     wide = np.zeros((300, 300, 1), np.uint32)
     wide[0, 0] = 1 << 20
     assert extra_candidates(wide, 21) == ("zstd",)
