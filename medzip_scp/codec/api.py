@@ -90,7 +90,7 @@ from medzip_scp.codec.paths import (
     get_path,
     values_dtype,
 )
-from medzip_scp.codec.predictive import FlushSlot, warm_start
+from medzip_scp.codec.predictive import FlushSlot, warm_start, without_warm_start
 from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 
 __all__ = [
@@ -296,7 +296,8 @@ def _try_split(
     carry = ctx.payload if ctx.payload_frame is None else b""
     budget = None if opts.force_split is not None else classical_bytes + len(carry)
     try:
-        code = encode_split(values[..., 0], nbits, budget, opts, ctx.store, carry)
+        with without_warm_start():  # the next frame's hint is this frame's own fit
+            code = encode_split(values[..., 0], nbits, budget, opts, ctx.store, carry)
     except CodecError as exc:  # e.g. a model went missing: the frame stays classical
         if opts.force_split is not None:
             raise

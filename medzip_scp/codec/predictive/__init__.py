@@ -104,6 +104,7 @@ __all__ = [
     "encode_frame_fit",
     "encode_frame_slot",
     "warm_start",
+    "without_warm_start",
 ]
 
 CODER_ID = "pred-v2"
@@ -202,6 +203,18 @@ def warm_start() -> Iterator[None]:
     their own context, in a fixed order, for the streams to be reproducible.
     """
     token = _chain.set(_Chain())
+    try:
+        yield
+    finally:
+        _chain.reset(token)
+
+
+@contextmanager
+def without_warm_start() -> Iterator[None]:
+    """Within the block, frames are fitted cold and leave the :func:`warm_start` chain as it
+    was (other parts coded between two frames, e.g. a learned split's high part, must not
+    become the next frame's hint)."""
+    token = _chain.set(None)
     try:
         yield
     finally:
