@@ -218,8 +218,8 @@ class QuerySettings(_Section):
 class PipelineSettings(_Section):
     learned: bool = Field(
         False,
-        description="Also try the learned split paths when compressing (0.1-0.7 % smaller "
-        "on MR/EPI at 12x the encode and 40x the decode time); blobs of either kind decode.",
+        description="Also try the learned split paths when compressing (under 2 % smaller "
+        "on MR/EPI at 30-200x the decode time); blobs of either kind decode.",
     )
     compress: bool = Field(
         True,
@@ -559,7 +559,7 @@ character_set = "ISO_IR 192"
 compress = true              # compress stored originals in the background (medzip serve);
                              # or run `medzip worker` processes and set this to false
 poll_seconds = 2.0
-learned = false              # also try the learned paths: 0.1-0.7 % smaller, 12-40x slower
+learned = false              # also try the learned paths: < 2 % smaller, 30-200x slower
 # models_dir = "/opt/medzip/models"  # learned models; default: the installation's models/
 
 [identity]

@@ -299,7 +299,7 @@ def encode(
     learned: Annotated[
         bool,
         typer.Option(
-            "--learned", help="Also try the learned paths (0.1-0.7 % smaller, 12-40x slower)."
+            "--learned", help="Also try the learned paths (< 2 % smaller, 30-200x slower)."
         ),
     ] = False,
     identity_keys: IdentityKeysOption = None,

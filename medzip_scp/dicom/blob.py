@@ -341,9 +341,10 @@ def encode_dataset(
         section 7.1). Anything else is accepted too and stored whole.
     learned
         Also try the learned split paths (:class:`LearnedOptions`); ``None`` (default):
-        classical paths only. On the dev sets the learned paths saved 0.1-0.7 % at 12x the
-        encode and 40x the decode time (a 520-frame Enhanced MR decoded in 24 s of CPU, 0.5 s
-        classical), so they are opt-in (``[pipeline] learned``) until they save more.
+        classical paths only. On the dev sets the learned paths saved under 2 % (MR, MR-EPI;
+        nothing on CT and CR/DX) and decode split frames at 0.05-0.25 MPx/s against about
+        10 classically (``benchmarks/RESULTS.md``), so they are opt-in
+        (``[pipeline] learned``) until they save more.
     payload
         Opaque (encrypted) bytes the codec carries in the pixel streams
         (:func:`medzip_scp.codec.api.compress`); :func:`open_blob` returns them.
