@@ -887,12 +887,6 @@ def decompress(
         Local-path chunks decoded per network batch (speed and memory only; never the result).
     progress
         Called as ``progress(done_frames, total_frames)`` after each frame.
-    verify
-        Decode each frame's smallest candidate stream and compare before choosing it (the
-        next smallest when it differs). ``False``: choose the smallest unchecked; the caller
-        must then decode the whole blob and compare before trusting it, and code again with
-        ``verify`` on when that fails (:func:`medzip_scp.dicom.blob.encode_dataset`): one
-        decode instead of two. Learned split streams are always verified.
 
     Returns
     -------
