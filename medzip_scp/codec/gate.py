@@ -10,14 +10,16 @@ Rule
 ----
 Frames of more than 16 bits, or of other than 1 or 3 samples: ``zstd`` (no image codec takes
 them). Frames of at most 128x128 pixels: ``jpegxl`` (effort 7), ``jpeg2000``, ``zstd``, each
-costing milliseconds there, and JPEG-XL effort 9 only when ``flat >= 0.24`` (below): effort 9
-takes four times effort 7's time (15 against 4 ms on a 64x64 fMRI frame) and wins only on
-small frames that are mostly background. Of the 96 mr-t1-3d frames and every 10th fmri-ge
-frame, effort 9 beat every other candidate on 24, all mr-t1-3d edge slices with ``flat`` 0.24
-to 0.32 (by 0.3-2.7 %), and lost on every frame with ``flat < 0.24`` (every fMRI frame:
-0.04-0.07). Trying it on every small frame instead cost 2.1x the encode CPU time on fmri-ge,
-1.4x on mr-t1-3d and 2.9x on an mr-dti-enhanced object for 0.0014 %, 0.05 % and 0.002 %
-smaller files. Larger frames, from statistics of the
+costing milliseconds there, and JPEG-XL effort 9 only when ``flat >= 0.24`` and
+``constant <= 0.1`` (below): effort 9 takes four times effort 7's time (15 against 4 ms on a
+64x64 fMRI frame) and wins only on small frames whose background is low noise. Of the 96
+mr-t1-3d frames and every 10th fmri-ge frame, effort 9 beat every other candidate on 24, all
+mr-t1-3d edge slices with ``flat`` 0.24 to 0.32 and ``constant`` 0.03 to 0.05 (by 0.3-2.7 %),
+and lost on every frame with ``flat < 0.24`` (every fMRI frame: 0.04-0.07); on every 8th frame
+of an mr-dti-enhanced object (``flat`` 0.19-0.34, but exact zero padding: ``constant``
+0.17-0.26) it never won. Trying it on every small frame instead cost 2.1x the encode CPU time
+on fmri-ge, 1.4x on mr-t1-3d and 2.9x on an mr-dti-enhanced object for 0.0014 %, 0.05 % and
+0.002 % smaller files. Larger frames, from statistics of the
 first sample on up to 16 tiles of 64x64 pixels spread over the frame (at multiples of 64, so a
 wavelet sees the frame's own grid; about 3 % of ``pred``'s time):
 
@@ -117,6 +119,7 @@ __all__ = ["EXTRA_CANDIDATES", "FrameStats", "choose", "extra_candidates", "fram
 EXTRA_CANDIDATES: tuple[str, ...] = ("jpegxl", "jpegxl-e9", "jpeg2000", "zstd")
 SMALL_FRAME_CANDIDATES: tuple[str, ...] = ("jpegxl", "jpeg2000", "zstd")
 FLAT_FOR_EFFORT_9_ON_SMALL = 0.24
+CONSTANT_FOR_EFFORT_9_ON_SMALL = 0.1
 """Every candidate the gate can add, in tie-break order."""
 
 SMALL_PIXELS = 128 * 128
@@ -160,7 +163,11 @@ def extra_candidates(values: npt.NDArray[np.unsignedinteger], nbits: int) -> tup
     if nbits > 16 or samples not in (1, 3):
         return ("zstd",)
     if rows * columns <= SMALL_PIXELS:
-        if frame_stats(values, nbits).flat >= FLAT_FOR_EFFORT_9_ON_SMALL:
+        stats = frame_stats(values, nbits)
+        if (
+            stats.flat >= FLAT_FOR_EFFORT_9_ON_SMALL
+            and stats.constant <= CONSTANT_FOR_EFFORT_9_ON_SMALL
+        ):
             return EXTRA_CANDIDATES
         return SMALL_FRAME_CANDIDATES
     return choose(frame_stats(values, nbits))
