@@ -55,25 +55,15 @@ def test_global_model_is_named_after_its_version_folder(tmp_path: Path) -> None:
     assert load_model_dir("global-vae-v7", out).sha256 == summary["sha256"]
 
 
-def test_quantize_from_rebuilds_the_released_integer_local_model(tmp_path: Path) -> None:
-    out = tmp_path / "local-v2"
-    src = DEFAULT_MODELS_ROOT / "local-lm" / "v1"
-    result = CliRunner().invoke(
-        train_app, ["local", "--quantize-from", str(src), "--out", str(out)]
-    )
+@pytest.mark.parametrize(("kind", "folder"), [("local", "local-lm"), ("global", "global-vae")])
+def test_quantize_from_rebuilds_the_released_integer_model(
+    kind: str, folder: str, tmp_path: Path
+) -> None:
+    out = tmp_path / folder / "v2"  # the global model's id comes from the folder names
+    args = [kind, "--quantize-from", str(DEFAULT_MODELS_ROOT / folder / "v1"), "--out", str(out)]
+    result = CliRunner().invoke(train_app, args)
     assert result.exit_code == 0, result.output
-    released = DEFAULT_MODELS_ROOT / "local-lm" / "v2" / "manifest.json"
+    released = DEFAULT_MODELS_ROOT / folder / "v2" / "manifest.json"
     assert (out / "manifest.json").read_bytes() == released.read_bytes()
-    again = CliRunner().invoke(train_app, ["local", "--quantize-from", str(src), "--out", str(out)])
+    again = CliRunner().invoke(train_app, args)
     assert again.exit_code == 2 and "already holds a model" in again.output
-
-
-def test_quantize_from_rebuilds_the_released_integer_global_model(tmp_path: Path) -> None:
-    out = tmp_path / "global-vae" / "v2"  # the model id comes from the folder names
-    src = DEFAULT_MODELS_ROOT / "global-vae" / "v1"
-    result = CliRunner().invoke(
-        train_app, ["global", "--quantize-from", str(src), "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    released = DEFAULT_MODELS_ROOT / "global-vae" / "v2" / "manifest.json"
-    assert (out / "manifest.json").read_bytes() == released.read_bytes()
