@@ -27,8 +27,9 @@ part by the local path (:mod:`medzip_scp.codec.learned.paths` documents which ``
 and why). The split is chosen only when its verified size is below the best verified
 classical path's, so a blob is never larger than the classical codec would make it (except
 for the few bytes of the model table). The blob names every model it uses, exactly
-(id, manifest sha256, adapter sha256). torch and the models are imported and loaded only when
-a split is tried or decoded; without them, or with ``learned=None``, the codec is classical.
+(id, manifest sha256, adapter sha256). The models are loaded only when a split is tried or
+decoded (torch only for the float ``local-lm-v1``); without them, or with ``learned=None``,
+the codec is classical.
 
 Payload
 -------
@@ -471,8 +472,8 @@ def compress(
     learned
         How learned split frames are tried (:class:`LearnedOptions`, e.g.
         :data:`DEFAULT_LEARNED`); ``None`` (default): classical paths only. Ignored
-        (classical only) when torch or the named models are not
-        installed, unless ``learned.force_split`` is set.
+        (classical only) when the named models are not installed, unless
+        ``learned.force_split`` is set.
     models
         Where models are loaded from (default: the repository's ``models/``).
     progress
@@ -881,8 +882,9 @@ def decompress(
     models
         Where models are loaded from (default: the repository's ``models/``).
     threads
-        torch intra-op threads while decoding learned frames (``None``: leave the process
-        setting). Never changes the result.
+        Threads of the learned networks while decoding learned frames (BLAS threads for the
+        integer models, torch's for ``local-lm-v1``; ``None``: leave the process setting).
+        Never changes the result.
     batch_chunks
         Local-path chunks decoded per network batch (speed and memory only; never the result).
     progress

@@ -99,7 +99,8 @@ class LearnedOptions:
     chunk_tiles
         Tiles per independent ANS chunk of the local path (recorded in its stream).
     threads
-        torch intra-op threads while coding (``None``: leave the process setting); never
+        Network threads while coding (BLAS threads for the integer models, torch's for
+        ``local-lm-v1``; ``None``: leave the process setting); never
         changes the bytes.
     """
 
