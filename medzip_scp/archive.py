@@ -23,11 +23,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medzip_scp.codec.api import DEFAULT_LEARNED
+from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference, ReferenceSource
 from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.codec.zoo import use_models_folder
@@ -48,6 +48,7 @@ from medzip_scp.identity.instance import (
     Verdict,
     open_instance,
     seal_instance,
+    series_reference,
 )
 from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
@@ -64,7 +65,7 @@ from medzip_scp.index.ingest import (
     indexed_content,
     replace_instance,
 )
-from medzip_scp.index.models import Instance, SupersededInstance
+from medzip_scp.index.models import Instance, Series, SeriesReference, SupersededInstance
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import (
@@ -135,31 +136,51 @@ class IdentityCodec:
     codec_id = "mzp2"
 
     def __init__(
-        self, keyring: IdentityKeyring | None, policy: IdentityPolicy, learned: bool = False
+        self,
+        keyring: IdentityKeyring | None,
+        policy: IdentityPolicy,
+        learned: bool = False,
+        references: ReferenceSource | None = None,
     ) -> None:
         self._keyring = keyring
         self._policy = policy
         self._learned = DEFAULT_LEARNED if learned else None
+        self._references = references
 
     def encode(
-        self, part10: bytes, verify: bool = True, received_at: dt.datetime | None = None
+        self,
+        part10: bytes,
+        verify: bool = True,
+        received_at: dt.datetime | None = None,
+        reference: DatasetReference | None = None,
     ) -> bytes:
         """The payload says the instance was received at ``received_at`` (default now):
         compression gives its index row's, so that a rebuilt index (``medzip db rebuild``)
-        orders instances as they arrived, not as compressed."""
+        orders instances as they arrived, not as compressed. With ``reference``
+        (:meth:`series_reference`), the data set is coded against it."""
         if self._keyring is None:
             raise IdentityKeyError("the identity key file is missing: compression cannot seal")
         received_us = None if received_at is None else _microseconds(received_at)
         return seal_instance(
-            part10, self._keyring, self._policy, self._learned, received_us, verify=verify
+            part10,
+            self._keyring,
+            self._policy,
+            self._learned,
+            received_us,
+            verify=verify,
+            reference=reference,
         )
+
+    def series_reference(self, part10: bytes) -> DatasetReference:
+        """A reference for the blobs of ``part10``'s series, made from it."""
+        return series_reference(part10, self._policy)
 
     def decode(self, blob: bytes) -> bytes:
         return self.open(blob, None).part10
 
     def open(self, blob: bytes, sop_instance_uid: str | None) -> OpenedInstance:
         """The original and its identity record; raises IdentityCheckError."""
-        return open_instance(blob, self._keyring, sop_instance_uid)
+        return open_instance(blob, self._keyring, sop_instance_uid, self._references)
 
 
 def _microseconds(moment: dt.datetime) -> int:
@@ -190,6 +211,7 @@ class BlobClaim:
     plaintext: bytes
     stored: bytes  # the object as stored (a codec blob's up to its pixel data)
     payload: bytes | None  # the sealed identity payload (b"": none), None: in the coded bits
+    references: ReferenceSource | None = None  # where the blob's data set reference is
 
     def sop_instance_uid(self) -> str:
         """The SOP Instance UID the stored object names; "" when it names none (an object
@@ -198,13 +220,15 @@ class BlobClaim:
 
     def sealed_payload(self) -> bytes:
         """The sealed identity payload, decoding the blob when its coded bits carry some."""
-        return open_blob(self.plaintext)[1] if self.payload is None else self.payload
+        if self.payload is not None:
+            return self.payload
+        return open_blob(self.plaintext, self.references)[1]
 
 
-def claim_of(plaintext: bytes) -> BlobClaim:
+def claim_of(plaintext: bytes, references: ReferenceSource | None = None) -> BlobClaim:
     """What ``plaintext`` claims to be, by its content: a codec container with an identity
     payload is mzp2, one without mzp1, anything else a Part-10 original. Pixels are not
-    decoded.
+    decoded; ``references`` gives the data set reference the blob may be coded against.
 
     Raises
     ------
@@ -214,9 +238,9 @@ def claim_of(plaintext: bytes) -> BlobClaim:
     """
     if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
         return BlobClaim(Part10Codec.codec_id, plaintext, plaintext, b"")
-    stored, payload = peek_blob(plaintext)
+    stored, payload = peek_blob(plaintext, references)
     codec_id = MzpCodec.codec_id if payload == b"" else IdentityCodec.codec_id
-    return BlobClaim(codec_id, plaintext, stored, payload)
+    return BlobClaim(codec_id, plaintext, stored, payload, references)
 
 
 def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
@@ -225,7 +249,7 @@ def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
     read). Raises as :func:`claim_of` and :meth:`LocalBlobStore.read_unauthenticated`."""
     if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
         return None
-    return claim_of(blobs.read_unauthenticated(key))
+    return claim_of(blobs.read_unauthenticated(key), blobs.references.get)
 
 
 def _claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
@@ -454,7 +478,7 @@ class Archive:
         self.settings = settings
         self.identity = identity
         self.identity_codec = IdentityCodec(
-            identity, identity_policy(settings), settings.pipeline.learned
+            identity, identity_policy(settings), settings.pipeline.learned, blobs.references.get
         )
         self.codecs: dict[str, InstanceCodec] = {
             **CODECS,
@@ -507,6 +531,62 @@ class Archive:
     def compressing_codec(self) -> IdentityCodec:
         """The codec background compression writes with."""
         return self.identity_codec
+
+    SERIES_REFERENCE_MIN_INSTANCES = 2
+    """A series gets a data set reference once it has this many instances: a one-instance
+    series would only pay for the reference (one more coded header) and gain nothing."""
+
+    def series_reference(self, instance: Instance, part10: bytes) -> DatasetReference | None:
+        """The data set reference the blob of ``instance`` (whose Part-10 object is
+        ``part10``) is coded against (:mod:`medzip_scp.storage.references`): its series'
+        own; for a series of :data:`SERIES_REFERENCE_MIN_INSTANCES` or more that has none,
+        one made from ``part10``, durably kept and recorded before this returns; None for a
+        smaller series (or a reference gone from the store: logged, coded without)."""
+        with self.read_sessions() as session:
+            series_uid = session.scalar(
+                select(Series.series_instance_uid).where(Series.id == instance.series_fk)
+            )
+            if series_uid is None:  # the instance was replaced or removed meanwhile
+                return None
+            sha256 = session.scalar(
+                select(SeriesReference.sha256).where(
+                    SeriesReference.series_instance_uid == series_uid
+                )
+            )
+            if sha256 is None:
+                members = session.scalar(
+                    select(func.count(Instance.id)).where(Instance.series_fk == instance.series_fk)
+                )
+        if sha256 is not None:
+            data = self.blobs.references.get(bytes.fromhex(sha256))
+            if data is not None:
+                return DatasetReference(data)
+            log.warning(
+                "data set reference %s of series %s is missing from %s: coding without it",
+                sha256,
+                series_uid,
+                self.blobs.references.folder,
+            )
+            return None
+        if (members or 0) < self.SERIES_REFERENCE_MIN_INSTANCES:
+            return None
+        reference = self.identity_codec.series_reference(part10)
+        self.blobs.references.put(reference.data)
+        with self.sessions() as session:
+            session.add(
+                SeriesReference(
+                    series_instance_uid=series_uid,
+                    sha256=reference.sha256.hex(),
+                    size=len(reference.data),
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:
+                # Another process recorded one first; ours is kept all the same, and the
+                # blobs coded against either decode.
+                session.rollback()
+        return reference
 
     # -- C-STORE -------------------------------------------------------------------------
 

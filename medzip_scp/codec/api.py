@@ -58,22 +58,27 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zstandard
 
 from medzip_scp.codec.container import (
     FORMAT_VERSION,
     ZERO_SHA256,
     ContainerHeader,
+    DatasetReference,
     FrameRecord,
     ModelRef,
     PayloadMode,
+    ReferenceSource,
     Section,
     SectionType,
+    dataset_raw_length,
+    dataset_reference_of,
     get_varint,
+    pack_dataset,
     pack_frame_index,
     pack_layout_v3,
     put_varint,
     read_container,
+    unpack_dataset,
     unpack_frame_index,
     unpack_layout,
     unpack_layout_v3,
@@ -97,11 +102,13 @@ from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
 __all__ = [
     "DEFAULT_LEARNED",
     "DEFAULT_PATHS",
+    "DatasetReference",
     "Decoded",
     "FrameSet",
     "LearnedOptions",
     "ModelStore",
     "PixelLayout",
+    "ReferenceSource",
     "compress",
     "decompress",
     "describe",
@@ -119,10 +126,7 @@ ProgressCallback = Callable[[int, int], None]
 _PAYLOAD_V2 = struct.Struct("<BII")
 log = logging.getLogger(__name__)
 
-_DATASET_HEAD = struct.Struct("<BQ")
-_DATASET_STORED, _DATASET_ZSTD = 0, 1
 _RESIDUAL = ZstdPath(level=9)
-_MAX_RAW_DATASET = 1 << 36
 
 
 @dataclass(frozen=True)
@@ -407,38 +411,6 @@ def _encode_frame(
     return record
 
 
-def _pack_dataset(data: bytes) -> bytes:
-    if data:
-        level = 19 if len(data) <= 4 << 20 else 9
-        z = zstandard.ZstdCompressor(level=level).compress(data)
-        if len(z) < len(data):
-            return _DATASET_HEAD.pack(_DATASET_ZSTD, len(data)) + z
-    return _DATASET_HEAD.pack(_DATASET_STORED, len(data)) + data
-
-
-def _unpack_dataset(body: bytes) -> bytes:
-    if len(body) < _DATASET_HEAD.size:
-        raise CorruptStreamError(
-            f"section DATASET: need at least {_DATASET_HEAD.size} bytes, got {len(body)}"
-        )
-    method, raw_len = _DATASET_HEAD.unpack_from(body, 0)
-    data = body[_DATASET_HEAD.size :]
-    if method == _DATASET_STORED:
-        out = data
-    elif method == _DATASET_ZSTD:
-        if raw_len > _MAX_RAW_DATASET:
-            raise CorruptStreamError(f"section DATASET: raw length {raw_len} is implausible")
-        try:
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            raise CorruptStreamError(f"section DATASET: zstd stream invalid ({exc})") from None
-    else:
-        raise CorruptStreamError(f"section DATASET: method must be 0 or 1, got {method}")
-    if len(out) != raw_len:
-        raise CorruptStreamError(f"section DATASET: expected {raw_len} raw bytes, got {len(out)}")
-    return out
-
-
 def compress(
     frames: FrameSet | None,
     dataset_rest: bytes = b"",
@@ -449,6 +421,7 @@ def compress(
     models: ModelStore | None = None,
     progress: ProgressCallback | None = None,
     verify: bool = True,
+    reference: DatasetReference | None = None,
 ) -> bytes:
     """Code pixel frames and opaque non-pixel bytes into one blob, losslessly.
 
@@ -484,6 +457,10 @@ def compress(
         must then decode the whole blob and compare before trusting it, and code again with
         ``verify`` on when that fails (:func:`medzip_scp.dicom.blob.encode_dataset`): one
         decode instead of two. Learned split streams are always verified.
+    reference
+        Code ``dataset_rest`` against these bytes (the data set of another instance of the
+        series): the blob then decodes only where :func:`decompress` is given them
+        (``references``).
 
     Returns
     -------
@@ -506,6 +483,9 @@ def compress(
     .. versionchanged:: 0.4
         ``verify``; ``learned`` defaults to ``None`` (the learned paths saved under 2 %);
         ``paths=None`` (the default) gates JPEG-XL, JPEG 2000 and zstd per frame.
+
+    .. versionchanged:: 0.5
+        ``reference`` (``DATASET`` method 2).
     """
     candidates = None if paths is None else _candidate_paths(paths)
     store = models if models is not None else default_store()
@@ -551,7 +531,7 @@ def compress(
             Section(SectionType.STREAMS, bytes(streams)),
         ]
     if dataset_rest:
-        sections.append(Section(SectionType.DATASET, _pack_dataset(bytes(dataset_rest))))
+        sections.append(Section(SectionType.DATASET, pack_dataset(bytes(dataset_rest), reference)))
     if payload_body:
         sections.append(Section(SectionType.PAYLOAD, payload_body))
     header = ContainerHeader(version=FORMAT_VERSION, models=tuple(ctx.models))
@@ -679,7 +659,7 @@ def _parse(blob: bytes) -> _Parsed:
     resolve_model(header)
     by_type = {s.type: s.data for s in sections}
     # version 3 leaves empty sections out; give the rest of the decoder their empty forms
-    by_type.setdefault(SectionType.DATASET, _pack_dataset(b""))
+    by_type.setdefault(SectionType.DATASET, pack_dataset(b""))
     by_type.setdefault(SectionType.PAYLOAD, bytes([PayloadMode.NONE]))
     by_type.setdefault(SectionType.STREAMS, b"")
     streams_len = len(by_type[SectionType.STREAMS])
@@ -872,6 +852,7 @@ def decompress(
     threads: int | None = 1,
     batch_chunks: int = 4,
     progress: ProgressCallback | None = None,
+    references: ReferenceSource | None = None,
 ) -> Decoded:
     """Decode a blob made by :func:`compress`.
 
@@ -889,6 +870,8 @@ def decompress(
         Local-path chunks decoded per network batch (speed and memory only; never the result).
     progress
         Called as ``progress(done_frames, total_frames)`` after each frame.
+    references
+        Gives the reference the data set may be coded against (``compress(reference=)``).
 
     Returns
     -------
@@ -902,7 +885,8 @@ def decompress(
     UnknownModelError
         If the blob needs a model that is not registered or not installed.
     UnsupportedFormatError
-        If the blob uses a newer format version, path or payload mode.
+        If the blob uses a newer format version, path or payload mode;
+        :class:`MissingReferenceError` if ``references`` lacks the one its data set needs.
     """
     parsed = _parse(blob)
     by_type = parsed.by_type
@@ -943,7 +927,7 @@ def decompress(
     if flush_slots is not None:
         free = parsed.free_bytes
         payload = _free_payload(flush_slots, free) + payload[free:]
-    dataset_rest = _unpack_dataset(by_type[SectionType.DATASET])
+    dataset_rest = unpack_dataset(by_type[SectionType.DATASET], references)
     return Decoded(frames, dataset_rest, payload)
 
 
@@ -989,7 +973,9 @@ def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
     raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
 
 
-def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
+def read_dataset_rest_and_payload(
+    blob: bytes, references: ReferenceSource | None = None
+) -> tuple[bytes, bytes | None]:
     """``(the opaque dataset bytes, the payload)`` of a blob without decoding its pixels.
     The payload is ``b""`` when the blob carries none, and None when some of it rides in
     the frames' coded bits (mode BITS_BACK, and mode SPREAD's free bits): only
@@ -1002,7 +988,7 @@ def read_dataset_rest_and_payload(blob: bytes) -> tuple[bytes, bytes | None]:
     """
     parsed = _parse(blob)
     mode, payload, _ = _unpack_payload(parsed)
-    rest = _unpack_dataset(parsed.by_type[SectionType.DATASET])
+    rest = unpack_dataset(parsed.by_type[SectionType.DATASET], references)
     if mode == PayloadMode.BITS_BACK or parsed.free_bytes:
         return rest, None
     return rest, payload
@@ -1019,7 +1005,8 @@ def describe(blob: bytes) -> dict[str, Any]:
         ``id``, ``sha256``, ``adapter_sha256``), ``layout`` (dict or ``None``), ``frames``
         (list of dicts with ``path``, ``bytes``, ``residual_bytes``, ``nbits``,
         ``value_bits``, ``split_planes``, ``low_path``, ``low_bytes``, ``models``),
-        ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``, ``payload_bytes``,
+        ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``, ``dataset_reference``
+        (hex sha256 of the reference the data set is coded against, or None), ``payload_bytes``,
         ``payload_mode``, where the payload rides: ``payload_free_bytes`` (bits-back, coder
         flushes), ``payload_stream_bytes`` (segments in the frames' streams),
         ``payload_section_bytes`` (the PAYLOAD section); ``total_bytes``.
@@ -1054,7 +1041,8 @@ def describe(blob: bytes) -> dict[str, Any]:
             }
         )
     ds_body = by_type[SectionType.DATASET]
-    raw_len = _DATASET_HEAD.unpack_from(ds_body, 0)[1] if len(ds_body) >= _DATASET_HEAD.size else 0
+    raw_len = dataset_raw_length(ds_body)
+    reference = dataset_reference_of(ds_body)
     mode, payload, _ = _unpack_payload(parsed)
     free = len(payload) if mode == PayloadMode.BITS_BACK else parsed.free_bytes
     lay = parsed.layout
@@ -1087,6 +1075,7 @@ def describe(blob: bytes) -> dict[str, Any]:
         "pixel_bytes": sum(f["bytes"] + f["residual_bytes"] for f in frames),
         "dataset_bytes": len(ds_body),
         "dataset_raw_bytes": raw_len,
+        "dataset_reference": None if reference is None else reference.hex(),
         "payload_bytes": len(payload),
         "payload_mode": int(mode),
         "payload_free_bytes": free,

@@ -51,7 +51,15 @@ is)
     The coded bytes of all frames back to back, in frame order; the frame index holds the
     lengths.
 ``DATASET`` (versions 1 and 2: exactly one; version 3: at most one, absent when empty)
-    The caller's opaque non-pixel bytes: u8 method (0 stored, 1 zstd), u64 raw length, data.
+    The caller's opaque non-pixel bytes: u8 method (:class:`DatasetMethod`), u64 raw length,
+    then for method 0 (stored) the bytes, for method 1 (zstd) a zstd frame of them, for
+    method 2 (version 3 only: zstd against a reference) the 32-byte sha256 of a *reference*
+    and a zstd frame made with the reference's bytes as a raw-content dictionary. The
+    reference is not in the blob: it is the data set of another instance of the series, kept
+    once by the caller (the node's blob store, ``refs/``), so that the nearly identical
+    headers of a series cost their differences only. A decoder is given the references it
+    may need by sha256 and checks the bytes against it; without it the blob does not decode
+    (:class:`~medzip_scp.codec.errors.MissingReferenceError`), but its pixels still do.
 ``PAYLOAD`` (versions 1 and 2: exactly one; version 3: at most one, absent for mode 0)
     The reserved slot for the encrypted metadata payload: u8 mode, then the payload bytes.
     Mode 0: none. Mode 1: the (already encrypted) payload is stored in this section.
@@ -100,12 +108,22 @@ original values, checked after decoding (see :mod:`medzip_scp.codec.api`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import struct
+import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from medzip_scp.codec.errors import CorruptStreamError, UnsupportedFormatError
+import zstandard
+
+from medzip_scp.codec.errors import (
+    CorruptStreamError,
+    MissingReferenceError,
+    UnsupportedFormatError,
+)
 from medzip_scp.codec.frames import PixelLayout
 
 __all__ = [
@@ -114,16 +132,22 @@ __all__ = [
     "MODEL_NONE",
     "ZERO_SHA256",
     "ContainerHeader",
+    "DatasetMethod",
+    "DatasetReference",
     "FrameRecord",
     "ModelRef",
     "PayloadMode",
     "Section",
     "SectionType",
     "get_varint",
+    "pack_dataset",
     "pack_frame_index",
     "pack_layout_v3",
     "put_varint",
     "read_container",
+    "ReferenceSource",
+    "dataset_reference_of",
+    "unpack_dataset",
     "unpack_frame_index",
     "unpack_layout",
     "unpack_layout_v3",
@@ -151,6 +175,14 @@ class SectionType(IntEnum):
     STREAMS = 3
     DATASET = 4
     PAYLOAD = 5
+
+
+class DatasetMethod(IntEnum):
+    """How a ``DATASET`` section holds its bytes (see module docstring). Part of the format."""
+
+    STORED = 0
+    ZSTD = 1
+    ZSTD_REFERENCE = 2
 
 
 class PayloadMode(IntEnum):
@@ -782,4 +814,150 @@ def unpack_frame_index(
             f"section FRAME_INDEX: {n_frames} records end at byte {pos}, "
             f"section has {len(data)} bytes"
         )
+    return out
+
+
+# -- DATASET section ------------------------------------------------------------------------
+
+_DATASET_HEAD = struct.Struct("<BQ")
+_MAX_RAW_DATASET = 1 << 36
+_SHA256_BYTES = 32
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetReference:
+    """Bytes that the ``DATASET`` sections of a series' blobs are coded against (method 2):
+    one instance's data set, kept once by the caller and named in each blob by sha256."""
+
+    data: bytes
+
+    @functools.cached_property
+    def sha256(self) -> bytes:
+        return hashlib.sha256(self.data).digest()
+
+
+ReferenceSource = Callable[[bytes], bytes | None]
+"""Gives a reference's bytes by their raw sha256, or None when it has none."""
+
+
+class _Dictionaries:
+    """zstd dictionaries of references, prepared once each (a 150 KB Siemens header takes
+    milliseconds to prepare) and shared by threads: prepared dictionaries are read-only."""
+
+    _SIZE = 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._prepared: dict[tuple[bytes, int], zstandard.ZstdCompressionDict] = {}
+
+    def get(self, sha256: bytes, data: bytes, level: int) -> zstandard.ZstdCompressionDict:
+        """Prepared for compression at ``level``, or for decompression with level 0."""
+        key = (sha256, level)
+        with self._lock:
+            found = self._prepared.get(key)
+            if found is not None:
+                return found
+            prepared = zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            if level:
+                prepared.precompute_compress(level=level)
+            if len(self._prepared) >= self._SIZE:
+                self._prepared.pop(next(iter(self._prepared)))
+            self._prepared[key] = prepared
+            return prepared
+
+
+_DICTIONARIES = _Dictionaries()
+
+
+def _zstd_level(raw_bytes: int) -> int:
+    return 19 if raw_bytes <= 4 << 20 else 9
+
+
+def pack_dataset(data: bytes, reference: DatasetReference | None = None) -> bytes:
+    """The ``DATASET`` section body of ``data``: zstd (against ``reference`` when given) where
+    that is smaller, else stored."""
+    if data:
+        level = _zstd_level(len(data))
+        if reference is not None and reference.data:
+            sha = reference.sha256
+            prepared = _DICTIONARIES.get(sha, reference.data, level)
+            z = zstandard.ZstdCompressor(level=level, dict_data=prepared).compress(data)
+            if len(z) + _SHA256_BYTES < len(data):
+                return _DATASET_HEAD.pack(DatasetMethod.ZSTD_REFERENCE, len(data)) + sha + z
+        else:
+            z = zstandard.ZstdCompressor(level=level).compress(data)
+            if len(z) < len(data):
+                return _DATASET_HEAD.pack(DatasetMethod.ZSTD, len(data)) + z
+    return _DATASET_HEAD.pack(DatasetMethod.STORED, len(data)) + data
+
+
+def _dataset_head(body: bytes) -> tuple[int, int]:
+    if len(body) < _DATASET_HEAD.size:
+        raise CorruptStreamError(
+            f"section DATASET: need at least {_DATASET_HEAD.size} bytes, got {len(body)}"
+        )
+    method, raw_len = _DATASET_HEAD.unpack_from(body, 0)
+    if method not in DatasetMethod.__members__.values():
+        raise CorruptStreamError(f"section DATASET: method must be 0, 1 or 2, got {method}")
+    if method != DatasetMethod.STORED and raw_len > _MAX_RAW_DATASET:
+        raise CorruptStreamError(f"section DATASET: raw length {raw_len} is implausible")
+    return method, raw_len
+
+
+def dataset_raw_length(body: bytes) -> int:
+    """How many bytes a ``DATASET`` section body decodes to (nothing is decoded)."""
+    return _dataset_head(body)[1]
+
+
+def dataset_reference_of(body: bytes) -> bytes | None:
+    """The raw sha256 of the reference a ``DATASET`` section body is coded against, or None."""
+    method, _ = _dataset_head(body)
+    if method != DatasetMethod.ZSTD_REFERENCE:
+        return None
+    sha = body[_DATASET_HEAD.size : _DATASET_HEAD.size + _SHA256_BYTES]
+    if len(sha) != _SHA256_BYTES:
+        raise CorruptStreamError(
+            f"section DATASET: method 2 needs a {_SHA256_BYTES}-byte reference sha256, "
+            f"got {len(sha)} bytes"
+        )
+    return sha
+
+
+def unpack_dataset(body: bytes, references: ReferenceSource | None = None) -> bytes:
+    """The bytes a ``DATASET`` section body holds; ``references`` gives the reference it may
+    be coded against.
+
+    Raises
+    ------
+    CorruptStreamError
+        A malformed body, or reference bytes that do not have the sha256 the body names.
+    MissingReferenceError
+        The body is coded against a reference ``references`` does not give.
+    """
+    method, raw_len = _dataset_head(body)
+    data = body[_DATASET_HEAD.size :]
+    if method == DatasetMethod.STORED:
+        out = data
+    else:
+        dictionary = None
+        sha = dataset_reference_of(body)
+        if sha is not None:
+            data = data[_SHA256_BYTES:]
+            reference = None if references is None else references(sha)
+            if reference is None:
+                raise MissingReferenceError(sha)
+            if hashlib.sha256(reference).digest() != sha:
+                raise CorruptStreamError(
+                    f"section DATASET: reference {sha.hex()} was given bytes with sha256 "
+                    f"{hashlib.sha256(reference).hexdigest()}"
+                )
+            dictionary = _DICTIONARIES.get(sha, reference, 0)
+        try:
+            out = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
+                data, max_output_size=raw_len
+            )
+        except zstandard.ZstdError as exc:
+            raise CorruptStreamError(f"section DATASET: zstd stream invalid ({exc})") from None
+    if len(out) != raw_len:
+        raise CorruptStreamError(f"section DATASET: expected {raw_len} raw bytes, got {len(out)}")
     return out

@@ -10,6 +10,7 @@ __all__ = [
     "CodecError",
     "CorruptStreamError",
     "IncompatibleLibraryError",
+    "MissingReferenceError",
     "UnknownModelError",
     "UnsupportedFormatError",
 ]
@@ -57,6 +58,29 @@ class IncompatibleLibraryError(UnsupportedFormatError):
         have = "not installed" if installed is None else f"installed {installed}"
         super().__init__(
             f"{what} need {library}{required} ({have}): pip install '{library}{required}'"
+        )
+
+
+class MissingReferenceError(UnsupportedFormatError):
+    """A blob's data set is coded against a reference (the bytes its series shares) that was
+    not given or is not in the store.
+
+    A kind of :class:`UnsupportedFormatError`: the blob is well-formed; it decodes only with
+    the reference it names (:mod:`medzip_scp.codec.container`, section ``DATASET``), which the
+    node keeps in its blob store (``refs/``) for as long as it keeps blobs.
+
+    Parameters
+    ----------
+    sha256
+        The raw 32-byte sha256 of the reference the blob names.
+    """
+
+    def __init__(self, sha256: bytes) -> None:
+        self.sha256 = sha256
+        super().__init__(
+            f"section DATASET: needs data set reference {sha256.hex()}, which was not found: "
+            "decode it where its blob store's refs/ folder is (medzip retrieves, verifies and "
+            "rebuilds find it there)"
         )
 
 

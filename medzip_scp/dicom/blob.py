@@ -40,9 +40,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medzip_scp.codec.api import (
+    DatasetReference,
     FrameSet,
     LearnedOptions,
     PixelLayout,
+    ReferenceSource,
     compress,
     decompress,
     describe,
@@ -52,7 +54,16 @@ from medzip_scp.codec.errors import CodecError, CorruptStreamError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlobMode", "blob_info", "decode_blob", "encode_dataset", "open_blob", "peek_blob"]
+__all__ = [
+    "BlobMode",
+    "blob_info",
+    "dataset_reference",
+    "decode_blob",
+    "encode_dataset",
+    "open_blob",
+    "peek_blob",
+    "references_of",
+]
 
 _MAGIC = b"MZD1"
 _VERSION = 1
@@ -292,14 +303,14 @@ def _read_head(rest: bytes) -> _Head:
     return _Head(bmode, sha, length, bool(big), prefix_len, tail_len, pad, ts, reason, pos)
 
 
-def _encode(
-    part10: bytes, learned: LearnedOptions | None, payload: bytes, verify_frames: bool
-) -> bytes:
+def _rest_and_frames(part10: bytes) -> tuple[bytes, FrameSet | None]:
+    """What the codec is given: everything but the pixel frames (behind the adapter's head),
+    and the frames (None: the file is kept whole)."""
     try:
         native = _analyse(part10)
     except _Fallback as fb:
         rest = _head(fb.mode, part10, transfer_syntax=fb.transfer_syntax, reason=fb.reason)
-        return compress(None, rest + part10, learned=learned, payload=payload, verify=verify_frames)
+        return rest + part10, None
     start = native.value_offset
     pix_end = start + native.pixel_bytes
     value_end = start + native.value_length
@@ -318,7 +329,31 @@ def _encode(
         transfer_syntax=native.transfer_syntax,
     )
     rest += part10[:start] + part10[pix_end:value_end] + part10[value_end:]
-    return compress(frames, rest, learned=learned, payload=payload, verify=verify_frames)
+    return rest, frames
+
+
+def dataset_reference(part10: bytes) -> DatasetReference:
+    """A reference the data sets of ``part10``'s series can be coded against
+    (:func:`encode_dataset`): what its own blob's ``DATASET`` section holds, uncompressed."""
+    return DatasetReference(_rest_and_frames(bytes(part10))[0])
+
+
+def _encode(
+    part10: bytes,
+    learned: LearnedOptions | None,
+    payload: bytes,
+    verify_frames: bool,
+    reference: DatasetReference | None,
+) -> bytes:
+    rest, frames = _rest_and_frames(part10)
+    return compress(
+        frames,
+        rest,
+        learned=learned,
+        payload=payload,
+        verify=verify_frames,
+        reference=reference,
+    )
 
 
 BlobCheck = Callable[[bytes], None]
@@ -331,6 +366,7 @@ def encode_dataset(
     payload: bytes = b"",
     verify: bool = True,
     check: BlobCheck | None = None,
+    reference: DatasetReference | None = None,
 ) -> bytes:
     """Code a complete DICOM Part-10 file into a blob, verified by decoding it.
 
@@ -359,6 +395,11 @@ def encode_dataset(
     check
         Replaces the comparison (:func:`medzip_scp.identity.instance.seal_instance` opens
         the blob with every identity check).
+    reference
+        Code everything but the pixels against another instance of the series
+        (:func:`dataset_reference`): a series' headers are nearly identical, so each blob
+        then holds their differences. The blob decodes only with it (``references`` of
+        :func:`open_blob`).
 
     Returns
     -------
@@ -372,24 +413,26 @@ def encode_dataset(
         must then keep the original).
     """
     part10 = bytes(part10)
-    blob = _encode(part10, learned, payload, verify_frames=False)
+    blob = _encode(part10, learned, payload, False, reference)
     if not verify:
         return blob
     if check is None:
-        check = functools.partial(_check_round_trip, part10, payload)
+        check = functools.partial(_check_round_trip, part10, payload, reference)
     try:
         check(blob)
         return blob
     except CodecError as exc:
         log.warning("new blob failed its check (%s): coding it again, every frame verified", exc)
-    blob = _encode(part10, learned, payload, verify_frames=True)
+    blob = _encode(part10, learned, payload, True, reference)
     check(blob)
     return blob
 
 
-def _check_round_trip(part10: bytes, payload: bytes, blob: bytes) -> None:
+def _check_round_trip(
+    part10: bytes, payload: bytes, reference: DatasetReference | None, blob: bytes
+) -> None:
     try:
-        restored, carried = open_blob(blob)
+        restored, carried = open_blob(blob, references_of(reference))
     except CodecError as exc:
         raise CodecError(f"verification failed: the new blob does not decode ({exc})") from exc
     if carried != payload:
@@ -402,8 +445,15 @@ def _check_round_trip(part10: bytes, payload: bytes, blob: bytes) -> None:
         )
 
 
-def decode_blob(blob: bytes) -> bytes:
-    """Restore the original Part-10 file from a blob made by :func:`encode_dataset`.
+def references_of(*references: DatasetReference | None) -> ReferenceSource:
+    """A reference source that gives these references (for blobs just coded with them)."""
+    by_sha = {r.sha256: r.data for r in references if r is not None}
+    return by_sha.get
+
+
+def decode_blob(blob: bytes, references: ReferenceSource | None = None) -> bytes:
+    """Restore the original Part-10 file from a blob made by :func:`encode_dataset`;
+    ``references`` gives the reference it was coded against, if any.
 
     Raises
     ------
@@ -412,13 +462,13 @@ def decode_blob(blob: bytes) -> bytes:
     UnknownModelError, UnsupportedFormatError
         See :func:`medzip_scp.codec.api.decompress`.
     """
-    return open_blob(blob)[0]
+    return open_blob(blob, references)[0]
 
 
-def open_blob(blob: bytes) -> tuple[bytes, bytes]:
+def open_blob(blob: bytes, references: ReferenceSource | None = None) -> tuple[bytes, bytes]:
     """``(the Part-10 file given to encode_dataset, the payload)``; raises as
     :func:`decode_blob`."""
-    decoded = decompress(blob)
+    decoded = decompress(blob, references=references)
     rest = decoded.dataset_rest
     head = _read_head(rest)
     body = rest[head.body_offset :]
@@ -449,7 +499,7 @@ def open_blob(blob: bytes) -> tuple[bytes, bytes]:
     return out, decoded.payload
 
 
-def peek_blob(blob: bytes) -> tuple[bytes, bytes | None]:
+def peek_blob(blob: bytes, references: ReferenceSource | None = None) -> tuple[bytes, bytes | None]:
     """``(the stored file up to its Pixel Data value, the payload)``, without decoding pixels:
     what a blob holds, cheaply. The first is the whole file when its pixels are not coded
     apart (encapsulated or other files kept whole); every element before the pixel data is
@@ -461,7 +511,7 @@ def peek_blob(blob: bytes) -> tuple[bytes, bytes | None]:
     CorruptStreamError, UnknownModelError, UnsupportedFormatError
         As :func:`decode_blob`.
     """
-    rest, payload = read_dataset_rest_and_payload(blob)
+    rest, payload = read_dataset_rest_and_payload(blob, references)
     head = _read_head(rest)
     body = rest[head.body_offset :]
     if head.mode == BlobMode.NATIVE:
@@ -473,7 +523,7 @@ def peek_blob(blob: bytes) -> tuple[bytes, bytes | None]:
     return body, payload
 
 
-def blob_info(blob: bytes) -> dict[str, Any]:
+def blob_info(blob: bytes, references: ReferenceSource | None = None) -> dict[str, Any]:
     """Summarise a blob without decoding its pixels (PHI-free: no dataset values).
 
     Returns
@@ -490,7 +540,7 @@ def blob_info(blob: bytes) -> dict[str, Any]:
         As :func:`decode_blob`.
     """
     codec = describe(blob)
-    head = _read_head(read_dataset_rest_and_payload(blob)[0])
+    head = _read_head(read_dataset_rest_and_payload(blob, references)[0])
     return {
         "mode": head.mode.name.lower(),
         "reason": head.reason or None,

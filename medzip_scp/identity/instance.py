@@ -15,9 +15,9 @@ import enum
 import time
 from dataclasses import dataclass
 
-from medzip_scp.codec.api import LearnedOptions
+from medzip_scp.codec.api import DatasetReference, LearnedOptions, ReferenceSource
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
-from medzip_scp.dicom.blob import encode_dataset, open_blob
+from medzip_scp.dicom.blob import dataset_reference, encode_dataset, open_blob, references_of
 from medzip_scp.dicom.identifying import content_hashes, restore, split
 from medzip_scp.dicom.part10 import instance_uids
 from medzip_scp.identity.keys import IdentityKeyring
@@ -36,6 +36,7 @@ __all__ = [
     "Verdict",
     "open_instance",
     "seal_instance",
+    "series_reference",
     "stored_object",
 ]
 
@@ -79,12 +80,15 @@ def seal_instance(
     learned: LearnedOptions | None = None,
     archived_at_us: int | None = None,
     verify: bool = True,
+    reference: DatasetReference | None = None,
 ) -> bytes:
     """A blob of ``part10`` whose identifying elements are only in its sealed payload;
     ``archived_at_us`` is when the node received it (microseconds since the epoch; default
     now). It is opened again, every check included, and compared with ``part10`` (the one
     decode that verifies it: :func:`~medzip_scp.dicom.blob.encode_dataset`) unless ``verify``
-    is off (for a caller that decodes and compares it itself).
+    is off (for a caller that decodes and compares it itself). With ``reference``
+    (:func:`series_reference`) the stored object is coded against it
+    (:func:`~medzip_scp.dicom.blob.encode_dataset`).
 
     Raises
     ------
@@ -108,19 +112,31 @@ def seal_instance(
     def opens_to_original(blob: bytes) -> None:
         # verified once: opening decodes every frame and checks the whole round trip
         try:
-            opened = open_instance(blob, keyring, uids[2])
+            opened = open_instance(blob, keyring, uids[2], references_of(reference))
         except IdentityCheckError as exc:
             raise CodecError(f"verification failed: {exc.reason}") from None
         if opened.part10 != part10:
             raise CodecError("verification failed: the original did not come back")
 
     return encode_dataset(
-        cut.stored, learned, payload=sealed, verify=verify, check=opens_to_original
+        cut.stored,
+        learned,
+        payload=sealed,
+        verify=verify,
+        check=opens_to_original,
+        reference=reference,
     )
 
 
-def stored_object(blob: bytes) -> tuple[bytes, bytes]:
-    """``(the object without its identifying elements, the sealed payload)``: no key needed.
+def series_reference(part10: bytes, policy: IdentityPolicy) -> DatasetReference:
+    """A reference for the stored objects of ``part10``'s series (``seal_instance``): its
+    own stored object's data set, without the identifying elements, like every blob's."""
+    return dataset_reference(split(part10, policy.tags, policy.private).stored)
+
+
+def stored_object(blob: bytes, references: ReferenceSource | None = None) -> tuple[bytes, bytes]:
+    """``(the object without its identifying elements, the sealed payload)``: no key needed
+    (``references`` gives the data set reference the blob may be coded against).
 
     Raises
     ------
@@ -129,7 +145,7 @@ def stored_object(blob: bytes) -> tuple[bytes, bytes]:
         does not have).
     """
     try:
-        return open_blob(blob)
+        return open_blob(blob, references)
     except (UnknownModelError, UnsupportedFormatError) as exc:
         raise IdentityCheckError(
             Verdict.UNREADABLE, f"blob needs what this node lacks ({exc})"
@@ -141,7 +157,10 @@ def stored_object(blob: bytes) -> tuple[bytes, bytes]:
 
 
 def open_instance(
-    blob: bytes, keyring: IdentityKeyring | None, expected_sop_instance_uid: str | None
+    blob: bytes,
+    keyring: IdentityKeyring | None,
+    expected_sop_instance_uid: str | None,
+    references: ReferenceSource | None = None,
 ) -> OpenedInstance:
     """The original object and its identity record, after every check.
 
@@ -155,7 +174,7 @@ def open_instance(
     IdentityCheckError
         With the verdict and which check failed.
     """
-    stored, sealed = stored_object(blob)
+    stored, sealed = stored_object(blob, references)
     if not sealed:
         raise IdentityCheckError(Verdict.TAMPERED, "blob carries no identity payload")
     if keyring is None:

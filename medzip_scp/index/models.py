@@ -38,6 +38,7 @@ __all__ = [
     "InstanceState",
     "Patient",
     "Series",
+    "SeriesReference",
     "Study",
     "SupersededInstance",
     "UTCDateTime",
@@ -236,6 +237,22 @@ class Instance(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances", lazy="raise")
+
+
+class SeriesReference(Base):
+    """The data set reference new blobs of a series are coded against
+    (:mod:`medzip_scp.storage.references`): at most one per series, made when the series'
+    second instance is compressed. Only encoding reads this table: every blob names its
+    reference by sha256 and decodes without the index, so a lost row costs a new reference
+    for the series, never a blob."""
+
+    __tablename__ = "series_reference"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String, nullable=False, unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
 class SupersededInstance(Base):

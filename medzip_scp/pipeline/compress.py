@@ -1,7 +1,9 @@
 """Background compression: replace acknowledged originals with codec blobs, verified first.
 
 C-STORE acknowledges the original as received (fast, durable). This worker then, per instance:
-1. reads the original and encodes it with the archive's compressing codec;
+1. reads the original and encodes it with the archive's compressing codec, its non-pixel
+   data against its series' data set reference (:meth:`Archive.series_reference`; made, kept
+   durably and recorded first when the series has none yet);
 2. decodes the new blob (once: the codec does not decode each frame's stream as well) and
    compares it with the original byte for byte; when they differ, the codec codes it again
    verifying every frame's stream (``verify=True``) and the result is compared again;
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 
 from medzip_scp.archive import Archive, IdentityCodec, InstanceCodec, Part10Codec
+from medzip_scp.codec.api import DatasetReference
 from medzip_scp.index.models import Instance, InstanceState
 
 log = logging.getLogger(__name__)
@@ -73,9 +76,17 @@ def pending_ids(archive: Archive, limit: int, shard: Shard = (0, 1)) -> list[int
         return list(session.scalars(query.order_by(Instance.id).limit(limit)))
 
 
-def _encode(codec: InstanceCodec, original: bytes, row: Instance, verify: bool) -> bytes:
+def _encode(
+    codec: InstanceCodec,
+    original: bytes,
+    row: Instance,
+    verify: bool,
+    reference: DatasetReference | None,
+) -> bytes:
     if isinstance(codec, IdentityCodec):  # its payload records when the row arrived
-        return codec.encode(original, verify=verify, received_at=row.received_at)
+        return codec.encode(
+            original, verify=verify, received_at=row.received_at, reference=reference
+        )
     return codec.encode(original, verify=verify)
 
 
@@ -93,11 +104,14 @@ def compress_instance(
         # Checked against the hashes recorded at ingest: a damaged original is never
         # compressed (and its damage never made permanent by the swap).
         original = archive.load_part10(row)
+        reference = None
+        if isinstance(codec, IdentityCodec):  # the non-pixel data coded against its series'
+            reference = archive.series_reference(row, original)
         # verified here, once, whatever the codec: decoded and compared byte for byte
-        blob = _encode(codec, original, row, verify=False)
+        blob = _encode(codec, original, row, False, reference)
         if codec.decode(blob) != original:
             log.warning("new blob of %s differs from the original: coding it again", sop_uid)
-            blob = _encode(codec, original, row, verify=True)
+            blob = _encode(codec, original, row, True, reference)
             if codec.decode(blob) != original:
                 raise ValueError("decoded blob differs from the original")
     except Exception as exc:

@@ -21,6 +21,7 @@ rebuild``); what is then used is what :meth:`BlobKey.open` gives for that claim.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 import struct
@@ -69,6 +70,11 @@ class BlobKey:
 
     def __repr__(self) -> str:
         return f"BlobKey(id={self.key_id.hex()})"
+
+    def file_name(self, label: bytes) -> str:
+        """A file name for ``label`` (32 hex digits) that only this key's holder can tell
+        from the label: keyed, so names in the store reveal nothing of what they hold."""
+        return hmac.new(self._material, b"medzip-file-name\n" + label, "sha256").hexdigest()[:32]
 
     @classmethod
     def load(cls, path: Path) -> BlobKey:

@@ -23,6 +23,9 @@ from typing import BinaryIO
 
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import BlobKey, sealed_key_id
+from medzip_scp.storage.fsync import fsync as _fsync
+from medzip_scp.storage.references import FOLDER as REFERENCES_FOLDER
+from medzip_scp.storage.references import ReferenceStore
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -52,15 +55,6 @@ class StoredBlob:
     stored_size: int  # bytes on disk, sealed
     sha256: str  # of the plaintext
     size: int  # plaintext bytes
-
-
-def _fsync(path: Path, flags: int = 0) -> None:
-    """fsync a file, or a folder with ``flags=os.O_DIRECTORY`` (its entries)."""
-    fd = os.open(path, os.O_RDONLY | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _DirectWriter:
@@ -154,6 +148,7 @@ class LocalBlobStore:
         self.key_id = key.key_id
         root.mkdir(parents=True, exist_ok=True)
         self._direct_io = _direct_io_supported(root)
+        self.references = ReferenceStore(root / REFERENCES_FOLDER, key)
 
     def _path(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):

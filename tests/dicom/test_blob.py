@@ -291,8 +291,8 @@ def test_encode_verifies_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _part10(np.arange(20, dtype="<u2").tobytes())
     real = blob_module.open_blob
 
-    def damaged(blob: bytes) -> tuple[bytes, bytes]:
-        part10, payload = real(blob)
+    def damaged(blob: bytes, references: object = None) -> tuple[bytes, bytes]:
+        part10, payload = real(blob, references)
         return part10[:-1] + b"\x01", payload
 
     monkeypatch.setattr(blob_module, "open_blob", damaged)

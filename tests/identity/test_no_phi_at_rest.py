@@ -14,6 +14,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from medzip_scp.archive import Archive, IdentityCodec, Part10Codec
+from medzip_scp.codec.api import describe
 from medzip_scp.dicom.blob import open_blob
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance
@@ -128,13 +129,26 @@ def test_no_identity_at_rest_once_compressed(
     # Only the sealed blobs are left: no original stays behind anywhere in the store.
     assert set(node.archive.blobs.keys()) == {row.blob_key for row in rows}
 
+    references = node.archive.blobs.references
+    used = set()
     for row in rows:
         at_rest = node.archive.blobs._path(row.blob_key).read_bytes()
         plaintext = node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid)
-        stored, payload = open_blob(bytes(plaintext))  # no identity key needed
+        # no identity key needed; the series' data set reference, from the store
+        stored, payload = open_blob(bytes(plaintext), references.get)
         assert payload, row.sop_instance_uid
         for what, data in (("file", at_rest), ("blob", plaintext), ("stored object", stored)):
             assert identity_found(data) == [], f"{row.sop_instance_uid}: {what}"
+        sha = describe(bytes(plaintext))["dataset_reference"]
+        if sha is not None:
+            used.add(bytes.fromhex(sha))
+    # The references the mr-epi series' blobs are coded against hold no identity either.
+    assert len(used) >= 20
+    for sha in used:
+        data = references.get(sha)
+        assert data is not None and identity_found(data) == []
+    for path in references.folder.iterdir():
+        assert identity_found(path.read_bytes()) == [], path.name
 
     # Retrieval opens each sealed identity again: what was sent comes back, byte for byte.
     final, failed, arrived = get_patient(node, IDENTITY["PatientID"], contexts_of(sent))

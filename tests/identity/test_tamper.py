@@ -176,7 +176,7 @@ def _blob(archive: Archive, uid: str) -> bytes:
 
 def _stored(archive: Archive, uid: str) -> tuple[bytes, bytes]:
     """``(the stored object, the sealed payload)``, decoded without the identity key."""
-    return open_blob(_blob(archive, uid))
+    return open_blob(_blob(archive, uid), archive.blobs.references.get)
 
 
 def _substitute(archive: Archive, uid: str, blob: bytes) -> None:
@@ -311,7 +311,7 @@ def _flipped_in_streams(blob: bytes, payload: bytes, in_payload: bool) -> bytes:
 def test_bit_flipped_in_a_coded_stream(sealed: SealedArchive, flip: str, reason: str) -> None:
     victim = sealed.uids["ct1"]
     blob = _blob(sealed.archive, victim)
-    _stored_object, payload = open_blob(blob)
+    _stored_object, payload = open_blob(blob, sealed.archive.blobs.references.get)
     flipped = _flipped_in_streams(blob, payload, in_payload=flip == "in the payload segment")
     if flip.endswith("CRCs left"):  # the container's own CRCs then catch it
         header_end = len(flipped) - sum(len(s.data) for s in read_container(blob)[1])

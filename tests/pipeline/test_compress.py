@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from medzip_scp import archive as archive_module
 from medzip_scp.archive import IdentityCodec, Part10Codec, identity_policy
+from medzip_scp.codec.api import DatasetReference
 from medzip_scp.config import DuplicatePolicyValues
 from medzip_scp.index.ingest import replace_instance
 from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
@@ -99,7 +100,11 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
 
     class _RacingCodec(IdentityCodec):
         def encode(
-            self, part10: bytes, verify: bool = True, received_at: dt.datetime | None = None
+            self,
+            part10: bytes,
+            verify: bool = True,
+            received_at: dt.datetime | None = None,
+            reference: DatasetReference | None = None,
         ) -> bytes:
             # A differing duplicate replaces the row while the worker compresses.
             moved = node.archive.blobs.put_bytes(data, row.sop_instance_uid)
@@ -108,7 +113,7 @@ def test_row_changed_meanwhile_discards_the_new_blob(node: RunningNode) -> None:
                 assert current is not None
                 current.blob_key = moved.key
                 session.commit()
-            return super().encode(part10, verify, received_at)
+            return super().encode(part10, verify, received_at, reference)
 
     summary = CompressionSummary()
     racing = _RacingCodec(node.archive.identity, identity_policy(node.settings))
