@@ -288,7 +288,7 @@ def _claim(archive: Archive, key: str) -> tuple[str, str, str]:
     """``(codec id, SOP Instance UID, SHA-256 of the plaintext)`` a blob claims, read without
     authentication (the plaintext is let go: a large object is held once, not twice)."""
     plaintext = archive.blobs.read_unauthenticated(key)
-    claim = claim_of(plaintext)
+    claim = claim_of(plaintext, archive.blobs.references.get)
     uid = claim.sop_instance_uid()
     if not uid and claim.codec_id == IdentityCodec.codec_id:
         uid = _sealed_record(archive, claim).sop_instance_uid  # an object sealed whole
