@@ -10,16 +10,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
+from medzip_scp.codec.api import (
+    DatasetReference,
+    FrameSet,
+    PixelLayout,
+    compress,
+    decompress,
+    describe,
+)
 from medzip_scp.codec.container import (
     MAGIC,
     ContainerHeader,
+    DatasetMethod,
     FrameRecord,
     ModelRef,
     PayloadMode,
     Section,
     SectionType,
+    dataset_reference_of,
     get_varint,
+    pack_dataset,
     pack_frame_index,
     pack_layout_v3,
     put_varint,
@@ -28,7 +38,12 @@ from medzip_scp.codec.container import (
     unpack_layout_v3,
     write_container,
 )
-from medzip_scp.codec.errors import CorruptStreamError, UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.errors import (
+    CorruptStreamError,
+    MissingReferenceError,
+    UnknownModelError,
+    UnsupportedFormatError,
+)
 from medzip_scp.codec.paths import PredictivePath
 from medzip_scp.codec.predictive import FlushSlot
 
@@ -526,3 +541,38 @@ def test_mode_3_blobs_with_free_bits_still_decode() -> None:
     assert out.payload == GOLDEN_V3_PAYLOAD and out.dataset_rest == b"rest"
     assert _free_and_spread(GOLDEN_V3) == (7, 157, GOLDEN_V3_PAYLOAD[-16:])
     assert GOLDEN_V3_PAYLOAD[:7] not in GOLDEN_V3  # the free bytes are in the flushes only
+
+
+# -- DATASET method 2: coded against a reference ---------------------------------------------
+
+_SERIES_HEADER = b"".join(b"(0020,0013) IS %d; (0018,0050) DS 1.25; " % i for i in range(400))
+
+
+def test_a_data_set_coded_against_a_reference_needs_exactly_it() -> None:
+    reference = DatasetReference(_SERIES_HEADER)
+    rest = _SERIES_HEADER.replace(b"IS 7;", b"IS 8;")
+    frames = FrameSet(
+        PixelLayout(4, 4, 1, 16, 12, False), np.arange(16, dtype="<u2").reshape(1, 4, 4, 1)
+    )
+    blob = compress(frames, rest, reference=reference)
+    alone = compress(frames, rest)
+    assert describe(blob)["dataset_bytes"] < describe(alone)["dataset_bytes"] / 4
+    assert describe(blob)["dataset_reference"] == reference.sha256.hex()
+    decoded = decompress(blob, references={reference.sha256: reference.data}.get)
+    assert decoded.dataset_rest == rest
+    with pytest.raises(MissingReferenceError, match=reference.sha256.hex()) as missing:
+        decompress(blob)
+    assert missing.value.sha256 == reference.sha256
+    assert isinstance(missing.value, UnsupportedFormatError)  # well-formed, needs more
+    with pytest.raises(MissingReferenceError):
+        decompress(blob, references=lambda sha: None)
+    with pytest.raises(CorruptStreamError, match="was given bytes with sha256"):
+        decompress(blob, references=lambda sha: _SERIES_HEADER + b" ")
+    body = pack_dataset(rest, reference)
+    assert (
+        body[0] == DatasetMethod.ZSTD_REFERENCE and dataset_reference_of(body) == reference.sha256
+    )
+    with pytest.raises(CorruptStreamError, match="reference sha256"):
+        dataset_reference_of(body[:20])
+    # a reference that does not help is not used: the section is what it is without one
+    assert pack_dataset(b"x" * 5, reference)[0] == DatasetMethod.STORED

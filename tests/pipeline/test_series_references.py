@@ -1,0 +1,285 @@
+"""Series data set references: a series' blobs code their headers against one instance's,
+kept once in the blob store (refs/); every blob still decodes bit-exact, whatever happens to
+the series after it was coded."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import evt
+from sqlalchemy import select
+
+from medzip_scp.archive import Archive, IdentityCodec
+from medzip_scp.codec.api import describe
+from medzip_scp.config import DuplicatePolicyValues, Settings
+from medzip_scp.dicom.blob import open_blob
+from medzip_scp.dicom.part10 import dataset_offset_of
+from medzip_scp.identity.instance import Verdict
+from medzip_scp.index.models import Instance, SeriesReference, SupersededInstance
+from medzip_scp.net.status import Status
+from medzip_scp.pipeline.compress import compress_pending
+from medzip_scp.pipeline.verify import verify_archive
+from medzip_scp.storage.envelope import BlobKey, EnvelopeError
+from medzip_scp.storage.local import LocalBlobStore
+from medzip_scp.storage.references import ReferenceStore
+from tests.net.conftest import RunningNode, c_get
+from tests.net.test_store import ct_dataset, store
+
+
+def _series(numbers: list[int], series_uid: str | None = None) -> list[Dataset]:
+    """CT slices of one series, with these instance numbers (in this order of arrival)."""
+    uid = series_uid or generate_uid()
+    return [
+        ct_dataset(SeriesInstanceUID=uid, InstanceNumber=n, SliceLocation=f"{n * 1.25:.2f}")
+        for n in numbers
+    ]
+
+
+def _rows(node: RunningNode, table: type = Instance) -> list:
+    with node.archive.sessions() as session:
+        rows = list(session.scalars(select(table).order_by(table.id)))
+        session.expunge_all()
+    return rows
+
+
+def _reference_sha(node: RunningNode, row: Instance | SupersededInstance) -> str | None:
+    blob = node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid)
+    return describe(bytes(blob))["dataset_reference"]
+
+
+def _retrieved(archive: Archive) -> dict[str, bytes]:
+    with archive.read_sessions() as session:
+        rows = list(session.scalars(select(Instance)))
+        session.expunge_all()
+    return {row.sop_instance_uid: archive.load_part10(row) for row in rows}
+
+
+def _compress_all(archive: Archive) -> None:
+    summary = compress_pending(archive, archive.compressing_codec())
+    assert summary.failures == []
+
+
+def _reference_files(node: RunningNode) -> list[Path]:
+    folder = node.archive.blobs.references.folder
+    return (
+        sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+    )
+
+
+def test_a_series_arriving_out_of_order_shares_one_reference(node: RunningNode) -> None:
+    sent = _series([3, 1, 4, 2])
+    for ds in sent:
+        assert store(node, ds) == Status.SUCCESS
+    before = _retrieved(node.archive)
+    _compress_all(node.archive)
+
+    rows = _rows(node)
+    shas = {_reference_sha(node, row) for row in rows}
+    assert len(shas) == 1 and None not in shas
+    [reference] = _rows(node, SeriesReference)
+    assert reference.series_instance_uid == sent[0].SeriesInstanceUID
+    assert {reference.sha256} == shas
+    assert len(_reference_files(node)) == 1
+    assert _retrieved(node.archive) == before
+    assert verify_archive(node.archive).ok
+
+
+def test_the_reference_takes_the_header_out_of_each_blob(node: RunningNode) -> None:
+    """What a reference saves: each blob's DATASET section holds the differences only."""
+    for ds in _series([1, 2, 3]):
+        assert store(node, ds) == Status.SUCCESS
+    [row] = _rows(node)[:1]
+    original = node.archive.load_part10(row)
+    codec = node.archive.compressing_codec()
+    alone = describe(codec.encode(original))
+    _compress_all(node.archive)
+    [row] = _rows(node)[:1]
+    blob = node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid)
+    coded = describe(bytes(blob))
+    assert coded["dataset_raw_bytes"] == alone["dataset_raw_bytes"]
+    # CT_small's header: about 1 KB zstd-coded alone, tens of bytes against its series
+    assert coded["dataset_bytes"] < alone["dataset_bytes"] / 4
+    assert coded["pixel_bytes"] == alone["pixel_bytes"]
+
+
+def test_a_series_grown_after_it_was_coded_keeps_its_reference(node: RunningNode) -> None:
+    series_uid = generate_uid()
+    for ds in _series([1, 2], series_uid):
+        assert store(node, ds) == Status.SUCCESS
+    _compress_all(node.archive)
+    [first] = {_reference_sha(node, row) for row in _rows(node)}
+    for ds in _series([5, 3, 4], series_uid):
+        assert store(node, ds) == Status.SUCCESS
+    before = _retrieved(node.archive)
+    _compress_all(node.archive)
+    assert {_reference_sha(node, row) for row in _rows(node)} == {first}
+    assert len(_reference_files(node)) == 1
+    assert _retrieved(node.archive) == before
+
+
+def test_a_one_instance_series_is_coded_without_a_reference(node: RunningNode) -> None:
+    assert store(node, ct_dataset(SeriesInstanceUID=generate_uid())) == Status.SUCCESS
+    _compress_all(node.archive)
+    [row] = _rows(node)
+    assert row.codec_id == IdentityCodec.codec_id
+    assert _reference_sha(node, row) is None
+    assert _reference_files(node) == [] and _rows(node, SeriesReference) == []
+
+
+def test_the_reference_instance_replaced_by_a_differing_duplicate(node: RunningNode) -> None:
+    """The reference is the first coded instance's header; that instance is then replaced
+    by a differing copy: the others, the new version and the superseded one all decode."""
+    node.settings.storage.duplicate_policy = DuplicatePolicyValues.REPLACE
+    sent = _series([1, 2, 3])
+    for ds in sent:
+        assert store(node, ds) == Status.SUCCESS
+    _compress_all(node.archive)
+    [sha] = {_reference_sha(node, row) for row in _rows(node)}
+    replacement = ct_dataset(
+        SOPInstanceUID=sent[0].SOPInstanceUID,
+        SeriesInstanceUID=sent[0].SeriesInstanceUID,
+        InstanceNumber=1,
+        SeriesDescription="corrected",
+        ImageComments="re-sent after a correction",
+    )
+    assert store(node, replacement) == Status.SUCCESS
+    before = _retrieved(node.archive)
+    _compress_all(node.archive)
+    assert {_reference_sha(node, row) for row in _rows(node)} == {sha}
+    assert _retrieved(node.archive) == before
+    returned = dcmread(BytesIO(before[replacement.SOPInstanceUID]))
+    assert returned.ImageComments == "re-sent after a correction"
+    [old] = _rows(node, SupersededInstance)
+    assert _reference_sha(node, old) == sha
+    plaintext = node.archive.blobs.read(old.blob_key, bound_to=old.sop_instance_uid)
+    opened = node.archive.identity_codec.open(bytes(plaintext), old.sop_instance_uid).part10
+    assert dcmread(BytesIO(opened)).get("ImageComments") != "re-sent after a correction"
+    assert verify_archive(node.archive).ok
+
+
+def test_a_c_get_of_one_instance_in_the_middle_of_a_series(node: RunningNode) -> None:
+    sent = _series([1, 2, 3, 4, 5])
+    for ds in sent:
+        assert store(node, ds) == Status.SUCCESS
+    expected = _retrieved(node.archive)[sent[2].SOPInstanceUID]
+    _compress_all(node.archive)
+    # a node process that has not read the reference yet: one read of refs/ decodes it
+    node.archive.blobs.references = ReferenceStore(
+        node.archive.blobs.references.folder, node.archive.blobs._key
+    )
+    arrived: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        raw = Path(event.dataset_path).read_bytes()
+        arrived[str(event.request.AffectedSOPInstanceUID)] = raw[dataset_offset_of(raw) :]
+        return Status.SUCCESS
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = sent[2].StudyInstanceUID
+    query.SeriesInstanceUID = sent[2].SeriesInstanceUID
+    query.SOPInstanceUID = sent[2].SOPInstanceUID
+    responses = c_get(node, query, on_store)
+    assert responses[-1][0].Status == Status.SUCCESS
+    assert arrived == {sent[2].SOPInstanceUID: expected[dataset_offset_of(expected) :]}
+
+
+def test_a_reference_gone_from_the_store_is_reported_never_served(node: RunningNode) -> None:
+    sent = _series([1, 2])
+    for ds in sent:
+        assert store(node, ds) == Status.SUCCESS
+    _compress_all(node.archive)
+    [path] = _reference_files(node)
+    path.unlink()
+    archive = Archive.open(node.settings)  # another process: nothing cached
+    report = verify_archive(archive)
+    assert report.counts()[Verdict.UNREADABLE] == 2
+    assert all("needs data set reference" in reason for _, reason in report.problems)
+    # New instances of the series are coded without it (and say so), never against nothing.
+    assert store(node, _series([3], sent[0].SeriesInstanceUID)[0]) == Status.SUCCESS
+    _compress_all(archive)
+    newest = _rows(node)[-1]
+    assert newest.codec_id == IdentityCodec.codec_id and _reference_sha(node, newest) is None
+    assert dcmread(BytesIO(archive.load_part10(newest))).InstanceNumber == 3
+
+
+def test_a_tampered_reference_does_not_open(tmp_path: Path) -> None:
+    key = BlobKey.create(tmp_path / "key")
+    references = ReferenceStore(tmp_path / "refs", key)
+    sha = references.put(b"header bytes of a series" * 100)
+    assert references.put(b"header bytes of a series" * 100) == sha  # written once
+    [path] = list((tmp_path / "refs").iterdir())
+    assert path.name != sha.hex() and len(path.name) == 32  # the name reveals nothing
+    other = ReferenceStore(tmp_path / "refs", BlobKey.create(tmp_path / "other-key"))
+    assert other.get(sha) is None  # another key names it otherwise
+    fresh = ReferenceStore(tmp_path / "refs", key)
+    assert fresh.get(sha) == b"header bytes of a series" * 100
+    damaged = bytearray(path.read_bytes())
+    damaged[-20] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(EnvelopeError):
+        ReferenceStore(tmp_path / "refs", key).get(sha)
+
+
+# -- a crash (kill -9) at each step of coding a series -------------------------------------
+
+
+def _die(*args: object, **kwargs: object) -> None:
+    os._exit(9)  # like kill -9: no cleanup, no commit, no rollback
+
+
+def _compress_and_crash(settings: Settings, step: str) -> None:
+    """In a process of its own: compress, dying at ``step``."""
+    archive = Archive.open(settings)
+    if step == "reference kept, not recorded":
+        real_put = ReferenceStore.put
+
+        def put_then_die(self: ReferenceStore, data: bytes) -> bytes:
+            real_put(self, data)
+            os._exit(9)
+
+        ReferenceStore.put = put_then_die  # type: ignore[method-assign]
+    elif step == "reference recorded, blob not written":
+        LocalBlobStore.put = _die  # type: ignore[method-assign]
+    elif step == "swap committed, original not deleted":
+        LocalBlobStore.delete = _die  # type: ignore[method-assign]
+    compress_pending(archive, archive.compressing_codec())
+    raise AssertionError(f"compression did not reach {step!r}")
+
+
+@pytest.mark.slow  # three processes that import the node (about 3 s each)
+def test_a_crash_at_each_step_of_coding_a_series_loses_nothing(node: RunningNode) -> None:
+    context = multiprocessing.get_context("spawn")
+    for step in (
+        "reference kept, not recorded",
+        "reference recorded, blob not written",
+        "swap committed, original not deleted",
+    ):
+        for ds in _series([1, 2, 3]):
+            assert store(node, ds) == Status.SUCCESS
+        before = _retrieved(node.archive)
+        child = context.Process(target=_compress_and_crash, args=(node.settings, step))
+        child.start()
+        child.join(120)
+        assert child.exitcode == 9, step
+        assert _retrieved(node.archive) == before, step  # nothing served differs
+        _compress_all(node.archive)  # the next pass finishes the job
+        assert {row.codec_id for row in _rows(node)} == {IdentityCodec.codec_id}, step
+        assert _retrieved(node.archive) == before, step
+        assert verify_archive(node.archive).ok, step
+    # every series has one reference row and every blob names a reference that opens
+    assert len(_rows(node, SeriesReference)) == 3
+    for row in _rows(node):
+        sha = _reference_sha(node, row)
+        assert sha is not None and node.archive.blobs.references.get(bytes.fromhex(sha))
+    plaintexts = [
+        bytes(node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid))
+        for row in _rows(node)
+    ]
+    assert all(open_blob(p, node.archive.blobs.references.get) for p in plaintexts)
