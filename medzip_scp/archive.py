@@ -582,11 +582,25 @@ class Archive:
             )
             try:
                 session.commit()
-            except IntegrityError:
-                # Another process recorded one first; ours is kept all the same, and the
-                # blobs coded against either decode.
+                return reference
+            except IntegrityError:  # another process recorded one first: use that one
                 session.rollback()
-        return reference
+        return self._recorded_instead(series_uid, reference)
+
+    def _recorded_instead(self, series_uid: str, ours: DatasetReference) -> DatasetReference | None:
+        """The reference another process recorded for the series while we made ``ours``
+        (its file is kept before its row commits); ours goes, no blob names it yet."""
+        with self.read_sessions() as session:
+            sha256 = session.scalar(
+                select(SeriesReference.sha256).where(
+                    SeriesReference.series_instance_uid == series_uid
+                )
+            )
+        if sha256 is None or sha256 == ours.sha256.hex():
+            return ours if sha256 is not None else None
+        self.blobs.references.discard(ours.sha256)
+        data = self.blobs.references.get(bytes.fromhex(sha256))
+        return None if data is None else DatasetReference(data)
 
     # -- C-STORE -------------------------------------------------------------------------
 

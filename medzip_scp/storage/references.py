@@ -8,9 +8,9 @@ differences; the reference itself lives here, under ``<blob root>/refs/``:
   key, so file names reveal nothing) and never changes: an instance replaced, a series grown
   or a reference made again by another process touch no blob that needs it. Any blob
   decodes with one read of this folder (cached).
-* **sealed and durable** like a blob: written under a temporary name, fsynced and renamed,
-  so a crash leaves the whole reference or none; the compression swap that first names it
-  commits after :meth:`ReferenceStore.put` returns.
+* **sealed and durable** like a blob (zstd-compressed inside the seal): written under a
+  temporary name, fsynced and renamed, so a crash leaves the whole reference or none; the
+  compression swap that first names it commits after :meth:`ReferenceStore.put` returns.
 * **never deleted** while the store keeps blobs: they are a few per series (kilobytes), and
   blobs of superseded instances may name them too.
 """
@@ -23,6 +23,8 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+
+import zstandard
 
 from medzip_scp.storage.envelope import BlobKey
 from medzip_scp.storage.fsync import fsync
@@ -60,8 +62,9 @@ class ReferenceStore:
             fsync(self.folder.parent, os.O_DIRECTORY)
         temporary = self.folder / f".{uuid.uuid4().hex}.tmp"
         try:
+            packed = zstandard.ZstdCompressor(level=19).compress(data)
             with open(temporary, "xb") as fh:
-                for sealed in self._key.seal([data], _binding(sha)):
+                for sealed in self._key.seal([packed], _binding(sha)):
                     fh.write(sealed)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -90,9 +93,20 @@ class ReferenceStore:
         except FileNotFoundError:
             return None
         with fh:
-            data = b"".join(self._key.open(fh, _binding(sha256)))
+            packed = b"".join(self._key.open(fh, _binding(sha256)))
+        # authenticated: the bytes are the ones sealed under this name
+        data = zstandard.ZstdDecompressor().decompress(packed)
         self._remember(sha256, data)
         return data
+
+    def discard(self, sha256: bytes) -> None:
+        """Delete a reference no blob names (one made by two processes at once: the one
+        not recorded for its series goes before any blob is coded against it)."""
+        with self._lock:
+            if self._cache.pop(sha256, None) is not None:
+                self._cached = sum(len(d) for d in self._cache.values())
+        self._path(sha256).unlink(missing_ok=True)
+        fsync(self.folder, os.O_DIRECTORY)
 
     def _remember(self, sha256: bytes, data: bytes) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pynetdicom import evt
 from sqlalchemy import select
 
 from medzip_scp.archive import Archive, IdentityCodec
-from medzip_scp.codec.api import describe
+from medzip_scp.codec.api import DatasetReference, describe
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import open_blob
 from medzip_scp.dicom.part10 import dataset_offset_of
@@ -121,6 +122,40 @@ def test_a_series_grown_after_it_was_coded_keeps_its_reference(node: RunningNode
     assert {_reference_sha(node, row) for row in _rows(node)} == {first}
     assert len(_reference_files(node)) == 1
     assert _retrieved(node.archive) == before
+
+
+def test_two_processes_making_a_series_reference_at_once_keep_one(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two node processes compress the first instances of a series at the same time: both
+    make a reference, one records it, the other codes against that one and drops its own."""
+    for ds in _series([1, 2, 3, 4]):
+        assert store(node, ds) == Status.SUCCESS
+    rows = _rows(node)
+    both_made = threading.Barrier(2, timeout=30)
+    make = node.archive.identity_codec.series_reference
+
+    def made_at_once(part10: bytes) -> DatasetReference:
+        reference = make(part10)
+        both_made.wait()
+        return reference
+
+    monkeypatch.setattr(node.archive.identity_codec, "series_reference", made_at_once)
+    made: list[DatasetReference | None] = [None, None]
+
+    def one(k: int) -> None:
+        made[k] = node.archive.series_reference(rows[k], node.archive.load_part10(rows[k]))
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert made[0] is not None and made[1] is not None
+    assert made[0].sha256 == made[1].sha256  # both code against the recorded one
+    [recorded] = _rows(node, SeriesReference)
+    assert recorded.sha256 == made[0].sha256.hex()
+    assert len(_reference_files(node)) == 1
 
 
 def test_a_one_instance_series_is_coded_without_a_reference(node: RunningNode) -> None:
