@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         for name in args.sets:
+            if not set_files(data_root / SETS[name], 1):
+                print(f"{name}: no files under {data_root / SETS[name]}", file=sys.stderr)
+                continue
             a = time.perf_counter()
             results.append(run_set(name, data_root, args.limit, args.jobs))
             print(f"{name}: done in {time.perf_counter() - a:.0f} s", file=sys.stderr)

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "codec": "codec.py",
     "ingest": "ingest.py",
     "identity": "identity.py",
+    "series": "series.py",
 }
 
 bench_app = typer.Typer(no_args_is_help=True)
@@ -82,3 +83,13 @@ def bench_identity(ctx: typer.Context, benchmarks: BenchDirOption = None) -> Non
     --no-write, --help).
     """
     _run(BENCHMARKS["identity"], benchmarks, ctx.args)
+
+
+@bench_app.command("series", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_series(ctx: typer.Context, benchmarks: BenchDirOption = None) -> None:
+    """The node's data directory per series set against per-slice standard codecs.
+
+    Runs benchmarks/series.py with the options that follow (--sets NAME ..., --limit N,
+    --no-write, --help).
+    """
+    _run(BENCHMARKS["series"], benchmarks, ctx.args)

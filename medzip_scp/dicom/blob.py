@@ -10,9 +10,12 @@ returns a blob; :func:`decode_blob` gives back the identical bytes (same sha256)
   the value (preamble, file meta, other elements, the element header), the bytes of the value
   beyond the last frame (odd-length padding, PS3.5 section 7.1.1) and everything after the
   value are kept verbatim (zstd);
-* **encapsulated** transfer syntaxes (PS3.5 section A.4): the whole file is kept verbatim
-  (zstd). Recoding the pixels of lossless-compressed inputs is a later improvement: it has to
-  restore the original fragments byte for byte, which needs the original encoder;
+* **JPEG Lossless** (process 14, PS3.5 section A.4.1), single component: each frame is decoded
+  and its pixels go through the pixel codec; the file is kept verbatim except each frame's
+  entropy-coded data, which :mod:`medzip_scp.dicom.recode` regenerates from the pixels on
+  decode (checked at encode time: a frame it does not reproduce keeps the file whole);
+* other **encapsulated** transfer syntaxes (PS3.5 section A.4): the whole file is kept
+  verbatim (zstd);
 * anything else (deflated syntax, no or short pixel data, unsupported layouts, parse errors):
   the whole file is kept verbatim (zstd), so nothing is ever lost.
 
@@ -51,6 +54,12 @@ from medzip_scp.codec.api import (
     read_dataset_rest_and_payload,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
+from medzip_scp.dicom.recode import (
+    JPEG_LOSSLESS_SYNTAXES,
+    NotRecoded,
+    recode_jpeg_lossless,
+    restore_jpeg_lossless,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ _VERSION = 1
 _HEAD = struct.Struct("<4sBB32sQBQQBBB")
 _PIXEL_DATA = 0x7FE00010
 _NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+_RECORD_LENGTH = struct.Struct("<I")
 
 
 class BlobMode(IntEnum):
@@ -80,6 +90,7 @@ class BlobMode(IntEnum):
     FILE = 0
     NATIVE = 1
     ENCAPSULATED = 2
+    RECODED = 3  # encapsulated JPEG Lossless: pixels coded, the JPEG data regenerated
 
 
 @dataclass(frozen=True)
@@ -292,7 +303,7 @@ def _read_head(rest: bytes) -> _Head:
         bmode = BlobMode(mode)
     except ValueError:
         raise CorruptStreamError(
-            f"DICOM adapter header: mode must be 0, 1 or 2, got {mode}"
+            f"DICOM adapter header: mode must be 0, 1, 2 or 3, got {mode}"
         ) from None
     pos = _HEAD.size
     ts = rest[pos : pos + ts_len].decode("ascii", "replace")
@@ -303,13 +314,23 @@ def _read_head(rest: bytes) -> _Head:
     return _Head(bmode, sha, length, bool(big), prefix_len, tail_len, pad, ts, reason, pos)
 
 
-def _rest_and_frames(part10: bytes) -> tuple[bytes, FrameSet | None]:
+def _rest_and_frames(part10: bytes, recode: bool = True) -> tuple[bytes, FrameSet | None]:
     """What the codec is given: everything but the pixel frames (behind the adapter's head),
-    and the frames (None: the file is kept whole)."""
+    and the frames (None: the file is kept whole). ``recode``: JPEG Lossless as pixels."""
     try:
         native = _analyse(part10)
     except _Fallback as fb:
-        rest = _head(fb.mode, part10, transfer_syntax=fb.transfer_syntax, reason=fb.reason)
+        reason = fb.reason
+        if (
+            recode
+            and fb.mode == BlobMode.ENCAPSULATED
+            and fb.transfer_syntax in JPEG_LOSSLESS_SYNTAXES
+        ):
+            try:
+                return _recoded_rest_and_frames(part10, fb.transfer_syntax)
+            except NotRecoded as why:
+                reason = f"{reason}; kept whole: {why}"
+        rest = _head(fb.mode, part10, transfer_syntax=fb.transfer_syntax, reason=reason)
         return rest + part10, None
     start = native.value_offset
     pix_end = start + native.pixel_bytes
@@ -332,10 +353,63 @@ def _rest_and_frames(part10: bytes) -> tuple[bytes, FrameSet | None]:
     return rest, frames
 
 
+def _recoded_rest_and_frames(part10: bytes, transfer_syntax: str) -> tuple[bytes, FrameSet]:
+    """A JPEG Lossless object as its pixels and the rest (:mod:`medzip_scp.dicom.recode`):
+    the adapter's head, the JPEG record, the file without its entropy-coded data."""
+    recoded = recode_jpeg_lossless(part10)
+    record = recoded.pack()
+    head = _head(
+        BlobMode.RECODED,
+        part10,
+        prefix_len=recoded.value_offset,
+        transfer_syntax=transfer_syntax,
+    )
+    rest = head + _RECORD_LENGTH.pack(len(record)) + record
+    return rest + recoded.with_holes_removed(part10), recoded.frames
+
+
+def _recoded_parts(body: bytes) -> tuple[bytes, bytes]:
+    """``(JPEG record, file without its entropy-coded data)`` of a RECODED blob's body."""
+    if len(body) < _RECORD_LENGTH.size:
+        raise CorruptStreamError("DICOM adapter: JPEG Lossless record missing")
+    (n,) = _RECORD_LENGTH.unpack_from(body, 0)
+    end = _RECORD_LENGTH.size + n
+    if end > len(body):
+        raise CorruptStreamError(f"DICOM adapter: JPEG Lossless record of {n} bytes truncated")
+    return body[_RECORD_LENGTH.size : end], body[end:]
+
+
+_REFERENCE_CAP = 256 << 10
+"""Bytes of a file kept whole that a reference holds at most when its pixels cannot be
+located: the rest of such a file is mostly pixels, which other instances do not share."""
+
+
 def dataset_reference(part10: bytes) -> DatasetReference:
     """A reference the data sets of ``part10``'s series can be coded against
-    (:func:`encode_dataset`): what its own blob's ``DATASET`` section holds, uncompressed."""
-    return DatasetReference(_rest_and_frames(bytes(part10))[0])
+    (:func:`encode_dataset`): what its own blob's ``DATASET`` section holds, uncompressed,
+    up to the pixel data of a file kept whole (its pixels would only make it larger)."""
+    part10 = bytes(part10)
+    rest = _rest_and_frames(part10)[0]
+    head = _read_head(rest)
+    if head.mode in (BlobMode.FILE, BlobMode.ENCAPSULATED):
+        pixels_at = _pixel_value_offset(part10)
+        keep = _REFERENCE_CAP if pixels_at is None else min(pixels_at, _REFERENCE_CAP)
+        rest = rest[: head.body_offset + keep]
+    return DatasetReference(rest)
+
+
+def _pixel_value_offset(part10: bytes) -> int | None:
+    """Where the top-level Pixel Data value starts in ``part10``, when pydicom finds it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(part10), defer_size=1024, force=True)
+            elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+        except Exception:
+            return None
+    if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+        return None
+    return int(elem.value_tell)
 
 
 def _encode(
@@ -345,15 +419,26 @@ def _encode(
     verify_frames: bool,
     reference: DatasetReference | None,
 ) -> bytes:
-    rest, frames = _rest_and_frames(part10)
-    return compress(
-        frames,
-        rest,
-        learned=learned,
-        payload=payload,
-        verify=verify_frames,
-        reference=reference,
-    )
+    def coded(recode: bool) -> tuple[bytes, bytes]:
+        rest, frames = _rest_and_frames(part10, recode)
+        blob = compress(
+            frames,
+            rest,
+            learned=learned,
+            payload=payload,
+            verify=verify_frames,
+            reference=reference,
+        )
+        return rest, blob
+
+    rest, blob = coded(recode=True)
+    head = _read_head(rest)
+    if head.mode == BlobMode.RECODED:
+        _record, with_holes = _recoded_parts(rest[head.body_offset :])
+        jpeg_bytes = len(part10) - len(with_holes)
+        if describe(blob)["pixel_bytes"] >= jpeg_bytes:  # noise, say: the JPEG is smaller
+            rest, blob = coded(recode=False)
+    return blob
 
 
 BlobCheck = Callable[[bytes], None]
@@ -482,6 +567,10 @@ def open_blob(blob: bytes, references: ReferenceSource | None = None) -> tuple[b
             )
         value = _frames_to_value(decoded.frames, head.big, head.pad_bits)
         out = body[: head.prefix_len] + value + body[head.prefix_len :]
+    elif head.mode == BlobMode.RECODED:
+        if decoded.frames is None:
+            raise CorruptStreamError("DICOM adapter: recoded mode blob without frames")
+        out = restore_jpeg_lossless(decoded.frames, *_recoded_parts(body))
     else:
         if decoded.frames is not None:
             raise CorruptStreamError(f"DICOM adapter: {head.mode.name} mode blob with frames")
@@ -514,7 +603,9 @@ def peek_blob(blob: bytes, references: ReferenceSource | None = None) -> tuple[b
     rest, payload = read_dataset_rest_and_payload(blob, references)
     head = _read_head(rest)
     body = rest[head.body_offset :]
-    if head.mode == BlobMode.NATIVE:
+    if head.mode == BlobMode.RECODED:
+        body = _recoded_parts(body)[1]  # the same bytes as the original up to the pixels
+    if head.mode in (BlobMode.NATIVE, BlobMode.RECODED):
         if head.prefix_len > len(body):
             raise CorruptStreamError(
                 f"DICOM adapter: prefix {head.prefix_len} bytes exceed the {len(body)} stored"

@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from medzip_scp.cli.main import app
@@ -74,3 +76,25 @@ def test_bench_without_benchmark_scripts_says_where_it_looked(tmp_path: Path) ->
     result = CliRunner().invoke(app, ["bench", "ingest", "--benchmarks", str(tmp_path)])
     assert result.exit_code == 2
     assert f"no benchmarks found in {tmp_path}" in result.output
+
+
+def test_bench_series_compares_the_node_with_per_slice_codecs(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "series" / "fmri-ge"
+    folder.mkdir(parents=True)
+    slices = dcmread(get_testdata_file("MR_small.dcm"))
+    for n in range(3):  # one series of three slices
+        slices.SOPInstanceUID = generate_uid()
+        slices.InstanceNumber = n + 1
+        slices.save_as(folder / f"{n}.dcm")
+    result = CliRunner().invoke(
+        app, ["bench", "series", "--data", str(tmp_path / "data"), "--no-write"]
+    )
+    assert result.exit_code == 0, result.output  # every instance restored exactly
+    [table] = _tables(result.output)
+    assert list(table) == ["set", "fmri-ge"]
+    row = dict(zip(table["set"], table["fmri-ge"], strict=True))
+    assert (row["series"], row["files"]) == ("1", "3")
+    assert row["of which refs/"].endswith("(1)")  # one reference for the series
+    assert float(row["node / (b)"]) < 1.0  # its blobs hold the headers' differences only
+    for other in ("ct-phantom-1mm", "mr-epi"):
+        assert f"{other}: no files under" in result.output

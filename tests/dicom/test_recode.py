@@ -1,0 +1,142 @@
+"""JPEG Lossless originals stored as pixels: the original bytes regenerated exactly, or the
+file kept whole."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate, generate_fragmented_frames
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
+from pynetdicom import evt
+from sqlalchemy import select
+
+from medzip_scp.codec.jpeg_lossless import parse
+from medzip_scp.dicom import blob as blob_module
+from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
+from medzip_scp.dicom.part10 import dataset_offset_of
+from medzip_scp.index.models import Instance
+from medzip_scp.net.status import Status
+from medzip_scp.pipeline.compress import compress_pending
+from tests.data_paths import SHARED_DATA
+from tests.identity.node_traffic import send_files
+from tests.net.conftest import RunningNode, c_get, node, node_settings  # noqa: F401
+
+T1 = SHARED_DATA / "series" / "mr-t1-3d"
+
+
+def _jpeg_lossless_files() -> list[Path]:
+    files = sorted((SHARED_DATA / "conformance").glob("JPEGLossless*/*.dcm"))
+    files += sorted(T1.iterdir())[40:42] if T1.is_dir() else []
+    if not files:
+        pytest.skip(f"no JPEG Lossless files under {SHARED_DATA} (see its README)")
+    return files
+
+
+def _kept_whole_size(part10: bytes) -> int:
+    rest, frames = blob_module._rest_and_frames(part10, recode=False)
+    return len(blob_module.compress(frames, rest))
+
+
+def test_jpeg_lossless_originals_come_back_byte_for_byte_and_smaller() -> None:
+    recoded = 0
+    for path in _jpeg_lossless_files():
+        data = path.read_bytes()
+        blob = encode_dataset(data)
+        assert decode_blob(blob) == data, path.name
+        info = blob_info(blob)
+        if info["mode"] == "recoded":
+            recoded += 1
+            assert len(blob) < _kept_whole_size(data), path.name
+        else:  # colour, or noise the JPEG codes smaller: kept as it came
+            assert info["mode"] == "encapsulated", path.name
+    assert recoded >= 5
+
+
+def _t1_file() -> bytes:
+    if not T1.is_dir():
+        pytest.skip(f"{T1} not found (see ../shared/data/README.md)")
+    return sorted(T1.iterdir())[48].read_bytes()
+
+
+def test_a_codestream_the_coder_does_not_reproduce_is_kept_whole() -> None:
+    """Padding bits other than the 1-bits T.81 asks for: every decoder ignores them, the
+    regenerated data would differ, so the file is kept as it came."""
+    data = bytearray(_t1_file())
+    ds = dcmread(BytesIO(bytes(data)))
+    [pieces] = generate_fragmented_frames(ds.PixelData, number_of_frames=1)
+    stream = b"".join(pieces)
+    scan = parse(stream)
+    last = stream[scan.ecs_end - 1]
+    assert last != 0xFF and last & 1  # its lowest bit is a 1-bit of padding
+    changed = stream[: scan.ecs_end - 1] + bytes([last & 0xFE]) + stream[scan.ecs_end :]
+    assert np.array_equal(imagecodecs.ljpeg_decode(changed), imagecodecs.ljpeg_decode(stream))
+    at = bytes(data).find(stream[scan.ecs_end - 8 : scan.ecs_end])
+    assert at > 0
+    data[at + 7] = last & 0xFE
+    blob = encode_dataset(bytes(data))
+    info = blob_info(blob)
+    assert info["mode"] == "encapsulated"
+    assert "not reproduced" in info["reason"]
+    assert decode_blob(blob) == bytes(data)
+
+
+def test_a_multi_frame_object_split_into_fragments_with_an_offset_table() -> None:
+    """Two frames, each in two fragments, with a Basic Offset Table."""
+    source = dcmread(BytesIO(_t1_file()))
+    frames = [b"".join(p) for p in generate_fragmented_frames(source.PixelData, number_of_frames=1)]
+    other = dcmread(BytesIO(sorted(T1.iterdir())[50].read_bytes()))
+    frames += [b"".join(p) for p in generate_fragmented_frames(other.PixelData, number_of_frames=1)]
+    source.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=True)
+    source.NumberOfFrames = 2
+    source.SOPInstanceUID = generate_uid()
+    buffer = BytesIO()
+    source.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    blob = encode_dataset(data)
+    assert blob_info(blob)["mode"] == "recoded" and blob_info(blob)["frames"] == 2
+    assert decode_blob(blob) == data
+
+
+def test_the_node_serves_a_recoded_original_in_its_syntax_and_decompressed(
+    node: RunningNode,  # noqa: F811
+) -> None:
+    path = sorted(T1.iterdir())[48] if T1.is_dir() else None
+    if path is None:
+        pytest.skip(f"{T1} not found (see ../shared/data/README.md)")
+    assert send_files(node, [path]) == {path: Status.SUCCESS}
+    assert compress_pending(node.archive, node.archive.compressing_codec()).compressed == 1
+    with node.archive.sessions() as session:
+        row = session.scalars(select(Instance)).one()
+        blob = node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid)
+    assert blob_module.peek_blob(bytes(blob))  # parses; the mode is inside the sealed data
+    raw = path.read_bytes()
+    original = dcmread(path)
+    for syntax in (JPEGLosslessSV1, ExplicitVRLittleEndian):
+        arrived: dict[str, Dataset] = {}
+
+        def on_store(event: evt.Event, _arrived: dict[str, Dataset] = arrived) -> int:
+            data = Path(event.dataset_path).read_bytes()
+            _arrived["bytes"] = data  # type: ignore[assignment]
+            return Status.SUCCESS
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = original.StudyInstanceUID
+        query.SeriesInstanceUID = original.SeriesInstanceUID
+        query.SOPInstanceUID = original.SOPInstanceUID
+        contexts = {(str(original.SOPClassUID), str(syntax))}
+        responses = c_get(node, query, on_store, contexts)
+        assert responses[-1][0].Status == Status.SUCCESS, syntax
+        got = arrived["bytes"]
+        if syntax == JPEGLosslessSV1:  # as received, byte for byte
+            assert got[dataset_offset_of(got) :] == raw[dataset_offset_of(raw) :]
+        else:  # the pixels, decompressed
+            converted = dcmread(BytesIO(got), force=True)
+            converted.file_meta = converted.file_meta or Dataset()
+            converted.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            assert np.array_equal(converted.pixel_array, original.pixel_array)
