@@ -9,7 +9,10 @@ coded as a whole file, as the node stores it:
 
 * **medzip** with the default settings: ``encode_dataset`` (classical paths, candidates
   chosen per frame by the gate, the whole blob decoded once and compared) and
-  ``decode_blob``, ``--jobs`` files at once (default: one per CPU), timed by wall clock;
+  ``decode_blob``, ``--jobs`` files at once (default: one per CPU), timed by wall clock; as
+  the node stores them, the files of a series of two or more code their headers against a
+  data set reference (made from the series' first file, its zstd-19 size counted once per
+  series, its making timed with the encode);
 * **baselines** JPEG-XL lossless effort 9 and 7, JPEG-LS (CharLS) and JPEG 2000 lossless
   (OpenJPEG), via imagecodecs, each frame shifted to start at 0 with its bit depth, plus the
   rest of the file (everything but the pixel data) deflated (zlib level 9): what a store
@@ -45,11 +48,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import imagecodecs
 import numpy as np
 import numpy.typing as npt
 import pydicom
+import zstandard
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -62,8 +67,14 @@ from results_file import write_section  # benchmarks/ is on sys.path when run as
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medzip_scp.codec.api import DEFAULT_LEARNED  # noqa: E402
-from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset  # noqa: E402
+from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference  # noqa: E402
+from medzip_scp.dicom.blob import (  # noqa: E402
+    blob_info,
+    dataset_reference,
+    decode_blob,
+    encode_dataset,
+    references_of,
+)
 
 LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000}
 SETS = ("CT", "MR", "MR fMRI 64x64", "MR-EPI", "MR DTI 80x80", "CR/DX", "other")
@@ -71,6 +82,8 @@ DTI = "series/mr-dti-enhanced"
 _PIXEL_DATA = 0x7FE00010
 
 Frame = npt.NDArray[np.generic]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def classify(rel: tuple[str, ...], modality: str) -> str:
@@ -99,6 +112,7 @@ class Item:
     frames: list[Frame]
     header: bytes  # the file without its pixel data value
     transcoded: bool
+    series: str  # Series Instance UID ("" when none)
 
     @property
     def pixels(self) -> int:
@@ -146,6 +160,7 @@ def load(path: Path, data_root: Path) -> Item | str:
         list(px),
         header,
         transcoded,
+        str(ds.get("SeriesInstanceUID", "")),
     )
 
 
@@ -196,15 +211,14 @@ class Tally:
         default_factory=lambda: defaultdict(lambda: defaultdict(int))
     )
     blob_bytes: dict[str, int] = field(default_factory=dict)  # medzip's blob of each file
+    references: dict[str, DatasetReference] = field(default_factory=dict)  # by file name
     inexact: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     transcoded: int = 0
 
 
-def _timed_map(
-    fn: Callable[[bytes], bytes], inputs: list[bytes], jobs: int
-) -> tuple[list[bytes], float, float]:
+def _timed_map(fn: Callable[[T], R], inputs: list[T], jobs: int) -> tuple[list[R], float, float]:
     """``fn`` over ``inputs`` on ``jobs`` threads: results, wall seconds, CPU seconds."""
     w, c = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(jobs) as pool:
@@ -212,12 +226,40 @@ def _timed_map(
     return out, time.perf_counter() - w, time.process_time() - c
 
 
+def series_references(items: list[Item], t: Tally) -> int:
+    """Make each series' data set reference (series of two or more files, from the first)
+    as the node does, into ``t.references``; returns their zstd-19 bytes."""
+    first: dict[str, Item] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for item in items:
+        if item.series:
+            first.setdefault(item.series, item)
+            counts[item.series] += 1
+    made = {s: dataset_reference(first[s].part10) for s, n in counts.items() if n >= 2}
+    for item in items:
+        if item.series in made:
+            t.references[item.name] = made[item.series]
+    zstd = zstandard.ZstdCompressor(level=19)
+    return sum(len(zstd.compress(r.data)) for r in made.values())
+
+
 def bench_medzip(set_name: str, items: list[Item], jobs: int, t: Tally) -> list[list[int]]:
     """Code the set's files; returns medzip's bytes per frame of each file."""
-    blobs, wall, cpu = _timed_map(encode_dataset, [i.part10 for i in items], jobs)
+    w, c = time.perf_counter(), time.process_time()
+    t.bytes_[(MEDZIP, set_name)] += series_references(items, t)
+    t.enc_wall[set_name] += time.perf_counter() - w
+    t.enc_cpu[set_name] += time.process_time() - c
+
+    def encode(item: Item) -> bytes:
+        return encode_dataset(item.part10, reference=t.references.get(item.name))
+
+    def decode(pair: tuple[Item, bytes]) -> bytes:
+        return decode_blob(pair[1], references_of(t.references.get(pair[0].name)))
+
+    blobs, wall, cpu = _timed_map(encode, items, jobs)
     t.enc_wall[set_name] += wall
     t.enc_cpu[set_name] += cpu
-    back, wall, cpu = _timed_map(decode_blob, blobs, jobs)
+    back, wall, cpu = _timed_map(decode, list(zip(items, blobs, strict=True)), jobs)
     t.dec_wall[set_name] += wall
     t.dec_cpu[set_name] += cpu
     per_frame = []
@@ -226,7 +268,7 @@ def bench_medzip(set_name: str, items: list[Item], jobs: int, t: Tally) -> list[
             t.inexact.append(f"{MEDZIP} {item.name}")
         t.bytes_[(MEDZIP, set_name)] += len(blob)
         t.blob_bytes[item.name] = len(blob)
-        info = blob_info(blob)
+        info = blob_info(blob, references_of(t.references.get(item.name)))
         frames = info["codec"]["frames"] if info["codec"] else []
         for f in frames:
             t.paths[set_name][f["path"]] += 1
@@ -323,11 +365,9 @@ def whole_file_table(t: Tally) -> str:
     return "\n".join(lines)
 
 
-def bench_learned(
-    groups: dict[str, list[Item]], limit: int, classical_bytes: dict[str, int]
-) -> tuple[str, list[str]]:
+def bench_learned(groups: dict[str, list[Item]], limit: int, t: Tally) -> tuple[str, list[str]]:
     """The learned path's own rows: ``LearnedOptions()`` against classical (the default
-    blobs' sizes, ``classical_bytes``), same files."""
+    blobs' sizes), same files, same data set references."""
     lines = [
         "| set | files | MPx | classical bpp | learned bpp | learned / classical "
         "| frames split | learned encode MPx/s | learned decode MPx/s |",
@@ -339,20 +379,21 @@ def bench_learned(
         if not items:
             continue
         px = sum(i.pixels for i in items)
-        classical = sum(classical_bytes[i.name] for i in items)
+        classical = sum(t.blob_bytes[i.name] for i in items)
         learned = 0
         enc = dec = 0.0
         split = frames = 0
         for item in items:
             a = time.perf_counter()
-            blob = encode_dataset(item.part10, DEFAULT_LEARNED)
+            reference = t.references.get(item.name)
+            blob = encode_dataset(item.part10, DEFAULT_LEARNED, reference=reference)
             b = time.perf_counter()
-            if decode_blob(blob) != item.part10:
+            if decode_blob(blob, references_of(reference)) != item.part10:
                 inexact.append(f"learned {item.name}")
             dec += time.perf_counter() - b
             enc += b - a
             learned += len(blob)
-            for f in blob_info(blob)["codec"]["frames"]:
+            for f in blob_info(blob, references_of(reference))["codec"]["frames"]:
                 frames += 1
                 split += bool(f["split_planes"])
         lines.append(
@@ -440,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     print(dti_line, file=sys.stderr)
     learned_md, learned_inexact = ("", [])
     if args.learned_limit:
-        learned_md, learned_inexact = bench_learned(groups, args.learned_limit, t.blob_bytes)
+        learned_md, learned_inexact = bench_learned(groups, args.learned_limit, t)
         print(learned_md)
     t.inexact += learned_inexact
     elapsed = time.perf_counter() - started
