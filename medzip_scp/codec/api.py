@@ -53,6 +53,7 @@ import logging
 import struct
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,9 +93,12 @@ from medzip_scp.codec.paths import (
     CarrierPath,
     PixelPath,
     ZstdPath,
+    carried_models,
+    frame_taken,
     get_encoder,
     get_path,
     values_dtype,
+    without_carried_models,
 )
 from medzip_scp.codec.predictive import FlushSlot, warm_start, without_warm_start
 from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
@@ -301,7 +305,8 @@ def _try_split(
     carry = ctx.payload if ctx.payload_frame is None else b""
     budget = None if opts.force_split is not None else classical_bytes + len(carry)
     try:
-        with without_warm_start():  # the next frame's hint is this frame's own fit
+        # the next frame's hint and model are this frame's own
+        with without_warm_start(), without_carried_models():
             code = encode_split(values[..., 0], nbits, budget, opts, ctx.store, carry)
     except CodecError as exc:  # e.g. a model went missing: the frame stays classical
         if opts.force_split is not None:
@@ -370,6 +375,7 @@ def _encode_frame(
             best = (cost, (value_bits, nbits, offs, path, data, slots, res_data, split))
     assert best is not None
     value_bits, nbits, offsets, path, data, slots, res_data, split = best[1]
+    frame_taken(data if split is None else None)
     if split is None:
         start = len(streams)
         streams += data
@@ -501,7 +507,10 @@ def compress(
     sections = []
     if frames is not None:
         frames.validate()
-        with warm_start():  # each frame's predictor fit starts from the previous frame's
+        # each frame's predictor fit starts from the previous frame's, and in a multi-frame
+        # object its model from the previous pred frame's (pred-v2 stream version 3)
+        carried = carried_models(decoding=False) if frames.n_frames > 1 else nullcontext()
+        with warm_start(), carried:
             for i in range(frames.n_frames):
                 records.append(
                     _encode_frame(i, frames.pixels[i], frames.layout, candidates, streams, ctx)
@@ -899,23 +908,24 @@ def decompress(
         layout = parsed.layout
         streams = by_type[SectionType.STREAMS]
         pixels = np.empty((len(parsed.records), *layout.frame_shape), dtype=layout.dtype)
-        for i, r in enumerate(parsed.records):
-            pixels[i], frame_payload = _decode_frame(
-                i,
-                r,
-                layout,
-                streams,
-                parsed.starts[i],
-                parsed.header,
-                store,
-                threads,
-                batch_chunks,
-                flush_slots,
-            )
-            if i == carrier:
-                carried = frame_payload
-            if progress is not None:
-                progress(i + 1, len(parsed.records))
+        with carried_models(decoding=True):  # frames in order: carried models (pred v3)
+            for i, r in enumerate(parsed.records):
+                pixels[i], frame_payload = _decode_frame(
+                    i,
+                    r,
+                    layout,
+                    streams,
+                    parsed.starts[i],
+                    parsed.header,
+                    store,
+                    threads,
+                    batch_chunks,
+                    flush_slots,
+                )
+                if i == carrier:
+                    carried = frame_payload
+                if progress is not None:
+                    progress(i + 1, len(parsed.records))
         frames = FrameSet(layout, pixels)
     if mode == PayloadMode.BITS_BACK:
         if carried is None or len(carried) != len(payload):

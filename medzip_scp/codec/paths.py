@@ -18,7 +18,10 @@ where its streams can carry bits for free (:class:`~medzip_scp.codec.predictive.
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import imagecodecs
@@ -39,11 +42,14 @@ __all__ = [
     "PredictivePath",
     "VerbatimPath",
     "ZstdPath",
+    "carried_models",
+    "frame_taken",
     "get_encoder",
     "get_path",
     "register_path",
     "registered_paths",
     "values_dtype",
+    "without_carried_models",
 ]
 
 
@@ -244,6 +250,56 @@ class VerbatimPath:
         return np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape).astype(dtype)
 
 
+@dataclass
+class _ModelChain:
+    """The pred path's carried model through the frames of one object (see
+    :func:`carried_models`): the state the last frame taken left, and (encoder) the state
+    each candidate stream of the current frame would leave."""
+
+    decoding: bool
+    state: predictive.ModelState = predictive.FRESH
+    pending: dict[bytes, predictive.ModelState] = field(default_factory=dict)
+
+
+_model_chain: ContextVar[_ModelChain | None] = ContextVar("medzip_pred_model", default=None)
+
+
+@contextmanager
+def carried_models(decoding: bool) -> Iterator[None]:
+    """Within the block the pred path codes the frames of one object in order with carried
+    models (:func:`medzip_scp.codec.predictive.encode_frame_carried`): a frame's model starts
+    where the model of the last frame coded by pred ended. Encoding, the caller says which
+    stream it took for each frame (:func:`frame_taken`); decoding, each decoded pred frame
+    passes its model on. Per context (:mod:`contextvars`), like ``warm_start``."""
+    token = _model_chain.set(_ModelChain(decoding))
+    try:
+        yield
+    finally:
+        _model_chain.reset(token)
+
+
+@contextmanager
+def without_carried_models() -> Iterator[None]:
+    """Within the block the pred path codes without carried models and leaves the chain as it
+    was (a learned split's parts are not frames of the object)."""
+    token = _model_chain.set(None)
+    try:
+        yield
+    finally:
+        _model_chain.reset(token)
+
+
+def frame_taken(data: bytes | None) -> None:
+    """The encoder took ``data`` (a path's stream; None: a split frame) for the current frame:
+    when the pred path coded it, the next pred frame starts from the model it left."""
+    chain = _model_chain.get()
+    if chain is None:
+        return
+    if data is not None and data in chain.pending:
+        chain.state = chain.pending[data]
+    chain.pending.clear()
+
+
 class PredictivePath:
     """The predictive coder (:mod:`medzip_scp.codec.predictive`), one stream per sample.
 
@@ -263,15 +319,24 @@ class PredictivePath:
     ) -> tuple[bytes, list[FlushSlot]] | None:
         if not 1 <= nbits <= 16:
             return None
+        chain = _model_chain.get()
+        state = predictive.FRESH if chain is None else chain.state
         out = bytearray()
         slots: list[FlushSlot] = []
         for sample in range(values.shape[2]):
-            stream, slot = predictive.encode_frame_slot(values[:, :, sample], nbits)
+            plane = values[:, :, sample]
+            if chain is None:
+                stream, slot = predictive.encode_frame_slot(plane, nbits)
+            else:  # samples in order, each carrying the model on
+                stream, slot, state = predictive.encode_frame_carried(plane, nbits, state)
             out += struct.pack("<I", len(stream))
             if slot is not None:
                 slots.append(replace(slot, offset=len(out) + slot.offset))
             out += stream
-        return bytes(out), slots
+        data = bytes(out)
+        if chain is not None:
+            chain.pending[data] = state
+        return data, slots
 
     def decode(
         self, data: bytes, shape: tuple[int, int, int], nbits: int
@@ -291,6 +356,8 @@ class PredictivePath:
         rows, columns, samples = shape
         out = np.empty(shape, values_dtype(nbits))
         offset = 0
+        chain = _model_chain.get()
+        state = predictive.FRESH if chain is None else chain.state
         for sample in range(samples):
             if offset + 4 > len(data):
                 raise ValueError("pred path: stream table is truncated")
@@ -299,16 +366,23 @@ class PredictivePath:
             if offset + length > len(data):
                 raise ValueError("pred path: sample stream is truncated")
             stream = data[offset : offset + length]
-            if slots is None:
+            slot = None
+            if chain is not None:
+                plane, slot, state = predictive.decode_frame_carried(
+                    stream, (rows, columns), nbits, state
+                )
+            elif slots is None:
                 plane = predictive.decode_frame(stream, (rows, columns), nbits)
             else:
                 plane, slot = predictive.decode_frame_slot(stream, (rows, columns), nbits)
-                if slot is not None:
-                    slots.append(replace(slot, offset=offset + slot.offset))
+            if slots is not None and slot is not None:
+                slots.append(replace(slot, offset=offset + slot.offset))
             out[:, :, sample] = plane
             offset += length
         if offset != len(data):
             raise ValueError(f"pred path: {len(data) - offset} trailing bytes")
+        if chain is not None and chain.decoding:
+            chain.state = state
         return out
 
 

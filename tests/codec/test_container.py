@@ -44,7 +44,7 @@ from medzip_scp.codec.errors import (
     UnknownModelError,
     UnsupportedFormatError,
 )
-from medzip_scp.codec.paths import PredictivePath
+from medzip_scp.codec.paths import PredictivePath, carried_models
 from medzip_scp.codec.predictive import FlushSlot
 
 from .golden import GOLDEN_V1, GOLDEN_V3, GOLDEN_V3_PAYLOAD, GOLDEN_V3_PIXELS
@@ -261,13 +261,14 @@ def _flush_slots(
     pred = PredictivePath()
     slots = []
     pos = 0
-    for r in records:
-        if r.path == "pred" and r.split_planes == 0:
-            _, found = pred.decode_carrying(
-                plain_streams[pos : pos + r.stream_bytes], shape, r.nbits
-            )
-            slots += [replace(s, offset=pos + s.offset) for s in found]
-        pos += r.total_bytes
+    with carried_models(decoding=True):  # the frames of one object, in order
+        for r in records:
+            if r.path == "pred" and r.split_planes == 0:
+                _, found = pred.decode_carrying(
+                    plain_streams[pos : pos + r.stream_bytes], shape, r.nbits
+                )
+                slots += [replace(s, offset=pos + s.offset) for s in found]
+            pos += r.total_bytes
     return slots
 
 

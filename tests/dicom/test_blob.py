@@ -302,7 +302,7 @@ def test_encode_verifies_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _count_pred_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    for name in ("decode_frame", "decode_frame_slot"):
+    for name in ("decode_frame", "decode_frame_slot", "decode_frame_carried"):
         real = getattr(predictive, name)
 
         def counting(*args: object, _real: Callable[..., object] = real) -> object:

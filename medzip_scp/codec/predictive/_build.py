@@ -75,11 +75,13 @@ def load() -> ctypes.CDLL:
         lib.mz_fit.argtypes += [ptr, ptr, ptr]
         lib.mz_fit.restype = c_int
         lib.mz_encode.argtypes = [c_int, ptr, c_int, c_int, c_int, c_int, c_int, c_int]
-        lib.mz_encode.argtypes += [ptr, ptr, ptr, i64, ptr]
+        lib.mz_encode.argtypes += [ptr, ptr, ptr, i64, ptr, ptr, ptr]
         lib.mz_encode.restype = i64
         lib.mz_decode.argtypes = [c_int, ptr, i64, c_int, c_int, c_int, c_int, c_int, c_int]
-        lib.mz_decode.argtypes += [ptr, ptr, ptr, ptr]
+        lib.mz_decode.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr]
         lib.mz_decode.restype = c_int
+        lib.mz_state_size.argtypes = []
+        lib.mz_state_size.restype = i64
         lib.mz_init.argtypes = []
         lib.mz_init.restype = None
         lib.mz_init()  # constant tables, filled once under the lock

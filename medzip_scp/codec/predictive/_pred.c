@@ -262,13 +262,13 @@ typedef struct {
     ClassModel cm[];  /* K of them: memory and set-up grow with the classes a frame uses */
 } Model;
 
-static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_t *src) {
-    const int H = im->H, W = im->W, S = im->S;
-    const int maxv = (1 << bits) - 1;
-    int off[MAXNN];
-    for (int i = 0; i < P->nn; i++) off[i] = OFF[i][0] * S + OFF[i][1];
-    Model *m = (Model *)malloc(sizeof(Model) + (size_t)P->K * sizeof(ClassModel));
-    if (!m) return -1;
+/* The model's size with n class models. */
+static size_t model_size(int n) { return sizeof(Model) + (size_t)n * sizeof(ClassModel); }
+
+/* A fresh model with n class models (n = P->K, or MAXK for a model that continues). */
+static Model *model_new(int n) {
+    Model *m = (Model *)malloc(model_size(n));
+    if (!m) return NULL;
     prob_init(&m->zero[0][0], sizeof(m->zero) / sizeof(Prob));
     prob_init(&m->big[0][0], sizeof(m->big) / sizeof(Prob));
     prob_init(&m->mant[0][0][0], sizeof(m->mant) / sizeof(Prob));
@@ -282,7 +282,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
     mixer_init(&m->mbig[0][0], sizeof(m->mbig) / sizeof(Mixer));
     mixer_init(&m->mmant[0][0], sizeof(m->mmant) / sizeof(Mixer));
     mixer_init(&m->msign[0], sizeof(m->msign) / sizeof(Mixer));
-    for (int k = 0; k < P->K; k++) {
+    for (int k = 0; k < n; k++) {
         ClassModel *cm = &m->cm[k];
         memset(cm->bias, 0, sizeof(cm->bias));
         prob_init(&cm->zero3[0][0], sizeof(cm->zero3) / sizeof(Prob));
@@ -290,6 +290,24 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
         prob_init(&cm->mant3[0][0], sizeof(cm->mant3) / sizeof(Prob));
         prob_init(&cm->sign3[0][0], sizeof(cm->sign3) / sizeof(Prob));
     }
+    return m;
+}
+
+/* The model a frame is coded with: fresh, or (version 3) a copy of the state the previous frame
+ * of the same object left, so that a multi-frame object's later frames start adapted. */
+static Model *model_for(const Params *P, const uint8_t *state_in, int carry) {
+    if (!carry) return model_new(P->K);
+    if (!state_in) return model_new(MAXK);
+    Model *m = (Model *)malloc(model_size(MAXK));
+    if (m) memcpy(m, state_in, model_size(MAXK));
+    return m;
+}
+
+static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_t *src, Model *m) {
+    const int H = im->H, W = im->W, S = im->S;
+    const int maxv = (1 << bits) - 1;
+    int off[MAXNN];
+    for (int i = 0; i < P->nn; i++) off[i] = OFF[i][0] * S + OFF[i][1];
     /* class of each small activity value, as the threshold scan below finds it (with one or
      * two classes the scan is as cheap as the table) */
     uint8_t cls_of[CLS_LUT];
@@ -403,7 +421,7 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
             }
             int v = pred + r;
             if (c->dec) {
-                if (v < 0 || v > maxv) { free(m); return -2; }
+                if (v < 0 || v > maxv) return -2;
                 *p = v;
             } else {
                 *p = v;
@@ -422,7 +440,6 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
         }
         pad_row_done(im, y);
     }
-    free(m);
     return 0;
 }
 
@@ -708,7 +725,7 @@ done:
 }
 
 static int check_params(int ver, int H, int W, int bits, int nn, int K, int shift) {
-    if (ver < 1 || ver > 2) return -3;
+    if (ver < 1 || ver > 3) return -3;
     if (H < 1 || W < 1 || bits < 1 || bits > 16) return -3;
     if (nn < 1 || nn > MAXNN || K < 1 || K > MAXK || shift < 5 || shift > 24) return -3;
     return 0;
@@ -716,19 +733,26 @@ static int check_params(int ver, int H, int W, int bits, int nn, int K, int shif
 
 /* final (may be NULL): receives x1, x2 of the last interval, before the flush writes x1.  Any
  * value in [x1, x2] flushed instead decodes the same (see mz_decode's final). */
+int64_t mz_state_size(void) { return (int64_t)model_size(MAXK); }
+
+/* Version 3 continues a model: it starts from state_in (NULL: fresh) and leaves its final state
+ * in state_out (NULL: not kept); both are mz_state_size() bytes.  Versions 1, 2 ignore them. */
 int64_t mz_encode(int ver, const uint16_t *img, int H, int W, int bits, int nn, int K, int shift,
                   const int32_t *thr, const int32_t *coef, uint8_t *out, int64_t cap,
-                  uint32_t *final) {
+                  uint32_t *final, const uint8_t *state_in, uint8_t *state_out) {
     init_tables();
     if (check_params(ver, H, W, bits, nn, K, shift)) return -3;
     Params P = {ver, nn, K, shift, thr, coef};
     Img im;
     if (img_alloc(&im, H, W)) return -1;
     int32_t *src = (int32_t *)malloc(sizeof(int32_t) * (size_t)H * W);
-    if (!src) { img_free(&im); return -1; }
+    Model *m = model_for(&P, state_in, ver >= 3);
+    if (!src || !m) { free(src); free(m); img_free(&im); return -1; }
     for (int64_t i = 0; i < (int64_t)H * W; i++) src[i] = img[i];
     Coder c = {0, 0xffffffffu, 0, out, 0, cap, 0, 0};
-    int rc = code_image(&im, bits, &P, &c, src);
+    int rc = code_image(&im, bits, &P, &c, src, m);
+    if (rc == 0 && ver >= 3 && state_out) memcpy(state_out, m, model_size(MAXK));
+    free(m);
     free(src);
     img_free(&im);
     if (rc) return rc;
@@ -741,15 +765,20 @@ int64_t mz_encode(int ver, const uint16_t *img, int H, int W, int bits, int nn, 
 /* final (may be NULL): receives x1, x2 of the last interval and the window x (for a stream as the
  * encoder wrote it: its last 4 bytes, the flush, and x1 <= x <= x2). */
 int mz_decode(int ver, const uint8_t *data, int64_t len, int H, int W, int bits, int nn, int K, int shift,
-              const int32_t *thr, const int32_t *coef, uint16_t *img, uint32_t *final) {
+              const int32_t *thr, const int32_t *coef, uint16_t *img, uint32_t *final,
+              const uint8_t *state_in, uint8_t *state_out) {
     init_tables();
     if (check_params(ver, H, W, bits, nn, K, shift)) return -3;
     Params P = {ver, nn, K, shift, thr, coef};
     Img im;
     if (img_alloc(&im, H, W)) return -1;
+    Model *m = model_for(&P, state_in, ver >= 3);
+    if (!m) { img_free(&im); return -1; }
     Coder c = {0, 0xffffffffu, 0, (uint8_t *)data, 0, len, 1, 0};
     for (int i = 0; i < 4; i++) c.x = (c.x << 8) | in_byte(&c);
-    int rc = code_image(&im, bits, &P, &c, NULL);
+    int rc = code_image(&im, bits, &P, &c, NULL, m);
+    if (rc == 0 && ver >= 3 && state_out) memcpy(state_out, m, model_size(MAXK));
+    free(m);
     if (rc == 0) {
         for (int y = 0; y < H; y++)
             for (int x = 0; x < W; x++) img[(int64_t)y * W + x] = (uint16_t)*PX(&im, y, x);
