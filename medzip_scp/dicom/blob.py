@@ -10,10 +10,11 @@ returns a blob; :func:`decode_blob` gives back the identical bytes (same sha256)
   the value (preamble, file meta, other elements, the element header), the bytes of the value
   beyond the last frame (odd-length padding, PS3.5 section 7.1.1) and everything after the
   value are kept verbatim (zstd);
-* **JPEG Lossless** (process 14, PS3.5 section A.4.1), single component: each frame is decoded
-  and its pixels go through the pixel codec; the file is kept verbatim except each frame's
-  entropy-coded data, which :mod:`medzip_scp.dicom.recode` regenerates from the pixels on
-  decode (checked at encode time: a frame it does not reproduce keeps the file whole);
+* **JPEG Lossless** (process 14, PS3.5 section A.4.1; single component) and **RLE Lossless**
+  (A.4.2): each frame is decoded and its pixels go through the pixel codec; the file is kept
+  verbatim except the bytes the pixels determine (JPEG entropy-coded data, RLE run data),
+  which :mod:`medzip_scp.dicom.recode` regenerates on decode (checked at encode time: a frame
+  it does not reproduce keeps the file whole);
 * other **encapsulated** transfer syntaxes (PS3.5 section A.4): the whole file is kept
   verbatim (zstd);
 * anything else (deflated syntax, no or short pixel data, unsupported layouts, parse errors):
@@ -54,12 +55,7 @@ from medzip_scp.codec.api import (
     read_dataset_rest_and_payload,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError
-from medzip_scp.dicom.recode import (
-    JPEG_LOSSLESS_SYNTAXES,
-    NotRecoded,
-    recode_jpeg_lossless,
-    restore_jpeg_lossless,
-)
+from medzip_scp.dicom.recode import RECODED_SYNTAXES, NotRecoded, recode, restore
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +78,9 @@ _HEAD = struct.Struct("<4sBB32sQBQQBBB")
 _PIXEL_DATA = 0x7FE00010
 _NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 _RECORD_LENGTH = struct.Struct("<I")
+_COMPARE_WHOLE_BYTES = 1 << 20
+"""Recoded files up to this size are also coded whole, and the smaller blob kept; larger ones
+are kept whole only when their coded pixels are no smaller than the encapsulated ones."""
 
 
 class BlobMode(IntEnum):
@@ -90,7 +89,7 @@ class BlobMode(IntEnum):
     FILE = 0
     NATIVE = 1
     ENCAPSULATED = 2
-    RECODED = 3  # encapsulated JPEG Lossless: pixels coded, the JPEG data regenerated
+    RECODED = 3  # JPEG Lossless or RLE: pixels coded, their encapsulated bytes regenerated
 
 
 @dataclass(frozen=True)
@@ -321,11 +320,7 @@ def _rest_and_frames(part10: bytes, recode: bool = True) -> tuple[bytes, FrameSe
         native = _analyse(part10)
     except _Fallback as fb:
         reason = fb.reason
-        if (
-            recode
-            and fb.mode == BlobMode.ENCAPSULATED
-            and fb.transfer_syntax in JPEG_LOSSLESS_SYNTAXES
-        ):
+        if recode and fb.mode == BlobMode.ENCAPSULATED and fb.transfer_syntax in RECODED_SYNTAXES:
             try:
                 return _recoded_rest_and_frames(part10, fb.transfer_syntax)
             except NotRecoded as why:
@@ -354,9 +349,10 @@ def _rest_and_frames(part10: bytes, recode: bool = True) -> tuple[bytes, FrameSe
 
 
 def _recoded_rest_and_frames(part10: bytes, transfer_syntax: str) -> tuple[bytes, FrameSet]:
-    """A JPEG Lossless object as its pixels and the rest (:mod:`medzip_scp.dicom.recode`):
-    the adapter's head, the JPEG record, the file without its entropy-coded data."""
-    recoded = recode_jpeg_lossless(part10)
+    """A JPEG Lossless or RLE object as its pixels and the rest
+    (:mod:`medzip_scp.dicom.recode`): the adapter's head, the record, the file without the
+    bytes the pixels give back."""
+    recoded = recode(part10)
     record = recoded.pack()
     head = _head(
         BlobMode.RECODED,
@@ -433,11 +429,13 @@ def _encode(
 
     rest, blob = coded(recode=True)
     head = _read_head(rest)
-    if head.mode == BlobMode.RECODED:
+    if head.mode == BlobMode.RECODED:  # kept whole where that is smaller (noise, tiny images)
+        if len(part10) <= _COMPARE_WHOLE_BYTES:
+            whole = coded(recode=False)[1]
+            return whole if len(whole) <= len(blob) else blob
         _record, with_holes = _recoded_parts(rest[head.body_offset :])
-        jpeg_bytes = len(part10) - len(with_holes)
-        if describe(blob)["pixel_bytes"] >= jpeg_bytes:  # noise, say: the JPEG is smaller
-            rest, blob = coded(recode=False)
+        if describe(blob)["pixel_bytes"] >= len(part10) - len(with_holes):
+            return coded(recode=False)[1]
     return blob
 
 
@@ -570,7 +568,7 @@ def open_blob(blob: bytes, references: ReferenceSource | None = None) -> tuple[b
     elif head.mode == BlobMode.RECODED:
         if decoded.frames is None:
             raise CorruptStreamError("DICOM adapter: recoded mode blob without frames")
-        out = restore_jpeg_lossless(decoded.frames, *_recoded_parts(body))
+        out = restore(decoded.frames, *_recoded_parts(body))
     else:
         if decoded.frames is not None:
             raise CorruptStreamError(f"DICOM adapter: {head.mode.name} mode blob with frames")

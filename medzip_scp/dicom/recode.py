@@ -1,14 +1,16 @@
-"""Encapsulated JPEG Lossless objects stored as pixels, their original bytes regenerated.
+"""Encapsulated lossless objects stored as pixels, their original bytes regenerated.
 
 An object that arrives JPEG Lossless (process 14, PS3.5 A.4.1; the usual lossless syntax of
-CR/DX/MR forwarded by PACS) would otherwise be kept as it came: no smaller than its JPEG.
-:func:`recode_jpeg_lossless` decodes each frame, lets the codec store the pixels, and keeps
-everything else of the file *except* the entropy-coded data of each frame (the "holes"):
-:func:`restore_jpeg_lossless` codes the pixels back into exactly those bytes
-(:mod:`medzip_scp.codec.jpeg_lossless`) and fills them in. Item tags, the offset table,
-fragment boundaries, JPEG marker segments, padding and whatever follows stay verbatim, so
-the original file comes back byte for byte. Before any of this is used, every frame's
-regenerated data is compared with the original: one byte off and the file is kept whole.
+CR/DX/MR forwarded by PACS) or RLE Lossless (A.4.2) would otherwise be kept as it came: no
+smaller than its JPEG or RLE. :func:`recode` decodes each frame, lets the codec store the
+pixels, and keeps everything else of the file *except* the bytes the pixels determine (the
+"holes"): for JPEG Lossless each frame's entropy-coded data, which :func:`restore` codes back
+from the pixels (:mod:`medzip_scp.codec.jpeg_lossless`); for RLE each frame's run data, put
+back between the run headers the record keeps (:mod:`medzip_scp.codec.rle_lossless`). Item
+tags, the offset table, fragment boundaries, JPEG marker segments, padding and whatever
+follows stay verbatim, so the original file comes back byte for byte. Before any of this is
+used, every frame is rebuilt and compared with the original: one byte off and the file is
+kept whole.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.uid import JPEGLossless, JPEGLosslessSV1
+from pydicom.uid import JPEGLossless, JPEGLosslessSV1, RLELossless
 
 from medzip_scp.codec.api import FrameSet, PixelLayout
 from medzip_scp.codec.container import get_varint, put_varint
@@ -34,8 +36,17 @@ from medzip_scp.codec.jpeg_lossless import (
     entropy_coded,
     parse,
 )
+from medzip_scp.codec.rle_lossless import (
+    NotSplittable,
+    join,
+    planes_to_samples,
+    samples_to_planes,
+    split,
+)
 
 JPEG_LOSSLESS_SYNTAXES = frozenset({JPEGLossless, JPEGLosslessSV1})
+RECODED_SYNTAXES = JPEG_LOSSLESS_SYNTAXES | {RLELossless}
+_JPEG, _RLE = 0, 1  # the record's kind byte: part of the format
 _PIXEL_DATA = 0x7FE00010
 _ITEM = b"\xfe\xff\x00\xe0"
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0"
@@ -48,18 +59,21 @@ class NotRecoded(Exception):
 
 @dataclass(frozen=True)
 class Recoded:
-    """The frames' pixels, each frame's scan, and where its entropy-coded data was."""
+    """The frames' pixels, what each frame needs besides them, and where its bytes were."""
 
     frames: FrameSet
-    scans: list[LosslessScan]
+    kind: int  # _JPEG: each frame's scan; _RLE: each frame's skeleton
+    frame_records: list[bytes]
     holes: list[tuple[int, int]]  # (offset in the file, length), in file order
     value_offset: int  # where the Pixel Data value starts in the file
 
     def pack(self) -> bytes:
-        """The scans and holes (:func:`restore_jpeg_lossless` reads them back)."""
-        out = bytearray(_COUNT.pack(len(self.scans)))
-        for scan in self.scans:
-            out += scan.pack()
+        """The kind, frame records and holes (:func:`restore` reads them back)."""
+        out = bytearray([self.kind])
+        put_varint(out, len(self.frame_records))
+        for record in self.frame_records:
+            put_varint(out, len(record))
+            out += record
         put_varint(out, len(self.holes))
         previous = 0
         for offset, length in self.holes:
@@ -137,8 +151,8 @@ def _holes_of(pieces: Sequence[tuple[int, int]], start: int, end: int) -> list[t
     return holes
 
 
-def recode_jpeg_lossless(part10: bytes) -> Recoded:
-    """Decode a JPEG Lossless object's frames and check that their entropy-coded data comes
+def recode(part10: bytes) -> Recoded:
+    """Decode a JPEG Lossless or RLE Lossless object's frames and check that the file comes
     back from the pixels; raises :class:`NotRecoded` (the reason) where it would not."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings may quote values (PHI)
@@ -147,34 +161,46 @@ def recode_jpeg_lossless(part10: bytes) -> Recoded:
             syntax = ds.file_meta.TransferSyntaxUID
             elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
             n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+            rows, columns = int(ds.Rows), int(ds.Columns)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+            bits_allocated = int(ds.BitsAllocated)
         except Exception as exc:
             raise NotRecoded(f"not parsable ({type(exc).__name__})") from None
-    if syntax not in JPEG_LOSSLESS_SYNTAXES:
-        raise NotRecoded("not JPEG Lossless")
+    if syntax not in RECODED_SYNTAXES:
+        raise NotRecoded("not JPEG Lossless or RLE Lossless")
     if not isinstance(elem, RawDataElement) or elem.value_tell is None:
         raise NotRecoded("pixel data position unknown")
     value_offset = int(elem.value_tell)
     table, fragments = _fragments(part10, value_offset)
+    per_frame = _frames_of(table, fragments, n_frames)
+    if syntax == RLELossless:
+        return _recode_rle(part10, per_frame, value_offset, rows, columns, samples, bits_allocated)
+    return _recode_jpeg(part10, per_frame, value_offset)
+
+
+def _recode_jpeg(
+    part10: bytes, per_frame: list[list[tuple[int, int]]], value_offset: int
+) -> Recoded:
     scans: list[LosslessScan] = []
     pixels = []
     holes: list[tuple[int, int]] = []
-    for pieces in _frames_of(table, fragments, n_frames):
+    for pieces in per_frame:
         stream = b"".join(part10[o : o + n] for o, n in pieces)
         try:
             scan = parse(stream)
-            samples = np.asarray(imagecodecs.ljpeg_decode(stream))
+            decoded = np.asarray(imagecodecs.ljpeg_decode(stream))
         except UnsupportedCodestream as exc:
             raise NotRecoded(f"JPEG Lossless codestream: {exc}") from None
         except Exception as exc:
             raise NotRecoded(
                 f"JPEG Lossless frame does not decode ({type(exc).__name__})"
             ) from None
-        if samples.shape != (scan.rows, scan.columns) or int(samples.max()) >> scan.precision:
+        if decoded.shape != (scan.rows, scan.columns) or int(decoded.max()) >> scan.precision:
             raise NotRecoded("decoded frame does not match its codestream's header")
-        if entropy_coded(samples, scan) != stream[scan.ecs_start : scan.ecs_end]:
+        if entropy_coded(decoded, scan) != stream[scan.ecs_start : scan.ecs_end]:
             raise NotRecoded("entropy-coded data not reproduced from the pixels")
         scans.append(scan)
-        pixels.append(samples)
+        pixels.append(decoded)
         holes += _holes_of(pieces, scan.ecs_start, scan.ecs_end)
     first = scans[0]
     if any((s.rows, s.columns, s.precision) != (first.rows, first.columns, first.precision)
@@ -183,37 +209,83 @@ def recode_jpeg_lossless(part10: bytes) -> Recoded:
     layout = PixelLayout(first.rows, first.columns, 1, 8 if first.precision <= 8 else 16,
                          first.precision, False)  # fmt: skip
     stack = np.stack(pixels).astype(layout.dtype).reshape(len(pixels), *layout.frame_shape)
-    return Recoded(FrameSet(layout, stack), scans, holes, value_offset)
+    records = [scan.pack() for scan in scans]
+    return Recoded(FrameSet(layout, stack), _JPEG, records, holes, value_offset)
 
 
-def restore_jpeg_lossless(frames: FrameSet, record: bytes, with_holes: bytes) -> bytes:
+def _recode_rle(
+    part10: bytes,
+    per_frame: list[list[tuple[int, int]]],
+    value_offset: int,
+    rows: int,
+    columns: int,
+    samples: int,
+    bits_allocated: int,
+) -> Recoded:
+    if bits_allocated not in (8, 16, 32):
+        raise NotRecoded(f"RLE with {bits_allocated} bits allocated")
+    sample_bytes = bits_allocated // 8
+    skeletons = []
+    pixels = []
+    holes: list[tuple[int, int]] = []
+    for pieces in per_frame:
+        stream = b"".join(part10[o : o + n] for o, n in pieces)
+        try:
+            skeleton, planes = split(stream, samples * sample_bytes, rows * columns)
+        except NotSplittable as exc:
+            raise NotRecoded(f"RLE frame: {exc}") from None
+        skeletons.append(skeleton)
+        pixels.append(planes_to_samples(planes, rows, columns, samples, sample_bytes))
+        holes += _holes_of(pieces, 0, len(stream))
+    layout = PixelLayout(rows, columns, samples, bits_allocated, bits_allocated, False)
+    stack = np.stack(pixels).astype(layout.dtype).reshape(len(pixels), *layout.frame_shape)
+    return Recoded(FrameSet(layout, stack), _RLE, skeletons, holes, value_offset)
+
+
+def _unpack(record: bytes) -> tuple[int, list[bytes], list[tuple[int, int]]]:
+    kind = record[0]
+    count, pos = get_varint(record, 1)
+    frame_records = []
+    for _ in range(count):
+        length, pos = get_varint(record, pos)
+        frame_records.append(record[pos : pos + length])
+        pos += length
+    n_holes, pos = get_varint(record, pos)
+    holes = []
+    at = 0
+    for _ in range(n_holes):
+        gap, pos = get_varint(record, pos)
+        length, pos = get_varint(record, pos)
+        holes.append((at + gap, length))
+        at += gap + length
+    if pos != len(record) or kind not in (_JPEG, _RLE):
+        raise ValueError(f"kind {kind}, {len(record) - pos} bytes left over")
+    return kind, frame_records, holes
+
+
+def _frame_bytes(kind: int, record: bytes, pixels: np.ndarray) -> bytes:
+    """The bytes of one frame's holes, from its record and pixels ``(rows, columns, samples)``."""
+    if kind == _JPEG:
+        scan, _ = LosslessScan.unpack(record, 0)
+        return entropy_coded(pixels[..., 0], scan)
+    sample_bytes = pixels.dtype.itemsize
+    return join(record, samples_to_planes(pixels, sample_bytes))
+
+
+def restore(frames: FrameSet, record: bytes, with_holes: bytes) -> bytes:
     """The original file from its pixels, :meth:`Recoded.pack`'s ``record`` and the file
     with its holes removed."""
     try:
-        (n,) = _COUNT.unpack_from(record, 0)
-        pos = _COUNT.size
-        scans = []
-        for _ in range(n):
-            scan, pos = LosslessScan.unpack(record, pos)
-            scans.append(scan)
-        count, pos = get_varint(record, pos)
-        holes = []
-        at = 0
-        for _ in range(count):
-            gap, pos = get_varint(record, pos)
-            length, pos = get_varint(record, pos)
-            holes.append((at + gap, length))
-            at += gap + length
-    except (ValueError, struct.error, UnsupportedCodestream) as exc:
-        raise CorruptStreamError(f"DICOM adapter: JPEG Lossless record invalid ({exc})") from None
-    if n != frames.n_frames or pos != len(record):
-        raise CorruptStreamError(
-            f"DICOM adapter: JPEG Lossless record for {n} frames ({len(record) - pos} bytes "
-            f"left over), blob has {frames.n_frames}"
+        kind, frame_records, holes = _unpack(record)
+        if len(frame_records) != frames.n_frames:
+            raise ValueError(f"{len(frame_records)} frames, blob has {frames.n_frames}")
+        data = b"".join(
+            _frame_bytes(kind, r, frames.pixels[k]) for k, r in enumerate(frame_records)
         )
-    data = b"".join(entropy_coded(frames.pixels[k][..., 0], scan) for k, scan in enumerate(scans))
+    except (ValueError, IndexError, KeyError, struct.error, UnsupportedCodestream) as exc:
+        raise CorruptStreamError(f"DICOM adapter: recoded record invalid ({exc})") from None
     if len(data) != sum(length for _, length in holes):
-        raise CorruptStreamError("DICOM adapter: regenerated JPEG data does not fill its holes")
+        raise CorruptStreamError("DICOM adapter: regenerated pixel data does not fill its holes")
     out = bytearray()
     taken = used = 0
     for offset, length in holes:

@@ -1,8 +1,9 @@
-"""JPEG Lossless originals stored as pixels: the original bytes regenerated exactly, or the
-file kept whole."""
+"""JPEG Lossless and RLE originals stored as pixels: the original bytes regenerated exactly,
+or the file kept whole."""
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pynetdicom import evt
 from sqlalchemy import select
 
 from medzip_scp.codec.jpeg_lossless import parse
+from medzip_scp.codec.rle_lossless import NotSplittable, join, split
 from medzip_scp.dicom import blob as blob_module
 from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
 from medzip_scp.dicom.part10 import dataset_offset_of
@@ -140,3 +142,36 @@ def test_the_node_serves_a_recoded_original_in_its_syntax_and_decompressed(
             converted.file_meta = converted.file_meta or Dataset()
             converted.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             assert np.array_equal(converted.pixel_array, original.pixel_array)
+
+
+def test_rle_originals_come_back_byte_for_byte_whatever_runs_their_encoder_chose() -> None:
+    files = sorted((SHARED_DATA / "conformance" / "RLELossless").glob("*.dcm"))
+    if not files:
+        pytest.skip(f"no RLE Lossless files under {SHARED_DATA} (see its README)")
+    recoded = 0
+    for path in files:
+        data = path.read_bytes()
+        blob = encode_dataset(data)
+        assert decode_blob(blob) == data, path.name
+        if blob_info(blob)["mode"] == "recoded":
+            recoded += 1
+            assert len(blob) < _kept_whole_size(data), path.name
+    assert recoded >= 3  # the MR and ultrasound ones; tiny synthetic images stay whole
+
+
+def test_an_rle_frame_splits_into_its_skeleton_and_planes() -> None:
+    planes = [bytes([1, 1, 1, 2, 3]), bytes([9, 8, 7, 7, 7])]
+    # plane 0: a replicate run of 3, a literal run of 2, a no-op; plane 1: literal 2,
+    # replicate 3, then one byte of padding
+    seg0 = bytes([256 - 2, 1, 1, 2, 3, 128])
+    seg1 = bytes([1, 9, 8, 256 - 2, 7, 0])
+    header = struct.pack("<16I", 2, 64, 64 + len(seg0), *[0] * 13)
+    frame = header + seg0 + seg1
+    skeleton, found = split(frame, 2, 5)
+    assert found == planes
+    assert join(skeleton, planes) == frame
+    assert len(skeleton) < len(frame)  # the run data is in the planes, not in the skeleton
+    with pytest.raises(NotSplittable, match="segments"):
+        split(frame, 3, 5)
+    with pytest.raises(NotSplittable, match="before its plane is complete"):
+        split(frame, 2, 9)
