@@ -47,6 +47,7 @@ from medzip_scp.codec.rle_lossless import (
 JPEG_LOSSLESS_SYNTAXES = frozenset({JPEGLossless, JPEGLosslessSV1})
 RECODED_SYNTAXES = JPEG_LOSSLESS_SYNTAXES | {RLELossless}
 _JPEG, _RLE = 0, 1  # the record's kind byte: part of the format
+_MAX_EXPANSION = 64  # decoded bytes per encapsulated byte, at most
 _PIXEL_DATA = 0x7FE00010
 _ITEM = b"\xfe\xff\x00\xe0"
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0"
@@ -168,6 +169,11 @@ def recode(part10: bytes) -> Recoded:
             raise NotRecoded(f"not parsable ({type(exc).__name__})") from None
     if syntax not in RECODED_SYNTAXES:
         raise NotRecoded("not JPEG Lossless or RLE Lossless")
+    declared = n_frames * rows * columns * samples * -(-bits_allocated // 8)
+    if declared > _MAX_EXPANSION * len(part10) + (1 << 20):
+        # a Huffman-coded sample takes at least a bit, an RLE run at most 128 bytes for 2:
+        # more is a decompression bomb (or a lie), which is never decoded
+        raise NotRecoded("the image attributes declare more pixels than its data can hold")
     if not isinstance(elem, RawDataElement) or elem.value_tell is None:
         raise NotRecoded("pixel data position unknown")
     value_offset = int(elem.value_tell)

@@ -175,3 +175,20 @@ def test_an_rle_frame_splits_into_its_skeleton_and_planes() -> None:
         split(frame, 3, 5)
     with pytest.raises(NotSplittable, match="before its plane is complete"):
         split(frame, 2, 9)
+
+
+def test_attributes_declaring_more_pixels_than_the_data_can_hold_are_never_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decompression bomb (a tiny JPEG that claims 60000 x 60000 pixels) is kept whole,
+    never decoded: the background worker's memory stays bounded."""
+    source = dcmread(BytesIO(_t1_file()))
+    source.Rows = source.Columns = 60000
+    buffer = BytesIO()
+    source.save_as(buffer, enforce_file_format=True)
+    decoded: list[bytes] = []
+    monkeypatch.setattr(imagecodecs, "ljpeg_decode", lambda data: decoded.append(data))
+    blob = encode_dataset(buffer.getvalue())
+    assert decoded == []
+    assert "declare more pixels than its data can hold" in blob_info(blob)["reason"]
+    assert decode_blob(blob) == buffer.getvalue()
