@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -60,6 +61,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from medzip_scp.codec import predictive
 from medzip_scp.codec.container import (
     FORMAT_VERSION,
     ZERO_SHA256,
@@ -232,6 +234,21 @@ def _gated_paths(values: npt.NDArray[np.unsignedinteger], nbits: int) -> list[Pi
     return _candidate_paths((*DEFAULT_PATHS, *extra_candidates(values, nbits)))
 
 
+_said_core_unavailable = threading.Event()
+
+
+def _core_unavailable(exc: Exception) -> None:
+    """Say once, loudly, that pred-v2 is missing: blobs are then larger, not wrong."""
+    if _said_core_unavailable.is_set():
+        return
+    _said_core_unavailable.set()
+    log.error(
+        "the predictive coder's C core is unavailable (%s): frames are coded by the standard "
+        "codecs only, 3-8 %% larger; install a C compiler (apt-get install gcc) or set CC",
+        exc,
+    )
+
+
 def _best_stream(
     values: npt.NDArray[np.unsignedinteger],
     nbits: int,
@@ -253,6 +270,9 @@ def _best_stream(
                 data, slots = carried if carried is not None else (None, [])
             else:
                 data = path.encode(values, nbits)
+        except predictive.CoreUnavailableError as exc:
+            _core_unavailable(exc)
+            data = None
         except Exception:  # a path that cannot take this input is simply not a candidate
             data = None
         if data is not None:

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import zstandard
 
 from medzip_scp.codec import predictive
+from medzip_scp.codec.errors import UnsupportedFormatError
 from medzip_scp.codec.predictive import FlushSlot
 
 __all__ = [
@@ -341,13 +342,24 @@ class PredictivePath:
     def decode(
         self, data: bytes, shape: tuple[int, int, int], nbits: int
     ) -> npt.NDArray[np.unsignedinteger]:
-        return self._decode(data, shape, nbits, None)
+        return self._decode_with_core(data, shape, nbits, None)
 
     def decode_carrying(
         self, data: bytes, shape: tuple[int, int, int], nbits: int
     ) -> tuple[npt.NDArray[np.unsignedinteger], list[FlushSlot]]:
         slots: list[FlushSlot] = []
-        return self._decode(data, shape, nbits, slots), slots
+        return self._decode_with_core(data, shape, nbits, slots), slots
+
+    def _decode_with_core(
+        self, data: bytes, shape: tuple[int, int, int], nbits: int, slots: list[FlushSlot] | None
+    ) -> npt.NDArray[np.unsignedinteger]:
+        try:
+            return self._decode(data, shape, nbits, slots)
+        except predictive.CoreUnavailableError as exc:  # the blob is fine, this node is not
+            raise UnsupportedFormatError(
+                f"pred-v2 streams need the predictive coder's C core, which is unavailable "
+                f"({exc}): install a C compiler (apt-get install gcc) or set CC"
+            ) from None
 
     def _decode(
         self, data: bytes, shape: tuple[int, int, int], nbits: int, slots: list[FlushSlot] | None

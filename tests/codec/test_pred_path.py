@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 
 import numpy as np
 import pydicom
@@ -10,6 +12,8 @@ import pytest
 
 from medzip_scp.codec import api
 from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
+from medzip_scp.codec.errors import UnsupportedFormatError
+from medzip_scp.codec.predictive import _build
 from tests.data_paths import SHARED_DATA
 
 CT_DIR = SHARED_DATA / "series" / "ct-phantom-1mm"
@@ -79,3 +83,28 @@ def test_frames_of_one_object_warm_start_each_others_fit(monkeypatch: pytest.Mon
         assert [f["path"] for f in describe(blob)["frames"]] == ["pred"] * 3
         back = decompress(blob).frames
         assert back is not None and np.array_equal(back.pixels, pixels)
+
+
+def test_without_the_c_core_frames_go_to_other_codecs_and_it_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An install whose C core cannot be built (no compiler): new blobs are larger and the
+    log says why, once; blobs that need the core say so, never "corrupt stream"."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64]
+    frame = (1000 + 300 * np.sin(yy / 9) + rng.normal(0, 4, yy.shape)).astype(np.uint16)
+    layout = PixelLayout(64, 64, 1, 16, 12, False)
+    frames = FrameSet(layout, frame[None, ..., None])
+    with_core = compress(frames, learned=None)
+    assert describe(with_core)["frames"][0]["path"] == "pred"
+    monkeypatch.setattr(_build, "_lib", None)
+    monkeypatch.setattr(_build, "_failed", _build.BuildError("no C compiler found"))
+    monkeypatch.setattr(api, "_said_core_unavailable", threading.Event())
+    with caplog.at_level(logging.ERROR):
+        without = [compress(frames, learned=None) for _ in range(2)]
+    said = [r.message for r in caplog.records if "C core is unavailable" in r.message]
+    assert len(said) == 1 and "install a C compiler" in said[0]
+    assert describe(without[0])["frames"][0]["path"] != "pred"
+    assert np.array_equal(decompress(without[0]).frames.pixels, frames.pixels)
+    with pytest.raises(UnsupportedFormatError, match="need the predictive coder's C core"):
+        decompress(with_core)

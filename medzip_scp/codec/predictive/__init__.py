@@ -108,9 +108,11 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _build
+from ._build import BuildError as CoreUnavailableError
 
 __all__ = [
     "CODER_ID",
+    "CoreUnavailableError",
     "CorruptStreamError",
     "Fit",
     "FlushSlot",

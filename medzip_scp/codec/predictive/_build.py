@@ -22,6 +22,7 @@ _SOURCE = Path(__file__).with_name("_pred.c")
 _FLAGS = ["-O2", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-strict-aliasing"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_failed: BuildError | None = None  # a build that failed is not tried again in this process
 
 
 class BuildError(RuntimeError):
@@ -60,15 +61,21 @@ def _compile(target: Path) -> None:
 
 def load() -> ctypes.CDLL:
     """Return the loaded core library, compiling it first if needed."""
-    global _lib
+    global _lib, _failed
     with _lock:
         if _lib is not None:
             return _lib
+        if _failed is not None:
+            raise _failed
         digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
         target = _cache_dir() / f"_pred-{digest}-{sys.platform}.so"
-        if not target.exists():
-            _compile(target)
-        lib = ctypes.CDLL(str(target))
+        try:
+            if not target.exists():
+                _compile(target)
+            lib = ctypes.CDLL(str(target))
+        except (BuildError, OSError) as exc:
+            _failed = exc if isinstance(exc, BuildError) else BuildError(f"loading failed: {exc}")
+            raise _failed from None
         # pointer arguments are plain addresses (the callers pass contiguous arrays' data)
         ptr, c_int, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.mz_fit.argtypes = [ptr, c_int, c_int, i64, c_int, c_int, c_int, c_int, c_int]
