@@ -13,7 +13,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate, generate_fragmented_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
-from pynetdicom import evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as StudyRootGet
 from sqlalchemy import select
 
 from medzip_scp.codec.jpeg_lossless import parse
@@ -25,8 +25,8 @@ from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from tests.data_paths import SHARED_DATA
-from tests.identity.node_traffic import send_files
-from tests.net.conftest import RunningNode, c_get, node, node_settings  # noqa: F401
+from tests.identity.node_traffic import get_data_sets, send_files
+from tests.net.conftest import RunningNode, node, node_settings  # noqa: F401
 
 T1 = SHARED_DATA / "series" / "mr-t1-3d"
 
@@ -118,28 +118,21 @@ def test_the_node_serves_a_recoded_original_in_its_syntax_and_decompressed(
     assert blob_module.peek_blob(bytes(blob))  # parses; the mode is inside the sealed data
     raw = path.read_bytes()
     original = dcmread(path)
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = original.StudyInstanceUID
+    query.SeriesInstanceUID = original.SeriesInstanceUID
+    query.SOPInstanceUID = original.SOPInstanceUID
     for syntax in (JPEGLosslessSV1, ExplicitVRLittleEndian):
-        arrived: dict[str, Dataset] = {}
-
-        def on_store(event: evt.Event, _arrived: dict[str, Dataset] = arrived) -> int:
-            data = Path(event.dataset_path).read_bytes()
-            _arrived["bytes"] = data  # type: ignore[assignment]
-            return Status.SUCCESS
-
-        query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE"
-        query.StudyInstanceUID = original.StudyInstanceUID
-        query.SeriesInstanceUID = original.SeriesInstanceUID
-        query.SOPInstanceUID = original.SOPInstanceUID
         contexts = {(str(original.SOPClassUID), str(syntax))}
-        responses = c_get(node, query, on_store, contexts)
-        assert responses[-1][0].Status == Status.SUCCESS, syntax
-        got = arrived["bytes"]
+        final, _, arrived = get_data_sets(node, query, contexts, StudyRootGet)
+        assert final.Status == Status.SUCCESS, syntax
+        [got] = arrived.values()
         if syntax == JPEGLosslessSV1:  # as received, byte for byte
-            assert got[dataset_offset_of(got) :] == raw[dataset_offset_of(raw) :]
+            assert got == raw[dataset_offset_of(raw) :]
         else:  # the pixels, decompressed
             converted = dcmread(BytesIO(got), force=True)
-            converted.file_meta = converted.file_meta or Dataset()
+            converted.file_meta = Dataset()
             converted.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             assert np.array_equal(converted.pixel_array, original.pixel_array)
 

@@ -55,12 +55,14 @@ def send_files(node: RunningNode, paths: list[Path]) -> dict[Path, int]:
     return statuses
 
 
-def get_patient(
-    node: RunningNode, patient_id: str, contexts: set[tuple[str, str]]
+def get_data_sets(
+    node: RunningNode,
+    query: Dataset,
+    contexts: set[tuple[str, str]],
+    model: str = PatientRootQueryRetrieveInformationModelGet,
 ) -> tuple[Dataset, Dataset | None, dict[str, bytes]]:
-    """C-GET every instance of a patient (Patient Root, PATIENT level), accepting
-    ``contexts``; returns the final response, its identifier and each arrived instance's
-    data set bytes (behind its File Meta) by SOP Instance UID."""
+    """C-GET ``query``, accepting ``contexts``; returns the final response, its identifier
+    and each arrived instance's data set bytes (behind its File Meta) by SOP Instance UID."""
     arrived: dict[str, bytes] = {}
 
     def on_store(event: evt.Event) -> int:
@@ -69,9 +71,17 @@ def get_patient(
         arrived[str(event.request.AffectedSOPInstanceUID)] = raw[dataset_offset_of(raw) :]
         return Status.SUCCESS
 
+    responses = c_get(node, query, on_store, contexts, model)
+    final, identifier = responses[-1]
+    return final, identifier, arrived
+
+
+def get_patient(
+    node: RunningNode, patient_id: str, contexts: set[tuple[str, str]]
+) -> tuple[Dataset, Dataset | None, dict[str, bytes]]:
+    """C-GET every instance of a patient (Patient Root, PATIENT level): see
+    :func:`get_data_sets`."""
     query = Dataset()
     query.QueryRetrieveLevel = "PATIENT"
     query.PatientID = patient_id
-    responses = c_get(node, query, on_store, contexts, PatientRootQueryRetrieveInformationModelGet)
-    final, identifier = responses[-1]
-    return final, identifier, arrived
+    return get_data_sets(node, query, contexts)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
-from pynetdicom import evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as StudyRootGet
 from sqlalchemy import select
 
 from medzip_scp.archive import Archive, IdentityCodec
@@ -29,7 +29,8 @@ from medzip_scp.pipeline.verify import verify_archive
 from medzip_scp.storage.envelope import BlobKey, EnvelopeError
 from medzip_scp.storage.local import LocalBlobStore
 from medzip_scp.storage.references import ReferenceStore
-from tests.net.conftest import RunningNode, c_get
+from tests.identity.node_traffic import get_data_sets
+from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
 
 
@@ -208,20 +209,14 @@ def test_a_c_get_of_one_instance_in_the_middle_of_a_series(node: RunningNode) ->
     node.archive.blobs.references = ReferenceStore(
         node.archive.blobs.references.folder, node.archive.blobs._key
     )
-    arrived: dict[str, bytes] = {}
-
-    def on_store(event: evt.Event) -> int:
-        raw = Path(event.dataset_path).read_bytes()
-        arrived[str(event.request.AffectedSOPInstanceUID)] = raw[dataset_offset_of(raw) :]
-        return Status.SUCCESS
-
     query = Dataset()
     query.QueryRetrieveLevel = "IMAGE"
     query.StudyInstanceUID = sent[2].StudyInstanceUID
     query.SeriesInstanceUID = sent[2].SeriesInstanceUID
     query.SOPInstanceUID = sent[2].SOPInstanceUID
-    responses = c_get(node, query, on_store)
-    assert responses[-1][0].Status == Status.SUCCESS
+    contexts = {(str(sent[2].SOPClassUID), str(sent[2].file_meta.TransferSyntaxUID))}
+    final, _, arrived = get_data_sets(node, query, contexts, StudyRootGet)
+    assert final.Status == Status.SUCCESS
     assert arrived == {sent[2].SOPInstanceUID: expected[dataset_offset_of(expected) :]}
 
 
