@@ -558,16 +558,7 @@ class Archive:
                     select(func.count(Instance.id)).where(Instance.series_fk == instance.series_fk)
                 )
         if sha256 is not None:
-            data = self.blobs.references.get(bytes.fromhex(sha256))
-            if data is not None:
-                return DatasetReference(data)
-            log.warning(
-                "data set reference %s of series %s is missing from %s: coding without it",
-                sha256,
-                series_uid,
-                self.blobs.references.folder,
-            )
-            return None
+            return self._kept_reference(sha256, series_uid)
         if (members or 0) < self.SERIES_REFERENCE_MIN_INSTANCES:
             return None
         reference = self.identity_codec.series_reference(part10)
@@ -599,8 +590,28 @@ class Archive:
         if sha256 is None or sha256 == ours.sha256.hex():
             return ours if sha256 is not None else None
         self.blobs.references.discard(ours.sha256)
-        data = self.blobs.references.get(bytes.fromhex(sha256))
-        return None if data is None else DatasetReference(data)
+        return self._kept_reference(sha256, series_uid)
+
+    def _kept_reference(self, sha256: str, series_uid: str) -> DatasetReference | None:
+        """The reference the store keeps under ``sha256``; None (logged: new blobs of the
+        series are then coded without one) when it is gone or does not open."""
+        try:
+            data = self.blobs.references.get(bytes.fromhex(sha256))
+        except (EnvelopeError, OSError) as exc:
+            data, why = None, f"does not open ({type(exc).__name__})"
+        else:
+            why = "is missing"
+        if data is not None:
+            return DatasetReference(data)
+        log.error(
+            "data set reference %s of series %s %s in %s: new blobs of the series are coded "
+            "without it; blobs that need it will not decode (restore refs/ from a backup)",
+            sha256,
+            series_uid,
+            why,
+            self.blobs.references.folder,
+        )
+        return None
 
     # -- C-STORE -------------------------------------------------------------------------
 

@@ -239,6 +239,23 @@ def test_a_reference_gone_from_the_store_is_reported_never_served(node: RunningN
     assert dcmread(BytesIO(archive.load_part10(newest))).InstanceNumber == 3
 
 
+def test_a_reference_that_does_not_open_fails_no_compression(node: RunningNode) -> None:
+    """A damaged reference: the series' new instances are still compressed (without it)."""
+    series_uid = generate_uid()
+    for ds in _series([1, 2], series_uid):
+        assert store(node, ds) == Status.SUCCESS
+    _compress_all(node.archive)
+    [path] = _reference_files(node)
+    damaged = bytearray(path.read_bytes())
+    damaged[-20] ^= 1
+    path.write_bytes(bytes(damaged))
+    archive = Archive.open(node.settings)  # nothing cached
+    assert store(node, _series([3], series_uid)[0]) == Status.SUCCESS
+    _compress_all(archive)  # asserts no failures
+    newest = _rows(node)[-1]
+    assert newest.codec_id == IdentityCodec.codec_id and _reference_sha(node, newest) is None
+
+
 def test_a_tampered_reference_does_not_open(tmp_path: Path) -> None:
     key = BlobKey.create(tmp_path / "key")
     references = ReferenceStore(tmp_path / "refs", key)
