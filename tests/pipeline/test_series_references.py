@@ -33,12 +33,23 @@ from tests.identity.node_traffic import get_data_sets
 from tests.net.conftest import RunningNode
 from tests.net.test_store import ct_dataset, store
 
+_STUDIES: dict[str, str] = {}
 
-def _series(numbers: list[int], series_uid: str | None = None) -> list[Dataset]:
-    """CT slices of one series, with these instance numbers (in this order of arrival)."""
+
+def _series(
+    numbers: list[int], series_uid: str | None = None, study_uid: str | None = None
+) -> list[Dataset]:
+    """CT slices of one series (of a study of its own unless ``study_uid``), with these
+    instance numbers (in this order of arrival)."""
     uid = series_uid or generate_uid()
+    study = study_uid or _STUDIES.setdefault(uid, generate_uid())
     return [
-        ct_dataset(SeriesInstanceUID=uid, InstanceNumber=n, SliceLocation=f"{n * 1.25:.2f}")
+        ct_dataset(
+            StudyInstanceUID=study,
+            SeriesInstanceUID=uid,
+            InstanceNumber=n,
+            SliceLocation=f"{n * 1.25:.2f}",
+        )
         for n in numbers
     ]
 
@@ -108,6 +119,34 @@ def test_the_reference_takes_the_header_out_of_each_blob(node: RunningNode) -> N
     # CT_small's header: about 1 KB zstd-coded alone, tens of bytes against its series
     assert coded["dataset_bytes"] < alone["dataset_bytes"] / 4
     assert coded["pixel_bytes"] == alone["pixel_bytes"]
+
+
+def test_small_series_of_a_study_share_its_reference_large_ones_get_their_own(
+    node: RunningNode,
+) -> None:
+    study = generate_uid()
+    small = [_series([1, 2], study_uid=study) for _ in range(3)]  # like MR-EPI's 2-volume runs
+    large = _series(list(range(1, Archive.OWN_REFERENCE_MIN_INSTANCES + 1)), study_uid=study)
+    for ds in [*(ds for s in small for ds in s), *large]:
+        assert store(node, ds) == Status.SUCCESS
+    before = _retrieved(node.archive)
+    _compress_all(node.archive)
+    by_series: dict[str, set[str | None]] = {}
+    for row in _rows(node):
+        uid = next(ds.SeriesInstanceUID for s in [*small, large] for ds in s
+                   if ds.SOPInstanceUID == row.sop_instance_uid)  # fmt: skip
+        by_series.setdefault(uid, set()).add(_reference_sha(node, row))
+    shared = by_series[small[0][0].SeriesInstanceUID]
+    assert len(shared) == 1 and None not in shared
+    assert all(by_series[s[0].SeriesInstanceUID] == shared for s in small)
+    own = by_series[large[0].SeriesInstanceUID]
+    assert len(own) == 1 and own != shared
+    assert len(_reference_files(node)) == 2  # the study's (the first series') and the large's
+    assert _retrieved(node.archive) == before
+    # a one-instance series of another study, alone, gets none
+    assert store(node, _series([1])[0]) == Status.SUCCESS
+    _compress_all(node.archive)
+    assert _reference_sha(node, _rows(node)[-1]) is None
 
 
 def test_a_series_grown_after_it_was_coded_keeps_its_reference(node: RunningNode) -> None:
