@@ -241,8 +241,9 @@ class Instance(Base):
 
 class SeriesReference(Base):
     """The data set reference new blobs of a series are coded against
-    (:mod:`medzip_scp.storage.references`): at most one per series, made when the series'
-    second instance is compressed. Only encoding reads this table: every blob names its
+    (:mod:`medzip_scp.storage.references`): at most one per series, made when a series of
+    two or more is first compressed (a small series may use its study's instead: see
+    ``Archive.series_reference``). Only encoding reads this table: every blob names its
     reference by sha256 and decodes without the index, so a lost row costs a new reference
     for the series, never a blob."""
 
