@@ -383,6 +383,8 @@ def _serve_forwarded(
         return
     configure_logging(settings.log_level)
     archive = Archive.open(settings, migrate=False)
+    if stop.is_set():  # stopped (or orphaned) while opening: serve nothing, end now
+        return
     archive.store_activity = store_activity
     server = start_server(archive, forwarded=(channel, stop.set))
     try:

@@ -131,6 +131,7 @@ def test_no_identity_at_rest_once_compressed(
 
     references = node.archive.blobs.references
     used = set()
+    referenced = 0
     for row in rows:
         at_rest = node.archive.blobs._path(row.blob_key).read_bytes()
         plaintext = node.archive.blobs.read(row.blob_key, bound_to=row.sop_instance_uid)
@@ -142,8 +143,10 @@ def test_no_identity_at_rest_once_compressed(
         sha = describe(bytes(plaintext))["dataset_reference"]
         if sha is not None:
             used.add(bytes.fromhex(sha))
-    # The references the mr-epi series' blobs are coded against hold no identity either.
-    assert len(used) >= 20
+            referenced += 1
+    # The references the series' blobs are coded against (the mr-epi runs share their
+    # study's) hold no identity either.
+    assert referenced >= 40 and used
     for sha in used:
         data = references.get(sha)
         assert data is not None and identity_found(data) == []
