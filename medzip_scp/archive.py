@@ -535,6 +535,10 @@ class Archive:
     SERIES_REFERENCE_MIN_INSTANCES = 2
     """A series gets a data set reference once it has this many instances: a one-instance
     series would only pay for the reference (one more coded header) and gain nothing."""
+    MAX_REFERENCE_BYTES = 1 << 20
+    """A header larger than this (private blobs, overlays) makes no reference: zstd's prepared
+    dictionary for it would take tens of MB of memory in every node process coding against
+    it (4.4 MB for a 150 KB Siemens header), for headers that rarely repeat."""
     OWN_REFERENCE_MIN_INSTANCES = 8
     """A series this large gets its own reference even when its study has one: the study's
     (another series' header) leaves about twice the bytes per instance, which pays for a
@@ -551,7 +555,8 @@ class Archive:
            the patient, study and equipment), when there is one;
         4. else, for a series of :data:`SERIES_REFERENCE_MIN_INSTANCES` or more, one made
            as in 2 (the study's first);
-        5. else None (and None for a reference gone from the store: logged, coded without).
+        5. else None (and None for a reference gone from the store: logged, coded without;
+           and for a header above :data:`MAX_REFERENCE_BYTES`).
         """
         with self.read_sessions() as session:
             series = session.get(Series, instance.series_fk)
@@ -589,6 +594,8 @@ class Archive:
         if members < self.SERIES_REFERENCE_MIN_INSTANCES:
             return None
         reference = self.identity_codec.series_reference(part10)
+        if len(reference.data) > self.MAX_REFERENCE_BYTES:
+            return None
         self.blobs.references.put(reference.data)
         with self.sessions() as session:
             session.add(

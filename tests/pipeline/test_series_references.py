@@ -198,6 +198,19 @@ def test_two_processes_making_a_series_reference_at_once_keep_one(
     assert len(_reference_files(node)) == 1
 
 
+def test_a_series_with_huge_headers_gets_no_reference(node: RunningNode) -> None:
+    """A header above MAX_REFERENCE_BYTES (a private blob): coded without a reference."""
+    sent = _series([1, 2])
+    for ds in sent:
+        ds.add_new(0x00291010, "OB", bytes(range(256)) * (Archive.MAX_REFERENCE_BYTES // 200))
+        assert store(node, ds) == Status.SUCCESS
+    before = _retrieved(node.archive)
+    _compress_all(node.archive)
+    assert {_reference_sha(node, row) for row in _rows(node)} == {None}
+    assert _reference_files(node) == [] and _rows(node, SeriesReference) == []
+    assert _retrieved(node.archive) == before
+
+
 def test_a_one_instance_series_is_coded_without_a_reference(node: RunningNode) -> None:
     assert store(node, ct_dataset(SeriesInstanceUID=generate_uid())) == Status.SUCCESS
     _compress_all(node.archive)
