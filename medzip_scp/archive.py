@@ -291,6 +291,13 @@ def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobSto
     )
 
 
+def _recorded_reference(session: Session, series_uid: str) -> str | None:
+    """The sha256 (hex) of the data set reference recorded for a series, or None."""
+    return session.scalar(
+        select(SeriesReference.sha256).where(SeriesReference.series_instance_uid == series_uid)
+    )
+
+
 def attributes_of(part10: bytes) -> InstanceAttributes:
     """The index attributes of a Part-10 object (read up to its pixels)."""
     return attributes_from_dataset(load_dataset(part10, stop_before_pixels=True))
@@ -558,32 +565,20 @@ class Archive:
         5. else None (and None for a reference gone from the store: logged, coded without;
            and for a header above :data:`MAX_REFERENCE_BYTES`).
         """
+        members, study_sha256 = 0, None
         with self.read_sessions() as session:
             series = session.get(Series, instance.series_fk)
             if series is None:  # the instance was replaced or removed meanwhile
                 return None
-            series_uid, study_fk = series.series_instance_uid, series.study_fk
-            sha256 = session.scalar(
-                select(SeriesReference.sha256).where(
-                    SeriesReference.series_instance_uid == series_uid
-                )
-            )
-            if sha256 is not None:
-                members = 0
-                study_sha256 = None
-            else:
-                members = (
-                    session.scalar(
-                        select(func.count(Instance.id)).where(
-                            Instance.series_fk == instance.series_fk
-                        )
-                    )
-                    or 0
-                )
+            series_uid = series.series_instance_uid
+            sha256 = _recorded_reference(session, series_uid)
+            if sha256 is None:
+                count = select(func.count(Instance.id)).where(Instance.series_fk == series.id)
+                members = session.scalar(count) or 0
                 study_sha256 = session.scalar(
                     select(SeriesReference.sha256)
                     .join(Series, Series.series_instance_uid == SeriesReference.series_instance_uid)
-                    .where(Series.study_fk == study_fk)
+                    .where(Series.study_fk == series.study_fk)
                     .order_by(SeriesReference.id)
                     .limit(1)
                 )
@@ -616,11 +611,7 @@ class Archive:
         """The reference another process recorded for the series while we made ``ours``
         (its file is kept before its row commits); ours goes, no blob names it yet."""
         with self.read_sessions() as session:
-            sha256 = session.scalar(
-                select(SeriesReference.sha256).where(
-                    SeriesReference.series_instance_uid == series_uid
-                )
-            )
+            sha256 = _recorded_reference(session, series_uid)
         if sha256 is None or sha256 == ours.sha256.hex():
             return ours if sha256 is not None else None
         self.blobs.references.discard(ours.sha256)

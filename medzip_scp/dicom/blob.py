@@ -367,13 +367,13 @@ def _recoded_rest_and_frames(part10: bytes, transfer_syntax: str) -> tuple[bytes
 
 
 def _recoded_parts(body: bytes) -> tuple[bytes, bytes]:
-    """``(JPEG record, file without its entropy-coded data)`` of a RECODED blob's body."""
+    """``(record, file without the bytes its pixels give back)`` of a RECODED blob's body."""
     if len(body) < _RECORD_LENGTH.size:
-        raise CorruptStreamError("DICOM adapter: JPEG Lossless record missing")
+        raise CorruptStreamError("DICOM adapter: recoded record missing")
     (n,) = _RECORD_LENGTH.unpack_from(body, 0)
     end = _RECORD_LENGTH.size + n
     if end > len(body):
-        raise CorruptStreamError(f"DICOM adapter: JPEG Lossless record of {n} bytes truncated")
+        raise CorruptStreamError(f"DICOM adapter: recoded record of {n} bytes truncated")
     return body[_RECORD_LENGTH.size : end], body[end:]
 
 

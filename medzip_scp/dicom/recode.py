@@ -43,14 +43,13 @@ from medzip_scp.codec.rle_lossless import (
     samples_to_planes,
     split,
 )
+from medzip_scp.dicom.frames import FrameHeaderError, fragments
 
 JPEG_LOSSLESS_SYNTAXES = frozenset({JPEGLossless, JPEGLosslessSV1})
 RECODED_SYNTAXES = JPEG_LOSSLESS_SYNTAXES | {RLELossless}
 _JPEG, _RLE = 0, 1  # the record's kind byte: part of the format
 _MAX_EXPANSION = 64  # decoded bytes per encapsulated byte, at most
 _PIXEL_DATA = 0x7FE00010
-_ITEM = b"\xfe\xff\x00\xe0"
-_SEQUENCE_END = b"\xfe\xff\xdd\xe0"
 _COUNT = struct.Struct("<I")
 
 
@@ -94,27 +93,11 @@ class Recoded:
 
 def _fragments(part10: bytes, value_offset: int) -> tuple[bytes, list[tuple[int, int]]]:
     """``(basic offset table, [(file offset, length) of each fragment])``."""
-    pos = value_offset
-    table = b""
-    fragments: list[tuple[int, int]] = []
-    first = True
-    while True:
-        tag = part10[pos : pos + 4]
-        if len(tag) < 4 or pos + 8 > len(part10):
-            raise NotRecoded("encapsulated pixel data runs past the end of the file")
-        if tag == _SEQUENCE_END:
-            return table, fragments
-        if tag != _ITEM:
-            raise NotRecoded("encapsulated pixel data holds something other than items")
-        (length,) = _COUNT.unpack_from(part10, pos + 4)
-        if length == 0xFFFFFFFF or pos + 8 + length > len(part10):
-            raise NotRecoded("an item of the encapsulated pixel data has no usable length")
-        if first:
-            table = part10[pos + 8 : pos + 8 + length]
-            first = False
-        else:
-            fragments.append((pos + 8, length))
-        pos += 8 + length
+    try:
+        (table_at, table_length), *data = fragments(part10, value_offset)
+    except (FrameHeaderError, ValueError):  # malformed items, or none at all
+        raise NotRecoded("encapsulated pixel data items are malformed") from None
+    return part10[table_at : table_at + table_length], data
 
 
 def _frames_of(

@@ -103,8 +103,7 @@ class ReferenceStore:
         """Delete a reference no blob names (one made by two processes at once: the one
         not recorded for its series goes before any blob is coded against it)."""
         with self._lock:
-            if self._cache.pop(sha256, None) is not None:
-                self._cached = sum(len(d) for d in self._cache.values())
+            self._cached -= len(self._cache.pop(sha256, b""))
         self._path(sha256).unlink(missing_ok=True)
         fsync(self.folder, os.O_DIRECTORY)
 
@@ -117,10 +116,14 @@ class ReferenceStore:
             while self._cached > self._cache_bytes:
                 self._cached -= len(self._cache.popitem(last=False)[1])
 
+    def _files(self) -> list[Path]:
+        """The references' files (not a temporary one being written)."""
+        return [p for p in self.folder.glob("*") if len(p.name) == 32]
+
     def count(self) -> int:
         """How many references the store keeps."""
-        return sum(1 for p in self.folder.glob("*") if len(p.name) == 32)
+        return len(self._files())
 
     def stored_bytes(self) -> int:
         """Their size on disk, sealed."""
-        return sum(p.stat().st_size for p in self.folder.glob("*") if len(p.name) == 32)
+        return sum(p.stat().st_size for p in self._files())

@@ -695,14 +695,12 @@ def decode_frame_carried(
     CorruptStreamError (a ValueError)
         As :func:`decode_frame_slot`.
     """
-    end = _new_state()
-    img, mode, slot, version = _decode(data, shape, bits, start, end)
+    img, mode, slot, end = _decode(data, shape, bits, start)
     if mode in (_MODE_DIRECT, _MODE_PACKED) and slot is None:
         raise CorruptStreamError(
             "predictive stream: the arithmetic coder does not end on its 4 flush bytes"
         )
-    carried = version == _VERSION_CARRIED and mode in (_MODE_DIRECT, _MODE_PACKED)
-    return img, slot, end if carried else start
+    return img, slot, start if end is None else end
 
 
 def decode_frame_slot(
@@ -735,11 +733,11 @@ def _decode(
     shape: tuple[int, int],
     bits: int,
     start: ModelState | None = None,
-    end: ModelState | None = None,
-) -> tuple[npt.NDArray[np.uint16], int, FlushSlot | None, int]:
-    """``(frame, mode, flush slot, version)``; the slot as :func:`_decode_body` reports it.
-    A version-3 stream needs ``start`` (the model state it continues) and leaves its own in
-    ``end``."""
+) -> tuple[npt.NDArray[np.uint16], int, FlushSlot | None, ModelState | None]:
+    """``(frame, mode, flush slot, the state its model left)``; the slot as
+    :func:`_decode_body` reports it. A version-3 stream needs ``start`` (the model state it
+    continues); the state is None for a stream that carried no model (another version, or a
+    mode without a coder)."""
     rd = _Reader(bytes(data))
     magic = rd.take(4)
     if magic != _MAGIC:
@@ -758,6 +756,7 @@ def _decode(
             "predictive stream continues the model of the frame before it: decode the "
             "object's frames in order (decode_frame_carried)"
         )
+    end = _new_state() if version == _VERSION_CARRIED else None
     carried = {} if start is None else {"start": start, "end": end}
     if ((H, W), sbits) != exp:
         raise CorruptStreamError(
@@ -796,4 +795,4 @@ def _decode(
         raise CorruptStreamError(f"predictive stream decodes to values above {sbits} bits")
     if zlib.crc32(img.astype("<u2").tobytes()) != crc:
         raise CorruptStreamError("predictive stream: CRC-32 of the decoded pixels does not match")
-    return img, mode, slot, version
+    return img, mode, slot, end if mode in (_MODE_DIRECT, _MODE_PACKED) else None
