@@ -10,6 +10,11 @@ PostgreSQL tests are skipped when the server is unreachable, unless
 ``db_engine`` / ``db_session_factory`` are the same database after
 ``upgrade_database`` (the schema always comes from the Alembic migrations).
 ``module_db_url`` is a module-scoped variant for read-only test modules.
+
+The fixtures that the test folders share live here too: ``node_settings`` and ``node`` (a
+real node in this process, on ``db_url``), ``store_scp`` (a C-MOVE destination),
+``pki`` (TLS keys and certificates) and ``shared_data`` (../shared/data, or a skip). Plain
+helpers are in ``tests.helpers``; test modules import nothing from one another.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +30,18 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from medzip_scp.config import Settings
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
+from tests.data_paths import NO_SHARED_DATA, SHARED_DATA
+from tests.helpers.node import RunningNode, free_port, make_settings, running_node
+from tests.helpers.tls import make_pki
 
 PG_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DB_KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -107,3 +120,53 @@ def db_engine(db_url: str) -> Iterator[Engine]:
 def db_session_factory(db_engine: Engine) -> sessionmaker[Session]:
     """Session factory on a migrated, empty index database."""
     return session_factory(db_engine)
+
+
+@pytest.fixture
+def node_settings(tmp_path: Path, db_url: str) -> Settings:
+    """Settings for a node; tests may adjust them before asking for ``node``."""
+    return make_settings(tmp_path / "data", db_url)
+
+
+@pytest.fixture
+def node(node_settings: Settings) -> Iterator[RunningNode]:
+    """A node of ``node_settings`` serving in this process; pynetdicom's and pydicom's
+    process-wide settings, which starting it changes, are restored afterwards."""
+    with running_node(node_settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; tests that ask for it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(NO_SHARED_DATA)
+    return SHARED_DATA
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A throw-away CA, node and client key and certificate (``tests.helpers.tls``)."""
+    return make_pki(tmp_path)
+
+
+@pytest.fixture
+def store_scp() -> Iterator[tuple[int, list[Dataset]]]:
+    """A C-MOVE destination (AE title ``DEST``) taking CT images: its port, and the data
+    sets it received."""
+    received: list[Dataset] = []
+    lock = threading.Lock()
+
+    def on_store(event: evt.Event) -> int:
+        with lock:
+            received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    yield port, received
+    server.shutdown()

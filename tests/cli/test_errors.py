@@ -16,8 +16,8 @@ from sqlalchemy.exc import DatabaseError
 from typer.testing import CliRunner
 
 from medzip_scp.cli.main import app
-from tests.cli.test_serve import _user_env
-from tests.net.conftest import free_port
+from tests.cli.serve_helpers import user_env
+from tests.helpers.node import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def _run(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
     return subprocess.run(
         [sys.executable, *args],
         cwd=cwd,
-        env=_user_env() | (env or {}),
+        env=user_env() | (env or {}),
         capture_output=True,
         text=True,
         timeout=60,

@@ -16,8 +16,8 @@ from medzip_scp.cli.main import app
 from medzip_scp.index.models import Instance, Patient, Series, Study
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
-from tests.net.conftest import RunningNode, free_port
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode, free_port
+from tests.helpers.scu import ct_dataset, store
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ or need the identity key, are listed and not indexed."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +28,11 @@ from medzip_scp.cli.main import app
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance, SupersededInstance
-from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode, c_get
-from tests.net.test_query_retrieve import _query
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode, c_get, running_node
+from tests.helpers.scu import ct_dataset, qr_identifier, store
 
 # Every key the index answers, per level; each level's query also asks for those above.
 KEYS = {
@@ -89,16 +85,6 @@ def _ct(patient: tuple[str, str], study: str, series: str, **changes: object) ->
     )
 
 
-@contextlib.contextmanager
-def _running(settings: Settings) -> Iterator[RunningNode]:
-    archive = Archive.open(settings)
-    server = start_server(archive)
-    try:
-        yield RunningNode(settings, archive, "127.0.0.1", settings.node.port)
-    finally:
-        server.shutdown()
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, MultiValue | list | tuple):
         return tuple(_plain(v) for v in value)
@@ -123,7 +109,7 @@ def _answers(node: RunningNode, level: str) -> list[tuple[tuple[int, str, Any], 
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     assert assoc.is_established
     try:
-        responses = list(assoc.send_c_find(_query(level, **dict.fromkeys(keys, "")), model))
+        responses = list(assoc.send_c_find(qr_identifier(level, **dict.fromkeys(keys, "")), model))
     finally:
         assoc.release()
     assert responses[-1][0].Status == Status.SUCCESS
@@ -139,7 +125,7 @@ def _get_study(node: RunningNode, study_uid: str) -> dict[str, bytes]:
         arrived[event.request.AffectedSOPInstanceUID] = data[dataset_offset_of(data) :]
         return Status.SUCCESS
 
-    responses = c_get(node, _query("STUDY", StudyInstanceUID=study_uid), on_store)
+    responses = c_get(node, qr_identifier("STUDY", StudyInstanceUID=study_uid), on_store)
     assert responses[-1][0].Status == Status.SUCCESS
     return arrived
 
@@ -224,7 +210,7 @@ def test_a_rebuilt_index_answers_as_before(replacing: Settings) -> None:
     corrected = _ct(ann, study_1, series_1, SOPInstanceUID=second.SOPInstanceUID,
                     InstanceNumber=22, SeriesDescription="corrected",
                     StudyDescription="first, corrected")  # fmt: skip
-    with _running(replacing) as node:
+    with running_node(replacing) as node:
         for ds in (first, second, renamed, other, anonymous):
             assert store(node, ds) == Status.SUCCESS
         _compress(node, second.SOPInstanceUID)  # this version is superseded sealed
@@ -250,7 +236,7 @@ def test_a_rebuilt_index_answers_as_before(replacing: Settings) -> None:
     assert "| 6 | 5 | 1 | 0 | 0 | 0 | 0 |" in result.output  # blobs, indexed, superseded...
 
     assert _rows(replacing) == rows
-    with _running(replacing) as node:
+    with running_node(replacing) as node:
         for level in LEVELS:
             assert _answers(node, level) == before[level], level
         assert _get_study(node, study_1) == sent  # byte for byte, sealed or original
@@ -267,7 +253,7 @@ def test_a_database_that_is_not_empty_is_refused(node: RunningNode) -> None:
 
 
 def test_a_tampered_blob_is_listed_not_indexed(node_settings: Settings) -> None:
-    with _running(node_settings) as node:
+    with running_node(node_settings) as node:
         sent = [ct_dataset() for _ in range(4)]
         for ds in sent:
             assert store(node, ds) == Status.SUCCESS
@@ -294,7 +280,7 @@ def test_a_tampered_blob_is_listed_not_indexed(node_settings: Settings) -> None:
 def test_without_the_identity_key_sealed_instances_are_key_missing(
     node_settings: Settings, tmp_path: Path
 ) -> None:
-    with _running(node_settings) as node:
+    with running_node(node_settings) as node:
         sent = [ct_dataset() for _ in range(2)]
         for ds in sent:
             assert store(node, ds) == Status.SUCCESS

@@ -2,76 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from tests.net.conftest import free_port
-from tests.net.tls_helpers import client_context, echo
+from tests.cli.serve_helpers import start_serve, start_two_processes, stop_serve, user_env
+from tests.helpers.node import free_port
+from tests.helpers.tls import client_context, echo
 
 ECHOSCU = Path("/usr/bin/echoscu")
 
 
-def _user_env() -> dict[str, str]:
-    """The environment a user starts the node from: no MEDZIP_ overrides of the suite's."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MEDZIP_")}
-
-
-def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medzip_scp.cli.main", "serve", *args],
-        cwd=tmp_path,
-        env=_user_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip())
-        if line.startswith("ready"):
-            return proc, lines
-    proc.kill()
-    raise AssertionError("node did not start:\n" + "\n".join(lines))
-
-
-def _start_two_processes(
-    tmp_path: Path, *args: str
-) -> tuple[subprocess.Popen[str], list[str], SimpleNamespace]:
-    """A node of two processes on a free port, its data in ``d``: the process, its start-up
-    output, and the node as the SCU helpers take it."""
-    port = free_port()
-    proc, lines = _start(
-        tmp_path, "--port", str(port), "--processes", "2", "--data-dir", "d", *args
-    )
-    return proc, lines, SimpleNamespace(host="127.0.0.1", port=port, ae_title="MEDZIP")
-
-
-def _stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM, as an init system stops the node; returns the rest of its output."""
-    proc.send_signal(signal.SIGTERM)
-    assert proc.stdout is not None
-    rest = proc.stdout.read()
-    proc.wait(timeout=60)
-    return rest
-
-
 def test_serve_prints_aet_port_and_answers_echo(tmp_path: Path) -> None:
     port = free_port()
-    proc, lines = _start(tmp_path, "--port", str(port), "--data-dir", "archive")
+    proc, lines = start_serve(tmp_path, "--port", str(port), "--data-dir", "archive")
     try:
         text = "\n".join(lines)
         assert f"AE title MEDZIP, port {port}" in text
@@ -94,7 +43,7 @@ def test_serve_prints_aet_port_and_answers_echo(tmp_path: Path) -> None:
         )
         assert wrong.returncode != 0  # called AE title is checked
     finally:
-        _stop(proc)
+        stop_serve(proc)
     assert proc.returncode == 0
 
 
@@ -127,7 +76,7 @@ def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
         ds = dcmread(get_testdata_file("CT_small.dcm"))
         ds.SOPInstanceUID = generate_uid()
         ds.save_as(files / f"{i}.dcm")
-    proc, lines, node = _start_two_processes(tmp_path)
+    proc, lines, node = start_two_processes(tmp_path)
     port = node.port
     try:
         assert "node processes: 2" in "\n".join(lines)
@@ -147,7 +96,7 @@ def test_serve_with_two_processes_shares_the_port(tmp_path: Path) -> None:
             out = sender.communicate(timeout=120)[0]
             assert sender.returncode == 0, out
     finally:
-        log = _stop(proc)
+        log = stop_serve(proc)
     count = sqlite3.connect(tmp_path / "d" / "index.sqlite3").execute(
         "select count(*) from instance"
     )
@@ -169,7 +118,7 @@ def test_mutual_tls_in_every_node_process(tmp_path: Path, pki: dict[str, Path]) 
         f'certificate = "{pki["node_cert"]}"\nprivate_key = "{pki["node_key"]}"\n'
         f'ca_certificates = "{pki["ca"]}"\nrequire_client_certificate = true\n'
     )
-    proc, _, node = _start_two_processes(tmp_path, "--config", str(config))
+    proc, _, node = start_two_processes(tmp_path, "--config", str(config))
     try:
         # associations are dealt in turn, so four in a row reach both processes twice; a
         # client that connects and stays silent holds up neither
@@ -178,7 +127,7 @@ def test_mutual_tls_in_every_node_process(tmp_path: Path, pki: dict[str, Path]) 
         silent.close()
         without = [echo(node, (client_context(pki, False), "localhost")) for _ in range(2)]
     finally:
-        _stop(proc)
+        stop_serve(proc)
     assert with_cert == [True] * 4
     assert without == [False] * 2
 
@@ -194,7 +143,7 @@ def test_port_in_use_fails_fast_with_a_message(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            env=_user_env(),
+            env=user_env(),
         )
     assert result.returncode == 1
     assert f"cannot serve on 0.0.0.0:{port}" in result.stderr
@@ -209,21 +158,21 @@ def test_every_node_process_serves_store_get_and_move(
     both processes compress their share of the originals."""
 
     from medzip_scp.net.status import Status
-    from tests.net.test_query_retrieve import _move, _study
+    from tests.helpers.scu import move_study, store_study
 
     dest_port, moved = store_scp
-    proc, _, node = _start_two_processes(
+    proc, _, node = start_two_processes(
         tmp_path, "--move-destination", f"DEST=127.0.0.1:{dest_port}"
     )
     try:
-        study_uid, sent = _study(node, 3)  # three associations: both processes store
+        study_uid, sent = store_study(node, 3)  # three associations: both processes store
         originals = {ds.SOPInstanceUID: ds.PixelData for ds in sent}
         for _ in range(2):  # two C-GETs: one per process
             status, got = _get_study(node.port, study_uid)
             assert status == Status.SUCCESS
             assert {ds.SOPInstanceUID: ds.PixelData for ds in got} == originals
         for _ in range(2):  # two C-MOVEs: one per process
-            assert _move(node, study_uid, "DEST")[-1].Status == Status.SUCCESS
+            assert move_study(node, study_uid, "DEST")[-1].Status == Status.SUCCESS
         assert len(moved) == 6
         assert all(ds.PixelData == originals[ds.SOPInstanceUID] for ds in moved)
         # once C-STOREs pause, each process compresses its share of the three originals
@@ -236,7 +185,7 @@ def test_every_node_process_serves_store_get_and_move(
         assert status == Status.SUCCESS
         assert {ds.SOPInstanceUID: ds.PixelData for ds in got} == originals
     finally:
-        log = _stop(proc)
+        log = stop_serve(proc)
     assert proc.returncode == 0
     for name in ("MainProcess", "medzip-node-1"):
         served = "\n".join(line for line in log.splitlines() if name in line)
@@ -256,7 +205,7 @@ def _get_study(port: int, study_uid: str) -> tuple[int, list]:
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
-    from tests.net.test_query_retrieve import _query
+    from tests.helpers.scu import qr_identifier
 
     got: list = []
 
@@ -274,7 +223,7 @@ def _get_study(port: int, study_uid: str) -> tuple[int, list]:
         ext_neg=[build_role(CTImageStorage, scp_role=True)],
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
-    query = _query("STUDY", StudyInstanceUID=study_uid)
+    query = qr_identifier("STUDY", StudyInstanceUID=study_uid)
     final = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))[-1][0]
     assoc.release()
     return int(final.Status), got

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from medzip_scp.net.status import Status
-from tests.cli.test_serve import _start, _start_two_processes, _stop, _user_env
+from tests.cli.serve_helpers import start_serve, start_two_processes, stop_serve, user_env
 from tests.data_paths import SHARED_DATA
-from tests.net.conftest import free_port
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import free_port
+from tests.helpers.scu import ct_dataset, store
 
 
 def _medzip(
@@ -27,7 +27,7 @@ def _medzip(
     return subprocess.Popen(
         [sys.executable, "-m", "medzip_scp.cli.main", *args],
         cwd=folder,
-        env=_user_env(),
+        env=user_env(),
         stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
@@ -94,7 +94,7 @@ class _Output:
 def test_second_node_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
     """A second node would clear the first one's spool (every C-STORE in flight, and each
     after, failed); a compression worker beside the node is welcome."""
-    proc, _, node = _start_two_processes(tmp_path)
+    proc, _, node = start_two_processes(tmp_path)
     data_dir = (tmp_path / "d").resolve()
     worker = _medzip(tmp_path, "worker", "--data-dir", "d")
     try:
@@ -116,7 +116,7 @@ def test_second_node_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=60)
-        _stop(proc)
+        stop_serve(proc)
     assert proc.returncode == 0
 
 
@@ -147,7 +147,7 @@ def test_no_process_outlives_a_node_stopped_during_start_up(
 
 @pytest.mark.slow
 def test_a_node_process_that_dies_is_replaced(tmp_path: Path) -> None:
-    proc, _, node = _start_two_processes(tmp_path)
+    proc, _, node = start_two_processes(tmp_path)
     output = _Output(proc)
     try:
         [child] = _node_process_pids(tmp_path)
@@ -181,7 +181,7 @@ def test_sigterm_while_compressing_stops_within_seconds(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text("[pipeline]\ncompress = true\npoll_seconds = 0.2\nlearned = true\n")
     port = free_port()
-    proc, _ = _start(
+    proc, _ = start_serve(
         tmp_path, "--port", str(port), "--processes", "1", "--data-dir", "d", "-c", str(config)
     )
     try:

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from medzip_scp.cli.main import app
 from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 
 def test_verify_reports_intact_then_damaged(node: RunningNode, tmp_path: Path) -> None:

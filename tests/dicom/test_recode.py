@@ -25,8 +25,8 @@ from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from tests.data_paths import SHARED_DATA
+from tests.helpers.node import RunningNode
 from tests.identity.node_traffic import get_data_sets, send_files
-from tests.net.conftest import RunningNode, node, node_settings  # noqa: F401
 
 T1 = SHARED_DATA / "series" / "mr-t1-3d"
 
@@ -105,7 +105,7 @@ def test_a_multi_frame_object_split_into_fragments_with_an_offset_table() -> Non
 
 
 def test_the_node_serves_a_recoded_original_in_its_syntax_and_decompressed(
-    node: RunningNode,  # noqa: F811
+    node: RunningNode,
 ) -> None:
     path = sorted(T1.iterdir())[48] if T1.is_dir() else None
     if path is None:

@@ -13,7 +13,7 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
 
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode, c_get, sending_files_as_they_are
+from tests.helpers.node import RunningNode, c_get, sending_files_as_they_are
 
 
 def with_identity(source: Path, target: Path, identity: Mapping[str, str]) -> Path:

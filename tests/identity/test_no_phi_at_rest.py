@@ -13,16 +13,15 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from medzip_scp.archive import Archive, IdentityCodec, Part10Codec
+from medzip_scp.archive import IdentityCodec, Part10Codec
 from medzip_scp.codec.api import describe
 from medzip_scp.dicom.blob import open_blob
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance
-from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
+from tests.helpers.node import RunningNode, make_settings, running_node
 from tests.identity.node_traffic import contexts_of, get_patient, send_files, with_identity
-from tests.net.conftest import RunningNode, make_settings, shared_data  # noqa: F401
 
 IDENTITY = {
     "PatientName": "Qzvxwy^Marguerite",
@@ -71,12 +70,8 @@ def test_the_search_finds_each_text_in_each_encoding_and_case() -> None:
 def sqlite_node(tmp_path: Path) -> Iterator[RunningNode]:
     """A node on SQLite (where the index lives does not change what a blob holds)."""
     settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
-    archive = Archive.open(settings)
-    server = start_server(archive)
-    try:
-        yield RunningNode(settings, archive, "127.0.0.1", settings.node.port)
-    finally:
-        server.shutdown()
+    with running_node(settings) as node:
+        yield node
 
 
 def _sources(data: Path) -> list[Path]:
@@ -97,7 +92,7 @@ def _rows(node: RunningNode) -> list[Instance]:
 @pytest.mark.slow  # about 40 s on 2 cores, most of it compressing 113 objects
 def test_no_identity_at_rest_once_compressed(
     sqlite_node: RunningNode,
-    shared_data: Path,  # noqa: F811
+    shared_data: Path,
     tmp_path: Path,
 ) -> None:
     node = sqlite_node

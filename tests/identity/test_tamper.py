@@ -43,14 +43,8 @@ from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from medzip_scp.pipeline.verify import verify_archive
+from tests.helpers.node import ProcessWideSettings, RunningNode, c_get, free_port, make_settings
 from tests.identity.node_traffic import send_files, with_identity
-from tests.net.conftest import (  # noqa: F401
-    RunningNode,
-    c_get,
-    free_port,
-    make_settings,
-    shared_data,
-)
 
 CT_SLICES = ("I1000.dcm", "I1010.dcm", "I1020.dcm")  # of series/ct-phantom-1mm
 PATIENTS = {  # per study: who the images belong to (never to be seen in a log line)
@@ -86,7 +80,7 @@ class SealedArchive:
 def sealed_archive(
     module_db_url: str,
     tmp_path_factory: pytest.TempPathFactory,
-    shared_data: Path,  # noqa: F811
+    shared_data: Path,
 ) -> Iterator[SealedArchive]:
     ct_folder = shared_data / "series" / "ct-phantom-1mm"
     enhanced = shared_data / "conformance" / "LittleEndianExplicit" / "emri_small.dcm"
@@ -96,6 +90,7 @@ def sealed_archive(
     tmp = tmp_path_factory.mktemp("tamper")
     settings = make_settings(tmp / "data", module_db_url)
     archive = Archive.open(settings)
+    kept = ProcessWideSettings()
     server = start_server(archive)
     node = RunningNode(settings, archive, "127.0.0.1", settings.node.port)
     try:
@@ -125,6 +120,7 @@ def sealed_archive(
         )
     finally:
         server.shutdown()
+        kept.restore()
 
 
 def _snapshot(archive: Archive) -> tuple[list[dict[str, object]], list[dict[str, object]]]:

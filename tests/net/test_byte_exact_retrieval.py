@@ -16,9 +16,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode
-from tests.net.test_query_retrieve import _query
-from tests.net.test_store import CT_SMALL
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import CT_SMALL, qr_identifier
 
 UN_FILE = "conformance/JPEG2000Lossless/explicit_VR-UN.dcm"
 
@@ -70,7 +69,7 @@ def _get_raw(node: RunningNode, path: Path, syntax: str) -> bytes:
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
     assert assoc.is_established
-    query = _query("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+    query = qr_identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
     responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
     assoc.release()
     assert responses[-1][0].Status == Status.SUCCESS

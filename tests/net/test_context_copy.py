@@ -8,6 +8,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, transport
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from medzip_scp.net.server import _copy_contexts, configure_pynetdicom
+from tests.helpers.node import ProcessWideSettings
 
 
 def _contexts() -> list:  # type: ignore[type-arg]
@@ -34,5 +35,8 @@ def test_anything_else_is_deep_copied() -> None:
 
 
 def test_the_node_installs_it_in_pynetdicoms_transport() -> None:
-    configure_pynetdicom()
-    assert transport.deepcopy is _copy_contexts
+    before = transport.deepcopy
+    with ProcessWideSettings():
+        configure_pynetdicom()
+        assert transport.deepcopy is _copy_contexts
+    assert transport.deepcopy is before  # the test leaves it as it found it

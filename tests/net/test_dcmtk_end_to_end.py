@@ -52,7 +52,7 @@ from medzip_scp.archive import Archive
 from medzip_scp.dicom.part10 import dataset_offset
 from medzip_scp.index.models import Instance
 from medzip_scp.net.server import start_server
-from tests.net.conftest import RunningNode, free_port, make_settings
+from tests.helpers.node import ProcessWideSettings, RunningNode, free_port, make_settings
 from tests.net.dicom_compare import differences, is_lossy
 
 BIN = Path("/usr/bin")
@@ -270,6 +270,7 @@ def sent(
     work = tmp_path_factory.mktemp("e2e")
     settings = make_settings(work / "data", module_db_url)
     archive = Archive.open(settings)
+    kept = ProcessWideSettings()
     server = start_server(archive)
     assert server is not None
     node = RunningNode(settings, archive, "127.0.0.1", settings.node.port)
@@ -317,6 +318,7 @@ def sent(
         )
     finally:
         server.shutdown()
+        kept.restore()
 
 
 # ------------------------------------------------------------------------- C-ECHO, C-STORE

@@ -21,8 +21,8 @@ from medzip_scp.dicom.part10 import dataset_offset_of, read_received
 from medzip_scp.index.models import Instance, SupersededInstance
 from medzip_scp.net.status import Status
 from tests.dicom.forwarding import TRAILING_PADDING, forwarded
-from tests.net.conftest import RunningNode, sending_files_as_they_are
-from tests.net.test_store import count_instances, ct_dataset
+from tests.helpers.node import RunningNode, sending_files_as_they_are
+from tests.helpers.scu import count_instances, ct_dataset
 
 
 def send_files(node: RunningNode, *paths: Path) -> list[int]:

@@ -78,7 +78,7 @@ from medzip_scp.net.supervisor import start_compression
 from medzip_scp.pipeline.compress import pending_ids
 from medzip_scp.pipeline.verify import verify_archive
 from tests.data_paths import PYDICOM_FILES, SHARED_DATA
-from tests.net.conftest import RunningNode
+from tests.helpers.node import RunningNode
 from tests.net.dicom_compare import differences
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from medzip_scp.config import Settings
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode, make_settings
+from tests.helpers.node import RunningNode, make_settings
 
 OTHER_ADDRESS = "127.0.0.2"
 FOREVER = 0xFFFFFFFF  # the largest PDU length a header can declare

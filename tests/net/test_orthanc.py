@@ -19,7 +19,12 @@ from medzip_scp.config import MoveDestination
 from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
-from tests.net.conftest import free_port, make_settings, sending_files_as_they_are
+from tests.helpers.node import (
+    ProcessWideSettings,
+    free_port,
+    make_settings,
+    sending_files_as_they_are,
+)
 from tests.net.dicom_compare import differences
 from tests.net.orthanc import Orthanc, orthanc_available, running_orthanc
 
@@ -73,6 +78,7 @@ def setup(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         MoveDestination(ae_title=Orthanc.ae_title, host="127.0.0.1", port=orthanc_dicom)
     )
     archive = Archive.open(settings)
+    kept = ProcessWideSettings()
     server = start_server(archive)
     node_entry = (settings.node.ae_title, "127.0.0.1", settings.node.port)
     enhanced = [shared_data / p for p in ENHANCED_MR]
@@ -98,6 +104,7 @@ def setup(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             yield Setup(orthanc, archive, files, work)
     finally:
         server.shutdown()
+        kept.restore()
 
 
 def _send_directly(node_entry: tuple[str, str, int], paths: list[Path]) -> None:

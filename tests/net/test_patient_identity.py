@@ -12,8 +12,8 @@ from pynetdicom.sop_class import (
 )
 
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 
 def _find(node: RunningNode, model: str, level: str, **keys: str) -> list[Dataset]:

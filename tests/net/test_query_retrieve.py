@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,42 +15,20 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
 from medzip_scp.config import PeerAE, Right, Settings
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode, free_port
-from tests.net.test_store import ct_dataset, store
-
-
-def _study(node: RunningNode, n: int = 3) -> tuple[str, list[Dataset]]:
-    study_uid = generate_uid()
-    series_uid = generate_uid()
-    sent = []
-    for i in range(n):
-        ds = ct_dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
-        ds.InstanceNumber = i + 1
-        assert store(node, ds) == Status.SUCCESS
-        sent.append(ds)
-    return study_uid, sent
-
-
-def _query(level: str, **keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
+from tests.helpers.node import RunningNode, free_port
+from tests.helpers.scu import ct_dataset, move_study, qr_identifier, store, store_study
 
 
 def test_echo(node: RunningNode) -> None:
@@ -119,7 +95,7 @@ def test_allow_list_and_rights(
     assert assoc.send_c_echo().Status == Status.SUCCESS
     responses = list(
         assoc.send_c_find(
-            _query("STUDY", StudyInstanceUID=""), StudyRootQueryRetrieveInformationModelFind
+            qr_identifier("STUDY", StudyInstanceUID=""), StudyRootQueryRetrieveInformationModelFind
         )
     )
     assoc.release()
@@ -158,11 +134,11 @@ def test_refusals_name_the_setting_to_change(access: dict, reason: str | None) -
 
 
 def test_find_one_response_per_study_with_counts(node: RunningNode) -> None:
-    study_uid, sent = _study(node, 3)
+    study_uid, sent = store_study(node, 3)
     ae = AE(ae_title="FINDSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-    query = _query(
+    query = qr_identifier(
         "STUDY", StudyInstanceUID="", NumberOfStudyRelatedInstances="", ModalitiesInStudy=""
     )
     results = [
@@ -193,7 +169,7 @@ def _find(node: RunningNode, query: Dataset, **associate: object) -> tuple[list[
 
 
 def test_relational_find_and_its_extended_negotiation(node: RunningNode) -> None:
-    study_uid, sent = _study(node, 2)
+    study_uid, sent = store_study(node, 2)
     relational = SOPClassExtendedNegotiation()
     relational.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
     relational.service_class_application_information = b"\x01\x01"  # relational, date-time
@@ -207,7 +183,7 @@ def test_relational_find_and_its_extended_negotiation(node: RunningNode) -> None
     }
     assoc.release()
     # Every CT series of the archive, without a StudyInstanceUID (was refused with 0xA900).
-    pending, final = _find(node, _query("SERIES", Modality="CT", PatientName=""))
+    pending, final = _find(node, qr_identifier("SERIES", Modality="CT", PatientName=""))
     assert final.Status == Status.SUCCESS
     assert [(p.StudyInstanceUID, p.SeriesInstanceUID) for p in pending] == [
         (study_uid, sent[0].SeriesInstanceUID)
@@ -222,12 +198,14 @@ def two_answers_at_most(node_settings: Settings) -> Settings:
 
 
 def test_find_answers_at_most_max_answers(two_answers_at_most: Settings, node: RunningNode) -> None:
-    study_uid, sent = _study(node, 3)
-    pending, final = _find(node, _query("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID=""))
+    study_uid, sent = store_study(node, 3)
+    pending, final = _find(
+        node, qr_identifier("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID="")
+    )
     assert len(pending) == 2
     assert final.Status == Status.OUT_OF_RESOURCES
     assert "more than 2 matches" in final.ErrorComment
-    pending, final = _find(node, _query("SERIES", StudyInstanceUID=study_uid))
+    pending, final = _find(node, qr_identifier("SERIES", StudyInstanceUID=study_uid))
     assert (len(pending), final.Status) == (1, Status.SUCCESS)
 
 
@@ -242,7 +220,7 @@ def test_find_answers_in_the_requested_character_set(node: RunningNode) -> None:
         sent[ds.PatientID] = ds
     assoc.release()
     # Latin-1, as Orthanc asks by default: the Japanese and Russian names go out in UTF-8.
-    query = _query("STUDY", StudyInstanceUID="", PatientID="", PatientName="")
+    query = qr_identifier("STUDY", StudyInstanceUID="", PatientID="", PatientName="")
     query.SpecificCharacterSet = "ISO_IR 100"
     pending, final = _find(node, query)
     assert final.Status == Status.SUCCESS
@@ -253,7 +231,7 @@ def test_find_answers_in_the_requested_character_set(node: RunningNode) -> None:
         "SCSRUSS": ("Люкceмбypг", "ISO_IR 192"),
     }
     # A non-ASCII query value, in the character set the query names.
-    query = _query("STUDY", StudyInstanceUID="", PatientName="*山田*")
+    query = qr_identifier("STUDY", StudyInstanceUID="", PatientName="*山田*")
     query.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
     pending, final = _find(node, query)
     assert [str(p.PatientName) for p in pending] == [str(sent["H31EXAMPLE"].PatientName)]
@@ -261,7 +239,7 @@ def test_find_answers_in_the_requested_character_set(node: RunningNode) -> None:
 
 
 def test_get_series_by_series_instance_uid_alone(node: RunningNode) -> None:
-    _, sent = _study(node, 2)
+    _, sent = store_study(node, 2)
     received: list[str] = []
 
     def on_store(event: evt.Event) -> int:
@@ -276,7 +254,7 @@ def test_get_series_by_series_instance_uid_alone(node: RunningNode) -> None:
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
         **kwargs,
     )
-    query = _query("SERIES", SeriesInstanceUID=sent[0].SeriesInstanceUID)
+    query = qr_identifier("SERIES", SeriesInstanceUID=sent[0].SeriesInstanceUID)
     responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
     assoc.release()
     assert responses[-1][0].Status == Status.SUCCESS
@@ -305,7 +283,7 @@ def _get_ae(syntaxes: list[str], with_role: bool = True) -> tuple[AE, dict]:
 def test_get_returns_identical_pixels(
     node: RunningNode, syntaxes: list[str], with_role: bool
 ) -> None:
-    study_uid, sent = _study(node, 2)
+    study_uid, sent = store_study(node, 2)
     received: list[Dataset] = []
 
     def on_store(event: evt.Event) -> int:
@@ -330,7 +308,8 @@ def test_get_returns_identical_pixels(
             cx._as_scp = True
     responses = list(
         assoc.send_c_get(
-            _query("STUDY", StudyInstanceUID=study_uid), StudyRootQueryRetrieveInformationModelGet
+            qr_identifier("STUDY", StudyInstanceUID=study_uid),
+            StudyRootQueryRetrieveInformationModelGet,
         )
     )
     assoc.release()
@@ -351,49 +330,13 @@ def test_get_returns_identical_pixels(
             assert back.PixelData == original.PixelData
 
 
-@pytest.fixture
-def store_scp() -> Iterator[tuple[int, list[Dataset]]]:
-    received: list[Dataset] = []
-    lock = threading.Lock()
-
-    def on_store(event: evt.Event) -> int:
-        with lock:
-            received.append(event.dataset)
-        return 0x0000
-
-    ae = AE(ae_title="DEST")
-    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    yield port, received
-    server.shutdown()
-
-
-def _move(node: RunningNode, study_uid: str, destination: str) -> list[Dataset]:
-    ae = AE(ae_title="MOVESCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-    responses = [
-        status
-        for status, _ in assoc.send_c_move(
-            _query("STUDY", StudyInstanceUID=study_uid),
-            destination,
-            StudyRootQueryRetrieveInformationModelMove,
-        )
-    ]
-    assoc.release()
-    return responses
-
-
 def test_move_to_configured_destination(
     node: RunningNode, store_scp: tuple[int, list[Dataset]]
 ) -> None:
     port, received = store_scp
     node.add_move_destination("DEST", "127.0.0.1", port)
-    study_uid, sent = _study(node, 3)
-    final = _move(node, study_uid, "DEST")[-1]
+    study_uid, sent = store_study(node, 3)
+    final = move_study(node, study_uid, "DEST")[-1]
     assert final.Status == Status.SUCCESS
     assert final.NumberOfCompletedSuboperations == 3
     assert sorted(ds.SOPInstanceUID for ds in received) == sorted(ds.SOPInstanceUID for ds in sent)
@@ -403,15 +346,15 @@ def test_move_to_configured_destination(
 
 
 def test_move_unknown_destination(node: RunningNode) -> None:
-    study_uid, _ = _study(node, 1)
-    final = _move(node, study_uid, "NOWHERE")[-1]
+    study_uid, _ = store_study(node, 1)
+    final = move_study(node, study_uid, "NOWHERE")[-1]
     assert final.Status == Status.MOVE_DESTINATION_UNKNOWN
 
 
 def test_move_with_unreachable_destination_fails_cleanly(node: RunningNode, tmp_path: Path) -> None:
     node.add_move_destination("DOWN", "127.0.0.1", free_port())
-    study_uid, _ = _study(node, 1)
-    final = _move(node, study_uid, "DOWN")[-1]
+    study_uid, _ = store_study(node, 1)
+    final = move_study(node, study_uid, "DOWN")[-1]
     assert final.Status == Status.MOVE_DESTINATION_UNKNOWN  # 0xA801: cannot associate
     # and the node keeps serving
     assert store(node, ct_dataset()) == Status.SUCCESS

@@ -13,8 +13,8 @@ from sqlalchemy import select, update
 from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode, c_get
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode, c_get
+from tests.helpers.scu import ct_dataset, store
 
 
 def _get(node: RunningNode, ds: Dataset) -> tuple[Dataset, Dataset | None, list[Dataset]]:

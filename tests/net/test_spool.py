@@ -9,6 +9,7 @@ import sys
 from medzip_scp.archive import Archive
 from medzip_scp.config import Settings
 from medzip_scp.net.server import start_server
+from tests.helpers.node import ProcessWideSettings
 
 HOLD_SPOOL = """
 import fcntl, os, sys
@@ -37,8 +38,8 @@ def test_start_removes_only_the_spools_of_processes_that_are_gone(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        server = start_server(Archive.open(node_settings))
-        server.shutdown()
+        with ProcessWideSettings():
+            start_server(Archive.open(node_settings)).shutdown()
     finally:
         holder.communicate("")
     assert not gone.exists()

@@ -6,67 +6,28 @@ import copy
 import logging
 import socket
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
-from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance, SupersededInstance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode, sending_files_as_they_are
-
-CT_SMALL = get_testdata_file("CT_small.dcm")
-
-
-@contextmanager
-def association(node: RunningNode, calling: str = "TESTSCU", **kw: object) -> Iterator[Association]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, **kw)
-    assert assoc.is_established, "association with the node was not established"
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-def ct_dataset(**changes: object) -> Dataset:
-    ds = dcmread(CT_SMALL)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPInstanceUID = generate_uid()
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-def store(node: RunningNode, ds: Dataset) -> int:
-    with association(node) as assoc:
-        return int(assoc.send_c_store(ds).Status)
-
-
-def count_instances(node: RunningNode) -> int:
-    with node.archive.sessions() as session:
-        return int(session.scalar(select(func.count(Instance.id))) or 0)
+from tests.helpers.node import RunningNode, sending_files_as_they_are
+from tests.helpers.scu import association, count_instances, ct_dataset, store
 
 
 def test_store_is_indexed_and_blob_is_sealed(node: RunningNode) -> None:

@@ -13,8 +13,8 @@ from pynetdicom import AE
 
 from medzip_scp.dicom.part10 import dataset_offset
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode, sending_files_as_they_are
-from tests.net.test_store import count_instances, ct_dataset, store
+from tests.helpers.node import RunningNode, sending_files_as_they_are
+from tests.helpers.scu import count_instances, ct_dataset, store
 
 
 def _send_file(node: RunningNode, path: Path) -> int:

@@ -14,9 +14,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from medzip_scp.config import Settings
 from medzip_scp.index.ingest import add_instance, attributes_from_dataset
 from medzip_scp.net.status import Status
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset
-from tests.net.tls_helpers import client_context, echo
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset
+from tests.helpers.tls import client_context, echo
 
 STUDIES = 600
 

@@ -26,8 +26,8 @@ from medzip_scp.pipeline.compress import (
     pending_ids,
 )
 from medzip_scp.pipeline.verify import verify_archive
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 

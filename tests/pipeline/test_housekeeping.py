@@ -13,8 +13,8 @@ from sqlalchemy.engine import make_url
 from medzip_scp.index.models import Instance, Patient, Series, Study
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 
 def _age(node: RunningNode, key: str, seconds: float) -> None:

@@ -29,9 +29,9 @@ from medzip_scp.pipeline.verify import verify_archive
 from medzip_scp.storage.envelope import BlobKey, EnvelopeError
 from medzip_scp.storage.local import LocalBlobStore
 from medzip_scp.storage.references import ReferenceStore
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 from tests.identity.node_traffic import get_data_sets
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
 
 _STUDIES: dict[str, str] = {}
 

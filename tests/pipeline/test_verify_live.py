@@ -13,8 +13,8 @@ from medzip_scp.index.models import Instance
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance, compress_pending
 from medzip_scp.pipeline.verify import verify_archive, verify_instance
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 
 def _rows(node: RunningNode) -> list[Instance]:

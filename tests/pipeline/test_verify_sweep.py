@@ -14,8 +14,8 @@ from medzip_scp.index.models import Instance, Series, Study
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from medzip_scp.pipeline.verify import run_sweeps, verify_archive
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 MARKER = "Edited^Byattacker"
 

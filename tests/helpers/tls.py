@@ -7,7 +7,6 @@ import ssl
 from pathlib import Path
 from typing import Protocol
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -64,11 +63,12 @@ def _key_and_cert(
     return key, cert, key_path, cert_path
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    ca_key, ca_cert, _, ca_path = _key_and_cert(tmp_path, "ca", None)
-    _, _, node_key, node_cert = _key_and_cert(tmp_path, "node", (ca_key, ca_cert))
-    _, _, client_key, client_cert = _key_and_cert(tmp_path, "client", (ca_key, ca_cert))
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A CA, and a node's and a client's key and certificate signed by it, in ``directory``
+    (the ``pki`` fixture)."""
+    ca_key, ca_cert, _, ca_path = _key_and_cert(directory, "ca", None)
+    _, _, node_key, node_cert = _key_and_cert(directory, "node", (ca_key, ca_cert))
+    _, _, client_key, client_cert = _key_and_cert(directory, "client", (ca_key, ca_cert))
     return {
         "ca": ca_path,
         "node_key": node_key,

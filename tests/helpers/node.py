@@ -1,23 +1,68 @@
-"""A real node on a free loopback port, on SQLite and on PostgreSQL (``db_url``)."""
+"""A real node in this process, on a free loopback port, and what the tests do with it."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
-import pytest
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import AE, _config, build_role, dimse_messages, evt, transport
+from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
 from medzip_scp.net.server import start_server
-from tests.data_paths import SHARED_DATA
+
+# What medzip_scp.net.server.configure_pynetdicom sets for the whole process when a node
+# starts (besides a warnings filter, which pytest restores after each test itself).
+_PROCESS_WIDE: list[tuple[object, str]] = [
+    (_config, "STORE_RECV_CHUNKED_DATASET"),
+    (_config, "STORE_SEND_CHUNKED_DATASET"),
+    (_config, "LOG_REQUEST_IDENTIFIERS"),
+    (_config, "LOG_RESPONSE_IDENTIFIERS"),
+    (_config, "LOG_HANDLER_LEVEL"),
+    (Association, "send_c_store"),
+    (transport, "deepcopy"),
+    (dimse_messages, "NamedTemporaryFile"),
+    # the attribute behind `reading_validation_mode` (whose getter fills in a default)
+    (pydicom.config.settings, "_reading_validation_mode"),
+]
+_LOGGERS = ("pynetdicom", "pydicom")
+
+
+class ProcessWideSettings:
+    """pynetdicom's and pydicom's process-wide settings that starting a node in this process
+    changes, as they are when this is made; :meth:`restore` (or leaving a ``with`` block)
+    puts them back, so that no test depends on a node an earlier test started."""
+
+    def __init__(self) -> None:
+        self._values = [(owner, name, getattr(owner, name)) for owner, name in _PROCESS_WIDE]
+        self._levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+
+    def restore(self) -> None:
+        for owner, name, value in self._values:
+            setattr(owner, name, value)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    def __enter__(self) -> ProcessWideSettings:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
 
 
 @contextlib.contextmanager
@@ -53,6 +98,20 @@ class RunningNode:
         self.settings.retrieve.destinations.append(
             MoveDestination(ae_title=ae_title, host=host, port=port)
         )
+
+
+@contextlib.contextmanager
+def running_node(settings: Settings, archive: Archive | None = None) -> Iterator[RunningNode]:
+    """A node of ``settings`` (on ``archive``, else one opened for it) serving in this process
+    until the block ends; the process-wide settings it changed are restored then."""
+    with ProcessWideSettings():
+        archive = Archive.open(settings) if archive is None else archive
+        server = start_server(archive)
+        assert server is not None
+        try:
+            yield RunningNode(settings, archive, "127.0.0.1", settings.node.port)
+        finally:
+            server.shutdown()
 
 
 CT_EXPLICIT = {(str(CTImageStorage), str(ExplicitVRLittleEndian))}
@@ -91,30 +150,3 @@ def make_settings(data_dir: Path, db_url: str, **node: object) -> Settings:
         node=NodeSettings(bind="127.0.0.1", port=free_port(), **node),
         storage=StorageSettings(data_dir=data_dir, database_url=db_url),
     )
-
-
-@pytest.fixture
-def node_settings(tmp_path: Path, db_url: str) -> Settings:
-    """Settings for a node; tests may adjust them before asking for ``node``."""
-    return make_settings(tmp_path / "data", db_url)
-
-
-@pytest.fixture
-def node(node_settings: Settings) -> Iterator[RunningNode]:
-    archive = Archive.open(node_settings)
-    server = start_server(archive)
-    assert server is not None
-    try:
-        yield RunningNode(node_settings, archive, "127.0.0.1", node_settings.node.port)
-    finally:
-        server.shutdown()
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real DICOM data not found at {SHARED_DATA} (see ../shared/data/README.md)")
-    return SHARED_DATA
-
-
-from tests.net.tls_helpers import pki  # noqa: E402, F401  (a fixture for the TLS tests)

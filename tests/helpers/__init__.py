@@ -1,0 +1,1 @@
+"""Plain helpers shared by test modules of several folders (fixtures live in conftest.py)."""

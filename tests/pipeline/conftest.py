@@ -1,1 +1,0 @@
-from tests.net.conftest import node, node_settings  # noqa: F401
