@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference, ReferenceSource
 from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.installation import check_codec
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
@@ -512,10 +513,18 @@ class Archive:
 
         Without ``need_identity`` (verification, rebuilding), a missing identity key file is
         no error: the archive opens without it and reports the instances it cannot open.
+
+        Raises
+        ------
+        CodecInstallError
+            If the codec's C core does not load, or ``[pipeline] learned`` is on and its
+            models are not installed.
         """
         data_dir = settings.storage.data_dir
         if settings.pipeline.models_dir is not None:
             use_models_folder(settings.pipeline.models_dir)
+        # a path that cannot run fails here, never by coding with another one
+        check_codec(DEFAULT_LEARNED if settings.pipeline.learned else None)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
         if migrate:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -234,21 +233,6 @@ def _gated_paths(values: npt.NDArray[np.unsignedinteger], nbits: int) -> list[Pi
     return _candidate_paths((*DEFAULT_PATHS, *extra_candidates(values, nbits)))
 
 
-_said_core_unavailable = threading.Event()
-
-
-def _core_unavailable(exc: Exception) -> None:
-    """Say once, loudly, that pred-v2 is missing: blobs are then larger, not wrong."""
-    if _said_core_unavailable.is_set():
-        return
-    _said_core_unavailable.set()
-    log.error(
-        "the predictive coder's C core is unavailable (%s): frames are coded by the standard "
-        "codecs only, 3-8 %% larger; install a C compiler (apt-get install gcc) or set CC",
-        exc,
-    )
-
-
 def _best_stream(
     values: npt.NDArray[np.unsignedinteger],
     nbits: int,
@@ -270,9 +254,8 @@ def _best_stream(
                 data, slots = carried if carried is not None else (None, [])
             else:
                 data = path.encode(values, nbits)
-        except predictive.CoreUnavailableError as exc:
-            _core_unavailable(exc)
-            data = None
+        except predictive.CoreUnavailableError:
+            raise  # a broken install, never a silent change of path
         except Exception:  # a path that cannot take this input is simply not a candidate
             data = None
         if data is not None:

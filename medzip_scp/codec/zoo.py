@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from medzip_scp import shipped_path
 from medzip_scp.codec.container import ZERO_SHA256, ContainerHeader, ModelRef
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 
@@ -43,8 +44,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS_ROOT = Path(__file__).resolve().parents[2] / "models"
-"""``<repository>/models``: where shipped models live."""
+DEFAULT_MODELS_ROOT = shipped_path("models")
+"""Where the shipped models are: the installed package's or the checkout's ``models/``."""
 
 ModelKind = Literal["local", "global"]
 

@@ -55,7 +55,6 @@ __all__ = [
     "PMF_BITS",
     "PRIOR_BITS",
     "build_tables",
-    "default_models_root",
     "load_model_dir",
     "save_model_dir",
 ]
@@ -164,11 +163,6 @@ def build_tables() -> dict[str, npt.NDArray[np.int64]]:
     sym_len = np.round(256 * (-np.log2(prob) + mant[None, None])).astype(np.int64)
     exp2neg = np.round(PMF_TOTAL * 2.0 ** (-np.arange(EXP2NEG_LEN) / 256.0)).astype(np.int64)
     return {"pmf": counts, "sym_len": sym_len, "exp2neg": exp2neg}
-
-
-def default_models_root() -> Path:
-    """``<repo>/models``: where shipped models live."""
-    return Path(__file__).resolve().parents[4] / "models"
 
 
 def _sha256(path: Path) -> str:

@@ -99,6 +99,7 @@ from medzip_scp.codec.errors import (
     UnknownModelError,
     UnsupportedFormatError,
 )
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, MODELS
 
 from ..rans import WordStack, cumulative
 from . import model as M
@@ -124,13 +125,6 @@ _FLOAT_VERSION = 1  # float64 transformers network, margin check, unsafe-token l
 _INT_VERSION = 2  # integer kernel
 _CHUNK_TILES = 1024
 _HEADER = struct.Struct("<4sBBBIII8s8s")
-MODELS_ROOT = Path(__file__).resolve().parents[4] / "models"
-# sha256 of each released model's manifest.json (which lists the sha256 of every file): a model
-# id is never reused, so its manifest may never change.
-PINNED_MANIFESTS = {
-    "local-lm-v1": "da280dcb29bd0cb704057f05715e110b2d47866ead21f1f4716843f75e4a80b0",
-    "local-lm-v2": "c10e0d8d590d4e0835a3d487a52a6894804bdb1c7c0cca197326dc41113012eb",
-}
 V1_LIBRARIES = {
     "torch": ((2, 3), (2, 14)),
     "transformers": ((5, 24), (5, 26)),
@@ -235,7 +229,7 @@ def write_manifest(out_dir: Path) -> None:
 def _model_dir(name: str, root: Path | None) -> Path:
     if not name.startswith("local-lm-"):
         raise UnknownModelError(name, "?", "0" * 64)
-    return (root or MODELS_ROOT) / "local-lm" / name.removeprefix("local-lm-")
+    return (root or DEFAULT_MODELS_ROOT) / "local-lm" / name.removeprefix("local-lm-")
 
 
 def load_model(
@@ -269,7 +263,8 @@ def load_model(
         raise UnknownModelError(name, f"(no manifest at {manifest_path})", "0" * 64)
     man_bytes = manifest_path.read_bytes()
     man_sha = hashlib.sha256(man_bytes).digest()
-    pinned = PINNED_MANIFESTS.get(name)
+    entry = MODELS.get(name)  # the registry pins each released manifest
+    pinned = entry.manifest_sha256 if entry is not None else None
     if pinned is not None and man_sha.hex() != pinned:
         raise UnknownModelError(
             name, f"{pinned} (installed manifest has sha256 {man_sha.hex()})", "0" * 64
