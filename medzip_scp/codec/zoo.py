@@ -94,7 +94,10 @@ class ModelEntry:
         """The :class:`ModelRef` a blob records for this model (and adapter)."""
         if adapter and adapter not in self.adapters:
             raise UnknownModelError(
-                self.model_id, self.manifest_sha256, f"(adapter {adapter!r} is not released)"
+                self.model_id,
+                self.manifest_sha256,
+                ZERO_SHA256.hex(),
+                f"has no released adapter {adapter!r}",
             )
         asha = bytes.fromhex(self.adapters[adapter]) if adapter else ZERO_SHA256
         return ModelRef(self.model_id, self.model_sha256, asha)
@@ -153,13 +156,15 @@ def resolve_ref(ref: ModelRef, models: Mapping[str, ModelEntry] = MODELS) -> Mod
         registered one.
     """
     entry = models.get(ref.model_id)
-    if (
-        entry is None
-        or entry.model_sha256 != ref.model_sha256
-        or entry.adapter_name(ref.adapter_sha256) is None
-    ):
-        raise UnknownModelError(ref.model_id, ref.model_sha256.hex(), ref.adapter_sha256.hex())
-    return entry
+    if entry is None:
+        reason = "is not registered in this release (written by a newer medzip?)"
+    elif entry.model_sha256 != ref.model_sha256:
+        reason = f"differs from the registered one (manifest sha256 {entry.manifest_sha256})"
+    elif entry.adapter_name(ref.adapter_sha256) is None:
+        reason = "names an adapter that is not registered"
+    else:
+        return entry
+    raise UnknownModelError(ref.model_id, ref.model_sha256.hex(), ref.adapter_sha256.hex(), reason)
 
 
 def resolve_model(header: ContainerHeader) -> list[ModelEntry]:
@@ -204,7 +209,7 @@ class ModelStore:
         """
         entry = self.models.get(model_id)
         if entry is None:
-            raise UnknownModelError(model_id, "(not registered)", ZERO_SHA256.hex())
+            raise UnknownModelError(model_id, "unknown", ZERO_SHA256.hex(), "is not registered")
         return entry
 
     def installed(self, model_id: str) -> bool:
@@ -240,7 +245,13 @@ class ModelStore:
         folder = self.root / entry.folder
         sha_hex, asha_hex = ref.model_sha256.hex(), ref.adapter_sha256.hex()
         if not self.installed(entry.model_id):
-            raise UnknownModelError(entry.model_id, sha_hex, asha_hex)
+            raise UnknownModelError(
+                entry.model_id,
+                sha_hex,
+                asha_hex,
+                f"is not installed in {self.root} ({entry.folder}/manifest.json missing or "
+                "not the released one)",
+            )
         adapter = entry.adapter_name(ref.adapter_sha256) or ""
         try:
             if entry.kind == "local":
@@ -251,7 +262,9 @@ class ModelStore:
                     f"local-lm-{version}", adapter=adapter or None, root=self.root
                 )
                 if model.sha256 != ref.model_sha256 or model.adapter_sha256 != ref.adapter_sha256:
-                    raise UnknownModelError(entry.model_id, sha_hex, asha_hex)
+                    raise UnknownModelError(
+                        entry.model_id, sha_hex, asha_hex, "loaded with other hashes"
+                    )
                 return model
             from medzip_scp.codec.learned.global_path.model import load_model_dir
 
@@ -260,7 +273,9 @@ class ModelStore:
             raise  # incl. IncompatibleLibraryError: names the library to install
         except (CodecError, OSError, KeyError, ValueError) as exc:
             log.warning("model %s failed to load: %s", entry.model_id, type(exc).__name__)
-            raise UnknownModelError(entry.model_id, sha_hex, asha_hex) from exc
+            raise UnknownModelError(
+                entry.model_id, sha_hex, asha_hex, f"failed to load ({type(exc).__name__})"
+            ) from exc
 
 
 _DEFAULT: ModelStore | None = None

@@ -228,7 +228,7 @@ def write_manifest(out_dir: Path) -> None:
 
 def _model_dir(name: str, root: Path | None) -> Path:
     if not name.startswith("local-lm-"):
-        raise UnknownModelError(name, "?", "0" * 64)
+        raise UnknownModelError(name, "unknown", "0" * 64, "is not a local-lm model id")
     return (root or DEFAULT_MODELS_ROOT) / "local-lm" / name.removeprefix("local-lm-")
 
 
@@ -260,14 +260,14 @@ def load_model(
     d = _model_dir(name, root)
     manifest_path = d / "manifest.json"
     if not manifest_path.is_file():
-        raise UnknownModelError(name, f"(no manifest at {manifest_path})", "0" * 64)
+        raise UnknownModelError(name, "unknown", "0" * 64, f"has no manifest at {manifest_path}")
     man_bytes = manifest_path.read_bytes()
     man_sha = hashlib.sha256(man_bytes).digest()
     entry = MODELS.get(name)  # the registry pins each released manifest
     pinned = entry.manifest_sha256 if entry is not None else None
     if pinned is not None and man_sha.hex() != pinned:
         raise UnknownModelError(
-            name, f"{pinned} (installed manifest has sha256 {man_sha.hex()})", "0" * 64
+            name, pinned, "0" * 64, f"is installed with another manifest (sha256 {man_sha.hex()})"
         )
     manifest = json.loads(man_bytes)
     for rel, want in manifest["files"].items():
@@ -275,7 +275,10 @@ def load_model(
         if not p.is_file() or _sha(p) != want:
             got = _sha(p) if p.is_file() else "missing"
             raise UnknownModelError(
-                name, f"{man_sha.hex()} (file {rel}: expected sha256 {want}, got {got})", "0" * 64
+                name,
+                man_sha.hex(),
+                "0" * 64,
+                f"fails its manifest: file {rel}: expected sha256 {want}, got {got}",
             )
     from safetensors.numpy import load_file
 
@@ -284,7 +287,9 @@ def load_model(
     integer = "kernel" in config
     ad_rel = f"adapters/{adapter}/adapter{'' if integer else '_model'}.safetensors"
     if adapter and ad_rel not in manifest["files"]:
-        raise UnknownModelError(name, man_sha.hex(), f"(adapter {adapter!r} not installed)")
+        raise UnknownModelError(
+            name, man_sha.hex(), "0" * 64, f"has no adapter {adapter!r} installed"
+        )
     ad_sha = bytes.fromhex(manifest["files"][ad_rel]) if adapter else bytes(32)
     tabs = load_file(d / "tables.safetensors")
     tables = {s: tabs[f"s{s}"].astype(np.int64) for s in range(1, M.S_MAX + 1)}
