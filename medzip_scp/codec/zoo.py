@@ -20,9 +20,10 @@ numpy alone; ``local-lm-v1`` streams need ``torch``, ``transformers`` and ``cons
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -34,9 +35,11 @@ from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFo
 
 __all__ = [
     "DEFAULT_MODELS_ROOT",
+    "DEFAULT_TRAINING_DATA",
     "MODELS",
     "ModelEntry",
     "ModelStore",
+    "check_model_folder",
     "default_store",
     "resolve_model",
     "resolve_ref",
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODELS_ROOT = shipped_path("models")
 """Where the shipped models are: the installed package's or the checkout's ``models/``."""
+
+DEFAULT_TRAINING_DATA = shipped_path("models").parents[1] / "shared" / "data"
+"""``../shared/data`` beside a checkout: the only data the models are trained and tuned on."""
 
 ModelKind = Literal["local", "global"]
 
@@ -176,6 +182,72 @@ def resolve_model(header: ContainerHeader) -> list[ModelEntry]:
         As :func:`resolve_ref`, for the first model that does not resolve.
     """
     return [resolve_ref(ref) for ref in header.model_refs()]
+
+
+def check_model_folder(
+    model_id: str, folder: Path, required: Sequence[str] = ()
+) -> tuple[Mapping[str, str], bytes]:
+    """The one check of a model folder, before a loader reads anything in it: its
+    ``manifest.json`` against the registry's pin (for a registered id), then every file the
+    manifest lists against its sha256.
+
+    Parameters
+    ----------
+    model_id
+        The model's id (``"local-lm-v2"``); an unregistered id (a model being trained) has
+        no pin.
+    folder
+        The model's folder.
+    required
+        Files the loader needs, which the manifest must list.
+
+    Returns
+    -------
+    files, manifest_sha256
+        The manifest's file -> hex sha256 table, and the manifest's raw sha256.
+
+    Raises
+    ------
+    UnknownModelError
+        Naming what failed: no manifest, another manifest than the pinned one, a required file
+        not listed, a file missing or differing from its sha256.
+    """
+    entry = MODELS.get(model_id)
+    pinned = entry.manifest_sha256 if entry is not None else "unknown"
+    no_adapter = ZERO_SHA256.hex()
+    manifest_path = folder / "manifest.json"
+    try:
+        raw = manifest_path.read_bytes()
+        files: Mapping[str, str] = json.loads(raw)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UnknownModelError(
+            model_id, pinned, no_adapter, f"is not installed: no valid manifest at {manifest_path}"
+        ) from None
+    digest = hashlib.sha256(raw)
+    if entry is not None and digest.hexdigest() != pinned:
+        raise UnknownModelError(
+            model_id,
+            pinned,
+            no_adapter,
+            f"is installed in {folder} with another manifest (sha256 {digest.hexdigest()})",
+        )
+    for name in required:
+        if name not in files:
+            sha = digest.hexdigest()
+            raise UnknownModelError(
+                model_id, sha, no_adapter, f"manifest {manifest_path} lists no {name}"
+            )
+    for rel, want in files.items():
+        path = folder / rel
+        got = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if got != want:
+            raise UnknownModelError(
+                model_id,
+                digest.hexdigest(),
+                no_adapter,
+                f"fails its manifest in {folder}: file {rel}: expected sha256 {want}, got {got}",
+            )
+    return files, digest.digest()
 
 
 class ModelStore:

@@ -86,9 +86,7 @@ MODEL_ID = "global-vae-v2"
 def _model_dir(name: str, root: Path | None) -> Path:
     prefix = "global-vae-"
     if not name.startswith(prefix) or not name[len(prefix) :]:
-        raise ModelNotFoundError(
-            f"global-path model id must look like 'global-vae-<version>', got {name!r}"
-        )
+        raise ModelNotFoundError(name, "is not a global-path model id ('global-vae-<version>')")
     return (root or DEFAULT_MODELS_ROOT) / "global-vae" / name[len(prefix) :]
 
 

@@ -99,7 +99,7 @@ from medzip_scp.codec.errors import (
     UnknownModelError,
     UnsupportedFormatError,
 )
-from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, MODELS
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, check_model_folder
 
 from ..rans import WordStack, cumulative
 from . import model as M
@@ -258,39 +258,18 @@ def load_model(
         If the model needs an integer kernel this decoder does not implement.
     """
     d = _model_dir(name, root)
-    manifest_path = d / "manifest.json"
-    if not manifest_path.is_file():
-        raise UnknownModelError(name, "unknown", "0" * 64, f"has no manifest at {manifest_path}")
-    man_bytes = manifest_path.read_bytes()
-    man_sha = hashlib.sha256(man_bytes).digest()
-    entry = MODELS.get(name)  # the registry pins each released manifest
-    pinned = entry.manifest_sha256 if entry is not None else None
-    if pinned is not None and man_sha.hex() != pinned:
-        raise UnknownModelError(
-            name, pinned, "0" * 64, f"is installed with another manifest (sha256 {man_sha.hex()})"
-        )
-    manifest = json.loads(man_bytes)
-    for rel, want in manifest["files"].items():
-        p = d / rel
-        if not p.is_file() or _sha(p) != want:
-            got = _sha(p) if p.is_file() else "missing"
-            raise UnknownModelError(
-                name,
-                man_sha.hex(),
-                "0" * 64,
-                f"fails its manifest: file {rel}: expected sha256 {want}, got {got}",
-            )
+    files, man_sha = check_model_folder(name, d, ("config.json", "tables.safetensors"))
     from safetensors.numpy import load_file
 
     config = json.loads((d / "config.json").read_text())
     cfg = M.NetConfig(**config["net"])
     integer = "kernel" in config
     ad_rel = f"adapters/{adapter}/adapter{'' if integer else '_model'}.safetensors"
-    if adapter and ad_rel not in manifest["files"]:
+    if adapter and ad_rel not in files:
         raise UnknownModelError(
             name, man_sha.hex(), "0" * 64, f"has no adapter {adapter!r} installed"
         )
-    ad_sha = bytes.fromhex(manifest["files"][ad_rel]) if adapter else bytes(32)
+    ad_sha = bytes.fromhex(files[ad_rel]) if adapter else bytes(32)
     tabs = load_file(d / "tables.safetensors")
     tables = {s: tabs[f"s{s}"].astype(np.int64) for s in range(1, M.S_MAX + 1)}
     for s, tab in tables.items():
