@@ -30,7 +30,8 @@ internals, and why the node needs them:
 ``DULServiceProvider.state_machine``, ``event_queue``, ``to_user_queue``, ``fsm`` names
     A refused PDU is Evt19 (invalid PDU: A-ABORT), P-DATA-TF is read in Sta6 and Sta7,
     and ``None`` on the user queue ends the acceptor's wait for an A-ASSOCIATE-RQ
-    (:func:`dul_state`, :func:`abort_invalid_pdu`, :func:`end_association_request_wait`).
+    (:func:`dul_state`, :func:`in_data_transfer`, :func:`abort_invalid_pdu`,
+    :func:`end_association_request_wait`).
 ``Association.start`` on the instance
     The association's thread is started while the server counts the connection
     (:func:`wrap_association_start`).
