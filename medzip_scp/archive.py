@@ -66,7 +66,19 @@ from medzip_scp.index.ingest import (
     indexed_content,
     replace_instance,
 )
-from medzip_scp.index.models import Instance, Series, SeriesReference, SupersededInstance
+from medzip_scp.index.models import (
+    Instance,
+    Series,
+    SeriesReference,
+    SupersededInstance,
+    VerificationRun,
+)
+from medzip_scp.index.stats import (
+    StateTotals,
+    instance_totals,
+    last_verification,
+    record_verification,
+)
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import (
@@ -1078,3 +1090,21 @@ class Archive:
             if sop_instance_uids is not None:
                 query = query.filter(Instance.sop_instance_uid.in_(sop_instance_uids))
             return list(query)
+
+    def totals(self) -> list[StateTotals]:
+        """Instances and their bytes by modality and state (``medzip status``)."""
+        with self.read_sessions() as session:
+            return instance_totals(session)
+
+    def last_verification(self) -> VerificationRun | None:
+        """The newest recorded verification pass (``medzip verify`` or a sweep), if any."""
+        with self.read_sessions() as session:
+            return last_verification(session)
+
+    def record_verification(
+        self, kind: str, started_at: dt.datetime, checked: int, not_ok: int, interrupted: bool
+    ) -> None:
+        """Record a verification pass: counts only (``kind``: ``"verify"`` or ``"sweep"``)."""
+        with self.sessions() as session:
+            record_verification(session, kind, started_at, checked, not_ok, interrupted)
+            session.commit()
