@@ -143,6 +143,7 @@ __all__ = [
     "DatasetMethod",
     "DatasetReference",
     "FrameRecord",
+    "FrameStreams",
     "FreeBitsSlot",
     "ModelRef",
     "PayloadMode",
@@ -1224,6 +1225,29 @@ def _remove_segments(
 
 
 @dataclass(frozen=True)
+class FrameStreams:
+    """One frame's bytes in ``STREAMS``, which holds them in this order.
+
+    Attributes
+    ----------
+    high
+        The path's bytes (the high part's, for a split frame).
+    low
+        A split frame's low part (empty otherwise).
+    residual
+        The bits above the value bits, zstd-coded; ``None`` when the frame has none.
+    """
+
+    high: bytes
+    low: bytes = b""
+    residual: bytes | None = None
+
+    def joined(self) -> bytes:
+        """The frame's bytes as ``STREAMS`` holds them (``high`` first)."""
+        return self.high + self.low + (self.residual or b"")
+
+
+@dataclass(frozen=True)
 class BlobContents:
     """A blob's sections, parsed and checked against each other, whatever its version.
 
@@ -1256,6 +1280,16 @@ class BlobContents:
     dataset: bytes
     payload: PayloadSection
     spread_payload: bytes = b""
+
+    def frame_streams(self, i: int) -> FrameStreams:
+        """Frame ``i``'s bytes."""
+        r = self.records[i]
+        high = self.starts[i] + r.stream_bytes
+        low = high + r.low_bytes
+        residual = None
+        if r.residual_bytes is not None:
+            residual = self.streams[low : low + r.residual_bytes]
+        return FrameStreams(self.streams[self.starts[i] : high], self.streams[high:low], residual)
 
 
 def write_blob(
