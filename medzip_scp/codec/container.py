@@ -1341,7 +1341,7 @@ def parse_sections(header: ContainerHeader, sections: Sequence[Section]) -> Blob
     if header.version >= 3:
         index_body = by_type.get(SectionType.FRAME_INDEX)
         if index_body is None:
-            return _check_streams(header, None, [], streams, dataset, payload_body)
+            return _assemble(header, None, [], streams, dataset, payload_body)
         layout, n, pos = unpack_layout_v3(index_body)
         index_body = index_body[pos:]
     else:
@@ -1353,15 +1353,13 @@ def parse_sections(header: ContainerHeader, sections: Sequence[Section]) -> Blob
                     "sections FRAME_INDEX and STREAMS must be empty when LAYOUT is empty, got "
                     f"{len(index_body)} and {len(streams)} bytes"
                 )
-            payload = unpack_payload(payload_body, header.version)
-            _check_carrier(payload, 0)
-            return BlobContents(header, None, (), (), streams, dataset, payload)
+            return _assemble(header, None, [], streams, dataset, payload_body)
         layout, n = unpack_layout(layout_body)
     records = unpack_frame_index(
         index_body, n, layout.samples_per_pixel, min(header.version, 2), len(header.models)
     )
     _check_records(records, layout)
-    return _check_streams(header, layout, records, streams, dataset, payload_body)
+    return _assemble(header, layout, records, streams, dataset, payload_body)
 
 
 def _check_records(records: Sequence[FrameRecord], layout: PixelLayout) -> None:
@@ -1393,14 +1391,7 @@ def _check_records(records: Sequence[FrameRecord], layout: PixelLayout) -> None:
             )
 
 
-def _check_carrier(payload: PayloadSection, n_frames: int) -> None:
-    if payload.mode == PayloadMode.BITS_BACK and payload.frame >= n_frames:
-        raise CorruptStreamError(
-            f"section PAYLOAD: carrier frame must be < {n_frames}, got {payload.frame}"
-        )
-
-
-def _check_streams(
+def _assemble(
     header: ContainerHeader,
     layout: PixelLayout | None,
     records: list[FrameRecord],
@@ -1408,8 +1399,8 @@ def _check_streams(
     dataset: bytes,
     payload_body: bytes,
 ) -> BlobContents:
-    """Check that ``streams`` holds the frames' bytes (and, mode 3, the payload segments in
-    them); for mode 3, take the segments out and join the rest of the payload."""
+    """The contents, once the payload's section is parsed and ``streams`` is checked to hold
+    the frames' bytes (and, mode 3, the payload segments in them, which are taken out)."""
     payload = unpack_payload(payload_body, header.version)
     starts = []
     frame_bytes = 0
@@ -1438,7 +1429,10 @@ def _check_streams(
             f"section STREAMS: frame index accounts for {frame_bytes + payload.spread} bytes, "
             f"section has {len(streams)}"
         )
-    _check_carrier(payload, len(records))
+    if payload.mode == PayloadMode.BITS_BACK and payload.frame >= len(records):
+        raise CorruptStreamError(
+            f"section PAYLOAD: carrier frame must be < {len(records)}, got {payload.frame}"
+        )
     rest = payload.data if payload.mode == PayloadMode.SPREAD else b""
     if payload.spread:
         streams, carried = _remove_segments(streams, records, lengths)
