@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -73,6 +72,7 @@ from medzip_scp.codec.container import (
     ReferenceSource,
     dataset_raw_length,
     dataset_reference_of,
+    frame_crc32,
     is_free_bits_carrier,
     join_free_bits,
     model_entry_size,
@@ -148,11 +148,6 @@ class Decoded:
     frames: FrameSet | None
     dataset_rest: bytes
     payload: bytes
-
-
-def _frame_crc(frame: npt.NDArray[np.generic]) -> int:
-    le = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
-    return zlib.crc32(le.tobytes()) & 0xFFFFFFFF
 
 
 def _split(
@@ -242,7 +237,7 @@ def _core_unavailable(exc: Exception) -> None:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class _Candidate:
     """One path's coding of a frame's values: an alternative the frame may be coded with.
 
     Attributes
@@ -265,10 +260,10 @@ class Candidate:
 
 def _code_candidates(
     values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath]
-) -> list[Candidate]:
+) -> list[_Candidate]:
     """Every path's coding of ``values``, smallest first; a path that cannot code them is
     left out."""
-    coded: list[Candidate] = []
+    coded: list[_Candidate] = []
     for order, path in enumerate(paths):
         slots: Sequence[FlushSlot] = ()
         try:
@@ -283,7 +278,7 @@ def _code_candidates(
         except Exception:  # a path that cannot take this input is simply not a candidate
             data = None
         if data is not None:
-            coded.append(Candidate(path, data, tuple(slots), order))
+            coded.append(_Candidate(path, data, tuple(slots), order))
     coded.sort(key=lambda c: (len(c.data), c.order))
     return coded
 
@@ -293,7 +288,7 @@ def _best_stream(
     nbits: int,
     paths: list[PixelPath] | None,
     verify: bool,
-) -> Candidate:
+) -> _Candidate:
     """The smallest candidate of every path (``None``: the gated default). With ``verify`` the
     smallest that decodes back exactly; without, the smallest, unchecked (the caller decodes
     the whole blob)."""
@@ -395,7 +390,7 @@ class _FrameCoding:
     value_bits: int
     nbits: int
     offsets: tuple[int, ...]
-    stream: Candidate
+    stream: _Candidate
     residual: bytes | None
     split: SplitCode | None
     cost: int
@@ -457,7 +452,7 @@ def _encode_frame(
         if best is None or coding.cost < best.cost:
             best = coding
     assert best is not None
-    return _append_frame(index, best, _frame_crc(frame), streams, ctx)
+    return _append_frame(index, best, frame_crc32(frame), streams, ctx)
 
 
 def _append_frame(
@@ -723,7 +718,7 @@ def _decode_frame(
         raise CorruptStreamError(f"frame {i}: decoded values exceed {r.value_bits} value bits")
     u = _join(lo, None if hi is None else hi.astype(np.uint64), layout, r.value_bits)
     frame = _words_to_frame(u, layout)
-    crc = _frame_crc(frame)
+    crc = frame_crc32(frame)
     if crc != r.crc32:
         raise CorruptStreamError(
             f"frame {i}: pixel CRC-32 after decoding path {r.path!r} mismatch, expected "

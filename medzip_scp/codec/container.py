@@ -123,6 +123,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from medzip_scp.codec.errors import (
@@ -153,6 +155,7 @@ __all__ = [
     "SectionType",
     "dataset_raw_length",
     "dataset_reference_of",
+    "frame_crc32",
     "get_varint",
     "is_free_bits_carrier",
     "join_free_bits",
@@ -672,6 +675,13 @@ class FrameRecord:
     def total_bytes(self) -> int:
         """Bytes of this frame in ``STREAMS`` (high, low and residual)."""
         return self.stream_bytes + self.low_bytes + (self.residual_bytes or 0)
+
+
+def frame_crc32(frame: npt.NDArray[np.generic]) -> int:
+    """The CRC-32 a :class:`FrameRecord` holds: of the frame's values in its container dtype,
+    little-endian."""
+    le = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
+    return _crc(le.tobytes())
 
 
 _FLAG_RESIDUAL = 1
