@@ -607,10 +607,8 @@ def compress(
         )
     elif payload:
         free = _carry_free_bits(streams, ctx.flush_slots, payload)
-        rest = payload[free:]
         # after the free bits: the segments move flush bytes, never change them
-        coded, spread = spread_payload(bytes(streams), records, rest)
-        section = PayloadSection(PayloadMode.SPREAD, rest[spread:], free=free, spread=spread)
+        coded, section = spread_payload(bytes(streams), records, payload, free)
         streams = bytearray(coded)
     return write_blob(
         ctx.models,
@@ -798,8 +796,7 @@ def decompress(
             )
         payload = carried
     if flush_slots is not None:
-        free = parsed.payload.free
-        payload = join_free_bits(flush_slots, free) + payload[free:]
+        payload = join_free_bits(flush_slots, parsed.payload.free) + parsed.spread_payload
     dataset_rest = unpack_dataset(parsed.dataset, references)
     return Decoded(frames, dataset_rest, payload)
 

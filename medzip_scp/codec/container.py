@@ -1198,21 +1198,23 @@ def _segment_offset(r: FrameRecord) -> int:
 
 
 def spread_payload(
-    streams: bytes, records: Sequence[FrameRecord], payload: bytes
-) -> tuple[bytes, int]:
-    """``(streams with the frames' segments of payload in them, bytes they carry)``: the
-    frames take what they can of ``payload``, from its start."""
+    streams: bytes, records: Sequence[FrameRecord], payload: bytes, free: int
+) -> tuple[bytes, PayloadSection]:
+    """``(streams with the frames' segments of the payload in them, the PAYLOAD section)``
+    for a ``payload`` whose first ``free`` bytes the coder flushes already carry."""
+    rest = payload[free:]
     out = bytearray()
     pos = 0
     carried = 0
-    for r, n in zip(records, _spread_lengths(len(payload), records), strict=True):
+    for r, n in zip(records, _spread_lengths(len(rest), records), strict=True):
         at = pos + _segment_offset(r)
         out += streams[pos:at]
-        out += payload[carried : carried + n]
+        out += rest[carried : carried + n]
         out += streams[at : pos + r.total_bytes]
         pos += r.total_bytes
         carried += n
-    return bytes(out), carried
+    section = PayloadSection(PayloadMode.SPREAD, rest[carried:], free=free, spread=carried)
+    return bytes(out), section
 
 
 def _remove_segments(
