@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference, ReferenceSource
 from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.installation import check_codec
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
@@ -65,7 +66,19 @@ from medzip_scp.index.ingest import (
     indexed_content,
     replace_instance,
 )
-from medzip_scp.index.models import Instance, Series, SeriesReference, SupersededInstance
+from medzip_scp.index.models import (
+    Instance,
+    Series,
+    SeriesReference,
+    SupersededInstance,
+    VerificationRun,
+)
+from medzip_scp.index.stats import (
+    StateTotals,
+    instance_totals,
+    last_verification,
+    record_verification,
+)
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import (
@@ -512,10 +525,18 @@ class Archive:
 
         Without ``need_identity`` (verification, rebuilding), a missing identity key file is
         no error: the archive opens without it and reports the instances it cannot open.
+
+        Raises
+        ------
+        CodecInstallError
+            If the codec's C core does not load, or ``[pipeline] learned`` is on and its
+            models are not installed.
         """
         data_dir = settings.storage.data_dir
         if settings.pipeline.models_dir is not None:
             use_models_folder(settings.pipeline.models_dir)
+        # a path that cannot run fails here, never by coding with another one
+        check_codec(DEFAULT_LEARNED if settings.pipeline.learned else None)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
         if migrate:
@@ -1069,3 +1090,21 @@ class Archive:
             if sop_instance_uids is not None:
                 query = query.filter(Instance.sop_instance_uid.in_(sop_instance_uids))
             return list(query)
+
+    def totals(self) -> list[StateTotals]:
+        """Instances and their bytes by modality and state (``medzip status``)."""
+        with self.read_sessions() as session:
+            return instance_totals(session)
+
+    def last_verification(self) -> VerificationRun | None:
+        """The newest recorded verification pass (``medzip verify`` or a sweep), if any."""
+        with self.read_sessions() as session:
+            return last_verification(session)
+
+    def record_verification(
+        self, kind: str, started_at: dt.datetime, checked: int, not_ok: int, interrupted: bool
+    ) -> None:
+        """Record a verification pass: counts only (``kind``: ``"verify"`` or ``"sweep"``)."""
+        with self.sessions() as session:
+            record_verification(session, kind, started_at, checked, not_ok, interrupted)
+            session.commit()

@@ -330,12 +330,10 @@ class Settings(BaseSettings):
 
 ENV_PREFIX = "MEDZIP_"
 DEBUG_VARIABLE = "MEDZIP_DEBUG"
-# MEDZIP_ variables that are not node settings: read by the CLI, the tests, the benchmarks
-# and the codec's build step.
+# MEDZIP_ variables that are not node settings: read by the CLI, the tests and the benchmarks.
 OTHER_VARIABLES = frozenset(
     {
         DEBUG_VARIABLE,
-        "MEDZIP_PRED_CACHE",
         "MEDZIP_TEST_PG_URL",
         "MEDZIP_REQUIRE_PG",
         "MEDZIP_BENCH_PG_URL",

@@ -226,6 +226,22 @@ def worker(
     run_worker(archive, codec, stop, settings.pipeline.poll_seconds, shard=part)
 
 
+@app.command()
+def status(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show the compression backlog and failures, bytes received and stored per modality, the
+    keys and models in use, and the last verification (counts only, no patient data)."""
+    from medzip_scp.pipeline.status import archive_status
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    report = archive_status(_open_archive(settings, need_identity=False))
+    typer.echo(report.json() if as_json else report.table())
+
+
 @config_app.command("example")
 def config_example() -> None:
     """Print a commented example configuration file."""

@@ -58,10 +58,6 @@ def _py_lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-def _repo_root() -> Path:
-    return Path(medzip_scp.__file__).resolve().parents[1]
-
-
 def _install_sqlite_events(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
@@ -182,12 +178,11 @@ def alembic_config(url: str | None = None) -> Config:
     Returns
     -------
     Config
-        Configuration with ``script_location`` pointing at ``<repo>/alembic``.
+        Configuration with ``script_location`` pointing at the shipped ``alembic/``.
     """
-    root = _repo_root()
-    ini = root / "alembic.ini"
+    ini = medzip_scp.shipped_path("alembic.ini")
     config = Config(str(ini)) if ini.is_file() else Config()
-    config.set_main_option("script_location", str(root / "alembic"))
+    config.set_main_option("script_location", str(medzip_scp.shipped_path("alembic")))
     if url is not None:
         config.attributes["url"] = url
     return config

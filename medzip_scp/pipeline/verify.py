@@ -28,7 +28,7 @@ from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError, a
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.identity import index_identity_mismatch, study_instances
 from medzip_scp.index.ingest import InstanceAttributes
-from medzip_scp.index.models import Instance, Series, Study
+from medzip_scp.index.models import Instance, Series, Study, utcnow
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
 
@@ -181,7 +181,7 @@ def verify_archive(
     """Check the selected instances; Ctrl-C ends it early with what was checked so far."""
     instances = select_instances(archive, which)
     report = VerifyReport()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utcnow()
     try:
         for instance, verdict, reason in _verdicts(archive, instances):
             report.results.append((instance.sop_instance_uid, verdict, reason, instance.codec_id))
@@ -190,7 +190,24 @@ def verify_archive(
     except KeyboardInterrupt:
         report.interrupted = True
     report.seconds = time.monotonic() - started
+    not_ok = report.checked - report.ok_count
+    _record(archive, "verify", started_at, report.checked, not_ok, report.interrupted)
     return report
+
+
+def _record(
+    archive: Archive,
+    kind: str,
+    started_at: dt.datetime,
+    checked: int,
+    not_ok: int,
+    interrupted: bool,
+) -> None:
+    """Record a pass for ``medzip status``; a database that is away loses the record only."""
+    try:
+        archive.record_verification(kind, started_at, checked, not_ok, interrupted)
+    except Exception as exc:
+        log.error("verification pass not recorded: %s", type(exc).__name__)
 
 
 def _verdicts(
@@ -225,13 +242,16 @@ def run_sweeps(archive: Archive, stop: threading.Event, hours: float) -> None:
 
 def _sweep(archive: Archive, stop: threading.Event) -> None:
     checked = failed = 0
+    started_at = utcnow()
     for instance, verdict, reason in _verdicts(
         archive, select_instances(archive, InstanceFilter())
     ):
         if stop.is_set():
+            _record(archive, "sweep", started_at, checked, failed, interrupted=True)
             return
         checked += 1
         if verdict != Verdict.OK:
             failed += 1
             log.error("verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason)
     log.info("verification sweep: %d instances checked, %d not OK", checked, failed)
+    _record(archive, "sweep", started_at, checked, failed, interrupted=False)
