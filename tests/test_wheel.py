@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_paths import PYDICOM_FILES, REPO_ROOT
-from tests.net.conftest import free_port
+from tests.helpers.node import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from medzip_scp.cli.main import app
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
-from tests.net.conftest import RunningNode
-from tests.net.test_store import ct_dataset, store
+from tests.helpers.node import RunningNode
+from tests.helpers.scu import ct_dataset, store
 
 
 def _status(node: RunningNode, *flags: str) -> str:

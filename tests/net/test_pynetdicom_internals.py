@@ -16,6 +16,7 @@ from pynetdicom.presentation import PresentationContext
 from medzip_scp.net import pynetdicom_internals
 from medzip_scp.net.pynetdicom_internals import PynetdicomMismatchError, check_internals
 from medzip_scp.net.server import configure_pynetdicom
+from tests.helpers.node import ProcessWideSettings
 
 PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
 
@@ -68,6 +69,6 @@ def test_a_reactor_loop_without_time_sleep_fails(monkeypatch: pytest.MonkeyPatch
 def test_the_node_checks_before_it_patches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(DULServiceProvider, "_is_transport_event")
     monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", "unpatched")
-    with pytest.raises(PynetdicomMismatchError, match="_read_pdu_data"):
+    with ProcessWideSettings(), pytest.raises(PynetdicomMismatchError, match="_read_pdu_data"):
         configure_pynetdicom()
     assert dimse_messages.NamedTemporaryFile == "unpatched"
