@@ -150,6 +150,7 @@ def test_port_in_use_fails_fast_with_a_message(tmp_path: Path) -> None:
     assert "Address already in use" in result.stderr
 
 
+@pytest.mark.slow  # 5-10 s on 2 cores: two node processes, waiting for both to compress
 def test_every_node_process_serves_store_get_and_move(
     tmp_path: Path, store_scp: tuple[int, list]
 ) -> None:

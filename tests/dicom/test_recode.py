@@ -44,6 +44,7 @@ def _kept_whole_size(part10: bytes) -> int:
     return len(blob_module.compress(frames, rest))
 
 
+@pytest.mark.slow  # 6-12 s on 2 cores: each JPEG Lossless file of ../shared/data, coded and decoded
 def test_jpeg_lossless_originals_come_back_byte_for_byte_and_smaller() -> None:
     recoded = 0
     for path in _jpeg_lossless_files():
