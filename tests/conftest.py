@@ -15,6 +15,9 @@ The fixtures that the test folders share live here too: ``node_settings`` and ``
 real node in this process, on ``db_url``), ``store_scp`` (a C-MOVE destination),
 ``pki`` (TLS keys and certificates) and ``shared_data`` (../shared/data, or a skip). Plain
 helpers are in ``tests.helpers``; test modules import nothing from one another.
+
+An autouse fixture fails any test that leaves pynetdicom's or pydicom's process-wide settings
+(those a node started in this process sets) otherwise than it found them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from medzip_scp.config import Settings
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from tests.data_paths import NO_SHARED_DATA, SHARED_DATA
-from tests.helpers.node import RunningNode, free_port, make_settings, running_node
+from tests.helpers.node import (
+    ProcessWideSettings,
+    RunningNode,
+    free_port,
+    make_settings,
+    running_node,
+)
 from tests.helpers.tls import make_pki
 
 PG_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -120,6 +129,17 @@ def db_engine(db_url: str) -> Iterator[Engine]:
 def db_session_factory(db_engine: Engine) -> sessionmaker[Session]:
     """Session factory on a migrated, empty index database."""
     return session_factory(db_engine)
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_settings_kept() -> Iterator[None]:
+    """Every test leaves pynetdicom's and pydicom's process-wide settings as it found them
+    (a node started in this process changes them: see ``tests.helpers.node``)."""
+    before = ProcessWideSettings()
+    yield
+    changed = before.changed()
+    before.restore()
+    assert not changed, f"the test left process-wide settings changed: {', '.join(changed)}"
 
 
 @pytest.fixture

@@ -23,18 +23,25 @@ from medzip_scp.net.server import start_server
 
 # What medzip_scp.net.server.configure_pynetdicom sets for the whole process when a node
 # starts (besides a warnings filter, which pytest restores after each test itself).
-_PROCESS_WIDE: list[tuple[object, str]] = [
-    (_config, "STORE_RECV_CHUNKED_DATASET"),
-    (_config, "STORE_SEND_CHUNKED_DATASET"),
-    (_config, "LOG_REQUEST_IDENTIFIERS"),
-    (_config, "LOG_RESPONSE_IDENTIFIERS"),
-    (_config, "LOG_HANDLER_LEVEL"),
-    (Association, "send_c_store"),
-    (transport, "deepcopy"),
-    (dimse_messages, "NamedTemporaryFile"),
+_PROCESS_WIDE: dict[str, tuple[object, str]] = {
+    f"pynetdicom._config.{name}": (_config, name)
+    for name in (
+        "STORE_RECV_CHUNKED_DATASET",
+        "STORE_SEND_CHUNKED_DATASET",
+        "LOG_REQUEST_IDENTIFIERS",
+        "LOG_RESPONSE_IDENTIFIERS",
+        "LOG_HANDLER_LEVEL",
+    )
+} | {
+    "Association.send_c_store": (Association, "send_c_store"),
+    "pynetdicom.transport.deepcopy": (transport, "deepcopy"),
+    "pynetdicom.dimse_messages.NamedTemporaryFile": (dimse_messages, "NamedTemporaryFile"),
     # the attribute behind `reading_validation_mode` (whose getter fills in a default)
-    (pydicom.config.settings, "_reading_validation_mode"),
-]
+    "pydicom.config.settings.reading_validation_mode": (
+        pydicom.config.settings,
+        "_reading_validation_mode",
+    ),
+}
 _LOGGERS = ("pynetdicom", "pydicom")
 
 
@@ -44,11 +51,28 @@ class ProcessWideSettings:
     puts them back, so that no test depends on a node an earlier test started."""
 
     def __init__(self) -> None:
-        self._values = [(owner, name, getattr(owner, name)) for owner, name in _PROCESS_WIDE]
+        self._values = [
+            (label, owner, name, getattr(owner, name))
+            for label, (owner, name) in _PROCESS_WIDE.items()
+        ]
         self._levels = {name: logging.getLogger(name).level for name in _LOGGERS}
 
+    def changed(self) -> list[str]:
+        """What differs now from when this was made."""
+        names = [
+            label
+            for label, owner, name, value in self._values
+            if getattr(owner, name) is not value and getattr(owner, name) != value
+        ]
+        names += [
+            f"logging.getLogger({name!r}).level"
+            for name, level in self._levels.items()
+            if logging.getLogger(name).level != level
+        ]
+        return names
+
     def restore(self) -> None:
-        for owner, name, value in self._values:
+        for _, owner, name, value in self._values:
             setattr(owner, name, value)
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
