@@ -1108,3 +1108,16 @@ class Archive:
         with self.sessions() as session:
             record_verification(session, kind, started_at, checked, not_ok, interrupted)
             session.commit()
+
+    def health_problems(self) -> list[str]:
+        """Why this node cannot serve now (empty when it can): the index does not answer,
+        or the blob folder cannot be written. For readiness probes: no PHI, no key."""
+        problems = []
+        try:
+            with self.read_sessions() as session:
+                session.execute(select(1))
+        except Exception as exc:
+            problems.append(f"the index does not answer ({type(exc).__name__})")
+        if not os.access(self.blobs.root, os.W_OK | os.X_OK):
+            problems.append(f"blob folder {self.blobs.root} is not writable")
+        return problems

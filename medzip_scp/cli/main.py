@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import signal
@@ -147,12 +149,40 @@ def _open_archive(settings: Settings, migrate: bool = True, need_identity: bool 
         return Archive.open(settings, migrate=migrate, need_identity=need_identity)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _JsonLines(logging.Formatter):
+    """``log_format = "json"``: one JSON object per record, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonLines())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+def _audit(settings: Settings) -> None:
+    """Audit this command's acts into the node's trail (the node rotates it)."""
+    if settings.audit.enabled:
+        from medzip_scp.audit import configure_audit
+
+        file = settings.audit.resolved_file(settings.storage.data_dir)
+        configure_audit(file, settings.audit.max_bytes, settings.audit.backups, rotates=False)
 
 
 @app.command()
@@ -175,9 +205,10 @@ def serve(
     settings = _settings(config, data_dir, port, aet, move_destination)
     if processes is not None:
         settings.node.processes = processes
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     try:
-        run_node(settings, say=typer.echo, configure_logging=_logging)
+        configure_logging = functools.partial(_logging, log_format=settings.log_format)
+        run_node(settings, say=typer.echo, configure_logging=configure_logging)
     except NodeError as exc:
         raise _fail(str(exc)) from None
 
@@ -202,7 +233,7 @@ def worker(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = _settings(config, data_dir)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     archive = _open_archive(settings)
     codec = archive.compressing_codec()
     if once:
@@ -433,6 +464,7 @@ def verify(
     which = InstanceFilter(tuple(sop_instance_uid or ()), study, series, since_date)
     settings = _settings(config, data_dir)
     _logging("WARNING")
+    _audit(settings)
     archive = _open_archive(settings, need_identity=False)
     report = verify_archive(archive, which, progress=_progress_bar("verifying"))
     typer.echo(report.json() if as_json else report.table())

@@ -44,6 +44,7 @@ from medzip_scp.net.handlers import (
     handle_sop_extended,
     handle_store,
 )
+from medzip_scp.net.observed import observed
 from medzip_scp.net.status import Status
 
 log = logging.getLogger(__name__)
@@ -174,15 +175,17 @@ def _store_unless_spool_failed(event: evt.Event, archive: Archive, policy: Acces
 
 def event_handlers(archive: Archive) -> list[tuple]:
     policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
-    return [
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
-        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
-        (evt.EVT_C_ECHO, handle_echo, [policy]),
-        (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
-        (evt.EVT_C_FIND, handle_find, [archive, policy]),
-        (evt.EVT_C_GET, handle_get, [archive, policy]),
-        (evt.EVT_C_MOVE, handle_move, [archive, policy]),
-    ]
+    return observed(
+        [
+            (evt.EVT_REQUESTED, handle_requested, [policy]),
+            (evt.EVT_SOP_EXTENDED, handle_sop_extended),
+            (evt.EVT_C_ECHO, handle_echo, [policy]),
+            (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
+            (evt.EVT_C_FIND, handle_find, [archive, policy]),
+            (evt.EVT_C_GET, handle_get, [archive, policy]),
+            (evt.EVT_C_MOVE, handle_move, [archive, policy]),
+        ]
+    )
 
 
 def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
+from medzip_scp import audit, metrics
 from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError, attributes_of
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.identity import index_identity_mismatch, study_instances
@@ -203,7 +204,12 @@ def _record(
     not_ok: int,
     interrupted: bool,
 ) -> None:
-    """Record a pass for ``medzip status``; a database that is away loses the record only."""
+    """Record a pass for ``medzip status``, the metrics and the audit trail; a database
+    that is away loses the index's record only."""
+    metrics.count_verification(not_ok)
+    who = {"user": audit.local_user()} if kind == "verify" else {"by": "node sweep"}
+    outcome = "interrupted" if interrupted else "success" if not not_ok else "not ok"
+    audit.record("verify", outcome, **who, checked=checked, not_ok=not_ok)
     try:
         archive.record_verification(kind, started_at, checked, not_ok, interrupted)
     except Exception as exc:
