@@ -24,6 +24,7 @@ from medzip_scp.cli.train import train_app
 from medzip_scp.config import (
     DEBUG_VARIABLE,
     EXAMPLE_CONFIG,
+    AccessSettings,
     ConfigError,
     NodeSettings,
     Settings,
@@ -102,6 +103,7 @@ def _settings(
     port: int | None = None,
     aet: str | None = None,
     move_destinations: list[str] | None = None,
+    allow: list[str] | None = None,
 ) -> Settings:
     try:
         settings = load_settings(config)
@@ -117,6 +119,15 @@ def _settings(
         error = exc.errors()[0]
         flag = {"port": "--port", "ae_title": "--aet"}.get(str(error["loc"][-1]), "--data-dir")
         raise _fail(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
+    if allow:
+        try:  # loopback stays allowed: the node's own tools and probes use it
+            settings.access = AccessSettings.model_validate(
+                settings.access.model_dump()
+                | {"unknown_ae_hosts": [*settings.access.unknown_ae_hosts, *allow]}
+            )
+        except ValidationError as exc:
+            message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise _fail(f"--allow: {message} (a network is 10.0.0.0/8)") from None
     for text in move_destinations or []:
         try:
             dest = parse_destination(text)
@@ -198,11 +209,19 @@ def serve(
     processes: Annotated[
         int | None, typer.Option("--processes", help="Node processes sharing the port.", min=1)
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also accept unknown calling AEs from this network (CIDR, repeatable), "
+            "e.g. 10.0.0.0/8; [access] in the config file lists peers and rights.",
+        ),
+    ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
     from medzip_scp.net.supervisor import NodeError, run_node
 
-    settings = _settings(config, data_dir, port, aet, move_destination)
+    settings = _settings(config, data_dir, port, aet, move_destination, allow)
     if processes is not None:
         settings.node.processes = processes
     _logging(settings.log_level, settings.log_format)

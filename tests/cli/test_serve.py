@@ -324,11 +324,15 @@ def test_monitoring_and_audit_follow_dcmtk_peers_across_processes(tmp_path: Path
     http = free_port()
     config = tmp_path / "node.toml"
     config.write_text(f'log_format = "json"\n[monitoring]\nport = {http}\n')
-    proc, lines, node = _start_two_processes(tmp_path, "--config", str(config))
+    proc, lines, node = _start_two_processes(
+        tmp_path, "--config", str(config), "--allow", "10.0.0.0/8"
+    )
     peer = ["-aec", "MEDZIP", "127.0.0.1", str(node.port)]
     study = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
     try:
-        assert f"monitoring: http://127.0.0.1:{http}/metrics" in "\n".join(lines)
+        said = "\n".join(lines)
+        assert f"monitoring: http://127.0.0.1:{http}/metrics" in said
+        assert "access: any calling AE from 127.0.0.1/32, ::1/128, 10.0.0.0/8" in said
         assert _http_get(http, "/healthz") == (200, "ok\n")
         assert _http_get(http, "/readyz") == (200, "ready\n")
         runs = [
