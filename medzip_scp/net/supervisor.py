@@ -131,9 +131,6 @@ def run_node(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     check_port(settings.node)
     hold_data_dir(settings.storage.data_dir)
-    if settings.monitoring.port is not None:  # before any process counts anything
-        metrics.prepare_folder(settings.storage.data_dir / "run" / "metrics")
-    observe_process(settings, first=True)
     try:
         archive = Archive.open(settings)
     except Exception as exc:
@@ -141,6 +138,9 @@ def run_node(
         if message is None:
             raise
         raise NodeError(message) from None
+    if settings.monitoring.port is not None:  # before any process counts anything
+        metrics.prepare_folder(settings.storage.data_dir / "run" / "metrics")
+    observe_process(settings, first=True)
     # Blobs a crash left unindexed (the newest only once no process can still commit them)
     threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
     processes = NodeProcesses(settings, archive, configure_logging)
