@@ -41,6 +41,7 @@ from medzip_scp.dicom.part10 import (
     instance_uids,
     load_dataset,
 )
+from medzip_scp.group_commit import GroupCommitter, Pending
 from medzip_scp.identity.instance import (
     IdentityCheckError,
     IdentityPolicy,
@@ -378,7 +379,9 @@ def _wait_durable(synced: Future[None]) -> None:
 
 
 @dataclass
-class _StoreRequest:
+class StoreRequest(Pending[StoreOutcome]):
+    """One C-STORE queued for the group commit: what arrived and the blob written for it."""
+
     received: ReceivedObject
     attrs: InstanceAttributes
     blob: StoredBlob
@@ -390,84 +393,6 @@ class _StoreRequest:
     # Set in the transaction: an archived copy with another hash, not compared yet, is
     # there (the outcome is only a placeholder; compare, then submit again).
     needs_comparison: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  # woken to commit the queue, not with an outcome
-    outcome: StoreOutcome | None = None
-    error: BaseException | None = None
-
-
-class _GroupCommitter:
-    """Makes concurrent C-STOREs durable together, led by the handlers themselves.
-
-    A handler queues its request; when no other handler is committing, it becomes the
-    leader: it takes everything queued (up to :data:`MAX_BATCH`, its own request first),
-    fsyncs all those blobs and commits all their index rows in one transaction, so N
-    associations pay for about one journal flush and one database commit, not N of each.
-    Then it passes the lead to the oldest request still queued, whose handler wakes to
-    commit the next batch, and returns to its own peer. (A dedicated committing thread
-    cost two thread hand-overs, about 0.4 ms, per C-STORE.) A batch that fails is retried
-    one request at a time, so one bad object fails alone.
-    """
-
-    MAX_BATCH = 64
-
-    def __init__(self, commit: Callable[[list[_StoreRequest]], list[StoreOutcome]]) -> None:
-        self._commit = commit
-        self._lock = threading.Lock()
-        self._queue: list[_StoreRequest] = []
-        self._leading = False
-
-    def submit(self, request: _StoreRequest) -> StoreOutcome:
-        with self._lock:
-            self._queue.append(request)
-            request.lead = not self._leading
-            self._leading = True
-        if not request.lead:
-            request.done.wait()
-        if request.lead:
-            self._lead()
-        if request.error is not None:
-            raise request.error
-        assert request.outcome is not None
-        return request.outcome
-
-    def _lead(self) -> None:
-        with self._lock:
-            batch = self._queue[: self.MAX_BATCH]
-            del self._queue[: self.MAX_BATCH]
-        try:
-            self._process(batch)
-        finally:
-            for request in batch:  # never leave a follower waiting, whatever went wrong
-                if request.outcome is None and request.error is None:
-                    request.error = RuntimeError("group commit ended without an outcome")
-                    request.done.set()
-            with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.done.set()
-                else:
-                    self._leading = False
-
-    def _process(self, batch: list[_StoreRequest]) -> None:
-        try:
-            outcomes = self._commit(batch)
-        except BaseException as exc:
-            if len(batch) == 1 or isinstance(exc, BlobsNotDurableError):
-                # A failed fsync is final for every blob it covered: a second fsync may
-                # report success for data the kernel has already dropped.
-                for request in batch:
-                    request.error = exc
-                    request.done.set()
-                return
-            for request in batch:
-                self._process([request])
-            return
-        for request, outcome in zip(batch, outcomes, strict=True):
-            request.outcome = outcome
-            request.lead = False
-            request.done.set()
 
 
 class Archive:
@@ -500,7 +425,11 @@ class Archive:
         # When the last C-STORE arrived (CLOCK_MONOTONIC is system-wide on Linux, so node
         # processes share one value to let background compression yield to any of them).
         self.store_activity: ctypes.c_double = multiprocessing.RawValue("d", 0.0)
-        self._committer = _GroupCommitter(self._commit_batch)
+        # A failed fsync is final for every blob it covered: a second fsync may report
+        # success for data the kernel has already dropped, so such a batch is not retried.
+        self._committer: GroupCommitter[StoreRequest, StoreOutcome] = GroupCommitter(
+            self._commit_batch, final=(BlobsNotDurableError,)
+        )
         self._syncing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sync")
         self._known_series = KnownSeries()  # used by the committing leader only
         # Each comparison of a duplicate holds both objects in memory: a few at a time.
@@ -687,7 +616,7 @@ class Archive:
             # by content, outside the transaction (it loads both objects); the transaction
             # then decides with that comparison, if the archived copy is still the same.
             for _attempt in range(3):
-                request = _StoreRequest(
+                request = StoreRequest(
                     received, attrs, blob, dataset_sha256, calling_ae_title, differences
                 )
                 # An unindexed blob counts as orphaned only once it has not changed for
@@ -763,7 +692,7 @@ class Archive:
         if indexed is None or indexed[1] != blob.key:
             self.blobs.delete(blob.key)
 
-    def _commit_batch(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
+    def _commit_batch(self, batch: list[StoreRequest]) -> list[StoreOutcome]:
         """Make a batch durable: fsync its blobs, and index all of it in one transaction
         that commits only once they are durable.
 
@@ -785,7 +714,7 @@ class Archive:
             wait([synced])  # done before a failed batch's blobs are removed
 
     def _index_batch(
-        self, batch: list[_StoreRequest], fast: bool, blobs_durable: Callable[[], object]
+        self, batch: list[StoreRequest], fast: bool, blobs_durable: Callable[[], object]
     ) -> list[StoreOutcome]:
         try:
             with self.sessions() as session:
@@ -802,7 +731,7 @@ class Archive:
         self._known_series.committed()
         return ordered
 
-    def _facts(self, request: _StoreRequest) -> dict[str, Any]:
+    def _facts(self, request: StoreRequest) -> dict[str, Any]:
         """What the index records about an instance besides its attributes."""
         return dict(
             transfer_syntax_uid=str(request.received.transfer_syntax_uid),
@@ -816,7 +745,7 @@ class Archive:
         )
 
     def _index_new_of_known_series(
-        self, session: Session, batch: list[_StoreRequest]
+        self, session: Session, batch: list[StoreRequest]
     ) -> dict[int, StoreOutcome]:
         """The fast path: index, in one statement, the batch's new instances of series this
         process has committed; returns their outcomes by position in the batch."""
@@ -831,7 +760,7 @@ class Archive:
             if done
         }
 
-    def _index(self, session: Session, request: _StoreRequest) -> StoreOutcome:
+    def _index(self, session: Session, request: StoreRequest) -> StoreOutcome:
         sop_uid = request.attrs.sop_instance_uid
         fields = dict(self._facts(request), known_series=self._known_series)
         policy = self.settings.storage.duplicate_policy
