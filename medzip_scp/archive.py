@@ -8,7 +8,6 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import functools
 import hashlib
 import logging
@@ -21,20 +20,19 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference, ReferenceSource
+from medzip_scp.codec.api import DatasetReference, ReferenceSource
 from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
-from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
+from medzip_scp.dicom.blob import open_blob, peek_blob
 from medzip_scp.dicom.equivalence import first_difference
-from medzip_scp.dicom.identifying import identifying_tags
 from medzip_scp.dicom.part10 import (
     ReceivedObject,
     dataset_offset_of,
@@ -42,15 +40,7 @@ from medzip_scp.dicom.part10 import (
     load_dataset,
 )
 from medzip_scp.group_commit import GroupCommitter, Pending
-from medzip_scp.identity.instance import (
-    IdentityCheckError,
-    IdentityPolicy,
-    OpenedInstance,
-    Verdict,
-    open_instance,
-    seal_instance,
-    series_reference,
-)
+from medzip_scp.identity.instance import IdentityCheckError, Verdict
 from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
@@ -67,6 +57,14 @@ from medzip_scp.index.ingest import (
     replace_instance,
 )
 from medzip_scp.index.models import Instance, Series, SeriesReference, SupersededInstance
+from medzip_scp.instance_codecs import (
+    CODECS,
+    IdentityCodec,
+    InstanceCodec,
+    MzpCodec,
+    Part10Codec,
+    identity_policy,
+)
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import (
@@ -77,128 +75,6 @@ from medzip_scp.storage.local import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class InstanceCodec(Protocol):
-    """Turns a complete Part-10 object into the blob the store keeps, and back, bit-exact.
-
-    ``encode`` decodes its blob once and compares it with its input before returning it
-    (verify before replace); ``verify=False`` is for a caller that does exactly that itself (the
-    compression worker), so that a blob is decoded once."""
-
-    codec_id: str
-
-    def encode(self, part10: bytes, verify: bool = True) -> bytes: ...
-
-    def decode(self, blob: bytes) -> bytes: ...
-
-
-class Part10Codec:
-    """The identity codec: the blob is the Part-10 object as received."""
-
-    codec_id = "part10"
-
-    def encode(self, part10: bytes, verify: bool = True) -> bytes:
-        return part10
-
-    def decode(self, blob: bytes) -> bytes:
-        return blob
-
-
-class MzpCodec:
-    """The medzip codec without identity payload (blobs written before it existed): pixel
-    data through the codec library, the rest compressed.
-
-    ``encode`` itself decodes its output and compares it with the input before returning.
-    It tries the learned split paths only when ``learned`` (``[pipeline] learned``); any
-    instance decodes blobs of either kind.
-    """
-
-    codec_id = "mzp1"
-
-    def __init__(self, learned: bool = False) -> None:
-        self._learned = DEFAULT_LEARNED if learned else None
-
-    def encode(self, part10: bytes, verify: bool = True) -> bytes:
-        return encode_dataset(part10, self._learned, verify=verify)
-
-    def decode(self, blob: bytes) -> bytes:
-        return decode_blob(blob)
-
-
-class IdentityCodec:
-    """The medzip codec with the patient's identity sealed inside the blob
-    (:mod:`medzip_scp.identity`): what background compression writes.
-
-    ``encode`` opens its own blob again (payload included) and compares before returning;
-    ``decode`` runs every check of :func:`~medzip_scp.identity.instance.open_instance`.
-    """
-
-    codec_id = "mzp2"
-
-    def __init__(
-        self,
-        keyring: IdentityKeyring | None,
-        policy: IdentityPolicy,
-        learned: bool = False,
-        references: ReferenceSource | None = None,
-    ) -> None:
-        self._keyring = keyring
-        self._policy = policy
-        self._learned = DEFAULT_LEARNED if learned else None
-        self._references = references
-
-    def encode(
-        self,
-        part10: bytes,
-        verify: bool = True,
-        received_at: dt.datetime | None = None,
-        reference: DatasetReference | None = None,
-    ) -> bytes:
-        """The payload says the instance was received at ``received_at`` (default now):
-        compression gives its index row's, so that a rebuilt index (``medzip db rebuild``)
-        orders instances as they arrived, not as compressed. With ``reference``
-        (:meth:`series_reference`), the data set is coded against it."""
-        if self._keyring is None:
-            raise IdentityKeyError("the identity key file is missing: compression cannot seal")
-        received_us = None if received_at is None else _microseconds(received_at)
-        return seal_instance(
-            part10,
-            self._keyring,
-            self._policy,
-            self._learned,
-            received_us,
-            verify=verify,
-            reference=reference,
-        )
-
-    def series_reference(self, part10: bytes) -> DatasetReference:
-        """A reference for the blobs of ``part10``'s series, made from it."""
-        return series_reference(part10, self._policy)
-
-    def decode(self, blob: bytes) -> bytes:
-        return self.open(blob, None).part10
-
-    def open(self, blob: bytes, sop_instance_uid: str | None) -> OpenedInstance:
-        """The original and its identity record; raises IdentityCheckError."""
-        return open_instance(blob, self._keyring, sop_instance_uid, self._references)
-
-
-def _microseconds(moment: dt.datetime) -> int:
-    """Microseconds since the Unix epoch (exact: no float in between)."""
-    return (moment - dt.datetime.fromtimestamp(0, dt.UTC)) // dt.timedelta(microseconds=1)
-
-
-# Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.
-# (IdentityCodec, which needs the node's keys, is the archive's own: Archive.codecs.)
-CODECS: dict[str, InstanceCodec] = {c.codec_id: c for c in (Part10Codec(), MzpCodec())}
-
-
-def identity_policy(settings: Settings) -> IdentityPolicy:
-    return IdentityPolicy(
-        identifying_tags(settings.identity.extra_attributes),
-        settings.identity.private_elements,
-    )
 
 
 @dataclass(frozen=True)
@@ -591,11 +467,7 @@ class Archive:
                 position += len(chunk)
                 yield chunk
 
-        if isinstance(self.codec, Part10Codec):
-            blob = self.blobs.write(chunks(), bound_to=sop_instance_uid)
-        else:
-            encoded = self.codec.encode(b"".join(chunks()))
-            blob = self.blobs.write([encoded], bound_to=sop_instance_uid)
+        blob = self.blobs.write(self.codec.encode_chunks(chunks()), bound_to=sop_instance_uid)
         return blob, digest.hexdigest()
 
     def store(self, received: ReceivedObject, calling_ae_title: str) -> StoreOutcome:

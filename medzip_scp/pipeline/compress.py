@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 
-from medzip_scp.archive import Archive, IdentityCodec, InstanceCodec, Part10Codec
+from medzip_scp.archive import Archive
 from medzip_scp.codec.api import DatasetReference
 from medzip_scp.index.models import Instance, InstanceState
+from medzip_scp.instance_codecs import IdentityCodec, InstanceCodec, Part10Codec
 
 log = logging.getLogger(__name__)
 

@@ -42,15 +42,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from medzip_scp.archive import (
-    Archive,
-    BlobClaim,
-    IdentityCodec,
-    Part10Codec,
-    attributes_of,
-    claim_of,
-    codec_blob_claim,
-)
+from medzip_scp.archive import Archive, BlobClaim, attributes_of, claim_of, codec_blob_claim
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.dicom.part10 import InvalidObjectError, file_meta_of
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
@@ -69,6 +61,7 @@ from medzip_scp.index.ingest import (
     replace_instance,
 )
 from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
+from medzip_scp.instance_codecs import IdentityCodec, Part10Codec
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import BlobNotFoundError
 

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError, attributes_of
+from medzip_scp.archive import Archive, InstanceIntegrityError, attributes_of
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.identity import index_identity_mismatch, study_instances
 from medzip_scp.index.ingest import InstanceAttributes
 from medzip_scp.index.models import Instance, Series, Study
+from medzip_scp.instance_codecs import IdentityCodec
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
 
