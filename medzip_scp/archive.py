@@ -20,7 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -49,6 +48,7 @@ from medzip_scp.index.identity import index_identity_mismatch
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
+    StorageFacts,
     add_instance,
     add_instances_of_known_series,
     attributes_from_dataset,
@@ -603,9 +603,9 @@ class Archive:
         self._known_series.committed()
         return ordered
 
-    def _facts(self, request: StoreRequest) -> dict[str, Any]:
+    def _facts(self, request: StoreRequest) -> StorageFacts:
         """What the index records about an instance besides its attributes."""
-        return dict(
+        return StorageFacts(
             transfer_syntax_uid=str(request.received.transfer_syntax_uid),
             blob_key=request.blob.key,
             original_size=request.received.dataset_size,
@@ -634,7 +634,7 @@ class Archive:
 
     def _index(self, session: Session, request: StoreRequest) -> StoreOutcome:
         sop_uid = request.attrs.sop_instance_uid
-        fields = dict(self._facts(request), known_series=self._known_series)
+        facts = self._facts(request)
         policy = self.settings.storage.duplicate_policy
         request.needs_comparison = False  # a batch retried alone decides afresh
         for _attempt in range(3):
@@ -659,14 +659,16 @@ class Archive:
             try:
                 with session.begin_nested():
                     if archived_sha256 is None:
-                        add_instance(session, request.attrs, **fields)
+                        add_instance(session, request.attrs, facts, known_series=self._known_series)
                         return StoreOutcome(StoreResult.STORED, sop_uid)
                     # Locked: a compression swap committing meanwhile would leave the
                     # superseded version naming the blob it deletes.
                     existing = get_instance(session, sop_uid, for_update=True)
                     if existing is None:  # removed meanwhile: look again
                         continue
-                    replace_instance(session, existing, request.attrs, **fields)
+                    replace_instance(
+                        session, existing, request.attrs, facts, known_series=self._known_series
+                    )
                     return StoreOutcome(StoreResult.REPLACED, sop_uid, difference)
             except (IntegrityError, DuplicateInstanceError):
                 # Another process indexed the same SOP Instance meanwhile: look again. The

@@ -37,7 +37,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -56,6 +55,7 @@ from medzip_scp.index.errors import MissingAttributeError
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
+    StorageFacts,
     add_instance,
     get_instance,
     replace_instance,
@@ -251,15 +251,15 @@ def _index_blob(
         report.not_indexed.append((key, exc.verdict, exc.reason))
         return
     state = InstanceState.STORED
-    if facts["codec_id"] != Part10Codec.codec_id:
+    if facts.codec_id != Part10Codec.codec_id:
         state = InstanceState.COMPRESSED
     existing = get_instance(session, attrs.sop_instance_uid)
     if existing is None:
         add_instance(
-            session, attrs, **facts, received_at=received_at, state=state, known_series=known_series
+            session, attrs, facts, received_at=received_at, state=state, known_series=known_series
         )
         report.indexed += 1
-    elif existing.original_sha256 == facts["original_sha256"]:
+    elif existing.original_sha256 == facts.original_sha256:
         report.copies += 1
         return
     else:
@@ -267,7 +267,7 @@ def _index_blob(
             session,
             existing,
             attrs,
-            **facts,
+            facts,
             received_at=received_at,
             state=state,
             known_series=known_series,
@@ -290,7 +290,7 @@ def _claim(archive: Archive, key: str) -> tuple[str, str, str]:
     return claim.codec_id, uid, hashlib.sha256(plaintext).hexdigest()
 
 
-def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, dict[str, Any]]:
+def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, StorageFacts]:
     """The index attributes and storage facts of the instance version a blob holds, from
     its authenticated, checked content only."""
     codec_id, uid, claimed_sha256 = _claim(archive, key)
@@ -309,7 +309,7 @@ def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, dict[
             Verdict.TAMPERED, f"holds instance {attrs.sop_instance_uid}, sealed for {uid}"
         )
     dataset = memoryview(original)[offset:]
-    return attrs, dict(
+    return attrs, StorageFacts(
         transfer_syntax_uid=transfer_syntax_uid,
         blob_key=key,
         original_size=len(dataset),
