@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,6 +58,7 @@ from medzip_scp.index.ingest import (
     replace_instance,
 )
 from medzip_scp.index.models import Instance, Series, SeriesReference, SupersededInstance
+from medzip_scp.index.query import QueryModel, find, find_instances
 from medzip_scp.instance_codecs import (
     CODECS,
     IdentityCodec,
@@ -676,6 +678,48 @@ class Archive:
                 self._known_series.rolled_back()
                 continue
         raise RuntimeError(f"could not index {sop_uid} after 3 attempts")
+
+    # -- C-FIND, C-GET, C-MOVE -----------------------------------------------------------
+
+    def find(
+        self,
+        model: QueryModel,
+        identifier: Dataset,
+        cancelled: Callable[[], bool] = lambda: False,
+        limit: int | None = None,
+    ) -> Iterator[Dataset]:
+        """The C-FIND responses to ``identifier``, one per matching entity
+        (:func:`medzip_scp.index.query.find`, with the node's default character set),
+        streamed from a read transaction held until the iterator ends or is closed.
+
+        Raises
+        ------
+        QueryError
+            When first advanced: the identifier is not a valid query of ``model``.
+        """
+        with self.read_sessions() as session:
+            yield from find(
+                session,
+                model,
+                identifier,
+                cancelled,
+                default_charset=self.settings.query.character_set,
+                limit=limit,
+            )
+
+    def retrieve(self, model: QueryModel, identifier: Dataset) -> list[Instance]:
+        """The index rows (detached) of the instances a C-GET or C-MOVE identifier
+        designates; each is then restored with :meth:`load_part10`.
+
+        Raises
+        ------
+        QueryError
+            The identifier is not a valid retrieve of ``model``.
+        """
+        with self.read_sessions() as session:
+            instances = find_instances(session, model, identifier)
+            session.expunge_all()
+        return instances
 
     # -- Retrieval -----------------------------------------------------------------------
 
