@@ -43,6 +43,7 @@ from medzip_scp.group_commit import GroupCommitter, Pending
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
 from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
+from medzip_scp.index.compression import mark_compress_failed, pending_compression, swap_blob
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
 from medzip_scp.index.identity import index_identity_mismatch
@@ -799,6 +800,54 @@ class Archive:
         if codec is None:
             raise LookupError(f"instance stored with unknown codec {codec_id!r}")
         return codec.decode(blob)
+
+    # -- Background compression ----------------------------------------------------------
+
+    def pending_compression(self, limit: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """Ids of the instances (of ``shard``, see :func:`index.compression.pending_compression`)
+        still stored as received, oldest first."""
+        with self.sessions() as session:
+            return pending_compression(session, Part10Codec.codec_id, limit, shard)
+
+    def instance(self, instance_id: int) -> Instance | None:
+        """An index row (detached) by its id; None when there is none."""
+        with self.sessions() as session:
+            row = session.get(Instance, instance_id)
+            if row is not None:
+                session.expunge(row)
+            return row
+
+    def mark_compress_failed(self, instance: Instance) -> None:
+        """Keep an instance's original for good: its compression failed, and is not retried
+        (unless the instance is replaced meanwhile)."""
+        with self.sessions() as session:
+            mark_compress_failed(session, instance.id, instance.blob_key)
+            session.commit()
+
+    def swap_blob(self, instance: Instance, blob: bytes, codec_id: str) -> StoredBlob | None:
+        """Replace an instance's blob by ``blob`` (written by ``codec_id``, verified by the
+        caller): written durably, the row swapped to it in one committed UPDATE that only
+        succeeds while the row still names the blob ``instance`` names, and only then is
+        that blob deleted. Returns the new blob; None when the row moved on meanwhile (a
+        replace won), and the new blob is deleted. A crash anywhere leaves one of the two
+        blobs indexed, never neither."""
+        new = self.blobs.put_bytes(blob, bound_to=instance.sop_instance_uid)
+        with self.sessions() as session:
+            swapped = swap_blob(
+                session,
+                instance.id,
+                instance.blob_key,
+                new.key,
+                codec_id,
+                new.stored_size,
+                new.sha256,
+            )
+            session.commit()
+        if not swapped:
+            self.blobs.delete(new.key)
+            return None
+        self.blobs.delete(instance.blob_key)
+        return new
 
     # -- Housekeeping --------------------------------------------------------------------
 
