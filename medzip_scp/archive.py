@@ -7,6 +7,7 @@ statuses; it never raises for bad input (that is an outcome), only for broken in
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -15,7 +16,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,7 +47,13 @@ from medzip_scp.identity.payload import IdentityRecord
 from medzip_scp.index.compression import mark_compress_failed, pending_compression, swap_blob
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
-from medzip_scp.index.identity import index_identity_mismatch
+from medzip_scp.index.identity import (
+    InstanceFilter,
+    index_identity_mismatch,
+    instances_by_id,
+    select_instances,
+    study_instances,
+)
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
@@ -800,6 +807,59 @@ class Archive:
         if codec is None:
             raise LookupError(f"instance stored with unknown codec {codec_id!r}")
         return codec.decode(blob)
+
+    # -- Verification ----------------------------------------------------------------------
+
+    def select_instances(self, which: InstanceFilter) -> list[Instance]:
+        """The index rows (detached) ``which`` selects, by id."""
+        with self.read_sessions() as session:
+            rows = select_instances(session, which)
+            session.expunge_all()
+        return rows
+
+    def instances_by_id(self, instance_ids: Iterable[int]) -> list[Instance]:
+        """The index rows (detached) of these instances, those that still exist, by id."""
+        with self.read_sessions() as session:
+            rows = instances_by_id(session, instance_ids)
+            session.expunge_all()
+        return rows
+
+    def study_instances(self, instance_ids: Iterable[int]) -> dict[int, list[int]]:
+        """The ids of every instance of each study these instances belong to, by study id."""
+        with self.read_sessions() as session:
+            return study_instances(session, instance_ids)
+
+    def verify_study(
+        self, members: list[Instance], selected: set[int]
+    ) -> dict[int, tuple[Verdict, str]]:
+        """Verdicts (and, unless OK, which check failed) on the ``selected`` instances of one
+        study, whose ``members`` are all its instances: every check of :meth:`load_part10`,
+        then the index rows against what each sealed data set and the study's other
+        instances say (a study's index row follows its newest instance)."""
+        verdicts: dict[int, tuple[Verdict, str]] = {}
+        received: dict[int, InstanceAttributes] = {}
+        for instance in members:
+            try:
+                part10 = self.load_part10(instance)
+            except InstanceIntegrityError as exc:
+                verdicts[instance.id] = (exc.verdict, exc.reason)
+                continue
+            verdicts[instance.id] = (Verdict.OK, "")
+            # an attribute pydicom cannot read: not compared
+            with contextlib.suppress(Exception):
+                received[instance.id] = attributes_of(part10)
+        with self.read_sessions() as session:
+            for instance in members:
+                sealed = received.get(instance.id)
+                if instance.id not in selected or sealed is None:
+                    continue
+                if instance.codec_id != IdentityCodec.codec_id:
+                    continue  # not sealed yet: its original is checked against ingest's hashes
+                others = [attrs for other, attrs in received.items() if other != instance.id]
+                mismatch = index_identity_mismatch(session, instance.id, sealed, others)
+                if mismatch is not None:
+                    verdicts[instance.id] = (Verdict.TAMPERED, mismatch)
+        return {i: verdict for i, verdict in verdicts.items() if i in selected}
 
     # -- Background compression ----------------------------------------------------------
 
