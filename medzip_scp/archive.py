@@ -23,7 +23,6 @@ from enum import Enum
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,6 +43,7 @@ from medzip_scp.group_commit import GroupCommitter, Pending
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
 from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
+from medzip_scp.index.blobs import blob_keys_of, holds_codec, index_is_empty, named_blob_keys
 from medzip_scp.index.compression import mark_compress_failed, pending_compression, swap_blob
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError
@@ -65,8 +65,9 @@ from medzip_scp.index.ingest import (
     indexed_content,
     replace_instance,
 )
-from medzip_scp.index.models import Instance, Series, SeriesReference, SupersededInstance
+from medzip_scp.index.models import Instance
 from medzip_scp.index.query import QueryModel, find, find_instances
+from medzip_scp.index.references import record_reference, recorded_reference, series_references
 from medzip_scp.instance_codecs import (
     CODECS,
     IdentityCodec,
@@ -156,32 +157,19 @@ def _unindexed_blobs(
     that no index row, current or superseded, names."""
     on_disk = set(blobs.keys(folder))
     with sessions() as session:
-        for table in (Instance, SupersededInstance):
-            on_disk -= set(
-                session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
-            )
-    return on_disk
+        return on_disk - named_blob_keys(session, folder)
 
 
 def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobStore) -> bool:
     """Whether the index, or a blob no index row names (the index was lost, or rebuilt
     without the identity keys), holds an instance sealed with identity keys."""
     with sessions() as session:
-        for table in (Instance, SupersededInstance):
-            sealed = select(table.id).where(table.codec_id == IdentityCodec.codec_id).limit(1)
-            if session.scalar(sealed) is not None:
-                return True
+        if holds_codec(session, IdentityCodec.codec_id):
+            return True
     return any(
         _claims_sealed_identity(blobs, key)
         for folder in blobs.folders()
         for key in _unindexed_blobs(blobs, sessions, folder)
-    )
-
-
-def _recorded_reference(session: Session, series_uid: str) -> str | None:
-    """The sha256 (hex) of the data set reference recorded for a series, or None."""
-    return session.scalar(
-        select(SeriesReference.sha256).where(SeriesReference.series_instance_uid == series_uid)
     )
 
 
@@ -380,41 +368,23 @@ class Archive:
         5. else None (and None for a reference gone from the store: logged, coded without;
            and for a header above :data:`MAX_REFERENCE_BYTES`).
         """
-        members, study_sha256 = 0, None
         with self.read_sessions() as session:
-            series = session.get(Series, instance.series_fk)
-            if series is None:  # the instance was replaced or removed meanwhile
-                return None
-            series_uid = series.series_instance_uid
-            sha256 = _recorded_reference(session, series_uid)
-            if sha256 is None:
-                count = select(func.count(Instance.id)).where(Instance.series_fk == series.id)
-                members = session.scalar(count) or 0
-                study_sha256 = session.scalar(
-                    select(SeriesReference.sha256)
-                    .join(Series, Series.series_instance_uid == SeriesReference.series_instance_uid)
-                    .where(Series.study_fk == series.study_fk)
-                    .order_by(SeriesReference.id)
-                    .limit(1)
-                )
-        if sha256 is not None:
-            return self._kept_reference(sha256, series_uid)
-        if members < self.OWN_REFERENCE_MIN_INSTANCES and study_sha256 is not None:
-            return self._kept_reference(study_sha256, series_uid)
-        if members < self.SERIES_REFERENCE_MIN_INSTANCES:
+            known = series_references(session, instance.series_fk)
+        if known is None:  # the instance was replaced or removed meanwhile
+            return None
+        series_uid = known.series_instance_uid
+        if known.recorded is not None:
+            return self._kept_reference(known.recorded, series_uid)
+        if known.members < self.OWN_REFERENCE_MIN_INSTANCES and known.study is not None:
+            return self._kept_reference(known.study, series_uid)
+        if known.members < self.SERIES_REFERENCE_MIN_INSTANCES:
             return None
         reference = self.identity_codec.series_reference(part10)
         if len(reference.data) > self.MAX_REFERENCE_BYTES:
             return None
         self.blobs.references.put(reference.data)
         with self.sessions() as session:
-            session.add(
-                SeriesReference(
-                    series_instance_uid=series_uid,
-                    sha256=reference.sha256.hex(),
-                    size=len(reference.data),
-                )
-            )
+            record_reference(session, series_uid, reference.sha256.hex(), len(reference.data))
             try:
                 session.commit()
                 return reference
@@ -426,7 +396,7 @@ class Archive:
         """The reference another process recorded for the series while we made ``ours``
         (its file is kept before its row commits); ours goes, no blob names it yet."""
         with self.read_sessions() as session:
-            sha256 = _recorded_reference(session, series_uid)
+            sha256 = recorded_reference(session, series_uid)
         if sha256 is None or sha256 == ours.sha256.hex():
             return ours if sha256 is not None else None
         self.blobs.references.discard(ours.sha256)
@@ -974,10 +944,7 @@ class Archive:
 
     def _index_is_empty(self) -> bool:
         with self.read_sessions() as session:
-            return all(
-                session.scalar(select(table.id).limit(1)) is None
-                for table in (Instance, SupersededInstance)
-            )
+            return index_is_empty(session)
 
     def _crash_leftover(self, key: str) -> bool:
         """Whether an unindexed blob is what a crash leaves: an original a C-STORE wrote but
@@ -998,13 +965,7 @@ class Archive:
         if not uid:
             return False
         with self.read_sessions() as session:
-            named = [
-                named_key
-                for table in (Instance, SupersededInstance)
-                for named_key in session.scalars(
-                    select(table.blob_key).where(table.sop_instance_uid == uid)
-                )
-            ]
+            named = blob_keys_of(session, uid)
         return bool(named) and all(self.blobs.exists(named_key) for named_key in named)
 
     def _unindexed_blobs(self, folder: str) -> set[str]:
@@ -1020,8 +981,8 @@ class Archive:
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""
+        if sop_instance_uids is not None and not sop_instance_uids:
+            return []  # an empty filter selects all: no UID, no row
+        which = InstanceFilter(tuple(sop_instance_uids or ()))
         with self.sessions() as session:
-            query = session.query(Instance).order_by(Instance.id)
-            if sop_instance_uids is not None:
-                query = query.filter(Instance.sop_instance_uid.in_(sop_instance_uids))
-            return list(query)
+            return select_instances(session, which)
