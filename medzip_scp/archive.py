@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
 import functools
 import hashlib
 import logging
@@ -46,7 +47,7 @@ from medzip_scp.identity.payload import IdentityRecord
 from medzip_scp.index.blobs import blob_keys_of, holds_codec, index_is_empty, named_blob_keys
 from medzip_scp.index.compression import mark_compress_failed, pending_compression, swap_blob
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
-from medzip_scp.index.errors import DuplicateInstanceError
+from medzip_scp.index.errors import DuplicateInstanceError, IndexNotEmptyError
 from medzip_scp.index.identity import (
     InstanceFilter,
     index_identity_mismatch,
@@ -57,15 +58,18 @@ from medzip_scp.index.identity import (
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
+    Rebuilt,
     StorageFacts,
     add_instance,
     add_instances_of_known_series,
     attributes_from_dataset,
     get_instance,
+    index_found_version,
     indexed_content,
+    indexed_counts,
     replace_instance,
 )
-from medzip_scp.index.models import Instance
+from medzip_scp.index.models import Instance, InstanceState
 from medzip_scp.index.query import QueryModel, find, find_instances
 from medzip_scp.index.references import record_reference, recorded_reference, series_references
 from medzip_scp.instance_codecs import (
@@ -878,6 +882,41 @@ class Archive:
             return None
         self.blobs.delete(instance.blob_key)
         return new
+
+    # -- Index rebuild (``medzip db rebuild``) -----------------------------------------------
+
+    @contextlib.contextmanager
+    def rebuilding(
+        self,
+    ) -> Iterator[Callable[[InstanceAttributes, StorageFacts, dt.datetime], Rebuilt]]:
+        """One transaction that indexes the versions found in the blob store, oldest first,
+        through the function it yields (:func:`~medzip_scp.index.ingest.index_found_version`);
+        committed when the block ends, nothing written when it raises.
+
+        Raises
+        ------
+        IndexNotEmptyError
+            The index holds instances (before anything is written).
+        """
+        with self.sessions() as session:
+            instances, superseded = indexed_counts(session)
+            if instances or superseded:
+                raise IndexNotEmptyError(
+                    f"the index database is not empty (instances: {instances}, superseded "
+                    f"versions: {superseded})"
+                )
+            known_series = KnownSeries()
+
+            def index(
+                attrs: InstanceAttributes, facts: StorageFacts, received_at: dt.datetime
+            ) -> Rebuilt:
+                state = InstanceState.STORED
+                if facts.codec_id != Part10Codec.codec_id:
+                    state = InstanceState.COMPRESSED
+                return index_found_version(session, attrs, facts, received_at, state, known_series)
+
+            yield index
+            session.commit()
 
     # -- Housekeeping --------------------------------------------------------------------
 

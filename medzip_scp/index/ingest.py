@@ -23,10 +23,11 @@ import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -45,11 +46,14 @@ from medzip_scp.index.models import (
 __all__ = [
     "InstanceAttributes",
     "KnownSeries",
+    "Rebuilt",
     "StorageFacts",
     "add_instance",
     "add_instances_of_known_series",
     "attributes_from_dataset",
     "get_instance",
+    "index_found_version",
+    "indexed_counts",
     "indexed_content",
     "normalise_da",
     "normalise_tm",
@@ -714,3 +718,55 @@ def replace_instance(
         known_series.note(attrs, series.id)
     session.flush()
     return existing
+
+
+class Rebuilt(Enum):
+    """What :func:`index_found_version` made of a version found in the blob store."""
+
+    INDEXED = "indexed"  # the instance's first version found
+    COPY = "copy"  # a second copy of the indexed version: not indexed
+    SUPERSEDED = "superseded"  # a newer version: the indexed one is kept superseded
+
+
+def index_found_version(
+    session: Session,
+    attrs: InstanceAttributes,
+    facts: StorageFacts,
+    received_at: dt.datetime,
+    state: InstanceState,
+    known_series: KnownSeries,
+) -> Rebuilt:
+    """Index a version of an instance found in the blob store (``medzip db rebuild``, which
+    offers them oldest first): the newest version found is the current one. The caller
+    commits, once, at the end."""
+    existing = get_instance(session, attrs.sop_instance_uid)
+    if existing is None:
+        add_instance(
+            session, attrs, facts, received_at=received_at, state=state, known_series=known_series
+        )
+        outcome = Rebuilt.INDEXED
+    elif existing.original_sha256 == facts.original_sha256:
+        return Rebuilt.COPY
+    else:
+        replace_instance(
+            session,
+            existing,
+            attrs,
+            facts,
+            received_at=received_at,
+            state=state,
+            known_series=known_series,
+        )
+        outcome = Rebuilt.SUPERSEDED
+    # Counted as committed at once: a rollback ends the whole rebuild, KnownSeries with it.
+    known_series.committed()
+    return outcome
+
+
+def indexed_counts(session: Session) -> tuple[int, int]:
+    """How many instances, and superseded versions, the index holds."""
+    instances, superseded = (
+        session.scalar(select(func.count(table.id))) or 0
+        for table in (Instance, SupersededInstance)
+    )
+    return instances, superseded
