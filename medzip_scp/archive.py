@@ -1,8 +1,20 @@
-"""The archive: what the DICOM services and the CLI ask of storage and index.
+"""The archive: the one door through which the DICOM services, the background pipeline and
+the CLI reach the index and the blob store.
 
-It is built once, at the composition root (``medzip serve``), from the settings, and holds the
-engine, the blob store and the codec. Network handlers call it and map its outcomes to DIMSE
-statuses; it never raises for bad input (that is an outcome), only for broken infrastructure.
+It is built once, at the composition root (``medzip serve``, the ``medzip`` commands), from
+the settings, and holds the engines, the blob store and the codecs. Its callers open no
+database session and write no SQL (the queries live in :mod:`medzip_scp.index`):
+
+- C-STORE: :meth:`Archive.store`;
+- C-FIND: :meth:`Archive.find`; C-GET, C-MOVE: :meth:`Archive.retrieve`, then
+  :meth:`Archive.load_part10` for each instance;
+- background compression: :meth:`Archive.pending_compression`, :meth:`Archive.swap_blob`;
+- ``medzip verify``: :meth:`Archive.verify_study`; ``medzip db rebuild``:
+  :meth:`Archive.rebuilding`; housekeeping: :meth:`Archive.remove_orphan_blobs`.
+
+Network handlers map its outcomes to DIMSE statuses. C-STORE never raises for bad input
+(that is an outcome), only for broken infrastructure; a query or retrieve identifier that is
+not valid raises QueryError.
 """
 
 from __future__ import annotations
@@ -27,17 +39,14 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medzip_scp.codec.api import DatasetReference, ReferenceSource
-from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
+from medzip_scp.codec.api import DatasetReference
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
-from medzip_scp.dicom.blob import open_blob, peek_blob
 from medzip_scp.dicom.equivalence import first_difference
 from medzip_scp.dicom.part10 import (
     ReceivedObject,
     dataset_offset_of,
-    instance_uids,
     load_dataset,
 )
 from medzip_scp.group_commit import GroupCommitter, Pending
@@ -76,8 +85,8 @@ from medzip_scp.instance_codecs import (
     CODECS,
     IdentityCodec,
     InstanceCodec,
-    MzpCodec,
     Part10Codec,
+    codec_blob_claim,
     identity_policy,
 )
 from medzip_scp.storage.digest import ConcurrentSha256
@@ -90,58 +99,6 @@ from medzip_scp.storage.local import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlobClaim:
-    """What a blob's plaintext, read WITHOUT authentication, says it is (``medzip db
-    rebuild``, which has no index row to say so): the codec that wrote it and what names
-    its instance. Only a claim: the blob is then read authenticated, bound to the SOP
-    Instance UID it leads to, and only that is used."""
-
-    codec_id: str
-    plaintext: bytes
-    stored: bytes  # the object as stored (a codec blob's up to its pixel data)
-    payload: bytes | None  # the sealed identity payload (b"": none), None: in the coded bits
-    references: ReferenceSource | None = None  # where the blob's data set reference is
-
-    def sop_instance_uid(self) -> str:
-        """The SOP Instance UID the stored object names; "" when it names none (an object
-        sealed whole names it in its payload only)."""
-        return instance_uids(self.stored)[2]
-
-    def sealed_payload(self) -> bytes:
-        """The sealed identity payload, decoding the blob when its coded bits carry some."""
-        if self.payload is not None:
-            return self.payload
-        return open_blob(self.plaintext, self.references)[1]
-
-
-def claim_of(plaintext: bytes, references: ReferenceSource | None = None) -> BlobClaim:
-    """What ``plaintext`` claims to be, by its content: a codec container with an identity
-    payload is mzp2, one without mzp1, anything else a Part-10 original. Pixels are not
-    decoded; ``references`` gives the data set reference the blob may be coded against.
-
-    Raises
-    ------
-    CodecError
-        A codec container that does not parse (UnknownModelError, UnsupportedFormatError:
-        one this node cannot read).
-    """
-    if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
-        return BlobClaim(Part10Codec.codec_id, plaintext, plaintext, b"")
-    stored, payload = peek_blob(plaintext, references)
-    codec_id = MzpCodec.codec_id if payload == b"" else IdentityCodec.codec_id
-    return BlobClaim(codec_id, plaintext, stored, payload, references)
-
-
-def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
-    """What a codec blob in the store claims to be (:func:`claim_of`, read without
-    authentication); None for a Part-10 original, told by its first bytes (the rest is not
-    read). Raises as :func:`claim_of` and :meth:`LocalBlobStore.read_unauthenticated`."""
-    if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
-        return None
-    return claim_of(blobs.read_unauthenticated(key), blobs.references.get)
 
 
 def _claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
@@ -274,7 +231,8 @@ class StoreRequest(Pending[StoreOutcome]):
 
 
 class Archive:
-    """Index + blob store + codec, with the durability rules of the node."""
+    """Index + blob store + codecs, with the durability rules of the node: the service
+    layer's one door (see the module's docstring)."""
 
     def __init__(
         self,

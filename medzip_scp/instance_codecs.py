@@ -1,5 +1,6 @@
 """The instance codecs: how an archived instance's blob is made from its Part-10 object,
-and back, bit-exact; and the registry of every codec that ever wrote a blob.
+and back, bit-exact; the registry of every codec that ever wrote a blob; and which codec a
+blob claims, by its content, when no index row says (:func:`claim_of`).
 
 A blob's index row names its codec (``codec_id``); the archive decodes it with the codec of
 that name, so a codec stays here as long as blobs it wrote may exist.
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference, ReferenceSource
+from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
 from medzip_scp.config import Settings
-from medzip_scp.dicom.blob import decode_blob, encode_dataset
+from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
 from medzip_scp.dicom.identifying import identifying_tags
+from medzip_scp.dicom.part10 import instance_uids
 from medzip_scp.identity.instance import (
     IdentityPolicy,
     OpenedInstance,
@@ -23,6 +27,7 @@ from medzip_scp.identity.instance import (
     series_reference,
 )
 from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
+from medzip_scp.storage.local import LocalBlobStore
 
 
 class InstanceCodec(Protocol):
@@ -159,3 +164,55 @@ def identity_policy(settings: Settings) -> IdentityPolicy:
         identifying_tags(settings.identity.extra_attributes),
         settings.identity.private_elements,
     )
+
+
+@dataclass(frozen=True)
+class BlobClaim:
+    """What a blob's plaintext, read WITHOUT authentication, says it is (``medzip db
+    rebuild``, which has no index row to say so): the codec that wrote it and what names
+    its instance. Only a claim: the blob is then read authenticated, bound to the SOP
+    Instance UID it leads to, and only that is used."""
+
+    codec_id: str
+    plaintext: bytes
+    stored: bytes  # the object as stored (a codec blob's up to its pixel data)
+    payload: bytes | None  # the sealed identity payload (b"": none), None: in the coded bits
+    references: ReferenceSource | None = None  # where the blob's data set reference is
+
+    def sop_instance_uid(self) -> str:
+        """The SOP Instance UID the stored object names; "" when it names none (an object
+        sealed whole names it in its payload only)."""
+        return instance_uids(self.stored)[2]
+
+    def sealed_payload(self) -> bytes:
+        """The sealed identity payload, decoding the blob when its coded bits carry some."""
+        if self.payload is not None:
+            return self.payload
+        return open_blob(self.plaintext, self.references)[1]
+
+
+def claim_of(plaintext: bytes, references: ReferenceSource | None = None) -> BlobClaim:
+    """What ``plaintext`` claims to be, by its content: a codec container with an identity
+    payload is mzp2, one without mzp1, anything else a Part-10 original. Pixels are not
+    decoded; ``references`` gives the data set reference the blob may be coded against.
+
+    Raises
+    ------
+    CodecError
+        A codec container that does not parse (UnknownModelError, UnsupportedFormatError:
+        one this node cannot read).
+    """
+    if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
+        return BlobClaim(Part10Codec.codec_id, plaintext, plaintext, b"")
+    stored, payload = peek_blob(plaintext, references)
+    codec_id = MzpCodec.codec_id if payload == b"" else IdentityCodec.codec_id
+    return BlobClaim(codec_id, plaintext, stored, payload, references)
+
+
+def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
+    """What a codec blob in the store claims to be (:func:`claim_of`, read without
+    authentication); None for a Part-10 original, told by its first bytes (the rest is not
+    read). Raises as :func:`claim_of` and :meth:`LocalBlobStore.read_unauthenticated`."""
+    if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
+        return None
+    return claim_of(blobs.read_unauthenticated(key), blobs.references.get)

@@ -10,9 +10,9 @@ identity keys. From them the index comes back as a C-STORE of each instance made
    time their file was written.
 2. Oldest first, each blob is read again, authenticated for the instance it claims to hold
    (its stored object names it, an object sealed whole its sealed identity:
-   :func:`archive.claim_of`), decoded with every check a retrieval makes (a sealed identity:
-   signature, key, that it names that instance, hashes), and indexed from the restored
-   original. Several blobs of one SOP Instance UID
+   :func:`instance_codecs.claim_of`), decoded with every check a retrieval makes (a sealed
+   identity: signature, key, that it names that instance, hashes), and indexed from the
+   restored original. Several blobs of one SOP Instance UID
    are the versions a differing duplicate replaced: each newer one replaces the one before,
    which is kept as superseded. In arrival order the index comes out as it was: a patient's
    attributes are those first received, a study's and a series' the newest.
@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from medzip_scp.archive import Archive, BlobClaim, attributes_of, claim_of, codec_blob_claim
+from medzip_scp.archive import Archive, attributes_of
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.dicom.part10 import InvalidObjectError, file_meta_of
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
@@ -50,7 +50,7 @@ from medzip_scp.identity.payload import (
 )
 from medzip_scp.index.errors import IndexNotEmptyError, MissingAttributeError
 from medzip_scp.index.ingest import InstanceAttributes, Rebuilt, StorageFacts
-from medzip_scp.instance_codecs import IdentityCodec
+from medzip_scp.instance_codecs import BlobClaim, IdentityCodec, claim_of, codec_blob_claim
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import BlobNotFoundError
 
