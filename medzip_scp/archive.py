@@ -39,8 +39,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medzip_scp.codec.api import DatasetReference
+from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
+from medzip_scp.codec.installation import check_codec
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.equivalence import first_difference
@@ -55,7 +56,7 @@ from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
 from medzip_scp.index.blobs import blob_keys_of, holds_codec, index_is_empty, named_blob_keys
 from medzip_scp.index.compression import mark_compress_failed, pending_compression, swap_blob
-from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
+from medzip_scp.index.db import create_engine_for, ping, session_factory, upgrade_database
 from medzip_scp.index.errors import DuplicateInstanceError, IndexNotEmptyError
 from medzip_scp.index.identity import (
     InstanceFilter,
@@ -78,9 +79,15 @@ from medzip_scp.index.ingest import (
     indexed_counts,
     replace_instance,
 )
-from medzip_scp.index.models import Instance, InstanceState
+from medzip_scp.index.models import Instance, InstanceState, VerificationRun
 from medzip_scp.index.query import QueryModel, find, find_instances
 from medzip_scp.index.references import record_reference, recorded_reference, series_references
+from medzip_scp.index.stats import (
+    StateTotals,
+    instance_totals,
+    last_verification,
+    record_verification,
+)
 from medzip_scp.instance_codecs import (
     CODECS,
     IdentityCodec,
@@ -277,10 +284,18 @@ class Archive:
 
         Without ``need_identity`` (verification, rebuilding), a missing identity key file is
         no error: the archive opens without it and reports the instances it cannot open.
+
+        Raises
+        ------
+        CodecInstallError
+            If the codec's C core does not load, or ``[pipeline] learned`` is on and its
+            models are not installed.
         """
         data_dir = settings.storage.data_dir
         if settings.pipeline.models_dir is not None:
             use_models_folder(settings.pipeline.models_dir)
+        # a path that cannot run fails here, never by coding with another one
+        check_codec(DEFAULT_LEARNED if settings.pipeline.learned else None)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
         if migrate:
@@ -983,3 +998,34 @@ class Archive:
         which = InstanceFilter(tuple(sop_instance_uids or ()))
         with self.sessions() as session:
             return select_instances(session, which)
+
+    def totals(self) -> list[StateTotals]:
+        """Instances and their bytes by modality and state (``medzip status``)."""
+        with self.read_sessions() as session:
+            return instance_totals(session)
+
+    def last_verification(self) -> VerificationRun | None:
+        """The newest recorded verification pass (``medzip verify`` or a sweep), if any."""
+        with self.read_sessions() as session:
+            return last_verification(session)
+
+    def record_verification(
+        self, kind: str, started_at: dt.datetime, checked: int, not_ok: int, interrupted: bool
+    ) -> None:
+        """Record a verification pass: counts only (``kind``: ``"verify"`` or ``"sweep"``)."""
+        with self.sessions() as session:
+            record_verification(session, kind, started_at, checked, not_ok, interrupted)
+            session.commit()
+
+    def health_problems(self) -> list[str]:
+        """Why this node cannot serve now (empty when it can): the index does not answer,
+        or the blob folder cannot be written. For readiness probes: no PHI, no key."""
+        problems = []
+        try:
+            with self.read_sessions() as session:
+                ping(session)
+        except Exception as exc:
+            problems.append(f"the index does not answer ({type(exc).__name__})")
+        if not os.access(self.blobs.root, os.W_OK | os.X_OK):
+            problems.append(f"blob folder {self.blobs.root} is not writable")
+        return problems

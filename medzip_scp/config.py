@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -285,6 +285,28 @@ class IdentitySettings(_Section):
         return keywords
 
 
+class MonitoringSettings(_Section):
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="HTTP port of /metrics (Prometheus), /healthz and /readyz; none: off.",
+    )
+    bind: str = Field(
+        "127.0.0.1", description="Address of the monitoring port (0.0.0.0 in a container)."
+    )
+
+
+class AuditSettings(_Section):
+    enabled: bool = Field(True, description="Keep the audit trail (JSON lines, no PHI).")
+    file: Path | None = Field(None, description="Audit file; default data_dir/audit/audit.jsonl.")
+    max_bytes: int = Field(10 << 20, ge=4096, description="Rotate the file at this size.")
+    backups: int = Field(10, ge=1, description="Rotated files kept (audit.jsonl.1 ...).")
+
+    def resolved_file(self, data_dir: Path) -> Path:
+        return (self.file or data_dir / "audit" / "audit.jsonl").resolve()
+
+
 class TLSSettings(_Section):
     enabled: bool = False
     certificate: Path | None = None
@@ -307,7 +329,10 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(
@@ -330,12 +355,10 @@ class Settings(BaseSettings):
 
 ENV_PREFIX = "MEDZIP_"
 DEBUG_VARIABLE = "MEDZIP_DEBUG"
-# MEDZIP_ variables that are not node settings: read by the CLI, the tests, the benchmarks
-# and the codec's build step.
+# MEDZIP_ variables that are not node settings: read by the CLI, the tests and the benchmarks.
 OTHER_VARIABLES = frozenset(
     {
         DEBUG_VARIABLE,
-        "MEDZIP_PRED_CACHE",
         "MEDZIP_TEST_PG_URL",
         "MEDZIP_REQUIRE_PG",
         "MEDZIP_BENCH_PG_URL",
@@ -499,6 +522,7 @@ EXAMPLE_CONFIG = """\
 # Command-line flags (--port, --aet, --data-dir, --move-destination) override both.
 
 log_level = "INFO"
+log_format = "text"          # or "json": one JSON object per log line (for log shippers)
 
 [node]
 ae_title = "MEDZIP"          # our AE title; associations calling another title are rejected
@@ -572,6 +596,18 @@ private_elements = false     # also seal every private element
 check_on_retrieve = false    # also compare the index with the sealed identity on every
                              # retrieval (strict: a study renamed by later instances is refused)
 sweep_hours = 0.0            # verify every instance this often in the node (0: never)
+
+[monitoring]
+# port = 9100                # HTTP: /metrics (Prometheus), /healthz (alive), /readyz (index and
+                             # blob store answer); off without a port
+bind = "127.0.0.1"           # "0.0.0.0" in a container, for the probes and the scraper
+
+[audit]
+enabled = true               # one JSON line per store, query, retrieve, verify and delete:
+                             # who (AE title, address, user), what (UIDs, counts), outcome
+# file = "/var/log/medzip/audit.jsonl"   # default data_dir/audit/audit.jsonl
+max_bytes = 10485760         # rotate at this size; the node writes, never rewrites
+backups = 10
 
 [tls]
 enabled = false

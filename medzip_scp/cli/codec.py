@@ -27,6 +27,7 @@ from rich.table import Table
 
 from medzip_scp.codec.api import DEFAULT_LEARNED, LearnedOptions
 from medzip_scp.codec.errors import CodecError
+from medzip_scp.codec.installation import CodecInstallError, check_codec
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.dicom.blob import blob_info, encode_dataset
 from medzip_scp.dicom.identifying import identifying_tags
@@ -204,6 +205,14 @@ def _use_models(folder: Path | None) -> None:
         raise typer.Exit(1) from None
 
 
+def _check_codec(learned: LearnedOptions | None) -> None:
+    try:
+        check_codec(learned)
+    except CodecInstallError as exc:
+        typer.echo(f"medzip codec: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _keyring(path: Path | None) -> IdentityKeyring | None:
     if path is None:
         return None
@@ -310,6 +319,7 @@ def encode(
     --identity-keys, the identifying attributes are sealed inside (as the node does)."""
     _use_models(models)
     options = DEFAULT_LEARNED if learned else None
+    _check_codec(options)
     work = functools.partial(_encode_one, learned=options, keyring=_keyring(identity_keys))
     _run(inp, out, None, "encode", work, jobs or default_jobs())
 
@@ -326,6 +336,7 @@ def decode(
     a sealed identity needs --identity-keys for that; without, its pixels still decode
     bit-exact and the file is written without the identifying attributes (reported)."""
     _use_models(models)
+    _check_codec(None)
     work = functools.partial(_decode_one, keyring=_keyring(identity_keys))
     _run(inp, out, SUFFIX, "decode", work, jobs or default_jobs())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import signal
@@ -22,6 +24,7 @@ from medzip_scp.cli.train import train_app
 from medzip_scp.config import (
     DEBUG_VARIABLE,
     EXAMPLE_CONFIG,
+    AccessSettings,
     ConfigError,
     NodeSettings,
     Settings,
@@ -100,6 +103,7 @@ def _settings(
     port: int | None = None,
     aet: str | None = None,
     move_destinations: list[str] | None = None,
+    allow: list[str] | None = None,
 ) -> Settings:
     try:
         settings = load_settings(config)
@@ -115,6 +119,15 @@ def _settings(
         error = exc.errors()[0]
         flag = {"port": "--port", "ae_title": "--aet"}.get(str(error["loc"][-1]), "--data-dir")
         raise _fail(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
+    if allow:
+        try:  # loopback stays allowed: the node's own tools and probes use it
+            settings.access = AccessSettings.model_validate(
+                settings.access.model_dump()
+                | {"unknown_ae_hosts": [*settings.access.unknown_ae_hosts, *allow]}
+            )
+        except ValidationError as exc:
+            message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise _fail(f"--allow: {message} (a network is 10.0.0.0/8)") from None
     for text in move_destinations or []:
         try:
             dest = parse_destination(text)
@@ -147,12 +160,40 @@ def _open_archive(settings: Settings, migrate: bool = True, need_identity: bool 
         return Archive.open(settings, migrate=migrate, need_identity=need_identity)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _JsonLines(logging.Formatter):
+    """``log_format = "json"``: one JSON object per record, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonLines())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+def _audit(settings: Settings) -> None:
+    """Audit this command's acts into the node's trail (the node rotates it)."""
+    if settings.audit.enabled:
+        from medzip_scp.audit import configure_audit
+
+        file = settings.audit.resolved_file(settings.storage.data_dir)
+        configure_audit(file, settings.audit.max_bytes, settings.audit.backups, rotates=False)
 
 
 @app.command()
@@ -168,16 +209,25 @@ def serve(
     processes: Annotated[
         int | None, typer.Option("--processes", help="Node processes sharing the port.", min=1)
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also accept unknown calling AEs from this network (CIDR, repeatable), "
+            "e.g. 10.0.0.0/8; [access] in the config file lists peers and rights.",
+        ),
+    ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
     from medzip_scp.net.supervisor import NodeError, run_node
 
-    settings = _settings(config, data_dir, port, aet, move_destination)
+    settings = _settings(config, data_dir, port, aet, move_destination, allow)
     if processes is not None:
         settings.node.processes = processes
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     try:
-        run_node(settings, say=typer.echo, configure_logging=_logging)
+        configure_logging = functools.partial(_logging, log_format=settings.log_format)
+        run_node(settings, say=typer.echo, configure_logging=configure_logging)
     except NodeError as exc:
         raise _fail(str(exc)) from None
 
@@ -202,7 +252,7 @@ def worker(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = _settings(config, data_dir)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     archive = _open_archive(settings)
     codec = archive.compressing_codec()
     if once:
@@ -224,6 +274,22 @@ def worker(
     os.nice(10)  # background work: C-STOREs on the same machine come first
     typer.echo("compression worker running; Ctrl-C to stop")
     run_worker(archive, codec, stop, settings.pipeline.poll_seconds, shard=part)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show the compression backlog and failures, bytes received and stored per modality, the
+    keys and models in use, and the last verification (counts only, no patient data)."""
+    from medzip_scp.pipeline.status import archive_status
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    report = archive_status(_open_archive(settings, need_identity=False))
+    typer.echo(report.json() if as_json else report.table())
 
 
 @config_app.command("example")
@@ -417,6 +483,7 @@ def verify(
     which = InstanceFilter(tuple(sop_instance_uid or ()), study, series, since_date)
     settings = _settings(config, data_dir)
     _logging("WARNING")
+    _audit(settings)
     archive = _open_archive(settings, need_identity=False)
     report = verify_archive(archive, which, progress=_progress_bar("verifying"))
     typer.echo(report.json() if as_json else report.table())

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, MODELS
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, DEFAULT_TRAINING_DATA, MODELS
 
 __all__ = ["train_app"]
 
@@ -29,7 +29,6 @@ train_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DATA_DEFAULT = DEFAULT_MODELS_ROOT.parents[1] / "shared" / "data"
 
 QuantizeOpt = Annotated[
     Path | None,
@@ -97,7 +96,7 @@ def train_local(
     out: OutOpt,
     seed: SeedOpt = 0,
     minutes: MinutesOpt = 6.0,
-    data: DataOpt = _DATA_DEFAULT,
+    data: DataOpt = DEFAULT_TRAINING_DATA,
     adapter: Annotated[
         str | None,
         typer.Option("--adapter", help="Train this LoRA adapter (ct, mr) on the model in --out."),
@@ -147,7 +146,7 @@ def train_global(
     out: OutOpt,
     seed: SeedOpt = 0,
     minutes: MinutesOpt = 4.0,
-    data: DataOpt = _DATA_DEFAULT,
+    data: DataOpt = DEFAULT_TRAINING_DATA,
     steps: Annotated[
         int | None, typer.Option("--steps", help="Exact number of steps (reproducible).")
     ] = None,

@@ -50,9 +50,6 @@ payload costs it those few bytes alone.
 from __future__ import annotations
 
 import logging
-import struct
-import threading
-import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -63,34 +60,33 @@ import numpy.typing as npt
 
 from medzip_scp.codec import predictive
 from medzip_scp.codec.container import (
-    FORMAT_VERSION,
-    ZERO_SHA256,
+    BlobContents,
     ContainerHeader,
     DatasetReference,
     FrameRecord,
+    FrameStreams,
     ModelRef,
     PayloadMode,
+    PayloadSection,
     ReferenceSource,
-    Section,
-    SectionType,
     dataset_raw_length,
     dataset_reference_of,
-    get_varint,
-    pack_dataset,
-    pack_frame_index,
-    pack_layout_v3,
-    put_varint,
+    frame_crc32,
+    is_free_bits_carrier,
+    join_free_bits,
+    model_entry_size,
+    parse_sections,
     read_container,
+    split_free_bits,
+    split_record_overhead,
+    spread_payload,
     unpack_dataset,
-    unpack_frame_index,
-    unpack_layout,
-    unpack_layout_v3,
-    write_container,
+    write_blob,
 )
 from medzip_scp.codec.errors import CodecError, CorruptStreamError, UnsupportedFormatError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
 from medzip_scp.codec.gate import extra_candidates
-from medzip_scp.codec.learned.paths import LearnedOptions, SplitCode
+from medzip_scp.codec.learned.paths import LOCAL_PATH, LearnedOptions, SplitCode
 from medzip_scp.codec.paths import (
     CarrierPath,
     PixelPath,
@@ -129,7 +125,6 @@ DEFAULT_LEARNED = LearnedOptions()
 """Learned split frames as :func:`compress` tries them when asked (``learned=``)."""
 
 ProgressCallback = Callable[[int, int], None]
-_PAYLOAD_V2 = struct.Struct("<BII")
 log = logging.getLogger(__name__)
 
 _RESIDUAL = ZstdPath(level=9)
@@ -154,20 +149,11 @@ class Decoded:
     payload: bytes
 
 
-def _frame_crc(frame: npt.NDArray[np.generic]) -> int:
-    le = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
-    return zlib.crc32(le.tobytes()) & 0xFFFFFFFF
-
-
-def _word_bits(layout: PixelLayout) -> int:
-    return layout.bits_allocated
-
-
 def _split(
     u: npt.NDArray[np.uint64], layout: PixelLayout, value_bits: int
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]:
     """Split stored words into offset-binary values and the residual above ``value_bits``."""
-    w = _word_bits(layout)
+    w = layout.bits_allocated
     b = value_bits
     lo = u & np.uint64((1 << b) - 1)
     hi = u >> np.uint64(b) if b < w else None
@@ -188,7 +174,7 @@ def _join(
     value_bits: int,
 ) -> npt.NDArray[np.uint64]:
     """Inverse of :func:`_split`."""
-    w = _word_bits(layout)
+    w = layout.bits_allocated
     b = value_bits
     if layout.signed and w > 1:
         lo = lo ^ np.uint64(1 << (b - 1))
@@ -234,19 +220,50 @@ def _gated_paths(values: npt.NDArray[np.unsignedinteger], nbits: int) -> list[Pi
     return _candidate_paths((*DEFAULT_PATHS, *extra_candidates(values, nbits)))
 
 
-_said_core_unavailable = threading.Event()
+@dataclass(frozen=True)
+class _Candidate:
+    """One path's coding of a frame's values: an alternative the frame may be coded with.
+
+    Attributes
+    ----------
+    path
+        The path that coded it.
+    data
+        Its coded bytes.
+    slots
+        The coder flushes that can carry free payload bits (a :class:`CarrierPath`'s).
+    order
+        Place of ``path`` among the frame's candidates: breaks ties between equal sizes.
+    """
+
+    path: PixelPath
+    data: bytes
+    slots: tuple[FlushSlot, ...] = ()
+    order: int = 0
 
 
-def _core_unavailable(exc: Exception) -> None:
-    """Say once, loudly, that pred-v2 is missing: blobs are then larger, not wrong."""
-    if _said_core_unavailable.is_set():
-        return
-    _said_core_unavailable.set()
-    log.error(
-        "the predictive coder's C core is unavailable (%s): frames are coded by the standard "
-        "codecs only, 3-8 %% larger; install a C compiler (apt-get install gcc) or set CC",
-        exc,
-    )
+def _code_candidates(
+    values: npt.NDArray[np.unsignedinteger], nbits: int, paths: list[PixelPath]
+) -> list[_Candidate]:
+    """Every path's coding of ``values``, smallest first; a path that cannot code them is
+    left out."""
+    coded: list[_Candidate] = []
+    for order, path in enumerate(paths):
+        slots: Sequence[FlushSlot] = ()
+        try:
+            if isinstance(path, CarrierPath):
+                carried = path.encode_carrying(values, nbits)
+                data, slots = carried if carried is not None else (None, ())
+            else:
+                data = path.encode(values, nbits)
+        except predictive.CoreUnavailableError:
+            raise  # a broken install, never a silent change of path
+        except Exception:  # a path that cannot take this input is simply not a candidate
+            data = None
+        if data is not None:
+            coded.append(_Candidate(path, data, tuple(slots), order))
+    coded.sort(key=lambda c: (len(c.data), c.order))
+    return coded
 
 
 def _best_stream(
@@ -254,40 +271,21 @@ def _best_stream(
     nbits: int,
     paths: list[PixelPath] | None,
     verify: bool,
-) -> tuple[PixelPath, bytes, list[FlushSlot]]:
-    """Encode with every path (``None``: the gated default) and return the smallest, with the
-    flush slots its encoder left (a :class:`CarrierPath`'s; else none). With ``verify`` the
+) -> _Candidate:
+    """The smallest candidate of every path (``None``: the gated default). With ``verify`` the
     smallest that decodes back exactly; without, the smallest, unchecked (the caller decodes
     the whole blob)."""
-    if paths is None:
-        paths = _gated_paths(values, nbits)
-    coded: list[tuple[int, int, PixelPath, bytes, list[FlushSlot]]] = []
-    for order, path in enumerate(paths):
-        slots: list[FlushSlot] = []
-        try:
-            if isinstance(path, CarrierPath):
-                carried = path.encode_carrying(values, nbits)
-                data, slots = carried if carried is not None else (None, [])
-            else:
-                data = path.encode(values, nbits)
-        except predictive.CoreUnavailableError as exc:
-            _core_unavailable(exc)
-            data = None
-        except Exception:  # a path that cannot take this input is simply not a candidate
-            data = None
-        if data is not None:
-            coded.append((len(data), order, path, data, slots))
-    coded.sort(key=lambda c: (c[0], c[1]))
+    coded = _code_candidates(values, nbits, _gated_paths(values, nbits) if paths is None else paths)
     if coded and not verify:
-        return coded[0][2], coded[0][3], coded[0][4]
+        return coded[0]
     shape = tuple(values.shape)
-    for _, _, path, data, slots in coded:
+    for c in coded:
         try:
-            back = path.decode(data, shape, nbits)  # type: ignore[arg-type]
+            back = c.path.decode(c.data, shape, nbits)  # type: ignore[arg-type]
         except Exception:
             continue
         if back.shape == values.shape and np.array_equal(back, values):
-            return path, data, slots
+            return c
     raise CodecError(f"no lossless path reproduced the frame exactly (tried {len(coded)})")
 
 
@@ -341,14 +339,80 @@ def _try_split(
 
 
 def _split_overhead(ctx: _EncodeContext, code: SplitCode) -> int:
-    """Extra blob bytes a split frame costs beyond its streams: new model-table entries
-    (id, manifest sha256, adapter flag and digest), the low path's name in the frame index's
-    name table, the longer frame record."""
-    extra = 4 + 1 + len("local")  # low path and model index, low length varint; name entry
+    """Extra blob bytes a split frame costs beyond its streams: the longer frame record, the
+    low path's name in the frame index, and the model-table entries of models not yet named."""
+    extra = split_record_overhead(LOCAL_PATH)
     for ref in (code.high_ref, code.low_ref):
         if ref is not None and ref not in ctx.models:
-            extra += 1 + len(ref.model_id) + 33 + (32 if ref.adapter_sha256 != ZERO_SHA256 else 0)
+            extra += model_entry_size(ref)
     return extra
+
+
+@dataclass(frozen=True)
+class _FrameCoding:
+    """One way to code a frame, as :func:`_encode_frame` compares them.
+
+    Attributes
+    ----------
+    value_bits
+        Low bits of each stored word coded as the value; the bits above are the residual.
+    nbits
+        Bit depth of the values handed to the path (after the offsets are subtracted).
+    offsets
+        Per-sample minimum subtracted from the values.
+    stream
+        The best whole-frame candidate for the values.
+    residual
+        The zstd-coded bits above ``value_bits``; ``None`` when they are all zero.
+    split
+        A learned split coding cheaper than ``stream``, or ``None``.
+    cost
+        Bytes this coding adds to the blob, the payload it would leave in the section included.
+    """
+
+    value_bits: int
+    nbits: int
+    offsets: tuple[int, ...]
+    stream: _Candidate
+    residual: bytes | None
+    split: SplitCode | None
+    cost: int
+
+
+def _code_words(
+    u: npt.NDArray[np.uint64],
+    layout: PixelLayout,
+    value_bits: int,
+    paths: list[PixelPath] | None,
+    ctx: _EncodeContext,
+) -> _FrameCoding:
+    """Code a frame's stored words ``u`` with their values in the low ``value_bits``."""
+    lo, hi = _split(u, layout, value_bits)
+    w = layout.bits_allocated
+    offsets = lo.reshape(-1, layout.samples_per_pixel).min(axis=0)
+    shifted = lo - offsets
+    nbits = int(shifted.max()).bit_length()
+    values = shifted.astype(values_dtype(nbits))
+    stream = _best_stream(values, nbits, paths, ctx.verify)
+    split = _try_split(values, nbits, len(stream.data), ctx)
+    residual: bytes | None = None
+    if hi is not None:
+        res_bits = w - value_bits
+        res_vals = hi.astype(values_dtype(res_bits))
+        residual = _RESIDUAL.encode(res_vals, res_bits)
+        assert residual is not None
+        if ctx.verify:
+            back = _RESIDUAL.decode(residual, layout.frame_shape, res_bits)
+            if not np.array_equal(back, res_vals):
+                raise CodecError("residual stream did not decode back exactly")
+    res_len = len(residual) if residual is not None else 0
+    carry = len(ctx.payload) if ctx.payload_frame is None else 0
+    cost = len(stream.data) + carry + res_len
+    if split is not None:
+        cost = split.cost(carry) + _split_overhead(ctx, split) + res_len
+    return _FrameCoding(
+        value_bits, nbits, tuple(int(o) for o in offsets), stream, residual, split, cost
+    )
 
 
 def _encode_frame(
@@ -361,79 +425,62 @@ def _encode_frame(
 ) -> FrameRecord:
     """Code one frame, append its bytes to ``streams`` and return its record."""
     u = _unsigned_words(frame, layout)
-    s = layout.samples_per_pixel
-    w = _word_bits(layout)
+    w = layout.bits_allocated
+    best: _FrameCoding | None = None
     choices = [layout.bits_stored]
-    best: tuple[int, Any] | None = None
     for value_bits in choices:
-        lo, hi = _split(u, layout, value_bits)
-        if hi is not None and w not in choices:
+        coding = _code_words(u, layout, value_bits, paths, ctx)
+        if coding.residual is not None and w not in choices:
             choices.append(w)  # also try coding the whole word as the value
-        offsets = lo.reshape(-1, s).min(axis=0)
-        shifted = lo - offsets
-        nbits = int(shifted.max()).bit_length()
-        values = shifted.astype(values_dtype(nbits))
-        path, data, slots = _best_stream(values, nbits, paths, ctx.verify)
-        split = _try_split(values, nbits, len(data), ctx)
-        res_data: bytes | None = None
-        if hi is not None:
-            res_bits = w - value_bits
-            res_vals = hi.astype(values_dtype(res_bits))
-            res_data = _RESIDUAL.encode(res_vals, res_bits)
-            assert res_data is not None
-            if ctx.verify:
-                back = _RESIDUAL.decode(res_data, layout.frame_shape, res_bits)
-                if not np.array_equal(back, res_vals):
-                    raise CodecError("residual stream did not decode back exactly")
-        res_len = len(res_data) if res_data is not None else 0
-        carry = len(ctx.payload) if ctx.payload_frame is None else 0
-        cost = len(data) + carry + res_len
-        if split is not None:
-            cost = split.cost(carry) + _split_overhead(ctx, split) + res_len
-        if best is None or cost < best[0]:
-            offs = tuple(int(o) for o in offsets)
-            best = (cost, (value_bits, nbits, offs, path, data, slots, res_data, split))
+        if best is None or coding.cost < best.cost:
+            best = coding
     assert best is not None
-    value_bits, nbits, offsets, path, data, slots, res_data, split = best[1]
-    frame_taken(data if split is None else None)
-    if split is None:
-        start = len(streams)
-        streams += data
-        record = FrameRecord(
-            path=path.name,
-            value_bits=value_bits,
-            split_planes=0,
-            nbits=nbits,
-            offsets=offsets,
-            stream_bytes=len(data),
-            residual_bytes=None if res_data is None else len(res_data),
-            crc32=_frame_crc(frame),
-        )
-        if _is_free_bits_carrier(record):
-            ctx.flush_slots += [replace(slot, offset=start + slot.offset) for slot in slots]
-    else:
-        from medzip_scp.codec.learned.paths import LOCAL_PATH
+    return _append_frame(index, best, frame_crc32(frame), streams, ctx)
 
-        streams += split.high_data
-        streams += split.low_data
+
+def _append_frame(
+    index: int, coding: _FrameCoding, crc32: int, streams: bytearray, ctx: _EncodeContext
+) -> FrameRecord:
+    """Append the chosen coding's bytes to ``streams`` and return the frame's record."""
+    split = coding.split
+    residual_bytes = None if coding.residual is None else len(coding.residual)
+    frame_taken(coding.stream.data if split is None else None)
+    if split is None:
+        parts = FrameStreams(coding.stream.data, residual=coding.residual)
+        record = FrameRecord(
+            path=coding.stream.path.name,
+            value_bits=coding.value_bits,
+            split_planes=0,
+            nbits=coding.nbits,
+            offsets=coding.offsets,
+            stream_bytes=len(coding.stream.data),
+            residual_bytes=residual_bytes,
+            crc32=crc32,
+        )
+        if is_free_bits_carrier(record):
+            start = len(streams)  # the path's bytes open the frame's
+            ctx.flush_slots += [
+                replace(slot, offset=start + slot.offset) for slot in coding.stream.slots
+            ]
+    else:
         if split.carries_payload:
             ctx.payload_frame = index
+        parts = FrameStreams(split.high_data, split.low_data, coding.residual)
         record = FrameRecord(
             path=split.high_path,
-            value_bits=value_bits,
+            value_bits=coding.value_bits,
             split_planes=split.s,
-            nbits=nbits,
-            offsets=offsets,
+            nbits=coding.nbits,
+            offsets=coding.offsets,
             stream_bytes=len(split.high_data),
-            residual_bytes=None if res_data is None else len(res_data),
-            crc32=_frame_crc(frame),
+            residual_bytes=residual_bytes,
+            crc32=crc32,
             high_model=ctx.model_index(split.high_ref),
             low_path=LOCAL_PATH,
             low_model=ctx.model_index(split.low_ref),
             low_bytes=len(split.low_data),
         )
-    if res_data is not None:
-        streams += res_data
+    streams += parts.joined()
     return record
 
 
@@ -524,7 +571,6 @@ def compress(
     ctx = _EncodeContext(learned, store, bytes(payload), [], verify)
     streams = bytearray()
     records: list[FrameRecord] = []
-    sections = []
     if frames is not None:
         frames.validate()
         # each frame's predictor fit starts from the previous frame's, and in a multi-frame
@@ -537,252 +583,45 @@ def compress(
                 )
                 if progress is not None:
                     progress(i + 1, frames.n_frames)
-    payload_body = b""
+    section = PayloadSection()
     if ctx.payload_frame is not None:
-        payload_body = _PAYLOAD_V2.pack(PayloadMode.BITS_BACK, ctx.payload_frame, len(payload))
+        section = PayloadSection(
+            PayloadMode.BITS_BACK, frame=ctx.payload_frame, length=len(payload)
+        )
     elif payload:
         free = _carry_free_bits(streams, ctx.flush_slots, payload)
-        rest = payload[free:]
-        spread = _spread_lengths(len(rest), records)
-        carried = sum(spread)
-        if carried:  # after the free bits: the segments move flush bytes, never change them
-            streams = _insert_segments(streams, records, rest, spread)
-        head = bytearray([PayloadMode.SPREAD])
-        put_varint(head, free)
-        put_varint(head, carried)
-        payload_body = bytes(head) + rest[carried:]
-    if frames is not None:
-        index_body = pack_layout_v3(frames.layout, frames.n_frames) + pack_frame_index(
-            records, FORMAT_VERSION
-        )
-        sections += [
-            Section(SectionType.FRAME_INDEX, index_body),
-            Section(SectionType.STREAMS, bytes(streams)),
-        ]
-    if dataset_rest:
-        sections.append(Section(SectionType.DATASET, pack_dataset(bytes(dataset_rest), reference)))
-    if payload_body:
-        sections.append(Section(SectionType.PAYLOAD, payload_body))
-    header = ContainerHeader(version=FORMAT_VERSION, models=tuple(ctx.models))
-    return write_container(header, sections)
-
-
-_FREE_BITS_PATH = "pred"
-"""Mode 3: frames coded whole by this path carry free bits in their coders' flushes."""
-
-
-def _is_free_bits_carrier(r: FrameRecord) -> bool:
-    """Whether a frame's coder flushes carry payload bits (mode 3; the container's docstring)."""
-    return r.path == _FREE_BITS_PATH and r.split_planes == 0
-
-
-def _fill(capacities: Sequence[int], amount: int) -> list[int]:
-    """How much of ``amount`` each place holds, filled in order up to its capacity."""
-    out = []
-    for capacity in capacities:
-        take = min(capacity, amount)
-        out.append(take)
-        amount -= take
-    return out
-
-
-def _free_bit_counts(capacities: Sequence[int], free: int) -> list[int]:
-    """Bits of the first ``free`` payload bytes each flush slot carries, in order."""
-    return _fill(capacities, 8 * free)
+        # after the free bits: the segments move flush bytes, never change them
+        coded, section = spread_payload(bytes(streams), records, payload, free)
+        streams = bytearray(coded)
+    return write_blob(
+        ctx.models,
+        None if frames is None else frames.layout,
+        records,
+        bytes(streams),
+        dataset_rest,
+        reference,
+        section,
+    )
 
 
 def _carry_free_bits(streams: bytearray, slots: Sequence[FlushSlot], payload: bytes) -> int:
     """Write the first payload bytes, as many as the slots hold, into their flush bytes in
     ``streams``; return how many."""
-    free = min(len(payload), sum(s.capacity for s in slots) // 8)
-    bits = int.from_bytes(payload[:free], "big")
-    left = 8 * free
-    for slot, take in zip(slots, _free_bit_counts([s.capacity for s in slots], free), strict=True):
+    free, carried = split_free_bits(payload, [s.capacity for s in slots])
+    for slot, (take, number) in zip(slots, carried, strict=True):
         if not take:
             break
-        left -= take
-        streams[slot.offset : slot.offset + 4] = slot.flush_bytes(
-            (bits >> left) & ((1 << take) - 1)
-        )
+        flush = slot.flush_bytes(number)
+        streams[slot.offset : slot.offset + len(flush)] = flush
     return free
 
 
-def _free_payload(slots: Sequence[tuple[int, FlushSlot]], free: int) -> bytes:
-    """The first ``free`` payload bytes from the ``(frame, slot)`` flushes of the carriers."""
-    counts = _free_bit_counts([s.capacity for _, s in slots], free)
-    if sum(counts) != 8 * free:
-        raise CorruptStreamError(
-            f"section PAYLOAD: the frames' coder flushes carry {sum(counts)} free bits, the "
-            f"section says {free} free bytes ({8 * free} bits)"
-        )
-    bits = 0
-    for (frame, slot), take in zip(slots, counts, strict=True):
-        if slot.carried >> take:
-            raise CorruptStreamError(
-                f"section PAYLOAD: frame {frame}'s coder flush carries {slot.carried}, which "
-                f"does not fit the {take} free bits it holds"
-            )
-        bits = (bits << take) | slot.carried
-    return bits.to_bytes(free, "big")
-
-
-def _spread_lengths(length: int, records: Sequence[FrameRecord]) -> list[int]:
-    """How many payload bytes each frame carries (mode 3; see the container's docstring)."""
-    if not records:
-        return []
-    share = -(-length // len(records))
-    return _fill([min(share, r.stream_bytes) for r in records], length)
-
-
-def _segment_offset(r: FrameRecord) -> int:
-    """Where a frame's payload segment sits inside its coded stream."""
-    return r.crc32 % (r.stream_bytes + 1)
-
-
-def _insert_segments(
-    streams: bytearray, records: Sequence[FrameRecord], payload: bytes, spread: list[int]
-) -> bytearray:
-    out = bytearray()
-    pos = 0
-    carried = 0
-    for r, n in zip(records, spread, strict=True):
-        at = pos + _segment_offset(r)
-        out += streams[pos:at]
-        out += payload[carried : carried + n]
-        out += streams[at : pos + r.total_bytes]
-        pos += r.total_bytes
-        carried += n
-    return out
-
-
-def _remove_segments(
-    streams: bytes, records: Sequence[FrameRecord], spread: list[int]
-) -> tuple[bytes, bytes]:
-    """``(streams without the payload segments, the segments in frame order)``."""
-    pixels = bytearray()
-    carried = bytearray()
-    pos = 0
-    for r, n in zip(records, spread, strict=True):
-        at = pos + _segment_offset(r)
-        pixels += streams[pos:at]
-        carried += streams[at : at + n]
-        pixels += streams[at + n : pos + r.total_bytes + n]
-        pos += r.total_bytes + n
-    return bytes(pixels), bytes(carried)
-
-
-@dataclass(frozen=True)
-class _Parsed:
-    header: ContainerHeader
-    by_type: dict[SectionType, bytes]
-    layout: PixelLayout | None
-    records: list[FrameRecord]
-    starts: list[int]
-    free_bytes: int = 0  # mode 3: payload bytes in the carriers' coder flushes
-    spread_bytes: int = 0  # mode 3: payload bytes in segments inside the frames' streams
-    spread_payload: bytes = b""  # mode 3: the rest, taken out of STREAMS and the section
-
-
-def _parse(blob: bytes) -> _Parsed:
+def _read(blob: bytes) -> BlobContents:
+    """Parse and check a blob; its models must be registered (resolved before its sections
+    are parsed)."""
     header, sections = read_container(blob)
     resolve_model(header)
-    by_type = {s.type: s.data for s in sections}
-    # version 3 leaves empty sections out; give the rest of the decoder their empty forms
-    by_type.setdefault(SectionType.DATASET, pack_dataset(b""))
-    by_type.setdefault(SectionType.PAYLOAD, bytes([PayloadMode.NONE]))
-    by_type.setdefault(SectionType.STREAMS, b"")
-    streams_len = len(by_type[SectionType.STREAMS])
-    if header.version >= 3:
-        index_body = by_type.get(SectionType.FRAME_INDEX)
-        if index_body is None:
-            return _with_spread_payload(_Parsed(header, by_type, None, [], []))
-        layout, n, pos = unpack_layout_v3(index_body)
-        index_body = index_body[pos:]
-    else:
-        layout_body = by_type[SectionType.LAYOUT]
-        index_body = by_type[SectionType.FRAME_INDEX]
-        if not layout_body:
-            if index_body or streams_len:
-                raise CorruptStreamError(
-                    "sections FRAME_INDEX and STREAMS must be empty when LAYOUT is empty, got "
-                    f"{len(index_body)} and {streams_len} bytes"
-                )
-            return _Parsed(header, by_type, None, [], [])
-        layout, n = unpack_layout(layout_body)
-    records = unpack_frame_index(
-        index_body, n, layout.samples_per_pixel, min(header.version, 2), len(header.models)
-    )
-    w = _word_bits(layout)
-    starts = []
-    pos = 0
-    for i, r in enumerate(records):
-        starts.append(pos)
-        pos += r.total_bytes
-        if not 1 <= r.value_bits <= w:
-            raise CorruptStreamError(
-                f"section FRAME_INDEX: frame {i} value bits must be in 1..{w}, got {r.value_bits}"
-            )
-        if r.nbits > r.value_bits:
-            raise CorruptStreamError(
-                f"section FRAME_INDEX: frame {i} nbits must be <= value bits {r.value_bits}, "
-                f"got {r.nbits}"
-            )
-        if r.residual_bytes is not None and r.value_bits >= w:
-            raise CorruptStreamError(
-                f"section FRAME_INDEX: frame {i} has a residual but its value bits "
-                f"({r.value_bits}) cover the whole {w}-bit word"
-            )
-        if len(r.offsets) != layout.samples_per_pixel or max(r.offsets) >> r.value_bits:
-            raise CorruptStreamError(
-                f"section FRAME_INDEX: frame {i} offsets must fit in {r.value_bits} bits"
-            )
-        if r.split_planes and layout.samples_per_pixel != 1:
-            raise CorruptStreamError(
-                f"section FRAME_INDEX: frame {i} is split but has "
-                f"{layout.samples_per_pixel} samples per pixel (must be 1)"
-            )
-    return _with_spread_payload(_Parsed(header, by_type, layout, records, starts), pos)
-
-
-def _with_spread_payload(parsed: _Parsed, frame_bytes: int = 0) -> _Parsed:
-    """Check that STREAMS holds the frames' bytes (and, mode 3, the payload segments in
-    them); for mode 3, take the segments out of STREAMS and join the rest of the payload (the
-    free bytes come out of the frames' decoding)."""
-    by_type = parsed.by_type
-    streams = by_type[SectionType.STREAMS]
-    body = by_type[SectionType.PAYLOAD]
-    free, spread, remainder = 0, 0, b""
-    if parsed.header.version >= 3 and body[:1] == bytes([PayloadMode.SPREAD]):
-        try:
-            free, at = get_varint(body, 1)
-            spread, at = get_varint(body, at)
-        except (IndexError, ValueError):
-            raise CorruptStreamError("section PAYLOAD: mode SPREAD length is cut short") from None
-        carriers = sum(map(_is_free_bits_carrier, parsed.records))
-        if parsed.layout is not None:
-            carriers *= parsed.layout.samples_per_pixel
-        if 8 * free > 32 * carriers:  # the exact capacity is known once the frames decode
-            raise CorruptStreamError(
-                f"section PAYLOAD: {free} free bytes, but the frames have {carriers} streams "
-                f"coded by {_FREE_BITS_PATH} (at most 32 free bits each)"
-            )
-        remainder = body[at:]
-        lengths = _spread_lengths(spread + len(remainder), parsed.records)
-        if sum(lengths) != spread:
-            raise CorruptStreamError(
-                f"section PAYLOAD: frames can carry {sum(lengths)} of the payload's "
-                f"{spread + len(remainder)} bytes, the section says {spread}"
-            )
-    if frame_bytes + spread != len(streams):
-        raise CorruptStreamError(
-            f"section STREAMS: frame index accounts for {frame_bytes + spread} bytes, section "
-            f"has {len(streams)}"
-        )
-    if not spread:
-        return replace(parsed, free_bytes=free, spread_payload=remainder)
-    pixels, carried = _remove_segments(streams, parsed.records, lengths)
-    by_type[SectionType.STREAMS] = pixels
-    return replace(parsed, free_bytes=free, spread_bytes=spread, spread_payload=carried + remainder)
+    return parse_sections(header, sections)
 
 
 def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
@@ -791,11 +630,7 @@ def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
 
 def _decode_frame(
     i: int,
-    r: FrameRecord,
-    layout: PixelLayout,
-    streams: bytes,
-    start: int,
-    header: ContainerHeader,
+    blob: BlobContents,
     store: ModelStore,
     threads: int | None,
     batch_chunks: int,
@@ -803,10 +638,12 @@ def _decode_frame(
 ) -> tuple[npt.NDArray[np.generic], bytes | None]:
     """Decode frame ``i``: ``(frame, the payload its global-path stream carries)``. With
     ``flush_slots`` (mode 3), a carrier frame appends ``(i, slot)`` for each coder flush."""
+    layout = blob.layout
+    assert layout is not None
+    r = blob.records[i]
+    header = blob.header
+    parts = blob.frame_streams(i)
     shape = layout.frame_shape
-    w = _word_bits(layout)
-    data = streams[start : start + r.stream_bytes]
-    rstart = start + r.stream_bytes + r.low_bytes
     payload: bytes | None = None
     try:
         if r.split_planes != 0:
@@ -816,13 +653,12 @@ def _decode_frame(
                 )
             from medzip_scp.codec.learned.paths import decode_split
 
-            low_data = streams[start + r.stream_bytes : rstart]
             v2d, payload = decode_split(
                 r.path,
-                data,
+                parts.high,
                 _ref(header, r.high_model),
                 r.low_path or "",
-                low_data,
+                parts.low,
                 _ref(header, r.low_model),
                 (layout.rows, layout.columns),
                 r.nbits,
@@ -839,17 +675,15 @@ def _decode_frame(
                     f"frame {i}: path {r.path!r} is not available in this decoder; install the "
                     "package that registers it"
                 )
-            if flush_slots is not None and _is_free_bits_carrier(r):
+            if flush_slots is not None and is_free_bits_carrier(r):
                 assert isinstance(path, CarrierPath)  # "pred" is always the predictive path
-                values, slots = path.decode_carrying(data, shape, r.nbits)
+                values, slots = path.decode_carrying(parts.high, shape, r.nbits)
                 flush_slots += [(i, slot) for slot in slots]
             else:
-                values = path.decode(data, shape, r.nbits)
+                values = path.decode(parts.high, shape, r.nbits)
         hi = None
-        if r.residual_bytes is not None:
-            hi = _RESIDUAL.decode(
-                streams[rstart : rstart + r.residual_bytes], shape, w - r.value_bits
-            )
+        if parts.residual is not None:
+            hi = _RESIDUAL.decode(parts.residual, shape, layout.bits_allocated - r.value_bits)
     except CodecError:
         raise
     except Exception as exc:
@@ -865,7 +699,7 @@ def _decode_frame(
         raise CorruptStreamError(f"frame {i}: decoded values exceed {r.value_bits} value bits")
     u = _join(lo, None if hi is None else hi.astype(np.uint64), layout, r.value_bits)
     frame = _words_to_frame(u, layout)
-    crc = _frame_crc(frame)
+    crc = frame_crc32(frame)
     if crc != r.crc32:
         raise CorruptStreamError(
             f"frame {i}: pixel CRC-32 after decoding path {r.path!r} mismatch, expected "
@@ -917,8 +751,7 @@ def decompress(
         If the blob uses a newer format version, path or payload mode;
         :class:`MissingReferenceError` if ``references`` lacks the one its data set needs.
     """
-    parsed = _parse(blob)
-    by_type = parsed.by_type
+    parsed = _read(blob)
     store = models if models is not None else default_store()
     mode, payload, carrier = _unpack_payload(parsed)
     frames: FrameSet | None = None
@@ -926,26 +759,17 @@ def decompress(
     flush_slots: list[tuple[int, FlushSlot]] | None = [] if mode == PayloadMode.SPREAD else None
     if parsed.layout is not None:
         layout = parsed.layout
-        streams = by_type[SectionType.STREAMS]
-        pixels = np.empty((len(parsed.records), *layout.frame_shape), dtype=layout.dtype)
+        n_frames = len(parsed.records)
+        pixels = np.empty((n_frames, *layout.frame_shape), dtype=layout.dtype)
         with carried_models(decoding=True):  # frames in order: carried models (pred v3)
-            for i, r in enumerate(parsed.records):
+            for i in range(n_frames):
                 pixels[i], frame_payload = _decode_frame(
-                    i,
-                    r,
-                    layout,
-                    streams,
-                    parsed.starts[i],
-                    parsed.header,
-                    store,
-                    threads,
-                    batch_chunks,
-                    flush_slots,
+                    i, parsed, store, threads, batch_chunks, flush_slots
                 )
                 if i == carrier:
                     carried = frame_payload
                 if progress is not None:
-                    progress(i + 1, len(parsed.records))
+                    progress(i + 1, n_frames)
         frames = FrameSet(layout, pixels)
     if mode == PayloadMode.BITS_BACK:
         if carried is None or len(carried) != len(payload):
@@ -955,52 +779,20 @@ def decompress(
             )
         payload = carried
     if flush_slots is not None:
-        free = parsed.free_bytes
-        payload = _free_payload(flush_slots, free) + payload[free:]
-    dataset_rest = unpack_dataset(by_type[SectionType.DATASET], references)
+        payload = join_free_bits(flush_slots, parsed.payload.free) + parsed.spread_payload
+    dataset_rest = unpack_dataset(parsed.dataset, references)
     return Decoded(frames, dataset_rest, payload)
 
 
-def _unpack_payload(parsed: _Parsed) -> tuple[int, bytes, int | None]:
+def _unpack_payload(parsed: BlobContents) -> tuple[PayloadMode, bytes, int | None]:
     """``(mode, payload, carrier frame)``; for mode 2, ``payload`` is zeros of its length,
     for mode 3 its first ``free`` bytes are (the frames' coder flushes hold them)."""
-    body = parsed.by_type[SectionType.PAYLOAD]
-    version = parsed.header.version
-    n_frames = len(parsed.records)
-    if not body:
-        raise CorruptStreamError("section PAYLOAD: must hold at least its mode byte, got 0 bytes")
-    mode = body[0]
-    if mode == PayloadMode.NONE:
-        if len(body) != 1:
-            raise CorruptStreamError(
-                f"section PAYLOAD: mode NONE must be 1 byte long, got {len(body)}"
-            )
-        return mode, b"", None
-    if mode == PayloadMode.SECTION:
-        return mode, body[1:], None
-    if mode == PayloadMode.BITS_BACK:
-        if version < 2:
-            raise UnsupportedFormatError(
-                "section PAYLOAD: mode BITS_BACK needs format version 2, blob is version 1"
-            )
-        if len(body) != _PAYLOAD_V2.size:
-            raise CorruptStreamError(
-                f"section PAYLOAD: mode BITS_BACK must be {_PAYLOAD_V2.size} bytes long, "
-                f"got {len(body)}"
-            )
-        _, frame, length = _PAYLOAD_V2.unpack(body)
-        if frame >= n_frames:
-            raise CorruptStreamError(
-                f"section PAYLOAD: carrier frame must be < {n_frames}, got {frame}"
-            )
-        return mode, bytes(length), frame
-    if mode == PayloadMode.SPREAD:
-        if version < 3:
-            raise UnsupportedFormatError(
-                f"section PAYLOAD: mode SPREAD needs format version 3, blob is version {version}"
-            )
-        return mode, bytes(parsed.free_bytes) + parsed.spread_payload, None
-    raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
+    section = parsed.payload
+    if section.mode == PayloadMode.BITS_BACK:
+        return section.mode, bytes(section.length), section.frame
+    if section.mode == PayloadMode.SPREAD:
+        return section.mode, bytes(section.free) + parsed.spread_payload, None
+    return section.mode, section.data, None
 
 
 def read_dataset_rest_and_payload(
@@ -1016,10 +808,10 @@ def read_dataset_rest_and_payload(
     CorruptStreamError, UnknownModelError, UnsupportedFormatError
         As :func:`decompress`.
     """
-    parsed = _parse(blob)
+    parsed = _read(blob)
     mode, payload, _ = _unpack_payload(parsed)
-    rest = unpack_dataset(parsed.by_type[SectionType.DATASET], references)
-    if mode == PayloadMode.BITS_BACK or parsed.free_bytes:
+    rest = unpack_dataset(parsed.dataset, references)
+    if mode == PayloadMode.BITS_BACK or parsed.payload.free:
         return rest, None
     return rest, payload
 
@@ -1046,8 +838,7 @@ def describe(blob: bytes) -> dict[str, Any]:
     CorruptStreamError, UnknownModelError, UnsupportedFormatError
         As :func:`decompress`.
     """
-    parsed = _parse(blob)
-    by_type = parsed.by_type
+    parsed = _read(blob)
     header = parsed.header
     refs = header.model_refs()
     frames = []
@@ -1070,11 +861,11 @@ def describe(blob: bytes) -> dict[str, Any]:
                 ],
             }
         )
-    ds_body = by_type[SectionType.DATASET]
+    ds_body = parsed.dataset
     raw_len = dataset_raw_length(ds_body)
     reference = dataset_reference_of(ds_body)
     mode, payload, _ = _unpack_payload(parsed)
-    free = len(payload) if mode == PayloadMode.BITS_BACK else parsed.free_bytes
+    free = len(payload) if mode == PayloadMode.BITS_BACK else parsed.payload.free
     lay = parsed.layout
     first = refs[0] if refs else None
     return {
@@ -1109,7 +900,7 @@ def describe(blob: bytes) -> dict[str, Any]:
         "payload_bytes": len(payload),
         "payload_mode": int(mode),
         "payload_free_bytes": free,
-        "payload_stream_bytes": parsed.spread_bytes,
-        "payload_section_bytes": len(payload) - free - parsed.spread_bytes,
+        "payload_stream_bytes": parsed.payload.spread,
+        "payload_section_bytes": len(payload) - free - parsed.payload.spread,
         "total_bytes": len(blob),
     }

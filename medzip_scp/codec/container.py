@@ -1,5 +1,10 @@
 """The medzip blob format (versions 1 to 3): a versioned, self-describing, checksummed container.
 
+Every byte of the format is known here and nowhere else: :func:`write_blob` writes a blob
+from frame records, coded streams, the data set and the payload's section;
+:func:`read_container` and :func:`parse_sections` read one of any version back into
+:class:`BlobContents`. :mod:`medzip_scp.codec.api` codes the frames.
+
 Layout (all integers little-endian)::
 
     offset  size  field
@@ -113,10 +118,13 @@ import hashlib
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from medzip_scp.codec.errors import (
@@ -128,29 +136,46 @@ from medzip_scp.codec.frames import PixelLayout
 
 __all__ = [
     "FORMAT_VERSION",
+    "FREE_BITS_PATH",
     "MAGIC",
     "MODEL_NONE",
     "ZERO_SHA256",
+    "BlobContents",
     "ContainerHeader",
     "DatasetMethod",
     "DatasetReference",
     "FrameRecord",
+    "FrameStreams",
+    "FreeBitsSlot",
     "ModelRef",
     "PayloadMode",
+    "PayloadSection",
+    "ReferenceSource",
     "Section",
     "SectionType",
+    "dataset_raw_length",
+    "dataset_reference_of",
+    "frame_crc32",
     "get_varint",
+    "is_free_bits_carrier",
+    "join_free_bits",
+    "model_entry_size",
     "pack_dataset",
     "pack_frame_index",
     "pack_layout_v3",
+    "pack_payload",
+    "parse_sections",
     "put_varint",
     "read_container",
-    "ReferenceSource",
-    "dataset_reference_of",
+    "split_free_bits",
+    "split_record_overhead",
+    "spread_payload",
     "unpack_dataset",
     "unpack_frame_index",
     "unpack_layout",
     "unpack_layout_v3",
+    "unpack_payload",
+    "write_blob",
     "write_container",
 ]
 
@@ -164,6 +189,7 @@ ZERO_SHA256 = bytes(32)
 
 _PREFIX = struct.Struct("<4sHHI")
 _LAYOUT = struct.Struct("<HHBBBBBI")
+_CRC32 = struct.Struct("<I")
 _MAX_HEADER = 64 * 1024 * 1024
 
 
@@ -293,19 +319,7 @@ def write_container(header: ContainerHeader, sections: list[Section]) -> bytes:
             raise ValueError(f"at most {MODEL_NONE - 1} models, got {len(header.models)}")
         body.append(len(header.models))
         for ref in header.models:
-            raw = ref.model_id.encode("ascii")
-            if not 1 <= len(raw) <= 255:
-                raise ValueError(f"model id must be 1..255 bytes, got {len(raw)}")
-            for name, digest in (("model", ref.model_sha256), ("adapter", ref.adapter_sha256)):
-                if len(digest) != 32:
-                    raise ValueError(f"{name} sha256 must be 32 bytes, got {len(digest)}")
-            body += bytes([len(raw)]) + raw + ref.model_sha256
-            if header.version == 2:
-                body += ref.adapter_sha256
-            elif ref.adapter_sha256 == ZERO_SHA256:
-                body.append(0)
-            else:
-                body += b"\x01" + ref.adapter_sha256
+            body += _pack_model_entry(ref, header.version)
         return _finish(header.version, body, sections)
     model_id = header.model_id.encode("ascii")
     if len(model_id) > 255:
@@ -323,15 +337,36 @@ def write_container(header: ContainerHeader, sections: list[Section]) -> bytes:
     return _finish(1, body, sections)
 
 
+def _pack_model_entry(ref: ModelRef, version: int) -> bytes:
+    """One entry of a version-2 or version-3 model table."""
+    raw = ref.model_id.encode("ascii")
+    if not 1 <= len(raw) <= 255:
+        raise ValueError(f"model id must be 1..255 bytes, got {len(raw)}")
+    for name, digest in (("model", ref.model_sha256), ("adapter", ref.adapter_sha256)):
+        if len(digest) != 32:
+            raise ValueError(f"{name} sha256 must be 32 bytes, got {len(digest)}")
+    entry = bytes([len(raw)]) + raw + ref.model_sha256
+    if version == 2:
+        return entry + ref.adapter_sha256
+    if ref.adapter_sha256 == ZERO_SHA256:
+        return entry + b"\x00"
+    return entry + b"\x01" + ref.adapter_sha256
+
+
+def model_entry_size(ref: ModelRef) -> int:
+    """Bytes ``ref`` adds to the model table of a blob as written today."""
+    return len(_pack_model_entry(ref, FORMAT_VERSION))
+
+
 def _finish(version: int, body: bytearray, sections: list[Section]) -> bytes:
     body.append(len(sections))
     for s in sections:
         body.append(int(s.type))
         put_varint(body, len(s.data))
-        body += struct.pack("<I", _crc(s.data))
+        body += _CRC32.pack(_crc(s.data))
     head = _PREFIX.pack(MAGIC, version, 0, len(body)) + bytes(body)
     out = bytearray(head)
-    out += struct.pack("<I", _crc(head))
+    out += _CRC32.pack(_crc(head))
     for s in sections:
         out += s.data
     return bytes(out)
@@ -359,19 +394,19 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
         On a valid header of a newer format version or with unknown header flags.
     """
     view = memoryview(blob)
-    if len(view) < _PREFIX.size + 4:
+    if len(view) < _PREFIX.size + _CRC32.size:
         raise CorruptStreamError(
-            f"blob header: need at least {_PREFIX.size + 4} bytes, got {len(view)}"
+            f"blob header: need at least {_PREFIX.size + _CRC32.size} bytes, got {len(view)}"
         )
     magic, version, flags, hlen = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptStreamError(f"blob header: magic must be {MAGIC!r}, got {bytes(magic)!r}")
     hend = _PREFIX.size + hlen
-    if hlen > _MAX_HEADER or hend + 4 > len(view):
+    if hlen > _MAX_HEADER or hend + _CRC32.size > len(view):
         raise CorruptStreamError(
             f"blob header: header length {hlen} runs past the end of the {len(view)}-byte blob"
         )
-    (stored_crc,) = struct.unpack_from("<I", view, hend)
+    (stored_crc,) = _CRC32.unpack_from(view, hend)
     actual_crc = _crc(view[:hend])
     if stored_crc != actual_crc:
         raise CorruptStreamError(
@@ -425,8 +460,8 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
         for _ in range(n_sections):
             stype = body[pos]
             length, pos = get_varint(body, pos + 1)
-            (crc,) = struct.unpack_from("<I", body, pos)
-            pos += 4
+            (crc,) = _CRC32.unpack_from(body, pos)
+            pos += _CRC32.size
             entries.append((stype, length, crc))
     except (IndexError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise CorruptStreamError(f"blob header: malformed header body ({exc})") from None
@@ -435,7 +470,7 @@ def read_container(blob: bytes) -> tuple[ContainerHeader, list[Section]]:
             f"blob header: {len(entries)} section entries end at byte {pos}, header ends at {hend}"
         )
 
-    offset = hend + 4
+    offset = hend + _CRC32.size
     sections: list[Section] = []
     for i, (stype, length, crc) in enumerate(entries):
         try:
@@ -642,8 +677,26 @@ class FrameRecord:
         return self.stream_bytes + self.low_bytes + (self.residual_bytes or 0)
 
 
+def frame_crc32(frame: npt.NDArray[np.generic]) -> int:
+    """The CRC-32 a :class:`FrameRecord` holds: of the frame's values in its container dtype,
+    little-endian."""
+    le = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
+    return _crc(le.tobytes())
+
+
 _FLAG_RESIDUAL = 1
 _FLAG_SPLIT = 2
+_LOW_PART = struct.Struct("<BB")
+"""A split frame's low path name index and low model index (version 2 and later)."""
+_LOW_LENGTH_ESTIMATE = 2
+"""Bytes counted for a low length's varint before the low stream exists (128 B to 16 KiB).
+The encoder compares costs with it, so changing it changes which frames are split."""
+
+
+def split_record_overhead(low_path: str) -> int:
+    """Bytes a split frame's record and the index's name table take beyond a frame coded
+    whole: the low part's indices and length (estimated), and the low path's name entry."""
+    return _LOW_PART.size + _LOW_LENGTH_ESTIMATE + 1 + len(low_path.encode("ascii"))
 
 
 def _model_byte(ix: int | None) -> int:
@@ -702,11 +755,11 @@ def pack_frame_index(records: list[FrameRecord], version: int = 1) -> bytes:
             out.append(_model_byte(r.high_model))
             if split:
                 assert r.low_path is not None
-                out += bytes([names.index(r.low_path), _model_byte(r.low_model)])
+                out += _LOW_PART.pack(names.index(r.low_path), _model_byte(r.low_model))
                 put_varint(out, r.low_bytes)
         if r.residual_bytes is not None:
             put_varint(out, r.residual_bytes)
-        out += struct.pack("<I", r.crc32)
+        out += _CRC32.pack(r.crc32)
     return bytes(out)
 
 
@@ -772,8 +825,8 @@ def unpack_frame_index(
                 high_model = model_ix(i, data[pos], "high")
                 pos += 1
                 if split:
-                    lix, lmb = data[pos : pos + 2]  # ValueError when truncated
-                    pos += 2
+                    lix, lmb = data[pos : pos + _LOW_PART.size]  # ValueError when truncated
+                    pos += _LOW_PART.size
                     if lix >= len(names):
                         raise CorruptStreamError(
                             f"section FRAME_INDEX: frame {i} low path index must be < "
@@ -785,8 +838,8 @@ def unpack_frame_index(
             residual_len = None
             if flags & _FLAG_RESIDUAL:
                 residual_len, pos = get_varint(data, pos)
-            (crc,) = struct.unpack_from("<I", data, pos)
-            pos += 4
+            (crc,) = _CRC32.unpack_from(data, pos)
+            pos += _CRC32.size
             out.append(
                 FrameRecord(
                     names[ix],
@@ -961,3 +1014,441 @@ def unpack_dataset(body: bytes, references: ReferenceSource | None = None) -> by
     if len(out) != raw_len:
         raise CorruptStreamError(f"section DATASET: expected {raw_len} raw bytes, got {len(out)}")
     return out
+
+
+# -- PAYLOAD section ------------------------------------------------------------------------
+
+_PAYLOAD_BITS_BACK = struct.Struct("<BII")
+"""Mode 2: mode, carrier frame index, payload length."""
+
+
+@dataclass(frozen=True)
+class PayloadSection:
+    """A ``PAYLOAD`` section body, parsed (the module docstring describes each mode).
+
+    Attributes
+    ----------
+    mode
+        Where the payload rides.
+    data
+        ``SECTION``: the payload; ``SPREAD``: its remainder, which the frames do not carry.
+    frame, length
+        ``BITS_BACK``: the carrier frame and the payload's length.
+    free, spread
+        ``SPREAD``: payload bytes in the carriers' coder flushes and in segments inside the
+        frames' coded streams.
+    """
+
+    mode: PayloadMode = PayloadMode.NONE
+    data: bytes = b""
+    frame: int = 0
+    length: int = 0
+    free: int = 0
+    spread: int = 0
+
+
+def pack_payload(payload: PayloadSection) -> bytes:
+    """Serialise a ``PAYLOAD`` section body."""
+    if payload.mode == PayloadMode.BITS_BACK:
+        return _PAYLOAD_BITS_BACK.pack(payload.mode, payload.frame, payload.length)
+    out = bytearray([payload.mode])
+    if payload.mode == PayloadMode.SPREAD:
+        put_varint(out, payload.free)
+        put_varint(out, payload.spread)
+    if payload.mode in (PayloadMode.SECTION, PayloadMode.SPREAD):
+        out += payload.data
+    return bytes(out)
+
+
+def unpack_payload(body: bytes, version: int) -> PayloadSection:
+    """Parse a ``PAYLOAD`` section body of a blob of format ``version``.
+
+    Raises
+    ------
+    CorruptStreamError
+        On an unknown mode or a body of the wrong length.
+    UnsupportedFormatError
+        On a mode the blob's version does not have.
+    """
+    if not body:
+        raise CorruptStreamError("section PAYLOAD: must hold at least its mode byte, got 0 bytes")
+    mode = body[0]
+    if mode == PayloadMode.NONE:
+        if len(body) != 1:
+            raise CorruptStreamError(
+                f"section PAYLOAD: mode NONE must be 1 byte long, got {len(body)}"
+            )
+        return PayloadSection()
+    if mode == PayloadMode.SECTION:
+        return PayloadSection(PayloadMode.SECTION, body[1:])
+    if mode == PayloadMode.BITS_BACK:
+        if version < 2:
+            raise UnsupportedFormatError(
+                "section PAYLOAD: mode BITS_BACK needs format version 2, blob is version 1"
+            )
+        if len(body) != _PAYLOAD_BITS_BACK.size:
+            raise CorruptStreamError(
+                f"section PAYLOAD: mode BITS_BACK must be {_PAYLOAD_BITS_BACK.size} bytes long, "
+                f"got {len(body)}"
+            )
+        _, frame, length = _PAYLOAD_BITS_BACK.unpack(body)
+        return PayloadSection(PayloadMode.BITS_BACK, frame=frame, length=length)
+    if mode == PayloadMode.SPREAD:
+        if version < 3:
+            raise UnsupportedFormatError(
+                f"section PAYLOAD: mode SPREAD needs format version 3, blob is version {version}"
+            )
+        try:
+            free, at = get_varint(body, 1)
+            spread, at = get_varint(body, at)
+        except (IndexError, ValueError):
+            raise CorruptStreamError("section PAYLOAD: mode SPREAD length is cut short") from None
+        return PayloadSection(PayloadMode.SPREAD, body[at:], free=free, spread=spread)
+    raise CorruptStreamError(f"section PAYLOAD: mode must be 0, 1, 2 or 3, got {mode}")
+
+
+# -- mode SPREAD: the payload in the frames -------------------------------------------------
+
+FREE_BITS_PATH = "pred"
+"""Mode 3: frames coded whole by this path carry free bits in their coders' flushes."""
+_MAX_FREE_BITS = 32
+"""Free bits one coder flush carries at most (its 4 bytes)."""
+
+
+def is_free_bits_carrier(r: FrameRecord) -> bool:
+    """Whether a frame's coder flushes carry payload bits (mode 3)."""
+    return r.path == FREE_BITS_PATH and r.split_planes == 0
+
+
+class FreeBitsSlot(Protocol):
+    """A coder flush as the free bits see it
+    (:class:`~medzip_scp.codec.predictive.FlushSlot`)."""
+
+    @property
+    def capacity(self) -> int:
+        """Bits it carries at most."""
+        ...
+
+    @property
+    def carried(self) -> int:
+        """The number it carries."""
+        ...
+
+
+def _fill(capacities: Sequence[int], amount: int) -> list[int]:
+    """How much of ``amount`` each place holds, filled in order up to its capacity."""
+    out = []
+    for capacity in capacities:
+        take = min(capacity, amount)
+        out.append(take)
+        amount -= take
+    return out
+
+
+def split_free_bits(payload: bytes, capacities: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
+    """How the first payload bytes ride in coder flushes of ``capacities`` bits:
+    ``(free, [(bits taken, number carried)] per flush)``, ``free`` being as many whole
+    payload bytes as the flushes hold."""
+    free = min(len(payload), sum(capacities) // 8)
+    bits = int.from_bytes(payload[:free], "big")
+    left = 8 * free
+    out = []
+    for take in _fill(capacities, 8 * free):
+        left -= take
+        out.append((take, (bits >> left) & ((1 << take) - 1)))
+    return free, out
+
+
+def join_free_bits(slots: Sequence[tuple[int, FreeBitsSlot]], free: int) -> bytes:
+    """The first ``free`` payload bytes from the ``(frame, slot)`` flushes of the carriers.
+
+    Raises
+    ------
+    CorruptStreamError
+        If the flushes cannot hold ``free`` bytes or one carries more bits than it takes.
+    """
+    counts = _fill([s.capacity for _, s in slots], 8 * free)
+    if sum(counts) != 8 * free:
+        raise CorruptStreamError(
+            f"section PAYLOAD: the frames' coder flushes carry {sum(counts)} free bits, the "
+            f"section says {free} free bytes ({8 * free} bits)"
+        )
+    bits = 0
+    for (frame, slot), take in zip(slots, counts, strict=True):
+        if slot.carried >> take:
+            raise CorruptStreamError(
+                f"section PAYLOAD: frame {frame}'s coder flush carries {slot.carried}, which "
+                f"does not fit the {take} free bits it holds"
+            )
+        bits = (bits << take) | slot.carried
+    return bits.to_bytes(free, "big")
+
+
+def _spread_lengths(length: int, records: Sequence[FrameRecord]) -> list[int]:
+    """How many payload bytes each frame carries in its coded stream."""
+    if not records:
+        return []
+    share = -(-length // len(records))
+    return _fill([min(share, r.stream_bytes) for r in records], length)
+
+
+def _segment_offset(r: FrameRecord) -> int:
+    """Where a frame's payload segment sits inside its coded stream."""
+    return r.crc32 % (r.stream_bytes + 1)
+
+
+def spread_payload(
+    streams: bytes, records: Sequence[FrameRecord], payload: bytes, free: int
+) -> tuple[bytes, PayloadSection]:
+    """``(streams with the frames' segments of the payload in them, the PAYLOAD section)``
+    for a ``payload`` whose first ``free`` bytes the coder flushes already carry."""
+    rest = payload[free:]
+    out = bytearray()
+    pos = 0
+    carried = 0
+    for r, n in zip(records, _spread_lengths(len(rest), records), strict=True):
+        at = pos + _segment_offset(r)
+        out += streams[pos:at]
+        out += rest[carried : carried + n]
+        out += streams[at : pos + r.total_bytes]
+        pos += r.total_bytes
+        carried += n
+    section = PayloadSection(PayloadMode.SPREAD, rest[carried:], free=free, spread=carried)
+    return bytes(out), section
+
+
+def _remove_segments(
+    streams: bytes, records: Sequence[FrameRecord], spread: list[int]
+) -> tuple[bytes, bytes]:
+    """``(streams without the payload segments, the segments in frame order)``."""
+    pixels = bytearray()
+    carried = bytearray()
+    pos = 0
+    for r, n in zip(records, spread, strict=True):
+        at = pos + _segment_offset(r)
+        pixels += streams[pos:at]
+        carried += streams[at : at + n]
+        pixels += streams[at + n : pos + r.total_bytes + n]
+        pos += r.total_bytes + n
+    return bytes(pixels), bytes(carried)
+
+
+# -- a whole blob ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameStreams:
+    """One frame's bytes in ``STREAMS``, which holds them in this order.
+
+    Attributes
+    ----------
+    high
+        The path's bytes (the high part's, for a split frame).
+    low
+        A split frame's low part (empty otherwise).
+    residual
+        The bits above the value bits, zstd-coded; ``None`` when the frame has none.
+    """
+
+    high: bytes
+    low: bytes = b""
+    residual: bytes | None = None
+
+    def joined(self) -> bytes:
+        """The frame's bytes as ``STREAMS`` holds them (``high`` first)."""
+        return self.high + self.low + (self.residual or b"")
+
+
+@dataclass(frozen=True)
+class BlobContents:
+    """A blob's sections, parsed and checked against each other, whatever its version.
+
+    Attributes
+    ----------
+    header
+        Model identification.
+    layout
+        The pixel layout, or ``None`` for a blob without pixels.
+    records
+        One record per frame.
+    starts
+        Offset of each frame's bytes in ``streams``.
+    streams
+        The frames' coded bytes back to back (mode 3's payload segments taken out).
+    dataset
+        The ``DATASET`` section body (the empty data set's when the blob leaves it out).
+    payload
+        The ``PAYLOAD`` section.
+    spread_payload
+        Mode 3: the payload after its free bytes (the segments, then the remainder); the
+        free bytes come out of the frames' decoding.
+    """
+
+    header: ContainerHeader
+    layout: PixelLayout | None
+    records: tuple[FrameRecord, ...]
+    starts: tuple[int, ...]
+    streams: bytes
+    dataset: bytes
+    payload: PayloadSection
+    spread_payload: bytes = b""
+
+    def frame_streams(self, i: int) -> FrameStreams:
+        """Frame ``i``'s bytes."""
+        r = self.records[i]
+        high = self.starts[i] + r.stream_bytes
+        low = high + r.low_bytes
+        residual = None
+        if r.residual_bytes is not None:
+            residual = self.streams[low : low + r.residual_bytes]
+        return FrameStreams(self.streams[self.starts[i] : high], self.streams[high:low], residual)
+
+
+def write_blob(
+    models: Sequence[ModelRef],
+    layout: PixelLayout | None,
+    records: Sequence[FrameRecord],
+    streams: bytes,
+    dataset: bytes = b"",
+    reference: DatasetReference | None = None,
+    payload: PayloadSection = PayloadSection(),
+) -> bytes:
+    """A blob of the current format version: the frames (``layout`` ``None``: none), their
+    coded ``streams``, the opaque ``dataset`` (coded against ``reference`` where that is
+    smaller) and the payload's section. Empty sections are left out."""
+    sections = []
+    if layout is not None:
+        index_body = pack_layout_v3(layout, len(records)) + pack_frame_index(
+            list(records), FORMAT_VERSION
+        )
+        sections += [
+            Section(SectionType.FRAME_INDEX, index_body),
+            Section(SectionType.STREAMS, bytes(streams)),
+        ]
+    if dataset:
+        sections.append(Section(SectionType.DATASET, pack_dataset(bytes(dataset), reference)))
+    if payload.mode != PayloadMode.NONE:
+        sections.append(Section(SectionType.PAYLOAD, pack_payload(payload)))
+    return write_container(ContainerHeader(version=FORMAT_VERSION, models=tuple(models)), sections)
+
+
+def parse_sections(header: ContainerHeader, sections: Sequence[Section]) -> BlobContents:
+    """Parse the sections :func:`read_container` returned and check them against each other.
+
+    Raises
+    ------
+    CorruptStreamError
+        On a malformed section, records that break the layout, or a ``STREAMS`` section
+        whose length the frame index and payload do not account for.
+    UnsupportedFormatError
+        On a payload mode the blob's version does not have.
+    """
+    by_type = {s.type: s.data for s in sections}
+    # version 3 leaves empty sections out: they stand for their empty forms
+    dataset = by_type.get(SectionType.DATASET)
+    if dataset is None:
+        dataset = pack_dataset(b"")
+    payload_body = by_type.get(SectionType.PAYLOAD, bytes([PayloadMode.NONE]))
+    streams = by_type.get(SectionType.STREAMS, b"")
+    if header.version >= 3:
+        index_body = by_type.get(SectionType.FRAME_INDEX)
+        if index_body is None:
+            return _assemble(header, None, [], streams, dataset, payload_body)
+        layout, n, pos = unpack_layout_v3(index_body)
+        index_body = index_body[pos:]
+    else:
+        layout_body = by_type[SectionType.LAYOUT]
+        index_body = by_type[SectionType.FRAME_INDEX]
+        if not layout_body:
+            if index_body or streams:
+                raise CorruptStreamError(
+                    "sections FRAME_INDEX and STREAMS must be empty when LAYOUT is empty, got "
+                    f"{len(index_body)} and {len(streams)} bytes"
+                )
+            return _assemble(header, None, [], streams, dataset, payload_body)
+        layout, n = unpack_layout(layout_body)
+    records = unpack_frame_index(
+        index_body, n, layout.samples_per_pixel, min(header.version, 2), len(header.models)
+    )
+    _check_records(records, layout)
+    return _assemble(header, layout, records, streams, dataset, payload_body)
+
+
+def _check_records(records: Sequence[FrameRecord], layout: PixelLayout) -> None:
+    """Raise CorruptStreamError for records that break ``layout``."""
+    w = layout.bits_allocated
+    for i, r in enumerate(records):
+        if not 1 <= r.value_bits <= w:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} value bits must be in 1..{w}, got {r.value_bits}"
+            )
+        if r.nbits > r.value_bits:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} nbits must be <= value bits {r.value_bits}, "
+                f"got {r.nbits}"
+            )
+        if r.residual_bytes is not None and r.value_bits >= w:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} has a residual but its value bits "
+                f"({r.value_bits}) cover the whole {w}-bit word"
+            )
+        if len(r.offsets) != layout.samples_per_pixel or max(r.offsets) >> r.value_bits:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} offsets must fit in {r.value_bits} bits"
+            )
+        if r.split_planes and layout.samples_per_pixel != 1:
+            raise CorruptStreamError(
+                f"section FRAME_INDEX: frame {i} is split but has "
+                f"{layout.samples_per_pixel} samples per pixel (must be 1)"
+            )
+
+
+def _assemble(
+    header: ContainerHeader,
+    layout: PixelLayout | None,
+    records: list[FrameRecord],
+    streams: bytes,
+    dataset: bytes,
+    payload_body: bytes,
+) -> BlobContents:
+    """The contents, once the payload's section is parsed and ``streams`` is checked to hold
+    the frames' bytes (and, mode 3, the payload segments in them, which are taken out)."""
+    payload = unpack_payload(payload_body, header.version)
+    starts = []
+    frame_bytes = 0
+    for r in records:
+        starts.append(frame_bytes)
+        frame_bytes += r.total_bytes
+    lengths: list[int] = []
+    if payload.mode == PayloadMode.SPREAD:
+        carriers = sum(map(is_free_bits_carrier, records))
+        if layout is not None:
+            carriers *= layout.samples_per_pixel
+        if 8 * payload.free > _MAX_FREE_BITS * carriers:
+            # the exact capacity is known once the frames decode
+            raise CorruptStreamError(
+                f"section PAYLOAD: {payload.free} free bytes, but the frames have {carriers} "
+                f"streams coded by {FREE_BITS_PATH} (at most {_MAX_FREE_BITS} free bits each)"
+            )
+        lengths = _spread_lengths(payload.spread + len(payload.data), records)
+        if sum(lengths) != payload.spread:
+            raise CorruptStreamError(
+                f"section PAYLOAD: frames can carry {sum(lengths)} of the payload's "
+                f"{payload.spread + len(payload.data)} bytes, the section says {payload.spread}"
+            )
+    if frame_bytes + payload.spread != len(streams):
+        raise CorruptStreamError(
+            f"section STREAMS: frame index accounts for {frame_bytes + payload.spread} bytes, "
+            f"section has {len(streams)}"
+        )
+    if payload.mode == PayloadMode.BITS_BACK and payload.frame >= len(records):
+        raise CorruptStreamError(
+            f"section PAYLOAD: carrier frame must be < {len(records)}, got {payload.frame}"
+        )
+    rest = payload.data if payload.mode == PayloadMode.SPREAD else b""
+    if payload.spread:
+        streams, carried = _remove_segments(streams, records, lengths)
+        rest = carried + rest
+    return BlobContents(
+        header, layout, tuple(records), tuple(starts), streams, dataset, payload, rest
+    )

@@ -85,25 +85,33 @@ class MissingReferenceError(UnsupportedFormatError):
 
 
 class UnknownModelError(CodecError):
-    """A blob names a model (or adapter) whose weights are not installed.
+    """A model (or adapter) a blob names, or an encoder asks for, cannot be used here.
 
     Parameters
     ----------
     model_id
-        The model identifier recorded in the blob.
+        The model identifier (as recorded in a blob).
     model_sha256
-        Hex sha256 of the model weights recorded in the blob.
+        Hex sha256 of the model's manifest, as recorded in the blob or registered.
     adapter_sha256
-        Hex sha256 of the adapter weights recorded in the blob (all zeros for none).
+        Hex sha256 of the adapter weights (all zeros for none).
+    reason
+        What is wrong, completing "model ... (...) <reason>" (default: not installed).
     """
 
-    def __init__(self, model_id: str, model_sha256: str, adapter_sha256: str) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        model_sha256: str,
+        adapter_sha256: str,
+        reason: str = "is not installed",
+    ) -> None:
         self.model_id = model_id
         self.model_sha256 = model_sha256
         self.adapter_sha256 = adapter_sha256
+        self.reason = reason
         super().__init__(
-            f"blob was coded with model {model_id!r} (weights sha256 {model_sha256}, "
-            f"adapter sha256 {adapter_sha256}), which is not installed; install the model "
-            f"whose manifest lists sha256 {model_sha256} in the models folder (models/, or "
-            "the one given by --models or [pipeline] models_dir) to decode it"
+            f"model {model_id!r} (manifest sha256 {model_sha256}, adapter sha256 "
+            f"{adapter_sha256}) {reason}: the models folder (models/, or the one given by "
+            "--models or [pipeline] models_dir) must hold the released model with that manifest"
         )

@@ -357,8 +357,7 @@ class PredictivePath:
             return self._decode(data, shape, nbits, slots)
         except predictive.CoreUnavailableError as exc:  # the blob is fine, this node is not
             raise UnsupportedFormatError(
-                f"pred-v2 streams need the predictive coder's C core, which is unavailable "
-                f"({exc}): install a C compiler (apt-get install gcc) or set CC"
+                f"pred-v2 streams need the predictive coder's C core: {exc}"
             ) from None
 
     def _decode(

@@ -20,22 +20,26 @@ numpy alone; ``local-lm-v1`` streams need ``torch``, ``transformers`` and ``cons
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from medzip_scp import shipped_path
 from medzip_scp.codec.container import ZERO_SHA256, ContainerHeader, ModelRef
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 
 __all__ = [
     "DEFAULT_MODELS_ROOT",
+    "DEFAULT_TRAINING_DATA",
     "MODELS",
     "ModelEntry",
     "ModelStore",
+    "check_model_folder",
     "default_store",
     "resolve_model",
     "resolve_ref",
@@ -43,8 +47,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS_ROOT = Path(__file__).resolve().parents[2] / "models"
-"""``<repository>/models``: where shipped models live."""
+DEFAULT_MODELS_ROOT = shipped_path("models")
+"""Where the shipped models are: the installed package's or the checkout's ``models/``."""
+
+DEFAULT_TRAINING_DATA = shipped_path("models").parents[1] / "shared" / "data"
+"""``../shared/data`` beside a checkout: the only data the models are trained and tuned on."""
 
 ModelKind = Literal["local", "global"]
 
@@ -93,7 +100,10 @@ class ModelEntry:
         """The :class:`ModelRef` a blob records for this model (and adapter)."""
         if adapter and adapter not in self.adapters:
             raise UnknownModelError(
-                self.model_id, self.manifest_sha256, f"(adapter {adapter!r} is not released)"
+                self.model_id,
+                self.manifest_sha256,
+                ZERO_SHA256.hex(),
+                f"has no released adapter {adapter!r}",
             )
         asha = bytes.fromhex(self.adapters[adapter]) if adapter else ZERO_SHA256
         return ModelRef(self.model_id, self.model_sha256, asha)
@@ -152,13 +162,15 @@ def resolve_ref(ref: ModelRef, models: Mapping[str, ModelEntry] = MODELS) -> Mod
         registered one.
     """
     entry = models.get(ref.model_id)
-    if (
-        entry is None
-        or entry.model_sha256 != ref.model_sha256
-        or entry.adapter_name(ref.adapter_sha256) is None
-    ):
-        raise UnknownModelError(ref.model_id, ref.model_sha256.hex(), ref.adapter_sha256.hex())
-    return entry
+    if entry is None:
+        reason = "is not registered in this release (written by a newer medzip?)"
+    elif entry.model_sha256 != ref.model_sha256:
+        reason = f"differs from the registered one (manifest sha256 {entry.manifest_sha256})"
+    elif entry.adapter_name(ref.adapter_sha256) is None:
+        reason = "names an adapter that is not registered"
+    else:
+        return entry
+    raise UnknownModelError(ref.model_id, ref.model_sha256.hex(), ref.adapter_sha256.hex(), reason)
 
 
 def resolve_model(header: ContainerHeader) -> list[ModelEntry]:
@@ -170,6 +182,72 @@ def resolve_model(header: ContainerHeader) -> list[ModelEntry]:
         As :func:`resolve_ref`, for the first model that does not resolve.
     """
     return [resolve_ref(ref) for ref in header.model_refs()]
+
+
+def check_model_folder(
+    model_id: str, folder: Path, required: Sequence[str] = ()
+) -> tuple[Mapping[str, str], bytes]:
+    """The one check of a model folder, before a loader reads anything in it: its
+    ``manifest.json`` against the registry's pin (for a registered id), then every file the
+    manifest lists against its sha256.
+
+    Parameters
+    ----------
+    model_id
+        The model's id (``"local-lm-v2"``); an unregistered id (a model being trained) has
+        no pin.
+    folder
+        The model's folder.
+    required
+        Files the loader needs, which the manifest must list.
+
+    Returns
+    -------
+    files, manifest_sha256
+        The manifest's file -> hex sha256 table, and the manifest's raw sha256.
+
+    Raises
+    ------
+    UnknownModelError
+        Naming what failed: no manifest, another manifest than the pinned one, a required file
+        not listed, a file missing or differing from its sha256.
+    """
+    entry = MODELS.get(model_id)
+    pinned = entry.manifest_sha256 if entry is not None else "unknown"
+    no_adapter = ZERO_SHA256.hex()
+    manifest_path = folder / "manifest.json"
+    try:
+        raw = manifest_path.read_bytes()
+        files: Mapping[str, str] = json.loads(raw)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UnknownModelError(
+            model_id, pinned, no_adapter, f"is not installed: no valid manifest at {manifest_path}"
+        ) from None
+    digest = hashlib.sha256(raw)
+    if entry is not None and digest.hexdigest() != pinned:
+        raise UnknownModelError(
+            model_id,
+            pinned,
+            no_adapter,
+            f"is installed in {folder} with another manifest (sha256 {digest.hexdigest()})",
+        )
+    for name in required:
+        if name not in files:
+            sha = digest.hexdigest()
+            raise UnknownModelError(
+                model_id, sha, no_adapter, f"manifest {manifest_path} lists no {name}"
+            )
+    for rel, want in files.items():
+        path = folder / rel
+        got = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if got != want:
+            raise UnknownModelError(
+                model_id,
+                digest.hexdigest(),
+                no_adapter,
+                f"fails its manifest in {folder}: file {rel}: expected sha256 {want}, got {got}",
+            )
+    return files, digest.digest()
 
 
 class ModelStore:
@@ -203,7 +281,7 @@ class ModelStore:
         """
         entry = self.models.get(model_id)
         if entry is None:
-            raise UnknownModelError(model_id, "(not registered)", ZERO_SHA256.hex())
+            raise UnknownModelError(model_id, "unknown", ZERO_SHA256.hex(), "is not registered")
         return entry
 
     def installed(self, model_id: str) -> bool:
@@ -239,7 +317,13 @@ class ModelStore:
         folder = self.root / entry.folder
         sha_hex, asha_hex = ref.model_sha256.hex(), ref.adapter_sha256.hex()
         if not self.installed(entry.model_id):
-            raise UnknownModelError(entry.model_id, sha_hex, asha_hex)
+            raise UnknownModelError(
+                entry.model_id,
+                sha_hex,
+                asha_hex,
+                f"is not installed in {self.root} ({entry.folder}/manifest.json missing or "
+                "not the released one)",
+            )
         adapter = entry.adapter_name(ref.adapter_sha256) or ""
         try:
             if entry.kind == "local":
@@ -250,7 +334,9 @@ class ModelStore:
                     f"local-lm-{version}", adapter=adapter or None, root=self.root
                 )
                 if model.sha256 != ref.model_sha256 or model.adapter_sha256 != ref.adapter_sha256:
-                    raise UnknownModelError(entry.model_id, sha_hex, asha_hex)
+                    raise UnknownModelError(
+                        entry.model_id, sha_hex, asha_hex, "loaded with other hashes"
+                    )
                 return model
             from medzip_scp.codec.learned.global_path.model import load_model_dir
 
@@ -259,7 +345,9 @@ class ModelStore:
             raise  # incl. IncompatibleLibraryError: names the library to install
         except (CodecError, OSError, KeyError, ValueError) as exc:
             log.warning("model %s failed to load: %s", entry.model_id, type(exc).__name__)
-            raise UnknownModelError(entry.model_id, sha_hex, asha_hex) from exc
+            raise UnknownModelError(
+                entry.model_id, sha_hex, asha_hex, f"failed to load ({type(exc).__name__})"
+            ) from exc
 
 
 _DEFAULT: ModelStore | None = None

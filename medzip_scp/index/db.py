@@ -26,7 +26,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, event, select
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +40,7 @@ __all__ = [
     "alembic_config",
     "create_engine_for",
     "current_revision",
+    "ping",
     "schema_differences",
     "session_factory",
     "upgrade_database",
@@ -56,10 +57,6 @@ SQLITE_LOWER_FUNCTION = "medzip_lower"
 
 def _py_lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
-
-
-def _repo_root() -> Path:
-    return Path(medzip_scp.__file__).resolve().parents[1]
 
 
 def _install_sqlite_events(engine: Engine) -> None:
@@ -170,6 +167,12 @@ def session_factory(engine: Engine, *, readonly: bool = False) -> sessionmaker[S
     return sessionmaker(bind=bind, expire_on_commit=True)
 
 
+def ping(session: Session) -> None:
+    """Ask the database a trivial question; raises what its driver raises when it does not
+    answer (readiness probes)."""
+    session.execute(select(1))
+
+
 def alembic_config(url: str | None = None) -> Config:
     """Build the Alembic configuration of the repository checkout.
 
@@ -182,12 +185,11 @@ def alembic_config(url: str | None = None) -> Config:
     Returns
     -------
     Config
-        Configuration with ``script_location`` pointing at ``<repo>/alembic``.
+        Configuration with ``script_location`` pointing at the shipped ``alembic/``.
     """
-    root = _repo_root()
-    ini = root / "alembic.ini"
+    ini = medzip_scp.shipped_path("alembic.ini")
     config = Config(str(ini)) if ini.is_file() else Config()
-    config.set_main_option("script_location", str(root / "alembic"))
+    config.set_main_option("script_location", str(medzip_scp.shipped_path("alembic")))
     if url is not None:
         config.attributes["url"] = url
     return config

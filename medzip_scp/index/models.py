@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -42,6 +43,7 @@ __all__ = [
     "Study",
     "SupersededInstance",
     "UTCDateTime",
+    "VerificationRun",
     "utcnow",
 ]
 
@@ -281,3 +283,18 @@ class SupersededInstance(Base):
     calling_ae_title: Mapped[str] = _text()
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False)
     superseded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class VerificationRun(Base):
+    """One verification pass (``medzip verify`` or the node's sweep): counts only, never a
+    UID or a value; the newest is what ``medzip status`` reports as the last check."""
+
+    __tablename__ = "verification_run"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "verify" or "sweep"
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False)
+    finished_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    checked: Mapped[int] = mapped_column(Integer, nullable=False)
+    not_ok: Mapped[int] = mapped_column(Integer, nullable=False)
+    interrupted: Mapped[bool] = mapped_column(Boolean, nullable=False)

@@ -42,6 +42,7 @@ from medzip_scp.dicom.transcode import TranscodeError, choose_syntax, convert, p
 from medzip_scp.index.ingest import MissingAttributeError
 from medzip_scp.index.models import Instance
 from medzip_scp.index.query import QueryError, QueryModel
+from medzip_scp.net import pynetdicom_internals
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.status import Status
 
@@ -196,7 +197,7 @@ def _drain_sends(assoc: Association) -> None:
         time.sleep(0.0005)
     # The reactor reads (a C-CANCEL, say) on its next turn after the queue empties; give it
     # two turns before the caller looks for a cancel.
-    time.sleep(2 * dul._run_loop_delay)
+    time.sleep(2 * pynetdicom_internals.run_loop_delay(dul))
 
 
 def _cancel_latch(event: evt.Event) -> Callable[[], bool]:
@@ -453,7 +454,7 @@ def _allow_get_without_role_selection(assoc: Association) -> None:
     negotiated = set(assoc.requestor.role_selection)
     for cx in assoc.accepted_contexts:
         if cx.abstract_syntax not in negotiated and not cx.as_scu:
-            cx._as_scu = True  # pynetdicom has no public switch for this
+            pynetdicom_internals.grant_scu_role(cx)  # pynetdicom has no public switch
 
 
 def handle_get(

@@ -24,13 +24,14 @@ import select
 import sys
 import threading
 import time
-from types import CodeType, ModuleType
+from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
-import pynetdicom.association
-import pynetdicom.dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+
+from medzip_scp.net import pynetdicom_internals
 
 
 class _WakingQueue(queue.Queue):
@@ -58,21 +59,15 @@ def attach(dul: DULServiceProvider) -> None:
     for what it sends). The wake-up descriptor is closed by the DUL thread itself when its
     reactor returns, so no wait can use it after it is closed."""
     waking = _WakingQueue(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-    while True:  # anything queued before (the A-ASSOCIATE response, say) moves over
-        try:
-            waking.put(dul.to_provider_queue.get_nowait())
-        except queue.Empty:
-            break
-    dul.to_provider_queue = waking
-    reactor_loop = dul._target  # type: ignore[attr-defined]  # Thread's target: run_reactor
+    pynetdicom_internals.replace_send_queue(dul, waking)
 
-    def run_reactor_then_close() -> None:
+    def run_reactor_then_close(reactor_loop: Callable[[], None]) -> None:
         try:
             reactor_loop()
         finally:
             waking.close_wake_fd()
 
-    dul._target = run_reactor_then_close  # type: ignore[attr-defined]
+    pynetdicom_internals.wrap_dul_thread(dul, run_reactor_then_close)
 
 
 def _wait_association(reactor: Association, timeout: float) -> None:
@@ -87,7 +82,7 @@ def _wait_dul(dul: DULServiceProvider, timeout: float) -> None:
         return
     transport = dul.socket
     sock = getattr(transport, "socket", None)
-    if sock is None or not getattr(transport, "_is_connected", False):
+    if sock is None or not pynetdicom_internals.is_connected(transport):
         # Not connected yet (a C-MOVE sub-association) or closed: nothing to wait on.
         time.sleep(timeout)
         return
@@ -137,15 +132,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    targets: list[tuple[ModuleType, CodeType, type, Any]] = [
-        (
-            pynetdicom.association,
-            Association._run_reactor.__code__,
-            Association,
-            _wait_association,
-        ),
-        (pynetdicom.dul, DULServiceProvider.run_reactor.__code__, DULServiceProvider, _wait_dul),
-    ]
-    for module, loop, owner, wait in targets:
-        module.time = _ReactorTime(loop, owner, wait)  # type: ignore[attr-defined]
+    (association_loop, association), (dul_loop, dul) = pynetdicom_internals.reactor_loops()
+    pynetdicom_internals.replace_reactor_time(
+        _ReactorTime(association_loop, association, _wait_association),
+        _ReactorTime(dul_loop, dul, _wait_dul),
+    )
     _installed = True

@@ -6,7 +6,6 @@ import collections
 import contextlib
 import copy
 import fcntl
-import functools
 import json
 import logging
 import math
@@ -24,21 +23,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import pydicom.config
-import pynetdicom
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt, fsm, transport
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import (
-    _STORAGE_CLASSES,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from medzip_scp.archive import Archive
 from medzip_scp.config import Settings, TLSSettings
-from medzip_scp.net import reactor
+from medzip_scp.net import pynetdicom_internals, reactor
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.handlers import (
     QR_CLASSES,
@@ -51,57 +44,21 @@ from medzip_scp.net.handlers import (
     handle_sop_extended,
     handle_store,
 )
+from medzip_scp.net.observed import observed
 from medzip_scp.net.status import Status
 
 log = logging.getLogger(__name__)
 
 
-def check_pynetdicom() -> None:
-    """Fail with a clear error if the pynetdicom internals this module relies on (they are
-    not pynetdicom's API) are not as expected."""
-    dul, message = DULServiceProvider, dimse_messages.DIMSEMessage
-
-    def names(function: Any) -> tuple[str, ...]:
-        return cast(tuple[str, ...], getattr(getattr(function, "__code__", None), "co_names", ()))
-
-    expected = {
-        "the DUL reads a PDU in _read_pdu_data": "_read_pdu_data" in names(dul._is_transport_event),
-        "_read_pdu_data reads from socket.recv": "recv" in names(dul._read_pdu_data),
-        "the DUL has to_user_queue, event_queue and state_machine": {
-            "to_user_queue",
-            "event_queue",
-            "state_machine",
-        }
-        <= set(names(dul.__init__)),
-        "AssociationSocket.ready is a property": isinstance(AssociationSocket.ready, property),
-        "an invalid PDU aborts before and after association": {("Evt19", "Sta2"), ("Evt19", "Sta6")}
-        <= set(fsm.TRANSITION_TABLE),
-        "C-STORE data sets are spooled with dimse_messages.NamedTemporaryFile": hasattr(
-            dimse_messages, "NamedTemporaryFile"
-        )
-        and "NamedTemporaryFile" in names(message.decode_msg),
-        "the C-STORE request carries its spool file as _dataset_file": "_dataset_file"
-        in names(StorageServiceClass.SCP),
-        "send_c_store sends a data set from a file path": "split_dataset"
-        in names(getattr(Association.send_c_store, "__wrapped__", Association.send_c_store)),
-    }
-    missing = [what for what, present in expected.items() if not present]
-    if missing:
-        raise RuntimeError(
-            f"pynetdicom {pynetdicom.__version__} is not as medzip expects ({'; '.join(missing)}):"
-            " install a pynetdicom version that pyproject.toml allows"
-        )
-
-
 def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings the node depends on."""
-    check_pynetdicom()
+    """Process-wide pynetdicom settings the node depends on, once its internals are
+    checked (:func:`~medzip_scp.net.pynetdicom_internals.check_internals`)."""
+    pynetdicom_internals.check_internals()
     # Large objects are spooled to disk while they arrive, never held whole in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
     # Retrieval sends a stored object from its (in-memory) file, as it was received.
     _config.STORE_SEND_CHUNKED_DATASET = True
-    if not getattr(Association.send_c_store, "_medzip", False):
-        Association.send_c_store = _send_stored_objects_from_file(Association.send_c_store)
+    pynetdicom_internals.convert_sent_datasets(_path_of_stored_object)
     # pynetdicom would otherwise log every query identifier: names, IDs, birth dates.
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -114,28 +71,15 @@ def configure_pynetdicom() -> None:
     # validation are dropped above; skip it (a regular expression per value, 0.2 ms of a
     # CT slice's C-STORE).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    transport.deepcopy = _copy_contexts  # used there only to copy the server's contexts
-    dimse_messages.NamedTemporaryFile = _SpoolFile  # used there only to spool C-STORE data
+    pynetdicom_internals.replace_context_copy(_copy_contexts)
+    pynetdicom_internals.replace_spool_file(_SpoolFile)
 
 
-def _send_stored_objects_from_file(send_c_store: Callable[..., Any]) -> Callable[..., Any]:
-    """pynetdicom's C-GET/C-MOVE services pass what a handler yields to ``send_c_store``
-    but accept only data sets; ``send_c_store`` itself sends from a file path. A
+def _path_of_stored_object(dataset: Any) -> Any:
+    """What ``send_c_store`` sends: pynetdicom's C-GET/C-MOVE services accept only data
+    sets from a handler, though ``send_c_store`` itself sends from a file path; a
     :class:`StoredObject` (a data set naming a file) is sent from its file."""
-
-    @functools.wraps(send_c_store)
-    def send(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(dataset, StoredObject):
-            dataset = dataset.path
-        return send_c_store(self, dataset, *args, **kwargs)
-
-    send._medzip = True  # type: ignore[attr-defined]
-    return send
-
-
-def _storage_sop_classes() -> list[str]:
-    # pynetdicom's own table of every storage SOP class it knows (no public accessor).
-    return sorted(set(_STORAGE_CLASSES.values()))
+    return dataset.path if isinstance(dataset, StoredObject) else dataset
 
 
 def build_ae(archive: Archive, processes: int = 1) -> AE:
@@ -152,7 +96,7 @@ def build_ae(archive: Archive, processes: int = 1) -> AE:
     ae.dimse_timeout = settings.node.dimse_timeout
     ae.require_called_aet = settings.access.check_called_ae
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-    for uid in _storage_sop_classes():
+    for uid in pynetdicom_internals.storage_sop_classes():
         # SCP role for C-STORE, and SCU role for C-GET sub-operations on the same contexts.
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for uid in QR_CLASSES:
@@ -217,7 +161,7 @@ class _SpoolFile:
 def _store_unless_spool_failed(event: evt.Event, archive: Archive, policy: AccessPolicy) -> int:
     """C-STORE: 0xA700 (Out of resources) if the data set could not be spooled, else
     :func:`handle_store`."""
-    spool = event.request._dataset_file
+    spool = pynetdicom_internals.spool_file_of(event.request)
     if isinstance(spool, _SpoolFile) and spool.error is not None:
         log.error(
             "C-STORE of %s from %r refused: its data set could not be spooled (%s)",
@@ -231,15 +175,17 @@ def _store_unless_spool_failed(event: evt.Event, archive: Archive, policy: Acces
 
 def event_handlers(archive: Archive) -> list[tuple]:
     policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
-    return [
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
-        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
-        (evt.EVT_C_ECHO, handle_echo, [policy]),
-        (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
-        (evt.EVT_C_FIND, handle_find, [archive, policy]),
-        (evt.EVT_C_GET, handle_get, [archive, policy]),
-        (evt.EVT_C_MOVE, handle_move, [archive, policy]),
-    ]
+    return observed(
+        [
+            (evt.EVT_REQUESTED, handle_requested, [policy]),
+            (evt.EVT_SOP_EXTENDED, handle_sop_extended),
+            (evt.EVT_C_ECHO, handle_echo, [policy]),
+            (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
+            (evt.EVT_C_FIND, handle_find, [archive, policy]),
+            (evt.EVT_C_GET, handle_get, [archive, policy]),
+            (evt.EVT_C_MOVE, handle_move, [archive, policy]),
+        ]
+    )
 
 
 def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
@@ -268,8 +214,6 @@ _PDU_HEADER = struct.Struct(">BxL")  # PDU type, reserved, length of what follow
 _PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ ... A-ABORT
 _A_ASSOCIATE_RQ = b"\x01"
 _P_DATA_TF = 0x04
-_DATA_TRANSFER_STATES = frozenset({"Sta6", "Sta7"})  # where the state machine takes P-DATA
-_INVALID_PDU = "Evt19"  # state machine event: the acceptor sends an A-ABORT
 
 
 class _BulkReceiveSocket(AssociationSocket):
@@ -322,8 +266,7 @@ class _BulkReceiveSocket(AssociationSocket):
     def read_pdu(self, decode: Callable[[], None]) -> None:
         """Read the next PDU within the limits, then have ``decode`` (the DUL's own
         ``_read_pdu_data``) take it from :meth:`recv` as if from the network."""
-        dul = self.assoc.dul
-        state = dul.state_machine.current_state
+        state = pynetdicom_internals.dul_state(self.assoc.dul)
         deadline = self._request_deadline if self._awaiting_request else None
         length = 0
         try:
@@ -359,7 +302,7 @@ class _BulkReceiveSocket(AssociationSocket):
         self._end_request_wait()  # unless the request arrived: nothing to wait for
 
     def _limit(self, state: str, pdu_type: int) -> int | None:
-        if pdu_type == _P_DATA_TF and state in _DATA_TRANSFER_STATES:
+        if pdu_type == _P_DATA_TF and pynetdicom_internals.in_data_transfer(state):
             return self._p_data_limit
         return ASSOCIATION_REQUEST_LIMIT
 
@@ -370,11 +313,12 @@ class _BulkReceiveSocket(AssociationSocket):
             f"PDU type 0x{pdu_type:02X} is not a DICOM PDU type"
             if pdu_type not in _PDU_TYPES
             else f"a PDU of type 0x{pdu_type:02X} declares {length} bytes, more than the "
-            f"{limit} accepted {'after' if state in _DATA_TRANSFER_STATES else 'before'} "
+            f"{limit} accepted "
+            f"{'after' if pynetdicom_internals.in_data_transfer(state) else 'before'} "
             "association",
         )
         self._refused = True
-        self.assoc.dul.event_queue.put(_INVALID_PDU)
+        pynetdicom_internals.abort_invalid_pdu(self.assoc.dul)
         self._end_request_wait()
 
     def _close_and_end_request_wait(self) -> None:
@@ -387,7 +331,7 @@ class _BulkReceiveSocket(AssociationSocket):
         that wait, as the timeout would."""
         if self._awaiting_request:
             self._awaiting_request = False
-            self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+            pynetdicom_internals.end_association_request_wait(self.assoc.dul)
 
     def _receive(self, received: bytearray, nr_bytes: int, deadline: float | None) -> bytearray:
         """Append ``nr_bytes`` from the peer to ``received`` (fewer if the peer closes);
@@ -443,20 +387,23 @@ def _accept(listening: socket.socket) -> tuple[socket.socket, Any]:
     return client, address
 
 
-class _NodeRequestHandler(RequestHandler):
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        dul = assoc.dul
-        sock = cast(_BulkReceiveSocket, dul.socket)
-        sock.__class__ = _BulkReceiveSocket  # same state, faster and guarded reads
-        sock.guard()
-        read_pdu = functools.partial(sock.read_pdu, dul._read_pdu_data)
-        dul._read_pdu_data = read_pdu  # type: ignore[method-assign]
-        reactor.attach(dul)
-        server = cast(NodeServer, self.server)
-        start = assoc.start
-        assoc.start = lambda: server.start_counted(start, self.client_address[0])  # type: ignore[method-assign]
-        return assoc
+def _prepare_association(handler: RequestHandler, assoc: Association) -> None:
+    """An acceptor association, before its thread starts: bulk and guarded reads, reactor
+    wake-ups, and its connection counted until the thread has started."""
+    dul = assoc.dul
+    # Same state, faster and guarded reads.
+    sock = pynetdicom_internals.swap_socket_class(dul, _BulkReceiveSocket)
+    sock.guard()
+    pynetdicom_internals.intercept_pdu_reads(dul, sock.read_pdu)
+    reactor.attach(dul)
+    server = cast(NodeServer, handler.server)
+    host = handler.client_address[0]
+    pynetdicom_internals.wrap_association_start(
+        assoc, lambda start: server.start_counted(start, host)
+    )
+
+
+_NodeRequestHandler = pynetdicom_internals.request_handler_class(_prepare_association)
 
 
 class NodeServer(ThreadedAssociationServer):
@@ -735,7 +682,7 @@ def start_server(
     )
     thread = threading.Thread(target=server.serve_forever, name="medzip-acceptor", daemon=True)
     thread.start()
-    ae._servers.append(server)  # so ae.shutdown() stops it, as for ae.start_server()
+    pynetdicom_internals.register_server(ae, server)
     return server
 
 

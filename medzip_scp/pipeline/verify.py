@@ -12,6 +12,7 @@ blob is missing or needs a model or format this node does not have).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -20,10 +21,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from medzip_scp import audit, metrics
 from medzip_scp.archive import Archive
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.identity import InstanceFilter
-from medzip_scp.index.models import Instance
+from medzip_scp.index.models import Instance, utcnow
 from medzip_scp.instance_codecs import IdentityCodec
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
@@ -108,7 +110,7 @@ def verify_archive(
     """Check the selected instances; Ctrl-C ends it early with what was checked so far."""
     instances = archive.select_instances(which)
     report = VerifyReport()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utcnow()
     try:
         for instance, verdict, reason in _verdicts(archive, instances):
             report.results.append((instance.sop_instance_uid, verdict, reason, instance.codec_id))
@@ -117,7 +119,29 @@ def verify_archive(
     except KeyboardInterrupt:
         report.interrupted = True
     report.seconds = time.monotonic() - started
+    not_ok = report.checked - report.ok_count
+    _record(archive, "verify", started_at, report.checked, not_ok, report.interrupted)
     return report
+
+
+def _record(
+    archive: Archive,
+    kind: str,
+    started_at: dt.datetime,
+    checked: int,
+    not_ok: int,
+    interrupted: bool,
+) -> None:
+    """Record a pass for ``medzip status``, the metrics and the audit trail; a database
+    that is away loses the index's record only."""
+    metrics.count_verification(not_ok)
+    who = {"user": audit.local_user()} if kind == "verify" else {"by": "node sweep"}
+    outcome = "interrupted" if interrupted else "success" if not not_ok else "not ok"
+    audit.record("verify", outcome, **who, checked=checked, not_ok=not_ok)
+    try:
+        archive.record_verification(kind, started_at, checked, not_ok, interrupted)
+    except Exception as exc:
+        log.error("verification pass not recorded: %s", type(exc).__name__)
 
 
 def _verdicts(
@@ -152,11 +176,14 @@ def run_sweeps(archive: Archive, stop: threading.Event, hours: float) -> None:
 
 def _sweep(archive: Archive, stop: threading.Event) -> None:
     checked = failed = 0
+    started_at = utcnow()
     for instance, verdict, reason in _verdicts(archive, archive.select_instances(InstanceFilter())):
         if stop.is_set():
+            _record(archive, "sweep", started_at, checked, failed, interrupted=True)
             return
         checked += 1
         if verdict != Verdict.OK:
             failed += 1
             log.error("verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason)
     log.info("verification sweep: %d instances checked, %d not OK", checked, failed)
+    _record(archive, "sweep", started_at, checked, failed, interrupted=False)

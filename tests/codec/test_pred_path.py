@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -13,7 +13,8 @@ import pytest
 from medzip_scp.codec import api
 from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
 from medzip_scp.codec.errors import UnsupportedFormatError
-from medzip_scp.codec.predictive import _build
+from medzip_scp.codec.installation import CodecInstallError, check_codec
+from medzip_scp.codec.predictive import CoreUnavailableError, _core
 from tests.data_paths import SHARED_DATA
 
 CT_DIR = SHARED_DATA / "series" / "ct-phantom-1mm"
@@ -85,26 +86,50 @@ def test_frames_of_one_object_warm_start_each_others_fit(monkeypatch: pytest.Mon
         assert back is not None and np.array_equal(back.pixels, pixels)
 
 
-def test_without_the_c_core_frames_go_to_other_codecs_and_it_is_said(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """An install whose C core cannot be built (no compiler): new blobs are larger and the
-    log says why, once; blobs that need the core say so, never "corrupt stream"."""
+def _smooth_frames() -> FrameSet:
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:64, 0:64]
     frame = (1000 + 300 * np.sin(yy / 9) + rng.normal(0, 4, yy.shape)).astype(np.uint16)
-    layout = PixelLayout(64, 64, 1, 16, 12, False)
-    frames = FrameSet(layout, frame[None, ..., None])
+    return FrameSet(PixelLayout(64, 64, 1, 16, 12, False), frame[None, ..., None])
+
+
+def _core_from(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make the loader look for the C core in ``folder`` from now on."""
+    monkeypatch.setattr(_core, "_lib", None)
+    monkeypatch.setattr(_core, "_failed", None)
+    monkeypatch.setattr(_core, "_HERE", folder)
+    monkeypatch.setattr(_core, "_SOURCE", folder / "_pred.c")
+
+
+def test_without_the_c_core_nothing_is_coded_by_another_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An install whose C core is not built: encoding and the start-up check fail naming it
+    and saying how to rebuild (never a silent change to a larger codec); a blob that needs
+    the core says so, never "corrupt stream"."""
+    frames = _smooth_frames()
     with_core = compress(frames, learned=None)
     assert describe(with_core)["frames"][0]["path"] == "pred"
-    monkeypatch.setattr(_build, "_lib", None)
-    monkeypatch.setattr(_build, "_failed", _build.BuildError("no C compiler found"))
-    monkeypatch.setattr(api, "_said_core_unavailable", threading.Event())
-    with caplog.at_level(logging.ERROR):
-        without = [compress(frames, learned=None) for _ in range(2)]
-    said = [r.message for r in caplog.records if "C core is unavailable" in r.message]
-    assert len(said) == 1 and "install a C compiler" in said[0]
-    assert describe(without[0])["frames"][0]["path"] != "pred"
-    assert np.array_equal(decompress(without[0]).frames.pixels, frames.pixels)
+    _core_from(monkeypatch, tmp_path)
+    with pytest.raises(CoreUnavailableError, match="not built .* reinstall medzip"):
+        compress(frames, learned=None)
+    with pytest.raises(CodecInstallError, match="not built"):
+        check_codec()
     with pytest.raises(UnsupportedFormatError, match="need the predictive coder's C core"):
         decompress(with_core)
+
+
+def test_a_core_built_from_another_source_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A checkout whose ``_pred.c`` changed after ``pip install -e .`` would run a stale core:
+    the loader compares the sha256 the build recorded with the source beside it."""
+    built = next(Path(_core.__file__).parent.glob("_pred.*.so"))
+    shutil.copy2(built, tmp_path / built.name)
+    (tmp_path / "_pred.c").write_text("/* another source */\n")
+    _core_from(monkeypatch, tmp_path)
+    with pytest.raises(CodecInstallError, match="built from another _pred.c"):
+        check_codec()
+    shutil.copy2(Path(_core.__file__).with_name("_pred.c"), tmp_path / "_pred.c")
+    _core_from(monkeypatch, tmp_path)
+    check_codec()  # the same source: it loads

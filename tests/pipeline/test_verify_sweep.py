@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import select, update
 
-from medzip_scp.index.models import Instance, Series, Study
+from medzip_scp.index.models import Instance, Series, Study, VerificationRun
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from medzip_scp.pipeline.verify import run_sweeps, verify_archive
@@ -56,6 +56,13 @@ def test_sweep_logs_the_tampered_instance_only(
     assert errors and all(victim in e and "PatientName" in e for e in errors)
     assert first.SOPInstanceUID not in caplog.text
     assert MARKER not in caplog.text and str(first.PatientName) not in caplog.text
+    with node.archive.read_sessions() as session:  # each pass recorded for `medzip status`
+        runs = session.execute(
+            select(VerificationRun.kind, VerificationRun.checked, VerificationRun.not_ok).where(
+                VerificationRun.interrupted.is_(False)
+            )
+        ).all()
+    assert runs and set(runs) == {("sweep", 2, 1)}
 
 
 def test_a_study_renamed_by_its_newer_instance_is_no_tampering(node: RunningNode) -> None:

@@ -41,7 +41,7 @@ best of JPEG-XL effort 9/7, JPEG-LS and JPEG 2000 lossless on every set (CT, MR-
 Why a C core and not constriction: the model has about 5,000 adaptive binary contexts whose
 probabilities change after every symbol, so each symbol has its own distribution; constriction
 codes such per-symbol tables at well under 1 M symbols/s from Python, and the prediction itself
-is a serial causal recursion.  The C core (``_pred.c``, compiled on first use by ``_build.py``)
+is a serial causal recursion.  The C core (``_pred.c``, compiled at install time by ``setup.py``)
 decodes about 5-9 MPx/s per core (a 512x512 CT slice in ~30 ms) and encodes 3.5-6 MPx/s, about
 a third of that the least-squares fit on a 70k-pixel subsample, also in C
 (``benchmarks/predictive_speed.py``).
@@ -107,12 +107,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from . import _build
-from ._build import BuildError as CoreUnavailableError
+from . import _core
+from ._core import CoreUnavailableError
 
 __all__ = [
     "CODER_ID",
     "CoreUnavailableError",
+    "check_core",
     "CorruptStreamError",
     "Fit",
     "FlushSlot",
@@ -227,7 +228,7 @@ FRESH = ModelState(None)
 
 
 def _new_state() -> ModelState:
-    return ModelState(np.empty(int(_build.load().mz_state_size()), np.uint8))
+    return ModelState(np.empty(int(_core.load().mz_state_size()), np.uint8))
 
 
 @dataclass
@@ -303,7 +304,7 @@ def _fit(
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], Fit | None]:
     """Choose class thresholds and fit one integer predictor per class (encoder only); also
     the fit as a hint for the next frame (``None`` for a frame too small to fit)."""
-    lib = _build.load()
+    lib = _core.load()
     H, W = img.shape
     nn = cfg.nn
     default = np.zeros(nn)
@@ -385,7 +386,7 @@ def _code(
 ) -> bytes:
     """The body coded with ``table``, stored in it (``stored``) or, version 3, taken from
     the frame before (an empty table)."""
-    lib = _build.load()
+    lib = _core.load()
     H, W = img.shape
     nn, K, shift, thr, coef = table
     cap = H * W * 3 + 4096
@@ -430,6 +431,18 @@ def _unpack_raw(blob: bytes, H: int, W: int, bits: int) -> npt.NDArray[np.uint16
     full = np.zeros((H * W, 16), np.uint8)
     full[:, 16 - bits :] = planes
     return np.packbits(full, axis=1).view(">u2").reshape(H, W).astype(np.uint16)
+
+
+def check_core() -> None:
+    """Load the C core now, so a broken install fails at start (``medzip serve``, ``worker``,
+    ``codec``) rather than at the first frame.
+
+    Raises
+    ------
+    CoreUnavailableError
+        If the core is not built, does not load or is stale (the message says what to do).
+    """
+    _core.load()
 
 
 def encode_frame(frame: npt.NDArray[np.integer], bits: int, hint: Fit | None = None) -> bytes:
@@ -600,7 +613,7 @@ def _decode_body(
 ) -> tuple[npt.NDArray[np.uint16], FlushSlot | None]:
     """Modes 1 and 2 body; the slot is ``None`` when the coder did not end on the stream's
     last 4 arithmetic-coded bytes (never for a stream the encoder wrote)."""
-    lib = _build.load()
+    lib = _core.load()
     cbits, nn, K, shift = rd.unpack("<BBBB")
     if not (
         1 <= cbits <= max_bits and 1 <= nn <= _MAX_NN and 1 <= K <= _MAX_K and 5 <= shift <= 24

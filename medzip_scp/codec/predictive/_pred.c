@@ -448,6 +448,12 @@ static int code_image(Img *im, int bits, const Params *P, Coder *c, const int32_
 /* fill the constant tables; called once by the loader, before any other entry point */
 void mz_init(void) { init_tables(); }
 
+#ifndef MZ_SOURCE_SHA256
+#define MZ_SOURCE_SHA256 ""
+#endif
+/* sha256 of this file as setup.py built it: the loader refuses a core built from another. */
+const char *mz_source_sha256(void) { return MZ_SOURCE_SHA256; }
+
 /* ------------------------------------------------------------------ encoder-side fit */
 
 /* The fit is floating point, but it only chooses the integer coefficients that the stream

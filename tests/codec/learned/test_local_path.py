@@ -26,7 +26,7 @@ from medzip_scp.codec.learned import bitplanes
 from medzip_scp.codec.learned import local_path as L
 from medzip_scp.codec.learned.local_path import intnet as K
 from medzip_scp.codec.learned.local_path import model as M
-from medzip_scp.codec.zoo import MODELS, ModelStore
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, MODELS, ModelStore
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = REPO.parent / "shared" / "data"
@@ -187,7 +187,7 @@ def test_missing_model_names_it(tmp_path, name):
         L.load_model(name, root=tmp_path)
     version = name.removeprefix("local-lm-")
     dst = tmp_path / "local-lm" / version
-    shutil.copytree(L.MODELS_ROOT / "local-lm" / version, dst)
+    shutil.copytree(DEFAULT_MODELS_ROOT / "local-lm" / version, dst)
     w = dst / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))
     with pytest.raises(UnknownModelError, match="weights.safetensors"):
@@ -206,7 +206,7 @@ def test_inexact_frequency_tables_are_refused(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     dst = tmp_path / "local-lm" / "v99"
-    shutil.copytree(L.MODELS_ROOT / "local-lm" / "v2", dst)
+    shutil.copytree(DEFAULT_MODELS_ROOT / "local-lm" / "v2", dst)
     tabs = load_file(dst / "tables.safetensors")
     for zero_entry in (True, False):  # a zero entry (sum kept), then a sum of 2**16 - 1
         bad = {k: v.copy() for k, v in tabs.items()}
@@ -324,7 +324,7 @@ def test_layernorm_and_gelu_match_float(model):
 def test_exactness_bounds_are_checked(model):
     from safetensors.numpy import load_file
 
-    t = load_file(L.MODELS_ROOT / "local-lm" / "v2" / "weights.safetensors")
+    t = load_file(DEFAULT_MODELS_ROOT / "local-lm" / "v2" / "weights.safetensors")
     margins = K.IntNet(t, 4).margins
     assert max(margins.values()) < 50  # every float64 partial sum < 2**50 (< 2**53 needed)
     t["h.1.mlp.c_fc.weight"] = t["h.1.mlp.c_fc.weight"].astype(np.int64) << 20
@@ -336,11 +336,11 @@ def test_quantize_reproduces_the_shipped_model(tmp_path):
     from medzip_scp.codec.learned.local_path.quantize import quantize_model
 
     out = tmp_path / "local-lm" / "v2"
-    quantize_model(L.MODELS_ROOT / "local-lm" / "v1", out)
-    shipped = L.MODELS_ROOT / "local-lm" / "v2"
+    quantize_model(DEFAULT_MODELS_ROOT / "local-lm" / "v1", out)
+    shipped = DEFAULT_MODELS_ROOT / "local-lm" / "v2"
     assert (out / "manifest.json").read_bytes() == (shipped / "manifest.json").read_bytes()
     with pytest.raises(FileExistsError):
-        quantize_model(L.MODELS_ROOT / "local-lm" / "v1", shipped)
+        quantize_model(DEFAULT_MODELS_ROOT / "local-lm" / "v1", shipped)
 
 
 @pytest.mark.parametrize("adapter", [None, "ct"])

@@ -61,10 +61,11 @@ import numpy as np
 import numpy.typing as npt
 
 from medzip_scp.codec.errors import CorruptStreamError, IncompatibleLibraryError
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT
 
 from . import coder as _coder
 from .coder import PayloadTooLargeError
-from .model import GlobalModel, ModelNotFoundError, default_models_root, load_model_dir
+from .model import GlobalModel, ModelNotFoundError, load_model_dir
 
 __all__ = [
     "MODEL_ID",
@@ -85,10 +86,8 @@ MODEL_ID = "global-vae-v2"
 def _model_dir(name: str, root: Path | None) -> Path:
     prefix = "global-vae-"
     if not name.startswith(prefix) or not name[len(prefix) :]:
-        raise ModelNotFoundError(
-            f"global-path model id must look like 'global-vae-<version>', got {name!r}"
-        )
-    return (root or default_models_root()) / "global-vae" / name[len(prefix) :]
+        raise ModelNotFoundError(name, "is not a global-path model id ('global-vae-<version>')")
+    return (root or DEFAULT_MODELS_ROOT) / "global-vae" / name[len(prefix) :]
 
 
 def load_model(name: str = MODEL_ID, root: Path | None = None) -> GlobalModel:

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from medzip_scp.codec.errors import CodecError
+from medzip_scp.codec.errors import UnknownModelError
+from medzip_scp.codec.zoo import check_model_folder
 
 from ..rans import cumulative
 
@@ -55,7 +56,6 @@ __all__ = [
     "PMF_BITS",
     "PRIOR_BITS",
     "build_tables",
-    "default_models_root",
     "load_model_dir",
     "save_model_dir",
 ]
@@ -73,8 +73,12 @@ PRIOR_TOTAL = 1 << PRIOR_BITS
 WEIGHTS_FILE = "weights.safetensors"
 
 
-class ModelNotFoundError(CodecError):
-    """The global-path model is not installed, or its files do not match their manifest."""
+class ModelNotFoundError(UnknownModelError):
+    """The global-path model cannot be used: not installed, its files do not match their
+    manifest, or its tables or stream version are not ones this decoder codes."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(model_id, "unknown", "0" * 64, reason)
 
 
 @dataclass(frozen=True)
@@ -166,11 +170,6 @@ def build_tables() -> dict[str, npt.NDArray[np.int64]]:
     return {"pmf": counts, "sym_len": sym_len, "exp2neg": exp2neg}
 
 
-def default_models_root() -> Path:
-    """``<repo>/models``: where shipped models live."""
-    return Path(__file__).resolve().parents[4] / "models"
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -214,32 +213,10 @@ def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
         If the directory, manifest or weights are missing, or a file's sha256 differs from
         the manifest.
     """
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise ModelNotFoundError(
-            f"global-path model {model_id!r} is not installed: {manifest_path} does not exist; "
-            f"train it with `medzip train global` (medzip_scp.codec.learned.global_path.train) "
-            f"or restore models/ from the repository"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    files = manifest.get("files", {})
-    if WEIGHTS_FILE not in files:
-        raise ModelNotFoundError(
-            f"global-path model {model_id!r}: manifest {manifest_path} lists no {WEIGHTS_FILE}"
-        )
-    for name, expected in files.items():
-        p = directory / name
-        if not p.is_file():
-            raise ModelNotFoundError(
-                f"global-path model {model_id!r}: file {p} listed in the manifest is missing "
-                f"(expected sha256 {expected})"
-            )
-        actual = _sha256(p)
-        if actual != expected:
-            raise ModelNotFoundError(
-                f"global-path model {model_id!r}: sha256 of {p} is {actual}, the manifest "
-                f"expects {expected}; reinstall the model files"
-            )
+    try:
+        files, _ = check_model_folder(model_id, directory, (WEIGHTS_FILE,))
+    except UnknownModelError as exc:
+        raise ModelNotFoundError(model_id, exc.reason) from None
     from safetensors import safe_open
 
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
@@ -249,8 +226,9 @@ def load_model_dir(model_id: str, directory: Path) -> GlobalModel:
     stream_version = int(meta.get("stream", "1"))
     if stream_version not in (1, 2):
         raise ModelNotFoundError(
-            f"global-path model {model_id!r} in {directory} writes global stream version "
-            f"{stream_version}; this build of medzip codes versions 1 and 2, update medzip"
+            model_id,
+            f"in {directory} writes global stream version {stream_version}; this build of "
+            "medzip codes versions 1 and 2, update medzip",
         )
     if stream_version == 2:
         _check_exact_tables(model_id, directory, i64["pmf"], i64["prior"])
@@ -279,7 +257,8 @@ def _check_exact_tables(
     for name, table, total in (("pmf", pmf, PMF_TOTAL), ("prior", prior, PRIOR_TOTAL)):
         if int(table.min()) < 1 or np.any(table.sum(axis=-1) != total):
             raise ModelNotFoundError(
-                f"global-path model {model_id!r} in {directory}: table {name!r} is not an exact "
-                f"integer table (entries >= 1, rows summing to {total}); rebuild it with "
-                f"`python -m medzip_scp.codec.learned.global_path.train --quantize-from`"
+                model_id,
+                f"in {directory}: table {name!r} is not an exact integer table (entries >= 1, "
+                f"rows summing to {total}); rebuild it with "
+                "`python -m medzip_scp.codec.learned.global_path.train --quantize-from`",
             )

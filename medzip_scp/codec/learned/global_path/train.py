@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, DEFAULT_TRAINING_DATA
+
 from .fixed import exp2neg_table, frequency_table, log2_fixed
 from .kernel import all_features as _all_features
 from .model import (
@@ -445,10 +447,9 @@ def quantize_from(src_dir: Path, out_dir: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    root = Path(__file__).resolve().parents[4]
     ap = argparse.ArgumentParser(description="Train the global-path model (medzip train global)")
-    ap.add_argument("--data", type=Path, default=root.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=root / "models" / "global-vae" / "v1")
+    ap.add_argument("--data", type=Path, default=DEFAULT_TRAINING_DATA)
+    ap.add_argument("--out", type=Path, default=DEFAULT_MODELS_ROOT / "global-vae" / "v1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=None, help="exact number of steps")

@@ -99,6 +99,7 @@ from medzip_scp.codec.errors import (
     UnknownModelError,
     UnsupportedFormatError,
 )
+from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, check_model_folder
 
 from ..rans import WordStack, cumulative
 from . import model as M
@@ -124,13 +125,6 @@ _FLOAT_VERSION = 1  # float64 transformers network, margin check, unsafe-token l
 _INT_VERSION = 2  # integer kernel
 _CHUNK_TILES = 1024
 _HEADER = struct.Struct("<4sBBBIII8s8s")
-MODELS_ROOT = Path(__file__).resolve().parents[4] / "models"
-# sha256 of each released model's manifest.json (which lists the sha256 of every file): a model
-# id is never reused, so its manifest may never change.
-PINNED_MANIFESTS = {
-    "local-lm-v1": "da280dcb29bd0cb704057f05715e110b2d47866ead21f1f4716843f75e4a80b0",
-    "local-lm-v2": "c10e0d8d590d4e0835a3d487a52a6894804bdb1c7c0cca197326dc41113012eb",
-}
 V1_LIBRARIES = {
     "torch": ((2, 3), (2, 14)),
     "transformers": ((5, 24), (5, 26)),
@@ -234,8 +228,8 @@ def write_manifest(out_dir: Path) -> None:
 
 def _model_dir(name: str, root: Path | None) -> Path:
     if not name.startswith("local-lm-"):
-        raise UnknownModelError(name, "?", "0" * 64)
-    return (root or MODELS_ROOT) / "local-lm" / name.removeprefix("local-lm-")
+        raise UnknownModelError(name, "unknown", "0" * 64, "is not a local-lm model id")
+    return (root or DEFAULT_MODELS_ROOT) / "local-lm" / name.removeprefix("local-lm-")
 
 
 def load_model(
@@ -264,33 +258,18 @@ def load_model(
         If the model needs an integer kernel this decoder does not implement.
     """
     d = _model_dir(name, root)
-    manifest_path = d / "manifest.json"
-    if not manifest_path.is_file():
-        raise UnknownModelError(name, f"(no manifest at {manifest_path})", "0" * 64)
-    man_bytes = manifest_path.read_bytes()
-    man_sha = hashlib.sha256(man_bytes).digest()
-    pinned = PINNED_MANIFESTS.get(name)
-    if pinned is not None and man_sha.hex() != pinned:
-        raise UnknownModelError(
-            name, f"{pinned} (installed manifest has sha256 {man_sha.hex()})", "0" * 64
-        )
-    manifest = json.loads(man_bytes)
-    for rel, want in manifest["files"].items():
-        p = d / rel
-        if not p.is_file() or _sha(p) != want:
-            got = _sha(p) if p.is_file() else "missing"
-            raise UnknownModelError(
-                name, f"{man_sha.hex()} (file {rel}: expected sha256 {want}, got {got})", "0" * 64
-            )
+    files, man_sha = check_model_folder(name, d, ("config.json", "tables.safetensors"))
     from safetensors.numpy import load_file
 
     config = json.loads((d / "config.json").read_text())
     cfg = M.NetConfig(**config["net"])
     integer = "kernel" in config
     ad_rel = f"adapters/{adapter}/adapter{'' if integer else '_model'}.safetensors"
-    if adapter and ad_rel not in manifest["files"]:
-        raise UnknownModelError(name, man_sha.hex(), f"(adapter {adapter!r} not installed)")
-    ad_sha = bytes.fromhex(manifest["files"][ad_rel]) if adapter else bytes(32)
+    if adapter and ad_rel not in files:
+        raise UnknownModelError(
+            name, man_sha.hex(), "0" * 64, f"has no adapter {adapter!r} installed"
+        )
+    ad_sha = bytes.fromhex(files[ad_rel]) if adapter else bytes(32)
     tabs = load_file(d / "tables.safetensors")
     tables = {s: tabs[f"s{s}"].astype(np.int64) for s in range(1, M.S_MAX + 1)}
     for s, tab in tables.items():

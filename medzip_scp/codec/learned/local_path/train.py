@@ -39,6 +39,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from medzip_scp.codec.zoo import DEFAULT_TRAINING_DATA
+
 from . import float_net as F
 from . import model as M
 from . import write_manifest
@@ -351,8 +353,7 @@ def train_adapter(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the local-path model (medzip train local)")
-    here = Path(__file__).resolve().parents[4]
-    ap.add_argument("--data", type=Path, default=here.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=DEFAULT_TRAINING_DATA)
     ap.add_argument(
         "--out",
         type=Path,
