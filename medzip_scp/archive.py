@@ -755,7 +755,7 @@ class Archive:
             raise LookupError(f"instance stored with unknown codec {codec_id!r}")
         return codec.decode(blob)
 
-    # -- Verification ----------------------------------------------------------------------
+    # -- Verification --------------------------------------------------------------------
 
     def select_instances(self, which: InstanceFilter) -> list[Instance]:
         """The index rows (detached) ``which`` selects, by id."""
@@ -856,7 +856,7 @@ class Archive:
         self.blobs.delete(instance.blob_key)
         return new
 
-    # -- Index rebuild (``medzip db rebuild``) -----------------------------------------------
+    # -- Index rebuild (``medzip db rebuild``) -------------------------------------------
 
     @contextlib.contextmanager
     def rebuilding(

@@ -9,26 +9,26 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-O = TypeVar("O")  # noqa: E741 - the outcome type
+OutcomeT = TypeVar("OutcomeT")
 
 
 @dataclass(kw_only=True)
-class Pending(Generic[O]):
+class Pending(Generic[OutcomeT]):
     """A request queued for a group commit: a subclass adds what is committed. Its outcome
     (or error) is set by whichever caller commits the batch holding it."""
 
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # woken to commit the queue, not with an outcome
-    outcome: O | None = None
+    outcome: OutcomeT | None = None
     error: BaseException | None = None
 
 
-R = TypeVar("R", bound=Pending)  # type: ignore[type-arg]
+RequestT = TypeVar("RequestT", bound="Pending[Any]")
 
 
-class GroupCommitter(Generic[R, O]):
+class GroupCommitter(Generic[RequestT, OutcomeT]):
     """Makes concurrent requests durable together, led by the callers themselves.
 
     A caller queues its request; when no other caller is committing, it becomes the
@@ -46,16 +46,16 @@ class GroupCommitter(Generic[R, O]):
 
     def __init__(
         self,
-        commit: Callable[[list[R]], list[O]],
+        commit: Callable[[list[RequestT]], list[OutcomeT]],
         final: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._commit = commit
         self._final = final
         self._lock = threading.Lock()
-        self._queue: list[R] = []
+        self._queue: list[RequestT] = []
         self._leading = False
 
-    def submit(self, request: R) -> O:
+    def submit(self, request: RequestT) -> OutcomeT:
         """Commit ``request`` (with whatever else is queued); its outcome, or raises its
         error."""
         with self._lock:
@@ -90,7 +90,7 @@ class GroupCommitter(Generic[R, O]):
                 else:
                     self._leading = False
 
-    def _process(self, batch: list[R]) -> None:
+    def _process(self, batch: list[RequestT]) -> None:
         try:
             outcomes = self._commit(batch)
         except BaseException as exc:
