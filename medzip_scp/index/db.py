@@ -26,7 +26,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, event, select
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +40,7 @@ __all__ = [
     "alembic_config",
     "create_engine_for",
     "current_revision",
+    "ping",
     "schema_differences",
     "session_factory",
     "upgrade_database",
@@ -164,6 +165,12 @@ def session_factory(engine: Engine, *, readonly: bool = False) -> sessionmaker[S
     if readonly and engine.dialect.name == "sqlite":
         bind = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
     return sessionmaker(bind=bind, expire_on_commit=True)
+
+
+def ping(session: Session) -> None:
+    """Ask the database a trivial question; raises what its driver raises when it does not
+    answer (readiness probes)."""
+    session.execute(select(1))
 
 
 def alembic_config(url: str | None = None) -> Config:

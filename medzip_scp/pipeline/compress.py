@@ -9,24 +9,22 @@ C-STORE acknowledges the original as received (fast, durable). This worker then,
    verifying every frame's stream (``verify=True``) and the result is compared again;
 3. writes the new blob durably, then swaps the index row to it in one committed UPDATE that
    only succeeds if the row still points at the original (a concurrent replace wins);
-4. deletes the original blob only after that commit.
+4. deletes the original blob only after that commit (3 and 4: :meth:`Archive.swap_blob`).
 A crash anywhere leaves either the original or the verified blob indexed, never neither.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
-
-from medzip_scp.archive import Archive, IdentityCodec, InstanceCodec, Part10Codec
+from medzip_scp.archive import Archive
 from medzip_scp.codec.api import DatasetReference
-from medzip_scp.index.models import Instance, InstanceState
+from medzip_scp.index.models import Instance
+from medzip_scp.instance_codecs import IdentityCodec, InstanceCodec, Part10Codec
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +63,7 @@ def parse_shard(text: str) -> Shard:
 
 def pending_ids(archive: Archive, limit: int, shard: Shard = (0, 1)) -> list[int]:
     """Instances (of this shard) still stored as received, oldest first."""
-    k, n = shard
-    query = select(Instance.id).where(
-        Instance.codec_id == Part10Codec.codec_id,
-        Instance.state == InstanceState.STORED,
-    )
-    if n > 1:
-        query = query.where(Instance.id % n == k)
-    with archive.sessions() as session:
-        return list(session.scalars(query.order_by(Instance.id).limit(limit)))
+    return archive.pending_compression(limit, shard)
 
 
 def _encode(
@@ -93,13 +83,11 @@ def _encode(
 def compress_instance(
     archive: Archive, codec: InstanceCodec, instance_id: int, summary: CompressionSummary
 ) -> None:
-    with archive.sessions() as session:
-        row = session.get(Instance, instance_id)
-        if row is None or row.codec_id != Part10Codec.codec_id:
-            summary.skipped += 1
-            return
-        old_key, sop_uid = row.blob_key, row.sop_instance_uid
-        session.expunge(row)
+    row = archive.instance(instance_id)
+    if row is None or row.codec_id != Part10Codec.codec_id:
+        summary.skipped += 1
+        return
+    sop_uid = row.sop_instance_uid
     try:
         # Checked against the hashes recorded at ingest: a damaged original is never
         # compressed (and its damage never made permanent by the swap).
@@ -118,35 +106,14 @@ def compress_instance(
         # Keep the original; mark it so the worker does not retry forever.
         reason = f"{type(exc).__name__}: {exc}"
         log.warning("compression of %s failed, original kept: %s", sop_uid, reason)
-        with archive.sessions() as session:
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id, Instance.blob_key == old_key)
-                .values(state=InstanceState.COMPRESS_FAILED)
-            )
-            session.commit()
+        archive.mark_compress_failed(row)
         summary.failed += 1
         summary.failures.append((sop_uid, reason))
         return
-    new = archive.blobs.put_bytes(blob, bound_to=sop_uid)
-    with archive.sessions() as session:
-        result = session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id, Instance.blob_key == old_key)
-            .values(
-                blob_key=new.key,
-                codec_id=codec.codec_id,
-                stored_size=new.stored_size,
-                stored_sha256=hashlib.sha256(blob).hexdigest(),
-                state=InstanceState.COMPRESSED,
-            )
-        )
-        session.commit()
-    if result.rowcount != 1:
-        archive.blobs.delete(new.key)  # the row moved on (replaced) while we worked
+    new = archive.swap_blob(row, blob, codec.codec_id)
+    if new is None:  # the row moved on (replaced) while we worked
         summary.skipped += 1
         return
-    archive.blobs.delete(old_key)
     summary.compressed += 1
     summary.original_bytes += len(original)
     summary.stored_bytes += new.stored_size

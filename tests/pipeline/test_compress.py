@@ -12,11 +12,11 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from medzip_scp import archive as archive_module
-from medzip_scp.archive import IdentityCodec, Part10Codec, identity_policy
 from medzip_scp.codec.api import DatasetReference
 from medzip_scp.config import DuplicatePolicyValues
 from medzip_scp.index.ingest import replace_instance
 from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
+from medzip_scp.instance_codecs import IdentityCodec, Part10Codec, identity_policy
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import (
     CompressionSummary,
