@@ -999,6 +999,42 @@ class Archive:
         with self.sessions() as session:
             return select_instances(session, which)
 
+    # -- Storage commitment --------------------------------------------------------------
+
+    def commitment_failures(
+        self, references: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """The references (SOP Class UID, SOP Instance UID) the node does not commit to,
+        each with its Failure Reason (PS3.4 J.3.2.1.1): 0x0112 not stored,
+        0x0119 stored under another SOP Class, 0x0110 its blob is missing, refused by its
+        seal, or differs from the checksum recorded when it was stored (or it is marked
+        corrupt). Every other reference is committed: its blob is intact."""
+        references = list(references)
+        uids = [uid for _, uid in references]
+        rows: dict[str, Instance] = {}
+        for start in range(0, len(uids), 1000):  # bounded IN lists
+            rows |= {
+                row.sop_instance_uid: row for row in self.instances(uids[start : start + 1000])
+            }
+        failures: dict[tuple[str, str], int] = {}
+        for reference in references:
+            class_uid, uid = reference
+            row = rows.get(uid)
+            if row is None:
+                failures[reference] = 0x0112
+            elif row.sop_class_uid != class_uid:
+                failures[reference] = 0x0119
+            elif row.state == InstanceState.CORRUPT or not self._blob_intact(row):
+                failures[reference] = 0x0110
+        return failures
+
+    def _blob_intact(self, instance: Instance) -> bool:
+        try:
+            blob = self.blobs.read(instance.blob_key, bound_to=instance.sop_instance_uid)
+        except (BlobNotFoundError, EnvelopeError, OSError):
+            return False
+        return hashlib.sha256(blob).hexdigest() == instance.stored_sha256
+
     def totals(self) -> list[StateTotals]:
         """Instances and their bytes by modality and state (``medzip status``)."""
         with self.read_sessions() as session:

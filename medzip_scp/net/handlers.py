@@ -183,7 +183,7 @@ def handle_store(event: evt.Event, archive: Archive, policy: AccessPolicy) -> in
 FIND_RESPONSES_IN_FLIGHT = 16
 
 
-def _drain_sends(assoc: Association) -> None:
+def drain_sends(assoc: Association) -> None:
     """Wait until pynetdicom has sent every queued PDU of this association.
 
     Its reactor reads nothing from the peer (a C-CANCEL) while it has PDUs to send, and it
@@ -256,7 +256,7 @@ def handle_find(
                     response.InstanceAvailability = "ONLINE"
                 count += 1
                 if count % FIND_RESPONSES_IN_FLIGHT == 0:
-                    _drain_sends(event.assoc)
+                    drain_sends(event.assoc)
                 yield Status.PENDING, response
     except QueryError as exc:
         log.warning("C-FIND from %r refused: %s", event.assoc.requestor.ae_title, exc)

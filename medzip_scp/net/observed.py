@@ -31,6 +31,7 @@ _SERVICES: dict[Any, tuple[str, str]] = {
     evt.EVT_C_FIND: ("C-FIND", "query"),
     evt.EVT_C_GET: ("C-GET", "retrieve"),
     evt.EVT_C_MOVE: ("C-MOVE", "retrieve"),
+    evt.EVT_N_ACTION: ("N-ACTION", ""),  # storage commitment audits its own report
 }
 _PENDING = (0xFF00, 0xFF01)
 _UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -122,7 +123,8 @@ def _observe(service: str, action: str, handler: Callable[..., Any]) -> Callable
             status = handler(event, *args)
             return status
         finally:
-            code = int(status) if isinstance(status, int) else 0
+            final = status[0] if isinstance(status, tuple) else status  # N-ACTION: (status, reply)
+            code = int(final) if isinstance(final, int) else 0
             metrics.observe_dimse(service, code, time.monotonic() - started)
             if action:
                 audit.record(action, _final(code), **_who(event), **_what(event, service))
