@@ -88,6 +88,13 @@ from medzip_scp.index.stats import (
     last_verification,
     record_verification,
 )
+from medzip_scp.index.studies import (
+    SeriesSummary,
+    StudySummary,
+    delete_study_rows,
+    series_of,
+    study_summaries,
+)
 from medzip_scp.instance_codecs import (
     CODECS,
     IdentityCodec,
@@ -998,6 +1005,38 @@ class Archive:
         which = InstanceFilter(tuple(sop_instance_uids or ()))
         with self.sessions() as session:
             return select_instances(session, which)
+
+    # -- Study management ----------------------------------------------------------------
+
+    def studies(
+        self, study_instance_uid: str | None = None, limit: int | None = None
+    ) -> list[StudySummary]:
+        """Summaries of every study (or the one named), newest first (``medzip studies``)."""
+        with self.read_sessions() as session:
+            return study_summaries(session, study_instance_uid, limit)
+
+    def series_of(self, study_instance_uid: str) -> list[SeriesSummary]:
+        with self.read_sessions() as session:
+            return series_of(session, study_instance_uid)
+
+    def study_instance_rows(self, study_instance_uid: str) -> list[Instance]:
+        """A study's instances (detached rows), for export with :meth:`load_part10`."""
+        return self.select_instances(InstanceFilter(study_instance_uid=study_instance_uid))
+
+    def delete_study(self, study_instance_uid: str) -> int | None:
+        """Delete a study: its index rows in one transaction, then its blobs (a crash in
+        between leaves unindexed blobs, which :meth:`remove_orphan_blobs` sets aside; never
+        a row whose blob is gone). Returns the number of blobs deleted; None for no such
+        study. Run it with no node serving the data folder: a node keeps the series it
+        indexed in memory."""
+        with self.sessions() as session:
+            keys = delete_study_rows(session, study_instance_uid)
+            if keys is None:
+                return None
+            session.commit()
+        for key in keys:
+            self.blobs.delete(key)
+        return len(keys)
 
     # -- Storage commitment --------------------------------------------------------------
 

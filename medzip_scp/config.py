@@ -126,6 +126,9 @@ class StorageSettings(_Section):
     blob_dir: Path | None = Field(None, description="Blob folder; empty: data_dir/blobs.")
     key_file: Path | None = Field(None, description="Blob encryption key; data_dir/keys.")
     duplicate_policy: DuplicatePolicyValues = DuplicatePolicyValues.REJECT
+    allow_delete: bool = Field(
+        False, description="Allow `medzip studies delete` (audited; off: studies are kept)."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -544,6 +547,7 @@ database_url = ""            # e.g. "postgresql+psycopg://medzip@db.example/medz
 # key_file = "/etc/medzip/blob.key"   # 32-byte blob encryption key; created on first start
 duplicate_policy = "reject"  # differing copy of a stored SOP Instance UID: "reject" (0x0111)
                              # or "replace" (the old copy is kept as a superseded version)
+allow_delete = false         # `medzip studies delete` (node stopped, audited); off: kept
 
 [access]
 check_called_ae = true

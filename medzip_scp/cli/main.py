@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -36,6 +37,7 @@ from medzip_scp.config import (
 
 if TYPE_CHECKING:
     from medzip_scp.archive import Archive
+    from medzip_scp.index.studies import StudySummary
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -68,9 +70,14 @@ db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
 keys_app = typer.Typer(
     help="Keys: the blob encryption key and the identity keys.", no_args_is_help=True
 )
+studies_app = typer.Typer(
+    help="Studies: list, show and delete (the patient's name shows on this terminal only).",
+    no_args_is_help=True,
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(studies_app, name="studies")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file.", exists=True)
@@ -488,6 +495,195 @@ def verify(
     report = verify_archive(archive, which, progress=_progress_bar("verifying"))
     typer.echo(report.json() if as_json else report.table())
     raise typer.Exit(0 if report.ok and not report.interrupted else 1)
+
+
+StudyArgument = Annotated[str, typer.Argument(help="Study Instance UID.")]
+
+
+def _study_table(studies: list[StudySummary]) -> str:
+    lines = [
+        "| Study Instance UID | date | patient ID | patient name | modalities | series "
+        "| instances | received bytes | stored bytes |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for s in studies:
+        lines.append(
+            f"| {s.study_instance_uid} | {s.study_date} | {s.patient_id} | {s.patient_name} "
+            f"| {s.modalities} | {s.series} | {s.instances} | {s.original_bytes} "
+            f"| {s.stored_bytes} |"
+        )
+    return "\n".join(lines)
+
+
+@studies_app.command("list")
+def studies_list(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+) -> None:
+    """List the studies, newest study date first: UID, date, patient, modalities, counts."""
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    studies = _open_archive(settings, need_identity=False).studies(limit=limit)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(s) for s in studies], indent=1))
+    else:
+        typer.echo(_study_table(studies))
+
+
+@studies_app.command("show")
+def studies_show(
+    study: StudyArgument,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+) -> None:
+    """Show one study and its series."""
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    archive = _open_archive(settings, need_identity=False)
+    found = archive.studies(study)
+    if not found:
+        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+    series = archive.series_of(study)
+    if as_json:
+        document = dataclasses.asdict(found[0]) | {
+            "series": [dataclasses.asdict(s) for s in series]
+        }
+        typer.echo(json.dumps(document, indent=1))
+        return
+    lines = [
+        _study_table(found),
+        "",
+        "| Series Instance UID | number | modality | description | instances | received bytes "
+        "| stored bytes |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for s in series:
+        lines.append(
+            f"| {s.series_instance_uid} | {'' if s.series_number is None else s.series_number} "
+            f"| {s.modality} | {s.series_description} | {s.instances} | {s.original_bytes} "
+            f"| {s.stored_bytes} |"
+        )
+    typer.echo("\n".join(lines))
+
+
+@studies_app.command("delete")
+def studies_delete(
+    study: StudyArgument,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask; delete.")] = False,
+) -> None:
+    """Delete a study for good: its index rows, then its blobs; audited. Needs the
+    storage setting allow_delete = true and the node stopped (it holds the data folder)."""
+    from medzip_scp.audit import local_user, record
+    from medzip_scp.net.supervisor import NodeError, hold_data_dir
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    if not settings.storage.allow_delete:
+        raise _fail(
+            "deleting studies is off: set allow_delete = true under [storage] in the "
+            "configuration (or MEDZIP_STORAGE__ALLOW_DELETE=true) to allow it"
+        )
+    try:
+        held = hold_data_dir(settings.storage.data_dir)  # no node indexes meanwhile
+    except NodeError as exc:
+        raise _fail(f"{exc}; stop the node to delete studies") from None
+    try:
+        archive = _open_archive(settings, need_identity=False)
+        _audit(settings)
+        found = archive.studies(study)
+        if not found:
+            raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+        summary = found[0]
+        if not yes:
+            typer.confirm(
+                f"delete study {study} ({summary.instances} instances, {summary.series} "
+                "series) for good?",
+                abort=True,
+            )
+        deleted = archive.delete_study(study)
+        record(
+            "delete",
+            "success" if deleted is not None else "failure",
+            user=local_user(),
+            study_instance_uid=study,
+            instances=summary.instances,
+            blobs=deleted or 0,
+        )
+    finally:
+        os.close(held)
+    typer.echo(
+        f"deleted study {study}: {summary.instances} instances in {summary.series} series, "
+        f"{deleted} blobs"
+    )
+
+
+@app.command()
+def export(
+    study: StudyArgument,
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the Part-10 files into.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Write a study's instances as they were received, one Part-10 file each, under
+    TO/<Study UID>/<Series UID>/<SOP Instance UID>.dcm; each is checked on the way (as on
+    retrieval). Exits 1 unless every instance was written."""
+    from medzip_scp.archive import InstanceIntegrityError
+    from medzip_scp.audit import local_user, record
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    archive = _open_archive(settings, need_identity=False)
+    _audit(settings)
+    rows = archive.study_instance_rows(study)
+    if not rows:
+        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+    progress = _progress_bar("exporting")
+    written, failed, size = 0, [], 0
+    interrupted = False
+    try:
+        for done, row in enumerate(rows, 1):
+            try:
+                part10 = archive.load_part10(row)
+            except InstanceIntegrityError as exc:
+                failed.append((row.sop_instance_uid, exc.reason))
+                continue
+            folder = to / study / (_series_uid_of(part10) or "unknown-series")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{row.sop_instance_uid}.dcm").write_bytes(part10)
+            written += 1
+            size += len(part10)
+            if progress is not None:
+                progress(done, len(rows))
+    except KeyboardInterrupt:
+        interrupted = True
+    record(
+        "export",
+        "interrupted" if interrupted else "success" if not failed else "failure",
+        user=local_user(),
+        study_instance_uid=study,
+        written=written,
+        failed=len(failed),
+    )
+    typer.echo(
+        "| instances | written | failed | bytes |\n|---:|---:|---:|---:|\n"
+        f"| {len(rows)} | {written} | {len(failed)} | {size} |"
+    )
+    for uid, reason in failed:
+        typer.echo(f"not exported: {uid}: {reason}")
+    if interrupted:
+        typer.echo("interrupted: the files above are the ones written so far")
+    raise typer.Exit(0 if written == len(rows) else 1)
+
+
+def _series_uid_of(part10: bytes) -> str:
+    from medzip_scp.dicom.part10 import instance_uids
+
+    return instance_uids(part10)[1]
 
 
 def _progress_bar(label: str) -> Callable[[int, int], None] | None:
