@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from medzip_scp import metrics
 from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.codec.installation import check_codec
@@ -695,8 +696,11 @@ class Archive:
             The blob is missing, fails authentication (moved, swapped, altered, another
             instance's), or its content differs from the hashes recorded at ingest.
         """
+        started = time.monotonic()
         try:
-            return self._load_checked(instance)
+            part10 = self._load_checked(instance)
+            metrics.observe_codec("decode", time.monotonic() - started)
+            return part10
         except InstanceIntegrityError:
             # A compression worker may have swapped the blob (and deleted the one this row
             # named) since the row was read: check the current row before calling it damage.

@@ -266,14 +266,9 @@ def worker(
         summary = compress_pending(
             archive, codec, progress=_progress_bar("compressing"), shard=part
         )
-        typer.echo(
-            "| compressed | failed | skipped | original bytes | stored bytes | ratio |\n"
-            "|---|---|---|---|---|---|\n"
-            f"| {summary.compressed} | {summary.failed} | {summary.skipped} "
-            f"| {summary.original_bytes} | {summary.stored_bytes} | {summary.ratio:.2f} |"
-        )
-        for uid, reason in summary.failures:
-            typer.echo(f"failed: {uid}: {reason}")
+        typer.echo(summary.table())
+        if summary.interrupted:
+            raise typer.Exit(130)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

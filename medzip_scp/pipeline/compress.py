@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from medzip_scp import metrics
 from medzip_scp.archive import Archive
 from medzip_scp.codec.api import DatasetReference
 from medzip_scp.index.models import Instance
@@ -39,10 +40,24 @@ class CompressionSummary:
     original_bytes: int = 0
     stored_bytes: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the counts are those of the instances done
 
     @property
     def ratio(self) -> float:
         return self.original_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    def table(self) -> str:
+        """The pass as a table, each failure on a line of its own (UID and reason)."""
+        lines = [
+            "| compressed | failed | skipped | original bytes | stored bytes | ratio |",
+            "|---|---|---|---|---|---|",
+            f"| {self.compressed} | {self.failed} | {self.skipped} | {self.original_bytes} "
+            f"| {self.stored_bytes} | {self.ratio:.2f} |",
+        ]
+        lines += [f"failed: {uid}: {reason}" for uid, reason in self.failures]
+        if self.interrupted:
+            lines.append("interrupted: the rest stays stored as received, for the next pass")
+        return "\n".join(lines)
 
 
 Shard = tuple[int, int]
@@ -88,6 +103,7 @@ def compress_instance(
         summary.skipped += 1
         return
     sop_uid = row.sop_instance_uid
+    started = time.monotonic()
     try:
         # Checked against the hashes recorded at ingest: a damaged original is never
         # compressed (and its damage never made permanent by the swap).
@@ -117,6 +133,7 @@ def compress_instance(
     summary.compressed += 1
     summary.original_bytes += len(original)
     summary.stored_bytes += new.stored_size
+    metrics.observe_codec("encode", time.monotonic() - started, len(original), new.stored_size)
     log.info("compressed %s: %d -> %d bytes", sop_uid, len(original), new.stored_size)
 
 
@@ -127,13 +144,18 @@ def compress_pending(
     progress: Callable[[int, int], None] | None = None,
     shard: Shard = (0, 1),
 ) -> CompressionSummary:
-    """One pass over the instances (of this shard) still stored as received."""
+    """One pass over the instances (of this shard) still stored as received; Ctrl-C ends
+    it after the instance at hand (an instance is swapped only once its blob is durable,
+    so one cut short keeps its original), with the summary of what was done."""
     summary = CompressionSummary()
     ids = pending_ids(archive, limit or 1_000_000, shard)
-    for done, instance_id in enumerate(ids, 1):
-        compress_instance(archive, codec, instance_id, summary)
-        if progress is not None:
-            progress(done, len(ids))
+    try:
+        for done, instance_id in enumerate(ids, 1):
+            compress_instance(archive, codec, instance_id, summary)
+            if progress is not None:
+                progress(done, len(ids))
+    except KeyboardInterrupt:
+        summary.interrupted = True
     return summary
 
 

@@ -357,6 +357,7 @@ def test_monitoring_and_audit_follow_dcmtk_peers_across_processes(tmp_path: Path
     assert _metric(text, requests, service="C-MOVE", outcome="failure") == 1
     assert _metric(text, "medzip_associations_total", outcome="accepted") == 5
     assert _metric(text, "medzip_dimse_request_seconds_count", service="C-STORE") == 3
+    assert _metric(text, "medzip_codec_seconds_total", op="decode") > 0  # C-GET restored 3
     stored = _metric(text, "medzip_instances", modality="CT", state="stored")
     compressed = _metric(text, "medzip_instances", modality="CT", state="compressed")
     assert stored + compressed == 3
