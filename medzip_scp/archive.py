@@ -80,7 +80,7 @@ from medzip_scp.index.ingest import (
     indexed_counts,
     replace_instance,
 )
-from medzip_scp.index.models import Instance, InstanceState, VerificationRun
+from medzip_scp.index.models import Instance, InstanceState, VerificationRun, utcnow
 from medzip_scp.index.query import QueryModel, find, find_instances
 from medzip_scp.index.references import record_reference, recorded_reference, series_references
 from medzip_scp.index.stats import (
@@ -823,9 +823,12 @@ class Archive:
 
     def pending_compression(self, limit: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
         """Ids of the instances (of ``shard``, see :func:`index.compression.pending_compression`)
-        still stored as received, oldest first."""
+        still stored as received, oldest first; of quiet series only, with ``[pipeline]
+        series_quiet_seconds``."""
+        quiet = self.settings.pipeline.series_quiet_seconds
+        since = utcnow() - dt.timedelta(seconds=quiet) if quiet else None
         with self.sessions() as session:
-            return pending_compression(session, Part10Codec.codec_id, limit, shard)
+            return pending_compression(session, Part10Codec.codec_id, limit, shard, since)
 
     def instance(self, instance_id: int) -> Instance | None:
         """An index row (detached) by its id; None when there is none."""

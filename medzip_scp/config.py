@@ -230,6 +230,12 @@ class PipelineSettings(_Section):
         "(each blob replaces its original only after a bit-exact decode).",
     )
     poll_seconds: float = Field(2.0, gt=0, description="Idle wait between compression passes.")
+    series_quiet_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Compress a series only once none of its instances arrived for this "
+        "long (0: at once), so that it is coded as a whole, against one reference of its own.",
+    )
     models_dir: Path | None = Field(
         None,
         description="Folder of the learned codec's models (default: the installation's "
@@ -587,6 +593,8 @@ character_set = "ISO_IR 192"
 compress = true              # compress stored originals in the background (medzip serve);
                              # or run `medzip worker` processes and set this to false
 poll_seconds = 2.0
+series_quiet_seconds = 0.0   # wait until a series is quiet this long before compressing it,
+                             # then code it as a whole (e.g. 60; 0: as instances arrive)
 learned = false              # also try the learned paths: < 2 % smaller, 30-200x slower
 # models_dir = "/opt/medzip/models"  # learned models; default: the installation's models/
 

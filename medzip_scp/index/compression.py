@@ -3,6 +3,8 @@ an instance's row from its original blob to the verified codec blob. The caller 
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -12,10 +14,15 @@ __all__ = ["mark_compress_failed", "pending_compression", "swap_blob"]
 
 
 def pending_compression(
-    session: Session, codec_id: str, limit: int, shard: tuple[int, int] = (0, 1)
+    session: Session,
+    codec_id: str,
+    limit: int,
+    shard: tuple[int, int] = (0, 1),
+    quiet_since: dt.datetime | None = None,
 ) -> list[int]:
     """Ids of the instances still stored by ``codec_id`` as received, oldest first; of
-    those whose id is ``k`` modulo ``n`` for ``shard`` ``(k, n)``."""
+    those whose id is ``k`` modulo ``n`` for ``shard`` ``(k, n)``; with ``quiet_since``,
+    only of series none of whose instances arrived after it."""
     k, n = shard
     query = select(Instance.id).where(
         Instance.codec_id == codec_id,
@@ -23,6 +30,9 @@ def pending_compression(
     )
     if n > 1:
         query = query.where(Instance.id % n == k)
+    if quiet_since is not None:
+        busy = select(Instance.series_fk).where(Instance.received_at > quiet_since)
+        query = query.where(Instance.series_fk.not_in(busy))
     return list(session.scalars(query.order_by(Instance.id).limit(limit)))
 
 

@@ -207,3 +207,20 @@ def test_ctrl_c_ends_a_pass_after_the_instance_at_hand_with_its_summary(
     assert "| 1 | 0 | 0 |" in summary.table() and "interrupted" in summary.table()
     monkeypatch.setattr(compress_module, "compress_instance", real)
     assert compress_pending(archive, archive.compressing_codec()).compressed == 2
+
+
+def test_a_series_is_compressed_once_it_is_quiet(node: RunningNode) -> None:
+    """``[pipeline] series_quiet_seconds``: a series still receiving instances waits, one
+    that has gone quiet is compressed, all of it."""
+    archive = node.archive
+    early = [ct_dataset(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.71") for _ in range(2)]
+    for ds in early:
+        assert store(node, ds) == Status.SUCCESS
+    archive.settings.pipeline.series_quiet_seconds = 1.0
+    time.sleep(1.2)
+    busy = ct_dataset(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.72")
+    assert store(node, busy) == Status.SUCCESS
+    summary = compress_pending(archive, archive.compressing_codec())
+    assert summary.compressed == 2  # the quiet series, whole; the busy one waits
+    time.sleep(1.2)
+    assert compress_pending(archive, archive.compressing_codec()).compressed == 1
