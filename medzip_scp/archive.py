@@ -85,6 +85,7 @@ from medzip_scp.index.query import QueryModel, find, find_instances
 from medzip_scp.index.references import record_reference, recorded_reference, series_references
 from medzip_scp.index.stats import (
     StateTotals,
+    VerificationPass,
     instance_totals,
     last_verification,
     record_verification,
@@ -1091,12 +1092,10 @@ class Archive:
         with self.read_sessions() as session:
             return last_verification(session)
 
-    def record_verification(
-        self, kind: str, started_at: dt.datetime, checked: int, not_ok: int, interrupted: bool
-    ) -> None:
-        """Record a verification pass: counts only (``kind``: ``"verify"`` or ``"sweep"``)."""
+    def record_verification(self, run: VerificationPass) -> None:
+        """Record a verification pass (counts only) for ``medzip status``."""
         with self.sessions() as session:
-            record_verification(session, kind, started_at, checked, not_ok, interrupted)
+            record_verification(session, run)
             session.commit()
 
     def health_problems(self) -> list[str]:

@@ -19,11 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUDIT_LOGGER", "configure_audit", "local_user", "record"]
+__all__ = ["AUDIT_LOGGER", "close_audit", "configure_audit", "local_user", "record"]
 
 AUDIT_LOGGER = "medzip.audit"
 _log = logging.getLogger(AUDIT_LOGGER)
 _log.propagate = False  # records go to the audit file only, never into the service log
+_file: logging.Handler | None = None  # this process's audit file, once configured
 
 
 class _Line(logging.Formatter):
@@ -31,12 +32,20 @@ class _Line(logging.Formatter):
         return str(record.msg)
 
 
+def close_audit() -> None:
+    """Stop writing records in this process (until :func:`configure_audit` again)."""
+    global _file
+    if _file is not None:
+        _log.removeHandler(_file)
+        _file.close()
+        _file = None
+
+
 def configure_audit(file: Path, max_bytes: int, backups: int, rotates: bool) -> None:
     """Write this process's records to ``file``; ``rotates``: this process rotates it
     (``max_bytes`` a file, ``backups`` kept), else it reopens the file when rotated."""
-    for handler in list(_log.handlers):
-        _log.removeHandler(handler)
-        handler.close()
+    close_audit()
+    global _file
     file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     handler: logging.Handler
     if rotates:
@@ -48,6 +57,7 @@ def configure_audit(file: Path, max_bytes: int, backups: int, rotates: bool) -> 
     handler.setFormatter(_Line())
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
+    _file = handler
 
 
 def local_user() -> str:
@@ -62,7 +72,7 @@ def record(action: str, outcome: str, **details: Any) -> None:
     """Add one record: ``action`` (``"store"``, ``"query"``, ``"retrieve"``, ``"verify"``,
     ``"delete"``...), ``outcome`` (``"success"``, ``"failure"``...), and ``details`` (who:
     ``calling_ae``, ``address`` or ``user``; what: UIDs, counts; never a value)."""
-    if not _log.handlers:
+    if _file is None:
         return
     line = {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),

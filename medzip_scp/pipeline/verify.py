@@ -12,7 +12,6 @@ blob is missing or needs a model or format this node does not have).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
@@ -26,6 +25,7 @@ from medzip_scp.archive import Archive
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.identity import InstanceFilter
 from medzip_scp.index.models import Instance, utcnow
+from medzip_scp.index.stats import VerificationPass
 from medzip_scp.instance_codecs import IdentityCodec
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
@@ -120,26 +120,21 @@ def verify_archive(
         report.interrupted = True
     report.seconds = time.monotonic() - started
     not_ok = report.checked - report.ok_count
-    _record(archive, "verify", started_at, report.checked, not_ok, report.interrupted)
+    _record(
+        archive, VerificationPass("verify", started_at, report.checked, not_ok, report.interrupted)
+    )
     return report
 
 
-def _record(
-    archive: Archive,
-    kind: str,
-    started_at: dt.datetime,
-    checked: int,
-    not_ok: int,
-    interrupted: bool,
-) -> None:
+def _record(archive: Archive, run: VerificationPass) -> None:
     """Record a pass for ``medzip status``, the metrics and the audit trail; a database
     that is away loses the index's record only."""
-    metrics.count_verification(not_ok)
-    who = {"user": audit.local_user()} if kind == "verify" else {"by": "node sweep"}
-    outcome = "interrupted" if interrupted else "success" if not not_ok else "not ok"
-    audit.record("verify", outcome, **who, checked=checked, not_ok=not_ok)
+    metrics.count_verification(run.not_ok)
+    who = {"user": audit.local_user()} if run.kind == "verify" else {"by": "node sweep"}
+    outcome = "interrupted" if run.interrupted else "not ok" if run.not_ok else "success"
+    audit.record("verify", outcome, **who, checked=run.checked, not_ok=run.not_ok)
     try:
-        archive.record_verification(kind, started_at, checked, not_ok, interrupted)
+        archive.record_verification(run)
     except Exception as exc:
         log.error("verification pass not recorded: %s", type(exc).__name__)
 
@@ -179,11 +174,11 @@ def _sweep(archive: Archive, stop: threading.Event) -> None:
     started_at = utcnow()
     for instance, verdict, reason in _verdicts(archive, archive.select_instances(InstanceFilter())):
         if stop.is_set():
-            _record(archive, "sweep", started_at, checked, failed, interrupted=True)
+            _record(archive, VerificationPass("sweep", started_at, checked, failed, True))
             return
         checked += 1
         if verdict != Verdict.OK:
             failed += 1
             log.error("verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason)
     log.info("verification sweep: %d instances checked, %d not OK", checked, failed)
-    _record(archive, "sweep", started_at, checked, failed, interrupted=False)
+    _record(archive, VerificationPass("sweep", started_at, checked, failed, False))
