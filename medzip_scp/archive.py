@@ -1071,9 +1071,21 @@ class Archive:
                 failures[reference] = 0x0112
             elif row.sop_class_uid != class_uid:
                 failures[reference] = 0x0119
-            elif row.state == InstanceState.CORRUPT or not self._blob_intact(row):
+            elif row.state == InstanceState.CORRUPT or not self._blob_intact_now(row):
                 failures[reference] = 0x0110
         return failures
+
+    def _blob_intact_now(self, row: Instance) -> bool:
+        """Whether the instance's blob is intact; when not, its row once more (background
+        compression may have swapped the blob, and deleted the old one, meanwhile)."""
+        if self._blob_intact(row):
+            return True
+        (current,) = self.instances([row.sop_instance_uid]) or (None,)
+        return (
+            current is not None
+            and current.blob_key != row.blob_key
+            and (self._blob_intact(current))
+        )
 
     def _blob_intact(self, instance: Instance) -> bool:
         try:

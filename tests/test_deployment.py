@@ -66,6 +66,8 @@ def test_deploy_yaml_is_valid_kubernetes_with_probes_secrets_and_shards() -> Non
     assert node["replicas"] == 1 and node["strategy"]["type"] == "Recreate"
     (container,) = node["template"]["spec"]["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = container["startupProbe"]  # migrations before the port opens: no kill loop
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     (url,) = container["env"]
     assert url["valueFrom"]["secretKeyRef"]["name"] == "medzip-database"
@@ -105,6 +107,11 @@ def test_systemd_unit_verifies_and_starts_a_real_command(tmp_path: Path) -> None
     unit = (DOCKER / "medzip.service").read_text()
     (exec_start,) = re.findall(r"^ExecStart=(\S+) (.*)$", unit, re.M)
     assert exec_start[0] == "/opt/medzip/bin/medzip"
+    # keys and data in directories systemd gives the service user; the config stays root's
+    assert re.search(r"^StateDirectory=medzip medzip-keys$", unit, re.M)
+    assert "ConfigurationDirectory" not in unit
+    keys = re.findall(r"^Environment=MEDZIP_\w+__KEY_FILE=(\S+)$", unit, re.M)
+    assert keys and all(k.startswith("/var/lib/medzip-keys/") for k in keys)
     # the same unit with this installation's medzip, which systemd checks is executable
     local = tmp_path / "medzip.service"
     local.write_text(unit.replace(exec_start[0], str(BIN / "medzip")))

@@ -13,8 +13,8 @@ SOP Class in the SCP role (PS3.4 J.3.3).
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -37,6 +37,9 @@ COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance (P
 _REQUEST_COMMITMENT = 1  # Action Type ID
 _ALL_COMMITTED, _SOME_FAILED = 1, 2  # Event Type IDs
 MAX_REFERENCES = 100_000  # instances one request may name (bounds memory and work)
+# one request checked and reported at a time per node process: each may read and hash up to
+# MAX_REFERENCES blobs, so concurrent requests wait their turn instead of piling up threads
+_REPORTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzip-commitment")
 # N-ACTION statuses (PS3.4 J.3.2.2, PS3.7 C.5.x)
 _NO_SUCH_ACTION = 0x0123
 _NO_SUCH_INSTANCE = 0x0112
@@ -90,17 +93,13 @@ def handle_commitment_request(
         return _INVALID_ARGUMENT, None
     if isinstance(parsed, int):
         return parsed, None
-    threading.Thread(
-        target=_report,
-        args=(archive, assoc, parsed),
-        name="medzip-commitment",
-        daemon=True,
-    ).start()
+    _REPORTER.submit(_report, archive, assoc, parsed)
     return 0x0000, None
 
 
 def _report(archive: Archive, assoc: Association, request: _Request) -> None:
-    """Check every referenced instance, then send the report (same association, else new)."""
+    """Check every referenced instance, then send the report (same association, else new);
+    whatever happens, the outcome is logged and audited."""
     calling = str(assoc.requestor.ae_title).strip()
     who = {"calling_ae": calling, "address": assoc.requestor.address}
     try:
@@ -148,17 +147,21 @@ def _report(archive: Archive, assoc: Association, request: _Request) -> None:
     )
 
 
-def _send_on(assoc: Association, report: Dataset, event_type: int) -> bool:
-    if not assoc.is_established:
-        return False
+def _delivered(assoc: Association, report: Dataset, event_type: int) -> bool:
+    """Send the report on ``assoc``; whether the peer answered it with Success (no answer,
+    an invalid one, a refused context or a dropped association: not delivered)."""
     try:
         status, _ = assoc.send_n_event_report(
             report, event_type, StorageCommitmentPushModel, COMMITMENT_INSTANCE
         )
-    except Exception as exc:  # released meanwhile
-        log.info("storage commitment report not sent on the association: %s", exc)
+    except Exception as exc:
+        log.info("storage commitment report not delivered: %s", type(exc).__name__)
         return False
-    return status is not None and int(status.Status) == 0
+    return status is not None and status.get("Status") == 0
+
+
+def _send_on(assoc: Association, report: Dataset, event_type: int) -> bool:
+    return assoc.is_established and _delivered(assoc, report, event_type)
 
 
 def _send_new(archive: Archive, calling: str, report: Dataset, event_type: int) -> bool:
@@ -168,16 +171,17 @@ def _send_new(archive: Archive, calling: str, report: Dataset, event_type: int) 
     ae = AE(ae_title=archive.settings.node.ae_title)
     ae.add_requested_context(StorageCommitmentPushModel)
     role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, ext_neg=[role]
-    )
+    try:
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, ext_neg=[role]
+        )
+    except Exception as exc:
+        log.error("storage commitment report: %r unreachable (%s)", calling, type(exc).__name__)
+        return False
     if not assoc.is_established:
         log.error("storage commitment report: %r did not accept an association", calling)
         return False
     try:
-        status, _ = assoc.send_n_event_report(
-            report, event_type, StorageCommitmentPushModel, COMMITMENT_INSTANCE
-        )
-        return status is not None and int(status.Status) == 0
+        return _delivered(assoc, report, event_type)
     finally:
         assoc.release()

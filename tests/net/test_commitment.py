@@ -19,6 +19,7 @@ from sqlalchemy import select
 from medzip_scp.index.models import Instance
 from medzip_scp.net.commitment import COMMITMENT_INSTANCE
 from medzip_scp.net.status import Status
+from medzip_scp.pipeline.compress import compress_pending
 from tests.net.conftest import RunningNode, free_port
 from tests.net.test_store import ct_dataset, store
 
@@ -174,3 +175,25 @@ def test_malformed_commitment_requests_are_refused(
             COMMITMENT_INSTANCE,
         )
         assert answer.Status == 0x0123
+
+
+def test_an_instance_compressed_while_it_is_checked_is_committed(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Background compression swaps the blob (and deletes the original) between the row
+    read and the blob read: the current row is read again before calling it a failure."""
+    ds = ct_dataset()
+    assert store(node, ds) == Status.SUCCESS
+    archive = node.archive
+    stale = archive.instances([ds.SOPInstanceUID])
+    assert compress_pending(archive, archive.compressing_codec()).compressed == 1
+    real = type(archive).instances
+    calls = []
+
+    def first_the_stale_rows(self: object, uids: list[str] | None = None) -> list:
+        calls.append(uids)
+        return stale if len(calls) == 1 else real(archive, uids)
+
+    monkeypatch.setattr(type(archive), "instances", first_the_stale_rows)
+    assert archive.commitment_failures([(CTImageStorage, ds.SOPInstanceUID)]) == {}
+    assert len(calls) == 2
