@@ -24,6 +24,7 @@ import ctypes
 import datetime as dt
 import functools
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -94,6 +95,7 @@ from medzip_scp.index.studies import (
     SeriesSummary,
     StudySummary,
     delete_study_rows,
+    named_keys,
     series_of,
     study_summaries,
 )
@@ -107,6 +109,7 @@ from medzip_scp.instance_codecs import (
 )
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import EnvelopeError
+from medzip_scp.storage.fsync import fsync
 from medzip_scp.storage.local import (
     BlobNotFoundError,
     LocalBlobStore,
@@ -1032,19 +1035,59 @@ class Archive:
         return self.select_instances(InstanceFilter(study_instance_uid=study_instance_uid))
 
     def delete_study(self, study_instance_uid: str) -> int | None:
-        """Delete a study: its index rows in one transaction, then its blobs (a crash in
-        between leaves unindexed blobs, which :meth:`remove_orphan_blobs` sets aside; never
-        a row whose blob is gone). Returns the number of blobs deleted; None for no such
-        study. Run it with no node serving the data folder: a node keeps the series it
-        indexed in memory."""
+        """Delete a study for good; returns the number of blobs deleted (None: no such
+        study). Run it with no node serving the data folder: a node keeps the series it
+        indexed in memory.
+
+        Crash-safe order: the blobs and references the study's rows name are written to a
+        journal (``data_dir/deleting/``, fsynced) before the rows' deletion commits; then
+        they are deleted and the journal with them. After a crash, :meth:`finish_deletions`
+        (at the node's start and before each deletion) deletes what a committed deletion
+        left and forgets a journal whose deletion never committed: never a row without
+        its blob, never a deleted study's blob kept."""
+        self.finish_deletions()
         with self.sessions() as session:
-            keys = delete_study_rows(session, study_instance_uid)
-            if keys is None:
+            deleted = delete_study_rows(session, study_instance_uid)
+            if deleted is None:
                 return None
+            journal = self._deletions / f"{study_instance_uid}.json"
+            self._deletions.mkdir(parents=True, exist_ok=True, mode=0o700)
+            content = {
+                "blobs": deleted.blob_keys,
+                "references": [r.hex() for r in deleted.references],
+            }
+            journal.write_text(json.dumps(content))
+            fsync(journal)
+            fsync(self._deletions, os.O_DIRECTORY)
             session.commit()
+        self._delete_journaled(journal)
+        return len(deleted.blob_keys)
+
+    @property
+    def _deletions(self) -> Path:
+        return Path(self.settings.storage.data_dir) / "deleting"
+
+    def finish_deletions(self) -> int:
+        """Finish what study deletions a crash interrupted (see :meth:`delete_study`);
+        returns how many journals it found."""
+        journals = sorted(self._deletions.glob("*.json")) if self._deletions.is_dir() else []
+        for journal in journals:
+            self._delete_journaled(journal)
+        return len(journals)
+
+    def _delete_journaled(self, journal: Path) -> None:
+        content = json.loads(journal.read_text())
+        keys = list(content["blobs"])
+        with self.read_sessions() as session:
+            named = named_keys(session, keys)  # rows still there: the deletion never committed
         for key in keys:
-            self.blobs.delete(key)
-        return len(keys)
+            if key not in named:
+                self.blobs.delete(key)
+        if not named:
+            for sha in content["references"]:
+                self.blobs.references.discard(bytes.fromhex(sha))
+        journal.unlink()
+        fsync(self._deletions, os.O_DIRECTORY)
 
     # -- Storage commitment --------------------------------------------------------------
 

@@ -518,9 +518,13 @@ def studies_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
 ) -> None:
     """List the studies, newest study date first: UID, date, patient, modalities, counts."""
+    from medzip_scp.audit import local_user, record
+
     settings = _settings(config, data_dir)
     _logging("WARNING")
     studies = _open_archive(settings, need_identity=False).studies(limit=limit)
+    _audit(settings)
+    record("list", "success", user=local_user(), studies=len(studies))  # names shown
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(s) for s in studies], indent=1))
     else:
@@ -535,10 +539,14 @@ def studies_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
 ) -> None:
     """Show one study and its series."""
+    from medzip_scp.audit import local_user, record
+
     settings = _settings(config, data_dir)
     _logging("WARNING")
     archive = _open_archive(settings, need_identity=False)
+    _audit(settings)
     found = archive.studies(study)
+    record("show", "success" if found else "failure", user=local_user(), study_instance_uid=study)
     if not found:
         raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
     series = archive.series_of(study)
@@ -600,15 +608,18 @@ def studies_delete(
                 "series) for good?",
                 abort=True,
             )
-        deleted = archive.delete_study(study)
-        record(
-            "delete",
-            "success" if deleted is not None else "failure",
-            user=local_user(),
-            study_instance_uid=study,
-            instances=summary.instances,
-            blobs=deleted or 0,
-        )
+        deleted: int | None = None
+        try:
+            deleted = archive.delete_study(study)
+        finally:  # also when it failed half-way (the node finishes it at its next start)
+            record(
+                "delete",
+                "success" if deleted is not None else "failure",
+                user=local_user(),
+                study_instance_uid=study,
+                instances=summary.instances,
+                blobs=deleted or 0,
+            )
     finally:
         os.close(held)
     typer.echo(

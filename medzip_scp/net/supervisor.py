@@ -142,6 +142,7 @@ def run_node(
         metrics.prepare_folder(settings.storage.data_dir / "run" / "metrics")
     observe_process(settings, first=True)
     # Blobs a crash left unindexed (the newest only once no process can still commit them)
+    archive.finish_deletions()  # what a crash left of a study deletion
     threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
     processes = NodeProcesses(settings, archive, configure_logging)
     node = settings.node
