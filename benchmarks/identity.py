@@ -49,7 +49,7 @@ from results_file import write_section  # benchmarks/ is on sys.path when run as
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medzip_scp.archive import Archive, identity_policy  # noqa: E402
+from medzip_scp.archive import Archive  # noqa: E402
 from medzip_scp.codec.api import LearnedOptions, describe  # noqa: E402
 from medzip_scp.config import Settings, StorageSettings  # noqa: E402
 from medzip_scp.dicom.blob import encode_dataset  # noqa: E402
@@ -61,6 +61,7 @@ from medzip_scp.identity.instance import (  # noqa: E402
 )
 from medzip_scp.identity.keys import IdentityKeyring  # noqa: E402
 from medzip_scp.identity.payload import OVERHEAD  # noqa: E402
+from medzip_scp.instance_codecs import identity_policy  # noqa: E402
 from medzip_scp.pipeline.compress import compress_pending  # noqa: E402
 from medzip_scp.pipeline.verify import verify_archive  # noqa: E402
 

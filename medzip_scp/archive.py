@@ -1,86 +1,115 @@
-"""The archive: what the DICOM services and the CLI ask of storage and index.
+"""The archive: the one door through which the DICOM services, the background pipeline and
+the CLI reach the index and the blob store.
 
-It is built once, at the composition root (``medzip serve``), from the settings, and holds the
-engine, the blob store and the codec. Network handlers call it and map its outcomes to DIMSE
-statuses; it never raises for bad input (that is an outcome), only for broken infrastructure.
+It is built once, at the composition root (``medzip serve``, the ``medzip`` commands), from
+the settings, and holds the engines, the blob store and the codecs. Its callers open no
+database session and write no SQL (the queries live in :mod:`medzip_scp.index`):
+
+- C-STORE: :meth:`Archive.store`;
+- C-FIND: :meth:`Archive.find`; C-GET, C-MOVE: :meth:`Archive.retrieve`, then
+  :meth:`Archive.load_part10` for each instance;
+- background compression: :meth:`Archive.pending_compression`, :meth:`Archive.swap_blob`;
+- ``medzip verify``: :meth:`Archive.verify_study`; ``medzip db rebuild``:
+  :meth:`Archive.rebuilding`; housekeeping: :meth:`Archive.remove_orphan_blobs`.
+
+Network handlers map its outcomes to DIMSE statuses. C-STORE never raises for bad input
+(that is an outcome), only for broken infrastructure; a query or retrieve identifier that is
+not valid raises QueryError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import functools
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
 
-from sqlalchemy import func, select
+from pydicom.dataset import Dataset
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference, ReferenceSource
-from medzip_scp.codec.container import MAGIC as CONTAINER_MAGIC
+from medzip_scp import metrics
+from medzip_scp.codec.api import DEFAULT_LEARNED, DatasetReference
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.codec.installation import check_codec
 from medzip_scp.codec.zoo import use_models_folder
 from medzip_scp.config import DuplicatePolicyValues, Settings
-from medzip_scp.dicom.blob import decode_blob, encode_dataset, open_blob, peek_blob
 from medzip_scp.dicom.equivalence import first_difference
-from medzip_scp.dicom.identifying import identifying_tags
 from medzip_scp.dicom.part10 import (
     ReceivedObject,
     dataset_offset_of,
-    instance_uids,
     load_dataset,
 )
-from medzip_scp.identity.instance import (
-    IdentityCheckError,
-    IdentityPolicy,
-    OpenedInstance,
-    Verdict,
-    open_instance,
-    seal_instance,
-    series_reference,
-)
+from medzip_scp.group_commit import GroupCommitter, Pending
+from medzip_scp.identity.instance import IdentityCheckError, Verdict
 from medzip_scp.identity.keys import IdentityKeyError, IdentityKeyring
 from medzip_scp.identity.payload import IdentityRecord
-from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
-from medzip_scp.index.errors import DuplicateInstanceError
-from medzip_scp.index.identity import index_identity_mismatch
+from medzip_scp.index.blobs import blob_keys_of, holds_codec, index_is_empty, named_blob_keys
+from medzip_scp.index.compression import mark_compress_failed, pending_compression, swap_blob
+from medzip_scp.index.db import create_engine_for, ping, session_factory, upgrade_database
+from medzip_scp.index.errors import DuplicateInstanceError, IndexNotEmptyError
+from medzip_scp.index.identity import (
+    InstanceFilter,
+    index_identity_mismatch,
+    instances_by_id,
+    select_instances,
+    study_instances,
+)
 from medzip_scp.index.ingest import (
     InstanceAttributes,
     KnownSeries,
+    Rebuilt,
+    StorageFacts,
     add_instance,
     add_instances_of_known_series,
     attributes_from_dataset,
     get_instance,
+    index_found_version,
     indexed_content,
+    indexed_counts,
     replace_instance,
 )
-from medzip_scp.index.models import (
-    Instance,
-    Series,
-    SeriesReference,
-    SupersededInstance,
-    VerificationRun,
-)
+from medzip_scp.index.models import Instance, InstanceState, VerificationRun, utcnow
+from medzip_scp.index.query import QueryModel, find, find_instances
+from medzip_scp.index.references import record_reference, recorded_reference, series_references
 from medzip_scp.index.stats import (
     StateTotals,
+    VerificationPass,
     instance_totals,
     last_verification,
     record_verification,
 )
+from medzip_scp.index.studies import (
+    SeriesSummary,
+    StudySummary,
+    delete_study_rows,
+    named_keys,
+    series_of,
+    study_summaries,
+)
+from medzip_scp.instance_codecs import (
+    CODECS,
+    IdentityCodec,
+    InstanceCodec,
+    Part10Codec,
+    codec_blob_claim,
+    identity_policy,
+)
 from medzip_scp.storage.digest import ConcurrentSha256
 from medzip_scp.storage.envelope import EnvelopeError
+from medzip_scp.storage.fsync import fsync
 from medzip_scp.storage.local import (
     BlobNotFoundError,
     LocalBlobStore,
@@ -89,180 +118,6 @@ from medzip_scp.storage.local import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class InstanceCodec(Protocol):
-    """Turns a complete Part-10 object into the blob the store keeps, and back, bit-exact.
-
-    ``encode`` decodes its blob once and compares it with its input before returning it
-    (verify before replace); ``verify=False`` is for a caller that does exactly that itself (the
-    compression worker), so that a blob is decoded once."""
-
-    codec_id: str
-
-    def encode(self, part10: bytes, verify: bool = True) -> bytes: ...
-
-    def decode(self, blob: bytes) -> bytes: ...
-
-
-class Part10Codec:
-    """The identity codec: the blob is the Part-10 object as received."""
-
-    codec_id = "part10"
-
-    def encode(self, part10: bytes, verify: bool = True) -> bytes:
-        return part10
-
-    def decode(self, blob: bytes) -> bytes:
-        return blob
-
-
-class MzpCodec:
-    """The medzip codec without identity payload (blobs written before it existed): pixel
-    data through the codec library, the rest compressed.
-
-    ``encode`` itself decodes its output and compares it with the input before returning.
-    It tries the learned split paths only when ``learned`` (``[pipeline] learned``); any
-    instance decodes blobs of either kind.
-    """
-
-    codec_id = "mzp1"
-
-    def __init__(self, learned: bool = False) -> None:
-        self._learned = DEFAULT_LEARNED if learned else None
-
-    def encode(self, part10: bytes, verify: bool = True) -> bytes:
-        return encode_dataset(part10, self._learned, verify=verify)
-
-    def decode(self, blob: bytes) -> bytes:
-        return decode_blob(blob)
-
-
-class IdentityCodec:
-    """The medzip codec with the patient's identity sealed inside the blob
-    (:mod:`medzip_scp.identity`): what background compression writes.
-
-    ``encode`` opens its own blob again (payload included) and compares before returning;
-    ``decode`` runs every check of :func:`~medzip_scp.identity.instance.open_instance`.
-    """
-
-    codec_id = "mzp2"
-
-    def __init__(
-        self,
-        keyring: IdentityKeyring | None,
-        policy: IdentityPolicy,
-        learned: bool = False,
-        references: ReferenceSource | None = None,
-    ) -> None:
-        self._keyring = keyring
-        self._policy = policy
-        self._learned = DEFAULT_LEARNED if learned else None
-        self._references = references
-
-    def encode(
-        self,
-        part10: bytes,
-        verify: bool = True,
-        received_at: dt.datetime | None = None,
-        reference: DatasetReference | None = None,
-    ) -> bytes:
-        """The payload says the instance was received at ``received_at`` (default now):
-        compression gives its index row's, so that a rebuilt index (``medzip db rebuild``)
-        orders instances as they arrived, not as compressed. With ``reference``
-        (:meth:`series_reference`), the data set is coded against it."""
-        if self._keyring is None:
-            raise IdentityKeyError("the identity key file is missing: compression cannot seal")
-        received_us = None if received_at is None else _microseconds(received_at)
-        return seal_instance(
-            part10,
-            self._keyring,
-            self._policy,
-            self._learned,
-            received_us,
-            verify=verify,
-            reference=reference,
-        )
-
-    def series_reference(self, part10: bytes) -> DatasetReference:
-        """A reference for the blobs of ``part10``'s series, made from it."""
-        return series_reference(part10, self._policy)
-
-    def decode(self, blob: bytes) -> bytes:
-        return self.open(blob, None).part10
-
-    def open(self, blob: bytes, sop_instance_uid: str | None) -> OpenedInstance:
-        """The original and its identity record; raises IdentityCheckError."""
-        return open_instance(blob, self._keyring, sop_instance_uid, self._references)
-
-
-def _microseconds(moment: dt.datetime) -> int:
-    """Microseconds since the Unix epoch (exact: no float in between)."""
-    return (moment - dt.datetime.fromtimestamp(0, dt.UTC)) // dt.timedelta(microseconds=1)
-
-
-# Every codec that ever wrote a blob stays here forever: old blobs must keep decoding.
-# (IdentityCodec, which needs the node's keys, is the archive's own: Archive.codecs.)
-CODECS: dict[str, InstanceCodec] = {c.codec_id: c for c in (Part10Codec(), MzpCodec())}
-
-
-def identity_policy(settings: Settings) -> IdentityPolicy:
-    return IdentityPolicy(
-        identifying_tags(settings.identity.extra_attributes),
-        settings.identity.private_elements,
-    )
-
-
-@dataclass(frozen=True)
-class BlobClaim:
-    """What a blob's plaintext, read WITHOUT authentication, says it is (``medzip db
-    rebuild``, which has no index row to say so): the codec that wrote it and what names
-    its instance. Only a claim: the blob is then read authenticated, bound to the SOP
-    Instance UID it leads to, and only that is used."""
-
-    codec_id: str
-    plaintext: bytes
-    stored: bytes  # the object as stored (a codec blob's up to its pixel data)
-    payload: bytes | None  # the sealed identity payload (b"": none), None: in the coded bits
-    references: ReferenceSource | None = None  # where the blob's data set reference is
-
-    def sop_instance_uid(self) -> str:
-        """The SOP Instance UID the stored object names; "" when it names none (an object
-        sealed whole names it in its payload only)."""
-        return instance_uids(self.stored)[2]
-
-    def sealed_payload(self) -> bytes:
-        """The sealed identity payload, decoding the blob when its coded bits carry some."""
-        if self.payload is not None:
-            return self.payload
-        return open_blob(self.plaintext, self.references)[1]
-
-
-def claim_of(plaintext: bytes, references: ReferenceSource | None = None) -> BlobClaim:
-    """What ``plaintext`` claims to be, by its content: a codec container with an identity
-    payload is mzp2, one without mzp1, anything else a Part-10 original. Pixels are not
-    decoded; ``references`` gives the data set reference the blob may be coded against.
-
-    Raises
-    ------
-    CodecError
-        A codec container that does not parse (UnknownModelError, UnsupportedFormatError:
-        one this node cannot read).
-    """
-    if plaintext[: len(CONTAINER_MAGIC)] != CONTAINER_MAGIC:
-        return BlobClaim(Part10Codec.codec_id, plaintext, plaintext, b"")
-    stored, payload = peek_blob(plaintext, references)
-    codec_id = MzpCodec.codec_id if payload == b"" else IdentityCodec.codec_id
-    return BlobClaim(codec_id, plaintext, stored, payload, references)
-
-
-def codec_blob_claim(blobs: LocalBlobStore, key: str) -> BlobClaim | None:
-    """What a codec blob in the store claims to be (:func:`claim_of`, read without
-    authentication); None for a Part-10 original, told by its first bytes (the rest is not
-    read). Raises as :func:`claim_of` and :meth:`LocalBlobStore.read_unauthenticated`."""
-    if blobs.read_unauthenticated(key, len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
-        return None
-    return claim_of(blobs.read_unauthenticated(key), blobs.references.get)
 
 
 def _claims_sealed_identity(blobs: LocalBlobStore, key: str) -> bool:
@@ -282,32 +137,19 @@ def _unindexed_blobs(
     that no index row, current or superseded, names."""
     on_disk = set(blobs.keys(folder))
     with sessions() as session:
-        for table in (Instance, SupersededInstance):
-            on_disk -= set(
-                session.scalars(select(table.blob_key).where(table.blob_key.like(f"{folder}%")))
-            )
-    return on_disk
+        return on_disk - named_blob_keys(session, folder)
 
 
 def _holds_sealed_instances(sessions: sessionmaker[Session], blobs: LocalBlobStore) -> bool:
     """Whether the index, or a blob no index row names (the index was lost, or rebuilt
     without the identity keys), holds an instance sealed with identity keys."""
     with sessions() as session:
-        for table in (Instance, SupersededInstance):
-            sealed = select(table.id).where(table.codec_id == IdentityCodec.codec_id).limit(1)
-            if session.scalar(sealed) is not None:
-                return True
+        if holds_codec(session, IdentityCodec.codec_id):
+            return True
     return any(
         _claims_sealed_identity(blobs, key)
         for folder in blobs.folders()
         for key in _unindexed_blobs(blobs, sessions, folder)
-    )
-
-
-def _recorded_reference(session: Session, series_uid: str) -> str | None:
-    """The sha256 (hex) of the data set reference recorded for a series, or None."""
-    return session.scalar(
-        select(SeriesReference.sha256).where(SeriesReference.series_instance_uid == series_uid)
     )
 
 
@@ -391,7 +233,9 @@ def _wait_durable(synced: Future[None]) -> None:
 
 
 @dataclass
-class _StoreRequest:
+class StoreRequest(Pending[StoreOutcome]):
+    """One C-STORE queued for the group commit: what arrived and the blob written for it."""
+
     received: ReceivedObject
     attrs: InstanceAttributes
     blob: StoredBlob
@@ -403,88 +247,11 @@ class _StoreRequest:
     # Set in the transaction: an archived copy with another hash, not compared yet, is
     # there (the outcome is only a placeholder; compare, then submit again).
     needs_comparison: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  # woken to commit the queue, not with an outcome
-    outcome: StoreOutcome | None = None
-    error: BaseException | None = None
-
-
-class _GroupCommitter:
-    """Makes concurrent C-STOREs durable together, led by the handlers themselves.
-
-    A handler queues its request; when no other handler is committing, it becomes the
-    leader: it takes everything queued (up to :data:`MAX_BATCH`, its own request first),
-    fsyncs all those blobs and commits all their index rows in one transaction, so N
-    associations pay for about one journal flush and one database commit, not N of each.
-    Then it passes the lead to the oldest request still queued, whose handler wakes to
-    commit the next batch, and returns to its own peer. (A dedicated committing thread
-    cost two thread hand-overs, about 0.4 ms, per C-STORE.) A batch that fails is retried
-    one request at a time, so one bad object fails alone.
-    """
-
-    MAX_BATCH = 64
-
-    def __init__(self, commit: Callable[[list[_StoreRequest]], list[StoreOutcome]]) -> None:
-        self._commit = commit
-        self._lock = threading.Lock()
-        self._queue: list[_StoreRequest] = []
-        self._leading = False
-
-    def submit(self, request: _StoreRequest) -> StoreOutcome:
-        with self._lock:
-            self._queue.append(request)
-            request.lead = not self._leading
-            self._leading = True
-        if not request.lead:
-            request.done.wait()
-        if request.lead:
-            self._lead()
-        if request.error is not None:
-            raise request.error
-        assert request.outcome is not None
-        return request.outcome
-
-    def _lead(self) -> None:
-        with self._lock:
-            batch = self._queue[: self.MAX_BATCH]
-            del self._queue[: self.MAX_BATCH]
-        try:
-            self._process(batch)
-        finally:
-            for request in batch:  # never leave a follower waiting, whatever went wrong
-                if request.outcome is None and request.error is None:
-                    request.error = RuntimeError("group commit ended without an outcome")
-                    request.done.set()
-            with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.done.set()
-                else:
-                    self._leading = False
-
-    def _process(self, batch: list[_StoreRequest]) -> None:
-        try:
-            outcomes = self._commit(batch)
-        except BaseException as exc:
-            if len(batch) == 1 or isinstance(exc, BlobsNotDurableError):
-                # A failed fsync is final for every blob it covered: a second fsync may
-                # report success for data the kernel has already dropped.
-                for request in batch:
-                    request.error = exc
-                    request.done.set()
-                return
-            for request in batch:
-                self._process([request])
-            return
-        for request, outcome in zip(batch, outcomes, strict=True):
-            request.outcome = outcome
-            request.lead = False
-            request.done.set()
 
 
 class Archive:
-    """Index + blob store + codec, with the durability rules of the node."""
+    """Index + blob store + codecs, with the durability rules of the node: the service
+    layer's one door (see the module's docstring)."""
 
     def __init__(
         self,
@@ -513,7 +280,11 @@ class Archive:
         # When the last C-STORE arrived (CLOCK_MONOTONIC is system-wide on Linux, so node
         # processes share one value to let background compression yield to any of them).
         self.store_activity: ctypes.c_double = multiprocessing.RawValue("d", 0.0)
-        self._committer = _GroupCommitter(self._commit_batch)
+        # A failed fsync is final for every blob it covered: a second fsync may report
+        # success for data the kernel has already dropped, so such a batch is not retried.
+        self._committer: GroupCommitter[StoreRequest, StoreOutcome] = GroupCommitter(
+            self._commit_batch, final=(BlobsNotDurableError,)
+        )
         self._syncing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sync")
         self._known_series = KnownSeries()  # used by the committing leader only
         # Each comparison of a duplicate holds both objects in memory: a few at a time.
@@ -586,41 +357,23 @@ class Archive:
         5. else None (and None for a reference gone from the store: logged, coded without;
            and for a header above :data:`MAX_REFERENCE_BYTES`).
         """
-        members, study_sha256 = 0, None
         with self.read_sessions() as session:
-            series = session.get(Series, instance.series_fk)
-            if series is None:  # the instance was replaced or removed meanwhile
-                return None
-            series_uid = series.series_instance_uid
-            sha256 = _recorded_reference(session, series_uid)
-            if sha256 is None:
-                count = select(func.count(Instance.id)).where(Instance.series_fk == series.id)
-                members = session.scalar(count) or 0
-                study_sha256 = session.scalar(
-                    select(SeriesReference.sha256)
-                    .join(Series, Series.series_instance_uid == SeriesReference.series_instance_uid)
-                    .where(Series.study_fk == series.study_fk)
-                    .order_by(SeriesReference.id)
-                    .limit(1)
-                )
-        if sha256 is not None:
-            return self._kept_reference(sha256, series_uid)
-        if members < self.OWN_REFERENCE_MIN_INSTANCES and study_sha256 is not None:
-            return self._kept_reference(study_sha256, series_uid)
-        if members < self.SERIES_REFERENCE_MIN_INSTANCES:
+            known = series_references(session, instance.series_fk)
+        if known is None:  # the instance was replaced or removed meanwhile
+            return None
+        series_uid = known.series_instance_uid
+        if known.recorded is not None:
+            return self._kept_reference(known.recorded, series_uid)
+        if known.members < self.OWN_REFERENCE_MIN_INSTANCES and known.study is not None:
+            return self._kept_reference(known.study, series_uid)
+        if known.members < self.SERIES_REFERENCE_MIN_INSTANCES:
             return None
         reference = self.identity_codec.series_reference(part10)
         if len(reference.data) > self.MAX_REFERENCE_BYTES:
             return None
         self.blobs.references.put(reference.data)
         with self.sessions() as session:
-            session.add(
-                SeriesReference(
-                    series_instance_uid=series_uid,
-                    sha256=reference.sha256.hex(),
-                    size=len(reference.data),
-                )
-            )
+            record_reference(session, series_uid, reference.sha256.hex(), len(reference.data))
             try:
                 session.commit()
                 return reference
@@ -632,7 +385,7 @@ class Archive:
         """The reference another process recorded for the series while we made ``ours``
         (its file is kept before its row commits); ours goes, no blob names it yet."""
         with self.read_sessions() as session:
-            sha256 = _recorded_reference(session, series_uid)
+            sha256 = recorded_reference(session, series_uid)
         if sha256 is None or sha256 == ours.sha256.hex():
             return ours if sha256 is not None else None
         self.blobs.references.discard(ours.sha256)
@@ -683,11 +436,7 @@ class Archive:
                 position += len(chunk)
                 yield chunk
 
-        if isinstance(self.codec, Part10Codec):
-            blob = self.blobs.write(chunks(), bound_to=sop_instance_uid)
-        else:
-            encoded = self.codec.encode(b"".join(chunks()))
-            blob = self.blobs.write([encoded], bound_to=sop_instance_uid)
+        blob = self.blobs.write(self.codec.encode_chunks(chunks()), bound_to=sop_instance_uid)
         return blob, digest.hexdigest()
 
     def store(self, received: ReceivedObject, calling_ae_title: str) -> StoreOutcome:
@@ -708,7 +457,7 @@ class Archive:
             # by content, outside the transaction (it loads both objects); the transaction
             # then decides with that comparison, if the archived copy is still the same.
             for _attempt in range(3):
-                request = _StoreRequest(
+                request = StoreRequest(
                     received, attrs, blob, dataset_sha256, calling_ae_title, differences
                 )
                 # An unindexed blob counts as orphaned only once it has not changed for
@@ -784,7 +533,7 @@ class Archive:
         if indexed is None or indexed[1] != blob.key:
             self.blobs.delete(blob.key)
 
-    def _commit_batch(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
+    def _commit_batch(self, batch: list[StoreRequest]) -> list[StoreOutcome]:
         """Make a batch durable: fsync its blobs, and index all of it in one transaction
         that commits only once they are durable.
 
@@ -806,7 +555,7 @@ class Archive:
             wait([synced])  # done before a failed batch's blobs are removed
 
     def _index_batch(
-        self, batch: list[_StoreRequest], fast: bool, blobs_durable: Callable[[], object]
+        self, batch: list[StoreRequest], fast: bool, blobs_durable: Callable[[], object]
     ) -> list[StoreOutcome]:
         try:
             with self.sessions() as session:
@@ -823,9 +572,9 @@ class Archive:
         self._known_series.committed()
         return ordered
 
-    def _facts(self, request: _StoreRequest) -> dict[str, Any]:
+    def _facts(self, request: StoreRequest) -> StorageFacts:
         """What the index records about an instance besides its attributes."""
-        return dict(
+        return StorageFacts(
             transfer_syntax_uid=str(request.received.transfer_syntax_uid),
             blob_key=request.blob.key,
             original_size=request.received.dataset_size,
@@ -837,7 +586,7 @@ class Archive:
         )
 
     def _index_new_of_known_series(
-        self, session: Session, batch: list[_StoreRequest]
+        self, session: Session, batch: list[StoreRequest]
     ) -> dict[int, StoreOutcome]:
         """The fast path: index, in one statement, the batch's new instances of series this
         process has committed; returns their outcomes by position in the batch."""
@@ -852,9 +601,9 @@ class Archive:
             if done
         }
 
-    def _index(self, session: Session, request: _StoreRequest) -> StoreOutcome:
+    def _index(self, session: Session, request: StoreRequest) -> StoreOutcome:
         sop_uid = request.attrs.sop_instance_uid
-        fields = dict(self._facts(request), known_series=self._known_series)
+        facts = self._facts(request)
         policy = self.settings.storage.duplicate_policy
         request.needs_comparison = False  # a batch retried alone decides afresh
         for _attempt in range(3):
@@ -879,14 +628,16 @@ class Archive:
             try:
                 with session.begin_nested():
                     if archived_sha256 is None:
-                        add_instance(session, request.attrs, **fields)
+                        add_instance(session, request.attrs, facts, known_series=self._known_series)
                         return StoreOutcome(StoreResult.STORED, sop_uid)
                     # Locked: a compression swap committing meanwhile would leave the
                     # superseded version naming the blob it deletes.
                     existing = get_instance(session, sop_uid, for_update=True)
                     if existing is None:  # removed meanwhile: look again
                         continue
-                    replace_instance(session, existing, request.attrs, **fields)
+                    replace_instance(
+                        session, existing, request.attrs, facts, known_series=self._known_series
+                    )
                     return StoreOutcome(StoreResult.REPLACED, sop_uid, difference)
             except (IntegrityError, DuplicateInstanceError):
                 # Another process indexed the same SOP Instance meanwhile: look again. The
@@ -894,6 +645,48 @@ class Archive:
                 self._known_series.rolled_back()
                 continue
         raise RuntimeError(f"could not index {sop_uid} after 3 attempts")
+
+    # -- C-FIND, C-GET, C-MOVE -----------------------------------------------------------
+
+    def find(
+        self,
+        model: QueryModel,
+        identifier: Dataset,
+        cancelled: Callable[[], bool] = lambda: False,
+        limit: int | None = None,
+    ) -> Iterator[Dataset]:
+        """The C-FIND responses to ``identifier``, one per matching entity
+        (:func:`medzip_scp.index.query.find`, with the node's default character set),
+        streamed from a read transaction held until the iterator ends or is closed.
+
+        Raises
+        ------
+        QueryError
+            When first advanced: the identifier is not a valid query of ``model``.
+        """
+        with self.read_sessions() as session:
+            yield from find(
+                session,
+                model,
+                identifier,
+                cancelled,
+                default_charset=self.settings.query.character_set,
+                limit=limit,
+            )
+
+    def retrieve(self, model: QueryModel, identifier: Dataset) -> list[Instance]:
+        """The index rows (detached) of the instances a C-GET or C-MOVE identifier
+        designates; each is then restored with :meth:`load_part10`.
+
+        Raises
+        ------
+        QueryError
+            The identifier is not a valid retrieve of ``model``.
+        """
+        with self.read_sessions() as session:
+            instances = find_instances(session, model, identifier)
+            session.expunge_all()
+        return instances
 
     # -- Retrieval -----------------------------------------------------------------------
 
@@ -907,8 +700,11 @@ class Archive:
             The blob is missing, fails authentication (moved, swapped, altered, another
             instance's), or its content differs from the hashes recorded at ingest.
         """
+        started = time.monotonic()
         try:
-            return self._load_checked(instance)
+            part10 = self._load_checked(instance)
+            metrics.observe_codec("decode", time.monotonic() - started)
+            return part10
         except InstanceIntegrityError:
             # A compression worker may have swapped the blob (and deleted the one this row
             # named) since the row was read: check the current row before calling it damage.
@@ -973,6 +769,145 @@ class Archive:
         if codec is None:
             raise LookupError(f"instance stored with unknown codec {codec_id!r}")
         return codec.decode(blob)
+
+    # -- Verification --------------------------------------------------------------------
+
+    def select_instances(self, which: InstanceFilter) -> list[Instance]:
+        """The index rows (detached) ``which`` selects, by id."""
+        with self.read_sessions() as session:
+            rows = select_instances(session, which)
+            session.expunge_all()
+        return rows
+
+    def instances_by_id(self, instance_ids: Iterable[int]) -> list[Instance]:
+        """The index rows (detached) of these instances, those that still exist, by id."""
+        with self.read_sessions() as session:
+            rows = instances_by_id(session, instance_ids)
+            session.expunge_all()
+        return rows
+
+    def study_instances(self, instance_ids: Iterable[int]) -> dict[int, list[int]]:
+        """The ids of every instance of each study these instances belong to, by study id."""
+        with self.read_sessions() as session:
+            return study_instances(session, instance_ids)
+
+    def verify_study(
+        self, members: list[Instance], selected: set[int]
+    ) -> dict[int, tuple[Verdict, str]]:
+        """Verdicts (and, unless OK, which check failed) on the ``selected`` instances of one
+        study, whose ``members`` are all its instances: every check of :meth:`load_part10`,
+        then the index rows against what each sealed data set and the study's other
+        instances say (a study's index row follows its newest instance)."""
+        verdicts: dict[int, tuple[Verdict, str]] = {}
+        received: dict[int, InstanceAttributes] = {}
+        for instance in members:
+            try:
+                part10 = self.load_part10(instance)
+            except InstanceIntegrityError as exc:
+                verdicts[instance.id] = (exc.verdict, exc.reason)
+                continue
+            verdicts[instance.id] = (Verdict.OK, "")
+            # an attribute pydicom cannot read: not compared
+            with contextlib.suppress(Exception):
+                received[instance.id] = attributes_of(part10)
+        with self.read_sessions() as session:
+            for instance in members:
+                sealed = received.get(instance.id)
+                if instance.id not in selected or sealed is None:
+                    continue
+                if instance.codec_id != IdentityCodec.codec_id:
+                    continue  # not sealed yet: its original is checked against ingest's hashes
+                others = [attrs for other, attrs in received.items() if other != instance.id]
+                mismatch = index_identity_mismatch(session, instance.id, sealed, others)
+                if mismatch is not None:
+                    verdicts[instance.id] = (Verdict.TAMPERED, mismatch)
+        return {i: verdict for i, verdict in verdicts.items() if i in selected}
+
+    # -- Background compression ----------------------------------------------------------
+
+    def pending_compression(self, limit: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """Ids of the instances (of ``shard``, see :func:`index.compression.pending_compression`)
+        still stored as received, oldest first; of quiet series only, with ``[pipeline]
+        series_quiet_seconds``."""
+        quiet = self.settings.pipeline.series_quiet_seconds
+        since = utcnow() - dt.timedelta(seconds=quiet) if quiet else None
+        with self.sessions() as session:
+            return pending_compression(session, Part10Codec.codec_id, limit, shard, since)
+
+    def instance(self, instance_id: int) -> Instance | None:
+        """An index row (detached) by its id; None when there is none."""
+        with self.sessions() as session:
+            row = session.get(Instance, instance_id)
+            if row is not None:
+                session.expunge(row)
+            return row
+
+    def mark_compress_failed(self, instance: Instance) -> None:
+        """Keep an instance's original for good: its compression failed, and is not retried
+        (unless the instance is replaced meanwhile)."""
+        with self.sessions() as session:
+            mark_compress_failed(session, instance.id, instance.blob_key)
+            session.commit()
+
+    def swap_blob(self, instance: Instance, blob: bytes, codec_id: str) -> StoredBlob | None:
+        """Replace an instance's blob by ``blob`` (written by ``codec_id``, verified by the
+        caller): written durably, the row swapped to it in one committed UPDATE that only
+        succeeds while the row still names the blob ``instance`` names, and only then is
+        that blob deleted. Returns the new blob; None when the row moved on meanwhile (a
+        replace won), and the new blob is deleted. A crash anywhere leaves one of the two
+        blobs indexed, never neither."""
+        new = self.blobs.put_bytes(blob, bound_to=instance.sop_instance_uid)
+        with self.sessions() as session:
+            swapped = swap_blob(
+                session,
+                instance.id,
+                instance.blob_key,
+                new.key,
+                codec_id,
+                new.stored_size,
+                new.sha256,
+            )
+            session.commit()
+        if not swapped:
+            self.blobs.delete(new.key)
+            return None
+        self.blobs.delete(instance.blob_key)
+        return new
+
+    # -- Index rebuild (``medzip db rebuild``) -------------------------------------------
+
+    @contextlib.contextmanager
+    def rebuilding(
+        self,
+    ) -> Iterator[Callable[[InstanceAttributes, StorageFacts, dt.datetime], Rebuilt]]:
+        """One transaction that indexes the versions found in the blob store, oldest first,
+        through the function it yields (:func:`~medzip_scp.index.ingest.index_found_version`);
+        committed when the block ends, nothing written when it raises.
+
+        Raises
+        ------
+        IndexNotEmptyError
+            The index holds instances (before anything is written).
+        """
+        with self.sessions() as session:
+            instances, superseded = indexed_counts(session)
+            if instances or superseded:
+                raise IndexNotEmptyError(
+                    f"the index database is not empty (instances: {instances}, superseded "
+                    f"versions: {superseded})"
+                )
+            known_series = KnownSeries()
+
+            def index(
+                attrs: InstanceAttributes, facts: StorageFacts, received_at: dt.datetime
+            ) -> Rebuilt:
+                state = InstanceState.STORED
+                if facts.codec_id != Part10Codec.codec_id:
+                    state = InstanceState.COMPRESSED
+                return index_found_version(session, attrs, facts, received_at, state, known_series)
+
+            yield index
+            session.commit()
 
     # -- Housekeeping --------------------------------------------------------------------
 
@@ -1039,10 +974,7 @@ class Archive:
 
     def _index_is_empty(self) -> bool:
         with self.read_sessions() as session:
-            return all(
-                session.scalar(select(table.id).limit(1)) is None
-                for table in (Instance, SupersededInstance)
-            )
+            return index_is_empty(session)
 
     def _crash_leftover(self, key: str) -> bool:
         """Whether an unindexed blob is what a crash leaves: an original a C-STORE wrote but
@@ -1063,13 +995,7 @@ class Archive:
         if not uid:
             return False
         with self.read_sessions() as session:
-            named = [
-                named_key
-                for table in (Instance, SupersededInstance)
-                for named_key in session.scalars(
-                    select(table.blob_key).where(table.sop_instance_uid == uid)
-                )
-            ]
+            named = blob_keys_of(session, uid)
         return bool(named) and all(self.blobs.exists(named_key) for named_key in named)
 
     def _unindexed_blobs(self, folder: str) -> set[str]:
@@ -1085,11 +1011,131 @@ class Archive:
 
     def instances(self, sop_instance_uids: list[str] | None = None) -> list[Instance]:
         """Index rows, all or by SOP Instance UID (for verification tools)."""
+        if sop_instance_uids is not None and not sop_instance_uids:
+            return []  # an empty filter selects all: no UID, no row
+        which = InstanceFilter(tuple(sop_instance_uids or ()))
         with self.sessions() as session:
-            query = session.query(Instance).order_by(Instance.id)
-            if sop_instance_uids is not None:
-                query = query.filter(Instance.sop_instance_uid.in_(sop_instance_uids))
-            return list(query)
+            return select_instances(session, which)
+
+    # -- Study management ----------------------------------------------------------------
+
+    def studies(
+        self, study_instance_uid: str | None = None, limit: int | None = None
+    ) -> list[StudySummary]:
+        """Summaries of every study (or the one named), newest first (``medzip studies``)."""
+        with self.read_sessions() as session:
+            return study_summaries(session, study_instance_uid, limit)
+
+    def series_of(self, study_instance_uid: str) -> list[SeriesSummary]:
+        with self.read_sessions() as session:
+            return series_of(session, study_instance_uid)
+
+    def study_instance_rows(self, study_instance_uid: str) -> list[Instance]:
+        """A study's instances (detached rows), for export with :meth:`load_part10`."""
+        return self.select_instances(InstanceFilter(study_instance_uid=study_instance_uid))
+
+    def delete_study(self, study_instance_uid: str) -> int | None:
+        """Delete a study for good; returns the number of blobs deleted (None: no such
+        study). Run it with no node serving the data folder: a node keeps the series it
+        indexed in memory.
+
+        Crash-safe order: the blobs and references the study's rows name are written to a
+        journal (``data_dir/deleting/``, fsynced) before the rows' deletion commits; then
+        they are deleted and the journal with them. After a crash, :meth:`finish_deletions`
+        (at the node's start and before each deletion) deletes what a committed deletion
+        left and forgets a journal whose deletion never committed: never a row without
+        its blob, never a deleted study's blob kept."""
+        self.finish_deletions()
+        with self.sessions() as session:
+            deleted = delete_study_rows(session, study_instance_uid)
+            if deleted is None:
+                return None
+            journal = self._deletions / f"{study_instance_uid}.json"
+            self._deletions.mkdir(parents=True, exist_ok=True, mode=0o700)
+            content = {
+                "blobs": deleted.blob_keys,
+                "references": [r.hex() for r in deleted.references],
+            }
+            journal.write_text(json.dumps(content))
+            fsync(journal)
+            fsync(self._deletions, os.O_DIRECTORY)
+            session.commit()
+        self._delete_journaled(journal)
+        return len(deleted.blob_keys)
+
+    @property
+    def _deletions(self) -> Path:
+        return Path(self.settings.storage.data_dir) / "deleting"
+
+    def finish_deletions(self) -> int:
+        """Finish what study deletions a crash interrupted (see :meth:`delete_study`);
+        returns how many journals it found."""
+        journals = sorted(self._deletions.glob("*.json")) if self._deletions.is_dir() else []
+        for journal in journals:
+            self._delete_journaled(journal)
+        return len(journals)
+
+    def _delete_journaled(self, journal: Path) -> None:
+        content = json.loads(journal.read_text())
+        keys = list(content["blobs"])
+        with self.read_sessions() as session:
+            named = named_keys(session, keys)  # rows still there: the deletion never committed
+        for key in keys:
+            if key not in named:
+                self.blobs.delete(key)
+        if not named:
+            for sha in content["references"]:
+                self.blobs.references.discard(bytes.fromhex(sha))
+        journal.unlink()
+        fsync(self._deletions, os.O_DIRECTORY)
+
+    # -- Storage commitment --------------------------------------------------------------
+
+    def commitment_failures(
+        self, references: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """The references (SOP Class UID, SOP Instance UID) the node does not commit to,
+        each with its Failure Reason (PS3.4 J.3.2.1.1): 0x0112 not stored,
+        0x0119 stored under another SOP Class, 0x0110 its blob is missing, refused by its
+        seal, or differs from the checksum recorded when it was stored (or it is marked
+        corrupt). Every other reference is committed: its blob is intact."""
+        references = list(references)
+        uids = [uid for _, uid in references]
+        rows: dict[str, Instance] = {}
+        for start in range(0, len(uids), 1000):  # bounded IN lists
+            rows |= {
+                row.sop_instance_uid: row for row in self.instances(uids[start : start + 1000])
+            }
+        failures: dict[tuple[str, str], int] = {}
+        for reference in references:
+            class_uid, uid = reference
+            row = rows.get(uid)
+            if row is None:
+                failures[reference] = 0x0112
+            elif row.sop_class_uid != class_uid:
+                failures[reference] = 0x0119
+            elif row.state == InstanceState.CORRUPT or not self._blob_intact_now(row):
+                failures[reference] = 0x0110
+        return failures
+
+    def _blob_intact_now(self, row: Instance) -> bool:
+        """Whether the instance's blob is intact; when not, its row once more (background
+        compression may have swapped the blob, and deleted the old one, meanwhile)."""
+        if self._blob_intact(row):
+            return True
+        (current,) = self.instances([row.sop_instance_uid]) or (None,)
+        return (
+            current is not None
+            and current.blob_key != row.blob_key
+            and (self._blob_intact(current))
+        )
+
+    def _blob_intact(self, instance: Instance) -> bool:
+        try:
+            blob = self.blobs.read(instance.blob_key, bound_to=instance.sop_instance_uid)
+        except (BlobNotFoundError, EnvelopeError, OSError):
+            return False
+        return hashlib.sha256(blob).hexdigest() == instance.stored_sha256
 
     def totals(self) -> list[StateTotals]:
         """Instances and their bytes by modality and state (``medzip status``)."""
@@ -1101,10 +1147,21 @@ class Archive:
         with self.read_sessions() as session:
             return last_verification(session)
 
-    def record_verification(
-        self, kind: str, started_at: dt.datetime, checked: int, not_ok: int, interrupted: bool
-    ) -> None:
-        """Record a verification pass: counts only (``kind``: ``"verify"`` or ``"sweep"``)."""
+    def record_verification(self, run: VerificationPass) -> None:
+        """Record a verification pass (counts only) for ``medzip status``."""
         with self.sessions() as session:
-            record_verification(session, kind, started_at, checked, not_ok, interrupted)
+            record_verification(session, run)
             session.commit()
+
+    def health_problems(self) -> list[str]:
+        """Why this node cannot serve now (empty when it can): the index does not answer,
+        or the blob folder cannot be written. For readiness probes: no PHI, no key."""
+        problems = []
+        try:
+            with self.read_sessions() as session:
+                ping(session)
+        except Exception as exc:
+            problems.append(f"the index does not answer ({type(exc).__name__})")
+        if not os.access(self.blobs.root, os.W_OK | os.X_OK):
+            problems.append(f"blob folder {self.blobs.root} is not writable")
+        return problems

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -126,6 +126,9 @@ class StorageSettings(_Section):
     blob_dir: Path | None = Field(None, description="Blob folder; empty: data_dir/blobs.")
     key_file: Path | None = Field(None, description="Blob encryption key; data_dir/keys.")
     duplicate_policy: DuplicatePolicyValues = DuplicatePolicyValues.REJECT
+    allow_delete: bool = Field(
+        False, description="Allow `medzip studies delete` (audited; off: studies are kept)."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -227,6 +230,12 @@ class PipelineSettings(_Section):
         "(each blob replaces its original only after a bit-exact decode).",
     )
     poll_seconds: float = Field(2.0, gt=0, description="Idle wait between compression passes.")
+    series_quiet_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Compress a series only once none of its instances arrived for this "
+        "long (0: at once), so that it is coded as a whole, against one reference of its own.",
+    )
     models_dir: Path | None = Field(
         None,
         description="Folder of the learned codec's models (default: the installation's "
@@ -285,6 +294,28 @@ class IdentitySettings(_Section):
         return keywords
 
 
+class MonitoringSettings(_Section):
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="HTTP port of /metrics (Prometheus), /healthz and /readyz; none: off.",
+    )
+    bind: str = Field(
+        "127.0.0.1", description="Address of the monitoring port (0.0.0.0 in a container)."
+    )
+
+
+class AuditSettings(_Section):
+    enabled: bool = Field(True, description="Keep the audit trail (JSON lines, no PHI).")
+    file: Path | None = Field(None, description="Audit file; default data_dir/audit/audit.jsonl.")
+    max_bytes: int = Field(10 << 20, ge=4096, description="Rotate the file at this size.")
+    backups: int = Field(10, ge=1, description="Rotated files kept (audit.jsonl.1 ...).")
+
+    def resolved_file(self, data_dir: Path) -> Path:
+        return (self.file or data_dir / "audit" / "audit.jsonl").resolve()
+
+
 class TLSSettings(_Section):
     enabled: bool = False
     certificate: Path | None = None
@@ -307,7 +338,10 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(
@@ -497,6 +531,7 @@ EXAMPLE_CONFIG = """\
 # Command-line flags (--port, --aet, --data-dir, --move-destination) override both.
 
 log_level = "INFO"
+log_format = "text"          # or "json": one JSON object per log line (for log shippers)
 
 [node]
 ae_title = "MEDZIP"          # our AE title; associations calling another title are rejected
@@ -518,6 +553,7 @@ database_url = ""            # e.g. "postgresql+psycopg://medzip@db.example/medz
 # key_file = "/etc/medzip/blob.key"   # 32-byte blob encryption key; created on first start
 duplicate_policy = "reject"  # differing copy of a stored SOP Instance UID: "reject" (0x0111)
                              # or "replace" (the old copy is kept as a superseded version)
+allow_delete = false         # `medzip studies delete` (node stopped, audited); off: kept
 
 [access]
 check_called_ae = true
@@ -557,6 +593,8 @@ character_set = "ISO_IR 192"
 compress = true              # compress stored originals in the background (medzip serve);
                              # or run `medzip worker` processes and set this to false
 poll_seconds = 2.0
+series_quiet_seconds = 0.0   # wait until a series is quiet this long before compressing it,
+                             # then code it as a whole (e.g. 60; 0: as instances arrive)
 learned = false              # also try the learned paths: < 2 % smaller, 30-200x slower
 # models_dir = "/opt/medzip/models"  # learned models; default: the installation's models/
 
@@ -570,6 +608,18 @@ private_elements = false     # also seal every private element
 check_on_retrieve = false    # also compare the index with the sealed identity on every
                              # retrieval (strict: a study renamed by later instances is refused)
 sweep_hours = 0.0            # verify every instance this often in the node (0: never)
+
+[monitoring]
+# port = 9100                # HTTP: /metrics (Prometheus), /healthz (alive), /readyz (index and
+                             # blob store answer); off without a port
+bind = "127.0.0.1"           # "0.0.0.0" in a container, for the probes and the scraper
+
+[audit]
+enabled = true               # one JSON line per store, query, retrieve, verify and delete:
+                             # who (AE title, address, user), what (UIDs, counts), outcome
+# file = "/var/log/medzip/audit.jsonl"   # default data_dir/audit/audit.jsonl
+max_bytes = 10485760         # rotate at this size; the node writes, never rewrites
+backups = 10
 
 [tls]
 enabled = false

@@ -40,6 +40,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from medzip_scp.audit import close_audit
 from medzip_scp.config import Settings
 from medzip_scp.index.db import create_engine_for, session_factory, upgrade_database
 from tests.data_paths import NO_SHARED_DATA, SHARED_DATA
@@ -129,6 +130,14 @@ def db_engine(db_url: str) -> Iterator[Engine]:
 def db_session_factory(db_engine: Engine) -> sessionmaker[Session]:
     """Session factory on a migrated, empty index database."""
     return session_factory(db_engine)
+
+
+@pytest.fixture(autouse=True)
+def _audit_closed_after_each_test() -> Iterator[None]:
+    """A command run in-process (CliRunner) configures the audit trail for the process:
+    close it after the test, as the command's own process would end."""
+    yield
+    close_audit()
 
 
 @pytest.fixture(autouse=True)

@@ -153,6 +153,7 @@ def test_an_invalid_password_is_not_shown(tmp_path: Path) -> None:
         (["--move-destination", "VIEWER"], "--move-destination: a C-MOVE destination is"),
         (["--move-destination", "VIEWER=h:0"], "AET=HOST:PORT (e.g. VIEWER=10.0.0.5:11112)"),
         (["--aet", "A_TITLE_OF_20_CHARS_"], "--aet: AE title must be 1-16 characters"),
+        (["--allow", "10.0.0.0/33"], "--allow: "),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path: Path, flags: list[str], expected: str) -> None:

@@ -22,19 +22,19 @@ from medzip_scp.archive import (
     Archive,
     BlobsNotDurableError,
     StoreOutcome,
+    StoreRequest,
     StoreResult,
-    _GroupCommitter,
-    _StoreRequest,
 )
 from medzip_scp.config import Settings, StorageSettings
 from medzip_scp.dicom.part10 import ReceivedObject, read_received
+from medzip_scp.group_commit import GroupCommitter
 from medzip_scp.index.ingest import attributes_from_dataset
 from medzip_scp.index.models import Instance
 
 
-def _request(uid: str) -> _StoreRequest:
+def _request(uid: str) -> StoreRequest:
     attrs: Any = type("Attrs", (), {"sop_instance_uid": uid})()
-    return _StoreRequest(
+    return StoreRequest(
         received=None,  # type: ignore[arg-type]
         attrs=attrs,
         blob=None,  # type: ignore[arg-type]
@@ -54,7 +54,7 @@ class _RecordingCommit:
         self.overlapped = False
         self._lock = threading.Lock()
 
-    def __call__(self, batch: list[_StoreRequest]) -> list[StoreOutcome]:
+    def __call__(self, batch: list[StoreRequest]) -> list[StoreOutcome]:
         with self._lock:
             self.active += 1
             self.overlapped |= self.active > 1
@@ -71,7 +71,7 @@ class _RecordingCommit:
 
 
 def _submit_concurrently(
-    committer: _GroupCommitter, uids: list[str]
+    committer: GroupCommitter, uids: list[str]
 ) -> dict[str, StoreOutcome | BaseException]:
     results: dict[str, StoreOutcome | BaseException] = {}
     start = threading.Barrier(len(uids))
@@ -95,7 +95,7 @@ def _submit_concurrently(
 def test_each_request_gets_its_own_outcome_and_batches_form() -> None:
     commit = _RecordingCommit()
     uids = [f"1.2.{i}" for i in range(8)]
-    results = _submit_concurrently(_GroupCommitter(commit), uids)
+    results = _submit_concurrently(GroupCommitter(commit), uids)
     assert {uid: r.sop_instance_uid for uid, r in results.items()} == {u: u for u in uids}
     committed = [uid for batch, _ in commit.batches for uid in batch]
     assert sorted(committed) == sorted(uids)  # each exactly once
@@ -108,18 +108,18 @@ def test_each_request_gets_its_own_outcome_and_batches_form() -> None:
 def test_a_failing_request_fails_alone() -> None:
     commit = _RecordingCommit(bad="1.2.3")
     uids = [f"1.2.{i}" for i in range(6)]
-    results = _submit_concurrently(_GroupCommitter(commit), uids)
+    results = _submit_concurrently(GroupCommitter(commit), uids)
     assert isinstance(results.pop("1.2.3"), OSError)
     assert all(isinstance(r, StoreOutcome) for r in results.values())
 
 
 def test_a_lone_request_commits_on_its_own_thread() -> None:
     commit = _RecordingCommit()
-    committer = _GroupCommitter(commit)
+    committer = GroupCommitter(commit)
     assert committer.submit(_request("1.2.9")).result is StoreResult.STORED
     assert commit.batches == [(["1.2.9"], threading.current_thread().name)]
     with pytest.raises(OSError):
-        _GroupCommitter(_RecordingCommit(bad="1.2.9")).submit(_request("1.2.9"))
+        GroupCommitter(_RecordingCommit(bad="1.2.9")).submit(_request("1.2.9"))
 
 
 # -- against a real archive (SQLite, blob store on disk) ----------------------------------
@@ -138,14 +138,14 @@ def _spooled(tmp_path: Path, name: str) -> ReceivedObject:
     return read_received(path)
 
 
-def _written_batch(archive: Archive, tmp_path: Path) -> list[_StoreRequest]:
+def _written_batch(archive: Archive, tmp_path: Path) -> list[StoreRequest]:
     """Two requests whose blobs are written, ready for the committer."""
     batch = []
     for name in ("a", "b"):
         received = _spooled(tmp_path, name)
         attrs = attributes_from_dataset(received.header)
         blob, sha256 = archive._write_original(received, attrs.sop_instance_uid)
-        batch.append(_StoreRequest(received, attrs, blob, sha256, "TEST"))
+        batch.append(StoreRequest(received, attrs, blob, sha256, "TEST"))
     return batch
 
 
@@ -156,7 +156,7 @@ def _commit_then_fail_once(archive: Archive, monkeypatch: pytest.MonkeyPatch) ->
     calls = []
 
     def index_batch(
-        batch: list[_StoreRequest], fast: bool, blobs_durable: Callable[[], object]
+        batch: list[StoreRequest], fast: bool, blobs_durable: Callable[[], object]
     ) -> list[StoreOutcome]:
         outcomes = real(batch, fast, blobs_durable)
         calls.append(len(batch))

@@ -249,6 +249,12 @@ def _run_trying_it(command: str, session: Session) -> None:
         stored = sum(session.sent.values())
         # checked, sealed identity (those compressed so far), OK, TAMPERED, KEY-MISSING, ...
         assert re.search(rf"\| {stored} \| \d+ \| {stored} \| 0 \| 0 \| 0 \|", output), output
+    elif re.search(r"\bmedzip status$", command):
+        output = session.run(command)
+        stored = sum(session.sent.values())
+        # the "all" row: instances, then one column per state, the last verification
+        assert re.search(rf"^\| all \| {stored} \|", output, re.M), output
+        assert "last verification: verify finished" in output and f"{stored} checked" in output
     elif re.search(r"\bmedzip codec encode\b", command):
         # the line ends in cmp of the decoded file with the original: exit 0 is bit-exact
         assert re.search(r"&& cmp \S+ \S+$", command), f"{command}: expected to end in a cmp"
@@ -335,3 +341,26 @@ def test_install_and_serve_as_printed(tmp_path: Path) -> None:
         _stop(proc)
         # the fresh venv holds about a GB (torch): do not keep it among pytest's tmp folders
         shutil.rmtree(copy / ".venv", ignore_errors=True)
+
+
+def test_the_layout_lists_every_module() -> None:
+    """README's Layout is true to the code: each module of the package has its line."""
+    text = README.read_text()
+    layout = text[text.index("## Layout") :]
+    package = REPO_ROOT / "medzip_scp"
+    missing = []
+    for path in sorted(package.rglob("*.py")) + sorted(package.rglob("*.c")):
+        if path.name == "__init__.py" and path.parent.name in (
+            "cli",
+            "dicom",
+            "identity",
+            "index",
+            "net",
+            "pipeline",
+            "storage",
+            "codec",
+        ):
+            continue  # an empty package marker: its folder has the line
+        if not re.search(rf"^\s+{re.escape(path.name)}\s", layout, re.M):
+            missing.append(str(path.relative_to(REPO_ROOT)))
+    assert not missing, f"README's Layout lacks: {missing}"

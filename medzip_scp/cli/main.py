@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import logging
 import os
 import signal
@@ -22,6 +25,7 @@ from medzip_scp.cli.train import train_app
 from medzip_scp.config import (
     DEBUG_VARIABLE,
     EXAMPLE_CONFIG,
+    AccessSettings,
     ConfigError,
     NodeSettings,
     Settings,
@@ -33,6 +37,7 @@ from medzip_scp.config import (
 
 if TYPE_CHECKING:
     from medzip_scp.archive import Archive
+    from medzip_scp.index.studies import StudySummary
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -65,9 +70,14 @@ db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
 keys_app = typer.Typer(
     help="Keys: the blob encryption key and the identity keys.", no_args_is_help=True
 )
+studies_app = typer.Typer(
+    help="Studies: list, show and delete (the patient's name shows on this terminal only).",
+    no_args_is_help=True,
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(studies_app, name="studies")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file.", exists=True)
@@ -100,6 +110,7 @@ def _settings(
     port: int | None = None,
     aet: str | None = None,
     move_destinations: list[str] | None = None,
+    allow: list[str] | None = None,
 ) -> Settings:
     try:
         settings = load_settings(config)
@@ -115,6 +126,15 @@ def _settings(
         error = exc.errors()[0]
         flag = {"port": "--port", "ae_title": "--aet"}.get(str(error["loc"][-1]), "--data-dir")
         raise _fail(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
+    if allow:
+        try:  # loopback stays allowed: the node's own tools and probes use it
+            settings.access = AccessSettings.model_validate(
+                settings.access.model_dump()
+                | {"unknown_ae_hosts": [*settings.access.unknown_ae_hosts, *allow]}
+            )
+        except ValidationError as exc:
+            message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise _fail(f"--allow: {message} (a network is 10.0.0.0/8)") from None
     for text in move_destinations or []:
         try:
             dest = parse_destination(text)
@@ -147,12 +167,40 @@ def _open_archive(settings: Settings, migrate: bool = True, need_identity: bool 
         return Archive.open(settings, migrate=migrate, need_identity=need_identity)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _JsonLines(logging.Formatter):
+    """``log_format = "json"``: one JSON object per record, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonLines())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+def _audit(settings: Settings) -> None:
+    """Audit this command's acts into the node's trail (the node rotates it)."""
+    if settings.audit.enabled:
+        from medzip_scp.audit import configure_audit
+
+        file = settings.audit.resolved_file(settings.storage.data_dir)
+        configure_audit(file, settings.audit.max_bytes, settings.audit.backups, rotates=False)
 
 
 @app.command()
@@ -168,16 +216,25 @@ def serve(
     processes: Annotated[
         int | None, typer.Option("--processes", help="Node processes sharing the port.", min=1)
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also accept unknown calling AEs from this network (CIDR, repeatable), "
+            "e.g. 10.0.0.0/8; [access] in the config file lists peers and rights.",
+        ),
+    ] = None,
 ) -> None:
     """Run the DICOM node (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until stopped."""
     from medzip_scp.net.supervisor import NodeError, run_node
 
-    settings = _settings(config, data_dir, port, aet, move_destination)
+    settings = _settings(config, data_dir, port, aet, move_destination, allow)
     if processes is not None:
         settings.node.processes = processes
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     try:
-        run_node(settings, say=typer.echo, configure_logging=_logging)
+        configure_logging = functools.partial(_logging, log_format=settings.log_format)
+        run_node(settings, say=typer.echo, configure_logging=configure_logging)
     except NodeError as exc:
         raise _fail(str(exc)) from None
 
@@ -202,21 +259,16 @@ def worker(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = _settings(config, data_dir)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     archive = _open_archive(settings)
     codec = archive.compressing_codec()
     if once:
         summary = compress_pending(
             archive, codec, progress=_progress_bar("compressing"), shard=part
         )
-        typer.echo(
-            "| compressed | failed | skipped | original bytes | stored bytes | ratio |\n"
-            "|---|---|---|---|---|---|\n"
-            f"| {summary.compressed} | {summary.failed} | {summary.skipped} "
-            f"| {summary.original_bytes} | {summary.stored_bytes} | {summary.ratio:.2f} |"
-        )
-        for uid, reason in summary.failures:
-            typer.echo(f"failed: {uid}: {reason}")
+        typer.echo(summary.table())
+        if summary.interrupted:
+            raise typer.Exit(130)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -434,9 +486,210 @@ def verify(
     settings = _settings(config, data_dir)
     _logging("WARNING")
     archive = _open_archive(settings, need_identity=False)
+    _audit(settings)
     report = verify_archive(archive, which, progress=_progress_bar("verifying"))
     typer.echo(report.json() if as_json else report.table())
     raise typer.Exit(0 if report.ok and not report.interrupted else 1)
+
+
+StudyArgument = Annotated[str, typer.Argument(help="Study Instance UID.")]
+
+
+def _study_table(studies: list[StudySummary]) -> str:
+    lines = [
+        "| Study Instance UID | date | patient ID | patient name | modalities | series "
+        "| instances | received bytes | stored bytes |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for s in studies:
+        lines.append(
+            f"| {s.study_instance_uid} | {s.study_date} | {s.patient_id} | {s.patient_name} "
+            f"| {s.modalities} | {s.series} | {s.instances} | {s.original_bytes} "
+            f"| {s.stored_bytes} |"
+        )
+    return "\n".join(lines)
+
+
+@studies_app.command("list")
+def studies_list(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+) -> None:
+    """List the studies, newest study date first: UID, date, patient, modalities, counts."""
+    from medzip_scp.audit import local_user, record
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    studies = _open_archive(settings, need_identity=False).studies(limit=limit)
+    _audit(settings)
+    record("list", "success", user=local_user(), studies=len(studies))  # names shown
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(s) for s in studies], indent=1))
+    else:
+        typer.echo(_study_table(studies))
+
+
+@studies_app.command("show")
+def studies_show(
+    study: StudyArgument,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+) -> None:
+    """Show one study and its series."""
+    from medzip_scp.audit import local_user, record
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    archive = _open_archive(settings, need_identity=False)
+    _audit(settings)
+    found = archive.studies(study)
+    record("show", "success" if found else "failure", user=local_user(), study_instance_uid=study)
+    if not found:
+        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+    series = archive.series_of(study)
+    if as_json:
+        document = dataclasses.asdict(found[0]) | {
+            "series": [dataclasses.asdict(s) for s in series]
+        }
+        typer.echo(json.dumps(document, indent=1))
+        return
+    lines = [
+        _study_table(found),
+        "",
+        "| Series Instance UID | number | modality | description | instances | received bytes "
+        "| stored bytes |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for s in series:
+        lines.append(
+            f"| {s.series_instance_uid} | {'' if s.series_number is None else s.series_number} "
+            f"| {s.modality} | {s.series_description} | {s.instances} | {s.original_bytes} "
+            f"| {s.stored_bytes} |"
+        )
+    typer.echo("\n".join(lines))
+
+
+@studies_app.command("delete")
+def studies_delete(
+    study: StudyArgument,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask; delete.")] = False,
+) -> None:
+    """Delete a study for good: its index rows, then its blobs; audited. Needs the
+    storage setting allow_delete = true and the node stopped (it holds the data folder)."""
+    from medzip_scp.audit import local_user, record
+    from medzip_scp.net.supervisor import NodeError, hold_data_dir
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    if not settings.storage.allow_delete:
+        raise _fail(
+            "deleting studies is off: set allow_delete = true under [storage] in the "
+            "configuration (or MEDZIP_STORAGE__ALLOW_DELETE=true) to allow it"
+        )
+    try:
+        held = hold_data_dir(settings.storage.data_dir)  # no node indexes meanwhile
+    except NodeError as exc:
+        raise _fail(f"{exc}; stop the node to delete studies") from None
+    try:
+        archive = _open_archive(settings, need_identity=False)
+        _audit(settings)
+        found = archive.studies(study)
+        if not found:
+            raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+        summary = found[0]
+        if not yes:
+            typer.confirm(
+                f"delete study {study} ({summary.instances} instances, {summary.series} "
+                "series) for good?",
+                abort=True,
+            )
+        deleted: int | None = None
+        try:
+            deleted = archive.delete_study(study)
+        finally:  # also when it failed half-way (the node finishes it at its next start)
+            record(
+                "delete",
+                "success" if deleted is not None else "failure",
+                user=local_user(),
+                study_instance_uid=study,
+                instances=summary.instances,
+                blobs=deleted or 0,
+            )
+    finally:
+        os.close(held)
+    typer.echo(
+        f"deleted study {study}: {summary.instances} instances in {summary.series} series, "
+        f"{deleted} blobs"
+    )
+
+
+@app.command()
+def export(
+    study: StudyArgument,
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the Part-10 files into.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Write a study's instances as they were received, one Part-10 file each, under
+    TO/<Study UID>/<Series UID>/<SOP Instance UID>.dcm; each is checked on the way (as on
+    retrieval). Exits 1 unless every instance was written."""
+    from medzip_scp.archive import InstanceIntegrityError
+    from medzip_scp.audit import local_user, record
+
+    settings = _settings(config, data_dir)
+    _logging("WARNING")
+    archive = _open_archive(settings, need_identity=False)
+    _audit(settings)
+    rows = archive.study_instance_rows(study)
+    if not rows:
+        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+    progress = _progress_bar("exporting")
+    written, failed, size = 0, [], 0
+    interrupted = False
+    try:
+        for done, row in enumerate(rows, 1):
+            try:
+                part10 = archive.load_part10(row)
+            except InstanceIntegrityError as exc:
+                failed.append((row.sop_instance_uid, exc.reason))
+                continue
+            folder = to / study / (_series_uid_of(part10) or "unknown-series")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{row.sop_instance_uid}.dcm").write_bytes(part10)
+            written += 1
+            size += len(part10)
+            if progress is not None:
+                progress(done, len(rows))
+    except KeyboardInterrupt:
+        interrupted = True
+    record(
+        "export",
+        "interrupted" if interrupted else "success" if not failed else "failure",
+        user=local_user(),
+        study_instance_uid=study,
+        written=written,
+        failed=len(failed),
+    )
+    typer.echo(
+        "| instances | written | failed | bytes |\n|---:|---:|---:|---:|\n"
+        f"| {len(rows)} | {written} | {len(failed)} | {size} |"
+    )
+    for uid, reason in failed:
+        typer.echo(f"not exported: {uid}: {reason}")
+    if interrupted:
+        typer.echo("interrupted: the files above are the ones written so far")
+    raise typer.Exit(0 if written == len(rows) else 1)
+
+
+def _series_uid_of(part10: bytes) -> str:
+    from medzip_scp.dicom.part10 import instance_uids
+
+    return instance_uids(part10)[1]
 
 
 def _progress_bar(label: str) -> Callable[[int, int], None] | None:

@@ -1,12 +1,16 @@
 """Encapsulated lossless objects stored as pixels, their original bytes regenerated.
 
 An object that arrives JPEG Lossless (process 14, PS3.5 A.4.1; the usual lossless syntax of
-CR/DX/MR forwarded by PACS) or RLE Lossless (A.4.2) would otherwise be kept as it came: no
-smaller than its JPEG or RLE. :func:`recode` decodes each frame, lets the codec store the
-pixels, and keeps everything else of the file *except* the bytes the pixels determine (the
-"holes"): for JPEG Lossless each frame's entropy-coded data, which :func:`restore` codes back
-from the pixels (:mod:`medzip_scp.codec.jpeg_lossless`); for RLE each frame's run data, put
-back between the run headers the record keeps (:mod:`medzip_scp.codec.rle_lossless`). Item
+CR/DX/MR forwarded by PACS), JPEG-LS lossless (A.4.3) or RLE Lossless (A.4.2) would otherwise
+be kept as it came: no smaller than its JPEG or RLE. :func:`recode` decodes each frame, lets
+the codec store the pixels, and keeps everything else of the file *except* the bytes the
+pixels determine (the "holes"): for JPEG Lossless and JPEG-LS each frame's entropy-coded
+data, which :func:`restore` codes back from the pixels (:mod:`medzip_scp.codec.jpeg_lossless`,
+:mod:`medzip_scp.codec.jpegls_lossless`); for RLE each frame's run data, put back between the
+run headers the record keeps (:mod:`medzip_scp.codec.rle_lossless`). JPEG 2000 is not
+recoded: its coders have too many freedoms (code-block passes, termination, layers) for
+OpenJPEG to reproduce another encoder's codestream (measured: none of the shared data's
+Kakadu, JasPer or GDCM codestreams came back). Item
 tags, the offset table, fragment boundaries, JPEG marker segments, padding and whatever
 follows stay verbatim, so the original file comes back byte for byte. Before any of this is
 used, every frame is rebuilt and compared with the original: one byte off and the file is
@@ -18,24 +22,20 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.uid import JPEGLossless, JPEGLosslessSV1, RLELossless
+from pydicom.uid import JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
+from medzip_scp.codec import jpeg_lossless, jpegls_lossless
 from medzip_scp.codec.api import FrameSet, PixelLayout
 from medzip_scp.codec.container import get_varint, put_varint
 from medzip_scp.codec.errors import CorruptStreamError
-from medzip_scp.codec.jpeg_lossless import (
-    LosslessScan,
-    UnsupportedCodestream,
-    entropy_coded,
-    parse,
-)
 from medzip_scp.codec.rle_lossless import (
     NotSplittable,
     join,
@@ -46,8 +46,8 @@ from medzip_scp.codec.rle_lossless import (
 from medzip_scp.dicom.frames import FrameHeaderError, fragments
 
 JPEG_LOSSLESS_SYNTAXES = frozenset({JPEGLossless, JPEGLosslessSV1})
-RECODED_SYNTAXES = JPEG_LOSSLESS_SYNTAXES | {RLELossless}
-_JPEG, _RLE = 0, 1  # the record's kind byte: part of the format
+RECODED_SYNTAXES = JPEG_LOSSLESS_SYNTAXES | {JPEGLSLossless, RLELossless}
+_JPEG, _RLE, _JPEGLS = 0, 1, 2  # the record's kind byte: part of the format
 _MAX_EXPANSION = 64  # decoded bytes per encapsulated byte, at most
 _PIXEL_DATA = 0x7FE00010
 _COUNT = struct.Struct("<I")
@@ -62,7 +62,7 @@ class Recoded:
     """The frames' pixels, what each frame needs besides them, and where its bytes were."""
 
     frames: FrameSet
-    kind: int  # _JPEG: each frame's scan; _RLE: each frame's skeleton
+    kind: int  # _JPEG, _JPEGLS: each frame's scan; _RLE: each frame's skeleton
     frame_records: list[bytes]
     holes: list[tuple[int, int]]  # (offset in the file, length), in file order
     value_offset: int  # where the Pixel Data value starts in the file
@@ -151,7 +151,7 @@ def recode(part10: bytes) -> Recoded:
         except Exception as exc:
             raise NotRecoded(f"not parsable ({type(exc).__name__})") from None
     if syntax not in RECODED_SYNTAXES:
-        raise NotRecoded("not JPEG Lossless or RLE Lossless")
+        raise NotRecoded("not JPEG Lossless, JPEG-LS lossless or RLE Lossless")
     declared = n_frames * rows * columns * samples * -(-bits_allocated // 8)
     if declared > _MAX_EXPANSION * len(part10) + (1 << 20):
         # a Huffman-coded sample takes at least a bit, an RLE run at most 128 bytes for 2:
@@ -164,29 +164,69 @@ def recode(part10: bytes) -> Recoded:
     per_frame = _frames_of(table, fragments, n_frames)
     if syntax == RLELossless:
         return _recode_rle(part10, per_frame, value_offset, rows, columns, samples, bits_allocated)
-    return _recode_jpeg(part10, per_frame, value_offset)
+    family = _SCANS[_JPEGLS if syntax == JPEGLSLossless else _JPEG]
+    return _recode_scans(part10, per_frame, value_offset, family)
 
 
-def _recode_jpeg(
-    part10: bytes, per_frame: list[list[tuple[int, int]]], value_offset: int
+@dataclass(frozen=True)
+class _ScanFamily:
+    """A codestream whose entropy-coded data the pixels and a few parameters determine."""
+
+    name: str
+    kind: int
+    parse: Callable[[bytes], Any]  # the scan (parameters and ECS position) of a codestream
+    decode: Callable[[bytes, Any], np.ndarray]
+    entropy_coded: Callable[[np.ndarray, Any], bytes]
+    unpack: Callable[[bytes, int], tuple[Any, int]]  # a scan from its record
+    unsupported: type[Exception]
+
+
+_SCANS = {
+    _JPEG: _ScanFamily(
+        "JPEG Lossless",
+        _JPEG,
+        jpeg_lossless.parse,
+        lambda stream, _scan: np.asarray(imagecodecs.ljpeg_decode(stream)),
+        jpeg_lossless.entropy_coded,
+        jpeg_lossless.LosslessScan.unpack,
+        jpeg_lossless.UnsupportedCodestream,
+    ),
+    _JPEGLS: _ScanFamily(
+        "JPEG-LS",
+        _JPEGLS,
+        jpegls_lossless.parse,
+        jpegls_lossless.decode,
+        jpegls_lossless.entropy_coded,
+        jpegls_lossless.JpegLsScan.unpack,
+        jpegls_lossless.UnsupportedJpegLs,
+    ),
+}
+
+
+def _recode_scans(
+    part10: bytes, per_frame: list[list[tuple[int, int]]], value_offset: int, family: _ScanFamily
 ) -> Recoded:
-    scans: list[LosslessScan] = []
+    scans = []
     pixels = []
     holes: list[tuple[int, int]] = []
     for pieces in per_frame:
         stream = b"".join(part10[o : o + n] for o, n in pieces)
         try:
-            scan = parse(stream)
-            decoded = np.asarray(imagecodecs.ljpeg_decode(stream))
-        except UnsupportedCodestream as exc:
-            raise NotRecoded(f"JPEG Lossless codestream: {exc}") from None
+            scan = family.parse(stream)
+            decoded = family.decode(stream, scan)
+        except family.unsupported as exc:
+            raise NotRecoded(f"{family.name} codestream: {exc}") from None
         except Exception as exc:
             raise NotRecoded(
-                f"JPEG Lossless frame does not decode ({type(exc).__name__})"
+                f"{family.name} frame does not decode ({type(exc).__name__})"
             ) from None
         if decoded.shape != (scan.rows, scan.columns) or int(decoded.max()) >> scan.precision:
             raise NotRecoded("decoded frame does not match its codestream's header")
-        if entropy_coded(decoded, scan) != stream[scan.ecs_start : scan.ecs_end]:
+        try:
+            same = family.entropy_coded(decoded, scan) == stream[scan.ecs_start : scan.ecs_end]
+        except family.unsupported:
+            same = False
+        if not same:
             raise NotRecoded("entropy-coded data not reproduced from the pixels")
         scans.append(scan)
         pixels.append(decoded)
@@ -199,7 +239,7 @@ def _recode_jpeg(
                          first.precision, False)  # fmt: skip
     stack = np.stack(pixels).astype(layout.dtype).reshape(len(pixels), *layout.frame_shape)
     records = [scan.pack() for scan in scans]
-    return Recoded(FrameSet(layout, stack), _JPEG, records, holes, value_offset)
+    return Recoded(FrameSet(layout, stack), family.kind, records, holes, value_offset)
 
 
 def _recode_rle(
@@ -247,16 +287,17 @@ def _unpack(record: bytes) -> tuple[int, list[bytes], list[tuple[int, int]]]:
         length, pos = get_varint(record, pos)
         holes.append((at + gap, length))
         at += gap + length
-    if pos != len(record) or kind not in (_JPEG, _RLE):
+    if pos != len(record) or kind not in (_JPEG, _RLE, _JPEGLS):
         raise ValueError(f"kind {kind}, {len(record) - pos} bytes left over")
     return kind, frame_records, holes
 
 
 def _frame_bytes(kind: int, record: bytes, pixels: np.ndarray) -> bytes:
     """The bytes of one frame's holes, from its record and pixels ``(rows, columns, samples)``."""
-    if kind == _JPEG:
-        scan, _ = LosslessScan.unpack(record, 0)
-        return entropy_coded(pixels[..., 0], scan)
+    if kind in _SCANS:
+        family = _SCANS[kind]
+        scan, _ = family.unpack(record, 0)
+        return family.entropy_coded(pixels[..., 0], scan)
     sample_bytes = pixels.dtype.itemsize
     return join(record, samples_to_planes(pixels, sample_bytes))
 
@@ -271,7 +312,14 @@ def restore(frames: FrameSet, record: bytes, with_holes: bytes) -> bytes:
         data = b"".join(
             _frame_bytes(kind, r, frames.pixels[k]) for k, r in enumerate(frame_records)
         )
-    except (ValueError, IndexError, KeyError, struct.error, UnsupportedCodestream) as exc:
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+        struct.error,
+        jpeg_lossless.UnsupportedCodestream,
+        jpegls_lossless.UnsupportedJpegLs,
+    ) as exc:
         raise CorruptStreamError(f"DICOM adapter: recoded record invalid ({exc})") from None
     if len(data) != sum(length for _, length in holes):
         raise CorruptStreamError("DICOM adapter: regenerated pixel data does not fill its holes")

@@ -26,7 +26,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, event, select, text
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +40,7 @@ __all__ = [
     "alembic_config",
     "create_engine_for",
     "current_revision",
+    "ping",
     "schema_differences",
     "session_factory",
     "upgrade_database",
@@ -49,6 +50,9 @@ __all__ = [
 SQLITE_BEGIN_OPTION = "medzip_sqlite_begin"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: PostgreSQL advisory lock key held while migrating (any fixed 64-bit number: "medzip")
+_MIGRATE_LOCK = int.from_bytes(b"medzip", "big")
 
 #: SQL function registered on SQLite connections: Python's ``str.lower``.
 SQLITE_LOWER_FUNCTION = "medzip_lower"
@@ -166,6 +170,12 @@ def session_factory(engine: Engine, *, readonly: bool = False) -> sessionmaker[S
     return sessionmaker(bind=bind, expire_on_commit=True)
 
 
+def ping(session: Session) -> None:
+    """Ask the database a trivial question; raises what its driver raises when it does not
+    answer (readiness probes)."""
+    session.execute(select(1))
+
+
 def alembic_config(url: str | None = None) -> Config:
     """Build the Alembic configuration of the repository checkout.
 
@@ -199,11 +209,25 @@ def upgrade_database(url: str) -> None:
     engine = create_engine_for(url)
     try:
         with engine.connect() as connection:
-            config = alembic_config(url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-            if connection.in_transaction():
-                connection.commit()
+            postgres = connection.dialect.name == "postgresql"
+            if postgres:
+                # One migrator at a time: a node, its workers and other pods may start
+                # together; the others wait, then find the schema current.
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATE_LOCK})
+                connection.commit()  # the lock is the session's: it outlives this
+            try:
+                config = alembic_config(url)
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if connection.in_transaction():
+                    connection.commit()
+            finally:
+                if postgres:
+                    connection.rollback()
+                    connection.execute(
+                        text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATE_LOCK}
+                    )
+                    connection.commit()
     finally:
         engine.dispose()
 

@@ -6,7 +6,7 @@ patient names, patient IDs, birth dates or accession numbers.
 
 from __future__ import annotations
 
-__all__ = ["DuplicateInstanceError", "IndexError_", "MissingAttributeError"]
+__all__ = ["DuplicateInstanceError", "IndexError_", "IndexNotEmptyError", "MissingAttributeError"]
 
 
 class IndexError_(Exception):  # trailing underscore: do not shadow the builtin
@@ -42,3 +42,7 @@ class DuplicateInstanceError(IndexError_):
     def __init__(self, sop_instance_uid: str) -> None:
         self.sop_instance_uid = sop_instance_uid
         super().__init__(f"SOP Instance UID {sop_instance_uid} is already indexed")
+
+
+class IndexNotEmptyError(IndexError_):
+    """The database to rebuild into (``medzip db rebuild``) already holds instances."""

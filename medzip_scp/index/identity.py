@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -10,7 +12,14 @@ from sqlalchemy.orm import Session
 from medzip_scp.index.ingest import InstanceAttributes
 from medzip_scp.index.models import Instance, Patient, Series, Study
 
-__all__ = ["identity_differences", "index_identity_mismatch", "study_instances"]
+__all__ = [
+    "InstanceFilter",
+    "identity_differences",
+    "index_identity_mismatch",
+    "instances_by_id",
+    "select_instances",
+    "study_instances",
+]
 
 # (keyword, index column, InstanceAttributes field): what identifies whose image this is
 _COMPARED = (
@@ -110,3 +119,37 @@ def study_instances(session: Session, instance_ids: Iterable[int]) -> dict[int, 
     for study_id, instance_id in rows:
         out.setdefault(study_id, []).append(instance_id)
     return out
+
+
+def instances_by_id(session: Session, instance_ids: Iterable[int]) -> list[Instance]:
+    """The rows of these instances (those that still exist), by id."""
+    rows = session.scalars(select(Instance).where(Instance.id.in_(list(instance_ids))))
+    return sorted(rows, key=lambda row: row.id)
+
+
+@dataclass(frozen=True)
+class InstanceFilter:
+    """Which instances to check (all of them when every field is empty)."""
+
+    sop_instance_uids: tuple[str, ...] = ()
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    since: dt.datetime | None = None  # received at or after
+
+
+def select_instances(session: Session, which: InstanceFilter) -> list[Instance]:
+    """The rows of the instances ``which`` selects, by id."""
+    query = select(Instance).order_by(Instance.id)
+    if which.sop_instance_uids:
+        query = query.where(Instance.sop_instance_uid.in_(which.sop_instance_uids))
+    if which.study_instance_uid or which.series_instance_uid:
+        query = query.join(Series, Instance.series_fk == Series.id)
+        if which.series_instance_uid:
+            query = query.where(Series.series_instance_uid == which.series_instance_uid)
+        if which.study_instance_uid:
+            query = query.join(Study, Series.study_fk == Study.id).where(
+                Study.study_instance_uid == which.study_instance_uid
+            )
+    if which.since is not None:
+        query = query.where(Instance.received_at >= which.since)
+    return list(session.scalars(query))

@@ -23,10 +23,11 @@ import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -45,10 +46,14 @@ from medzip_scp.index.models import (
 __all__ = [
     "InstanceAttributes",
     "KnownSeries",
+    "Rebuilt",
+    "StorageFacts",
     "add_instance",
     "add_instances_of_known_series",
     "attributes_from_dataset",
     "get_instance",
+    "index_found_version",
+    "indexed_counts",
     "indexed_content",
     "normalise_da",
     "normalise_tm",
@@ -58,6 +63,30 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class StorageFacts:
+    """What the index records of an instance version's blob and its arrival, besides the
+    attributes read from its data set."""
+
+    transfer_syntax_uid: str
+    blob_key: str
+    original_size: int  # of the data set as received (after File Meta)
+    original_sha256: str  # hex, of the same bytes
+    stored_size: int  # of the blob
+    stored_sha256: str  # hex, of the blob's plaintext
+    codec_id: str  # the instance codec that wrote the blob
+    calling_ae_title: str
+
+    @classmethod
+    def of(cls, row: Instance) -> StorageFacts:
+        """The facts an index row records."""
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
+
+    def columns(self) -> dict[str, Any]:
+        """The facts as column values of an instance row."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -486,34 +515,20 @@ def _hierarchy(session: Session, attrs: InstanceAttributes) -> Series:
 
 def _instance_values(
     attrs: InstanceAttributes,
-    *,
-    transfer_syntax_uid: str,
-    blob_key: str,
-    original_size: int,
-    original_sha256: str,
-    stored_size: int,
-    stored_sha256: str,
-    codec_id: str,
-    calling_ae_title: str,
+    facts: StorageFacts,
     received_at: dt.datetime | None = None,
     state: InstanceState = InstanceState.STORED,
 ) -> dict[str, Any]:
     return {
         "sop_class_uid": attrs.sop_class_uid,
         "instance_number": attrs.instance_number,
-        "transfer_syntax_uid": transfer_syntax_uid,
         "rows": attrs.rows,
         "columns": attrs.columns,
         "number_of_frames": attrs.number_of_frames,
         "specific_character_set": attrs.specific_character_set,
-        "blob_key": blob_key,
-        "original_size": original_size,
-        "original_sha256": original_sha256,
-        "stored_size": stored_size,
-        "stored_sha256": stored_sha256,
-        "codec_id": codec_id,
+        **facts.columns(),
         "state": state,
-        "calling_ae_title": calling_ae_title.strip(),
+        "calling_ae_title": facts.calling_ae_title.strip(),
         "received_at": utcnow() if received_at is None else received_at,
     }
 
@@ -521,15 +536,8 @@ def _instance_values(
 def add_instance(
     session: Session,
     attrs: InstanceAttributes,
+    facts: StorageFacts,
     *,
-    transfer_syntax_uid: str,
-    blob_key: str,
-    original_size: int,
-    original_sha256: str,
-    stored_size: int,
-    stored_sha256: str,
-    codec_id: str,
-    calling_ae_title: str,
     received_at: dt.datetime | None = None,
     state: InstanceState = InstanceState.STORED,
     known_series: KnownSeries | None = None,
@@ -549,9 +557,8 @@ def add_instance(
         Session whose transaction the caller commits (or rolls back).
     attrs : InstanceAttributes
         From :func:`attributes_from_dataset`.
-    transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
-stored_sha256, codec_id, calling_ae_title
-        Storage facts of the blob written for this instance.
+    facts : StorageFacts
+        Of the blob written for this instance.
     received_at, state : optional
         When it was received (default: now) and its state (default: as received); given
         by ``medzip db rebuild``, which indexes what was received long ago.
@@ -578,19 +585,7 @@ stored_sha256, codec_id, calling_ae_title
     instance = Instance(
         sop_instance_uid=attrs.sop_instance_uid,
         series_fk=series_id,
-        **_instance_values(
-            attrs,
-            transfer_syntax_uid=transfer_syntax_uid,
-            blob_key=blob_key,
-            original_size=original_size,
-            original_sha256=original_sha256,
-            stored_size=stored_size,
-            stored_sha256=stored_sha256,
-            codec_id=codec_id,
-            calling_ae_title=calling_ae_title,
-            received_at=received_at,
-            state=state,
-        ),
+        **_instance_values(attrs, facts, received_at, state),
     )
     session.flush()  # write hierarchy updates outside the savepoint below
     try:
@@ -605,7 +600,7 @@ stored_sha256, codec_id, calling_ae_title
 
 def add_instances_of_known_series(
     session: Session,
-    new: list[tuple[InstanceAttributes, dict[str, Any]]],
+    new: list[tuple[InstanceAttributes, StorageFacts]],
     known_series: KnownSeries,
 ) -> list[bool]:
     """Index, in one statement, instances whose series this process committed with the
@@ -614,12 +609,11 @@ def add_instances_of_known_series(
     fast path: no look-ups, ORM objects or savepoints, which cost the ORM path about 1 ms
     per instance.
 
-    ``new`` pairs each instance's attributes with the storage facts :func:`add_instance`
-    takes as keywords, in arrival order. Only the leading run of instances of known series
-    is considered: from the first other one on, the caller's path may change patient,
-    study or series rows, and later instances must see that (the newest values win). A
-    UID already indexed, by anyone, or twice in the run is left to the caller too
-    (``ON CONFLICT DO NOTHING``).
+    ``new`` pairs each instance's attributes with its storage facts, in arrival order.
+    Only the leading run of instances of known series is considered: from the first other
+    one on, the caller's path may change patient, study or series rows, and later instances
+    must see that (the newest values win). A UID already indexed, by anyone, or twice in the
+    run is left to the caller too (``ON CONFLICT DO NOTHING``).
     """
     rows: dict[str, tuple[int, dict[str, Any]]] = {}
     for position, (attrs, facts) in enumerate(new):
@@ -632,7 +626,7 @@ def add_instances_of_known_series(
                 {
                     "sop_instance_uid": attrs.sop_instance_uid,
                     "series_fk": series_id,
-                    **_instance_values(attrs, **facts),
+                    **_instance_values(attrs, facts),
                 },
             )
     indexed = [False] * len(new)
@@ -660,15 +654,8 @@ def replace_instance(
     session: Session,
     existing: Instance,
     attrs: InstanceAttributes,
+    facts: StorageFacts,
     *,
-    transfer_syntax_uid: str,
-    blob_key: str,
-    original_size: int,
-    original_sha256: str,
-    stored_size: int,
-    stored_sha256: str,
-    codec_id: str,
-    calling_ae_title: str,
     received_at: dt.datetime | None = None,
     state: InstanceState = InstanceState.STORED,
     known_series: KnownSeries | None = None,
@@ -687,9 +674,8 @@ def replace_instance(
         The current row, e.g. from :func:`get_instance`.
     attrs : InstanceAttributes
         Attributes of the new version; its SOP Instance UID must equal the existing one.
-    transfer_syntax_uid, blob_key, original_size, original_sha256, stored_size, \
-stored_sha256, codec_id, calling_ae_title
-        Storage facts of the new version's blob.
+    facts : StorageFacts
+        Of the new version's blob.
     received_at, state : optional
         As :func:`add_instance`.
     known_series : KnownSeries, optional
@@ -718,32 +704,13 @@ stored_sha256, codec_id, calling_ae_title
             sop_class_uid=existing.sop_class_uid,
             series_instance_uid=old_series,
             study_instance_uid=old_study,
-            transfer_syntax_uid=existing.transfer_syntax_uid,
-            blob_key=existing.blob_key,
-            original_size=existing.original_size,
-            original_sha256=existing.original_sha256,
-            stored_size=existing.stored_size,
-            stored_sha256=existing.stored_sha256,
-            codec_id=existing.codec_id,
-            calling_ae_title=existing.calling_ae_title,
+            **StorageFacts.of(existing).columns(),
             received_at=existing.received_at,
             superseded_at=utcnow(),
         )
     )
     series = _hierarchy(session, attrs)
-    values = _instance_values(
-        attrs,
-        transfer_syntax_uid=transfer_syntax_uid,
-        blob_key=blob_key,
-        original_size=original_size,
-        original_sha256=original_sha256,
-        stored_size=stored_size,
-        stored_sha256=stored_sha256,
-        codec_id=codec_id,
-        calling_ae_title=calling_ae_title,
-        received_at=received_at,
-        state=state,
-    )
+    values = _instance_values(attrs, facts, received_at, state)
     for name, value in values.items():
         setattr(existing, name, value)
     existing.series_fk = series.id
@@ -751,3 +718,55 @@ stored_sha256, codec_id, calling_ae_title
         known_series.note(attrs, series.id)
     session.flush()
     return existing
+
+
+class Rebuilt(Enum):
+    """What :func:`index_found_version` made of a version found in the blob store."""
+
+    INDEXED = "indexed"  # the instance's first version found
+    COPY = "copy"  # a second copy of the indexed version: not indexed
+    SUPERSEDED = "superseded"  # a newer version: the indexed one is kept superseded
+
+
+def index_found_version(
+    session: Session,
+    attrs: InstanceAttributes,
+    facts: StorageFacts,
+    received_at: dt.datetime,
+    state: InstanceState,
+    known_series: KnownSeries,
+) -> Rebuilt:
+    """Index a version of an instance found in the blob store (``medzip db rebuild``, which
+    offers them oldest first): the newest version found is the current one. The caller
+    commits, once, at the end."""
+    existing = get_instance(session, attrs.sop_instance_uid)
+    if existing is None:
+        add_instance(
+            session, attrs, facts, received_at=received_at, state=state, known_series=known_series
+        )
+        outcome = Rebuilt.INDEXED
+    elif existing.original_sha256 == facts.original_sha256:
+        return Rebuilt.COPY
+    else:
+        replace_instance(
+            session,
+            existing,
+            attrs,
+            facts,
+            received_at=received_at,
+            state=state,
+            known_series=known_series,
+        )
+        outcome = Rebuilt.SUPERSEDED
+    # Counted as committed at once: a rollback ends the whole rebuild, KnownSeries with it.
+    known_series.committed()
+    return outcome
+
+
+def indexed_counts(session: Session) -> tuple[int, int]:
+    """How many instances, and superseded versions, the index holds."""
+    instances, superseded = (
+        session.scalar(select(func.count(table.id))) or 0
+        for table in (Instance, SupersededInstance)
+    )
+    return instances, superseded

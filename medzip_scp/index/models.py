@@ -236,7 +236,9 @@ class Instance(Base):
         default=InstanceState.STORED,
     )
     calling_ae_title: Mapped[str] = _text()
-    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    received_at: Mapped[dt.datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, index=True
+    )
 
     series: Mapped[Series] = relationship(back_populates="instances", lazy="raise")
 

@@ -3,6 +3,7 @@ by modality and state, and the verification passes. Counts and sums only: no UID
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -11,7 +12,13 @@ from sqlalchemy.orm import Session
 
 from medzip_scp.index.models import Instance, InstanceState, Series, VerificationRun
 
-__all__ = ["StateTotals", "instance_totals", "last_verification", "record_verification"]
+__all__ = [
+    "StateTotals",
+    "VerificationPass",
+    "instance_totals",
+    "last_verification",
+    "record_verification",
+]
 
 
 @dataclass(frozen=True)
@@ -45,24 +52,20 @@ def instance_totals(session: Session) -> list[StateTotals]:
     ]
 
 
-def record_verification(
-    session: Session,
-    kind: str,
-    started_at: dt.datetime,
-    checked: int,
-    not_ok: int,
-    interrupted: bool,
-) -> None:
-    """Add a verification pass (``kind``: ``"verify"`` or ``"sweep"``); the caller commits."""
-    session.add(
-        VerificationRun(
-            kind=kind,
-            started_at=started_at,
-            checked=checked,
-            not_ok=not_ok,
-            interrupted=interrupted,
-        )
-    )
+@dataclass(frozen=True)
+class VerificationPass:
+    """One verification pass, as recorded: counts only."""
+
+    kind: str  # "verify" (the command) or "sweep" (the node's)
+    started_at: dt.datetime
+    checked: int
+    not_ok: int
+    interrupted: bool
+
+
+def record_verification(session: Session, run: VerificationPass) -> None:
+    """Add a verification pass; the caller commits."""
+    session.add(VerificationRun(**dataclasses.asdict(run)))
 
 
 def last_verification(session: Session) -> VerificationRun | None:

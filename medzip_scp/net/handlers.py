@@ -6,6 +6,7 @@ AE titles and statuses only (no names, IDs, dates or data sets).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ from medzip_scp.dicom.part10 import (
 from medzip_scp.dicom.transcode import TranscodeError, choose_syntax, convert, proposal_syntaxes
 from medzip_scp.index.ingest import MissingAttributeError
 from medzip_scp.index.models import Instance
-from medzip_scp.index.query import QueryError, QueryModel, find, find_instances
+from medzip_scp.index.query import QueryError, QueryModel
 from medzip_scp.net import pynetdicom_internals
 from medzip_scp.net.access import AccessPolicy
 from medzip_scp.net.status import Status
@@ -182,7 +183,7 @@ def handle_store(event: evt.Event, archive: Archive, policy: AccessPolicy) -> in
 FIND_RESPONSES_IN_FLIGHT = 16
 
 
-def _drain_sends(assoc: Association) -> None:
+def drain_sends(assoc: Association) -> None:
     """Wait until pynetdicom has sent every queued PDU of this association.
 
     Its reactor reads nothing from the peer (a C-CANCEL) while it has PDUs to send, and it
@@ -228,24 +229,18 @@ def handle_find(
     cancelled = _cancel_latch(event)
     wants_retrieve_aet = "RetrieveAETitle" in identifier
     wants_availability = "InstanceAvailability" in identifier
-    settings = archive.settings.query
+    max_answers = archive.settings.query.max_answers
     count = 0
     try:
-        with archive.read_sessions() as session:
-            # One match more than answered tells that the limit cut the answer short.
-            responses = find(
-                session,
-                model,
-                identifier,
-                cancelled,
-                default_charset=settings.character_set,
-                limit=settings.max_answers + 1,
-            )
+        # One match more than answered tells that the limit cut the answer short.
+        with contextlib.closing(
+            archive.find(model, identifier, cancelled, limit=max_answers + 1)
+        ) as responses:
             for response in responses:
                 if cancelled():
                     yield Status.CANCEL, None
                     return
-                if count == settings.max_answers:
+                if count == max_answers:
                     log.warning(
                         "C-FIND from %r: more than %d matches ([query] max_answers), "
                         "answered those, then 0x%04X",
@@ -261,7 +256,7 @@ def handle_find(
                     response.InstanceAvailability = "ONLINE"
                 count += 1
                 if count % FIND_RESPONSES_IN_FLIGHT == 0:
-                    _drain_sends(event.assoc)
+                    drain_sends(event.assoc)
                 yield Status.PENDING, response
     except QueryError as exc:
         log.warning("C-FIND from %r refused: %s", event.assoc.requestor.ae_title, exc)
@@ -307,13 +302,6 @@ def handle_sop_extended(event: evt.Event) -> dict[UID, bytes]:
         if sop_class in QR_CLASSES and app_info:
             answer[sop_class] = b"\x01" + bytes(len(app_info[:5]) - 1)
     return answer
-
-
-def _retrieve_instances(event: evt.Event, archive: Archive) -> list[Instance]:
-    with archive.read_sessions() as session:
-        instances = find_instances(session, _query_model(event), event.identifier)
-        session.expunge_all()
-    return instances
 
 
 def _failed_placeholder(sop_instance_uid: str) -> Dataset:
@@ -478,7 +466,7 @@ def handle_get(
         yield Status.NOT_AUTHORIZED, None
         return
     try:
-        instances = _retrieve_instances(event, archive)
+        instances = archive.retrieve(_query_model(event), event.identifier)
     except QueryError as exc:
         log.warning("C-GET refused: %s", exc)
         yield 1
@@ -536,7 +524,7 @@ def handle_move(event: evt.Event, archive: Archive, policy: AccessPolicy) -> Ite
         yield None, None
         return
     try:
-        instances = _retrieve_instances(event, archive)
+        instances = archive.retrieve(_query_model(event), event.identifier)
     except QueryError as exc:
         log.warning("C-MOVE refused: %s", exc)
         yield destination.host, destination.port

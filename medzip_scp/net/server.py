@@ -26,13 +26,14 @@ import pydicom.config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from medzip_scp.archive import Archive
 from medzip_scp.config import Settings, TLSSettings
 from medzip_scp.net import pynetdicom_internals, reactor
 from medzip_scp.net.access import AccessPolicy
+from medzip_scp.net.commitment import handle_commitment_request
 from medzip_scp.net.handlers import (
     QR_CLASSES,
     StoredObject,
@@ -44,6 +45,7 @@ from medzip_scp.net.handlers import (
     handle_sop_extended,
     handle_store,
 )
+from medzip_scp.net.observed import observed
 from medzip_scp.net.status import Status
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ def _path_of_stored_object(dataset: Any) -> Any:
 
 
 def build_ae(archive: Archive, processes: int = 1) -> AE:
-    """An AE accepting every storage SOP class in every syntax, Q/R and Verification; one of
+    """An AE accepting every storage SOP class in every syntax, Q/R, Storage Commitment and
+    Verification; one of
     ``processes`` node processes, so it takes its share of ``max_associations``."""
     settings = archive.settings
     ae = AE(ae_title=settings.node.ae_title)
@@ -100,6 +103,8 @@ def build_ae(archive: Archive, processes: int = 1) -> AE:
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for uid in QR_CLASSES:
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    # SCP role: the node may also send its N-EVENT-REPORT on a peer's association
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     # Contexts proposed for C-MOVE sub-associations are built per request.
     return ae
 
@@ -174,15 +179,18 @@ def _store_unless_spool_failed(event: evt.Event, archive: Archive, policy: Acces
 
 def event_handlers(archive: Archive) -> list[tuple]:
     policy = AccessPolicy(archive.settings.access, archive.settings.node.ae_title)
-    return [
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
-        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
-        (evt.EVT_C_ECHO, handle_echo, [policy]),
-        (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
-        (evt.EVT_C_FIND, handle_find, [archive, policy]),
-        (evt.EVT_C_GET, handle_get, [archive, policy]),
-        (evt.EVT_C_MOVE, handle_move, [archive, policy]),
-    ]
+    return observed(
+        [
+            (evt.EVT_REQUESTED, handle_requested, [policy]),
+            (evt.EVT_SOP_EXTENDED, handle_sop_extended),
+            (evt.EVT_C_ECHO, handle_echo, [policy]),
+            (evt.EVT_C_STORE, _store_unless_spool_failed, [archive, policy]),
+            (evt.EVT_C_FIND, handle_find, [archive, policy]),
+            (evt.EVT_C_GET, handle_get, [archive, policy]),
+            (evt.EVT_C_MOVE, handle_move, [archive, policy]),
+            (evt.EVT_N_ACTION, handle_commitment_request, [archive, policy]),
+        ]
+    )
 
 
 def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:

@@ -28,8 +28,11 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from medzip_scp import metrics
 from medzip_scp.archive import Archive
+from medzip_scp.audit import configure_audit
 from medzip_scp.config import NodeSettings, Settings, describe_storage_failure
+from medzip_scp.net.monitoring import start_monitoring
 from medzip_scp.net.server import DispatchingServer, describe_startup, start_server
 from medzip_scp.pipeline.compress import run_worker
 
@@ -135,7 +138,11 @@ def run_node(
         if message is None:
             raise
         raise NodeError(message) from None
+    if settings.monitoring.port is not None:  # before any process counts anything
+        metrics.prepare_folder(settings.storage.data_dir / "run" / "metrics")
+    observe_process(settings, first=True)
     # Blobs a crash left unindexed (the newest only once no process can still commit them)
+    archive.finish_deletions()  # what a crash left of a study deletion
     threading.Thread(target=archive.remove_orphan_blobs, name="medzip-orphans", daemon=True).start()
     processes = NodeProcesses(settings, archive, configure_logging)
     node = settings.node
@@ -147,6 +154,13 @@ def run_node(
     except OSError as exc:
         processes.close_channels()
         raise NodeError(f"cannot serve on {node.bind}:{node.port}: {exc.strerror or exc}") from None
+    try:
+        monitor = start_monitoring(archive)
+    except OSError as exc:
+        server.shutdown()
+        processes.close_channels()
+        where = f"{settings.monitoring.bind}:{settings.monitoring.port}"
+        raise NodeError(f"cannot serve monitoring on {where}: {exc.strerror or exc}") from None
     compressing = None
     try:
         failed = processes.start(stop)
@@ -162,6 +176,10 @@ def run_node(
             "background compression: "
             + ("on (originals replaced only after a bit-exact decode)" if compressing else "off")
         )
+        if monitor is not None:
+            host, port = monitor.server_address[:2]
+            say(f"monitoring: http://{host}:{port}/metrics, /healthz, /readyz")
+            monitor.serving.set()
         say("ready; Ctrl-C to stop")
         if isinstance(server, DispatchingServer):
             processes.supervise(stop, server)
@@ -174,7 +192,20 @@ def run_node(
         # own.
         server.shutdown()
         processes.stop()
+        if monitor is not None:
+            monitor.shutdown()
     _end_unless_compressing(compressing, server)
+
+
+def observe_process(settings: Settings, first: bool) -> None:
+    """Count (``[monitoring] port``) and audit (``[audit]``) in this node process; the
+    ``first`` rotates the audit file, the others follow its rotations."""
+    if settings.monitoring.port is not None:
+        metrics.enable()
+    audit = settings.audit
+    if audit.enabled:
+        file = audit.resolved_file(settings.storage.data_dir)
+        configure_audit(file, audit.max_bytes, audit.backups, rotates=first)
 
 
 class NodeProcesses:
@@ -382,6 +413,7 @@ def _serve_forwarded(
     if not _end_with_parent(parent_pid):
         return
     configure_logging(settings.log_level)
+    observe_process(settings, first=False)
     archive = Archive.open(settings, migrate=False)
     if stop.is_set():  # stopped (or orphaned) while opening: serve nothing, end now
         return

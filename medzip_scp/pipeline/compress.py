@@ -9,24 +9,23 @@ C-STORE acknowledges the original as received (fast, durable). This worker then,
    verifying every frame's stream (``verify=True``) and the result is compared again;
 3. writes the new blob durably, then swaps the index row to it in one committed UPDATE that
    only succeeds if the row still points at the original (a concurrent replace wins);
-4. deletes the original blob only after that commit.
+4. deletes the original blob only after that commit (3 and 4: :meth:`Archive.swap_blob`).
 A crash anywhere leaves either the original or the verified blob indexed, never neither.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
-
-from medzip_scp.archive import Archive, IdentityCodec, InstanceCodec, Part10Codec
+from medzip_scp import metrics
+from medzip_scp.archive import Archive
 from medzip_scp.codec.api import DatasetReference
-from medzip_scp.index.models import Instance, InstanceState
+from medzip_scp.index.models import Instance
+from medzip_scp.instance_codecs import IdentityCodec, InstanceCodec, Part10Codec
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,24 @@ class CompressionSummary:
     original_bytes: int = 0
     stored_bytes: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the counts are those of the instances done
 
     @property
     def ratio(self) -> float:
         return self.original_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    def table(self) -> str:
+        """The pass as a table, each failure on a line of its own (UID and reason)."""
+        lines = [
+            "| compressed | failed | skipped | original bytes | stored bytes | ratio |",
+            "|---|---|---|---|---|---|",
+            f"| {self.compressed} | {self.failed} | {self.skipped} | {self.original_bytes} "
+            f"| {self.stored_bytes} | {self.ratio:.2f} |",
+        ]
+        lines += [f"failed: {uid}: {reason}" for uid, reason in self.failures]
+        if self.interrupted:
+            lines.append("interrupted: the rest stays stored as received, for the next pass")
+        return "\n".join(lines)
 
 
 Shard = tuple[int, int]
@@ -65,15 +78,7 @@ def parse_shard(text: str) -> Shard:
 
 def pending_ids(archive: Archive, limit: int, shard: Shard = (0, 1)) -> list[int]:
     """Instances (of this shard) still stored as received, oldest first."""
-    k, n = shard
-    query = select(Instance.id).where(
-        Instance.codec_id == Part10Codec.codec_id,
-        Instance.state == InstanceState.STORED,
-    )
-    if n > 1:
-        query = query.where(Instance.id % n == k)
-    with archive.sessions() as session:
-        return list(session.scalars(query.order_by(Instance.id).limit(limit)))
+    return archive.pending_compression(limit, shard)
 
 
 def _encode(
@@ -93,13 +98,12 @@ def _encode(
 def compress_instance(
     archive: Archive, codec: InstanceCodec, instance_id: int, summary: CompressionSummary
 ) -> None:
-    with archive.sessions() as session:
-        row = session.get(Instance, instance_id)
-        if row is None or row.codec_id != Part10Codec.codec_id:
-            summary.skipped += 1
-            return
-        old_key, sop_uid = row.blob_key, row.sop_instance_uid
-        session.expunge(row)
+    row = archive.instance(instance_id)
+    if row is None or row.codec_id != Part10Codec.codec_id:
+        summary.skipped += 1
+        return
+    sop_uid = row.sop_instance_uid
+    started = time.monotonic()
     try:
         # Checked against the hashes recorded at ingest: a damaged original is never
         # compressed (and its damage never made permanent by the swap).
@@ -118,38 +122,18 @@ def compress_instance(
         # Keep the original; mark it so the worker does not retry forever.
         reason = f"{type(exc).__name__}: {exc}"
         log.warning("compression of %s failed, original kept: %s", sop_uid, reason)
-        with archive.sessions() as session:
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id, Instance.blob_key == old_key)
-                .values(state=InstanceState.COMPRESS_FAILED)
-            )
-            session.commit()
+        archive.mark_compress_failed(row)
         summary.failed += 1
         summary.failures.append((sop_uid, reason))
         return
-    new = archive.blobs.put_bytes(blob, bound_to=sop_uid)
-    with archive.sessions() as session:
-        result = session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id, Instance.blob_key == old_key)
-            .values(
-                blob_key=new.key,
-                codec_id=codec.codec_id,
-                stored_size=new.stored_size,
-                stored_sha256=hashlib.sha256(blob).hexdigest(),
-                state=InstanceState.COMPRESSED,
-            )
-        )
-        session.commit()
-    if result.rowcount != 1:
-        archive.blobs.delete(new.key)  # the row moved on (replaced) while we worked
+    new = archive.swap_blob(row, blob, codec.codec_id)
+    if new is None:  # the row moved on (replaced) while we worked
         summary.skipped += 1
         return
-    archive.blobs.delete(old_key)
     summary.compressed += 1
     summary.original_bytes += len(original)
     summary.stored_bytes += new.stored_size
+    metrics.observe_codec("encode", time.monotonic() - started, len(original), new.stored_size)
     log.info("compressed %s: %d -> %d bytes", sop_uid, len(original), new.stored_size)
 
 
@@ -160,13 +144,18 @@ def compress_pending(
     progress: Callable[[int, int], None] | None = None,
     shard: Shard = (0, 1),
 ) -> CompressionSummary:
-    """One pass over the instances (of this shard) still stored as received."""
+    """One pass over the instances (of this shard) still stored as received; Ctrl-C ends
+    it after the instance at hand (an instance is swapped only once its blob is durable,
+    so one cut short keeps its original), with the summary of what was done."""
     summary = CompressionSummary()
     ids = pending_ids(archive, limit or 1_000_000, shard)
-    for done, instance_id in enumerate(ids, 1):
-        compress_instance(archive, codec, instance_id, summary)
-        if progress is not None:
-            progress(done, len(ids))
+    try:
+        for done, instance_id in enumerate(ids, 1):
+            compress_instance(archive, codec, instance_id, summary)
+            if progress is not None:
+                progress(done, len(ids))
+    except KeyboardInterrupt:
+        summary.interrupted = True
     return summary
 
 

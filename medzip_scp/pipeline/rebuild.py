@@ -10,9 +10,9 @@ identity keys. From them the index comes back as a C-STORE of each instance made
    time their file was written.
 2. Oldest first, each blob is read again, authenticated for the instance it claims to hold
    (its stored object names it, an object sealed whole its sealed identity:
-   :func:`archive.claim_of`), decoded with every check a retrieval makes (a sealed identity:
-   signature, key, that it names that instance, hashes), and indexed from the restored
-   original. Several blobs of one SOP Instance UID
+   :func:`instance_codecs.claim_of`), decoded with every check a retrieval makes (a sealed
+   identity: signature, key, that it names that instance, hashes), and indexed from the
+   restored original. Several blobs of one SOP Instance UID
    are the versions a differing duplicate replaced: each newer one replaces the one before,
    which is kept as superseded. In arrival order the index comes out as it was: a patient's
    attributes are those first received, a study's and a series' the newest.
@@ -37,20 +37,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from medzip_scp.archive import (
-    Archive,
-    BlobClaim,
-    IdentityCodec,
-    Part10Codec,
-    attributes_of,
-    claim_of,
-    codec_blob_claim,
-)
+from medzip_scp.archive import Archive, attributes_of
 from medzip_scp.codec.errors import CodecError, UnknownModelError, UnsupportedFormatError
 from medzip_scp.dicom.part10 import InvalidObjectError, file_meta_of
 from medzip_scp.identity.instance import IdentityCheckError, Verdict
@@ -60,15 +48,9 @@ from medzip_scp.identity.payload import (
     PayloadTamperedError,
     open_payload,
 )
-from medzip_scp.index.errors import MissingAttributeError
-from medzip_scp.index.ingest import (
-    InstanceAttributes,
-    KnownSeries,
-    add_instance,
-    get_instance,
-    replace_instance,
-)
-from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
+from medzip_scp.index.errors import IndexNotEmptyError, MissingAttributeError
+from medzip_scp.index.ingest import InstanceAttributes, Rebuilt, StorageFacts
+from medzip_scp.instance_codecs import BlobClaim, IdentityCodec, claim_of, codec_blob_claim
 from medzip_scp.storage.envelope import EnvelopeError
 from medzip_scp.storage.local import BlobNotFoundError
 
@@ -78,10 +60,6 @@ Progress = Callable[[str, int, int], None]
 """``(phase, done, total)``: phases "scanning", then "indexing"."""
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-class IndexNotEmptyError(Exception):
-    """The database to rebuild into already holds instances."""
 
 
 class _NotIndexed(Exception):
@@ -144,31 +122,16 @@ def rebuild_index(archive: Archive, progress: Progress | None = None) -> Rebuild
     report = RebuildReport()
     started = time.monotonic()
     try:
-        with archive.sessions() as session:
-            _refuse_non_empty(session)
+        with archive.rebuilding() as index_version:
             arrivals = _arrivals(archive, report, progress)
-            known_series = KnownSeries()
             for done, (received_at, key) in enumerate(arrivals, 1):
-                _index_blob(archive, session, key, received_at, report, known_series)
+                _index_blob(archive, index_version, key, received_at, report)
                 if progress is not None:
                     progress("indexing", done, len(arrivals))
-            session.commit()
     except KeyboardInterrupt:
         report.interrupted = True
     report.seconds = time.monotonic() - started
     return report
-
-
-def _refuse_non_empty(session: Session) -> None:
-    instances, superseded = (
-        session.scalar(select(func.count(table.id))) or 0
-        for table in (Instance, SupersededInstance)
-    )
-    if instances or superseded:
-        raise IndexNotEmptyError(
-            f"the index database is not empty (instances: {instances}, superseded "
-            f"versions: {superseded})"
-        )
 
 
 def _arrivals(
@@ -245,11 +208,10 @@ def _verdicts() -> Iterator[None]:
 
 def _index_blob(
     archive: Archive,
-    session: Session,
+    index_version: Callable[[InstanceAttributes, StorageFacts, dt.datetime], Rebuilt],
     key: str,
     received_at: dt.datetime,
     report: RebuildReport,
-    known_series: KnownSeries,
 ) -> None:
     try:
         with _verdicts():
@@ -257,31 +219,13 @@ def _index_blob(
     except _NotIndexed as exc:
         report.not_indexed.append((key, exc.verdict, exc.reason))
         return
-    state = InstanceState.STORED
-    if facts["codec_id"] != Part10Codec.codec_id:
-        state = InstanceState.COMPRESSED
-    existing = get_instance(session, attrs.sop_instance_uid)
-    if existing is None:
-        add_instance(
-            session, attrs, **facts, received_at=received_at, state=state, known_series=known_series
-        )
+    outcome = index_version(attrs, facts, received_at)
+    if outcome is Rebuilt.INDEXED:
         report.indexed += 1
-    elif existing.original_sha256 == facts["original_sha256"]:
+    elif outcome is Rebuilt.COPY:
         report.copies += 1
-        return
     else:
-        replace_instance(
-            session,
-            existing,
-            attrs,
-            **facts,
-            received_at=received_at,
-            state=state,
-            known_series=known_series,
-        )
         report.superseded += 1
-    # Counted as committed at once: a rollback ends the whole rebuild, KnownSeries with it.
-    known_series.committed()
 
 
 def _claim(archive: Archive, key: str) -> tuple[str, str, str]:
@@ -297,7 +241,7 @@ def _claim(archive: Archive, key: str) -> tuple[str, str, str]:
     return claim.codec_id, uid, hashlib.sha256(plaintext).hexdigest()
 
 
-def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, dict[str, Any]]:
+def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, StorageFacts]:
     """The index attributes and storage facts of the instance version a blob holds, from
     its authenticated, checked content only."""
     codec_id, uid, claimed_sha256 = _claim(archive, key)
@@ -316,7 +260,7 @@ def _open_version(archive: Archive, key: str) -> tuple[InstanceAttributes, dict[
             Verdict.TAMPERED, f"holds instance {attrs.sop_instance_uid}, sealed for {uid}"
         )
     dataset = memoryview(original)[offset:]
-    return attrs, dict(
+    return attrs, StorageFacts(
         transfer_syntax_uid=transfer_syntax_uid,
         blob_key=key,
         original_size=len(dataset),

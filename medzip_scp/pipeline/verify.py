@@ -12,8 +12,6 @@ blob is missing or needs a model or format this node does not have).
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
 import logging
 import threading
@@ -22,27 +20,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-
-from medzip_scp.archive import Archive, IdentityCodec, InstanceIntegrityError, attributes_of
+from medzip_scp import audit, metrics
+from medzip_scp.archive import Archive
 from medzip_scp.identity.instance import Verdict
-from medzip_scp.index.identity import index_identity_mismatch, study_instances
-from medzip_scp.index.ingest import InstanceAttributes
-from medzip_scp.index.models import Instance, Series, Study, utcnow
+from medzip_scp.index.identity import InstanceFilter
+from medzip_scp.index.models import Instance, utcnow
+from medzip_scp.index.stats import VerificationPass
+from medzip_scp.instance_codecs import IdentityCodec
 
 __all__ = ["InstanceFilter", "VerifyReport", "run_sweeps", "verify_archive", "verify_instance"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InstanceFilter:
-    """Which instances to check (all of them when every field is empty)."""
-
-    sop_instance_uids: tuple[str, ...] = ()
-    study_instance_uid: str | None = None
-    series_instance_uid: str | None = None
-    since: dt.datetime | None = None  # received at or after
 
 
 @dataclass
@@ -110,67 +98,8 @@ def verify_instance(archive: Archive, instance: Instance) -> tuple[Verdict, str]
     """The verdict on one stored instance and, unless OK, which check failed (no PHI).
     Its study's other instances are decoded too: the study's index row follows the newest
     of them (see :func:`~medzip_scp.index.identity.identity_differences`)."""
-    with archive.read_sessions() as session:
-        (members,) = study_instances(session, [instance.id]).values()
-    return _verify_study(archive, _rows(archive, members), {instance.id})[instance.id]
-
-
-def _rows(archive: Archive, ids: list[int]) -> list[Instance]:
-    with archive.read_sessions() as session:
-        rows = list(session.scalars(select(Instance).where(Instance.id.in_(ids))))
-        session.expunge_all()
-    return sorted(rows, key=lambda row: row.id)
-
-
-def _verify_study(
-    archive: Archive, members: list[Instance], selected: set[int]
-) -> dict[int, tuple[Verdict, str]]:
-    """Verdicts on the ``selected`` instances of one study, whose ``members`` are all its
-    instances: every blob check, then the index rows against what each sealed data set
-    and the study's other instances say."""
-    verdicts: dict[int, tuple[Verdict, str]] = {}
-    received: dict[int, InstanceAttributes] = {}
-    for instance in members:
-        try:
-            part10 = archive.load_part10(instance)
-        except InstanceIntegrityError as exc:
-            verdicts[instance.id] = (exc.verdict, exc.reason)
-            continue
-        verdicts[instance.id] = (Verdict.OK, "")
-        with contextlib.suppress(Exception):  # an attribute pydicom cannot read: not compared
-            received[instance.id] = attributes_of(part10)
-    with archive.read_sessions() as session:
-        for instance in members:
-            sealed = received.get(instance.id)
-            if instance.id not in selected or sealed is None:
-                continue
-            if instance.codec_id != IdentityCodec.codec_id:
-                continue  # not sealed yet: its original is checked against ingest's hashes
-            others = [attrs for other, attrs in received.items() if other != instance.id]
-            mismatch = index_identity_mismatch(session, instance.id, sealed, others)
-            if mismatch is not None:
-                verdicts[instance.id] = (Verdict.TAMPERED, mismatch)
-    return {i: verdict for i, verdict in verdicts.items() if i in selected}
-
-
-def select_instances(archive: Archive, which: InstanceFilter) -> list[Instance]:
-    query = select(Instance).order_by(Instance.id)
-    if which.sop_instance_uids:
-        query = query.where(Instance.sop_instance_uid.in_(which.sop_instance_uids))
-    if which.study_instance_uid or which.series_instance_uid:
-        query = query.join(Series, Instance.series_fk == Series.id)
-        if which.series_instance_uid:
-            query = query.where(Series.series_instance_uid == which.series_instance_uid)
-        if which.study_instance_uid:
-            query = query.join(Study, Series.study_fk == Study.id).where(
-                Study.study_instance_uid == which.study_instance_uid
-            )
-    if which.since is not None:
-        query = query.where(Instance.received_at >= which.since)
-    with archive.read_sessions() as session:
-        rows = list(session.scalars(query))
-        session.expunge_all()
-    return rows
+    (members,) = archive.study_instances([instance.id]).values()
+    return archive.verify_study(archive.instances_by_id(members), {instance.id})[instance.id]
 
 
 def verify_archive(
@@ -179,7 +108,7 @@ def verify_archive(
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Check the selected instances; Ctrl-C ends it early with what was checked so far."""
-    instances = select_instances(archive, which)
+    instances = archive.select_instances(which)
     report = VerifyReport()
     started, started_at = time.monotonic(), utcnow()
     try:
@@ -191,21 +120,21 @@ def verify_archive(
         report.interrupted = True
     report.seconds = time.monotonic() - started
     not_ok = report.checked - report.ok_count
-    _record(archive, "verify", started_at, report.checked, not_ok, report.interrupted)
+    _record(
+        archive, VerificationPass("verify", started_at, report.checked, not_ok, report.interrupted)
+    )
     return report
 
 
-def _record(
-    archive: Archive,
-    kind: str,
-    started_at: dt.datetime,
-    checked: int,
-    not_ok: int,
-    interrupted: bool,
-) -> None:
-    """Record a pass for ``medzip status``; a database that is away loses the record only."""
+def _record(archive: Archive, run: VerificationPass) -> None:
+    """Record a pass for ``medzip status``, the metrics and the audit trail; a database
+    that is away loses the index's record only."""
+    metrics.count_verification(run.not_ok)
+    who = {"user": audit.local_user()} if run.kind == "verify" else {"by": "node sweep"}
+    outcome = "interrupted" if run.interrupted else "not ok" if run.not_ok else "success"
+    audit.record("verify", outcome, **who, checked=run.checked, not_ok=run.not_ok)
     try:
-        archive.record_verification(kind, started_at, checked, not_ok, interrupted)
+        archive.record_verification(run)
     except Exception as exc:
         log.error("verification pass not recorded: %s", type(exc).__name__)
 
@@ -215,14 +144,14 @@ def _verdicts(
 ) -> Iterator[tuple[Instance, Verdict, str]]:
     """Verdicts on ``instances``, study by study (each study's other instances decoded too)."""
     by_id = {instance.id: instance for instance in instances}
-    with archive.read_sessions() as session:
-        studies = study_instances(session, by_id)
+    studies = archive.study_instances(by_id)
     for members in studies.values():
         selected = {i for i in members if i in by_id}
         try:
-            others = _rows(archive, [i for i in members if i not in by_id])  # not loaded yet
+            # the study's other instances, not loaded yet
+            others = archive.instances_by_id([i for i in members if i not in by_id])
             rows = sorted([by_id[i] for i in selected] + others, key=lambda row: row.id)
-            verdicts = _verify_study(archive, rows, selected)
+            verdicts = archive.verify_study(rows, selected)
         except Exception as exc:  # the database went away, say: report it, go on
             failure = (Verdict.UNREADABLE, f"could not be checked ({type(exc).__name__})")
             verdicts = dict.fromkeys(selected, failure)
@@ -243,15 +172,13 @@ def run_sweeps(archive: Archive, stop: threading.Event, hours: float) -> None:
 def _sweep(archive: Archive, stop: threading.Event) -> None:
     checked = failed = 0
     started_at = utcnow()
-    for instance, verdict, reason in _verdicts(
-        archive, select_instances(archive, InstanceFilter())
-    ):
+    for instance, verdict, reason in _verdicts(archive, archive.select_instances(InstanceFilter())):
         if stop.is_set():
-            _record(archive, "sweep", started_at, checked, failed, interrupted=True)
+            _record(archive, VerificationPass("sweep", started_at, checked, failed, True))
             return
         checked += 1
         if verdict != Verdict.OK:
             failed += 1
             log.error("verification sweep: %s %s: %s", verdict, instance.sop_instance_uid, reason)
     log.info("verification sweep: %d instances checked, %d not OK", checked, failed)
-    _record(archive, "sweep", started_at, checked, failed, interrupted=False)
+    _record(archive, VerificationPass("sweep", started_at, checked, failed, False))

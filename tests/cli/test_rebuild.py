@@ -23,11 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
-from medzip_scp.archive import CODECS, Archive, IdentityCodec, InstanceCodec, MzpCodec
+from medzip_scp.archive import Archive
 from medzip_scp.cli.main import app
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance, SupersededInstance
+from medzip_scp.instance_codecs import CODECS, IdentityCodec, InstanceCodec, MzpCodec
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import CompressionSummary, compress_instance
 from medzip_scp.pipeline.verify import verify_archive

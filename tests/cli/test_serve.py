@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -228,3 +229,104 @@ def _get_study(port: int, study_uid: str) -> tuple[int, list]:
     final = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))[-1][0]
     assoc.release()
     return int(final.Status), got
+
+
+def _http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text ``text`` (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_monitoring_and_audit_follow_dcmtk_peers_across_processes(tmp_path: Path) -> None:
+    """Two node processes, DCMTK's peers: /metrics adds up both processes' counts, the
+    probes answer, the audit trail names who stored, queried and retrieved which UIDs,
+    without the patient's name, and ``log_format = "json"`` logs JSON lines."""
+    for tool in ("storescu", "findscu", "getscu", "movescu"):
+        if not Path(f"/usr/bin/{tool}").exists():
+            pytest.skip(f"DCMTK's {tool} is not installed (apt-get install dcmtk)")
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    study_uid = generate_uid()
+    files = []
+    for i in range(3):
+        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SOPInstanceUID = study_uid, generate_uid()
+        ds.PatientName = "Audit^Probe"
+        files.append(tmp_path / f"{i}.dcm")
+        ds.save_as(files[-1])
+    http = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'log_format = "json"\n[monitoring]\nport = {http}\n')
+    proc, lines, node = start_two_processes(
+        tmp_path, "--config", str(config), "--allow", "10.0.0.0/8"
+    )
+    peer = ["-aec", "MEDZIP", "127.0.0.1", str(node.port)]
+    study = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
+    try:
+        said = "\n".join(lines)
+        assert f"monitoring: http://127.0.0.1:{http}/metrics" in said
+        assert "access: any calling AE from 127.0.0.1/32, ::1/128, 10.0.0.0/8" in said
+        assert _http_get(http, "/healthz") == (200, "ok\n")
+        assert _http_get(http, "/readyz") == (200, "ready\n")
+        runs = [
+            ["storescu", "-aet", "MODALITY", *peer, str(files[0])],  # one per association:
+            ["storescu", "-aet", "MODALITY", *peer, *map(str, files[1:])],  # both processes
+            ["findscu", "-S", "-aet", "VIEWER", *study, "-k", "PatientName", *peer],
+            ["getscu", "-S", "-aet", "VIEWER", "-od", str(tmp_path), *study, *peer],
+            ["movescu", "-S", "-aet", "VIEWER", "-aem", "NOWHERE", *study, *peer],
+        ]
+        for args in runs:
+            subprocess.run([f"/usr/bin/{args[0]}", *args[1:]], capture_output=True, timeout=60)
+        status, text = _http_get(http, "/metrics")
+    finally:
+        log = stop_serve(proc)
+    logged = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any("C-STORE" in r["message"] and r["process"] == "medzip-node-1" for r in logged)
+    assert status == 200
+    requests = "medzip_dimse_requests_total"
+    assert _metric(text, requests, service="C-STORE", outcome="success") == 3
+    assert _metric(text, requests, service="C-FIND", outcome="success") == 1
+    assert _metric(text, requests, service="C-GET", outcome="success") == 1
+    assert _metric(text, requests, service="C-MOVE", outcome="failure") == 1
+    assert _metric(text, "medzip_associations_total", outcome="accepted") == 5
+    assert _metric(text, "medzip_dimse_request_seconds_count", service="C-STORE") == 3
+    assert _metric(text, "medzip_codec_seconds_total", op="decode") > 0  # C-GET restored 3
+    stored = _metric(text, "medzip_instances", modality="CT", state="stored")
+    compressed = _metric(text, "medzip_instances", modality="CT", state="compressed")
+    assert stored + compressed == 3
+
+    trail = (tmp_path / "d" / "audit" / "audit.jsonl").read_text()
+    records = [json.loads(line) for line in trail.splitlines()]
+    stores = [r for r in records if r["action"] == "store"]
+    assert {r["sop_instance_uid"] for r in stores} == {dcmread(f).SOPInstanceUID for f in files}
+    assert {(r["calling_ae"], r["address"], r["outcome"]) for r in stores} == {
+        ("MODALITY", "127.0.0.1", "success")
+    }
+    assert len({r["pid"] for r in stores}) == 2  # both processes write the one trail
+    (query,) = [r for r in records if r["action"] == "query"]
+    assert (query["calling_ae"], query["level"], query["matches"]) == ("VIEWER", "STUDY", 1)
+    get, move = [r for r in records if r["action"] == "retrieve"]
+    assert (get["service"], get["StudyInstanceUID"], get["sub_operations"]) == (
+        "C-GET",
+        study_uid,
+        3,
+    )
+    assert (move["destination"], move["outcome"]) == ("NOWHERE", "status 0xA801")
+    assert "Audit^Probe" not in trail

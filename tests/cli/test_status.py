@@ -4,7 +4,9 @@ verification of a running node's archive, without a UID or a patient's name."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from medzip_scp.cli.main import app
@@ -62,3 +64,18 @@ def test_status_follows_the_backlog_compression_and_verification(node: RunningNo
     for text in (table, json.dumps(after)):
         assert "Status^Probe" not in text
         assert not any(ds.SOPInstanceUID in text for ds in sent)
+
+
+def test_readiness_names_what_keeps_the_node_from_serving(
+    node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = node.archive
+    assert archive.health_problems() == []
+    monkeypatch.setattr(archive.blobs, "root", tmp_path / "gone")
+    assert archive.health_problems() == [f"blob folder {tmp_path / 'gone'} is not writable"]
+
+    def index_away() -> None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(archive, "read_sessions", index_away)
+    assert "the index does not answer (OSError)" in archive.health_problems()

@@ -207,7 +207,7 @@ def test_sigterm_while_compressing_stops_within_seconds(tmp_path: Path) -> None:
     assert took < 5.0, f"the node took {took:.1f} s to stop"
     import sqlite3
 
-    from medzip_scp.archive import Part10Codec
+    from medzip_scp.instance_codecs import Part10Codec
 
     with sqlite3.connect(tmp_path / "d" / "index.sqlite3") as db:
         codecs = [row[0] for row in db.execute("select codec_id from instance")]

@@ -17,6 +17,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as St
 from sqlalchemy import select
 
 from medzip_scp.codec.jpeg_lossless import parse
+from medzip_scp.codec.jpegls_lossless import default_parameters
 from medzip_scp.codec.rle_lossless import NotSplittable, join, split
 from medzip_scp.dicom import blob as blob_module
 from medzip_scp.dicom.blob import blob_info, decode_blob, encode_dataset
@@ -186,3 +187,47 @@ def test_attributes_declaring_more_pixels_than_the_data_can_hold_are_never_decod
     assert decoded == []
     assert "declare more pixels than its data can hold" in blob_info(blob)["reason"]
     assert decode_blob(blob) == buffer.getvalue()
+
+
+def _jpegls_lossless_files() -> list[Path]:
+    files = sorted((SHARED_DATA / "conformance").glob("JPEGLSLossless/*.dcm"))
+    if not files:
+        pytest.skip(f"no JPEG-LS lossless files under {SHARED_DATA} (see its README)")
+    return files
+
+
+def test_jpegls_lossless_originals_come_back_byte_for_byte_and_smaller() -> None:
+    """Single-frame, multi-frame and 10-bit JPEG-LS (with and without a preset-parameters
+    segment): the scans come back from the pixels; the files are stored smaller."""
+    for path in _jpegls_lossless_files():
+        data = path.read_bytes()
+        blob = encode_dataset(data)
+        assert blob_info(blob)["mode"] == "recoded", path.name
+        assert len(blob) < _kept_whole_size(data), path.name
+        assert decode_blob(blob) == data, path.name
+
+
+def test_jpegls_scans_with_other_parameters_are_kept_whole() -> None:
+    """Thresholds other than the standard's defaults (an encoder told to use them) would
+    not come back from CharLS at its defaults: such a file is kept as it came."""
+    path = next(p for p in _jpegls_lossless_files() if "RG2" in p.name)
+    data = bytearray(path.read_bytes())
+    preset = bytes.fromhex("fff8000d0103ff0006001300480040")  # the defaults
+    at = bytes(data).find(preset)
+    assert at > 0
+    data[at + 7 : at + 9] = struct.pack(">H", 7)  # T1 6 -> 7
+    blob = encode_dataset(bytes(data))
+    info = blob_info(blob)
+    assert info["mode"] == "encapsulated"
+    assert "preset coding parameters other than the defaults" in info["reason"]
+    assert decode_blob(blob) == bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"),
+    [(8, (255, 3, 7, 21, 64)), (10, (1023, 6, 19, 72, 64)), (16, (65535, 18, 67, 276, 64))],
+)
+def test_jpegls_default_parameters_are_the_standards(precision: int, expected: tuple) -> None:
+    """ISO/IEC 14495-1 C.2.4.1.1: 8 bits gives the basic thresholds 3, 7, 21; the 10- and
+    16-bit values are those in the conformance files' own preset segments."""
+    assert default_parameters(precision) == expected

@@ -13,11 +13,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from medzip_scp.archive import IdentityCodec, Part10Codec
 from medzip_scp.codec.api import describe
 from medzip_scp.dicom.blob import open_blob
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.index.models import Instance
+from medzip_scp.instance_codecs import IdentityCodec, Part10Codec
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from tests.helpers.node import RunningNode, make_settings, running_node

@@ -31,7 +31,7 @@ from pynetdicom import evt
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from medzip_scp.archive import Archive, IdentityCodec, Part10Codec
+from medzip_scp.archive import Archive
 from medzip_scp.cli.main import app
 from medzip_scp.codec.container import Section, SectionType, read_container, write_container
 from medzip_scp.dicom.blob import encode_dataset, open_blob
@@ -39,6 +39,7 @@ from medzip_scp.identity.instance import Verdict
 from medzip_scp.identity.keys import ID_BYTES, IdentityKeyring, KeyGeneration
 from medzip_scp.identity.payload import open_payload, seal_payload
 from medzip_scp.index.models import Instance, Series, Study
+from medzip_scp.instance_codecs import IdentityCodec, Part10Codec
 from medzip_scp.net.server import start_server
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending

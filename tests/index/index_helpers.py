@@ -9,7 +9,7 @@ from pydicom import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session
 
-from medzip_scp.index.ingest import add_instance, attributes_from_dataset
+from medzip_scp.index.ingest import StorageFacts, add_instance, attributes_from_dataset
 from medzip_scp.index.models import Instance
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."
@@ -53,7 +53,7 @@ def store(session: Session, ds: Dataset, **overrides: Any) -> Instance:
     """Index ``ds`` (no commit)."""
     kwargs = storage_kwargs(ds)
     kwargs.update(overrides)
-    return add_instance(session, attributes_from_dataset(ds), **kwargs)
+    return add_instance(session, attributes_from_dataset(ds), StorageFacts(**kwargs))
 
 
 def identifier(level: str, **keys: Any) -> Dataset:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.index.errors import DuplicateInstanceError, IndexError_, MissingAttributeError
 from medzip_scp.index.ingest import (
+    StorageFacts,
     add_instance,
     attributes_from_dataset,
     get_instance,
@@ -258,7 +259,9 @@ def test_replace_instance_keeps_superseded_version(
     with db_session_factory() as session:
         existing = get_instance(session, str(old.SOPInstanceUID))
         assert existing is not None
-        replaced = replace_instance(session, existing, attributes_from_dataset(new), **new_kwargs)
+        replaced = replace_instance(
+            session, existing, attributes_from_dataset(new), StorageFacts(**new_kwargs)
+        )
         session.commit()
         assert replaced.id == existing.id
     with db_session_factory() as session:
@@ -290,14 +293,19 @@ def test_replace_instance_rejects_other_uid(db_session_factory: sessionmaker[Ses
         inst = store(session, ds)
         with pytest.raises(ValueError, match="cannot replace"):
             replace_instance(
-                session, inst, attributes_from_dataset(make_ds()), **storage_kwargs(ds)
+                session,
+                inst,
+                attributes_from_dataset(make_ds()),
+                StorageFacts(**storage_kwargs(ds)),
             )
 
 
 def test_add_instance_direct_call(db_session_factory: sessionmaker[Session]) -> None:
     ds = make_ds()
     with db_session_factory() as session:
-        inst = add_instance(session, attributes_from_dataset(ds), **storage_kwargs(ds))
+        inst = add_instance(
+            session, attributes_from_dataset(ds), StorageFacts(**storage_kwargs(ds))
+        )
         session.rollback()
         assert get_instance(session, str(ds.SOPInstanceUID)) is None
         assert inst.sop_instance_uid == ds.SOPInstanceUID
@@ -368,7 +376,9 @@ def test_emptied_entities_are_not_reported(db_session_factory: sessionmaker[Sess
         session.commit()
         existing = get_instance(session, str(first.SOPInstanceUID))
         assert existing is not None
-        replace_instance(session, existing, attributes_from_dataset(moved), **storage_kwargs(moved))
+        replace_instance(
+            session, existing, attributes_from_dataset(moved), StorageFacts(**storage_kwargs(moved))
+        )
         session.commit()
         res = _find(session, "SERIES", StudyInstanceUID=first.StudyInstanceUID)
         assert [r.SeriesInstanceUID for r in res] == [moved.SeriesInstanceUID]

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.index.ingest import (
     KnownSeries,
+    StorageFacts,
     add_instance,
     add_instances_of_known_series,
     attributes_from_dataset,
@@ -36,7 +37,7 @@ def _statements(session: Session) -> Iterator[list[str]]:
 
 def _add(session: Session, ds, known: KnownSeries) -> Instance:  # noqa: ANN001
     return add_instance(
-        session, attributes_from_dataset(ds), **storage_kwargs(ds), known_series=known
+        session, attributes_from_dataset(ds), StorageFacts(**storage_kwargs(ds)), known_series=known
     )
 
 
@@ -143,7 +144,9 @@ def test_one_insert_indexes_the_new_instances_of_known_series(
     with db_session_factory() as session:
         with _statements(session) as statements:
             indexed = add_instances_of_known_series(
-                session, [(attributes_from_dataset(ds), storage_kwargs(ds)) for ds in batch], known
+                session,
+                [(attributes_from_dataset(ds), StorageFacts(**storage_kwargs(ds))) for ds in batch],
+                known,
             )
         session.commit()
     # already indexed, of a series this process has not committed, a second copy in the
@@ -159,7 +162,10 @@ def test_one_insert_indexes_the_new_instances_of_known_series(
     with db_session_factory() as session:
         indexed = add_instances_of_known_series(
             session,
-            [(attributes_from_dataset(ds), storage_kwargs(ds)) for ds in after_unknown],
+            [
+                (attributes_from_dataset(ds), StorageFacts(**storage_kwargs(ds)))
+                for ds in after_unknown
+            ],
             known,
         )
     assert indexed == [False, False]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -16,6 +18,7 @@ from medzip_scp.index.db import (
     schema_differences,
     upgrade_database,
 )
+from tests.conftest import database_url
 
 
 def _head() -> str:
@@ -204,3 +207,13 @@ def test_upgrade_gives_each_study_without_patient_id_its_own_patient(db_url: str
         assert patients == 3
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_processes_migrating_at_once_take_turns(tmp_path: Path) -> None:
+    """A node, its workers and other pods may start together on one PostgreSQL database:
+    they migrate one at a time (an advisory lock), and every one finds the schema current."""
+    with database_url("postgresql", tmp_path) as url:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(upgrade_database, [url] * 4))  # none fails
+        assert current_revision(url) == _head()

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medzip_scp.index.ingest import (
     KnownSeries,
+    StorageFacts,
     add_instance,
     add_instances_of_known_series,
     attributes_from_dataset,
@@ -150,7 +151,10 @@ def test_warned_once_per_series_on_the_fast_path(
         for ds in (first, other_source):
             with db_session_factory() as session:
                 add_instance(
-                    session, attributes_from_dataset(ds), **storage_kwargs(ds), known_series=known
+                    session,
+                    attributes_from_dataset(ds),
+                    StorageFacts(**storage_kwargs(ds)),
+                    known_series=known,
                 )
                 session.commit()
             known.committed()
@@ -166,7 +170,9 @@ def test_warned_once_per_series_on_the_fast_path(
         ]
         with db_session_factory() as session:
             indexed = add_instances_of_known_series(
-                session, [(attributes_from_dataset(ds), storage_kwargs(ds)) for ds in more], known
+                session,
+                [(attributes_from_dataset(ds), StorageFacts(**storage_kwargs(ds))) for ds in more],
+                known,
             )
             session.commit()
         assert indexed == [True, True, True]

@@ -69,10 +69,10 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
 from sqlalchemy import select
 
-from medzip_scp.archive import IdentityCodec
 from medzip_scp.config import Settings
 from medzip_scp.dicom.part10 import LONG_LENGTH_VRS, dataset_offset_of
 from medzip_scp.index.models import Instance, Series, Study
+from medzip_scp.instance_codecs import IdentityCodec
 from medzip_scp.net.status import Status
 from medzip_scp.net.supervisor import start_compression
 from medzip_scp.pipeline.compress import pending_ids

@@ -5,6 +5,7 @@ everything it gets back equals what it sent, before and after background compres
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,3 +231,34 @@ def test_orthanc_moves_studies_back_identical_after_compression(setup: Setup) ->
     summary = compress_pending(setup.archive, setup.archive.compressing_codec())
     assert summary.compressed == len(setup.files), summary.failures
     _move_back_and_compare(setup, "compressed")
+
+
+def test_orthanc_gets_storage_commitment_for_what_it_forwarded(setup: Setup) -> None:
+    """Orthanc as the Evidence Creator (IHE RAD-10): it asks the node to commit what it
+    forwarded, and one instance it never sent; it releases its association, so the node
+    reports over a new one to Orthanc's DICOM port (its configured address)."""
+    references = [
+        {
+            "SOPClassUID": str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID),
+            "SOPInstanceUID": uid,
+        }
+        for uid, path in sorted(setup.files.items())
+    ]
+    never_sent = {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "SOPInstanceUID": "1.2.3.4.5.6"}
+    started = setup.orthanc.rest(
+        "POST",
+        "/modalities/medzip/storage-commitment",
+        {"DicomInstances": [*references, never_sent], "Timeout": 60},
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        report = setup.orthanc.rest("GET", started["Path"])
+        if report["Status"] != "Pending" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert report["Status"] == "Failure", report  # one instance failed
+    committed = {item["SOPInstanceUID"] for item in report["Success"]}
+    assert committed == set(setup.files)
+    (failed,) = report["Failures"]
+    assert failed["SOPInstanceUID"] == never_sent["SOPInstanceUID"]
+    assert failed["FailureReason"] == 0x0112  # no such object instance

@@ -12,7 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from medzip_scp.config import Settings
-from medzip_scp.index.ingest import add_instance, attributes_from_dataset
+from medzip_scp.index.ingest import StorageFacts, add_instance, attributes_from_dataset
 from medzip_scp.net.status import Status
 from tests.helpers.node import RunningNode
 from tests.helpers.scu import ct_dataset
@@ -46,14 +46,16 @@ def test_cancel_stops_a_running_find(node: RunningNode) -> None:
             add_instance(
                 session,
                 attributes_from_dataset(ds),
-                transfer_syntax_uid=ExplicitVRLittleEndian,
-                blob_key="0" * 32,
-                original_size=0,
-                original_sha256="0" * 64,
-                stored_size=0,
-                stored_sha256="0" * 64,
-                codec_id="part10",
-                calling_ae_title="TEST",
+                StorageFacts(
+                    transfer_syntax_uid=ExplicitVRLittleEndian,
+                    blob_key="0" * 32,
+                    original_size=0,
+                    original_sha256="0" * 64,
+                    stored_size=0,
+                    stored_sha256="0" * 64,
+                    codec_id="part10",
+                    calling_ae_title="TEST",
+                ),
             )
         session.commit()
     ae = AE(ae_title="FINDSCU")

@@ -12,12 +12,13 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from medzip_scp import archive as archive_module
-from medzip_scp.archive import IdentityCodec, Part10Codec, identity_policy
 from medzip_scp.codec.api import DatasetReference
 from medzip_scp.config import DuplicatePolicyValues
 from medzip_scp.index.ingest import replace_instance
 from medzip_scp.index.models import Instance, InstanceState, SupersededInstance
+from medzip_scp.instance_codecs import IdentityCodec, Part10Codec, identity_policy
 from medzip_scp.net.status import Status
+from medzip_scp.pipeline import compress as compress_module
 from medzip_scp.pipeline.compress import (
     CompressionSummary,
     compress_instance,
@@ -181,3 +182,45 @@ def test_a_replace_and_a_compression_of_the_same_instance_keep_every_version(
         keys = [version.blob_key for version in superseded]
     assert len(keys) == 1 and node.archive.blobs.exists(keys[0])
     assert verify_archive(node.archive).ok
+
+
+def test_ctrl_c_ends_a_pass_after_the_instance_at_hand_with_its_summary(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``medzip worker --once`` interrupted: what was done is summed up, the rest keeps its
+    original for the next pass."""
+    for _ in range(3):
+        assert store(node, ct_dataset()) == Status.SUCCESS
+    real = compress_module.compress_instance
+    calls = []
+
+    def interrupted_on_the_second(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compress_module, "compress_instance", interrupted_on_the_second)
+    archive = node.archive
+    summary = compress_pending(archive, archive.compressing_codec())
+    assert summary.interrupted and summary.compressed == 1
+    assert "| 1 | 0 | 0 |" in summary.table() and "interrupted" in summary.table()
+    monkeypatch.setattr(compress_module, "compress_instance", real)
+    assert compress_pending(archive, archive.compressing_codec()).compressed == 2
+
+
+def test_a_series_is_compressed_once_it_is_quiet(node: RunningNode) -> None:
+    """``[pipeline] series_quiet_seconds``: a series still receiving instances waits, one
+    that has gone quiet is compressed, all of it."""
+    archive = node.archive
+    early = [ct_dataset(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.71") for _ in range(2)]
+    for ds in early:
+        assert store(node, ds) == Status.SUCCESS
+    archive.settings.pipeline.series_quiet_seconds = 1.0
+    time.sleep(1.2)
+    busy = ct_dataset(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.72")
+    assert store(node, busy) == Status.SUCCESS
+    summary = compress_pending(archive, archive.compressing_codec())
+    assert summary.compressed == 2  # the quiet series, whole; the busy one waits
+    time.sleep(1.2)
+    assert compress_pending(archive, archive.compressing_codec()).compressed == 1

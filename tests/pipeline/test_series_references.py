@@ -16,13 +16,14 @@ from pydicom.uid import generate_uid
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as StudyRootGet
 from sqlalchemy import select
 
-from medzip_scp.archive import Archive, IdentityCodec
+from medzip_scp.archive import Archive
 from medzip_scp.codec.api import DatasetReference, describe
 from medzip_scp.config import DuplicatePolicyValues, Settings
 from medzip_scp.dicom.blob import open_blob
 from medzip_scp.dicom.part10 import dataset_offset_of
 from medzip_scp.identity.instance import Verdict
 from medzip_scp.index.models import Instance, SeriesReference, SupersededInstance
+from medzip_scp.instance_codecs import IdentityCodec
 from medzip_scp.net.status import Status
 from medzip_scp.pipeline.compress import compress_pending
 from medzip_scp.pipeline.verify import verify_archive
