@@ -16,8 +16,8 @@ real node in this process, on ``db_url``), ``store_scp`` (a C-MOVE destination),
 ``pki`` (TLS keys and certificates) and ``shared_data`` (../shared/data, or a skip). Plain
 helpers are in ``tests.helpers``; test modules import nothing from one another.
 
-An autouse fixture fails any test that leaves pynetdicom's or pydicom's process-wide settings
-(those a node started in this process sets) otherwise than it found them.
+An autouse fixture fails any test that leaves the process-wide settings a node started in this
+process sets (pynetdicom's, pydicom's, tempfile's) otherwise than it found them.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def _audit_closed_after_each_test() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _process_wide_settings_kept() -> Iterator[None]:
-    """Every test leaves pynetdicom's and pydicom's process-wide settings as it found them
-    (a node started in this process changes them: see ``tests.helpers.node``)."""
+    """Every test leaves the process-wide settings that a node started in this process
+    changes (``tests.helpers.node.ProcessWideSettings``) as it found them."""
     before = ProcessWideSettings()
     yield
     changed = before.changed()
@@ -159,8 +159,8 @@ def node_settings(tmp_path: Path, db_url: str) -> Settings:
 
 @pytest.fixture
 def node(node_settings: Settings) -> Iterator[RunningNode]:
-    """A node of ``node_settings`` serving in this process; pynetdicom's and pydicom's
-    process-wide settings, which starting it changes, are restored afterwards."""
+    """A node of ``node_settings`` serving in this process; the process-wide settings that
+    starting it changes are restored afterwards."""
     with running_node(node_settings) as running:
         yield running
 

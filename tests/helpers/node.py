@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
 from medzip_scp.net.server import start_server
 
-# What medzip_scp.net.server.configure_pynetdicom sets for the whole process when a node
-# starts (besides a warnings filter, which pytest restores after each test itself).
+# What medzip_scp.net.server.start_server sets for the whole process when a node starts
+# (configure_pynetdicom, and the spool folder as tempfile's default); not here: a warnings
+# filter, which pytest restores after each test itself, and reactor.install()'s stand-ins for
+# pynetdicom's `time` (installed once per process, the same for every node, and plain `time`
+# outside pynetdicom's reactor loops).
 _PROCESS_WIDE: dict[str, tuple[object, str]] = {
     f"pynetdicom._config.{name}": (_config, name)
     for name in (
@@ -36,6 +40,7 @@ _PROCESS_WIDE: dict[str, tuple[object, str]] = {
     "Association.send_c_store": (Association, "send_c_store"),
     "pynetdicom.transport.deepcopy": (transport, "deepcopy"),
     "pynetdicom.dimse_messages.NamedTemporaryFile": (dimse_messages, "NamedTemporaryFile"),
+    "tempfile.tempdir": (tempfile, "tempdir"),
     # the attribute behind `reading_validation_mode` (whose getter fills in a default)
     "pydicom.config.settings.reading_validation_mode": (
         pydicom.config.settings,
@@ -46,9 +51,9 @@ _LOGGERS = ("pynetdicom", "pydicom")
 
 
 class ProcessWideSettings:
-    """pynetdicom's and pydicom's process-wide settings that starting a node in this process
-    changes, as they are when this is made; :meth:`restore` (or leaving a ``with`` block)
-    puts them back, so that no test depends on a node an earlier test started."""
+    """The process-wide settings (pynetdicom's, pydicom's, tempfile's) that starting a node in
+    this process changes, as they are when this is made; :meth:`restore` (or leaving a
+    ``with`` block) puts them back, so that no test depends on a node an earlier test started."""
 
     def __init__(self) -> None:
         self._values = [
