@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -1036,31 +1037,34 @@ class Archive:
 
     def delete_study(self, study_instance_uid: str) -> int | None:
         """Delete a study for good; returns the number of blobs deleted (None: no such
-        study). Run it with no node serving the data folder: a node keeps the series it
-        indexed in memory.
+        study). Safe while nodes serve: a retrieval under way fails the instances whose
+        blobs went (never sends another's), and a node that still knows the study's series
+        indexes their next instance afresh.
 
         Crash-safe order: the blobs and references the study's rows name are written to a
-        journal (``data_dir/deleting/``, fsynced) before the rows' deletion commits; then
-        they are deleted and the journal with them. After a crash, :meth:`finish_deletions`
-        (at the node's start and before each deletion) deletes what a committed deletion
-        left and forgets a journal whose deletion never committed: never a row without
-        its blob, never a deleted study's blob kept."""
+        journal (``data_dir/deleting/``, fsynced, locked while in use) before the rows'
+        deletion commits; then they are deleted and the journal with them. After a crash,
+        :meth:`finish_deletions` (at the node's start and before each deletion) deletes
+        what a committed deletion left and forgets a journal whose deletion never
+        committed: never a row without its blob, never a deleted study's blob kept."""
         self.finish_deletions()
-        with self.sessions() as session:
-            deleted = delete_study_rows(session, study_instance_uid)
-            if deleted is None:
-                return None
-            journal = self._deletions / f"{study_instance_uid}.json"
-            self._deletions.mkdir(parents=True, exist_ok=True, mode=0o700)
-            content = {
-                "blobs": deleted.blob_keys,
-                "references": [r.hex() for r in deleted.references],
-            }
-            journal.write_text(json.dumps(content))
-            fsync(journal)
-            fsync(self._deletions, os.O_DIRECTORY)
-            session.commit()
-        self._delete_journaled(journal)
+        self._deletions.mkdir(parents=True, exist_ok=True, mode=0o700)
+        journal = self._deletions / f"{study_instance_uid}.json"
+        with open(journal, "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # finish_deletions leaves a locked journal be
+            with self.sessions() as session:
+                deleted = delete_study_rows(session, study_instance_uid)
+                if deleted is None:
+                    journal.unlink()
+                    return None
+                references = [sha.hex() for sha in deleted.references]
+                held.truncate(0)
+                held.write(json.dumps({"blobs": deleted.blob_keys, "references": references}))
+                held.flush()
+                os.fsync(held.fileno())
+                fsync(self._deletions, os.O_DIRECTORY)
+                session.commit()
+            self._delete_journaled(journal)
         return len(deleted.blob_keys)
 
     @property
@@ -1071,12 +1075,29 @@ class Archive:
         """Finish what study deletions a crash interrupted (see :meth:`delete_study`);
         returns how many journals it found."""
         journals = sorted(self._deletions.glob("*.json")) if self._deletions.is_dir() else []
+        finished = 0
         for journal in journals:
-            self._delete_journaled(journal)
-        return len(journals)
+            with open(journal, "a+") as held:
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a deletion under way in another process
+                if (
+                    not os.fstat(held.fileno()).st_size
+                    and time.time() - os.fstat(held.fileno()).st_mtime < 60
+                ):
+                    continue  # just opened by a deletion about to lock it
+                if journal.exists():  # not finished by another process meanwhile
+                    self._delete_journaled(journal)
+                    finished += 1
+        return finished
 
     def _delete_journaled(self, journal: Path) -> None:
-        content = json.loads(journal.read_text())
+        text = journal.read_text()
+        if not text:  # cut short before its content was written: nothing committed
+            journal.unlink()
+            return
+        content = json.loads(text)
         keys = list(content["blobs"])
         with self.read_sessions() as session:
             named = named_keys(session, keys)  # rows still there: the deletion never committed

@@ -84,6 +84,11 @@ def test_deploy_yaml_is_valid_kubernetes_with_probes_secrets_and_shards() -> Non
 
 
 def test_compose_file_keeps_keys_apart_and_its_configuration_is_valid() -> None:
+    checked = _run(
+        str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+        "docker/compose.yaml",
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"db", "node", "worker"}

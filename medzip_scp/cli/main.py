@@ -580,9 +580,8 @@ def studies_delete(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask; delete.")] = False,
 ) -> None:
     """Delete a study for good: its index rows, then its blobs; audited. Needs the
-    storage setting allow_delete = true and the node stopped (it holds the data folder)."""
+    storage setting allow_delete = true; the node may keep serving meanwhile."""
     from medzip_scp.audit import local_user, record
-    from medzip_scp.net.supervisor import NodeError, hold_data_dir
 
     settings = _settings(config, data_dir)
     _logging("WARNING")
@@ -591,37 +590,30 @@ def studies_delete(
             "deleting studies is off: set allow_delete = true under [storage] in the "
             "configuration (or MEDZIP_STORAGE__ALLOW_DELETE=true) to allow it"
         )
+    archive = _open_archive(settings, need_identity=False)
+    _audit(settings)
+    found = archive.studies(study)
+    if not found:
+        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+    summary = found[0]
+    if not yes:
+        typer.confirm(
+            f"delete study {study} ({summary.instances} instances, {summary.series} "
+            "series) for good?",
+            abort=True,
+        )
+    deleted: int | None = None
     try:
-        held = hold_data_dir(settings.storage.data_dir)  # no node indexes meanwhile
-    except NodeError as exc:
-        raise _fail(f"{exc}; stop the node to delete studies") from None
-    try:
-        archive = _open_archive(settings, need_identity=False)
-        _audit(settings)
-        found = archive.studies(study)
-        if not found:
-            raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
-        summary = found[0]
-        if not yes:
-            typer.confirm(
-                f"delete study {study} ({summary.instances} instances, {summary.series} "
-                "series) for good?",
-                abort=True,
-            )
-        deleted: int | None = None
-        try:
-            deleted = archive.delete_study(study)
-        finally:  # also when it failed half-way (the node finishes it at its next start)
-            record(
-                "delete",
-                "success" if deleted is not None else "failure",
-                user=local_user(),
-                study_instance_uid=study,
-                instances=summary.instances,
-                blobs=deleted or 0,
-            )
-    finally:
-        os.close(held)
+        deleted = archive.delete_study(study)
+    finally:  # also when it failed half-way (the node finishes it at its next start)
+        record(
+            "delete",
+            "success" if deleted is not None else "failure",
+            user=local_user(),
+            study_instance_uid=study,
+            instances=summary.instances,
+            blobs=deleted or 0,
+        )
     typer.echo(
         f"deleted study {study}: {summary.instances} instances in {summary.series} series, "
         f"{deleted} blobs"

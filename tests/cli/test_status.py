@@ -58,6 +58,11 @@ def test_status_follows_the_backlog_compression_and_verification(node: RunningNo
         False,
     )
 
+    trail = (node.settings.storage.data_dir / "audit" / "audit.jsonl").read_text()
+    (verify,) = [r for r in map(json.loads, trail.splitlines()) if r["action"] == "verify"]
+    assert (verify["outcome"], verify["checked"], verify["not_ok"]) == ("success", 3, 0)
+    assert verify["user"]  # who ran it
+
     table = _status(node)
     assert "| CT | 3 | 0 | 3 |" in table  # modality, instances, stored, compressed
     assert "last verification: verify finished" in table and "3 checked, 0 not OK" in table

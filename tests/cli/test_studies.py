@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
+import threading
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pynetdicom import evt
 from typer.testing import CliRunner
 
 from medzip_scp.cli.main import app
 from medzip_scp.net.status import Status
-from medzip_scp.net.supervisor import hold_data_dir
 from medzip_scp.pipeline.compress import compress_pending
-from tests.helpers.node import RunningNode
+from tests.helpers.node import RunningNode, c_get
 from tests.helpers.scu import ct_dataset, store
 
 
@@ -63,12 +63,6 @@ def test_list_show_export_and_delete_a_study(node: RunningNode, tmp_path: Path) 
     study = gone[0].StudyInstanceUID
     code, out = _medzip(node, "studies", "delete", study, "--yes")
     assert code == 1 and "allow_delete = true" in out
-    held = hold_data_dir(node.settings.storage.data_dir)  # as a running node does
-    try:
-        code, out = _medzip(node, "studies", "delete", study, "--yes", allow_delete=True)
-        assert code == 1 and "stop the node to delete studies" in out
-    finally:
-        os.close(held)
     blobs_before = sum(1 for p in archive.blobs.root.glob("[0-9]*/*") if p.is_file())
     references_before = archive.blobs.references.count()
     code, out = _medzip(node, "studies", "delete", study, "--yes", allow_delete=True)
@@ -137,3 +131,36 @@ def test_a_deletion_cut_short_after_its_commit_is_finished_later(
     assert not archive.blobs.exists(gone_row.blob_key)
     assert archive.blobs.exists(kept_row.blob_key) and archive.load_part10(kept_row)
     assert not list(journals.iterdir())
+
+
+def test_a_study_deleted_during_its_retrieval(node: RunningNode) -> None:
+    """C-GET of a study while it is deleted: every instance that arrives is bit-exact, the
+    others fail as sub-operations (their blobs are gone), the node goes on serving."""
+    study = "1.2.826.0.1.3680043.8.498.3001"
+    sent = [ct_dataset(StudyInstanceUID=study, SeriesInstanceUID=f"{study}.1") for _ in range(6)]
+    for ds in sent:
+        assert store(node, ds) == Status.SUCCESS
+    deleted = threading.Event()
+    received: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        if not deleted.is_set():  # the first instance arrives: delete the study now
+            assert node.archive.delete_study(study) == 6
+            deleted.set()
+        received[str(event.dataset.SOPInstanceUID)] = event.dataset.PixelData
+        return 0x0000
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study
+    responses = c_get(node, query, on_store)
+    final = responses[-1][0]
+    assert deleted.is_set() and received
+    originals = {ds.SOPInstanceUID: ds.PixelData for ds in sent}
+    assert all(received[uid] == originals[uid] for uid in received)
+    assert final.Status in (0x0000, 0xB000, 0xA702)
+    failed = final.get("NumberOfFailedSuboperations", 0)
+    assert len(received) + failed == 6
+    assert node.archive.studies(study) == []
+    other = ct_dataset()  # the node goes on storing and serving
+    assert store(node, other) == Status.SUCCESS
