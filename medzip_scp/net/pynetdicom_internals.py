@@ -81,6 +81,14 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 #: The pynetdicom minor version these internals were checked against (pyproject.toml).
 TESTED_VERSION = "3.0"
+CONFIG_SETTINGS = (
+    "STORE_RECV_CHUNKED_DATASET",
+    "STORE_SEND_CHUNKED_DATASET",
+    "LOG_REQUEST_IDENTIFIERS",
+    "LOG_RESPONSE_IDENTIFIERS",
+    "LOG_HANDLER_LEVEL",
+)
+"""The ``pynetdicom._config`` settings the node sets for its whole process (server.py)."""
 
 _Socket = TypeVar("_Socket", bound=AssociationSocket)
 
@@ -183,14 +191,7 @@ _INTERNALS: dict[str, Callable[[], bool]] = {
         and "_as_scu" in _names(PresentationContext.as_scu)
     ),
     "_config has the chunked data set and logging settings": lambda: all(
-        hasattr(_config, name)
-        for name in (
-            "STORE_RECV_CHUNKED_DATASET",
-            "STORE_SEND_CHUNKED_DATASET",
-            "LOG_REQUEST_IDENTIFIERS",
-            "LOG_RESPONSE_IDENTIFIERS",
-            "LOG_HANDLER_LEVEL",
-        )
+        hasattr(_config, name) for name in CONFIG_SETTINGS
     ),
 }
 

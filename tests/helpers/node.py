@@ -20,6 +20,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 
 from medzip_scp.archive import Archive
 from medzip_scp.config import MoveDestination, NodeSettings, Settings, StorageSettings
+from medzip_scp.net.pynetdicom_internals import CONFIG_SETTINGS
 from medzip_scp.net.server import start_server
 
 # What medzip_scp.net.server.start_server sets for the whole process when a node starts
@@ -28,14 +29,7 @@ from medzip_scp.net.server import start_server
 # pynetdicom's `time` (installed once per process, the same for every node, and plain `time`
 # outside pynetdicom's reactor loops).
 _PROCESS_WIDE: dict[str, tuple[object, str]] = {
-    f"pynetdicom._config.{name}": (_config, name)
-    for name in (
-        "STORE_RECV_CHUNKED_DATASET",
-        "STORE_SEND_CHUNKED_DATASET",
-        "LOG_REQUEST_IDENTIFIERS",
-        "LOG_RESPONSE_IDENTIFIERS",
-        "LOG_HANDLER_LEVEL",
-    )
+    f"pynetdicom._config.{name}": (_config, name) for name in CONFIG_SETTINGS
 } | {
     "Association.send_c_store": (Association, "send_c_store"),
     "pynetdicom.transport.deepcopy": (transport, "deepcopy"),
