@@ -716,7 +716,15 @@ class Archive:
                 session.expunge(current)
             return self._load_checked(current)
 
-    def _load_checked(self, instance: Instance) -> bytes:
+    def _stored_blob(self, instance: Instance) -> bytearray:
+        """The instance's blob, opened for its name and instance, with the checksum recorded
+        when it was stored.
+
+        Raises
+        ------
+        InstanceIntegrityError
+            The blob is missing, unreadable, refused by its seal, or differs.
+        """
         uid = instance.sop_instance_uid
         try:
             blob = self.blobs.read(instance.blob_key, bound_to=uid)
@@ -732,6 +740,11 @@ class Archive:
             ) from None
         if hashlib.sha256(blob).hexdigest() != instance.stored_sha256:
             raise InstanceIntegrityError(uid, "blob hash differs from the one recorded at ingest")
+        return blob
+
+    def _load_checked(self, instance: Instance) -> bytes:
+        uid = instance.sop_instance_uid
+        blob = self._stored_blob(instance)
         record: IdentityRecord | None = None
         try:
             if instance.codec_id == IdentityCodec.codec_id:
@@ -1082,10 +1095,8 @@ class Archive:
                     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a deletion under way in another process
-                if (
-                    not os.fstat(held.fileno()).st_size
-                    and time.time() - os.fstat(held.fileno()).st_mtime < 60
-                ):
+                stat = os.fstat(held.fileno())
+                if not stat.st_size and time.time() - stat.st_mtime < 60:
                     continue  # just opened by a deletion about to lock it
                 if journal.exists():  # not finished by another process meanwhile
                     self._delete_journaled(journal)
@@ -1153,10 +1164,10 @@ class Archive:
 
     def _blob_intact(self, instance: Instance) -> bool:
         try:
-            blob = self.blobs.read(instance.blob_key, bound_to=instance.sop_instance_uid)
-        except (BlobNotFoundError, EnvelopeError, OSError):
+            self._stored_blob(instance)
+        except InstanceIntegrityError:
             return False
-        return hashlib.sha256(blob).hexdigest() == instance.stored_sha256
+        return True
 
     def totals(self) -> list[StateTotals]:
         """Instances and their bytes by modality and state (``medzip status``)."""

@@ -495,6 +495,10 @@ def verify(
 StudyArgument = Annotated[str, typer.Argument(help="Study Instance UID.")]
 
 
+def _no_such_study(study: str) -> typer.Exit:
+    return _fail(f"no study {study} in the archive (see `medzip studies list`)")
+
+
 def _study_table(studies: list[StudySummary]) -> str:
     lines = [
         "| Study Instance UID | date | patient ID | patient name | modalities | series "
@@ -548,7 +552,7 @@ def studies_show(
     found = archive.studies(study)
     record("show", "success" if found else "failure", user=local_user(), study_instance_uid=study)
     if not found:
-        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+        raise _no_such_study(study)
     series = archive.series_of(study)
     if as_json:
         document = dataclasses.asdict(found[0]) | {
@@ -594,7 +598,7 @@ def studies_delete(
     _audit(settings)
     found = archive.studies(study)
     if not found:
-        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+        raise _no_such_study(study)
     summary = found[0]
     if not yes:
         typer.confirm(
@@ -639,7 +643,7 @@ def export(
     _audit(settings)
     rows = archive.study_instance_rows(study)
     if not rows:
-        raise _fail(f"no study {study} in the archive (see `medzip studies list`)")
+        raise _no_such_study(study)
     progress = _progress_bar("exporting")
     written, failed, size = 0, [], 0
     interrupted = False
@@ -649,13 +653,13 @@ def export(
                 part10 = archive.load_part10(row)
             except InstanceIntegrityError as exc:
                 failed.append((row.sop_instance_uid, exc.reason))
-                continue
-            folder = to / study / (_series_uid_of(part10) or "unknown-series")
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{row.sop_instance_uid}.dcm").write_bytes(part10)
-            written += 1
-            size += len(part10)
-            if progress is not None:
+            else:
+                folder = to / study / (_series_uid_of(part10) or "unknown-series")
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{row.sop_instance_uid}.dcm").write_bytes(part10)
+                written += 1
+                size += len(part10)
+            if progress is not None:  # failed ones count as done too
                 progress(done, len(rows))
     except KeyboardInterrupt:
         interrupted = True

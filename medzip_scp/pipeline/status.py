@@ -105,11 +105,12 @@ class ArchiveStatus:
         return "\n".join(lines)
 
     def json(self) -> str:
+        def counted(row: ModalityTotals) -> dict[str, Any]:
+            return asdict(row) | {"instances": row.instances, "backlog": row.backlog}
+
         document = asdict(self)
-        document["total"] = asdict(self.total)
-        for row in [*document["modalities"], document["total"]]:
-            row["instances"] = sum(row["by_state"].values())
-            row["backlog"] = row["by_state"].get(InstanceState.STORED.value, 0)
+        document["modalities"] = [counted(row) for row in self.modalities]
+        document["total"] = counted(self.total)
         return json.dumps(document, indent=1)
 
 
