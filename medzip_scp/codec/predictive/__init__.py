@@ -8,7 +8,9 @@ Design
 1. **Value packing.**  Many stored images use only a sparse subset of their value range (a LUT or
    rescale was applied before storage: the CR/DX conformance images use 500-800 of 4096 levels).
    When fewer than 70 % of the levels between the minimum and maximum occur, the frame is coded
-   as ranks into the sorted set of used values and the set is sent as a zlib-compressed bitmap.
+   as ranks into the sorted set of used values and the set is sent as a zlib-compressed bitmap;
+   a frame of at most 128x128 pixels, whose levels are sparse by sampling alone, is coded both
+   ways and keeps the smaller.
 2. **Classified least-squares prediction, fitted by the encoder.**  Each pixel is put into one of
    ``K`` classes by a causal activity measure (sum of six absolute neighbour differences), with
    thresholds at the activity quantiles of the frame.  For each class the encoder fits an
@@ -139,6 +141,11 @@ _MODE_CONSTANT, _MODE_DIRECT, _MODE_PACKED, _MODE_RAW = 0, 1, 2, 3
 _MAX_NN = 24  # predictor taps: the causal neighbours OFF in _pred.c
 _MAX_K = 64
 _PACK_FRACTION = 0.7
+# A small frame's values are sparse by sampling alone (4,096 pixels of a 64x64 fMRI frame over
+# 3,000 levels use a quarter of them), where ranks code worse than values (fMRI 5.7 %, 128x128
+# T1 1.4 %, 80x80 DTI 2.1 % larger); a larger frame fills its levels unless a LUT or a gap
+# left them empty. So up to this size both modes are coded and the smaller kept.
+_TRY_BOTH_PIXELS = 128 * 128
 
 
 class CorruptStreamError(ValueError):
@@ -547,15 +554,29 @@ def _encode(
     else:
         used = np.bincount((img - lo).ravel(), minlength=hi - lo + 1) > 0  # no sort: a count
         n_values = int(np.count_nonzero(used))
-        if n_values <= _PACK_FRACTION * (hi - lo + 1):
+        sparse = n_values <= _PACK_FRACTION * (hi - lo + 1)
+        tries: list[tuple[bytes, Fit | None, npt.NDArray[np.uint32], ModelState | None]] = []
+
+        def attempt(mode: bytes, values: npt.NDArray[np.uint16], nbits: int) -> None:
+            fin = np.zeros(2, np.uint32)
+            state = None if end is None else ModelState(np.empty_like(end.buffer))
+            kw = {} if start is None else {"version": version, "start": start, "end": state}
+            coded, f = _encode_body(values, nbits, fin, hint=hint, **kw)
+            tries.append((mode + coded, f, fin, state))
+
+        if sparse:
             table = zlib.compress(np.packbits(used).tobytes(), 9)
             rank_bits = max(1, (n_values - 1).bit_length())
             rank_of = (np.cumsum(used, dtype=np.int64) - 1).astype(np.uint16)
-            coded, fit = _encode_body(rank_of[img - lo], rank_bits, final, hint=hint, **carried)
-            body = struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table)) + table + coded
-        else:
-            coded, fit = _encode_body(img, bits, final, hint=hint, **carried)
-            body = struct.pack("<B", _MODE_DIRECT) + coded
+            mode = struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table)) + table
+            attempt(mode, rank_of[img - lo], rank_bits)
+        if not sparse or H * W <= _TRY_BOTH_PIXELS:
+            attempt(struct.pack("<B", _MODE_DIRECT), img, bits)
+        body, fit, fin, state = min(tries, key=lambda t: len(t[0]))
+        final[:] = fin
+        if end is not None and state is not None:
+            np.copyto(end.buffer, state.buffer)  # type: ignore[arg-type]
+            end.table = state.table
         if (H * W * bits + 7) // 8 + 1 < len(body):  # incompressible (noise): store the bits
             body = struct.pack("<B", _MODE_RAW) + _pack_raw(img, bits)
     if chain is not None and fit is not None:
