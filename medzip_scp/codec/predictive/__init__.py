@@ -545,7 +545,6 @@ def _encode(
     img = np.ascontiguousarray(arr, dtype=np.uint16)
     H, W = img.shape
     version = _VERSION if start is None else _VERSION_CARRIED
-    carried = {} if start is None else {"version": version, "start": start, "end": end}
     head = _MAGIC + struct.pack("<BBII", version, bits, H, W)
     final = np.zeros(2, np.uint32)
     fit = None
