@@ -725,7 +725,7 @@ def _progress_bars() -> Callable[[str, int, int], None] | None:
 
 
 app.add_typer(codec_app, name="codec", help="Encode, decode and inspect .mzp blobs.")
-app.add_typer(train_app, name="train", help="Train the learned codec models (local, global).")
+app.add_typer(train_app, name="train", help="Train the codec models (local, global, prior).")
 app.add_typer(bench_app, name="bench", help="Run a benchmark of the checkout (codec, ingest).")
 
 

@@ -2,7 +2,9 @@
 
 ``medzip train local --out models/local-lm/v3 --seed 0 --minutes 8`` and
 ``medzip train global --out models/global-vae/v3 --seed 0 --minutes 4`` call the learned
-modules' ``train()`` functions, show progress on stderr and end with a summary table. They
+modules' ``train()`` functions, and ``medzip train prior --out models/pred-prior/v2`` makes
+the predictive coder's prior (:mod:`medzip_scp.codec.predictive.prior_train`). They show
+progress on stderr and end with a summary table. They
 refuse to write into a folder that already holds a model (``manifest.json``), and into any
 folder of a released model (:data:`medzip_scp.codec.zoo.MODELS`): model ids are never reused.
 torch is imported only when a command runs.
@@ -25,7 +27,8 @@ from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, DEFAULT_TRAINING_DATA, MOD
 __all__ = ["train_app"]
 
 train_app = typer.Typer(
-    help="Train the learned codec's models (local: low planes; global: high planes).",
+    help="Train the codec's models (local: low planes; global: high planes; prior: the "
+    "predictive coder's starting model).",
     no_args_is_help=True,
 )
 
@@ -176,3 +179,20 @@ def train_global(
         {**{k: info.get(k) for k in keys}, "wall_s": info.get("wall_s")},
     )
     sys.stdout.write(json.dumps({k: info.get(k) for k in (*keys, "wall_s")}) + "\n")
+
+
+@train_app.command("prior")
+def train_prior(out: OutOpt, data: DataOpt = DEFAULT_TRAINING_DATA) -> None:
+    """Make the predictive coder's prior: the adaptive model small frames start from,
+    learned from small MR frames of the shared data (deterministic, seconds)."""
+    _refuse_released(out)
+    if not data.is_dir():
+        _fail(f"data folder {data} not found")
+    from medzip_scp.codec.predictive import prior_train
+
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    show = _progress(console, started)
+    info = prior_train.train(data, out, progress=show)
+    _summary(f"predictive-coder prior -> {out}", info)
+    sys.stdout.write(json.dumps(info) + "\n")

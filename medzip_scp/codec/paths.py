@@ -252,29 +252,47 @@ class VerbatimPath:
 
 
 @dataclass
-class _ModelChain:
+class ModelChain:
     """The pred path's carried model through the frames of one object (see
     :func:`carried_models`): the state the last frame taken left, and (encoder) the state
-    each candidate stream of the current frame would leave."""
+    each candidate stream of the current frame would leave and whether it continued a model.
+
+    Attributes
+    ----------
+    start_cost
+        Encoder: what starting from the chain's first state costs the blob (a prior's entry
+        in the model table), or None: no fallback. A sample is then also coded from a fresh
+        model (a version-2 stream, which needs no state) and keeps that unless it is larger
+        than the carried stream by more than this.
+    continued
+        Encoder: whether a taken stream continued the chain's model (version 3), so that the
+        blob needs the state the chain started from.
+    """
 
     decoding: bool
     state: predictive.ModelState = predictive.FRESH
-    pending: dict[bytes, predictive.ModelState] = field(default_factory=dict)
+    start_cost: int | None = None
+    continued: bool = False
+    pending: dict[bytes, tuple[predictive.ModelState, bool]] = field(default_factory=dict)
 
 
-_model_chain: ContextVar[_ModelChain | None] = ContextVar("medzip_pred_model", default=None)
+_model_chain: ContextVar[ModelChain | None] = ContextVar("medzip_pred_model", default=None)
 
 
 @contextmanager
-def carried_models(decoding: bool) -> Iterator[None]:
+def carried_models(
+    decoding: bool, start: predictive.ModelState = predictive.FRESH, start_cost: int | None = None
+) -> Iterator[ModelChain]:
     """Within the block the pred path codes the frames of one object in order with carried
     models (:func:`medzip_scp.codec.predictive.encode_frame_carried`): a frame's model starts
-    where the model of the last frame coded by pred ended. Encoding, the caller says which
-    stream it took for each frame (:func:`frame_taken`); decoding, each decoded pred frame
-    passes its model on. Per context (:mod:`contextvars`), like ``warm_start``."""
-    token = _model_chain.set(_ModelChain(decoding))
+    where the model of the last frame coded by pred ended, the first where ``start`` (a
+    prior's state, or fresh; ``start_cost``: see :class:`ModelChain`). Encoding, the caller
+    says which stream it took for each frame (:func:`frame_taken`); decoding, each decoded
+    pred frame passes its model on. Per context (:mod:`contextvars`), like ``warm_start``."""
+    chain = ModelChain(decoding, start, start_cost)
+    token = _model_chain.set(chain)
     try:
-        yield
+        yield chain
     finally:
         _model_chain.reset(token)
 
@@ -297,7 +315,8 @@ def frame_taken(data: bytes | None) -> None:
     if chain is None:
         return
     if data is not None and data in chain.pending:
-        chain.state = chain.pending[data]
+        chain.state, continued = chain.pending[data]
+        chain.continued |= continued
     chain.pending.clear()
 
 
@@ -324,19 +343,27 @@ class PredictivePath:
         state = predictive.FRESH if chain is None else chain.state
         out = bytearray()
         slots: list[FlushSlot] = []
+        continued = False
         for sample in range(values.shape[2]):
             plane = values[:, :, sample]
             if chain is None:
                 stream, slot = predictive.encode_frame_slot(plane, nbits)
             else:  # samples in order, each carrying the model on
-                stream, slot, state = predictive.encode_frame_carried(plane, nbits, state)
+                stream, slot, after = predictive.encode_frame_carried(plane, nbits, state)
+                if chain.start_cost is not None and predictive.continues_model(stream):
+                    with predictive.without_warm_start():  # fitted as if alone
+                        fresh, fresh_slot = predictive.encode_frame_slot(plane, nbits)
+                    if len(fresh) <= len(stream) + chain.start_cost:
+                        stream, slot, after = fresh, fresh_slot, state
+                continued |= predictive.continues_model(stream)
+                state = after
             out += struct.pack("<I", len(stream))
             if slot is not None:
                 slots.append(replace(slot, offset=len(out) + slot.offset))
             out += stream
         data = bytes(out)
         if chain is not None:
-            chain.pending[data] = state
+            chain.pending[data] = (state, continued)
         return data, slots
 
     def decode(

@@ -53,7 +53,7 @@ DEFAULT_MODELS_ROOT = shipped_path("models")
 DEFAULT_TRAINING_DATA = shipped_path("models").parents[1] / "shared" / "data"
 """``../shared/data`` beside a checkout: the only data the models are trained and tuned on."""
 
-ModelKind = Literal["local", "global"]
+ModelKind = Literal["local", "global", "prior"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ class ModelEntry:
     model_id
         Registry id, written into blobs; never reused.
     kind
-        ``"local"`` (low planes, :mod:`~medzip_scp.codec.learned.local_path`) or ``"global"``
-        (high planes, :mod:`~medzip_scp.codec.learned.global_path`).
+        ``"local"`` (low planes, :mod:`~medzip_scp.codec.learned.local_path`), ``"global"``
+        (high planes, :mod:`~medzip_scp.codec.learned.global_path`) or ``"prior"`` (the model
+        small pred frames start from, :mod:`~medzip_scp.codec.predictive.prior`).
     folder
         Folder below the models root (``"local-lm/v1"``).
     manifest_sha256
@@ -147,6 +148,12 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
             "global",
             "global-vae/v2",
             "d1d62e28a55dbf2b1518a99b6db1b5f154e9f2316ece1346d1bc83a0f07637e9",
+        ),
+        "pred-prior-v1": ModelEntry(
+            "pred-prior-v1",
+            "prior",
+            "pred-prior/v1",
+            "42fbbcdcdf44fd4e688634f5b4839fab4a097afd3dca2f7e83013ed2b9cdd88b",
         ),
     }
 )
@@ -296,7 +303,7 @@ class ModelStore:
             return False
 
     def load(self, ref: ModelRef) -> Any:
-        """Load the exact model ``ref`` names (``LocalModel`` or ``GlobalModel``).
+        """Load the exact model ``ref`` names (``LocalModel``, ``GlobalModel`` or ``PredPrior``).
 
         Raises
         ------
@@ -326,6 +333,11 @@ class ModelStore:
             )
         adapter = entry.adapter_name(ref.adapter_sha256) or ""
         try:
+            if entry.kind == "prior":
+                from medzip_scp.codec.predictive.prior import PRIOR_FILE, read_prior
+
+                check_model_folder(entry.model_id, folder, (PRIOR_FILE,))
+                return read_prior(folder / PRIOR_FILE)
             if entry.kind == "local":
                 from medzip_scp.codec.learned import local_path
 

@@ -45,7 +45,8 @@ from medzip_scp.codec.errors import (
     UnsupportedFormatError,
 )
 from medzip_scp.codec.paths import PredictivePath, carried_models
-from medzip_scp.codec.predictive import FlushSlot
+from medzip_scp.codec.predictive import FRESH, FlushSlot, ModelState
+from medzip_scp.codec.zoo import MODELS, default_store
 
 from .golden import GOLDEN_V1, GOLDEN_V3, GOLDEN_V3_PAYLOAD, GOLDEN_V3_PIXELS
 
@@ -194,7 +195,7 @@ def test_pixel_crc_catches_wrong_pixels_behind_valid_section_crcs() -> None:
 
 
 def test_unavailable_path_is_unsupported() -> None:
-    blob = _sample_blob()
+    blob = _sample_blob(b"")  # no payload bits in the pred flushes the forged record drops
     layout, records = _records(blob)
     forged = [records[0].__class__(**{**records[0].__dict__, "path": "learned-v9"}), *records[1:]]
     with pytest.raises(UnsupportedFormatError, match="learned-v9"):
@@ -252,16 +253,26 @@ def _bodies(blob: bytes) -> dict[str, bytes]:
     return {s.type.name: s.data for s in read_container(blob)[1]}
 
 
-def _flush_slots(
-    plain_streams: bytes, records: list[FrameRecord], layout: PixelLayout
-) -> list[FlushSlot]:
-    """The carriers' flush slots in the STREAMS of frames coded without a payload (offsets
-    into it): frames coded whole by ``pred``, each sample stream with an arithmetic coder."""
+def _pred_start(blob: bytes) -> ModelState:
+    """The model the blob's first pred frame starts from: the prior its model table names,
+    else fresh."""
+    header, _ = read_container(blob)
+    for ref in header.model_refs():
+        if MODELS[ref.model_id].kind == "prior":
+            return default_store().load(ref).state
+    return FRESH
+
+
+def _flush_slots(blob: bytes, layout: PixelLayout) -> list[FlushSlot]:
+    """The carriers' flush slots in the STREAMS of ``blob`` (offsets into it): frames coded
+    whole by ``pred``, each sample stream with an arithmetic coder."""
+    plain_streams, (_, records) = _bodies(blob)["STREAMS"], _records(blob)
     shape = (layout.rows, layout.columns, layout.samples_per_pixel)
     pred = PredictivePath()
     slots = []
     pos = 0
-    with carried_models(decoding=True):  # the frames of one object, in order
+    # the frames of one object, in order, from the prior the blob names
+    with carried_models(decoding=True, start=_pred_start(blob)):
         for r in records:
             if r.path == "pred" and r.split_planes == 0:
                 _, found = pred.decode_carrying(
@@ -275,17 +286,18 @@ def _flush_slots(
 def _free_capacity(frames: FrameSet) -> int:
     """Whole payload bytes the free bits of ``frames``' coder flushes hold."""
     plain = compress(frames, learned=None)
-    slots = _flush_slots(_bodies(plain)["STREAMS"], _records(plain)[1], frames.layout)
+    slots = _flush_slots(plain, frames.layout)
     return sum(s.capacity for s in slots) // 8
 
 
 def _mode3_reference(
-    plain_streams: bytes, records: list[FrameRecord], layout: PixelLayout, payload: bytes
+    plain_blob: bytes, layout: PixelLayout, payload: bytes
 ) -> tuple[bytes, bytes, int, list[tuple[int, int]]]:
     """The STREAMS and PAYLOAD bodies of mode 3 as the container's docstring specifies them,
-    made from the STREAMS of the same frames coded without a payload; the free bytes; and where
+    made from the blob of the same frames coded without a payload; the free bytes; and where
     each frame's segment sits in that STREAMS (start, length)."""
-    slots = _flush_slots(plain_streams, records, layout)
+    plain_streams, (_, records) = _bodies(plain_blob)["STREAMS"], _records(plain_blob)
+    slots = _flush_slots(plain_blob, layout)
     free = min(len(payload), sum(s.capacity for s in slots) // 8)
     bits = "".join(f"{b:08b}" for b in payload[:free])
     plain = bytearray(plain_streams)
@@ -320,9 +332,7 @@ def _check_mode3(frames: FrameSet, length: int) -> tuple[int, list[tuple[int, in
     blob = compress(frames, b"rest", payload=payload, learned=None)
     _, records = _records(plain)
     assert _records(blob)[1] == records  # the frames are coded the same, payload or not
-    streams, body, free, segments = _mode3_reference(
-        _bodies(plain)["STREAMS"], records, frames.layout, payload
-    )
+    streams, body, free, segments = _mode3_reference(plain, frames.layout, payload)
     sections = _bodies(blob)
     assert sections["STREAMS"] == streams
     assert sections["PAYLOAD"] == body
@@ -370,7 +380,7 @@ def test_free_bits_sit_in_the_coder_flushes_as_specified(free_bits_frames: Frame
 def test_a_payload_in_the_free_bits_changes_only_the_flushes(free_bits_frames: FrameSet) -> None:
     plain = compress(free_bits_frames, learned=None)
     _, records = _records(plain)
-    slots = _flush_slots(_bodies(plain)["STREAMS"], records, free_bits_frames.layout)
+    slots = _flush_slots(plain, free_bits_frames.layout)
     assert len(slots) == 3
     capacity = sum(s.capacity for s in slots) // 8
     blob = compress(free_bits_frames, payload=_payload(capacity), learned=None)
@@ -383,9 +393,9 @@ def test_a_payload_in_the_free_bits_changes_only_the_flushes(free_bits_frames: F
 def test_pixels_never_depend_on_the_spread_payload(carrier_frames: FrameSet) -> None:
     payload = _payload(600)
     blob = compress(carrier_frames, payload=payload, learned=None)
-    _, records = _records(blob)
-    plain_streams = _bodies(compress(carrier_frames, learned=None))["STREAMS"]
-    *_, segments = _mode3_reference(plain_streams, records, carrier_frames.layout, payload)
+    plain = compress(carrier_frames, learned=None)
+    assert _records(plain)[1] == _records(blob)[1]
+    *_, segments = _mode3_reference(plain, carrier_frames.layout, payload)
     streams = bytearray(_bodies(blob)["STREAMS"])
     for start, n in segments:
         if n:  # the last payload byte of each segment, behind a valid STREAMS CRC
@@ -411,7 +421,7 @@ def test_pixels_never_depend_on_the_free_bits(free_bits_frames: FrameSet) -> Non
     payload = _payload(capacity)
     blob = compress(free_bits_frames, payload=payload, learned=None)
     _, records = _records(blob)
-    slots = _flush_slots(_bodies(blob)["STREAMS"], records, free_bits_frames.layout)
+    slots = _flush_slots(blob, free_bits_frames.layout)
     assert all(s.carried for s in slots[:-1])  # the bits did go into the flushes
     taken = 0
     for slot in slots:
@@ -429,7 +439,7 @@ def test_pixels_never_depend_on_the_free_bits(free_bits_frames: FrameSet) -> Non
 def test_a_flush_carrying_more_than_its_bits_is_corrupt(free_bits_frames: FrameSet) -> None:
     blob = compress(free_bits_frames, payload=b"\xa5", learned=None)
     _, records = _records(blob)
-    first, second, *_ = _flush_slots(_bodies(blob)["STREAMS"], records, free_bits_frames.layout)
+    first, second, *_ = _flush_slots(blob, free_bits_frames.layout)
     assert first.carried == 0xA5 and second.carried == 0 and first.capacity > 8
     assert decompress(_set_flush(blob, first, 0xA4)).payload == b"\xa4"
     for slot, carried, bits in [(first, 0x1A5, 8), (second, 1, 0)]:

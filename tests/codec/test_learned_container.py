@@ -196,9 +196,11 @@ def test_unregistered_model_or_hash_raises_unknown_model(forced_pred_blob: bytes
 
 
 def test_compress_without_installed_models_is_classical(small: FrameSet, tmp_path: Path) -> None:
-    blob = compress(small, models=ModelStore(root=tmp_path), learned=DEFAULT_LEARNED)
+    empty = ModelStore(root=tmp_path)  # no model installed, the prior neither
+    blob = compress(small, models=empty, learned=DEFAULT_LEARNED)
     assert describe(blob)["format_version"] == 3
-    assert compress(small, learned=None) == blob
+    assert describe(blob)["models"] == []  # small frames coded from a fresh model
+    assert compress(small, models=empty, learned=None) == blob
     with pytest.raises(UnknownModelError):
         compress(small, models=ModelStore(root=tmp_path), learned=LearnedOptions(force_split=1))
 

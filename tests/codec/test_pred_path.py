@@ -74,7 +74,7 @@ def test_frames_of_one_object_warm_start_each_others_fit(monkeypatch: pytest.Mon
     )  # fmt: skip
     frames = FrameSet(layout, pixels)
     # the fit alone: carried models (test_carried.py) would reuse frame 0's table
-    monkeypatch.setattr(api, "carried_models", lambda decoding: contextlib.nullcontext())
+    monkeypatch.setattr(api, "carried_models", lambda *_, **__: contextlib.nullcontext())
     warm = compress(frames, paths=("pred",), learned=None)
     monkeypatch.setattr(api, "warm_start", contextlib.nullcontext)
     cold = compress(frames, paths=("pred",), learned=None)

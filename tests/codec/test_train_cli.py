@@ -14,7 +14,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize(
-    ("kind", "folder"), [("local", "local-lm/v1"), ("global", "global-vae/v1")]
+    ("kind", "folder"),
+    [("local", "local-lm/v1"), ("global", "global-vae/v1"), ("prior", "pred-prior/v1")],
 )
 def test_refuses_released_model_folder(kind: str, folder: str, tmp_path: Path) -> None:
     out = DEFAULT_MODELS_ROOT / folder
@@ -38,7 +39,7 @@ def test_refuses_folder_with_a_manifest(tmp_path: Path) -> None:
 def test_help_lists_both_commands() -> None:
     result = runner.invoke(train_app, ["--help"])
     assert result.exit_code == 0
-    assert "local" in result.output and "global" in result.output
+    assert all(kind in result.output for kind in ("local", "global", "prior"))
 
 
 def test_global_model_is_named_after_its_version_folder(tmp_path: Path) -> None:

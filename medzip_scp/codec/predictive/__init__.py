@@ -120,6 +120,8 @@ __all__ = [
     "Fit",
     "FlushSlot",
     "ModelState",
+    "continues_model",
+    "soften",
     "decode_frame",
     "decode_frame_carried",
     "decode_frame_slot",
@@ -236,6 +238,38 @@ FRESH = ModelState(None)
 
 def _new_state() -> ModelState:
     return ModelState(np.empty(int(_core.load().mz_state_size()), np.uint8))
+
+
+def continues_model(stream: bytes) -> bool:
+    """Whether ``stream`` (one frame's, as :func:`encode_frame_carried` wrote it) starts from
+    the model it was given: a version-3 stream with an arithmetic coder (modes 1 and 2)."""
+    return (
+        len(stream) > 14
+        and stream[:4] == _MAGIC
+        and stream[4] == _VERSION_CARRIED
+        and stream[14] in (_MODE_DIRECT, _MODE_PACKED)
+    )
+
+
+def soften(state: ModelState, cap: int) -> ModelState:
+    """A read-only copy of ``state`` whose probabilities count at most ``cap`` observations
+    each (and bias accumulators as many): frames coded from it start with what it learned
+    but adapt as fast as after ``cap`` bits (a prior, :mod:`.prior`). :data:`FRESH` stays
+    fresh.
+
+    Raises
+    ------
+    ValueError
+        If ``cap`` is outside 1..1000 (the coder's own limit).
+    """
+    if not 1 <= cap <= 1000:
+        raise ValueError(f"cap must be in 1..1000, got {cap}")
+    if state.buffer is None:
+        return state
+    out = state.buffer.copy()
+    _core.load().mz_state_soften(_ptr(out), cap)
+    out.flags.writeable = False  # shared by every frame coded from it
+    return ModelState(out, state.table)
 
 
 @dataclass

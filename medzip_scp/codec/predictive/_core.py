@@ -87,6 +87,8 @@ def load() -> ctypes.CDLL:
         lib.mz_decode.restype = c_int
         lib.mz_state_size.argtypes = []
         lib.mz_state_size.restype = i64
+        lib.mz_state_soften.argtypes = [ptr, c_int]
+        lib.mz_state_soften.restype = None
         lib.mz_init.argtypes = []
         lib.mz_init.restype = None
         lib.mz_init()  # constant tables, filled once under the lock

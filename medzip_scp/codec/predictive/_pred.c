@@ -741,6 +741,30 @@ static int check_params(int ver, int H, int W, int bits, int nn, int K, int shif
  * value in [x1, x2] flushed instead decodes the same (see mz_decode's final). */
 int64_t mz_state_size(void) { return (int64_t)model_size(MAXK); }
 
+/* Cap every probability's hit count at cap and halve each bias accumulator until its count is
+ * at most cap, in place (state: mz_state_size() bytes): a model state made into a prior that the
+ * frames coded from it still adapt quickly (a count of n moves a probability by 1/(n+2) per
+ * bit). Integer only; part of a prior's definition (medzip_scp.codec.predictive.prior). */
+static void cap_counts(Prob *t, size_t n, int cap) {
+    for (size_t i = 0; i < n; i++) if (t[i].n > cap) t[i].n = (uint16_t)cap;
+}
+#define CAP_COUNTS(a) cap_counts((Prob *)(a), sizeof(a) / sizeof(Prob), cap)
+void mz_state_soften(uint8_t *state, int cap) {
+    Model *m = (Model *)state;
+    CAP_COUNTS(m->zero); CAP_COUNTS(m->big); CAP_COUNTS(m->mant); CAP_COUNTS(m->low);
+    CAP_COUNTS(m->sign); CAP_COUNTS(m->zero2); CAP_COUNTS(m->big2); CAP_COUNTS(m->mant2);
+    CAP_COUNTS(m->sign2);
+    for (int k = 0; k < MAXK; k++) {
+        ClassModel *cm = &m->cm[k];
+        CAP_COUNTS(cm->zero3); CAP_COUNTS(cm->big3); CAP_COUNTS(cm->mant3); CAP_COUNTS(cm->sign3);
+        for (int i = 0; i < 64; i++)
+            for (int j = 0; j < NQB; j++) {
+                Bias *b = &cm->bias[i][j];
+                while (b->cnt > cap) { b->sum = b->sum >= 0 ? b->sum / 2 : -((-b->sum) / 2); b->cnt /= 2; }
+            }
+    }
+}
+
 /* Version 3 continues a model: it starts from state_in (NULL: fresh) and leaves its final state
  * in state_out (NULL: not kept); both are mz_state_size() bytes.  Versions 1, 2 ignore them. */
 int64_t mz_encode(int ver, const uint16_t *img, int H, int W, int bits, int nn, int K, int shift,
