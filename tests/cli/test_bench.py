@@ -65,9 +65,10 @@ def test_bench_identity_reports_each_set_with_and_without_identity(tmp_path: Pat
     for name in ("conformance", "fmri-ge"):
         assert sizes[name][1] == "1"  # --limit 1
         assert float(sizes[name][6]) > float(sizes[name][5])  # the payload costs bits
-        # classical paths, one frame: at most its coder flush's 4 bytes ride free
+        # classical paths, one frame: at most its coder flush's 4 bytes (of a payload of
+        # about 400) ride free
         shares = [float(share.strip(" %")) for share in sizes[name][-1].split("/")]
-        assert sum(shares) == pytest.approx(100, abs=1.5) and shares[2] < 1
+        assert sum(shares) == pytest.approx(100, abs=1.5) and shares[2] <= 1.1
         assert speeds[name][-1] == "1 / 1"  # verified OK on a real archive
     assert sizes["all"][1] == "2"
 
