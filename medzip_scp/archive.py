@@ -301,14 +301,14 @@ class Archive:
         Raises
         ------
         CodecInstallError
-            If the codec's C core does not load, or ``[pipeline] learned`` is on and its
-            models are not installed.
+            If the codec's C core or the predictive prior does not load, or
+            ``[pipeline] learned`` is on and its models are not installed.
         """
         data_dir = settings.storage.data_dir
         if settings.pipeline.models_dir is not None:
             use_models_folder(settings.pipeline.models_dir)
         # a path that cannot run fails here, never by coding with another one
-        check_codec(DEFAULT_LEARNED if settings.pipeline.learned else None)
+        check_codec(DEFAULT_LEARNED if settings.pipeline.learned else None, prior=True)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the index holds PHI
         url = settings.storage.resolved_database_url()
         if migrate:

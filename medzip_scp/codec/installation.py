@@ -5,8 +5,8 @@ instead of coding every frame by another path than the one configured."""
 from __future__ import annotations
 
 from medzip_scp.codec import predictive
-from medzip_scp.codec.api import LearnedOptions
-from medzip_scp.codec.errors import CodecError
+from medzip_scp.codec.api import PRIOR, LearnedOptions
+from medzip_scp.codec.errors import CodecError, UnknownModelError
 from medzip_scp.codec.zoo import ModelStore, default_store
 
 __all__ = ["CodecInstallError", "check_codec"]
@@ -16,24 +16,35 @@ class CodecInstallError(CodecError):
     """A path the configuration asks for cannot run here (message: what and what to do)."""
 
 
-def check_codec(learned: LearnedOptions | None = None, store: ModelStore | None = None) -> None:
-    """Check that the default paths and, with ``learned``, the learned paths can run.
+def check_codec(
+    learned: LearnedOptions | None = None, store: ModelStore | None = None, prior: bool = False
+) -> None:
+    """Check that the default paths and, with ``learned``, the learned paths can run; with
+    ``prior`` (a node, which must decode every blob it keeps) that the predictive prior
+    the blobs of small frames start from loads.
 
     Raises
     ------
     CodecInstallError
-        If the predictive coder's C core does not load, or the learned models ``learned``
-        names are not installed in the models folder.
+        If the predictive coder's C core does not load, the prior does not, or the learned
+        models ``learned`` names are not installed in the models folder.
     """
     try:
         predictive.check_core()
     except predictive.CoreUnavailableError as exc:
         raise CodecInstallError(str(exc)) from None
+    store = store if store is not None else default_store()
+    if prior:
+        try:
+            store.load(store.entry(PRIOR).ref())
+        except UnknownModelError as exc:
+            raise CodecInstallError(
+                f"{exc}; blobs of frames up to 128x128 pixels start from it"
+            ) from None
     if learned is None:
         return
     from medzip_scp.codec.learned.paths import learned_available  # imports the learned stack
 
-    store = store if store is not None else default_store()
     if not learned_available(store, learned):
         raise CodecInstallError(
             f"the learned paths are on but their models ({learned.local_model}, "

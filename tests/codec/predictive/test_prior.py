@@ -11,10 +11,12 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
+from medzip_scp.archive import Archive
 from medzip_scp.cli.train import train_app
 from medzip_scp.codec.api import PRIOR, compress, decompress, describe
 from medzip_scp.codec.errors import UnknownModelError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
+from medzip_scp.codec.installation import CodecInstallError, check_codec
 from medzip_scp.codec.predictive import (
     FRESH,
     CorruptStreamError,
@@ -24,9 +26,16 @@ from medzip_scp.codec.predictive import (
     soften,
 )
 from medzip_scp.codec.predictive.prior import PRIOR_FILE, encode_prior, read_prior
-from medzip_scp.codec.zoo import DEFAULT_MODELS_ROOT, MODELS, ModelStore, default_store
+from medzip_scp.codec.zoo import (
+    DEFAULT_MODELS_ROOT,
+    MODELS,
+    ModelStore,
+    default_store,
+    use_models_folder,
+)
 from tests.codec.golden import GOLDEN_PRIOR_V3, golden_prior_pixels
 from tests.data_paths import NO_SHARED_DATA, SHARED_DATA
+from tests.helpers.node import make_settings
 
 
 def _noisy(n: int, seed: int, sigma: float = 25, amp: float = 900) -> np.ndarray:
@@ -155,3 +164,18 @@ def test_golden_blob_from_the_prior_decodes_and_is_reproduced() -> None:
     assert default_store().installed(PRIOR)
     layout = PixelLayout(pixels.shape[1], pixels.shape[2], 1, 16, 12, False)
     assert compress(FrameSet(layout, pixels), b"rest", learned=None) == GOLDEN_PRIOR_V3
+
+
+def test_a_node_without_the_prior_refuses_to_start(tmp_path: Path) -> None:
+    """A node must decode every blob it keeps: started on a models folder without the prior
+    (``[pipeline] models_dir``), it stops at once naming it; ``medzip codec`` codes without."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
+    settings.pipeline.models_dir = empty
+    try:
+        with pytest.raises(CodecInstallError, match=f"{PRIOR}.* not installed .*128x128"):
+            Archive.open(settings)
+    finally:
+        use_models_folder(DEFAULT_MODELS_ROOT)
+    check_codec(store=ModelStore(root=empty))  # without prior=True: coded from fresh models
