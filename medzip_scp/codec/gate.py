@@ -22,15 +22,18 @@ on fmri-ge, 1.4x on mr-t1-3d and 2.9x on an mr-dti-enhanced object for 0.0014 %,
 0.002 % smaller files. A single-sample small frame whose ``pred`` starts from the predictive
 prior (:mod:`medzip_scp.codec.predictive.prior`; the default where it is installed) adds
 JPEG-XL effort 7 and 9 and zstd when ``flat >= 0.9`` (``>= 0.5`` at 8 bits); otherwise it
-first codes ``pred`` and ``jpegls`` alone and adds the candidates above only when the smaller
-is more than 0.88 times the size of JPEG-XL effort 2's stream (:func:`screened_candidates`:
-0.2-0.5 ms). Efforts 7 and 9 took at least 0.85 of effort 2's bytes on every small frame
-measured (median 0.93 on fMRI and T1, 0.90 on DTI, 0.98 on the conformance MR and CT, 0.99 on
-synthetic MR-like frames), so a screened frame loses little to JPEG-XL even where the prior
-does not fit; on 207 small frames of ``../shared/data`` and 24 synthetic ones it lost nothing,
-and it skipped the slow candidates on 45 % of fMRI, 50 % of T1 and every DTI frame. Without
-the prior ``pred`` loses to JPEG-XL by up to 2.5 % on fMRI frames; the prior saves 1.7-5.3 %
-on held-out small MR frames (its card). Larger frames, from statistics of the
+first codes ``pred`` and ``jpegls`` alone and adds JPEG-XL effort 7 only when the smaller is
+more than 0.9 times the size of JPEG-XL effort 2's stream (:func:`screened_candidates`:
+0.2-0.5 ms). Efforts 7 and 9 took at least 0.90 of effort 2's bytes on every fMRI and T1
+frame measured (median 0.93), 0.85 on one DTI frame (median 0.90), 0.97 on the conformance MR
+and CT and 0.92 on synthetic MR-like frames. On the 528 single-sample small frames of
+``../shared/data`` (fmri-ge, mr-t1-3d, every 3rd mr-dti-enhanced frame, the conformance MR and
+CT) this picks the smallest of all candidates on all but one (a 128x128 T1 edge slice that
+JPEG-XL effort 9 codes 4 bytes smaller); JPEG-XL runs on 3 of 300 fMRI, 31 of 96 T1 and 1 of
+120 DTI frames. On 24 synthetic MR-like frames, which the prior does not fit, it lost nothing;
+one other synthetic frame is 1.5 % larger than JPEG-XL would code it. Without the prior
+``pred`` loses to JPEG-XL by up to 2.5 % on fMRI frames; the prior saves 1.7-5.3 % on
+held-out small MR frames (its card). Larger frames, from statistics of the
 first sample on up to 16 tiles of 64x64 pixels spread over the frame (at multiples of 64, so a
 wavelet sees the frame's own grid; about 3 % of ``pred``'s time):
 
@@ -139,7 +142,7 @@ __all__ = [
 EXTRA_CANDIDATES: tuple[str, ...] = ("jpegxl", "jpegxl-e9", "jpeg2000", "zstd")
 SMALL_FRAME_CANDIDATES: tuple[str, ...] = ("jpegxl", "jpeg2000", "zstd")
 PRIMED_FLAT_CANDIDATES: tuple[str, ...] = ("jpegxl", "jpegxl-e9", "zstd")
-JPEGXL_SCREEN_RATIO = 0.88
+JPEGXL_SCREEN_RATIO = 0.9
 FLAT_FOR_EFFORT_9_ON_SMALL = 0.24
 CONSTANT_FOR_EFFORT_9_ON_SMALL = 0.1
 """Every candidate the gate can add, in tie-break order."""
@@ -206,17 +209,15 @@ def screened_candidates(
     values: npt.NDArray[np.unsignedinteger], nbits: int, best: int
 ) -> tuple[str, ...]:
     """The candidates a small single-sample frame left to ``pred`` from the prior
-    (:func:`extra_candidates` with ``primed``) tries after all: those of an unprimed frame
-    where ``best``, the bytes of the smallest stream so far, exceeds
-    :data:`JPEGXL_SCREEN_RATIO` times JPEG-XL effort 2's (0.2-0.5 ms on 64x64 to 128x128)."""
+    (:func:`extra_candidates` with ``primed``) tries after all: JPEG-XL effort 7 where
+    ``best``, the bytes of the smallest stream so far, exceeds :data:`JPEGXL_SCREEN_RATIO`
+    times JPEG-XL effort 2's (0.2-0.5 ms on 64x64 to 128x128)."""
     rows, columns, samples = values.shape
     if samples != 1 or rows * columns > SMALL_PIXELS or not 1 <= nbits <= 16:
         return ()
     v = np.ascontiguousarray(values[..., 0])
     quick = imagecodecs.jpegxl_encode(v, lossless=True, effort=2, bitspersample=nbits)
-    if best <= JPEGXL_SCREEN_RATIO * len(quick):
-        return ()
-    return extra_candidates(values, nbits)
+    return ("jpegxl",) if best > JPEGXL_SCREEN_RATIO * len(quick) else ()
 
 
 def choose(stats: FrameStats) -> tuple[str, ...]:

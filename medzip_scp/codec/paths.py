@@ -349,14 +349,10 @@ class PredictivePath:
             if chain is None:
                 stream, slot = predictive.encode_frame_slot(plane, nbits)
             else:  # samples in order, each carrying the model on
-                stream, slot, after = predictive.encode_frame_carried(plane, nbits, state)
-                if chain.start_cost is not None and predictive.continues_model(stream):
-                    with predictive.without_warm_start():  # fitted as if alone
-                        fresh, fresh_slot = predictive.encode_frame_slot(plane, nbits)
-                    if len(fresh) <= len(stream) + chain.start_cost:
-                        stream, slot, after = fresh, fresh_slot, state
+                stream, slot, state = predictive.encode_frame_carried(
+                    plane, nbits, state, chain.start_cost
+                )
                 continued |= predictive.continues_model(stream)
-                state = after
             out += struct.pack("<I", len(stream))
             if slot is not None:
                 slots.append(replace(slot, offset=len(out) + slot.offset))

@@ -11,9 +11,11 @@ import pytest
 from medzip_scp.codec.api import FrameSet, PixelLayout, compress, decompress, describe
 from medzip_scp.codec.gate import (
     EXTRA_CANDIDATES,
+    PRIMED_FLAT_CANDIDATES,
     SMALL_FRAME_CANDIDATES,
     extra_candidates,
     frame_stats,
+    screened_candidates,
 )
 from medzip_scp.codec.paths import get_encoder, get_path, values_dtype
 from tests.data_paths import SHARED_DATA
@@ -292,3 +294,21 @@ def test_real_frame_is_never_larger_than_a_standard_codec(name: str, index: int)
     chosen = describe(blob)["frames"][0]
     for codec, size in _standard_sizes(values, nbits).items():
         assert chosen["bytes"] <= size, f"{codec} is smaller: {size} < {chosen['bytes']}"
+
+
+def test_gate_leaves_small_frames_from_the_prior_to_pred_unless_jpegxl_may_win() -> None:
+    """From the predictive prior a small single-sample frame tries only pred and JPEG-LS,
+    then JPEG-XL effort 7 where effort 2's stream is not much larger than theirs; flat frames
+    and colour frames are gated as without the prior."""
+    values, nbits = _values(_mr_like(64, 4))
+    assert extra_candidates(values, nbits, primed=True) == ()
+    quick = len(imagecodecs.jpegxl_encode(values[..., 0], lossless=True, effort=2))
+    assert screened_candidates(values, nbits, int(0.85 * quick)) == ()
+    assert screened_candidates(values, nbits, int(0.95 * quick)) == ("jpegxl",)
+    flat, fbits = _values(_ultrasound_like(128, 5))
+    assert extra_candidates(flat, fbits, primed=True) == PRIMED_FLAT_CANDIDATES
+    grey = _mr_like(64, 6)
+    colour, cbits = _values(np.stack([grey, grey // 2, grey // 3], axis=-1))
+    assert extra_candidates(colour, cbits, primed=True) == extra_candidates(colour, cbits)
+    big, bbits = _values(_ct_like(256, 7))
+    assert screened_candidates(big, bbits, 10**9) == ()  # larger frames: the gate's rule

@@ -9,8 +9,8 @@ Design
    rescale was applied before storage: the CR/DX conformance images use 500-800 of 4096 levels).
    When fewer than 70 % of the levels between the minimum and maximum occur, the frame is coded
    as ranks into the sorted set of used values and the set is sent as a zlib-compressed bitmap;
-   a frame of at most 128x128 pixels, whose levels are sparse by sampling alone, is coded both
-   ways and keeps the smaller.
+   a frame of at most 128x128 pixels, whose levels are sparse by sampling alone, is coded as
+   values, and also as ranks only where more levels are missing than sampling explains.
 2. **Classified least-squares prediction, fitted by the encoder.**  Each pixel is put into one of
    ``K`` classes by a causal activity measure (sum of six absolute neighbour differences), with
    thresholds at the activity quantiles of the frame.  For each class the encoder fits an
@@ -146,8 +146,28 @@ _PACK_FRACTION = 0.7
 # A small frame's values are sparse by sampling alone (4,096 pixels of a 64x64 fMRI frame over
 # 3,000 levels use a quarter of them), where ranks code worse than values (fMRI 5.7 %, 128x128
 # T1 1.4 %, 80x80 DTI 2.1 % larger); a larger frame fills its levels unless a LUT or a gap
-# left them empty. So up to this size both modes are coded and the smaller kept.
+# left them empty. So up to this size ranks are tried only where the gaps are more than
+# sampling leaves (_gappy), and then beside values.
 _TRY_BOTH_PIXELS = 128 * 128
+_DENSE_WINDOW, _DENSE_COUNT = 9, 18  # a level whose 9 neighbours hold 18 pixels is "dense"
+
+
+def _gappy(img: npt.NDArray[np.uint16], lo: int, hi: int) -> bool:
+    """Whether a small frame's unused levels are more than sampling leaves: over 30 % of
+    its dense levels (a LUT or rescale skipped them) or a gap of a quarter of its range (two
+    clusters of values). Integer counts only: the same frame decides the same everywhere.
+    Measured on the small frames of ``../shared/data``: values coded smaller than ranks on
+    every frame this calls not gappy."""
+    counts = np.bincount((img - lo).ravel(), minlength=hi - lo + 1)
+    total = np.concatenate(([0], np.cumsum(counts)))
+    at = np.arange(counts.size)
+    half = _DENSE_WINDOW // 2
+    window = total[np.minimum(at + half + 1, counts.size)] - total[np.maximum(at - half, 0)]
+    dense = window >= _DENSE_COUNT
+    unused_dense = int(np.count_nonzero(dense & (counts == 0)))
+    used = np.flatnonzero(counts)
+    gap = int(np.diff(used).max()) - 1 if used.size > 1 else 0
+    return 10 * unused_dense > 3 * int(np.count_nonzero(dense)) or 4 * gap >= counts.size
 
 
 class CorruptStreamError(ValueError):
@@ -392,10 +412,14 @@ def _encode_body(
     hint: Fit | None = None,
     start: ModelState = FRESH,
     end: ModelState | None = None,
-) -> tuple[bytes, Fit | None]:
-    """Modes 1 and 2 body and the fit; ``final`` receives the coder's final interval
-    ``x1, x2``; a version-3 model starts from ``start`` and leaves its state in ``end``, and
-    the frame reuses the previous frame's predictor table where that codes it smaller."""
+    fresh_cost: int | None = None,
+) -> tuple[bytes, Fit | None, int]:
+    """Modes 1 and 2 body, the fit and the body's version; ``final`` receives the coder's
+    final interval ``x1, x2``; a version-3 model starts from ``start`` and leaves its state in
+    ``end``, and the frame reuses the previous frame's predictor table where that codes it
+    smaller. With ``fresh_cost`` the frame is also coded from a fresh model (version 2, the
+    same table) and keeps that unless it is larger by more than ``fresh_cost`` bytes; ``end``
+    is then ``start`` again."""
     H, W = img.shape
     if cfg is None:
         cfg = _default_config(H * W)
@@ -410,9 +434,19 @@ def _encode_body(
             body, table = reused, start.table
             final[:] = again
             np.copyto(end.buffer, other.buffer)  # type: ignore[arg-type]
+    if fresh_cost is not None and version >= _VERSION_CARRIED and start.buffer is not None:
+        again = np.zeros(2, np.uint32)
+        fresh = _code(img, bits, again, _VERSION, (cfg.nn, thr.size + 1, cfg.shift, thr, coef),
+                      FRESH, None, stored=True)  # fmt: skip
+        if len(fresh) <= len(body) + fresh_cost:
+            final[:] = again
+            if end is not None:
+                np.copyto(end.buffer, start.buffer)  # type: ignore[arg-type]
+                end.table = start.table
+            return fresh, fit, _VERSION
     if end is not None:
         end.table = table
-    return body, fit
+    return body, fit, version
 
 
 def _code(
@@ -492,15 +526,20 @@ def encode_frame(frame: npt.NDArray[np.integer], bits: int, hint: Fit | None = N
 
 
 def encode_frame_carried(
-    frame: npt.NDArray[np.integer], bits: int, start: ModelState
+    frame: npt.NDArray[np.integer], bits: int, start: ModelState, fresh_cost: int | None = None
 ) -> tuple[bytes, FlushSlot | None, ModelState]:
     """Encode one frame of a multi-frame object as a version-3 stream whose model starts from
     ``start`` (:data:`FRESH` for the first frame, else what the previous frame's call
-    returned); returns the stream, its flush slot and the state the next frame starts from
-    (``start`` itself when the frame needed no model: constant or raw)."""
+    returned, or a prior's state); returns the stream, its flush slot and the state the next
+    frame starts from (``start`` itself when the frame needed no model: constant or raw).
+
+    With ``fresh_cost`` (what starting from ``start`` costs elsewhere, e.g. a prior's entry in
+    a blob's model table) the frame is a version-2 stream from a fresh model where that is
+    not larger by more than ``fresh_cost`` bytes (:func:`continues_model` tells), and the next
+    frame starts from ``start``."""
     end = _new_state()
-    stream, slot, _ = _encode(frame, bits, None, start, end)
-    return stream, slot, end if slot is not None else start
+    stream, slot, _ = _encode(frame, bits, None, start, end, fresh_cost)
+    return stream, slot, end if continues_model(stream) else start
 
 
 def encode_frame_fit(
@@ -554,9 +593,11 @@ def _encode(
     hint: Fit | None,
     start: ModelState | None = None,
     end: ModelState | None = None,
+    fresh_cost: int | None = None,
 ) -> tuple[bytes, FlushSlot | None, Fit | None]:
     """``(stream, flush slot, fit)``; keeps the fit in the :func:`warm_start` chain. With
-    ``start`` a version-3 stream, its model starting there and its end state in ``end``."""
+    ``start`` a version-3 stream, its model starting there and its end state in ``end``
+    (``fresh_cost``: see :func:`encode_frame_carried`)."""
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
     bits = int(bits)
@@ -579,7 +620,6 @@ def _encode(
     img = np.ascontiguousarray(arr, dtype=np.uint16)
     H, W = img.shape
     version = _VERSION if start is None else _VERSION_CARRIED
-    head = _MAGIC + struct.pack("<BBII", version, bits, H, W)
     final = np.zeros(2, np.uint32)
     fit = None
     if lo == hi:
@@ -587,25 +627,26 @@ def _encode(
     else:
         used = np.bincount((img - lo).ravel(), minlength=hi - lo + 1) > 0  # no sort: a count
         n_values = int(np.count_nonzero(used))
-        sparse = n_values <= _PACK_FRACTION * (hi - lo + 1)
-        tries: list[tuple[bytes, Fit | None, npt.NDArray[np.uint32], ModelState | None]] = []
+        small = H * W <= _TRY_BOTH_PIXELS
+        pack = n_values <= _PACK_FRACTION * (hi - lo + 1) and (not small or _gappy(img, lo, hi))
+        tries: list[tuple[bytes, Fit | None, npt.NDArray[np.uint32], ModelState | None, int]] = []
 
         def attempt(mode: bytes, values: npt.NDArray[np.uint16], nbits: int) -> None:
             fin = np.zeros(2, np.uint32)
             state = None if end is None else ModelState(np.empty_like(end.buffer))
             kw = {} if start is None else {"version": version, "start": start, "end": state}
-            coded, f = _encode_body(values, nbits, fin, hint=hint, **kw)
-            tries.append((mode + coded, f, fin, state))
+            coded, f, v = _encode_body(values, nbits, fin, hint=hint, fresh_cost=fresh_cost, **kw)
+            tries.append((mode + coded, f, fin, state, v))
 
-        if sparse:
+        if pack:
             table = zlib.compress(np.packbits(used).tobytes(), 9)
             rank_bits = max(1, (n_values - 1).bit_length())
             rank_of = (np.cumsum(used, dtype=np.int64) - 1).astype(np.uint16)
             mode = struct.pack("<BHHI", _MODE_PACKED, lo, hi, len(table)) + table
             attempt(mode, rank_of[img - lo], rank_bits)
-        if not sparse or H * W <= _TRY_BOTH_PIXELS:
+        if not pack or small:
             attempt(struct.pack("<B", _MODE_DIRECT), img, bits)
-        body, fit, fin, state = min(tries, key=lambda t: len(t[0]))
+        body, fit, fin, state, version = min(tries, key=lambda t: len(t[0]))
         final[:] = fin
         if end is not None and state is not None:
             np.copyto(end.buffer, state.buffer)  # type: ignore[arg-type]
@@ -615,6 +656,7 @@ def _encode(
     if chain is not None and fit is not None:
         chain.last = fit
     crc = zlib.crc32(img.astype("<u2").tobytes())
+    head = _MAGIC + struct.pack("<BBII", version, bits, H, W)
     stream = head + body + struct.pack("<I", crc)
     if body[0] not in (_MODE_DIRECT, _MODE_PACKED):
         return stream, None, fit
