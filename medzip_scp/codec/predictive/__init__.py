@@ -87,6 +87,10 @@ decoder build it by coding the same frames with the same integer routine), so a 
 stream decodes only after the frames before it, through :func:`encode_frame_carried` and
 :func:`decode_frame_carried`.
 
+The first frame may start from a prior instead (:mod:`.prior`: the state left by coding small
+MR frames, shipped as a model that blobs name); a frame coded from one falls back to a fresh
+model, as a version-2 stream, where the prior does not pay for what naming it costs.
+
 Free bits in the flush
 ----------------------
 The arithmetic coder (modes 1 and 2) ends by writing the 4 bytes of its interval's low end
