@@ -80,6 +80,7 @@ from medzip_scp.codec.container import (
     split_free_bits,
     split_record_overhead,
     spread_payload,
+    unavailable_path,
     unpack_dataset,
     write_blob,
 )
@@ -100,6 +101,7 @@ from medzip_scp.codec.paths import (
     frame_taken,
     get_encoder,
     get_path,
+    registered_paths,
     values_dtype,
     without_carried_models,
 )
@@ -679,7 +681,7 @@ def _read(blob: bytes) -> BlobContents:
     are parsed)."""
     header, sections = read_container(blob)
     resolve_model(header)
-    return parse_sections(header, sections)
+    return parse_sections(header, sections, registered_paths())
 
 
 def _ref(header: ContainerHeader, ix: int | None) -> ModelRef | None:
@@ -729,10 +731,7 @@ def _decode_frame(
         else:
             path = get_path(r.path)
             if path is None or r.high_model is not None:
-                raise UnsupportedFormatError(
-                    f"frame {i}: path {r.path!r} is not available in this decoder; install the "
-                    "package that registers it"
-                )
+                raise unavailable_path(i, r.path)
             if flush_slots is not None and is_free_bits_carrier(r):
                 assert isinstance(path, CarrierPath)  # "pred" is always the predictive path
                 values, slots = path.decode_carrying(parts.high, shape, r.nbits)

@@ -118,7 +118,7 @@ import hashlib
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -165,6 +165,7 @@ __all__ = [
     "pack_layout_v3",
     "pack_payload",
     "parse_sections",
+    "unavailable_path",
     "put_varint",
     "read_container",
     "split_free_bits",
@@ -1332,8 +1333,20 @@ def write_blob(
     return write_container(ContainerHeader(version=FORMAT_VERSION, models=tuple(models)), sections)
 
 
-def parse_sections(header: ContainerHeader, sections: Sequence[Section]) -> BlobContents:
-    """Parse the sections :func:`read_container` returned and check them against each other.
+def unavailable_path(frame: int, path: str) -> UnsupportedFormatError:
+    """The error for a frame coded by a path this decoder does not have."""
+    return UnsupportedFormatError(
+        f"frame {frame}: path {path!r} is not available in this decoder; install the package "
+        "that registers it"
+    )
+
+
+def parse_sections(
+    header: ContainerHeader, sections: Sequence[Section], paths: Collection[str] | None = None
+) -> BlobContents:
+    """Parse the sections :func:`read_container` returned and check them against each other;
+    with ``paths``, the path ids this decoder has, an unsplit frame coded by another path is
+    unsupported before anything that path's streams would account for is checked.
 
     Raises
     ------
@@ -1341,7 +1354,7 @@ def parse_sections(header: ContainerHeader, sections: Sequence[Section]) -> Blob
         On a malformed section, records that break the layout, or a ``STREAMS`` section
         whose length the frame index and payload do not account for.
     UnsupportedFormatError
-        On a payload mode the blob's version does not have.
+        On a payload mode the blob's version does not have, or a path not in ``paths``.
     """
     by_type = {s.type: s.data for s in sections}
     # version 3 leaves empty sections out: they stand for their empty forms
@@ -1371,6 +1384,9 @@ def parse_sections(header: ContainerHeader, sections: Sequence[Section]) -> Blob
         index_body, n, layout.samples_per_pixel, min(header.version, 2), len(header.models)
     )
     _check_records(records, layout)
+    for i, r in enumerate(records):
+        if paths is not None and not r.split_planes and r.path not in paths:
+            raise unavailable_path(i, r.path)
     return _assemble(header, layout, records, streams, dataset, payload_body)
 
 

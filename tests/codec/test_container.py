@@ -195,7 +195,9 @@ def test_pixel_crc_catches_wrong_pixels_behind_valid_section_crcs() -> None:
 
 
 def test_unavailable_path_is_unsupported() -> None:
-    blob = _sample_blob(b"")  # no payload bits in the pred flushes the forged record drops
+    # the payload rides in the pred frames' flushes: a newer path is named as such, not
+    # reported as a payload its frames cannot carry
+    blob = _sample_blob()
     layout, records = _records(blob)
     forged = [records[0].__class__(**{**records[0].__dict__, "path": "learned-v9"}), *records[1:]]
     with pytest.raises(UnsupportedFormatError, match="learned-v9"):
