@@ -238,8 +238,8 @@ class PipelineSettings(_Section):
     )
     models_dir: Path | None = Field(
         None,
-        description="Folder of the learned codec's models (default: the installation's "
-        "models/); blobs coded with a learned path name the exact model they need.",
+        description="Folder of the codec's models, the learned paths' and the predictive "
+        "prior (default: the installation's models/); blobs name the exact model they need.",
     )
 
     @field_validator("models_dir")
@@ -596,7 +596,7 @@ poll_seconds = 2.0
 series_quiet_seconds = 0.0   # wait until a series is quiet this long before compressing it,
                              # then code it as a whole (e.g. 60; 0: as instances arrive)
 learned = false              # also try the learned paths: < 2 % smaller, 30-200x slower
-# models_dir = "/opt/medzip/models"  # learned models; default: the installation's models/
+# models_dir = "/opt/medzip/models"  # the codec's models; default: the installation's models/
 
 [identity]
 # The patient's identifying attributes of every compressed instance are sealed (AES-256-GCM,

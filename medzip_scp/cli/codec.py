@@ -56,7 +56,9 @@ JobsOption = Annotated[
 ModelsOption = Annotated[
     Path | None,
     typer.Option(
-        "--models", help="Folder of the learned codec's models (default: the installed models/)."
+        "--models",
+        help="Folder of the codec's models: the learned paths' and the predictive prior "
+        "(default: the installed models/).",
     ),
 ]
 IdentityKeysOption = Annotated[

@@ -31,6 +31,14 @@ for the few bytes of the model table). The blob names every model it uses, exact
 decoded (torch only for the float ``local-lm-v1``); without them, or with ``learned=None``,
 the codec is classical.
 
+Predictive prior
+----------------
+``pred`` codes the single-sample frames of an object of at most :data:`PRIOR_MAX_PIXELS`
+pixels a frame from the shipped prior :data:`PRIOR` (:mod:`medzip_scp.codec.predictive.prior`)
+instead of a fresh model; a classical blob whose frames continue it names it in its model
+table like a learned model, and decodes only where it is installed. A single frame falls back
+to a fresh model where the prior does not pay for its entry there.
+
 Payload
 -------
 ``payload`` (already encrypted) rides in a frame's global-path stream for free (mode 2) when
@@ -91,7 +99,7 @@ from medzip_scp.codec.errors import (
     UnsupportedFormatError,
 )
 from medzip_scp.codec.frames import FrameSet, PixelLayout
-from medzip_scp.codec.gate import extra_candidates, screened_candidates
+from medzip_scp.codec.gate import SMALL_PIXELS, extra_candidates, screened_candidates
 from medzip_scp.codec.learned.paths import LOCAL_PATH, LearnedOptions, SplitCode
 from medzip_scp.codec.paths import (
     CarrierPath,
@@ -107,7 +115,7 @@ from medzip_scp.codec.paths import (
 )
 from medzip_scp.codec.predictive import FlushSlot, warm_start, without_warm_start
 from medzip_scp.codec.predictive.prior import PredPrior
-from medzip_scp.codec.zoo import ModelStore, default_store, resolve_model
+from medzip_scp.codec.zoo import MODELS, ModelStore, default_store, resolve_model
 
 __all__ = [
     "DEFAULT_LEARNED",
@@ -644,9 +652,10 @@ def _carry_free_bits(streams: bytearray, slots: Sequence[FlushSlot], payload: by
 
 PRIOR = "pred-prior-v1"
 """The prior (:mod:`medzip_scp.codec.predictive.prior`) small frames of new blobs start from."""
-PRIOR_MAX_PIXELS = 128 * 128
-"""Frames up to this size start from the prior: on held-out frames of its card it saves
-1.7-5.3 % of a 64x64 to 128x128 MR frame's pred stream, nothing on 384x384 MR or CT."""
+PRIOR_MAX_PIXELS = SMALL_PIXELS
+"""Frames up to this size (the gate's small frames) start from the prior: on held-out frames
+of its card it saves 1.7-5.3 % of a 64x64 to 128x128 MR frame's pred stream, nothing on
+384x384 MR or CT."""
 _prior_warned: set[str] = set()
 
 
@@ -655,8 +664,8 @@ def _prior_for(layout: PixelLayout, store: ModelStore) -> tuple[ModelRef, PredPr
     colour frames; the prior not installed: coded from a fresh model, logged once)."""
     if layout.samples_per_pixel != 1 or layout.rows * layout.columns > PRIOR_MAX_PIXELS:
         return None
-    ref = store.entry(PRIOR).ref()
     try:
+        ref = store.entry(PRIOR).ref()
         prior = store.load(ref)
     except UnknownModelError as exc:
         if str(store.root) not in _prior_warned:
@@ -880,11 +889,12 @@ def describe(blob: bytes) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``format_version``, ``model`` (first model id, ``None`` for classical),
+        ``format_version``, ``model`` (first learned model id, ``None`` for classical),
         ``model_sha256``, ``adapter_sha256`` (of that model), ``models`` (list of dicts with
-        ``id``, ``sha256``, ``adapter_sha256``), ``layout`` (dict or ``None``), ``frames``
-        (list of dicts with ``path``, ``bytes``, ``residual_bytes``, ``nbits``,
-        ``value_bits``, ``split_planes``, ``low_path``, ``low_bytes``, ``models``),
+        ``id``, ``sha256``, ``adapter_sha256``: every model named, the predictive prior
+        too), ``layout`` (dict or ``None``), ``frames`` (list of dicts with ``path``,
+        ``bytes``, ``residual_bytes``, ``nbits``, ``value_bits``, ``split_planes``,
+        ``low_path``, ``low_bytes``, ``models``),
         ``pixel_bytes``, ``dataset_bytes``, ``dataset_raw_bytes``, ``dataset_reference``
         (hex sha256 of the reference the data set is coded against, or None), ``payload_bytes``,
         ``payload_mode``, where the payload rides: ``payload_free_bytes`` (bits-back, coder
@@ -925,7 +935,7 @@ def describe(blob: bytes) -> dict[str, Any]:
     mode, payload, _ = _unpack_payload(parsed)
     free = len(payload) if mode == PayloadMode.BITS_BACK else parsed.payload.free
     lay = parsed.layout
-    first = refs[0] if refs else None
+    first = next((r for r in refs if MODELS[r.model_id].kind != "prior"), None)  # learned
     return {
         "format_version": header.version,
         "model": first.model_id if first else None,

@@ -216,7 +216,10 @@ def screened_candidates(
     if samples != 1 or rows * columns > SMALL_PIXELS or not 1 <= nbits <= 16:
         return ()
     v = np.ascontiguousarray(values[..., 0])
-    quick = imagecodecs.jpegxl_encode(v, lossless=True, effort=2, bitspersample=nbits)
+    try:
+        quick = imagecodecs.jpegxl_encode(v, lossless=True, effort=2, bitspersample=nbits)
+    except Exception:  # JPEG-XL cannot take it here: it would not be a candidate either
+        return ()
     return ("jpegxl",) if best > JPEGXL_SCREEN_RATIO * len(quick) else ()
 
 

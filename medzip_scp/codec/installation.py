@@ -5,7 +5,7 @@ instead of coding every frame by another path than the one configured."""
 from __future__ import annotations
 
 from medzip_scp.codec import predictive
-from medzip_scp.codec.api import PRIOR, LearnedOptions
+from medzip_scp.codec.api import PRIOR, PRIOR_MAX_PIXELS, LearnedOptions
 from medzip_scp.codec.errors import CodecError, UnknownModelError
 from medzip_scp.codec.zoo import ModelStore, default_store
 
@@ -39,7 +39,7 @@ def check_codec(
             store.load(store.entry(PRIOR).ref())
         except UnknownModelError as exc:
             raise CodecInstallError(
-                f"{exc}; blobs of frames up to 128x128 pixels start from it"
+                f"{exc}; blobs of frames of at most {PRIOR_MAX_PIXELS:,} pixels start from it"
             ) from None
     if learned is None:
         return

@@ -39,6 +39,7 @@ __all__ = [
     "Jpeg2000Path",
     "JpegLsPath",
     "JpegXlPath",
+    "ModelChain",
     "PixelPath",
     "PredictivePath",
     "VerbatimPath",

@@ -422,8 +422,8 @@ def _encode_body(
     final interval ``x1, x2``; a version-3 model starts from ``start`` and leaves its state in
     ``end``, and the frame reuses the previous frame's predictor table where that codes it
     smaller. With ``fresh_cost`` the frame is also coded from a fresh model (version 2, the
-    same table) and keeps that unless it is larger by more than ``fresh_cost`` bytes; ``end``
-    is then ``start`` again."""
+    same table) and keeps that unless it is larger by more than ``fresh_cost`` bytes (``end``
+    is then not written: the next frame starts from ``start``)."""
     H, W = img.shape
     if cfg is None:
         cfg = _default_config(H * W)
@@ -442,11 +442,8 @@ def _encode_body(
         again = np.zeros(2, np.uint32)
         fresh = _code(img, bits, again, _VERSION, (cfg.nn, thr.size + 1, cfg.shift, thr, coef),
                       FRESH, None, stored=True)  # fmt: skip
-        if len(fresh) <= len(body) + fresh_cost:
+        if len(fresh) <= len(body) + fresh_cost:  # (the next frame starts from ``start``)
             final[:] = again
-            if end is not None:
-                np.copyto(end.buffer, start.buffer)  # type: ignore[arg-type]
-                end.table = start.table
             return fresh, fit, _VERSION
     if end is not None:
         end.table = table
@@ -650,9 +647,12 @@ def _encode(
             attempt(mode, rank_of[img - lo], rank_bits)
         if not pack or small:
             attempt(struct.pack("<B", _MODE_DIRECT), img, bits)
-        body, fit, fin, state, version = min(tries, key=lambda t: len(t[0]))
+        carried_cost = fresh_cost or 0  # what a stream that continues ``start`` costs besides
+        body, fit, fin, state, version = min(
+            tries, key=lambda t: len(t[0]) + (carried_cost if t[4] >= _VERSION_CARRIED else 0)
+        )
         final[:] = fin
-        if end is not None and state is not None:
+        if end is not None and state is not None and version >= _VERSION_CARRIED:
             np.copyto(end.buffer, state.buffer)  # type: ignore[arg-type]
             end.table = state.table
         if (H * W * bits + 7) // 8 + 1 < len(body):  # incompressible (noise): store the bits

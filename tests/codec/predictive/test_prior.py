@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from medzip_scp.archive import Archive
 from medzip_scp.cli.train import train_app
+from medzip_scp.codec import gate
 from medzip_scp.codec.api import PRIOR, compress, decompress, describe
 from medzip_scp.codec.errors import UnknownModelError
 from medzip_scp.codec.frames import FrameSet, PixelLayout
@@ -174,8 +175,29 @@ def test_a_node_without_the_prior_refuses_to_start(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
     settings.pipeline.models_dir = empty
     try:
-        with pytest.raises(CodecInstallError, match=f"{PRIOR}.* not installed .*128x128"):
+        with pytest.raises(CodecInstallError, match=f"{PRIOR}.* not installed .*16,384 pixels"):
             Archive.open(settings)
     finally:
         use_models_folder(DEFAULT_MODELS_ROOT)
     check_codec(store=ModelStore(root=empty))  # without prior=True: coded from fresh models
+
+
+def test_the_prior_is_part_of_the_classical_coder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob that names only the prior is classical to its readers; a registry without the
+    prior, or a JPEG-XL that fails its quick screen, codes from a fresh model or without
+    JPEG-XL, never fails."""
+    fs = _frames(_noisy(40, 1, sigma=6, amp=1500))
+    blob = compress(fs)
+    assert describe(blob)["model"] is None and describe(blob)["models"][0]["id"] == PRIOR
+    no_prior = compress(fs, models=ModelStore(models={}))
+    assert describe(no_prior)["models"] == []
+    out = decompress(no_prior).frames
+    assert out is not None and np.array_equal(out.pixels, fs.pixels)
+
+    def broken(*_: object, **__: object) -> bytes:
+        raise RuntimeError("no JPEG-XL here")
+
+    monkeypatch.setattr(gate.imagecodecs, "jpegxl_encode", broken)
+    values = fs.pixels[0].astype(np.uint16)
+    assert gate.screened_candidates(values, 12, 10**9) == ()
+    assert decompress(compress(fs)).frames is not None
