@@ -130,6 +130,7 @@ __all__ = [
     "compress",
     "decompress",
     "describe",
+    "load_prior",
     "read_dataset_rest_and_payload",
 ]
 
@@ -659,20 +660,31 @@ of its card it saves 1.7-5.3 % of a 64x64 to 128x128 MR frame's pred stream, not
 _prior_warned: set[str] = set()
 
 
+def load_prior(store: ModelStore) -> tuple[ModelRef, PredPrior]:
+    """The reference new blobs name :data:`PRIOR` by, and the prior as ``store`` loads it.
+
+    Raises
+    ------
+    UnknownModelError
+        If ``store``'s registry lacks it, or it is not installed or does not load.
+    """
+    ref = store.entry(PRIOR).ref()
+    prior: PredPrior = store.load(ref)
+    return ref, prior
+
+
 def _prior_for(layout: PixelLayout, store: ModelStore) -> tuple[ModelRef, PredPrior] | None:
     """The prior the pred frames of an object of ``layout`` start from, or None (large or
     colour frames; the prior not installed: coded from a fresh model, logged once)."""
     if layout.samples_per_pixel != 1 or layout.rows * layout.columns > PRIOR_MAX_PIXELS:
         return None
     try:
-        ref = store.entry(PRIOR).ref()
-        prior = store.load(ref)
+        return load_prior(store)
     except UnknownModelError as exc:
         if str(store.root) not in _prior_warned:
             _prior_warned.add(str(store.root))
             log.warning("small frames are coded without the predictive prior: %s", exc)
         return None
-    return ref, prior
 
 
 def _prior_state(header: ContainerHeader, store: ModelStore) -> predictive.ModelState:

@@ -5,7 +5,7 @@ instead of coding every frame by another path than the one configured."""
 from __future__ import annotations
 
 from medzip_scp.codec import predictive
-from medzip_scp.codec.api import PRIOR, PRIOR_MAX_PIXELS, LearnedOptions
+from medzip_scp.codec.api import PRIOR_MAX_PIXELS, LearnedOptions, load_prior
 from medzip_scp.codec.errors import CodecError, UnknownModelError
 from medzip_scp.codec.zoo import ModelStore, default_store
 
@@ -36,7 +36,7 @@ def check_codec(
     store = store if store is not None else default_store()
     if prior:
         try:
-            store.load(store.entry(PRIOR).ref())
+            load_prior(store)
         except UnknownModelError as exc:
             raise CodecInstallError(
                 f"{exc}; blobs of frames of at most {PRIOR_MAX_PIXELS:,} pixels start from it"

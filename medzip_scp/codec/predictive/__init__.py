@@ -428,7 +428,8 @@ def _encode_body(
     if cfg is None:
         cfg = _default_config(H * W)
     thr, coef, fit = _fit(img, cfg, hint)
-    table: _Table = (cfg.nn, thr.size + 1, cfg.shift, thr, coef)
+    fitted: _Table = (cfg.nn, thr.size + 1, cfg.shift, thr, coef)
+    table = fitted
     body = _code(img, bits, final, version, table, start, end, stored=True)
     if version >= _VERSION_CARRIED and start.table is not None and end is not None:
         again = np.zeros(2, np.uint32)
@@ -440,8 +441,7 @@ def _encode_body(
             np.copyto(end.buffer, other.buffer)  # type: ignore[arg-type]
     if fresh_cost is not None and version >= _VERSION_CARRIED and start.buffer is not None:
         again = np.zeros(2, np.uint32)
-        fresh = _code(img, bits, again, _VERSION, (cfg.nn, thr.size + 1, cfg.shift, thr, coef),
-                      FRESH, None, stored=True)  # fmt: skip
+        fresh = _code(img, bits, again, _VERSION, fitted, FRESH, None, stored=True)
         if len(fresh) <= len(body) + fresh_cost:  # (the next frame starts from ``start``)
             final[:] = again
             return fresh, fit, _VERSION
